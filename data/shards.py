@@ -1,0 +1,119 @@
+"""Webdataset tar shards of LLaVA-format samples, and an indexed reader.
+
+A sample is stored under key `<safe id>` as `<key>.json` (the LLaVA record: id, conversations and
+any extra metadata) and, when it has an image, `<key>.png`/`<key>.jpg`. Shards are written with
+webdataset's `ShardWriter`, so any webdataset pipeline can stream them. vtc reads them through
+`ShardIndex`, which indexes the tar headers once and then reads any sample by position: a sampler
+can then resume at an exact sample, and DDP ranks get disjoint samples with Lightning's
+DistributedSampler.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def safe_key(sample_id: str) -> str:
+    """Webdataset splits a member name at its first dot: keep keys to [A-Za-z0-9_-]."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(sample_id))
+
+
+class ShardWriter:
+    """Writes samples into `out_dir/shard-000000.tar`, ... (`samples_per_shard` each)."""
+
+    def __init__(self, out_dir: str | Path, samples_per_shard: int = 2000):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        pattern = str(self.out_dir / "shard-%06d.tar")
+        self._writer = wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0)
+        self.count = 0
+
+    def write(self, record: dict, image_bytes: bytes | None = None, image_ext: str = "png") -> None:
+        sample = {"__key__": f"{self.count:09d}_{safe_key(record['id'])}", "json": json.dumps(record).encode()}
+        if image_bytes is not None:
+            sample[image_ext] = image_bytes
+        self._writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shard: int
+    members: dict  # ext -> (data offset, size)
+
+
+class ShardIndex:
+    """Random access to the samples of a folder (or list) of tar shards, in shard order."""
+
+    def __init__(self, shards: str | Path | list):
+        self.paths = list_shards(shards)
+        self.entries: list[_Entry] = []
+        for shard_id, path in enumerate(self.paths):
+            grouped: dict[str, dict] = {}
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.isfile():
+                        key, _, ext = member.name.partition(".")
+                        grouped.setdefault(key, {})[ext] = (member.offset_data, member.size)
+            self.entries.extend(_Entry(shard_id, members) for members in grouped.values())
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        handle = self._handles.get(shard)
+        if handle is None:  # one handle per shard per process (DataLoader workers fork)
+            handle = self._handles[shard] = open(self.paths[shard], "rb")
+        handle.seek(offset)
+        return handle.read(size)
+
+    def record(self, index: int) -> dict:
+        """The sample's JSON record, without decoding its image."""
+        entry = self.entries[index]
+        return json.loads(self._read(entry.shard, *entry.members["json"]))
+
+    def image_bytes(self, index: int) -> bytes | None:
+        entry = self.entries[index]
+        ext = next((e for e in IMAGE_EXTS if e in entry.members), None)
+        return None if ext is None else self._read(entry.shard, *entry.members[ext])
+
+    def __getstate__(self):  # file handles do not cross process boundaries
+        return {**self.__dict__, "_handles": {}}
+
+
+def list_shards(shards: str | Path | list) -> list[Path]:
+    if isinstance(shards, (list, tuple)):
+        paths = [Path(p) for p in shards]
+    else:
+        root = Path(shards)
+        paths = sorted(root.glob("*.tar")) if root.is_dir() else [root]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise FileNotFoundError(f"no shards at {shards}" + (f" (missing: {missing[:3]})" if missing else ""))
+    return paths

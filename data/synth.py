@@ -1,0 +1,248 @@
+"""Synthetic visual question answering (Sort-of-CLEVR-like), deterministic per seed.
+
+A scene is a G×G grid of cells; a few cells hold a coloured shape (large or small) and one empty
+cell holds a small coloured dot. Every image comes with a caption that lists every object (dense
+supervision for alignment) and one question of each family:
+
+- `colour`, `shape`: the attribute of the object at a named row/column
+- `count`:   how many objects of a colour (or shape) there are
+- `exist`:   whether an object of a colour and shape is present (half yes, half no)
+- `spatial`: whether one object is left of / right of / above / below another
+- `detail`:  the colour of the small dot, which pooling several patches together blurs
+
+Splits are disjoint by construction: a scene belongs to the split chosen by a hash of its
+content, and each split's generator rejects scenes of the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 200),
+    "cyan": (40, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("large", "small")
+FAMILIES = ("colour", "shape", "count", "exist", "spatial", "detail")
+SPLITS = ("train", "val", "test")
+_SPLIT_BUCKETS = {"test": range(0, 1), "val": range(1, 2), "train": range(2, 20)}
+ORDINALS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    row: int
+    col: int
+    colour: str
+    shape: str
+    size: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    grid: int
+    objects: tuple[SceneObject, ...]
+    dot: tuple[int, int, str]  # row, col, colour
+
+    def to_json(self) -> dict:
+        return {"grid": self.grid, "objects": [asdict(o) for o in self.objects], "dot": list(self.dot)}
+
+    @staticmethod
+    def from_json(d: dict) -> Scene:
+        objects = tuple(SceneObject(**o) for o in d["objects"])
+        return Scene(d["grid"], objects, tuple(d["dot"]))
+
+    def split(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).digest()
+        bucket = digest[0] % 20
+        return next(name for name, r in _SPLIT_BUCKETS.items() if bucket in r)
+
+
+def random_scene(rng: random.Random, grid: int, min_objects: int = 3, max_objects: int = 5) -> Scene:
+    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], max_objects + 1)
+    count = rng.randint(min_objects, max_objects)
+    objects = tuple(
+        SceneObject(r, c, rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIZES))
+        for r, c in sorted(cells[:count])
+    )
+    dot_row, dot_col = cells[count]
+    return Scene(grid, objects, (dot_row, dot_col, rng.choice(list(COLOURS))))
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """Draw the scene on a black square image of `image_size` pixels."""
+    image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    cell = image_size / scene.grid
+    for obj in scene.objects:
+        half = cell * (0.42 if obj.size == "large" else 0.22)
+        cx, cy = (obj.col + 0.5) * cell, (obj.row + 0.5) * cell
+        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+        fill = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    row, col, colour = scene.dot
+    r = max(1.0, cell * 0.1)
+    cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+    draw.rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=COLOURS[colour])
+    return image
+
+
+def caption(scene: Scene) -> str:
+    """Every object in raster order, then the dot: dense targets for the alignment stage."""
+    parts = [f"{o.size} {o.colour} {o.shape} at row {ORDINALS[o.row]} column {ORDINALS[o.col]}" for o in scene.objects]
+    row, col, colour = scene.dot
+    parts.append(f"{colour} dot at row {ORDINALS[row]} column {ORDINALS[col]}")
+    return " ; ".join(parts) + " ."
+
+
+def _unique(scene: Scene) -> list[SceneObject]:
+    names = [o.name for o in scene.objects]
+    return [o for o in scene.objects if names.count(o.name) == 1]
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """One (family, question, answer) per family."""
+    objs = scene.objects
+    target = rng.choice(objs)
+    where = f"row {ORDINALS[target.row]} column {ORDINALS[target.col]}"
+    out = [
+        ("colour", f"What colour is the object at {where}?", target.colour),
+        ("shape", f"What shape is the object at {where}?", target.shape),
+    ]
+    if rng.random() < 0.5:
+        colour = rng.choice(list(COLOURS))
+        out.append(("count", f"How many {colour} objects are there?", str(sum(o.colour == colour for o in objs))))
+    else:
+        shape = rng.choice(SHAPES)
+        out.append(("count", f"How many {shape}s are there?", str(sum(o.shape == shape for o in objs))))
+    present = {o.name for o in objs}
+    if rng.random() < 0.5:
+        name, answer = rng.choice(sorted(present)), "yes"
+    else:
+        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+        name, answer = rng.choice(absent), "no"
+    out.append(("exist", f"Is there a {name}?", answer))
+    out.append(_spatial(scene, rng))
+    out.append(("detail", "What colour is the dot?", scene.dot[2]))
+    return out
+
+
+def _spatial(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    unique = _unique(scene)
+    relations = {
+        "left of": lambda a, b: a.col < b.col,
+        "right of": lambda a, b: a.col > b.col,
+        "above": lambda a, b: a.row < b.row,
+        "below": lambda a, b: a.row > b.row,
+    }
+    want_yes = rng.random() < 0.5
+    options = [
+        (a, rel, b)
+        for a in unique
+        for b in unique
+        if a is not b
+        for rel, holds in relations.items()
+        if holds(a, b) == want_yes
+    ]
+    if not options:  # fewer than two unique objects, or no pair with the wanted answer
+        want_yes = not want_yes
+        options = [(a, rel, b) for a in unique for b in unique if a is not b for rel, holds in relations.items() if holds(a, b) == want_yes]
+    if not options:
+        obj = scene.objects[0]
+        return ("spatial", f"Is the {obj.name} left of the dot?", "yes" if obj.col < scene.dot[1] else "no")
+    a, rel, b = rng.choice(options)
+    return ("spatial", f"Is the {a.name} {rel} the {b.name}?", "yes" if want_yes else "no")
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every word the generator can produce, for building the tiny tokenizer."""
+    words = list(COLOURS) + list(SHAPES) + [f"{s}s" for s in SHAPES] + list(SIZES) + list(ORDINALS)
+    words += [str(i) for i in range(10)] + ["yes", "no", "dot", "objects"]
+    words += ["What colour is the object at row column ?", "What shape is the object at",
+              "How many are there ?", "Is there a ?", "Is the left of right above below the dot ?", " ; .\n"]
+    return words
+
+
+def make_sample(split: str, index: int, seed: int, image_size: int, grid: int) -> dict:
+    """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
+    rng = random.Random(f"{seed}/{split}/{index}")
+    scene = random_scene(rng, grid)
+    while scene.split() != split:
+        scene = random_scene(rng, grid)
+    qa = questions(scene, rng)
+    rng.shuffle(qa)
+    conversations = []
+    for turn, (_, question, answer) in enumerate(qa):
+        conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
+        conversations.append({"from": "gpt", "value": answer})
+    return {
+        "id": f"synth-{split}-{seed}-{index:07d}",
+        "image": render(scene, image_size),
+        "conversations": conversations,
+        "caption": caption(scene),
+        "families": [family for family, _, _ in qa],
+        "scene": scene.to_json(),
+    }
+
+
+def region_targets(scene: dict, patch_grid: int) -> list[list[int]]:
+    """Per-patch targets for dense vision pretraining, raster order over a patch_grid² map:
+    [colour, shape, size, dot colour] of the cell holding the patch (0 = nothing there).
+    `scene` is `Scene.to_json()`; patch_grid must be a multiple of the scene grid."""
+    grid = scene["grid"]
+    if patch_grid % grid:
+        raise ValueError(f"patch grid {patch_grid} is not a multiple of the scene grid {grid}")
+    colours, per_cell = list(COLOURS), patch_grid // grid
+    cells = {(o["row"], o["col"]): o for o in scene["objects"]}
+    dot_row, dot_col, dot_colour = scene["dot"]
+    targets = []
+    for py in range(patch_grid):
+        for px in range(patch_grid):
+            cell = (py // per_cell, px // per_cell)
+            obj = cells.get(cell)
+            row = [0, 0, 0, 0]
+            if obj:
+                row[:3] = [1 + colours.index(obj["colour"]), 1 + SHAPES.index(obj["shape"]), 1 + SIZES.index(obj["size"])]
+            if cell == (dot_row, dot_col):
+                row[3] = 1 + colours.index(dot_colour)
+            targets.append(row)
+    return targets
+
+
+REGION_CLASSES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(SIZES), 1 + len(COLOURS))
+
+
+def write_synthetic(out_dir, split: str, samples: int, seed: int = 0, image_size: int = 64, grid: int = 4,
+                    samples_per_shard: int = 5000, progress: bool = True) -> int:
+    """Generate `samples` samples of `split` into webdataset shards under `out_dir`."""
+    from tqdm import tqdm
+
+    from data.shards import ShardWriter, encode_png
+
+    with ShardWriter(out_dir, samples_per_shard) as writer:
+        for index in tqdm(range(samples), desc=f"synth {split}", disable=not progress, unit="img"):
+            sample = make_sample(split, index, seed, image_size, grid)
+            image = sample.pop("image")
+            writer.write(sample, encode_png(image))
+    return samples

@@ -1,0 +1,137 @@
+"""Conversation templates with per-turn label masking (LLaVA-1.5 `plain` and `vicuna_v1`).
+
+Each turn is tokenized on its own and the ids concatenated, so the label mask is exact by
+construction: there is no "render the whole string, split on separators, re-tokenize" step that
+can drift by a token. Only assistant answers and their end-of-turn token are supervised; every
+other position is IGNORE_INDEX. The single `<image>` placeholder becomes one `image_token_id`,
+which the model later replaces by however many visual embeddings the compressor emits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data import IGNORE_INDEX, IMAGE_PLACEHOLDER
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized conversation. `labels[i]` is the target for position i (unshifted)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+class ConversationError(ValueError):
+    """A conversation that does not fit the template (wrong roles, missing image, ...)."""
+
+
+def text_to_ids(text: str, tokenizer, image_token_id: int) -> list[int]:
+    """Tokenize `text` without special tokens; each `<image>` becomes one `image_token_id`."""
+    ids: list[int] = []
+    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i > 0:
+            ids.append(image_token_id)
+        if part.strip():
+            ids.extend(tokenizer(part, add_special_tokens=False).input_ids)
+    return ids
+
+
+def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
+    """[(human, gpt), ...] from LLaVA `conversations`, checking roles alternate human → gpt."""
+    if not conversations or len(conversations) % 2:
+        raise ConversationError(f"expected human/gpt pairs, got {len(conversations)} messages")
+    pairs = []
+    for i in range(0, len(conversations), 2):
+        human, gpt = conversations[i], conversations[i + 1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            raise ConversationError(f"turn {i // 2}: roles must be human then gpt")
+        if not isinstance(human.get("value"), str) or not isinstance(gpt.get("value"), str):
+            raise ConversationError(f"turn {i // 2}: 'value' must be a string")
+        pairs.append((human["value"], gpt["value"]))
+    return pairs
+
+
+class Template:
+    """Turns conversations into (input_ids, labels) and questions into generation prompts."""
+
+    name: str
+
+    def segments(self, conversations: list[dict], tokenizer, image_token_id: int):
+        """Yields (ids, supervised) pieces in order; subclasses define the layout."""
+        raise NotImplementedError
+
+    def prompt_segments(self, question: str, tokenizer, image_token_id: int) -> list[int]:
+        raise NotImplementedError
+
+    def encode(self, conversations, tokenizer, image_token_id: int, max_length: int) -> Encoded:
+        """Tokenize turn by turn; truncate to `max_length` ids (the caller accounts for the
+        visual tokens the single image id will expand into)."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for piece, supervised in self.segments(conversations, tokenizer, image_token_id):
+            ids.extend(piece)
+            labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
+        truncated = len(ids) > max_length
+        return Encoded(ids[:max_length], labels[:max_length], truncated)
+
+    def prompt(self, question: str, tokenizer, image_token_id: int) -> list[int]:
+        """Ids of a single-turn prompt ending where the assistant's answer begins."""
+        return self.prompt_segments(question, tokenizer, image_token_id)
+
+
+class PlainTemplate(Template):
+    """Stage-1 alignment: `<s><image>{caption}\\n`, only the caption and newline supervised.
+    The human text is dropped (LLaVA keeps only the image from it)."""
+
+    name = "plain"
+
+    def segments(self, conversations, tokenizer, image_token_id):
+        pairs = _turns(conversations)
+        if len(pairs) != 1 or IMAGE_PLACEHOLDER not in pairs[0][0]:
+            raise ConversationError("plain template needs one turn whose question holds <image>")
+        yield [tokenizer.bos_token_id, image_token_id], False
+        yield text_to_ids(pairs[0][1] + "\n", tokenizer, image_token_id), True
+
+    def prompt_segments(self, question, tokenizer, image_token_id):
+        return [tokenizer.bos_token_id, image_token_id]
+
+
+class VicunaTemplate(Template):
+    """LLaVA-1.5 instruction format:
+    `<s>{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...`
+    Supervised: each answer and its `</s>`."""
+
+    name = "vicuna_v1"
+
+    def _question(self, turn: int, question: str, tokenizer, image_token_id) -> list[int]:
+        text = (VICUNA_SYSTEM + " " if turn == 0 else "") + "USER: " + question + " ASSISTANT:"
+        return text_to_ids(text, tokenizer, image_token_id)
+
+    def segments(self, conversations, tokenizer, image_token_id):
+        yield [tokenizer.bos_token_id], False
+        for turn, (question, answer) in enumerate(_turns(conversations)):
+            yield self._question(turn, question, tokenizer, image_token_id), False
+            yield text_to_ids(answer, tokenizer, image_token_id) + [tokenizer.eos_token_id], True
+
+    def prompt_segments(self, question, tokenizer, image_token_id):
+        return [tokenizer.bos_token_id] + self._question(0, question, tokenizer, image_token_id)
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (PlainTemplate(), VicunaTemplate())}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+    return TEMPLATES[name]

@@ -1,0 +1,109 @@
+"""Build a VtcLlava from a base (the tiny configs or a local llava-hf directory) + components.
+
+The base is always an HF `LlavaForConditionalGeneration`; vtc wraps its vision tower, language
+model and lm_head (the same module objects, so `save_pretrained` of the HF model saves what vtc
+trained) and puts the registered projector in place of `multi_modal_projector`. Nothing is
+downloaded: a base is a directory on disk (or "tiny"). With device="meta" only configs are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+from models.compressors import build_component
+from models.compressors.base import ModelDims
+from models.llava import VtcLlava
+from models.llm import LanguageModel
+from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
+from models.vision import VisionTower
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Built:
+    model: VtcLlava
+    hf: LlavaForConditionalGeneration  # owns the wrapped vision tower / LLM modules
+    tokenizer: object
+
+
+def dims_of(config: LlavaConfig) -> ModelDims:
+    v, t = config.vision_config, config.text_config
+    return ModelDims(
+        vision_width=v.hidden_size, vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
+        grid=v.image_size // v.patch_size,
+        llm_width=t.hidden_size, llm_layers=t.num_hidden_layers, llm_heads=t.num_attention_heads,
+    )
+
+
+def load_base(base: str, tiny: TinyConfig | None = None, device: str | None = None,
+              dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(hf LlavaForConditionalGeneration, tokenizer) for base "tiny" or a llava-hf directory."""
+    if base == "tiny":
+        tokenizer = tiny_tokenizer()
+        config = tiny_llava_config(tiny or TinyConfig(), tokenizer)
+        torch.manual_seed(seed)
+        with torch.device(device or "cpu"):
+            hf = LlavaForConditionalGeneration(config)
+        return hf.to(dtype), tokenizer
+    path = Path(base)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model base {base!r}: no config.json there (expected a llava-hf directory)")
+    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    if device == "meta":
+        config = LlavaConfig.from_pretrained(path)
+        with torch.device("meta"):
+            hf = LlavaForConditionalGeneration(config)
+        return hf.to(dtype), tokenizer
+    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return (hf.to(device) if device else hf), tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+def assemble(hf: LlavaForConditionalGeneration, projector: ComponentSpec,
+             compressors: list[ComponentSpec] = ()) -> VtcLlava:
+    """Wrap the HF model's parts and build the registered components around them."""
+    config = hf.config
+    dims = dims_of(config)
+    vision = VisionTower(hf.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy)
+    llm = LanguageModel(hf.model.language_model, hf.lm_head)
+    device = hf.lm_head.weight.device
+    dtype = hf.lm_head.weight.dtype
+    with torch.device(device):
+        proj = build_component(projector.name, projector.params, dims)
+        comps = [build_component(c.name, c.params, dims) for c in compressors]
+    if projector.name == "mlp2x_gelu" and device.type != "meta":
+        proj.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    model = VtcLlava(vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims)
+    return model
+
+
+def build(base: str, projector: ComponentSpec = ComponentSpec("mlp2x_gelu"), compressors=(),
+          tiny: TinyConfig | None = None, device: str | None = None, dtype=torch.float32, seed: int = 0) -> Built:
+    hf, tokenizer = load_base(base, tiny, device, dtype, seed)
+    return Built(assemble(hf, projector, list(compressors)), hf, tokenizer)
+
+
+def save_as_llava_hf(built: Built, out_dir: str | Path) -> None:
+    """Write the model in llava-hf layout (needs the mlp2x_gelu projector), with its tokenizer,
+    so it loads back as a base with `build(out_dir)` or with transformers directly."""
+    if built.model.projector.registry_name != "mlp2x_gelu":
+        raise ValueError("only a model with the mlp2x_gelu projector has a llava-hf layout")
+    built.hf.model.multi_modal_projector.load_state_dict(built.model.projector.state_dict())
+    out_dir = Path(out_dir)
+    built.hf.save_pretrained(out_dir)
+    if built.tokenizer is not None:
+        built.tokenizer.save_pretrained(out_dir)
+    (out_dir / "vtc.json").write_text(json.dumps({"format": "llava-hf", "written_by": "vtc"}, indent=1))

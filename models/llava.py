@@ -1,0 +1,147 @@
+"""A LLaVA model assembled from HF parts, with compressors plugged in where they act.
+
+    pixels → VisionTower [encoder compressor] → projector (MLP / TokenPacker / ...)
+           → merge into the text embeddings (one <image> id → N visual embeddings per sample)
+           → [pre_llm compressors] → LanguageModel layers [in_llm compressors] → logits
+
+The merge, padding, masks, positions, labels and KV cache are handled here and in
+`sequence.py` / `llm.py` for every method, in training and in generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import IGNORE_INDEX
+from models.compressors.base import Compressor, ModelDims
+from models.llm import LanguageModel
+from models.sequence import SequenceState, _pad_rows
+from models.vision import VisionTower
+
+
+@dataclass
+class LlavaOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # (B, T, V) when asked for, else None
+    state: SequenceState  # the final sequence state (normed hidden states)
+    visual_tokens_in: torch.Tensor  # (B,) visual tokens entering the LLM
+
+
+class VtcLlava(nn.Module):
+    def __init__(self, vision: VisionTower, projector: Compressor, llm: LanguageModel,
+                 compressors: list[Compressor], image_token_id: int, dims: ModelDims):
+        super().__init__()
+        if projector.stage != "projector":
+            raise ValueError(f"{type(projector).__name__} is a {projector.stage} component, not a projector")
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.compressors = nn.ModuleList(compressors)
+        self.image_token_id = image_token_id
+        self.dims = dims
+
+    def _stage(self, stage: str) -> list[Compressor]:
+        return [c for c in self.compressors if c.stage == stage]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(I, 3, S, S) → (I, N, H) visual embeddings in the LLM's space."""
+        encoders = self._stage("encoder")
+        features = self.vision(pixel_values, encoder=encoders[0] if encoders else None)
+        return self.projector(features)
+
+    def merge(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None,
+              labels: torch.Tensor | None = None, padding_side: str = "right") -> SequenceState:
+        """Splice visual embeddings into the text: each `image_token_id` in `input_ids` (B, T)
+        takes the next image's N embeddings from `visual` (I, N, H), in batch order."""
+        embeds = self.llm.embed(input_ids.masked_fill(input_ids == self.image_token_id, 0))
+        rows, image = [], 0
+        for b in range(input_ids.shape[0]):
+            real = attention_mask[b].bool()
+            ids, emb = input_ids[b, real], embeds[b, real]
+            lab = labels[b, real] if labels is not None else None
+            pieces, vis, labs = [], [], []
+            start = 0
+            for pos in (ids == self.image_token_id).nonzero().flatten().tolist():
+                if visual is None or image >= visual.shape[0]:
+                    raise ValueError(f"sample {b} has more <image> tokens than images were given")
+                pieces += [emb[start:pos], visual[image].to(emb.dtype)]
+                vis += [torch.zeros(pos - start, dtype=torch.bool), torch.ones(visual.shape[1], dtype=torch.bool)]
+                if lab is not None:
+                    labs += [lab[start:pos], lab.new_full((visual.shape[1],), IGNORE_INDEX)]
+                start, image = pos + 1, image + 1
+            pieces.append(emb[start:])
+            vis.append(torch.zeros(len(ids) - start, dtype=torch.bool))
+            if lab is not None:
+                labs.append(lab[start:])
+            hidden = torch.cat(pieces)
+            positions = torch.arange(hidden.shape[0], device=hidden.device)
+            rows.append((hidden, positions, torch.cat(vis).to(hidden.device), torch.cat(labs) if labs else None))
+        if visual is not None and image != visual.shape[0]:
+            raise ValueError(f"{visual.shape[0]} images given but only {image} <image> tokens in the batch")
+        return _pad_rows(rows, padding_side, labels is not None)
+
+    def prepare(self, input_ids, attention_mask, pixel_values=None, labels=None, padding_side="right"):
+        """Vision → projector → merge → pre-LLM compressors. Returns the LLM's input state."""
+        visual = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        state = self.merge(input_ids, attention_mask, visual, labels, padding_side)
+        for component in self._stage("pre_llm"):
+            state = component(state)
+        return state
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None, return_logits=False) -> LlavaOutput:
+        """Training / scoring forward. Inputs are right-padded: input_ids, attention_mask (B, T);
+        pixel_values (I, 3, S, S), one per <image> token; labels (B, T) unshifted targets."""
+        state = self.prepare(input_ids, attention_mask, pixel_values, labels)
+        visual_in = state.num_visual
+        state = self.llm.run(state, self._stage("in_llm"))
+        loss = None
+        if state.labels is not None:
+            # Next-token loss, computing logits only where a target exists.
+            targets = state.labels[:, 1:]
+            where = targets != IGNORE_INDEX
+            hidden = state.hidden[:, :-1][where]
+            logits_sel = self.llm.lm_head(hidden).float()
+            loss = F.cross_entropy(logits_sel, targets[where]) if where.any() else logits_sel.sum() * 0.0
+        logits = self.llm.lm_head(state.hidden) if return_logits else None
+        return LlavaOutput(loss, logits, state, visual_in)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 8,
+                 eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding with KV cache. Prompts may be right- or left-padded (they are re-padded
+        on the left). Returns (B, max_new_tokens) new token ids (eos_token_id after a stop) and
+        the (B,) number of visual tokens that entered the LLM."""
+        state = self.prepare(input_ids, attention_mask, pixel_values, padding_side="left")
+        visual_in = state.num_visual
+        kv = self.llm.new_kv(state)
+        in_llm = self._stage("in_llm")
+        state = self.llm.run(state, in_llm, kv)
+        batch = input_ids.shape[0]
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            next_token = self.llm.lm_head(state.hidden[:, -1]).argmax(-1)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(done, eos_token_id)
+                done |= next_token == eos_token_id
+            tokens.append(next_token)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            state = SequenceState(
+                hidden=self.llm.embed(next_token[:, None]),
+                attention_mask=torch.ones(batch, 1, dtype=torch.bool, device=input_ids.device),
+                position_ids=kv.next_position[:, None].clone(),
+                visual_mask=torch.zeros(batch, 1, dtype=torch.bool, device=input_ids.device),
+                padding_side="left",
+            )
+            kv.next_position += 1
+            state = self.llm.run(state, in_llm, kv)
+        out = torch.stack(tokens, 1)
+        if out.shape[1] < max_new_tokens:
+            fill = eos_token_id if eos_token_id is not None else 0
+            out = F.pad(out, (0, max_new_tokens - out.shape[1]), value=fill)
+        return out, visual_in

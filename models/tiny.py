@@ -1,0 +1,64 @@
+"""The tiny LLaVA: the real HF classes (CLIPVisionModel, LlamaModel, LlavaForConditionalGeneration)
+with tiny configs, and the tiny word-level tokenizer over the synthetic data's vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from data import IMAGE_PLACEHOLDER
+from data.synth import vocabulary_corpus
+from data.templates import VICUNA_SYSTEM
+from data.tokenizer import build_word_tokenizer
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    image_size: int = 64
+    patch_size: int = 8  # 8×8 = 64 visual tokens
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    llm_width: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    max_positions: int = 512
+
+
+def tiny_tokenizer():
+    corpus = vocabulary_corpus() + [VICUNA_SYSTEM, "USER: ASSISTANT:"]
+    return build_word_tokenizer(corpus)
+
+
+def tiny_llava_config(tiny: TinyConfig, tokenizer) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=tiny.vision_width,
+        intermediate_size=4 * tiny.vision_width,
+        num_hidden_layers=tiny.vision_layers,
+        num_attention_heads=tiny.vision_heads,
+        image_size=tiny.image_size,
+        patch_size=tiny.patch_size,
+        projection_dim=tiny.vision_width,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.llm_width,
+        intermediate_size=int(2.6875 * tiny.llm_width),  # LLaMA-7B's 11008/4096 ratio
+        num_hidden_layers=tiny.llm_layers,
+        num_attention_heads=tiny.llm_heads,
+        num_key_value_heads=tiny.llm_heads,
+        max_position_embeddings=tiny.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )

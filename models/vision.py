@@ -1,0 +1,49 @@
+"""Vision tower: an HF CLIP (or SigLIP) vision model, frozen or not, with hidden-state taps.
+
+LLaVA-1.5 takes layer `feature_layer` (-2) of the tower and drops CLS ("default" strategy).
+An encoder-stage compressor may append tokens to the ViT input (a forward hook on the
+embeddings module, so the HF model runs unmodified) and choose which outputs to keep.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.compressors.base import Compressor, VisionFeatures
+
+
+class VisionTower(nn.Module):
+    def __init__(self, model: nn.Module, feature_layer: int = -2, select_strategy: str = "default"):
+        super().__init__()
+        if select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', not {select_strategy!r}")
+        self.model = model
+        self.feature_layer = feature_layer
+        self.select_strategy = select_strategy
+        config = model.config
+        self.grid = config.image_size // config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def forward(self, pixel_values: torch.Tensor, encoder: Compressor | None = None) -> VisionFeatures:
+        """(B, 3, S, S) → VisionFeatures with `selected` (B, N, Dv)."""
+        hook = None
+        if encoder is not None:
+            embeddings = getattr(self.model, "vision_model", self.model).embeddings
+            hook = embeddings.register_forward_hook(lambda _m, _i, out: encoder.extend_embeddings(out))
+        try:
+            dtype = next(self.model.parameters()).dtype
+            out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden_states = out.hidden_states
+        if encoder is not None:
+            return VisionFeatures(encoder.select(hidden_states, self.num_patches), hidden_states, None)
+        selected = hidden_states[self.feature_layer]
+        if self.select_strategy == "default":  # as transformers' Llava: drop token 0 (CLS)
+            selected = selected[:, 1:]
+        return VisionFeatures(selected, hidden_states, self.grid)
