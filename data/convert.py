@@ -57,8 +57,9 @@ def read_image(path: Path) -> tuple[bytes, str]:
     return data, ext
 
 
-def convert_llava_json(json_path, image_dir, out_dir, samples_per_shard: int = 2000,
-                       progress: bool = True) -> ConvertReport:
+def convert_llava_json(
+    json_path, image_dir, out_dir, samples_per_shard: int = 2000, progress: bool = True
+) -> ConvertReport:
     json_path, image_dir, out_dir = Path(json_path), Path(image_dir), Path(out_dir)
     records = json.loads(json_path.read_text())
     if not isinstance(records, list):
@@ -66,12 +67,16 @@ def convert_llava_json(json_path, image_dir, out_dir, samples_per_shard: int = 2
     report = ConvertReport()
     with ShardWriter(out_dir, samples_per_shard) as writer:
         for position, record in enumerate(tqdm(records, desc="convert", disable=not progress, unit="sample")):
-            sample_id = record.get("id", f"<entry {position}>") if isinstance(record, dict) else f"<entry {position}>"
+            sample_id = (
+                record.get("id", f"<entry {position}>") if isinstance(record, dict) else f"<entry {position}>"
+            )
             try:
                 check_record(record)
                 image = read_image(image_dir / record["image"]) if "image" in record else (None, "png")
             except (ConversationError, OSError, SyntaxError, ValueError) as err:
-                report.skipped.append({"id": sample_id, "position": position, "reason": f"{type(err).__name__}: {err}"})
+                report.skipped.append(
+                    {"id": sample_id, "position": position, "reason": f"{type(err).__name__}: {err}"}
+                )
                 continue
             writer.write(record, *image)
             report.written += 1

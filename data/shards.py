@@ -39,7 +39,10 @@ class ShardWriter:
         self.count = 0
 
     def write(self, record: dict, image_bytes: bytes | None = None, image_ext: str = "png") -> None:
-        sample = {"__key__": f"{self.count:09d}_{safe_key(record['id'])}", "json": json.dumps(record).encode()}
+        sample = {
+            "__key__": f"{self.count:09d}_{safe_key(record['id'])}",
+            "json": json.dumps(record).encode(),
+        }
         if image_bytes is not None:
             sample[image_ext] = image_bytes
         self._writer.write(sample)

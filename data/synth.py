@@ -107,10 +107,14 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 
 
 def caption(scene: Scene) -> str:
-    """Every object in raster order, then the dot: dense targets for the alignment stage."""
-    parts = [f"{o.size} {o.colour} {o.shape} at row {ORDINALS[o.row]} column {ORDINALS[o.col]}" for o in scene.objects]
+    """Every object in raster order, position first ("row two column three large red circle"),
+    then the dot: dense targets for the alignment stage that supervise exactly what the
+    questions need, reading the attributes of a named cell."""
+    parts = [
+        f"row {ORDINALS[o.row]} column {ORDINALS[o.col]} {o.size} {o.colour} {o.shape}" for o in scene.objects
+    ]
     row, col, colour = scene.dot
-    parts.append(f"{colour} dot at row {ORDINALS[row]} column {ORDINALS[col]}")
+    parts.append(f"row {ORDINALS[row]} column {ORDINALS[col]} {colour} dot")
     return " ; ".join(parts) + " ."
 
 
@@ -119,18 +123,20 @@ def _unique(scene: Scene) -> list[SceneObject]:
     return [o for o in scene.objects if names.count(o.name) == 1]
 
 
-def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """One (family, question, answer) per family."""
+def questions(scene: Scene, rng: random.Random, every_object: bool = False) -> list[tuple[str, str, str]]:
+    """(family, question, answer) triples: one per family, or with `every_object` the colour and
+    shape of every object (dense supervision for training) and one of each other family."""
     objs = scene.objects
-    target = rng.choice(objs)
-    where = f"row {ORDINALS[target.row]} column {ORDINALS[target.col]}"
-    out = [
-        ("colour", f"What colour is the object at {where}?", target.colour),
-        ("shape", f"What shape is the object at {where}?", target.shape),
-    ]
+    out = []
+    for target in objs if every_object else [rng.choice(objs)]:
+        where = f"row {ORDINALS[target.row]} column {ORDINALS[target.col]}"
+        out.append(("colour", f"What colour is the object at {where}?", target.colour))
+        out.append(("shape", f"What shape is the object at {where}?", target.shape))
     if rng.random() < 0.5:
         colour = rng.choice(list(COLOURS))
-        out.append(("count", f"How many {colour} objects are there?", str(sum(o.colour == colour for o in objs))))
+        out.append(
+            ("count", f"How many {colour} objects are there?", str(sum(o.colour == colour for o in objs)))
+        )
     else:
         shape = rng.choice(SHAPES)
         out.append(("count", f"How many {shape}s are there?", str(sum(o.shape == shape for o in objs))))
@@ -165,7 +171,14 @@ def _spatial(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     ]
     if not options:  # fewer than two unique objects, or no pair with the wanted answer
         want_yes = not want_yes
-        options = [(a, rel, b) for a in unique for b in unique if a is not b for rel, holds in relations.items() if holds(a, b) == want_yes]
+        options = [
+            (a, rel, b)
+            for a in unique
+            for b in unique
+            if a is not b
+            for rel, holds in relations.items()
+            if holds(a, b) == want_yes
+        ]
     if not options:
         obj = scene.objects[0]
         return ("spatial", f"Is the {obj.name} left of the dot?", "yes" if obj.col < scene.dot[1] else "no")
@@ -177,20 +190,27 @@ def vocabulary_corpus() -> list[str]:
     """Every word the generator can produce, for building the tiny tokenizer."""
     words = list(COLOURS) + list(SHAPES) + [f"{s}s" for s in SHAPES] + list(SIZES) + list(ORDINALS)
     words += [str(i) for i in range(10)] + ["yes", "no", "dot", "objects"]
-    words += ["What colour is the object at row column ?", "What shape is the object at",
-              "How many are there ?", "Is there a ?", "Is the left of right above below the dot ?", " ; .\n"]
+    words += [
+        "What colour is the object at row column ?",
+        "What shape is the object at",
+        "How many are there ?",
+        "Is there a ?",
+        "Is the left of right above below the dot ?",
+        " ; .\n",
+    ]
     return words
 
 
 def make_sample(split: str, index: int, seed: int, image_size: int, grid: int) -> dict:
-    """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}."""
+    """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}.
+    Training samples ask about every object; val/test ask one question per family."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{index}")
     scene = random_scene(rng, grid)
     while scene.split() != split:
         scene = random_scene(rng, grid)
-    qa = questions(scene, rng)
+    qa = questions(scene, rng, every_object=split == "train")
     rng.shuffle(qa)
     conversations = []
     for turn, (_, question, answer) in enumerate(qa):
@@ -208,7 +228,7 @@ def make_sample(split: str, index: int, seed: int, image_size: int, grid: int) -
 
 def region_targets(scene: dict, patch_grid: int) -> list[list[int]]:
     """Per-patch targets for dense vision pretraining, raster order over a patch_grid² map:
-    [colour, shape, size, dot colour] of the cell holding the patch (0 = nothing there).
+    [colour, shape, size, dot colour, row, column] of the cell holding the patch (0 = nothing).
     `scene` is `Scene.to_json()`; patch_grid must be a multiple of the scene grid."""
     grid = scene["grid"]
     if patch_grid % grid:
@@ -221,20 +241,34 @@ def region_targets(scene: dict, patch_grid: int) -> list[list[int]]:
         for px in range(patch_grid):
             cell = (py // per_cell, px // per_cell)
             obj = cells.get(cell)
-            row = [0, 0, 0, 0]
+            row = [0, 0, 0, 0, cell[0], cell[1]]
             if obj:
-                row[:3] = [1 + colours.index(obj["colour"]), 1 + SHAPES.index(obj["shape"]), 1 + SIZES.index(obj["size"])]
+                row[:3] = [
+                    1 + colours.index(obj["colour"]),
+                    1 + SHAPES.index(obj["shape"]),
+                    1 + SIZES.index(obj["size"]),
+                ]
             if cell == (dot_row, dot_col):
                 row[3] = 1 + colours.index(dot_colour)
             targets.append(row)
     return targets
 
 
-REGION_CLASSES = (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(SIZES), 1 + len(COLOURS))
+def region_classes(grid: int) -> tuple[int, ...]:
+    """Number of classes of each region_targets column for a scene grid of `grid` cells."""
+    return (1 + len(COLOURS), 1 + len(SHAPES), 1 + len(SIZES), 1 + len(COLOURS), grid, grid)
 
 
-def write_synthetic(out_dir, split: str, samples: int, seed: int = 0, image_size: int = 64, grid: int = 4,
-                    samples_per_shard: int = 5000, progress: bool = True) -> int:
+def write_synthetic(
+    out_dir,
+    split: str,
+    samples: int,
+    seed: int = 0,
+    image_size: int = 64,
+    grid: int = 4,
+    samples_per_shard: int = 5000,
+    progress: bool = True,
+) -> int:
     """Generate `samples` samples of `split` into webdataset shards under `out_dir`."""
     from tqdm import tqdm
 

@@ -39,14 +39,23 @@ class Built:
 def dims_of(config: LlavaConfig) -> ModelDims:
     v, t = config.vision_config, config.text_config
     return ModelDims(
-        vision_width=v.hidden_size, vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
+        vision_width=v.hidden_size,
+        vision_layers=v.num_hidden_layers,
+        vision_heads=v.num_attention_heads,
         grid=v.image_size // v.patch_size,
-        llm_width=t.hidden_size, llm_layers=t.num_hidden_layers, llm_heads=t.num_attention_heads,
+        llm_width=t.hidden_size,
+        llm_layers=t.num_hidden_layers,
+        llm_heads=t.num_attention_heads,
     )
 
 
-def load_base(base: str, tiny: TinyConfig | None = None, device: str | None = None,
-              dtype: torch.dtype = torch.float32, seed: int = 0):
+def load_base(
+    base: str,
+    tiny: TinyConfig | None = None,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """(hf LlavaForConditionalGeneration, tokenizer) for base "tiny" or a llava-hf directory."""
     if base == "tiny":
         tokenizer = tiny_tokenizer()
@@ -69,15 +78,20 @@ def load_base(base: str, tiny: TinyConfig | None = None, device: str | None = No
 
 
 def _has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
 
 
-def assemble(hf: LlavaForConditionalGeneration, projector: ComponentSpec,
-             compressors: list[ComponentSpec] = ()) -> VtcLlava:
+def assemble(
+    hf: LlavaForConditionalGeneration, projector: ComponentSpec, compressors: list[ComponentSpec] = ()
+) -> VtcLlava:
     """Wrap the HF model's parts and build the registered components around them."""
     config = hf.config
     dims = dims_of(config)
-    vision = VisionTower(hf.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy)
+    vision = VisionTower(
+        hf.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy
+    )
     llm = LanguageModel(hf.model.language_model, hf.lm_head)
     device = hf.lm_head.weight.device
     dtype = hf.lm_head.weight.dtype
@@ -86,12 +100,21 @@ def assemble(hf: LlavaForConditionalGeneration, projector: ComponentSpec,
         comps = [build_component(c.name, c.params, dims) for c in compressors]
     if projector.name == "mlp2x_gelu" and device.type != "meta":
         proj.load_state_dict(hf.model.multi_modal_projector.state_dict())
-    model = VtcLlava(vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims)
+    model = VtcLlava(
+        vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims
+    )
     return model
 
 
-def build(base: str, projector: ComponentSpec = ComponentSpec("mlp2x_gelu"), compressors=(),
-          tiny: TinyConfig | None = None, device: str | None = None, dtype=torch.float32, seed: int = 0) -> Built:
+def build(
+    base: str,
+    projector: ComponentSpec = ComponentSpec("mlp2x_gelu"),
+    compressors=(),
+    tiny: TinyConfig | None = None,
+    device: str | None = None,
+    dtype=torch.float32,
+    seed: int = 0,
+) -> Built:
     hf, tokenizer = load_base(base, tiny, device, dtype, seed)
     return Built(assemble(hf, projector, list(compressors)), hf, tokenizer)
 

@@ -32,8 +32,15 @@ class LlavaOutput:
 
 
 class VtcLlava(nn.Module):
-    def __init__(self, vision: VisionTower, projector: Compressor, llm: LanguageModel,
-                 compressors: list[Compressor], image_token_id: int, dims: ModelDims):
+    def __init__(
+        self,
+        vision: VisionTower,
+        projector: Compressor,
+        llm: LanguageModel,
+        compressors: list[Compressor],
+        image_token_id: int,
+        dims: ModelDims,
+    ):
         super().__init__()
         if projector.stage != "projector":
             raise ValueError(f"{type(projector).__name__} is a {projector.stage} component, not a projector")
@@ -47,14 +54,27 @@ class VtcLlava(nn.Module):
     def _stage(self, stage: str) -> list[Compressor]:
         return [c for c in self.compressors if c.stage == stage]
 
+    def visual_tokens(self) -> int:
+        """Visual tokens per image that enter the LLM (expected number for dynamic methods)."""
+        count = self.vision.num_patches
+        for component in self._stage("encoder") + [self.projector] + self._stage("pre_llm"):
+            count = component.output_tokens(count)
+        return count
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(I, 3, S, S) → (I, N, H) visual embeddings in the LLM's space."""
         encoders = self._stage("encoder")
         features = self.vision(pixel_values, encoder=encoders[0] if encoders else None)
         return self.projector(features)
 
-    def merge(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None,
-              labels: torch.Tensor | None = None, padding_side: str = "right") -> SequenceState:
+    def merge(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> SequenceState:
         """Splice visual embeddings into the text: each `image_token_id` in `input_ids` (B, T)
         takes the next image's N embeddings from `visual` (I, N, H), in batch order."""
         embeds = self.llm.embed(input_ids.masked_fill(input_ids == self.image_token_id, 0))
@@ -69,7 +89,10 @@ class VtcLlava(nn.Module):
                 if visual is None or image >= visual.shape[0]:
                     raise ValueError(f"sample {b} has more <image> tokens than images were given")
                 pieces += [emb[start:pos], visual[image].to(emb.dtype)]
-                vis += [torch.zeros(pos - start, dtype=torch.bool), torch.ones(visual.shape[1], dtype=torch.bool)]
+                vis += [
+                    torch.zeros(pos - start, dtype=torch.bool),
+                    torch.ones(visual.shape[1], dtype=torch.bool),
+                ]
                 if lab is not None:
                     labs += [lab[start:pos], lab.new_full((visual.shape[1],), IGNORE_INDEX)]
                 start, image = pos + 1, image + 1
@@ -79,7 +102,9 @@ class VtcLlava(nn.Module):
                 labs.append(lab[start:])
             hidden = torch.cat(pieces)
             positions = torch.arange(hidden.shape[0], device=hidden.device)
-            rows.append((hidden, positions, torch.cat(vis).to(hidden.device), torch.cat(labs) if labs else None))
+            rows.append(
+                (hidden, positions, torch.cat(vis).to(hidden.device), torch.cat(labs) if labs else None)
+            )
         if visual is not None and image != visual.shape[0]:
             raise ValueError(f"{visual.shape[0]} images given but only {image} <image> tokens in the batch")
         return _pad_rows(rows, padding_side, labels is not None)
@@ -92,7 +117,9 @@ class VtcLlava(nn.Module):
             state = component(state)
         return state
 
-    def forward(self, input_ids, attention_mask, pixel_values=None, labels=None, return_logits=False) -> LlavaOutput:
+    def forward(
+        self, input_ids, attention_mask, pixel_values=None, labels=None, return_logits=False
+    ) -> LlavaOutput:
         """Training / scoring forward. Inputs are right-padded: input_ids, attention_mask (B, T);
         pixel_values (I, 3, S, S), one per <image> token; labels (B, T) unshifted targets."""
         state = self.prepare(input_ids, attention_mask, pixel_values, labels)
@@ -110,8 +137,14 @@ class VtcLlava(nn.Module):
         return LlavaOutput(loss, logits, state, visual_in)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens: int = 8,
-                 eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values=None,
+        max_new_tokens: int = 8,
+        eos_token_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding with KV cache. Prompts may be right- or left-padded (they are re-padded
         on the left). Returns (B, max_new_tokens) new token ids (eos_token_id after a stop) and
         the (B,) number of visual tokens that entered the LLM."""

@@ -85,11 +85,15 @@ class SequenceState:
             real = self.attention_mask[b]
             vis = self.visual_mask[b] & real
             idx = vis.nonzero().flatten()
-            start, end = (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (int(real.nonzero()[-1]) + 1, None)
+            start, end = (
+                (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (int(real.nonzero()[-1]) + 1, None)
+            )
             if idx.numel() and idx.numel() != end - start:
                 raise ValueError("replace_visual needs each sample's visual tokens to be one contiguous span")
             end = start if end is None else end
-            rows.append(self._splice_row(b, start, end, visual[b] if idx.numel() else visual[b, :0], positions))
+            rows.append(
+                self._splice_row(b, start, end, visual[b] if idx.numel() else visual[b, :0], positions)
+            )
         return _pad_rows(rows, self.padding_side, self.labels is not None)
 
     def _splice_row(self, b, start, end, visual, positions):
@@ -105,9 +109,16 @@ class SequenceState:
             old = self.position_ids[b, start:end].float()
             groups = old.tensor_split(n) if n else []
             vis_pos = torch.stack([g.mean() for g in groups]) if n else old[:0]
-            pos = torch.cat([self.position_ids[b, before].float(), vis_pos, self.position_ids[b, after].float()])
-        vmask = torch.cat([self.visual_mask[b, before], torch.ones(n, dtype=torch.bool, device=hidden.device),
-                           self.visual_mask[b, after]])
+            pos = torch.cat(
+                [self.position_ids[b, before].float(), vis_pos, self.position_ids[b, after].float()]
+            )
+        vmask = torch.cat(
+            [
+                self.visual_mask[b, before],
+                torch.ones(n, dtype=torch.bool, device=hidden.device),
+                self.visual_mask[b, after],
+            ]
+        )
         labels = None
         if self.labels is not None:
             ign = torch.full((n,), IGNORE_INDEX, dtype=self.labels.dtype, device=hidden.device)
@@ -125,7 +136,9 @@ def _pad_rows(rows, padding_side: str, has_labels: bool, pad_value: float = 0.0)
     position_ids = torch.zeros(batch, length, dtype=pos_dtype, device=ref.device)
     attention_mask = torch.zeros(batch, length, dtype=torch.bool, device=ref.device)
     visual_mask = torch.zeros_like(attention_mask)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=ref.device) if has_labels else None
+    labels = (
+        torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=ref.device) if has_labels else None
+    )
     for b, (h, p, v, lab) in enumerate(rows):
         n = h.shape[0]
         cols = slice(length - n, length) if padding_side == "left" else slice(0, n)

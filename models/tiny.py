@@ -20,7 +20,7 @@ class TinyConfig:
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
-    llm_width: int = 256
+    llm_width: int = 128
     llm_layers: int = 4
     llm_heads: int = 4
     max_positions: int = 512

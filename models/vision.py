@@ -17,12 +17,32 @@ class VisionTower(nn.Module):
     def __init__(self, model: nn.Module, feature_layer: int = -2, select_strategy: str = "default"):
         super().__init__()
         if select_strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', not {select_strategy!r}")
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', not {select_strategy!r}"
+            )
         self.model = model
         self.feature_layer = feature_layer
         self.select_strategy = select_strategy
         config = model.config
         self.grid = config.image_size // config.patch_size
+
+    def unused_prefixes(self) -> tuple[str, ...]:
+        """Name prefixes (relative to this module) of parameters that cannot affect the features:
+        encoder layers after the feature layer and the post-norm / pooling head (LLaVA reads a
+        hidden state, not the pooled output). Training them would only waste optimizer state,
+        and DDP rejects parameters that get no gradient."""
+        tower = getattr(self.model, "vision_model", None)
+        root = "model.vision_model." if tower is not None else "model."
+        tower = tower or self.model
+        layers = len(tower.encoder.layers)
+        used_layers = self.feature_layer % (layers + 1)  # hidden_states[i] = output of layer i-1
+        unused = [f"{root}encoder.layers.{i}." for i in range(used_layers, layers)]
+        unused += [
+            f"{root}{name}."
+            for name, _ in tower.named_children()
+            if name not in ("embeddings", "pre_layrnorm", "encoder")
+        ]
+        return tuple(unused)
 
     @property
     def num_patches(self) -> int:

@@ -59,5 +59,14 @@ def config_fields(name: str) -> dict[str, dataclasses.Field]:
 # Importing the modules registers their components.
 from models.compressors import mlp, pooling  # noqa: E402,F401
 
-__all__ = ["Compressor", "ModelDims", "VisionFeatures", "register", "available", "build_component",
-           "component_class", "config_fields", "unknown_name_message"]
+__all__ = [
+    "Compressor",
+    "ModelDims",
+    "VisionFeatures",
+    "register",
+    "available",
+    "build_component",
+    "component_class",
+    "config_fields",
+    "unknown_name_message",
+]

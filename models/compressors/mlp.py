@@ -15,6 +15,8 @@ from models.compressors.base import Compressor, ModelDims, NoParams, VisionFeatu
 
 @register("mlp2x_gelu")
 class MlpProjector(Compressor):
+    """Linear(Dv→H) → GELU → Linear(H→H) on every patch token."""
+
     stage = "projector"
     Config = NoParams
 

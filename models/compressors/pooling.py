@@ -19,6 +19,8 @@ class PoolConfig:
 
 @register("avgpool2d")
 class AvgPool2d(Compressor):
+    """Average-pools each sample's g×g visual grid with kernel = stride = s before the LLM."""
+
     stage = "pre_llm"
     Config = PoolConfig
 
@@ -29,7 +31,12 @@ class AvgPool2d(Compressor):
     @classmethod
     def check_config(cls, config: PoolConfig, dims: ModelDims):
         if config.stride < 1 or dims.grid % config.stride:
-            return [("stride", f"must be ≥ 1 and divide the {dims.grid}×{dims.grid} patch grid, got {config.stride}")]
+            return [
+                (
+                    "stride",
+                    f"must be ≥ 1 and divide the {dims.grid}×{dims.grid} patch grid, got {config.stride}",
+                )
+            ]
         return []
 
     def forward(self, state):

@@ -1,0 +1,120 @@
+"""Map-style dataset over shards: a sample → tokenized conversation + preprocessed image, and
+the collate function that pads a batch.
+
+Samples that cannot be used (undecodable image, malformed conversation, every supervised token
+truncated away) are not trained on: the dataset returns a `Skipped(id, reason)` and the collate
+function passes the skipped ids up with the batch, so the trainer counts and reports them even
+when DataLoader workers run in other processes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from data import IGNORE_INDEX
+from data.images import preprocess_image
+from data.shards import ShardIndex
+from data.synth import region_targets
+from data.templates import ConversationError, get_template
+
+
+@dataclass(frozen=True)
+class Skipped:
+    id: str
+    reason: str
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Items: {id, input_ids, labels, pixel_values (3,S,S) or None, region_targets or None}.
+
+    `max_length` bounds the LLM sequence *including* the visual tokens each image expands to
+    (`visual_tokens` per image, as the model's compressors emit them)."""
+
+    def __init__(
+        self,
+        shards: ShardIndex,
+        tokenizer,
+        template: str,
+        image_size: int,
+        image_token_id: int,
+        max_length: int,
+        visual_tokens: int,
+        with_regions: int | None = None,
+    ):
+        self.shards = shards
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.image_size = image_size
+        self.image_token_id = image_token_id
+        self.max_length = max_length
+        self.visual_tokens = visual_tokens
+        self.with_regions = with_regions  # patch grid size, for the dense vision objective
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int):
+        record = self.shards.record(index)
+        sample_id = str(record.get("id", index))
+        try:
+            pixel_values = self._image(index)
+            conversations = record["conversations"]
+            if self.template.name == "plain" and "caption" in record:  # synthetic data: dense captions
+                conversations = [
+                    {"from": "human", "value": "<image>"},
+                    {"from": "gpt", "value": record["caption"]},
+                ]
+            budget = self.max_length - (self.visual_tokens - 1) * (pixel_values is not None)
+            encoded = self.template.encode(conversations, self.tokenizer, self.image_token_id, budget)
+        except (ConversationError, OSError, SyntaxError, ValueError, KeyError) as err:
+            return Skipped(sample_id, f"{type(err).__name__}: {err}")
+        if encoded.num_supervised == 0 and not self.with_regions:
+            return Skipped(sample_id, f"no supervised tokens left within max_length={self.max_length}")
+        item = {
+            "id": sample_id,
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "pixel_values": pixel_values,
+        }
+        if self.with_regions:
+            item["region_targets"] = torch.tensor(region_targets(record["scene"], self.with_regions))
+        return item
+
+    def _image(self, index: int) -> torch.Tensor | None:
+        data = self.shards.image_bytes(index)
+        if data is None:
+            return None
+        with Image.open(io.BytesIO(data)) as image:
+            return preprocess_image(image, self.image_size)
+
+
+def collate(items: list, pad_token_id: int) -> dict:
+    """Right-pads a list of dataset items into a batch; skipped items only leave their ids."""
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    items = [item for item in items if not isinstance(item, Skipped)]
+    batch: dict = {"skipped": [(s.id, s.reason) for s in skipped], "ids": [item["id"] for item in items]}
+    if not items:
+        return batch
+    length = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), length), dtype=torch.bool)
+    for b, item in enumerate(items):
+        n = len(item["input_ids"])
+        input_ids[b, :n] = torch.tensor(item["input_ids"])
+        labels[b, :n] = torch.tensor(item["labels"])
+        attention_mask[b, :n] = True
+    images = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
+    batch.update(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        pixel_values=torch.stack(images) if images else None,
+    )
+    if "region_targets" in items[0]:
+        batch["region_targets"] = torch.stack([item["region_targets"] for item in items])
+    return batch

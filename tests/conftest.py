@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from data.synth import write_synthetic
+from models.tiny import TinyConfig, tiny_tokenizer
+
+torch.set_num_threads(2)
+
+# Smaller than the default tiny model: the same classes, quicker tests.
+TEST_TINY = TinyConfig(
+    vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=3, llm_heads=4
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def synth_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root / "train", "train", 64, progress=False)
+    write_synthetic(root / "test", "test", 16, progress=False)
+    return root

@@ -1,0 +1,135 @@
+"""Synthetic generator, shards, dataset/collate and the LLaVA-JSON converter."""
+
+import io
+import json
+import random
+
+import torch
+from PIL import Image
+
+from data.convert import convert_llava_json
+from data.dataset import ConversationDataset, Skipped, collate
+from data.shards import ShardIndex
+from data.synth import COLOURS, Scene, make_sample, questions, random_scene, region_targets
+
+
+def test_generator_is_deterministic_and_splits_disjoint():
+    a, b = make_sample("train", 7, 0, 64, 4), make_sample("train", 7, 0, 64, 4)
+    assert a["conversations"] == b["conversations"] and a["image"].tobytes() == b["image"].tobytes()
+    scenes = {
+        split: {json.dumps(make_sample(split, i, 0, 64, 4)["scene"]) for i in range(150)}
+        for split in ("train", "test")
+    }
+    assert not scenes["train"] & scenes["test"]
+    assert all(Scene.from_json(json.loads(s)).split() == "test" for s in scenes["test"])
+
+
+def test_answers_follow_the_scene():
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = random_scene(rng, 4)
+        for family, question, answer in questions(scene, rng, every_object=True):
+            if family == "detail":
+                assert answer == scene.dot[2]
+            if family == "count" and question.startswith("How many") and "objects" in question:
+                colour = question.split()[2]
+                assert answer == str(sum(o.colour == colour for o in scene.objects))
+            if family in ("spatial", "exist"):
+                assert answer in ("yes", "no")
+
+
+def test_rendered_dot_has_its_colour():
+    sample = make_sample("test", 3, 0, 64, 4)
+    row, col, colour = sample["scene"]["dot"]
+    centre = (int((col + 0.5) * 16), int((row + 0.5) * 16))
+    assert sample["image"].getpixel(centre) == COLOURS[colour]
+
+
+def test_region_targets_mark_object_cells():
+    sample = make_sample("train", 0, 0, 64, 4)
+    targets = region_targets(sample["scene"], 8)
+    assert len(targets) == 64
+    for obj in sample["scene"]["objects"]:
+        patch = (2 * obj["row"]) * 8 + 2 * obj["col"]
+        assert targets[patch][0] == 1 + list(COLOURS).index(obj["colour"])
+        assert targets[patch][4:] == [obj["row"], obj["col"]]
+
+
+def test_shard_round_trip(synth_dirs):
+    index = ShardIndex(synth_dirs / "train")
+    assert len(index) == 64
+    for i in (0, 31, 63):
+        expected = make_sample("train", i, 0, 64, 4)
+        record = index.record(i)
+        assert record["id"] == expected["id"] and record["conversations"] == expected["conversations"]
+        image = Image.open(io.BytesIO(index.image_bytes(i)))
+        assert image.tobytes() == expected["image"].tobytes()
+
+
+def test_dataset_and_collate(synth_dirs, tokenizer):
+    ds = ConversationDataset(ShardIndex(synth_dirs / "train"), tokenizer, "vicuna_v1", 64, 4, 512, 64)
+    batch = collate([ds[0], ds[1], Skipped("bad-1", "corrupt")], tokenizer.pad_token_id)
+    assert batch["skipped"] == [("bad-1", "corrupt")] and len(batch["ids"]) == 2
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape[1] == int(lengths.max())
+    short = int(lengths.argmin())
+    assert (batch["input_ids"][short, int(lengths[short]) :] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][short, int(lengths[short]) :] == -100).all()
+
+
+def test_dataset_skips_samples_truncated_to_nothing(synth_dirs, tokenizer):
+    ds = ConversationDataset(ShardIndex(synth_dirs / "train"), tokenizer, "vicuna_v1", 64, 4, 80, 64)
+    item = ds[0]
+    assert isinstance(item, Skipped) and "max_length=80" in item.reason
+
+
+def test_converter_skips_and_reports_bad_entries(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(images / "good.png")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("RGB", (8, 8)).save(images / "trunc.png")
+    (images / "trunc.png").write_bytes((images / "trunc.png").read_bytes()[:30])
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {"id": "ok-1", "image": "good.png", "conversations": conv},
+        {"id": "missing", "image": "nope.png", "conversations": conv},
+        {"id": "corrupt", "image": "corrupt.jpg", "conversations": conv},
+        {"id": "truncated", "image": "trunc.png", "conversations": conv},
+        {"id": "roles", "image": "good.png", "conversations": [conv[1], conv[0]]},
+        {
+            "id": "no-placeholder",
+            "image": "good.png",
+            "conversations": [{"from": "human", "value": "hi"}, conv[1]],
+        },
+        "not an object",
+        {
+            "id": "text-only",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+        },
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    report = convert_llava_json(tmp_path / "data.json", images, tmp_path / "out", progress=False)
+    assert report.written == 2
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in skipped] == [
+        "missing",
+        "corrupt",
+        "truncated",
+        "roles",
+        "no-placeholder",
+        "<entry 6>",
+    ]
+    index = ShardIndex(tmp_path / "out")
+    assert [index.record(i)["id"] for i in range(len(index))] == ["ok-1", "text-only"]
+    assert index.image_bytes(1) is None
+    assert Image.open(io.BytesIO(index.image_bytes(0))).size == (20, 10)
+
+
+def test_collate_of_only_skipped_items():
+    batch = collate([Skipped("a", "r")], 0)
+    assert "input_ids" not in batch and batch["skipped"] == [("a", "r")]
+    assert torch.is_tensor(
+        collate([{"id": "x", "input_ids": [1], "labels": [1], "pixel_values": None}], 0)["input_ids"]
+    )

@@ -1,0 +1,168 @@
+"""Model assembly: llava-hf parity, ragged merge, hook points at every stage, cached generation."""
+
+import pytest
+import torch
+
+import tests.components  # noqa: F401  (registers the test components)
+from models.build import ComponentSpec, build, save_as_llava_hf
+from models.sequence import SequenceState
+from tests.conftest import TEST_TINY
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build("tiny", tiny=TEST_TINY)
+
+
+def prompt(tok, image_id, words):
+    return [tok.bos_token_id] + [image_id] + tok(words, add_special_tokens=False).input_ids
+
+
+def pad(rows, pad_id=0):
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), pad_id)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+def test_logits_match_transformers_llava(tmp_path, tiny):
+    """A llava-hf checkpoint loaded by vtc gives transformers' logits for the same input."""
+    save_as_llava_hf(tiny, tmp_path)
+    from transformers import LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    vtc = build(str(tmp_path)).model.eval()
+    tok, img = tiny.tokenizer, vtc.image_token_id
+    ids = prompt(tok, img, "What colour is the dot ?")
+    pixels = torch.randn(1, 3, 64, 64)
+    expanded = ids[:1] + [img] * vtc.vision.num_patches + ids[2:]  # transformers wants one id per patch
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([expanded]), pixel_values=pixels).logits
+        ours = vtc(
+            torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), pixels, return_logits=True
+        ).logits
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_batch_equals_one_by_one(tiny):
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    rows = [
+        prompt(tok, model.image_token_id, "What colour is the dot ?"),
+        prompt(tok, model.image_token_id, "red"),
+    ]
+    ids, mask = pad(rows)
+    pixels = torch.randn(2, 3, 64, 64)
+    labels = ids.masked_fill(~mask, -100)
+    with torch.no_grad():
+        batched = model(ids, mask, pixels, labels, return_logits=True)
+        for b, row in enumerate(rows):
+            single = model(
+                torch.tensor([row]),
+                torch.ones(1, len(row), dtype=torch.bool),
+                pixels[b : b + 1],
+                return_logits=True,
+            ).logits[0]
+            n = single.shape[0]
+            torch.testing.assert_close(batched.logits[b, :n], single, rtol=1e-4, atol=1e-5)
+    assert batched.visual_tokens_in.tolist() == [64, 64]
+    assert (batched.state.labels[batched.state.visual_mask] == -100).all()
+
+
+def test_merge_errors_on_image_count_mismatch(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    ids, mask = pad([prompt(tok, model.image_token_id, "red")])
+    with pytest.raises(ValueError, match="more <image> tokens than images"):
+        model.prepare(ids, mask, None)
+    with pytest.raises(ValueError, match="2 images given"):
+        model.prepare(ids, mask, torch.randn(2, 3, 64, 64))
+
+
+HOOKS = [
+    ("encoder", [ComponentSpec("test_registers", {"count": 4})], 4),
+    ("pre_llm", [ComponentSpec("test_keep_first", {"keep": 5})], 5),
+    ("in_llm", [ComponentSpec("test_drop_visual_at", {"layer": 1})], 64),
+    (
+        "stacked",
+        [ComponentSpec("test_keep_first", {"keep": 7}), ComponentSpec("test_drop_visual_at", {"layer": 2})],
+        7,
+    ),
+    ("avgpool2d", [ComponentSpec("avgpool2d", {"stride": 2})], 16),
+]
+
+
+@pytest.mark.parametrize("name,components,visual_in", HOOKS, ids=[h[0] for h in HOOKS])
+def test_hook_points_generation_matches_full_forward(tiny, name, components, visual_in):
+    """At every hook point: cached greedy generation over a ragged batch equals the argmax of a
+    full forward at every step, and the LLM receives the expected number of visual tokens."""
+    model = build("tiny", compressors=components, tiny=TEST_TINY).model.eval()
+    tok, img = tiny.tokenizer, model.image_token_id
+    rows = [prompt(tok, img, "What colour is the dot ?"), prompt(tok, img, "Is there a red circle ?")[:5]]
+    ids, mask = pad(rows)
+    pixels = torch.randn(2, 3, 64, 64)
+    generated, visual = model.generate(ids, mask, pixels, max_new_tokens=4)
+    assert visual.tolist() == [visual_in, visual_in]
+    for b, row in enumerate(rows):
+        seq = list(row)
+        for t in range(4):
+            with torch.no_grad():
+                logits = model(
+                    torch.tensor([seq]),
+                    torch.ones(1, len(seq), dtype=torch.bool),
+                    pixels[b : b + 1],
+                    return_logits=True,
+                ).logits
+            assert int(logits[0, -1].argmax()) == int(generated[b, t]), (name, b, t)
+            seq.append(int(generated[b, t]))
+
+
+def test_in_llm_drop_removes_the_image_from_later_layers(tiny):
+    """Dropping every visual token before layer 0 makes the answer independent of the image;
+    dropping before layer 1 does not (layer 0 has already mixed the image into the text)."""
+    tok = tiny.tokenizer
+    outputs = {}
+    for layer in (0, 1):
+        model = build(
+            "tiny",
+            compressors=[ComponentSpec("test_drop_visual_at", {"layer": layer})],
+            tiny=TEST_TINY,
+            seed=3,
+        ).model.eval()
+        ids, mask = pad([prompt(tok, model.image_token_id, "What colour is the dot ?")])
+        with torch.no_grad():
+            outputs[layer] = [
+                model(ids, mask, torch.randn(1, 3, 64, 64), return_logits=True).logits[0, -1]
+                for _ in range(2)
+            ]
+    torch.testing.assert_close(outputs[0][0], outputs[0][1])
+    assert (outputs[1][0] - outputs[1][1]).abs().max() > 1e-4
+
+
+def test_state_keep_left_and_right_padding():
+    hidden = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for side in ("right", "left"):
+        state = SequenceState(
+            hidden, mask, torch.arange(5).expand(2, 5), torch.zeros(2, 5, dtype=torch.bool), padding_side=side
+        )
+        keep = torch.tensor([[1, 0, 1, 1, 1], [0, 0, 1, 0, 1]], dtype=torch.bool)
+        out = state.keep(keep)
+        assert out.attention_mask.sum(1).tolist() == [3, 2]
+        got = [out.hidden[b, out.attention_mask[b], 0].tolist() for b in range(2)]
+        assert got == [[0.0, 2.0, 3.0], [7.0, 9.0]]
+        assert out.position_ids[0, out.attention_mask[0]].tolist() == [0, 2, 3]
+        assert bool(out.attention_mask[1, -1 if side == "right" else 0]) is False
+
+
+def test_replace_visual_average_positions():
+    hidden = torch.zeros(1, 6, 2)
+    vis = torch.tensor([[False, True, True, True, True, False]])
+    state = SequenceState(hidden, torch.ones(1, 6, dtype=torch.bool), torch.arange(6)[None], vis)
+    out = state.replace_visual(torch.ones(1, 2, 2), positions="average")
+    assert out.position_ids.tolist() == [[0.0, 1.5, 3.5, 5.0]]
+    assert out.visual_mask.tolist() == [[False, True, True, False]]

@@ -1,0 +1,92 @@
+"""One contract test over every registered component, plus registry errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import tests.components  # noqa: F401  (registers the hook-point test components)
+from models.build import ComponentSpec, build
+from models.compressors import available, build_component, component_class
+from tests.conftest import TEST_TINY
+
+# Parameters that make each component compress on the test model (8×8 patch grid).
+PARAMS = {"avgpool2d": {"stride": 2}}
+
+
+def model_with(name):
+    cls = component_class(name)
+    spec = ComponentSpec(name, PARAMS.get(name, {}))
+    if cls.stage == "projector":
+        return build("tiny", projector=spec, tiny=TEST_TINY, seed=1).model
+    return build("tiny", compressors=[spec], tiny=TEST_TINY, seed=1).model
+
+
+def ragged_batch(model, tok):
+    rows = [
+        [tok.bos_token_id, model.image_token_id, 10, 11, 12, 13],
+        [tok.bos_token_id, model.image_token_id, 10],
+    ]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", available())
+def test_component_contract(name, tokenizer):
+    model = model_with(name)
+    component = model.projector if component_class(name).stage == "projector" else model.compressors[0]
+    ids, mask = ragged_batch(model, tokenizer)
+    pixels = torch.randn(2, 3, 64, 64)
+    labels = ids.masked_fill(~mask, -100)
+    expected = model.visual_tokens()
+    assert expected == component.output_tokens(model.vision.num_patches) or component.stage != "projector"
+
+    # Only the component trains: freeze everything else.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in component.parameters():
+        p.requires_grad_(True)
+    for batch in (slice(0, 1), slice(0, 2)):  # batch 1 and ragged batch 2
+        out = model(ids[batch], mask[batch], pixels[batch], labels[batch], return_logits=True)
+        assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+        assert torch.isfinite(out.loss)
+        if component.stage in ("projector", "pre_llm", "encoder"):
+            assert out.visual_tokens_in.tolist() == [expected] * (batch.stop - batch.start)
+    trainable = list(component.parameters())
+    if trainable:  # parameter-free components (pooling, pruning baselines) have nothing to train
+        out.loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    else:
+        assert not out.loss.requires_grad
+
+    # State-dict round trip into a fresh instance gives the same outputs.
+    clone = build_component(name, PARAMS.get(name, {}), model.dims)
+    clone.load_state_dict(component.state_dict())
+    assert set(clone.state_dict()) == set(component.state_dict())
+    for key, value in component.state_dict().items():
+        assert torch.equal(clone.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("name", available())
+def test_component_config_is_a_frozen_dataclass(name):
+    config_cls = component_class(name).Config
+    assert dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen
+    assert component_class(name).__doc__, f"{name} needs a docstring"
+
+
+def test_unknown_component_names_nearest():
+    with pytest.raises(KeyError, match="did you mean 'avgpool2d'"):
+        component_class("avgpool")
+
+
+def test_double_registration_is_refused():
+    from models.compressors import register
+    from models.compressors.mlp import MlpProjector
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register("mlp2x_gelu")(MlpProjector)

@@ -1,0 +1,1 @@
+"""vtc training: recipes, Lightning adapter, strategies, evaluation and the `vtc` CLI."""

@@ -1,0 +1,95 @@
+"""Data for a stage: synthetic shards (generated once into the cache) or converted shards,
+wrapped in a DataModule whose loader Lightning shards across DDP ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from data.dataset import ConversationDataset, collate
+from data.shards import ShardIndex
+from data.synth import write_synthetic
+from train.recipe import REPO_ROOT, DataRecipe, Stage
+
+
+def synthetic_shards(data: DataRecipe, split: str) -> Path:
+    """Folder of the synthetic split's shards, generated on first use. Written to a temporary
+    folder and renamed into place, so a crash or a second process never leaves half a split."""
+    syn = data.synthetic
+    count = {"train": syn.train, "val": syn.val, "test": syn.test}[split]
+    root = Path(data.cache_dir)
+    root = root if root.is_absolute() else REPO_ROOT / root
+    target = root / f"synth-s{syn.seed}-{syn.image_size}px-g{syn.grid}" / f"{split}-{count}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
+        show = os.environ.get("LOCAL_RANK", "0") == "0"
+        write_synthetic(tmp, split, count, syn.seed, syn.image_size, syn.grid, progress=show)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def split_shards(data: DataRecipe, split: str) -> ShardIndex:
+    if (
+        data.synthetic is not None
+        and not (split == "train" and data.train_shards)
+        and not (split == "test" and data.test_shards)
+    ):
+        return ShardIndex(synthetic_shards(data, split))
+    return ShardIndex(data.train_shards if split == "train" else data.test_shards)
+
+
+class VtcDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data: DataRecipe,
+        stage: Stage,
+        tokenizer,
+        image_size: int,
+        image_token_id: int,
+        visual_tokens: int,
+        patch_grid: int,
+        seed: int,
+    ):
+        super().__init__()
+        self.data, self.stage, self.seed = data, stage, seed
+        shards = split_shards(data, "train")
+        templates = [stage.template] if isinstance(stage.template, str) else stage.template
+        regions = patch_grid if stage.objective == "region" else None
+        parts = [
+            ConversationDataset(
+                shards,
+                tokenizer,
+                t,
+                image_size,
+                image_token_id,
+                data.max_length,
+                visual_tokens,
+                with_regions=regions,
+            )
+            for t in templates
+        ]
+        self.dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.stage.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=True,
+            num_workers=self.data.num_workers,
+            persistent_workers=self.data.num_workers > 0,
+            collate_fn=partial(collate, pad_token_id=self.pad_token_id),
+        )

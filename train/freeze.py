@@ -1,0 +1,72 @@
+"""Per-stage freeze policy: each part of the model is `frozen`, `full` or `lora` (peft).
+
+Parts: vision (the tower), projector, compressors, llm. LoRA adapters are injected with peft
+into the part's attention and MLP linears the first time a stage asks for them, and stay (their
+weights are trainables of every later stage that keeps that part in `lora`).
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from models.llava import VtcLlava
+from train.recipe import Stage
+
+LORA_TARGETS = {
+    "llm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "vision": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def parts_of(model: VtcLlava) -> dict[str, nn.Module]:
+    return {
+        "vision": model.vision,
+        "projector": model.projector,
+        "compressors": model.compressors,
+        "llm": model.llm,
+    }
+
+
+def has_lora(module: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in module.named_parameters())
+
+
+def apply_stage(model: VtcLlava, stage: Stage) -> list[tuple[str, str, int, int]]:
+    """Set requires_grad per the stage's policy (injecting LoRA where asked).
+    Returns rows (part, mode, trainable params, frozen params)."""
+    rows = []
+    for part, module in parts_of(model).items():
+        mode = getattr(stage.train, part)
+        if mode == "lora" and not has_lora(module):
+            config = LoraConfig(
+                r=stage.lora.r,
+                lora_alpha=stage.lora.alpha,
+                lora_dropout=stage.lora.dropout,
+                target_modules=LORA_TARGETS[part],
+            )
+            inject_adapter_in_model(config, module)
+        never = module.unused_prefixes() if part == "vision" else ()
+        for name, param in module.named_parameters():
+            is_lora = "lora_" in name
+            wanted = mode == "full" and not is_lora or mode == "lora" and is_lora
+            param.requires_grad_(wanted and not name.startswith(never))
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        rows.append((part, mode, trainable, frozen))
+    return rows
+
+
+def format_table(stage_name: str, rows) -> str:
+    lines = [
+        f"stage {stage_name!r}: parameters",
+        f"  {'part':<12}{'mode':<8}{'':>12}{'trainable':>12}{'frozen':>12}",
+    ]
+    for part, mode, trainable, frozen in rows:
+        tag = "[TRAINABLE]" if trainable else "[Frozen]"
+        lines.append(f"  {part:<12}{mode:<8}{tag:>12}{_millions(trainable):>12}{_millions(frozen):>12}")
+    return "\n".join(lines)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n else "0"

@@ -1,0 +1,107 @@
+"""The LightningModule: a thin adapter that turns a batch into the stage objective's loss and
+builds the optimizer/scheduler from the stage recipe. All model logic lives in `models/`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from models.llava import VtcLlava
+from models.region_head import RegionHead
+from train.recipe import Stage
+
+
+class VtcModule(L.LightningModule):
+    def __init__(
+        self,
+        model: VtcLlava,
+        stage: Stage,
+        total_steps: int,
+        region_head: RegionHead | None = None,
+        run_dir: Path | None = None,
+        record_samples: bool = False,
+    ):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.total_steps = total_steps
+        self.region_head = region_head
+        self.run_dir = run_dir
+        self.record_samples = record_samples
+        self.skipped: dict[str, str] = {}
+        self.seen_ids: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        for sample_id, reason in batch["skipped"]:
+            self.skipped[sample_id] = reason
+        if self.record_samples:
+            self.seen_ids.extend(batch["ids"])
+        if "input_ids" not in batch:  # every sample skipped: a zero loss keeps DDP ranks in step
+            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        if self.stage.objective == "region":
+            patches = self.model.vision(batch["pixel_values"]).selected
+            loss, acc = self.region_head.loss(patches, batch["region_targets"])
+            self.log("train/region_acc", acc.mean(), prog_bar=True)
+        else:
+            out = self.model(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+            )
+            loss = out.loss
+            self.log("train/visual_tokens", out.visual_tokens_in.float().mean())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {self.global_step} of stage "
+                f"{self.stage.name!r}; stopping before it reaches the weights"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/skipped", float(len(self.skipped)))
+        return loss
+
+    def configure_optimizers(self):
+        optim = self.stage.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+        warmup = max(1, math.ceil(optim.warmup * self.total_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if optim.schedule == "constant":
+                return 1.0
+            progress = (step - warmup) / max(1, self.total_steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_end(self):
+        if self.run_dir is None:
+            return
+        rank = self.global_rank
+        if self.skipped:
+            path = self.run_dir / f"skipped-{self.stage.name}-rank{rank}.jsonl"
+            path.write_text(
+                "".join(json.dumps({"id": i, "reason": r}) + "\n" for i, r in self.skipped.items())
+            )
+            print(
+                f"[vtc] stage {self.stage.name!r} rank {rank}: skipped {len(self.skipped)} sample(s), listed in {path}"
+            )
+        if self.record_samples:
+            record = {"rank": rank, "seen_ids": self.seen_ids, "weights_sha256": trainable_digest(self.model)}
+            (self.run_dir / f"record-{self.stage.name}-rank{rank}.json").write_text(json.dumps(record))
+
+
+def trainable_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the bytes of every trainable parameter, in name order."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,381 @@
+"""Recipes: YAML → typed, frozen config objects, validated before any model is built.
+
+Every problem (unknown key, wrong type, impossible combination) is reported at once, each with
+the recipe file and the dotted key. Components are named by registry names; their parameters are
+checked against the component's own Config. `key=value` overrides apply before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from models.compressors import component_class, config_fields, unknown_name_message
+from models.compressors.base import ModelDims
+from models.tiny import TinyConfig
+from train.schema import Problem, parse_dataclass
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+DEFAULT_RECIPE = RECIPES_DIR / "tiny" / "base.yaml"
+
+Mode = Literal["frozen", "full", "lora"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered component and its parameters (YAML: `{name: tokenpacker, scale: 3}`)."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    base: str = "tiny"  # "tiny", a llava-hf directory, or "run:NAME" (checkpoints/NAME/hf)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    projector: Component = field(default_factory=lambda: Component("mlp2x_gelu"))
+    compressors: list[Component] = field(default_factory=list)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    train: int = 20000
+    val: int = 200
+    test: int = 500
+    seed: int = 0
+    image_size: int = 64
+    grid: int = 4
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    synthetic: SyntheticData | None = field(default_factory=SyntheticData)
+    train_shards: str | None = None  # folder of shards (vtc data convert); replaces synthetic
+    test_shards: str | None = None
+    max_length: int = 512
+    num_workers: int = 1
+    cache_dir: str = "checkpoints/data"
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+
+
+@dataclass(frozen=True)
+class Freeze:
+    vision: Mode = "frozen"
+    projector: Mode = "full"
+    compressors: Mode = "full"
+    llm: Mode = "frozen"
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.03  # fraction of the stage's steps
+    schedule: Literal["cosine", "constant"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    objective: Literal["lm", "region"] = "lm"
+    # One template, or a list: every sample once per template, shuffled together (e.g. dense
+    # captions mixed into instruction tuning).
+    template: Literal["plain", "vicuna_v1"] | list[Literal["plain", "vicuna_v1"]] = "vicuna_v1"
+    train: Freeze = field(default_factory=Freeze)
+    lora: LoraRecipe = field(default_factory=LoraRecipe)
+    optim: Optim = field(default_factory=Optim)
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16  # per device
+    global_batch_size: int | None = None  # batch_size × devices × nodes × accumulation
+
+
+@dataclass(frozen=True)
+class TrainerRecipe:
+    strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    log_every: int = 10
+    threads: int | None = None  # torch CPU threads; None = leave as is
+    record_samples: bool = False  # write each rank's seen sample ids + final weight digest
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    limit: int | None = None  # test images (each asked every question)
+    batch_size: int = 64
+    max_new_tokens: int = 4
+
+
+@dataclass(frozen=True)
+class WandbRecipe:
+    enabled: bool = False
+    project: str = "vtc"
+    mode: Literal["offline", "online"] = "offline"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    output: str
+    stages: list[Stage]
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    trainer: TrainerRecipe = field(default_factory=TrainerRecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+    wandb: WandbRecipe = field(default_factory=WandbRecipe)
+    seed: int = 0
+    source: str = ""  # the file it came from (set by the loader)
+
+
+class RecipeError(ValueError):
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source, self.problems = source, problems
+        lines = "\n".join(f"  {p.key}: {p.message}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in recipe\n{lines}")
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def resolve_recipe_path(name: str | Path) -> Path:
+    """A path, or a shipped recipe's short name (`tiny/base`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"recipe {name!r} not found (neither a file nor a shipped recipe; see `vtc recipes`)"
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) -> dict:
+    """`a.b.c=value` (value parsed as YAML; list items by index: `stages.1.steps=10`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(Problem(item, "override must look like key.path=value"))
+            continue
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(Problem(here, f"override path: no item {part} in this list"))
+                    break
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                problems.append(Problem(here, "override path goes through a value that is not a mapping"))
+                break
+        else:
+            last = parts[-1]
+            value = yaml.safe_load(text)
+            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+                node[int(last)] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                problems.append(Problem(key, "override path does not name a key"))
+    return raw
+
+
+def load_recipe(name: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = resolve_recipe_path(name)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(source, [Problem("<yaml>", str(err).replace("\n", " "))]) from None
+    return recipe_from_dict(raw, source, overrides)
+
+
+def recipe_from_dict(raw, source: str = "<dict>", overrides: list[str] = ()) -> Recipe:
+    problems: list[Problem] = []
+    raw = (
+        apply_overrides(raw if isinstance(raw, dict) else {}, list(overrides), problems)
+        if raw is not None
+        else {}
+    )
+    model_raw = raw.get("model") if isinstance(raw.get("model"), dict) else None
+    components = _split_components(model_raw, problems) if model_raw else None
+    recipe = parse_dataclass(Recipe, raw, "", problems, skip=("source",))
+    if recipe is not None and components is not None:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **components))
+    if recipe is not None and not problems:  # combinations are checked on well-typed recipes only
+        recipe = dataclasses.replace(recipe, source=source)
+        problems += check_recipe(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _split_components(model_raw: dict, problems: list[Problem]) -> dict:
+    """Parse `projector` and `compressors` entries against each component's own Config and
+    replace them in `model_raw` by already-built Components (so the generic parser skips them)."""
+    out = {}
+    if "projector" in model_raw:
+        out["projector"] = _component(model_raw.pop("projector"), "model.projector", problems)
+    if "compressors" in model_raw:
+        entries = model_raw.pop("compressors") or []
+        if not isinstance(entries, list):
+            problems.append(Problem("model.compressors", "expected a list of {name: ..., <params>}"))
+            entries = []
+        out["compressors"] = [
+            _component(e, f"model.compressors[{i}]", problems) for i, e in enumerate(entries)
+        ]
+    return {k: v for k, v in out.items() if v is not None and None not in (v if isinstance(v, list) else [v])}
+
+
+def _component(entry, key: str, problems: list[Problem]) -> Component | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        problems.append(Problem(key, "expected a mapping with a 'name' (a registered component)"))
+        return None
+    params = {k: v for k, v in entry.items() if k != "name"}
+    try:
+        cls = component_class(entry["name"])
+    except KeyError:
+        problems.append(Problem(f"{key}.name", unknown_name_message(entry["name"])))
+        return None
+    before = len(problems)
+    config = parse_dataclass(cls.Config, params, key, problems)
+    if len(problems) > before or config is None:
+        return None
+    # Keep the params as validated plain values (typed config is rebuilt by the registry).
+    return Component(
+        entry["name"], {f: getattr(config, f) for f in config_fields(entry["name"]) if f in params}
+    )
+
+
+# --------------------------------------------------------------------------- combinations
+
+
+def base_dims(recipe: Recipe) -> ModelDims | None:
+    """Model dimensions from the base's config, without building the model."""
+    from models.build import dims_of
+    from models.tiny import tiny_llava_config, tiny_tokenizer
+
+    base = resolve_base(recipe.model.base)
+    if base == "tiny":
+        return dims_of(tiny_llava_config(recipe.model.tiny, tiny_tokenizer()))
+    config_path = Path(base) / "config.json"
+    if not config_path.is_file():
+        return None
+    from transformers import LlavaConfig
+
+    return dims_of(LlavaConfig.from_dict(json.loads(config_path.read_text())))
+
+
+def resolve_base(base: str) -> str:
+    if base.startswith("run:"):
+        return str(REPO_ROOT / "checkpoints" / base[4:] / "hf")
+    return base
+
+
+def check_recipe(recipe: Recipe) -> list[Problem]:
+    problems: list[Problem] = []
+    add = lambda key, msg: problems.append(Problem(key, msg))  # noqa: E731
+    model = recipe.model
+    if component_class(model.projector.name).stage != "projector":
+        add(
+            "model.projector.name",
+            f"{model.projector.name!r} is not a projector; projectors: "
+            + ", ".join(n for n in _names("projector")),
+        )
+    encoders = 0
+    for i, comp in enumerate(model.compressors):
+        stage = component_class(comp.name).stage
+        if stage == "projector":
+            add(f"model.compressors[{i}].name", f"{comp.name!r} is a projector: put it under model.projector")
+        encoders += stage == "encoder"
+    if encoders > 1:
+        add("model.compressors", "at most one encoder-stage compressor can act inside the vision tower")
+    base = model.base
+    if base != "tiny" and not base.startswith("run:") and not (Path(base) / "config.json").is_file():
+        add("model.base", f"{base!r} is not 'tiny', 'run:NAME' or a llava-hf directory with config.json")
+    dims = None
+    try:
+        dims = base_dims(recipe)
+    except Exception as err:  # a malformed config.json
+        add("model.base", f"cannot read the base's config: {err}")
+    if dims is not None:
+        for key, comp in [("model.projector", model.projector)] + [
+            (f"model.compressors[{i}]", c) for i, c in enumerate(model.compressors)
+        ]:
+            cls = component_class(comp.name)
+            for sub, msg in cls.check_config(cls.Config(**comp.params), dims):
+                add(f"{key}.{sub}", msg)
+    data = recipe.data
+    if data.synthetic is None and not data.train_shards:
+        add("data", "give either data.synthetic or data.train_shards")
+    if data.train_shards and not Path(data.train_shards).exists():
+        add("data.train_shards", f"{data.train_shards!r} does not exist (create it with `vtc data convert`)")
+    if not recipe.stages:
+        add("stages", "a recipe needs at least one stage")
+    world = recipe.trainer.devices * recipe.trainer.num_nodes
+    for i, stage in enumerate(recipe.stages):
+        key = f"stages[{i}]"
+        if (stage.steps is None) == (stage.epochs is None):
+            add(key, "give exactly one of steps or epochs")
+        if stage.objective == "region" and data.synthetic is None:
+            add(f"{key}.objective", "'region' needs per-region targets, which only synthetic data has")
+        if stage.objective == "region" and stage.train.vision == "frozen":
+            add(f"{key}.train.vision", "the 'region' objective trains the vision tower: it cannot be frozen")
+        if stage.train.projector == "lora" or stage.train.compressors == "lora":
+            add(
+                f"{key}.train",
+                "projector and compressors train 'full' or stay 'frozen' (LoRA is for vision/llm)",
+            )
+        trainable = [m for m in dataclasses.astuple(stage.train) if m != "frozen"]
+        if not trainable:
+            add(f"{key}.train", "every part is frozen: nothing would train")
+        if stage.global_batch_size is not None and stage.global_batch_size % (stage.batch_size * world):
+            add(
+                f"{key}.global_batch_size",
+                f"{stage.global_batch_size} is not a multiple of batch_size "
+                f"{stage.batch_size} × {world} device(s)",
+            )
+    if recipe.trainer.strategy.startswith("deepspeed"):
+        if not torch_cuda_available() or recipe.trainer.accelerator == "cpu":
+            add(
+                "trainer.strategy",
+                f"{recipe.trainer.strategy} runs through Lightning's DeepSpeedStrategy, which "
+                "needs CUDA GPUs; none is visible here. Use 'ddp' or 'auto' on CPU.",
+            )
+    if recipe.trainer.precision == "16-mixed" and not torch_cuda_available():
+        add("trainer.precision", "16-mixed needs a CUDA GPU; use 32-true or bf16-mixed on CPU")
+    return problems
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _names(stage: str) -> list[str]:
+    from models.compressors import available
+
+    return available(stage)
