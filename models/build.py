@@ -73,6 +73,11 @@ def load_base(
         with torch.device("meta"):
             hf = LlavaForConditionalGeneration(config)
         return hf.to(dtype), tokenizer
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(
+            f"model base {base!r} has a config but no weights: point model.base at a "
+            "directory holding the checkpoint (config.json + *.safetensors)"
+        )
     hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     return (hf.to(device) if device else hf), tokenizer
 
@@ -84,9 +89,13 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def assemble(
-    hf: LlavaForConditionalGeneration, projector: ComponentSpec, compressors: list[ComponentSpec] = ()
+    hf: LlavaForConditionalGeneration,
+    projector: ComponentSpec,
+    compressors: list[ComponentSpec] = (),
+    reinit_projector: bool = False,
 ) -> VtcLlava:
-    """Wrap the HF model's parts and build the registered components around them."""
+    """Wrap the HF model's parts and build the registered components around them. An
+    `mlp2x_gelu` projector takes the base's trained projector unless `reinit_projector`."""
     config = hf.config
     dims = dims_of(config)
     vision = VisionTower(
@@ -98,7 +107,7 @@ def assemble(
     with torch.device(device):
         proj = build_component(projector.name, projector.params, dims)
         comps = [build_component(c.name, c.params, dims) for c in compressors]
-    if projector.name == "mlp2x_gelu" and device.type != "meta":
+    if projector.name == "mlp2x_gelu" and device.type != "meta" and not reinit_projector:
         proj.load_state_dict(hf.model.multi_modal_projector.state_dict())
     model = VtcLlava(
         vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims
@@ -114,9 +123,10 @@ def build(
     device: str | None = None,
     dtype=torch.float32,
     seed: int = 0,
+    reinit_projector: bool = False,
 ) -> Built:
     hf, tokenizer = load_base(base, tiny, device, dtype, seed)
-    return Built(assemble(hf, projector, list(compressors)), hf, tokenizer)
+    return Built(assemble(hf, projector, list(compressors), reinit_projector), hf, tokenizer)
 
 
 def save_as_llava_hf(built: Built, out_dir: str | Path) -> None:

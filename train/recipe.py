@@ -41,6 +41,11 @@ class ModelRecipe:
     tiny: TinyConfig = field(default_factory=TinyConfig)
     projector: Component = field(default_factory=lambda: Component("mlp2x_gelu"))
     compressors: list[Component] = field(default_factory=list)
+    # A run directory or a trainable.safetensors: its weights load into the model before training
+    # (e.g. stage 2 starting from the projector that stage 1 trained).
+    init: str | None = None
+    # Start the projector from scratch even when the base has one (fair baselines for compressors).
+    reinit_projector: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -202,17 +207,21 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) ->
     return raw
 
 
-def load_recipe(name: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(name: str | Path, overrides: list[str] = (), check_machine: bool = True) -> Recipe:
     path = resolve_recipe_path(name)
     source = str(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(source, [Problem("<yaml>", str(err).replace("\n", " "))]) from None
-    return recipe_from_dict(raw, source, overrides)
+    return recipe_from_dict(raw, source, overrides, check_machine)
 
 
-def recipe_from_dict(raw, source: str = "<dict>", overrides: list[str] = ()) -> Recipe:
+def recipe_from_dict(
+    raw, source: str = "<dict>", overrides: list[str] = (), check_machine: bool = True
+) -> Recipe:
+    """Parse and check a recipe. `check_machine=False` skips what depends on this machine
+    (CUDA for DeepSpeed, data folders present): a GPU recipe validates on a laptop."""
     problems: list[Problem] = []
     raw = (
         apply_overrides(raw if isinstance(raw, dict) else {}, list(overrides), problems)
@@ -227,6 +236,8 @@ def recipe_from_dict(raw, source: str = "<dict>", overrides: list[str] = ()) -> 
     if recipe is not None and not problems:  # combinations are checked on well-typed recipes only
         recipe = dataclasses.replace(recipe, source=source)
         problems += check_recipe(recipe)
+        if check_machine:
+            problems += check_machine_fit(recipe)
     if problems:
         raise RecipeError(source, problems)
     return recipe
@@ -289,8 +300,15 @@ def base_dims(recipe: Recipe) -> ModelDims | None:
 
 
 def resolve_base(base: str) -> str:
+    """ "tiny" stays; "run:NAME" → checkpoints/NAME/hf; a relative path that does not exist
+    from the working directory is taken from the repository root (shipped configs)."""
+    if base == "tiny":
+        return base
     if base.startswith("run:"):
         return str(REPO_ROOT / "checkpoints" / base[4:] / "hf")
+    path = Path(base)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
     return base
 
 
@@ -313,7 +331,11 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     if encoders > 1:
         add("model.compressors", "at most one encoder-stage compressor can act inside the vision tower")
     base = model.base
-    if base != "tiny" and not base.startswith("run:") and not (Path(base) / "config.json").is_file():
+    if (
+        base != "tiny"
+        and not base.startswith("run:")
+        and not (Path(resolve_base(base)) / "config.json").is_file()
+    ):
         add("model.base", f"{base!r} is not 'tiny', 'run:NAME' or a llava-hf directory with config.json")
     dims = None
     try:
@@ -330,8 +352,6 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     data = recipe.data
     if data.synthetic is None and not data.train_shards:
         add("data", "give either data.synthetic or data.train_shards")
-    if data.train_shards and not Path(data.train_shards).exists():
-        add("data.train_shards", f"{data.train_shards!r} does not exist (create it with `vtc data convert`)")
     if not recipe.stages:
         add("stages", "a recipe needs at least one stage")
     world = recipe.trainer.devices * recipe.trainer.num_nodes
@@ -357,15 +377,40 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
                 f"{stage.global_batch_size} is not a multiple of batch_size "
                 f"{stage.batch_size} × {world} device(s)",
             )
-    if recipe.trainer.strategy.startswith("deepspeed"):
-        if not torch_cuda_available() or recipe.trainer.accelerator == "cpu":
-            add(
+    if recipe.trainer.strategy.startswith("deepspeed") and recipe.trainer.accelerator == "cpu":
+        add(
+            "trainer.strategy",
+            f"{recipe.trainer.strategy} cannot run with accelerator 'cpu': Lightning's "
+            "DeepSpeedStrategy needs CUDA GPUs",
+        )
+    return problems
+
+
+def check_machine_fit(recipe: Recipe) -> list[Problem]:
+    """What this machine must have for the recipe to run here."""
+    problems = []
+    cuda = torch_cuda_available()
+    if recipe.trainer.strategy.startswith("deepspeed") and not cuda:
+        problems.append(
+            Problem(
                 "trainer.strategy",
-                f"{recipe.trainer.strategy} runs through Lightning's DeepSpeedStrategy, which "
-                "needs CUDA GPUs; none is visible here. Use 'ddp' or 'auto' on CPU.",
+                f"{recipe.trainer.strategy} runs through Lightning's "
+                "DeepSpeedStrategy, which needs CUDA GPUs; none is visible here. Use 'ddp' or "
+                "'auto' on CPU (`vtc validate --anywhere` checks the recipe regardless of this machine).",
             )
-    if recipe.trainer.precision == "16-mixed" and not torch_cuda_available():
-        add("trainer.precision", "16-mixed needs a CUDA GPU; use 32-true or bf16-mixed on CPU")
+        )
+    if recipe.trainer.accelerator == "gpu" and not cuda:
+        problems.append(Problem("trainer.accelerator", "'gpu' asked for, but no CUDA GPU is visible here"))
+    if recipe.trainer.precision == "16-mixed" and not cuda:
+        problems.append(
+            Problem("trainer.precision", "16-mixed needs a CUDA GPU; use 32-true or bf16-mixed on CPU")
+        )
+    for key in ("train_shards", "test_shards"):
+        folder = getattr(recipe.data, key)
+        if folder and not Path(folder).exists():
+            problems.append(
+                Problem(f"data.{key}", f"{folder!r} does not exist (create it with `vtc data convert`)")
+            )
     return problems
 
 

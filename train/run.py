@@ -16,14 +16,14 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from data.synth import region_classes
 from models.build import ComponentSpec, build, save_as_llava_hf
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
 from train.datamodule import VtcDataModule, split_shards
-from train.freeze import apply_stage, format_table
+from train.freeze import apply_stage, format_table, parts_of
 from train.module import VtcModule
 from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, resolve_base
 from train.schema import to_plain
@@ -68,7 +68,11 @@ def run_recipe(recipe: Recipe) -> dict:
         tiny=recipe.model.tiny,
         dtype=DTYPES[recipe.model.dtype],
         seed=recipe.seed,
+        reinit_projector=recipe.model.reinit_projector,
     )
+    if recipe.model.init:
+        loaded = load_trainables(built.model, recipe.model.init)
+        print(f"[vtc] initialised {loaded} tensors from {recipe.model.init}")
     started = time.time()
     trained_parts: set[str] = set()
     for stage in recipe.stages:
@@ -155,6 +159,25 @@ def loggers(recipe: Recipe, run_dir: Path, stage_name: str) -> list:
             )
         )
     return out
+
+
+def load_trainables(model, source: str) -> int:
+    """Load `part.name` tensors saved by `save_trainables` (a run dir or the file itself)."""
+    path = Path(source)
+    path = path / "trainable.safetensors" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init: no trainable weights at {path}")
+    tensors = load_file(str(path))
+    for part, module in parts_of(model).items():
+        own = {k[len(part) + 1 :]: v for k, v in tensors.items() if k.startswith(part + ".")}
+        if own:
+            missing = set(own) - set(module.state_dict())
+            if missing:
+                raise ValueError(
+                    f"model.init: {path} has {part} weights this model lacks, e.g. {sorted(missing)[:3]}"
+                )
+            module.load_state_dict(own, strict=False)
+    return len(tensors)
 
 
 def save_trainables(model, parts: set[str], run_dir: Path) -> Path:
