@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from data import IGNORE_INDEX
-from data.images import preprocess_image
+from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
+from data.subimages import hd_views
 from data.synth import region_targets
 from data.templates import ConversationError, get_template
 
@@ -28,11 +29,25 @@ class Skipped:
     reason: str
 
 
-class ConversationDataset(torch.utils.data.Dataset):
-    """Items: {id, input_ids, labels, pixel_values (3,S,S) or None, region_targets or None}.
+def load_views(data: bytes, image_size: int, hd_grids=None) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Decode an image: (3, S, S) and None, or with `hd_grids` the thumbnail + crops
+    (1 + rows·cols, 3, S, S) and the chosen (rows, cols)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if not hd_grids:
+            return preprocess_image(image, image_size), None
+        image.load()
+        fill = tuple(int(255 * m) for m in CLIP_MEAN)
+        views, grid = hd_views(image, hd_grids, image_size, fill)
+    return torch.stack([preprocess_image(v, image_size) for v in views]), grid
 
-    `max_length` bounds the LLM sequence *including* the visual tokens each image expands to
-    (`visual_tokens` per image, as the model's compressors emit them)."""
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Items: {id, input_ids, labels, pixel_values (3,S,S) or None, region_targets or None}
+    (with `hd_grids`: pixel_values (1 + rows·cols, 3, S, S) and image_grid (rows, cols)).
+
+    `max_length` bounds the LLM sequence *including* the visual tokens each image expands to:
+    `visual_tokens` per image, as the model's compressors emit them — a number, or for HD a
+    function of the image's (rows, cols)."""
 
     def __init__(
         self,
@@ -42,8 +57,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         image_size: int,
         image_token_id: int,
         max_length: int,
-        visual_tokens: int,
+        visual_tokens,
         with_regions: int | None = None,
+        hd_grids=None,
     ):
         self.shards = shards
         self.tokenizer = tokenizer
@@ -53,6 +69,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.visual_tokens = visual_tokens
         self.with_regions = with_regions  # patch grid size, for the dense vision objective
+        self.hd_grids = hd_grids
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -61,14 +78,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         record = self.shards.record(index)
         sample_id = str(record.get("id", index))
         try:
-            pixel_values = self._image(index)
+            pixel_values, grid = self._image(index)
             conversations = record["conversations"]
             if self.template.name == "plain" and "caption" in record:  # synthetic data: dense captions
                 conversations = [
                     {"from": "human", "value": "<image>"},
                     {"from": "gpt", "value": record["caption"]},
                 ]
-            budget = self.max_length - (self.visual_tokens - 1) * (pixel_values is not None)
+            tokens = self.visual_tokens(grid) if callable(self.visual_tokens) else self.visual_tokens
+            budget = self.max_length - (tokens - 1) * (pixel_values is not None)
             encoded = self.template.encode(conversations, self.tokenizer, self.image_token_id, budget)
         except (ConversationError, OSError, SyntaxError, ValueError, KeyError) as err:
             return Skipped(sample_id, f"{type(err).__name__}: {err}")
@@ -80,16 +98,17 @@ class ConversationDataset(torch.utils.data.Dataset):
             "labels": encoded.labels,
             "pixel_values": pixel_values,
         }
+        if grid is not None:
+            item["image_grid"] = grid
         if self.with_regions:
             item["region_targets"] = torch.tensor(region_targets(record["scene"], self.with_regions))
         return item
 
-    def _image(self, index: int) -> torch.Tensor | None:
+    def _image(self, index: int) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
         data = self.shards.image_bytes(index)
         if data is None:
-            return None
-        with Image.open(io.BytesIO(data)) as image:
-            return preprocess_image(image, self.image_size)
+            return None, None
+        return load_views(data, self.image_size, self.hd_grids)
 
 
 def collate(items: list, pad_token_id: int) -> dict:
@@ -109,12 +128,11 @@ def collate(items: list, pad_token_id: int) -> dict:
         labels[b, :n] = torch.tensor(item["labels"])
         attention_mask[b, :n] = True
     images = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
-    batch.update(
-        input_ids=input_ids,
-        labels=labels,
-        attention_mask=attention_mask,
-        pixel_values=torch.stack(images) if images else None,
-    )
+    grids = [item["image_grid"] for item in items if "image_grid" in item]
+    if grids:  # HD: each image's thumbnail and crops, one image after another
+        batch["image_grids"] = torch.tensor(grids)
+    pixel_values = (torch.cat(images) if grids else torch.stack(images)) if images else None
+    batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixel_values=pixel_values)
     if "region_targets" in items[0]:
         batch["region_targets"] = torch.stack([item["region_targets"] for item in items])
     return batch

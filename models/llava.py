@@ -54,29 +54,48 @@ class VtcLlava(nn.Module):
     def _stage(self, stage: str) -> list[Compressor]:
         return [c for c in self.compressors if c.stage == stage]
 
-    def visual_tokens(self) -> int:
-        """Visual tokens per image that enter the LLM (expected number for dynamic methods)."""
+    def visual_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Visual tokens per image that enter the LLM (expected number for dynamic methods);
+        `grid` = (rows, cols) of sub-images for a high-resolution (HD) projector."""
         count = self.vision.num_patches
-        for component in self._stage("encoder") + [self.projector] + self._stage("pre_llm"):
+        for component in self._stage("encoder"):
+            count = component.output_tokens(count)
+        count = self.projector.output_tokens(count) if grid is None else self.projector.hd_tokens(grid)
+        for component in self._stage("pre_llm"):
             count = component.output_tokens(count)
         return count
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(I, 3, S, S) → (I, N, H) visual embeddings in the LLM's space."""
+    @property
+    def hd_grids(self) -> list[tuple[int, int]] | None:
+        """Candidate sub-image grids when the projector works on high-resolution views."""
+        return getattr(self.projector, "hd_grids", None)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None):
+        """(I, 3, S, S) → (I, N, H) visual embeddings in the LLM's space. With `image_grids`
+        (I, 2) = rows, cols per image, `pixel_values` holds each image's thumbnail then its
+        rows·cols crops, and the result is a list of (N_i, H) — one per image."""
         encoders = self._stage("encoder")
         features = self.vision(pixel_values, encoder=encoders[0] if encoders else None)
-        return self.projector(features)
+        tokens = self.projector(features)
+        if image_grids is None:
+            return tokens
+        views = [1 + int(r) * int(c) for r, c in image_grids.tolist()]
+        per_image = tokens.split(views)
+        return [
+            self.projector.arrange(t, tuple(g)) for t, g in zip(per_image, image_grids.tolist(), strict=True)
+        ]
 
     def merge(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        visual: torch.Tensor | None,
+        visual,
         labels: torch.Tensor | None = None,
         padding_side: str = "right",
     ) -> SequenceState:
         """Splice visual embeddings into the text: each `image_token_id` in `input_ids` (B, T)
-        takes the next image's N embeddings from `visual` (I, N, H), in batch order."""
+        takes the next image's embeddings, in batch order, from `visual` — an (I, N, H) tensor or
+        a list of I (N_i, H) tensors (images of different token counts)."""
         embeds = self.llm.embed(input_ids.masked_fill(input_ids == self.image_token_id, 0))
         rows, image = [], 0
         for b in range(input_ids.shape[0]):
@@ -86,15 +105,15 @@ class VtcLlava(nn.Module):
             pieces, vis, labs = [], [], []
             start = 0
             for pos in (ids == self.image_token_id).nonzero().flatten().tolist():
-                if visual is None or image >= visual.shape[0]:
+                if visual is None or image >= len(visual):
                     raise ValueError(f"sample {b} has more <image> tokens than images were given")
                 pieces += [emb[start:pos], visual[image].to(emb.dtype)]
                 vis += [
                     torch.zeros(pos - start, dtype=torch.bool),
-                    torch.ones(visual.shape[1], dtype=torch.bool),
+                    torch.ones(visual[image].shape[0], dtype=torch.bool),
                 ]
                 if lab is not None:
-                    labs += [lab[start:pos], lab.new_full((visual.shape[1],), IGNORE_INDEX)]
+                    labs += [lab[start:pos], lab.new_full((visual[image].shape[0],), IGNORE_INDEX)]
                 start, image = pos + 1, image + 1
             pieces.append(emb[start:])
             vis.append(torch.zeros(len(ids) - start, dtype=torch.bool))
@@ -105,24 +124,34 @@ class VtcLlava(nn.Module):
             rows.append(
                 (hidden, positions, torch.cat(vis).to(hidden.device), torch.cat(labs) if labs else None)
             )
-        if visual is not None and image != visual.shape[0]:
-            raise ValueError(f"{visual.shape[0]} images given but only {image} <image> tokens in the batch")
+        if visual is not None and image != len(visual):
+            raise ValueError(f"{len(visual)} images given but only {image} <image> tokens in the batch")
         return _pad_rows(rows, padding_side, labels is not None)
 
-    def prepare(self, input_ids, attention_mask, pixel_values=None, labels=None, padding_side="right"):
+    def prepare(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values=None,
+        labels=None,
+        padding_side="right",
+        image_grids=None,
+    ):
         """Vision → projector → merge → pre-LLM compressors. Returns the LLM's input state."""
-        visual = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        has_images = pixel_values is not None and len(pixel_values)
+        visual = self.encode_images(pixel_values, image_grids) if has_images else None
         state = self.merge(input_ids, attention_mask, visual, labels, padding_side)
         for component in self._stage("pre_llm"):
             state = component(state)
         return state
 
     def forward(
-        self, input_ids, attention_mask, pixel_values=None, labels=None, return_logits=False
+        self, input_ids, attention_mask, pixel_values=None, labels=None, return_logits=False, image_grids=None
     ) -> LlavaOutput:
         """Training / scoring forward. Inputs are right-padded: input_ids, attention_mask (B, T);
-        pixel_values (I, 3, S, S), one per <image> token; labels (B, T) unshifted targets."""
-        state = self.prepare(input_ids, attention_mask, pixel_values, labels)
+        pixel_values (I, 3, S, S), one per <image> token (thumbnail + crops per image with
+        image_grids, see encode_images); labels (B, T) unshifted targets."""
+        state = self.prepare(input_ids, attention_mask, pixel_values, labels, image_grids=image_grids)
         visual_in = state.num_visual
         state = self.llm.run(state, self._stage("in_llm"))
         loss = None
@@ -144,11 +173,14 @@ class VtcLlava(nn.Module):
         pixel_values=None,
         max_new_tokens: int = 8,
         eos_token_id: int | None = None,
+        image_grids=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding with KV cache. Prompts may be right- or left-padded (they are re-padded
         on the left). Returns (B, max_new_tokens) new token ids (eos_token_id after a stop) and
         the (B,) number of visual tokens that entered the LLM."""
-        state = self.prepare(input_ids, attention_mask, pixel_values, padding_side="left")
+        state = self.prepare(
+            input_ids, attention_mask, pixel_values, padding_side="left", image_grids=image_grids
+        )
         visual_in = state.num_visual
         kv = self.llm.new_kv(state)
         in_llm = self._stage("in_llm")

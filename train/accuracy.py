@@ -3,15 +3,13 @@ prompt (`<image>\\n{question}`), answered by greedy decoding, scored per questio
 
 from __future__ import annotations
 
-import io
 import re
 from collections import defaultdict
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from data.images import preprocess_image
+from data.dataset import load_views
 from data.shards import ShardIndex
 from data.templates import get_template
 
@@ -55,7 +53,7 @@ def evaluate_accuracy(
             prompt = tmpl.prompt("<image>\n" + question, tokenizer, model.image_token_id)
             jobs.append((index, family, prompt, answer))
     correct, total, visual = defaultdict(int), defaultdict(int), []
-    images: dict[int, torch.Tensor] = {}
+    images: dict[int, tuple] = {}
     for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress, unit="batch"):
         chunk = jobs[start : start + batch_size]
         length = max(len(j[2]) for j in chunk)
@@ -64,7 +62,9 @@ def evaluate_accuracy(
         for b, (_, _, prompt, _) in enumerate(chunk):
             ids[b, : len(prompt)] = torch.tensor(prompt)
             mask[b, : len(prompt)] = True
-        pixels = torch.stack([_image(shards, j[0], image_size, images) for j in chunk])
+        views = [_image(shards, j[0], image_size, model.hd_grids, images) for j in chunk]
+        grids = torch.tensor([g for _, g in views]) if model.hd_grids else None
+        pixels = torch.cat([v for v, _ in views]) if model.hd_grids else torch.stack([v for v, _ in views])
         device = next(model.parameters()).device
         out, visual_in = model.generate(
             ids.to(device),
@@ -72,6 +72,7 @@ def evaluate_accuracy(
             pixels.to(device),
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
+            image_grids=grids,
         )
         visual.extend(visual_in.tolist())
         for (_, family, _, answer), tokens in zip(chunk, out.tolist(), strict=True):
@@ -94,8 +95,8 @@ def evaluate_accuracy(
     }
 
 
-def _image(shards: ShardIndex, index: int, size: int, cache: dict) -> torch.Tensor:
+def _image(shards: ShardIndex, index: int, size: int, hd_grids, cache: dict) -> tuple:
+    """(views, grid) of test image `index`, decoded once."""
     if index not in cache:
-        with Image.open(io.BytesIO(shards.image_bytes(index))) as image:
-            cache[index] = preprocess_image(image, size)
+        cache[index] = load_views(shards.image_bytes(index), size, hd_grids)
     return cache[index]

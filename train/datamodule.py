@@ -56,9 +56,10 @@ class VtcDataModule(L.LightningDataModule):
         tokenizer,
         image_size: int,
         image_token_id: int,
-        visual_tokens: int,
+        visual_tokens,
         patch_grid: int,
         seed: int,
+        hd_grids=None,
     ):
         super().__init__()
         self.data, self.stage, self.seed = data, stage, seed
@@ -75,6 +76,7 @@ class VtcDataModule(L.LightningDataModule):
                 data.max_length,
                 visual_tokens,
                 with_regions=regions,
+                hd_grids=hd_grids,
             )
             for t in templates
         ]

@@ -49,7 +49,11 @@ class VtcModule(L.LightningModule):
             self.log("train/region_acc", acc.mean(), prog_bar=True)
         else:
             out = self.model(
-                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["pixel_values"],
+                batch["labels"],
+                image_grids=batch.get("image_grids"),
             )
             loss = out.loss
             self.log("train/visual_tokens", out.visual_tokens_in.float().mean())

@@ -361,6 +361,8 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             add(key, "give exactly one of steps or epochs")
         if stage.objective == "region" and data.synthetic is None:
             add(f"{key}.objective", "'region' needs per-region targets, which only synthetic data has")
+        if stage.objective == "region" and model.projector.params.get("hd_grids"):
+            add(f"{key}.objective", "'region' targets are per patch of one view; it cannot train on HD crops")
         if stage.objective == "region" and stage.train.vision == "frozen":
             add(f"{key}.train.vision", "the 'region' objective trains the vision tower: it cannot be frozen")
         if stage.train.projector == "lora" or stage.train.compressors == "lora":

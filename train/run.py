@@ -115,9 +115,10 @@ def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> s
         built.tokenizer,
         built.hf.config.vision_config.image_size,
         model.image_token_id,
-        model.visual_tokens(),
+        model.visual_tokens if model.hd_grids else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
+        hd_grids=model.hd_grids,
     )
     steps = stage.steps
     if steps is None:
