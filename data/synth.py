@@ -106,15 +106,18 @@ def render(scene: Scene, image_size: int) -> Image.Image:
     return image
 
 
+def where(row: int, col: int) -> str:
+    """How captions and questions name a cell."""
+    return f"row {ORDINALS[row]} column {ORDINALS[col]}"
+
+
 def caption(scene: Scene) -> str:
     """Every object in raster order, position first ("row two column three large red circle"),
     then the dot: dense targets for the alignment stage that supervise exactly what the
     questions need, reading the attributes of a named cell."""
-    parts = [
-        f"row {ORDINALS[o.row]} column {ORDINALS[o.col]} {o.size} {o.colour} {o.shape}" for o in scene.objects
-    ]
+    parts = [f"{where(o.row, o.col)} {o.size} {o.colour} {o.shape}" for o in scene.objects]
     row, col, colour = scene.dot
-    parts.append(f"row {ORDINALS[row]} column {ORDINALS[col]} {colour} dot")
+    parts.append(f"{where(row, col)} {colour} dot")
     return " ; ".join(parts) + " ."
 
 
@@ -129,9 +132,9 @@ def questions(scene: Scene, rng: random.Random, every_object: bool = False) -> l
     objs = scene.objects
     out = []
     for target in objs if every_object else [rng.choice(objs)]:
-        where = f"row {ORDINALS[target.row]} column {ORDINALS[target.col]}"
-        out.append(("colour", f"What colour is the object at {where}?", target.colour))
-        out.append(("shape", f"What shape is the object at {where}?", target.shape))
+        cell = where(target.row, target.col)
+        out.append(("colour", f"What colour is the object at {cell}?", target.colour))
+        out.append(("shape", f"What shape is the object at {cell}?", target.shape))
     if rng.random() < 0.5:
         colour = rng.choice(list(COLOURS))
         out.append(

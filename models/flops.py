@@ -1,0 +1,90 @@
+"""Analytic prefill FLOPs of a LLaVA model — the one counter vtc reports.
+
+Conventions (papers differ; these are vtc's):
+- 2 FLOPs per multiply-add.
+- Vision tower: patch embedding + every encoder layer the HF tower runs (all of them, although
+  LLaVA reads layer -2): Q/K/V/O projections, attention's quadratic terms (QKᵀ and AV over the
+  full n×n map), 2-matrix MLP. Norms, softmax, activations and biases are not counted.
+- Projector / compressor modules: counted by `torch.utils.flop_counter` on meta tensors (exact
+  for whatever the component computes, no weights needed).
+- LLM: per layer with that layer's own token count (in-LLM compressors shorten later layers):
+  Q/K/V/O projections (K/V sized by the KV heads), attention's quadratic terms over the full n×n
+  map (causal masking is not subtracted), the 3-matrix SwiGLU MLP. The lm_head is counted once,
+  for the last position: prefill produces the next token's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class PrefillFlops:
+    vision: float
+    projector: float
+    llm: float
+
+    @property
+    def total(self) -> float:
+        return self.vision + self.projector + self.llm
+
+    def as_dict(self) -> dict:
+        return {"vision": self.vision, "projector": self.projector, "llm": self.llm, "total": self.total}
+
+
+def vision_flops(config) -> float:
+    """One image through an HF CLIP/SigLIP vision config (all layers)."""
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    patches = (config.image_size // config.patch_size) ** 2
+    n = patches + 1  # + CLS (SigLIP has none; the difference is below 0.2 %)
+    macs = patches * 3 * config.patch_size**2 * d  # patch embedding
+    macs += layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * ff)
+    return 2.0 * macs
+
+
+def llm_flops(config, layer_tokens: list[int]) -> float:
+    """Decoder layers with `layer_tokens[l]` tokens at layer l, plus the last position's lm_head."""
+    d, ff = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    macs = 0
+    for n in layer_tokens:
+        macs += n * d * (heads * head_dim) * 2  # Q and O
+        macs += n * d * (kv_heads * head_dim) * 2  # K and V
+        macs += 2 * n * n * heads * head_dim  # QKᵀ and AV
+        macs += 3 * n * d * ff  # SwiGLU: gate, up, down
+    macs += d * config.vocab_size  # lm_head, last position
+    return 2.0 * macs
+
+
+def module_flops(module: torch.nn.Module, *inputs) -> float:
+    """FLOPs of module(*inputs) counted by torch's FlopCounterMode (2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*inputs)
+    return float(counter.get_total_flops())
+
+
+def prefill_flops(
+    llava_config,
+    text_tokens: int,
+    visual_tokens: int,
+    layer_tokens: list[int] | None = None,
+    projector_flops: float = 0.0,
+    images: int = 1,
+) -> PrefillFlops:
+    """Prefill FLOPs of one sample: `images` images, `visual_tokens` entering the LLM, `text_tokens`
+    of text. `layer_tokens` overrides the per-layer sequence length (in-LLM compressors)."""
+    text = llava_config.text_config
+    if layer_tokens is None:
+        layer_tokens = [text_tokens + visual_tokens] * text.num_hidden_layers
+    if len(layer_tokens) != text.num_hidden_layers:
+        raise ValueError(f"layer_tokens has {len(layer_tokens)} entries for {text.num_hidden_layers} layers")
+    return PrefillFlops(
+        images * vision_flops(llava_config.vision_config),
+        images * projector_flops,
+        llm_flops(text, layer_tokens),
+    )
