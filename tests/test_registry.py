@@ -11,7 +11,7 @@ from models.compressors import available, build_component, component_class
 from tests.conftest import TEST_TINY
 
 # Parameters that make each component compress on the test model (8×8 patch grid).
-PARAMS = {"avgpool2d": {"stride": 2}}
+PARAMS = {"avgpool2d": {"stride": 2}, "random": {"tokens": 10}, "divprune": {"tokens": 10}}
 
 
 def model_with(name):

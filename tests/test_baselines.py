@@ -1,0 +1,52 @@
+"""Training-free pre-LLM baselines keep exactly the requested tokens, for any batch and padding."""
+
+import pytest
+import torch
+
+from models.compressors import build_component
+from models.compressors.base import ModelDims
+from models.compressors.divprune import select_diverse
+from models.sequence import SequenceState
+
+DIMS = ModelDims(
+    vision_width=8, vision_layers=2, vision_heads=2, grid=4, llm_width=8, llm_layers=2, llm_heads=2
+)
+
+
+def ragged_state():
+    """Sample 0: 2 text + 16 visual + 3 text; sample 1: 1 text + 16 visual (padded)."""
+    hidden = torch.randn(2, 21, 8)
+    visual = torch.zeros(2, 21, dtype=torch.bool)
+    visual[0, 2:18] = True
+    visual[1, 1:17] = True
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, 17:] = False
+    positions = torch.arange(21).expand(2, 21)
+    state = SequenceState(hidden, mask, positions, visual, padding_side="right")
+    return state
+
+
+@pytest.mark.parametrize("name", ["random", "divprune"])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
+def test_keeps_exactly_the_requested_tokens(name, tokens):
+    state = ragged_state()
+    out = build_component(name, {"tokens": tokens}, DIMS)(state)
+    assert out.num_visual.tolist() == [min(tokens, 16)] * 2
+    assert (out.attention_mask.sum(1) - out.num_visual).tolist() == [5, 1]  # text untouched
+    kept = out.position_ids[0][out.visual_mask[0]]
+    assert kept.tolist() == sorted(kept.tolist())  # original order preserved
+
+
+def test_random_keep_is_reproducible_and_seed_dependent():
+    state = ragged_state()
+    a = build_component("random", {"tokens": 5, "seed": 1}, DIMS)(state)
+    b = build_component("random", {"tokens": 5, "seed": 1}, DIMS)(state)
+    c = build_component("random", {"tokens": 5, "seed": 2}, DIMS)(state)
+    assert torch.equal(a.position_ids, b.position_ids) and not torch.equal(a.position_ids, c.position_ids)
+
+
+def test_divprune_prefers_distinct_directions_over_duplicates():
+    directions = torch.eye(4)
+    tokens = torch.cat([directions[0].expand(5, 4), directions[1:]])  # 5 copies of e0, then e1, e2, e3
+    chosen = select_diverse(tokens, 4).tolist()
+    assert sum(i < 5 for i in chosen) == 1 and {5, 6, 7} <= set(chosen)
