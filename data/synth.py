@@ -163,25 +163,22 @@ def _spatial(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
         "above": lambda a, b: a.row < b.row,
         "below": lambda a, b: a.row > b.row,
     }
-    want_yes = rng.random() < 0.5
-    options = [
-        (a, rel, b)
-        for a in unique
-        for b in unique
-        if a is not b
-        for rel, holds in relations.items()
-        if holds(a, b) == want_yes
-    ]
-    if not options:  # fewer than two unique objects, or no pair with the wanted answer
-        want_yes = not want_yes
-        options = [
+
+    def with_answer(answer: bool) -> list:
+        return [
             (a, rel, b)
             for a in unique
             for b in unique
             if a is not b
             for rel, holds in relations.items()
-            if holds(a, b) == want_yes
+            if holds(a, b) == answer
         ]
+
+    want_yes = rng.random() < 0.5
+    options = with_answer(want_yes)
+    if not options:  # fewer than two unique objects, or no pair with the wanted answer
+        want_yes = not want_yes
+        options = with_answer(want_yes)
     if not options:
         obj = scene.objects[0]
         return ("spatial", f"Is the {obj.name} left of the dot?", "yes" if obj.col < scene.dot[1] else "no")

@@ -86,3 +86,14 @@ class Compressor(nn.Module):
     def check_config(cls, config, dims: ModelDims) -> list[tuple[str, str]]:
         """(key, message) problems of `config` on a model of `dims`, for recipe validation."""
         return []
+
+
+class TokenBudget(Compressor):
+    """A pruner whose Config has `tokens`: the number of visual tokens it keeps per image."""
+
+    @classmethod
+    def check_config(cls, config, dims: ModelDims) -> list[tuple[str, str]]:
+        return [] if config.tokens >= 1 else [("tokens", f"must be ≥ 1, got {config.tokens}")]
+
+    def output_tokens(self, input_tokens: int) -> int:
+        return min(self.config.tokens, input_tokens)

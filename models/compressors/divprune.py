@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.compressors import register
-from models.compressors.base import Compressor, ModelDims
+from models.compressors.base import TokenBudget
 from models.sequence import SequenceState
 
 
@@ -23,18 +23,11 @@ class DivPruneConfig:
 
 
 @register("divprune")
-class DivPrune(Compressor):
+class DivPrune(TokenBudget):
     """Keeps the `tokens` most mutually diverse visual tokens (greedy max-min cosine distance)."""
 
     stage = "pre_llm"
     Config = DivPruneConfig
-
-    @classmethod
-    def check_config(cls, config: DivPruneConfig, dims: ModelDims):
-        return [] if config.tokens >= 1 else [("tokens", f"must be ≥ 1, got {config.tokens}")]
-
-    def output_tokens(self, input_tokens: int) -> int:
-        return min(self.config.tokens, input_tokens)
 
     def forward(self, state: SequenceState) -> SequenceState:
         visual = state.visual_mask & state.attention_mask

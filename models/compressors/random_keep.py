@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from models.compressors import register
-from models.compressors.base import Compressor, ModelDims
+from models.compressors.base import TokenBudget
 from models.sequence import SequenceState
 
 
@@ -21,18 +21,11 @@ class RandomKeepConfig:
 
 
 @register("random")
-class RandomKeep(Compressor):
+class RandomKeep(TokenBudget):
     """Keeps `tokens` visual tokens chosen uniformly at random (fixed seed) before the LLM."""
 
     stage = "pre_llm"
     Config = RandomKeepConfig
-
-    @classmethod
-    def check_config(cls, config: RandomKeepConfig, dims: ModelDims):
-        return [] if config.tokens >= 1 else [("tokens", f"must be ≥ 1, got {config.tokens}")]
-
-    def output_tokens(self, input_tokens: int) -> int:
-        return min(self.config.tokens, input_tokens)
 
     def forward(self, state: SequenceState) -> SequenceState:
         visual = state.visual_mask & state.attention_mask
