@@ -19,7 +19,7 @@ from torch import nn
 from data import IGNORE_INDEX
 from models.compressors.base import Compressor, ModelDims
 from models.llm import LanguageModel
-from models.sequence import SequenceState, _pad_rows
+from models.sequence import SequenceState, pad_rows
 from models.vision import VisionTower
 
 
@@ -126,7 +126,7 @@ class VtcLlava(nn.Module):
             )
         if visual is not None and image != len(visual):
             raise ValueError(f"{len(visual)} images given but only {image} <image> tokens in the batch")
-        return _pad_rows(rows, padding_side, labels is not None)
+        return pad_rows(rows, padding_side, labels is not None)
 
     def prepare(
         self,

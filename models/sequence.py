@@ -79,22 +79,22 @@ class SequenceState:
         always produced N' tokens); "average": each new token takes the mean position of the
         span it replaces, split evenly (used by in-LLM pooling), text keeps its positions.
         """
-        batch, new_count = visual.shape[:2]
         rows = []
-        for b in range(batch):
+        for b in range(visual.shape[0]):
             real = self.attention_mask[b]
-            vis = self.visual_mask[b] & real
-            idx = vis.nonzero().flatten()
-            start, end = (
-                (int(idx[0]), int(idx[-1]) + 1) if idx.numel() else (int(real.nonzero()[-1]) + 1, None)
-            )
-            if idx.numel() and idx.numel() != end - start:
-                raise ValueError("replace_visual needs each sample's visual tokens to be one contiguous span")
-            end = start if end is None else end
-            rows.append(
-                self._splice_row(b, start, end, visual[b] if idx.numel() else visual[b, :0], positions)
-            )
-        return _pad_rows(rows, self.padding_side, self.labels is not None)
+            idx = (self.visual_mask[b] & real).nonzero().flatten()
+            if idx.numel():
+                start, end = int(idx[0]), int(idx[-1]) + 1
+                if idx.numel() != end - start:
+                    raise ValueError(
+                        "replace_visual needs each sample's visual tokens to be one contiguous span"
+                    )
+                new = visual[b]
+            else:  # a sample without an image: nothing to replace
+                start = end = int(real.nonzero()[-1]) + 1
+                new = visual[b, :0]
+            rows.append(self._splice_row(b, start, end, new, positions))
+        return pad_rows(rows, self.padding_side, self.labels is not None)
 
     def _splice_row(self, b, start, end, visual, positions):
         real = self.attention_mask[b]
@@ -126,7 +126,7 @@ class SequenceState:
         return hidden, pos, vmask, labels
 
 
-def _pad_rows(rows, padding_side: str, has_labels: bool, pad_value: float = 0.0) -> SequenceState:
+def pad_rows(rows, padding_side: str, has_labels: bool, pad_value: float = 0.0) -> SequenceState:
     """Stack per-sample (hidden, positions, visual_mask, labels) rows into a padded state."""
     length = max(r[0].shape[0] for r in rows)
     batch = len(rows)
