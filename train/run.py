@@ -23,7 +23,7 @@ from models.build import ComponentSpec, build, save_as_llava_hf
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
 from train.datamodule import VtcDataModule, split_shards
-from train.freeze import apply_stage, format_table, parts_of
+from train.freeze import apply_stage, format_table, has_lora, parts_of
 from train.module import VtcModule
 from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, resolve_base
 from train.schema import to_plain
@@ -82,7 +82,10 @@ def run_recipe(recipe: Recipe) -> dict:
         return {}
     save_trainables(built.model, trained_parts, run_dir)
     if recipe.model.projector.name == "mlp2x_gelu" and not recipe.model.compressors:
-        save_as_llava_hf(built, run_dir / "hf")
+        if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
+            print("[vtc] LoRA adapters are in trainable.safetensors; no llava-hf export of the merged model yet")
+        else:
+            save_as_llava_hf(built, run_dir / "hf")
     size = built.hf.config.vision_config.image_size
     test = split_shards(recipe.data, "test")
     metrics = evaluate_accuracy(
