@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from models.sequence import SequenceState, attention_bias
 
@@ -71,9 +72,28 @@ class LanguageModel(nn.Module):
                 use_cache=kv is not None,
                 position_embeddings=rotary,
             )
-            state = replace(state, hidden=hidden)
-        return replace(state, hidden=self.body.norm(state.hidden))
+            attention = None
+            if any(c.attention_layer == idx for c in in_llm) and bool(state.visual_mask.any()):
+                attention = attention_probs(layer, state.hidden, bias, rotary)
+            state = replace(state, hidden=hidden, attention=attention)
+        return replace(state, hidden=self.body.norm(state.hidden), attention=None)
 
     def new_kv(self, state: SequenceState) -> KVState:
+        """A fresh cache for generating after `state`'s prompts."""
         next_position = state.position_ids.masked_fill(~state.attention_mask, -1).amax(1).floor().long() + 1
         return KVState(DynamicCache(), [None] * self.num_layers, next_position)
+
+
+def attention_probs(layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, rotary) -> torch.Tensor:
+    """(B, heads, T, T) attention probabilities of decoder `layer` on its input `hidden`
+    (B, T, H) — recomputed from the layer's own norm, Q/K projections and rotary embedding, so
+    the rest of the model keeps its fast attention kernel. Prefill only (no cached keys)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, length, _ = x.shape
+    q = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *rotary)
+    k = repeat_kv(k, attn.num_key_value_groups)
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling + bias[..., -length:].float()
+    return scores.softmax(-1)

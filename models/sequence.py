@@ -25,6 +25,8 @@ class SequenceState:
     visual_mask:    (B, T) bool, True at visual tokens
     labels:         (B, T) long targets for each position's own token (unshifted), or None
     padding_side:   "right" (training) or "left" (generation: all prompts end at column T-1)
+    attention:      (B, heads, T, T) attention probabilities of the layer just run, set only
+                    when an in-LLM component asked for that layer's (see Compressor.attention_layer)
     """
 
     hidden: torch.Tensor
@@ -33,6 +35,7 @@ class SequenceState:
     visual_mask: torch.Tensor
     labels: torch.Tensor | None = None
     padding_side: str = "right"
+    attention: torch.Tensor | None = None
 
     @property
     def num_visual(self) -> torch.Tensor:
@@ -65,6 +68,7 @@ class SequenceState:
             labels = take(self.labels).masked_fill(~valid, IGNORE_INDEX)
         return replace(
             self,
+            attention=None,  # describes the old sequence
             hidden=hidden,
             attention_mask=valid,
             position_ids=take(self.position_ids),

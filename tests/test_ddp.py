@@ -41,4 +41,6 @@ def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
             "ranks ended with different weights"
         )
     assert (run_dir / "metrics.json").is_file()
-    assert not (run_dir / "hf").exists()  # LoRA run: adapters saved as trainables, no unmerged llava-hf export
+    assert not (
+        run_dir / "hf"
+    ).exists()  # LoRA run: adapters saved as trainables, no unmerged llava-hf export

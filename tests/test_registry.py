@@ -11,7 +11,12 @@ from models.compressors import available, build_component, component_class
 from tests.conftest import TEST_TINY
 
 # Parameters that make each component compress on the test model (8×8 patch grid).
-PARAMS = {"avgpool2d": {"stride": 2}, "random": {"tokens": 10}, "divprune": {"tokens": 10}}
+PARAMS = {
+    "avgpool2d": {"stride": 2},
+    "random": {"tokens": 10},
+    "divprune": {"tokens": 10},
+    "fastv": {"layer": 0, "tokens": 10},
+}
 
 
 def model_with(name):

@@ -83,7 +83,9 @@ def run_recipe(recipe: Recipe) -> dict:
     save_trainables(built.model, trained_parts, run_dir)
     if recipe.model.projector.name == "mlp2x_gelu" and not recipe.model.compressors:
         if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
-            print("[vtc] LoRA adapters are in trainable.safetensors; no llava-hf export of the merged model yet")
+            print(
+                "[vtc] LoRA adapters are in trainable.safetensors; no llava-hf export of the merged model yet"
+            )
         else:
             save_as_llava_hf(built, run_dir / "hf")
     size = built.hf.config.vision_config.image_size

@@ -79,6 +79,8 @@ class Compressor(nn.Module):
         raise NotImplementedError
 
     # in_llm stage
+    attention_layer: int | None = None  # a layer whose attention probabilities this component reads
+
     def before_layer(self, layer_idx: int, state):
         raise NotImplementedError
 
