@@ -13,32 +13,36 @@ DIMS = ModelDims(
 )
 
 
-def ragged_state():
-    """Sample 0: 2 text + 16 visual + 3 text; sample 1: 1 text + 16 visual (padded)."""
+def ragged_state(side: str) -> SequenceState:
+    """Sample 0: 2 text + 16 visual + 3 text; sample 1: 1 text + 16 visual, padded on `side`."""
     hidden = torch.randn(2, 21, 8)
     visual = torch.zeros(2, 21, dtype=torch.bool)
-    visual[0, 2:18] = True
-    visual[1, 1:17] = True
     mask = torch.ones(2, 21, dtype=torch.bool)
-    mask[1, 17:] = False
-    positions = torch.arange(21).expand(2, 21)
-    state = SequenceState(hidden, mask, positions, visual, padding_side="right")
-    return state
+    visual[0, 2:18] = True
+    offset = 4 if side == "left" else 0
+    visual[1, offset + 1 : offset + 17] = True
+    mask[1] = False
+    mask[1, offset : offset + 17] = True
+    positions = (torch.arange(21) - torch.tensor([[0], [offset]])).clamp(min=0)
+    return SequenceState(hidden, mask, positions, visual, padding_side=side)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("name", ["random", "divprune"])
 @pytest.mark.parametrize("tokens", [1, 5, 16, 40])
-def test_keeps_exactly_the_requested_tokens(name, tokens):
-    state = ragged_state()
+def test_keeps_exactly_the_requested_tokens(name, tokens, side):
+    state = ragged_state(side)
     out = build_component(name, {"tokens": tokens}, DIMS)(state)
     assert out.num_visual.tolist() == [min(tokens, 16)] * 2
     assert (out.attention_mask.sum(1) - out.num_visual).tolist() == [5, 1]  # text untouched
     kept = out.position_ids[0][out.visual_mask[0]]
     assert kept.tolist() == sorted(kept.tolist())  # original order preserved
+    if side == "left":  # every prompt still ends at the last column
+        assert out.attention_mask[:, -1].all()
 
 
 def test_random_keep_is_reproducible_and_seed_dependent():
-    state = ragged_state()
+    state = ragged_state("right")
     a = build_component("random", {"tokens": 5, "seed": 1}, DIMS)(state)
     b = build_component("random", {"tokens": 5, "seed": 1}, DIMS)(state)
     c = build_component("random", {"tokens": 5, "seed": 2}, DIMS)(state)
