@@ -7,6 +7,7 @@ load recipe → build model → for each stage: freeze policy → data → Train
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -30,6 +31,11 @@ from train.schema import to_plain
 from train.strategy import build_strategy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Lightning advertises a cloud logger at every Trainer start; keep its other messages.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 
 
 def run_dir_of(recipe: Recipe) -> Path:
