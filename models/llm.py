@@ -73,7 +73,7 @@ class LanguageModel(nn.Module):
                 position_embeddings=rotary,
             )
             attention = None
-            if any(c.attention_layer == idx for c in in_llm) and bool(state.visual_mask.any()):
+            if any(idx in c.attention_layers for c in in_llm) and bool(state.visual_mask.any()):
                 attention = attention_probs(layer, state.hidden, bias, rotary)
             state = replace(state, hidden=hidden, attention=attention)
         return replace(state, hidden=self.body.norm(state.hidden), attention=None)

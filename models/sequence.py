@@ -26,7 +26,7 @@ class SequenceState:
     labels:         (B, T) long targets for each position's own token (unshifted), or None
     padding_side:   "right" (training) or "left" (generation: all prompts end at column T-1)
     attention:      (B, heads, T, T) attention probabilities of the layer just run, set only
-                    when an in-LLM component asked for that layer's (see Compressor.attention_layer)
+                    when an in-LLM component asked for that layer's (Compressor.attention_layers)
     """
 
     hidden: torch.Tensor
@@ -57,6 +57,19 @@ class SequenceState:
         else:
             valid = column < counts[:, None]
         return self._gather(order, valid)
+
+    def last_index(self) -> torch.Tensor:
+        """(B,) column of each sample's last real token, for either padding side."""
+        columns = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
+        return columns.expand_as(self.attention_mask).masked_fill(~self.attention_mask, -1).amax(1)
+
+    def keep_top_visual(self, scores: torch.Tensor, k: int) -> SequenceState:
+        """Keep each sample's k visual tokens with the highest `scores` (B, T), and all text."""
+        visual = self.visual_mask & self.attention_mask
+        ranked = scores.masked_fill(~visual, float("-inf"))
+        top = ranked.topk(min(k, ranked.shape[1]), dim=1).indices
+        keep = torch.zeros_like(visual).scatter_(1, top, True) & visual
+        return self.keep(~visual | keep)
 
     def _gather(self, index: torch.Tensor, valid: torch.Tensor) -> SequenceState:
         def take(x):

@@ -95,13 +95,14 @@ HOOKS = [
     ("avgpool2d", [ComponentSpec("avgpool2d", {"stride": 2})], 16),
     ("fastv", [ComponentSpec("fastv", {"layer": 0, "tokens": 5})], 64),
     ("divprune", [ComponentSpec("divprune", {"tokens": 6})], 6),
+    ("pdrop", [ComponentSpec("pdrop", {"layers": [1, 2], "keep": 0.5})], 64),
 ]
 
 
-# Prompt-dependent in-LLM pruning (FastV) chooses its tokens once, at prefill, ranked by the
+# Prompt-dependent in-LLM pruning (FastV, PyramidDrop) chooses its tokens once, at prefill, ranked by the
 # prompt's last token; a full forward over prompt + generated tokens ranks by another token, so
 # only the first generated token is the same computation.
-SAME_STEPS = {"fastv": 1}
+SAME_STEPS = {"fastv": 1, "pdrop": 1}
 
 
 @pytest.mark.parametrize("name,components,visual_in", HOOKS, ids=[h[0] for h in HOOKS])

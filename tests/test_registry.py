@@ -16,6 +16,7 @@ PARAMS = {
     "random": {"tokens": 10},
     "divprune": {"tokens": 10},
     "fastv": {"layer": 0, "tokens": 10},
+    "pdrop": {"layers": [1], "keep": 0.5},
 }
 
 
@@ -44,6 +45,8 @@ def ragged_batch(model, tok):
 def test_component_contract(name, tokenizer):
     model = model_with(name)
     component = model.projector if component_class(name).stage == "projector" else model.compressors[0]
+    # The parameters must be valid on the test model, or a component could pass by never acting.
+    assert component_class(name).check_config(component.config, model.dims) == []
     ids, mask = ragged_batch(model, tokenizer)
     pixels = torch.randn(2, 3, 64, 64)
     labels = ids.masked_fill(~mask, -100)

@@ -57,7 +57,7 @@ def config_fields(name: str) -> dict[str, dataclasses.Field]:
 
 
 # Importing the modules registers their components.
-from models.compressors import divprune, fastv, mlp, pooling, random_keep, tokenpacker  # noqa: E402,F401
+from models.compressors import divprune, fastv, mlp, pooling, pyramid_drop, random_keep, tokenpacker  # noqa: E402,F401
 
 __all__ = [
     "Compressor",

@@ -79,7 +79,7 @@ class Compressor(nn.Module):
         raise NotImplementedError
 
     # in_llm stage
-    attention_layer: int | None = None  # a layer whose attention probabilities this component reads
+    attention_layers: tuple[int, ...] = ()  # layers whose attention probabilities this component reads
 
     def before_layer(self, layer_idx: int, state):
         raise NotImplementedError

@@ -33,7 +33,7 @@ class FastV(TokenBudget):
 
     def __init__(self, config: FastVConfig, dims: ModelDims):
         super().__init__(config, dims)
-        self.attention_layer = config.layer
+        self.attention_layers = (config.layer,)
 
     @classmethod
     def check_config(cls, config: FastVConfig, dims: ModelDims):
@@ -58,18 +58,8 @@ class FastV(TokenBudget):
             return state
         attention = state.attention.mean(1)  # (B, T, T), averaged over heads
         if self.config.query == "last":
-            last = last_real_index(state.attention_mask)
-            received = attention[torch.arange(attention.shape[0]), last]  # (B, T)
+            received = attention[torch.arange(attention.shape[0]), state.last_index()]  # (B, T)
         else:
             text = state.attention_mask & ~state.visual_mask
             received = (attention * text[:, :, None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-        scores = received.masked_fill(~visual, float("-inf"))
-        top = scores.topk(min(self.config.tokens, scores.shape[1]), dim=1).indices
-        keep = torch.zeros_like(visual).scatter_(1, top, True) & visual
-        return state.keep(~visual | keep)
-
-
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) column of the last True in each row of `mask` (B, T), for either padding side."""
-    columns = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return columns.masked_fill(~mask, -1).amax(1)
+        return state.keep_top_visual(received, self.config.tokens)

@@ -64,3 +64,30 @@ def test_recomputed_attention_matches_transformers_eager_weights():
     hook.remove()
     # Sample 0 is unpadded (every query has real keys): compare it whole.
     torch.testing.assert_close(ours[0], captured["w"][0].float(), rtol=1e-5, atol=1e-6)
+
+
+def pdrop_model(**params):
+    return build("tiny", compressors=[ComponentSpec("pdrop", params)], tiny=TEST_TINY, seed=4)
+
+
+def test_pyramid_drop_halves_the_visual_tokens_at_each_stage():
+    built = pdrop_model(layers=[1, 2], keep=0.5)  # 3-layer test LLM: 64 → 32 (layer 1) → 16 (layer 2)
+    ids, mask, pixels = batch(built.tokenizer, built.model.image_token_id)
+    seen = []
+    probe = built.model.llm.body.layers[2].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].shape[1])
+    )
+    with torch.no_grad():
+        out = built.model.eval()(ids, mask, pixels)
+    probe.remove()
+    assert out.visual_tokens_in.tolist() == [64, 64] and out.state.num_visual.tolist() == [16, 16]
+    assert seen == [5 + 16]  # layer 2 runs on the longest sample's 5 text + 16 visual tokens
+
+
+def test_pyramid_drop_keeping_everything_is_the_uncompressed_model():
+    base = build("tiny", tiny=TEST_TINY, seed=4)
+    ids, mask, pixels = batch(base.tokenizer, base.model.image_token_id)
+    with torch.no_grad():
+        ref = base.model.eval()(ids, mask, pixels, return_logits=True).logits
+        out = pdrop_model(layers=[1, 2], keep=1.0).model.eval()(ids, mask, pixels, return_logits=True).logits
+    torch.testing.assert_close(out, ref)
