@@ -42,6 +42,12 @@ def test_vtc_train_smoke_recipe(tmp_path, capsys):
     assert set(metrics["per_family"]) == {"colour", "shape", "count", "exist", "spatial", "detail"}
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["visual_tokens"] == 64
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "trainable.safetensors").is_file()
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert [(s["name"], s["steps"], s["samples_seen"]) for s in meta["stages"]] == [
+        ("vision", 4, 64),
+        ("instruct", 30, 240),
+    ]
+    assert meta["versions"]["torch"].startswith("2.13")
     assert (run_dir / "hf" / "config.json").is_file()  # the base is saved in llava-hf layout
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
     # The saved base loads back and gives the model that was evaluated.

@@ -6,7 +6,6 @@ load recipe → build model → for each stage: freeze policy → data → Train
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from train.accuracy import evaluate_accuracy
 from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table, has_lora, parts_of
 from train.module import VtcModule
+from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, resolve_base
 from train.schema import to_plain
 from train.strategy import build_strategy
@@ -63,7 +63,7 @@ def run_recipe(recipe: Recipe) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     if is_zero:
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_plain(recipe), sort_keys=False))
+        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(to_plain(recipe), sort_keys=False))
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
@@ -81,11 +81,15 @@ def run_recipe(recipe: Recipe) -> dict:
         print(f"[vtc] initialised {loaded} tensors from {recipe.model.init}")
     started = time.time()
     trained_parts: set[str] = set()
+    records = []
     for stage in recipe.stages:
-        trained_parts |= train_stage(recipe, stage, built, run_dir, is_zero)
+        parts, record = train_stage(recipe, stage, built, run_dir, is_zero)
+        trained_parts |= parts
+        records.append(record)
     train_seconds = time.time() - started
     if not is_zero:
         return {}
+    write_json_atomic(run_dir / "meta.json", run_metadata(recipe.source, records))
     save_trainables(built.model, trained_parts, run_dir)
     if recipe.model.projector.name == "mlp2x_gelu" and not recipe.model.compressors:
         if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
@@ -93,7 +97,7 @@ def run_recipe(recipe: Recipe) -> dict:
                 "[vtc] LoRA adapters are in trainable.safetensors; no llava-hf export of the merged model yet"
             )
         else:
-            save_as_llava_hf(built, run_dir / "hf")
+            write_dir_atomic(run_dir / "hf", lambda tmp: save_as_llava_hf(built, tmp))
     size = built.hf.config.vision_config.image_size
     test = split_shards(recipe.data, "test")
     metrics = evaluate_accuracy(
@@ -106,11 +110,12 @@ def run_recipe(recipe: Recipe) -> dict:
         max_new_tokens=recipe.eval.max_new_tokens,
     )
     metrics["train_seconds"] = round(train_seconds, 1)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
 
 
-def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> set[str]:
+def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> tuple[set[str], dict]:
+    """Train one stage; returns the parts it trained and a record for meta.json."""
     model = built.model
     rows = apply_stage(model, stage)
     if is_zero:
@@ -153,8 +158,16 @@ def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> s
         limit_val_batches=0,
         default_root_dir=run_dir,
     )
+    started = time.time()
     trainer.fit(module, datamodule=data)
-    return {part for part, mode, trainable, _ in rows if trainable}
+    record = {
+        "name": stage.name,
+        "steps": trainer.global_step,
+        "samples_seen": trainer.global_step * stage.batch_size * world * accumulate,
+        "seconds": round(time.time() - started, 1),
+        "skipped_samples": len(module.skipped),
+    }
+    return {part for part, mode, trainable, _ in rows if trainable}, record
 
 
 def loggers(recipe: Recipe, run_dir: Path, stage_name: str) -> list:
@@ -205,5 +218,5 @@ def save_trainables(model, parts: set[str], run_dir: Path) -> Path:
         for name, tensor in modules[part].state_dict().items():
             tensors[f"{part}.{name}"] = tensor.detach().contiguous().cpu()
     path = run_dir / "trainable.safetensors"
-    save_file(tensors, str(path))
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
     return path

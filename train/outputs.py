@@ -1,0 +1,88 @@
+"""Run outputs written atomically: a file or folder appears complete or not at all.
+
+Everything goes to a temporary name in the same folder first and is then renamed into place
+(`os.replace` is atomic on one filesystem), so a crash or kill mid-write leaves the previous
+version intact instead of a truncated file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` then rename tmp_path → path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_dir_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary folder with `write(tmp_dir)`, then swap it in for `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():  # keep the old one until the new one is complete
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def run_metadata(recipe_source: str, stages: list[dict]) -> dict:
+    """meta.json: what produced this run (library versions, git commit) and what it did."""
+    import lightning
+    import peft
+    import torch
+    import transformers
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "recipe": recipe_source,
+        "stages": stages,
+        "git_commit": commit,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": lightning.__version__,
+            "peft": peft.__version__,
+        },
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=1))
