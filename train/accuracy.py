@@ -41,16 +41,20 @@ def evaluate_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 4,
     progress: bool = True,
+    image_first: bool = True,
 ) -> dict:
     """Returns {"accuracy" (mean over families, so no family dominates), "per_family",
-    "per_question" (mean over all questions), "count", "visual_tokens" (mean into the LLM)}."""
+    "per_question" (mean over all questions), "count", "visual_tokens" (mean into the LLM)}.
+    Prompts are `<image>\n{question}` (LLaVA's order), or `{question}\n<image>` without
+    `image_first`."""
     tmpl = get_template(template)
     was_training = model.training
     model.eval()
     jobs = []  # (image index, family, prompt ids, answer)
     for index in range(min(len(shards), limit or len(shards))):
         for family, question, answer in questions_of(shards.record(index)):
-            prompt = tmpl.prompt("<image>\n" + question, tokenizer, model.image_token_id)
+            text = "<image>\n" + question if image_first else question + "\n<image>"
+            prompt = tmpl.prompt(text, tokenizer, model.image_token_id)
             jobs.append((index, family, prompt, answer))
     correct, total, visual = defaultdict(int), defaultdict(int), []
     images: dict[int, tuple] = {}
