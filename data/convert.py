@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.shards import ShardWriter
-from data.templates import ConversationError, _turns
+from data.templates import ConversationError, conversation_turns
 
 
 @dataclass
@@ -35,7 +35,7 @@ def check_record(record) -> None:
         raise ConversationError("missing 'id'")
     if not isinstance(record.get("conversations"), list):
         raise ConversationError("missing or non-list 'conversations'")
-    pairs = _turns(record["conversations"])
+    pairs = conversation_turns(record["conversations"])
     has_placeholder = any("<image>" in q for q, _ in pairs)
     if "image" in record and not has_placeholder:
         raise ConversationError("has an image but no <image> placeholder in its questions")

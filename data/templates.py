@@ -47,7 +47,7 @@ def text_to_ids(text: str, tokenizer, image_token_id: int) -> list[int]:
     return ids
 
 
-def _turns(conversations: list[dict]) -> list[tuple[str, str]]:
+def conversation_turns(conversations: list[dict]) -> list[tuple[str, str]]:
     """[(human, gpt), ...] from LLaVA `conversations`, checking roles alternate human → gpt."""
     if not conversations or len(conversations) % 2:
         raise ConversationError(f"expected human/gpt pairs, got {len(conversations)} messages")
@@ -97,7 +97,7 @@ class PlainTemplate(Template):
     name = "plain"
 
     def segments(self, conversations, tokenizer, image_token_id):
-        pairs = _turns(conversations)
+        pairs = conversation_turns(conversations)
         if len(pairs) != 1 or IMAGE_PLACEHOLDER not in pairs[0][0]:
             raise ConversationError("plain template needs one turn whose question holds <image>")
         yield [tokenizer.bos_token_id, image_token_id], False
@@ -120,7 +120,7 @@ class VicunaTemplate(Template):
 
     def segments(self, conversations, tokenizer, image_token_id):
         yield [tokenizer.bos_token_id], False
-        for turn, (question, answer) in enumerate(_turns(conversations)):
+        for turn, (question, answer) in enumerate(conversation_turns(conversations)):
             yield self._question(turn, question, tokenizer, image_token_id), False
             yield text_to_ids(answer, tokenizer, image_token_id) + [tokenizer.eos_token_id], True
 
