@@ -173,3 +173,11 @@ def test_every_shipped_recipe_validates_and_builds(path):
         device=device,
     )
     assert built.model.visual_tokens() > 0
+
+
+def test_parsing_leaves_the_callers_dict_alone_and_rejects_non_mappings():
+    raw = copy.deepcopy(GOOD)
+    recipe_from_dict(raw, "r.yaml", ["stages.0.steps=9"])
+    assert raw == GOOD
+    with pytest.raises(RecipeError, match="a recipe is a mapping"):
+        recipe_from_dict(["not", "a", "mapping"], "list.yaml")

@@ -7,6 +7,7 @@ checked against the component's own Config. `key=value` overrides apply before v
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -223,11 +224,12 @@ def recipe_from_dict(
     """Parse and check a recipe. `check_machine=False` skips what depends on this machine
     (CUDA for DeepSpeed, data folders present): a GPU recipe validates on a laptop."""
     problems: list[Problem] = []
-    raw = (
-        apply_overrides(raw if isinstance(raw, dict) else {}, list(overrides), problems)
-        if raw is not None
-        else {}
-    )
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            source, [Problem("<top>", f"a recipe is a mapping of keys, got a {type(raw).__name__}")]
+        )
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides), problems)  # the caller's dict stays as it was
     model_raw = raw.get("model") if isinstance(raw.get("model"), dict) else None
     components = _split_components(model_raw, problems) if model_raw else None
     recipe = parse_dataclass(Recipe, raw, "", problems, skip=("source",))
@@ -244,8 +246,8 @@ def recipe_from_dict(
 
 
 def _split_components(model_raw: dict, problems: list[Problem]) -> dict:
-    """Parse `projector` and `compressors` entries against each component's own Config and
-    replace them in `model_raw` by already-built Components (so the generic parser skips them)."""
+    """Parse `projector` and `compressors` entries against each component's own Config. They are
+    removed from `model_raw` (so the generic parser does not see them) and returned as Components."""
     out = {}
     if "projector" in model_raw:
         out["projector"] = _component(model_raw.pop("projector"), "model.projector", problems)
