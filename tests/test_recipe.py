@@ -1,6 +1,7 @@
 """Recipes: every shipped recipe validates and builds; bad recipes name file and key."""
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -181,3 +182,13 @@ def test_parsing_leaves_the_callers_dict_alone_and_rejects_non_mappings():
     assert raw == GOOD
     with pytest.raises(RecipeError, match="a recipe is a mapping"):
         recipe_from_dict(["not", "a", "mapping"], "list.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(RECIPES_DIR)) for p in SHIPPED])
+def test_resolved_recipe_yaml_loads_back_equal(path, tmp_path):
+    from train.recipe import recipe_to_yaml
+
+    recipe = load_recipe(path, check_machine=False)
+    (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    again = load_recipe(tmp_path / "recipe.yaml", check_machine=False)
+    assert dataclasses.replace(again, source=recipe.source) == recipe

@@ -22,7 +22,7 @@ def cmd_recipes(args) -> int:
         name = str(path.relative_to(RECIPES_DIR).with_suffix(""))
         try:
             description = load_recipe(path, check_machine=False).description
-        except (RecipeError, FileNotFoundError) as err:
+        except (RecipeError, FileNotFoundError, ValueError) as err:
             description = f"(invalid: {str(err).splitlines()[0]})"
         print(f"{name:<36} {description}")
     return 0
@@ -69,6 +69,14 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from train.export import export_run
+
+    out = export_run(args.run_dir, args.out, merge=args.merge_lora, compressor_only=args.compressor_only)
+    print(f"exported to {out}; load it with models.export.load_pretrained({str(out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vtc",
@@ -97,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", help="write a trained run as a folder that loads back with one call")
+    p.add_argument("run_dir", help="a run directory (the recipe's output)")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the LLM weights (peft)")
+    p.add_argument(
+        "--compressor-only",
+        action="store_true",
+        help="write only the projector/compressor weights; the base is referenced by path",
+    )
+    p.set_defaults(func=cmd_export)
+
     data = sub.add_parser("data", help="make or convert training data").add_subparsers(
         dest="data_command", required=True
     )
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as err:
+    except (RecipeError, FileNotFoundError, ValueError) as err:
         print(f"vtc: error: {err}", file=sys.stderr)
         return 2
 

@@ -19,7 +19,7 @@ import yaml
 from models.compressors import component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
 from models.tiny import TinyConfig
-from train.schema import Problem, parse_dataclass
+from train.schema import Problem, parse_dataclass, to_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -243,6 +243,16 @@ def recipe_from_dict(
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML that `load_recipe` reads back to an equal Recipe."""
+    plain = to_plain(recipe)
+    plain.pop("source", None)
+    flat = lambda c: {"name": c["name"], **c["params"]}  # noqa: E731  (recipes write components flat)
+    plain["model"]["projector"] = flat(plain["model"]["projector"])
+    plain["model"]["compressors"] = [flat(c) for c in plain["model"]["compressors"]]
+    return yaml.safe_dump(plain, sort_keys=False)
 
 
 def _split_components(model_raw: dict, problems: list[Problem]) -> dict:

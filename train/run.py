@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from safetensors.torch import load_file, save_file
 
@@ -26,8 +25,7 @@ from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table, has_lora, parts_of
 from train.module import VtcModule
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
-from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, resolve_base
-from train.schema import to_plain
+from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, recipe_to_yaml, resolve_base
 from train.strategy import build_strategy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,7 +61,7 @@ def run_recipe(recipe: Recipe) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     if is_zero:
-        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(to_plain(recipe), sort_keys=False))
+        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)

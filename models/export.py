@@ -1,0 +1,97 @@
+"""Exported models: a self-describing folder that loads back with one call, no pickle.
+
+    OUT/config.json, model.safetensors, tokenizer files   the LLaVA model in llava-hf layout
+                                                          (absent with compressor_only)
+    OUT/components.safetensors                            projector + compressors weights
+    OUT/vtc.json                                          format, projector/compressor specs,
+                                                          base (for compressor_only), versions,
+                                                          tensor names and shapes
+
+`load_pretrained(OUT)` rebuilds the same model: the llava-hf part through transformers, the
+components through the registry, weights from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+
+from models.build import Built, ComponentSpec, build
+
+FORMAT = "vtc-export-1"
+
+
+def merge_lora(root: torch.nn.Module) -> int:
+    """Fold every peft LoRA adapter under `root` into its base weight and put the plain base
+    module back in its place, so the weights have their HF names again. Returns the count."""
+    merged = 0
+    for name, module in list(root.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent_name) if parent_name else root, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def export(
+    built: Built,
+    out_dir: str | Path,
+    projector: ComponentSpec,
+    compressors: list[ComponentSpec],
+    base: str,
+    compressor_only: bool = False,
+) -> Path:
+    """Write `built` to `out_dir`. LoRA adapters must be merged first (`merge_lora`)."""
+    model = built.model
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ValueError("the model has unmerged LoRA adapters: merge them first (vtc export --merge-lora)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    components = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    components.update({f"compressors.{k}": v for k, v in model.compressors.state_dict().items()})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in components.items()}, str(out / "components.safetensors")
+    )
+    if not compressor_only:
+        if projector.name == "mlp2x_gelu":  # keep the llava-hf folder a complete LLaVA model
+            built.hf.model.multi_modal_projector.load_state_dict(model.projector.state_dict())
+        built.hf.save_pretrained(out)
+        if built.tokenizer is not None:
+            built.tokenizer.save_pretrained(out)
+    import transformers
+
+    meta = {
+        "format": FORMAT,
+        "base": base if compressor_only else None,
+        "projector": {"name": projector.name, "params": projector.params},
+        "compressors": [{"name": c.name, "params": c.params} for c in compressors],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "tensors": {k: list(v.shape) for k, v in components.items()},
+    }
+    (out / "vtc.json").write_text(json.dumps(meta, indent=1, default=list))
+    return out
+
+
+def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> Built:
+    """Load a folder written by `export` (or `vtc export`)."""
+    path = Path(path)
+    meta_path = path / "vtc.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} has no vtc.json: not a vtc export")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this vtc reads {FORMAT!r}")
+    projector = ComponentSpec(meta["projector"]["name"], meta["projector"]["params"])
+    compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
+    built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype)
+    tensors = load_file(str(path / "components.safetensors"))
+    model = built.model
+    for prefix, module in (("projector.", model.projector), ("compressors.", model.compressors)):
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(own, strict=True)
+    return built

@@ -1,0 +1,82 @@
+"""vtc export → load_pretrained gives the training-time model back (LoRA merged or not)."""
+
+import json
+
+import pytest
+import torch
+
+from models.export import load_pretrained
+from train.accuracy import evaluate_accuracy
+from train.datamodule import split_shards
+from train.export import export_run, rebuild_run
+from train.recipe import load_recipe
+from train.run import run_recipe
+
+
+def logits(built, seed=0):
+    torch.manual_seed(seed)
+    tok, model = built.tokenizer, built.model.eval()
+    ids = torch.tensor(
+        [
+            [tok.bos_token_id, model.image_token_id]
+            + tok("What colour is the dot ?", add_special_tokens=False).input_ids
+        ]
+    )
+    with torch.no_grad():
+        return model(
+            ids, torch.ones_like(ids, dtype=torch.bool), torch.randn(1, 3, 64, 64), return_logits=True
+        ).logits
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    recipe = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={tmp / 'run'}",
+            f"data.cache_dir={tmp / 'data'}",
+            "stages.1.train.llm=lora",
+            "stages.1.steps=6",
+            "model.projector={name: tokenpacker, scale: 2}",
+        ],
+    )
+    metrics = run_recipe(recipe)
+    return tmp, recipe, metrics
+
+
+@pytest.mark.slow
+def test_rebuilt_run_reproduces_its_own_evaluation(lora_run):
+    tmp, recipe, metrics = lora_run
+    built, *_ = rebuild_run(tmp / "run")
+    again = evaluate_accuracy(
+        built.model,
+        built.tokenizer,
+        split_shards(recipe.data, "test"),
+        64,
+        limit=recipe.eval.limit,
+        progress=False,
+    )
+    assert again["per_family"] == metrics["per_family"]
+
+
+@pytest.mark.slow
+def test_export_with_merged_lora_loads_back_with_the_same_logits(lora_run):
+    tmp, _, _ = lora_run
+    trained = logits(rebuild_run(tmp / "run")[0])
+    out = export_run(tmp / "run", tmp / "exported", merge=True)
+    meta = json.loads((out / "vtc.json").read_text())
+    assert meta["projector"]["name"] == "tokenpacker" and (out / "config.json").is_file()
+    loaded = load_pretrained(out)
+    assert not any("lora_" in n for n, _ in loaded.model.named_parameters())
+    torch.testing.assert_close(logits(loaded), trained, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="--merge-lora"):
+        export_run(tmp / "run", tmp / "unmerged")
+
+
+def test_load_pretrained_refuses_other_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a vtc export"):
+        load_pretrained(tmp_path)
+    (tmp_path / "vtc.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="format"):
+        load_pretrained(tmp_path)

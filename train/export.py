@@ -1,0 +1,48 @@
+"""`vtc export`: a finished run → a self-describing folder that `models.export.load_pretrained`
+loads with one call (see models/export.py for the layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.build import ComponentSpec, build
+from models.export import export, merge_lora
+from train.freeze import apply_stage
+from train.recipe import load_recipe, resolve_base
+from train.run import DTYPES, load_trainables
+
+
+def rebuild_run(run_dir: Path):
+    """The run's model as training left it: base + components, LoRA injected as its stages did,
+    trained weights loaded from trainable.safetensors."""
+    recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
+    projector = ComponentSpec(recipe.model.projector.name, recipe.model.projector.params)
+    compressors = [ComponentSpec(c.name, c.params) for c in recipe.model.compressors]
+    base = resolve_base(recipe.model.base)
+    built = build(
+        base,
+        projector,
+        compressors,
+        tiny=recipe.model.tiny,
+        dtype=DTYPES[recipe.model.dtype],
+        seed=recipe.seed,
+        reinit_projector=recipe.model.reinit_projector,
+    )
+    for stage in recipe.stages:
+        apply_stage(built.model, stage)  # injects LoRA where a stage trained with it
+    load_trainables(built.model, str(run_dir))
+    return built, projector, compressors, base
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, merge: bool = False, compressor_only: bool = False
+) -> Path:
+    built, projector, compressors, base = rebuild_run(Path(run_dir))
+    if merge:
+        merged = merge_lora(built.model)
+        print(f"[vtc] merged {merged} LoRA adapters into the base weights")
+    if compressor_only and base == "tiny":
+        raise ValueError(
+            "--compressor-only needs a base on disk; this run's base is built from the tiny configs"
+        )
+    return export(built, out_dir, projector, compressors, base, compressor_only=compressor_only)
