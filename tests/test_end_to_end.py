@@ -81,3 +81,23 @@ def test_models_do_not_import_the_training_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_and_writes_no_weights(tmp_path):
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    run_dir = tmp_path / "nan"
+    recipe = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={run_dir}",
+            f"data.cache_dir={tmp_path / 'data'}",
+            "stages.1.optim.lr=1e30",
+            "stages.1.optim.grad_clip=null",
+        ],
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+ of stage 'instruct'"):
+        run_recipe(recipe)
+    assert not (run_dir / "trainable.safetensors").exists() and not (run_dir / "hf").exists()
