@@ -156,7 +156,7 @@ def test_yaml_syntax_error_names_file(tmp_path):
 def test_every_shipped_recipe_validates_and_builds(path):
     """Tiny recipes build for real (a `run:` base as the tiny architecture it was trained from);
     recipes on a real base build on the meta device from its config (no weights)."""
-    from models.build import ComponentSpec, build
+    from models.build import build
     from train.recipe import resolve_base
 
     recipe = load_recipe(path, check_machine=False)
@@ -168,8 +168,8 @@ def test_every_shipped_recipe_validates_and_builds(path):
         base, device = resolve_base(base), "meta"
     built = build(
         base,
-        ComponentSpec(recipe.model.projector.name, recipe.model.projector.params),
-        [ComponentSpec(c.name, c.params) for c in recipe.model.compressors],
+        recipe.model.projector,
+        recipe.model.compressors,
         tiny=recipe.model.tiny,
         device=device,
     )

@@ -5,33 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.build import ComponentSpec, build
 from models.export import export, merge_lora
 from train.freeze import apply_stage
 from train.recipe import load_recipe, resolve_base
-from train.run import DTYPES, load_trainables
+from train.run import build_from_recipe, load_trainables
 
 
 def rebuild_run(run_dir: Path):
     """The run's model as training left it: base + components, LoRA injected as its stages did,
     trained weights loaded from trainable.safetensors."""
     recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
-    projector = ComponentSpec(recipe.model.projector.name, recipe.model.projector.params)
-    compressors = [ComponentSpec(c.name, c.params) for c in recipe.model.compressors]
-    base = resolve_base(recipe.model.base)
-    built = build(
-        base,
-        projector,
-        compressors,
-        tiny=recipe.model.tiny,
-        dtype=DTYPES[recipe.model.dtype],
-        seed=recipe.seed,
-        reinit_projector=recipe.model.reinit_projector,
-    )
+    built = build_from_recipe(recipe)
     for stage in recipe.stages:
         apply_stage(built.model, stage)  # injects LoRA where a stage trained with it
     load_trainables(built.model, str(run_dir))
-    return built, projector, compressors, base
+    return built, recipe.model.projector, recipe.model.compressors, resolve_base(recipe.model.base)
 
 
 def export_run(

@@ -16,7 +16,8 @@ from typing import Literal
 
 import yaml
 
-from models.compressors import component_class, config_fields, unknown_name_message
+from models.build import ComponentSpec
+from models.compressors import available, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
 from models.tiny import TinyConfig
 from train.schema import Problem, parse_dataclass, to_plain
@@ -29,19 +30,11 @@ Mode = Literal["frozen", "full", "lora"]
 
 
 @dataclass(frozen=True)
-class Component:
-    """A registered component and its parameters (YAML: `{name: tokenpacker, scale: 3}`)."""
-
-    name: str
-    params: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class ModelRecipe:
     base: str = "tiny"  # "tiny", a llava-hf directory, or "run:NAME" (checkpoints/NAME/hf)
     tiny: TinyConfig = field(default_factory=TinyConfig)
-    projector: Component = field(default_factory=lambda: Component("mlp2x_gelu"))
-    compressors: list[Component] = field(default_factory=list)
+    projector: ComponentSpec = field(default_factory=lambda: ComponentSpec("mlp2x_gelu"))
+    compressors: list[ComponentSpec] = field(default_factory=list)
     # A run directory or a trainable.safetensors: its weights load into the model before training
     # (e.g. stage 2 starting from the projector that stage 1 trained).
     init: str | None = None
@@ -272,7 +265,7 @@ def _split_components(model_raw: dict, problems: list[Problem]) -> dict:
     return {k: v for k, v in out.items() if v is not None and None not in (v if isinstance(v, list) else [v])}
 
 
-def _component(entry, key: str, problems: list[Problem]) -> Component | None:
+def _component(entry, key: str, problems: list[Problem]) -> ComponentSpec | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         problems.append(Problem(key, "expected a mapping with a 'name' (a registered component)"))
         return None
@@ -287,7 +280,7 @@ def _component(entry, key: str, problems: list[Problem]) -> Component | None:
     if len(problems) > before or config is None:
         return None
     # Keep the params as validated plain values (typed config is rebuilt by the registry).
-    return Component(
+    return ComponentSpec(
         entry["name"], {f: getattr(config, f) for f in config_fields(entry["name"]) if f in params}
     )
 
@@ -331,8 +324,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     if component_class(model.projector.name).stage != "projector":
         add(
             "model.projector.name",
-            f"{model.projector.name!r} is not a projector; projectors: "
-            + ", ".join(n for n in _names("projector")),
+            f"{model.projector.name!r} is not a projector; projectors: " + ", ".join(available("projector")),
         )
     encoders = 0
     for i, comp in enumerate(model.compressors):
@@ -432,9 +424,3 @@ def torch_cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _names(stage: str) -> list[str]:
-    from models.compressors import available
-
-    return available(stage)

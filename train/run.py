@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from safetensors.torch import load_file, save_file
 
 from data.synth import region_classes
-from models.build import ComponentSpec, build, save_as_llava_hf
+from models.build import build, save_as_llava_hf
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
 from train.datamodule import VtcDataModule, split_shards
@@ -55,6 +55,20 @@ def ensure_base(recipe: Recipe) -> None:
         run_recipe(load_recipe(DEFAULT_RECIPE))
 
 
+def build_from_recipe(recipe: Recipe):
+    """The recipe's model before training: its base with its projector and compressors."""
+    model = recipe.model
+    return build(
+        resolve_base(model.base),
+        model.projector,
+        model.compressors,
+        tiny=model.tiny,
+        dtype=DTYPES[model.dtype],
+        seed=recipe.seed,
+        reinit_projector=model.reinit_projector,
+    )
+
+
 def run_recipe(recipe: Recipe) -> dict:
     ensure_base(recipe)
     run_dir = run_dir_of(recipe)
@@ -65,15 +79,7 @@ def run_recipe(recipe: Recipe) -> dict:
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    built = build(
-        resolve_base(recipe.model.base),
-        ComponentSpec(recipe.model.projector.name, recipe.model.projector.params),
-        [ComponentSpec(c.name, c.params) for c in recipe.model.compressors],
-        tiny=recipe.model.tiny,
-        dtype=DTYPES[recipe.model.dtype],
-        seed=recipe.seed,
-        reinit_projector=recipe.model.reinit_projector,
-    )
+    built = build_from_recipe(recipe)
     if recipe.model.init:
         loaded = load_trainables(built.model, recipe.model.init)
         print(f"[vtc] initialised {loaded} tensors from {recipe.model.init}")
