@@ -129,14 +129,21 @@ def build(
     return Built(assemble(hf, projector, list(compressors), reinit_projector), hf, tokenizer)
 
 
+def save_hf(built: Built, out_dir: str | Path) -> None:
+    """`save_pretrained` of the wrapped HF model and its tokenizer. An mlp2x_gelu projector is
+    copied into `multi_modal_projector` first, so the folder holds the trained LLaVA model."""
+    if built.model.projector.registry_name == "mlp2x_gelu":
+        built.hf.model.multi_modal_projector.load_state_dict(built.model.projector.state_dict())
+    built.hf.save_pretrained(out_dir)
+    if built.tokenizer is not None:
+        built.tokenizer.save_pretrained(out_dir)
+
+
 def save_as_llava_hf(built: Built, out_dir: str | Path) -> None:
     """Write the model in llava-hf layout (needs the mlp2x_gelu projector), with its tokenizer,
     so it loads back as a base with `build(out_dir)` or with transformers directly."""
     if built.model.projector.registry_name != "mlp2x_gelu":
         raise ValueError("only a model with the mlp2x_gelu projector has a llava-hf layout")
-    built.hf.model.multi_modal_projector.load_state_dict(built.model.projector.state_dict())
     out_dir = Path(out_dir)
-    built.hf.save_pretrained(out_dir)
-    if built.tokenizer is not None:
-        built.tokenizer.save_pretrained(out_dir)
+    save_hf(built, out_dir)
     (out_dir / "vtc.json").write_text(json.dumps({"format": "llava-hf", "written_by": "vtc"}, indent=1))

@@ -20,7 +20,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from models.build import Built, ComponentSpec, build
+from models.build import Built, ComponentSpec, build, save_hf
 
 FORMAT = "vtc-export-1"
 
@@ -58,11 +58,7 @@ def export(
         {k: v.detach().contiguous().cpu() for k, v in components.items()}, str(out / "components.safetensors")
     )
     if not compressor_only:
-        if projector.name == "mlp2x_gelu":  # keep the llava-hf folder a complete LLaVA model
-            built.hf.model.multi_modal_projector.load_state_dict(model.projector.state_dict())
-        built.hf.save_pretrained(out)
-        if built.tokenizer is not None:
-            built.tokenizer.save_pretrained(out)
+        save_hf(built, out)
     import transformers
 
     meta = {
