@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from data.dataset import load_views
+from data.dataset import collate, load_views
 from data.shards import ShardIndex
 from data.templates import get_template
 
@@ -60,23 +60,21 @@ def evaluate_accuracy(
     images: dict[int, tuple] = {}
     for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress, unit="batch"):
         chunk = jobs[start : start + batch_size]
-        length = max(len(j[2]) for j in chunk)
-        ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.bool)
-        for b, (_, _, prompt, _) in enumerate(chunk):
-            ids[b, : len(prompt)] = torch.tensor(prompt)
-            mask[b, : len(prompt)] = True
-        views = [_image(shards, j[0], image_size, model.hd_grids, images) for j in chunk]
-        grids = torch.tensor([g for _, g in views]) if model.hd_grids else None
-        pixels = torch.cat([v for v, _ in views]) if model.hd_grids else torch.stack([v for v, _ in views])
+        batch = collate(
+            [
+                _prompt_item(shards, index, prompt, image_size, model.hd_grids, images)
+                for index, _, prompt, _ in chunk
+            ],
+            tokenizer.pad_token_id,
+        )
         device = next(model.parameters()).device
         out, visual_in = model.generate(
-            ids.to(device),
-            mask.to(device),
-            pixels.to(device),
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["pixel_values"].to(device),
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
-            image_grids=grids,
+            image_grids=batch.get("image_grids"),
         )
         visual.extend(visual_in.tolist())
         for (_, family, _, answer), tokens in zip(chunk, out.tolist(), strict=True):
@@ -99,8 +97,13 @@ def evaluate_accuracy(
     }
 
 
-def _image(shards: ShardIndex, index: int, size: int, hd_grids, cache: dict) -> tuple:
-    """(views, grid) of test image `index`, decoded once."""
+def _prompt_item(shards: ShardIndex, index: int, prompt: list[int], size: int, hd_grids, cache: dict) -> dict:
+    """A dataset-shaped item (see data.dataset.collate) for a prompt on test image `index`,
+    whose views are decoded once."""
     if index not in cache:
         cache[index] = load_views(shards.image_bytes(index), size, hd_grids)
-    return cache[index]
+    views, grid = cache[index]
+    item = {"id": str(index), "input_ids": prompt, "labels": prompt, "pixel_values": views}
+    if grid is not None:
+        item["image_grid"] = grid
+    return item
