@@ -98,7 +98,8 @@ def run_recipe(recipe: Recipe) -> dict:
     if recipe.model.projector.name == "mlp2x_gelu" and not recipe.model.compressors:
         if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
             print(
-                "[vtc] LoRA adapters are in trainable.safetensors; no llava-hf export of the merged model yet"
+                "[vtc] LoRA adapters are in trainable.safetensors; `vtc export RUN_DIR OUT --merge-lora` "
+                "writes the merged model"
             )
         else:
             write_dir_atomic(run_dir / "hf", lambda tmp: save_as_llava_hf(built, tmp))
