@@ -134,7 +134,14 @@ def save_hf(built: Built, out_dir: str | Path) -> None:
     copied into `multi_modal_projector` first, so the folder holds the trained LLaVA model."""
     if built.model.projector.registry_name == "mlp2x_gelu":
         built.hf.model.multi_modal_projector.load_state_dict(built.model.projector.state_dict())
-    built.hf.save_pretrained(out_dir)
+    # Linears wrapped by LoRA keep their weight under `.base_layer.`: save it under the plain HF
+    # name; the adapters are not part of the HF model (models/export.py saves them apart).
+    state = {
+        key.replace(".base_layer.", "."): value
+        for key, value in built.hf.state_dict().items()
+        if "lora_" not in key
+    }
+    built.hf.save_pretrained(out_dir, state_dict=state)
     if built.tokenizer is not None:
         built.tokenizer.save_pretrained(out_dir)
 

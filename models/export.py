@@ -3,12 +3,15 @@
     OUT/config.json, model.safetensors, tokenizer files   the LLaVA model in llava-hf layout
                                                           (absent with compressor_only)
     OUT/components.safetensors                            projector + compressors weights
+    OUT/lora.safetensors                                  unmerged LoRA adapters (if any)
     OUT/vtc.json                                          format, projector/compressor specs,
-                                                          base (for compressor_only), versions,
-                                                          tensor names and shapes
+                                                          LoRA settings per part, base (for
+                                                          compressor_only), versions, tensor
+                                                          names and shapes
 
 `load_pretrained(OUT)` rebuilds the same model: the llava-hf part through transformers, the
-components through the registry, weights from safetensors only.
+components through the registry, LoRA adapters re-injected with peft, weights from safetensors
+only.
 """
 
 from __future__ import annotations
@@ -17,25 +20,22 @@ import json
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from models.build import Built, ComponentSpec, build, save_hf
+from models.lora import inject_lora, lora_settings, remove_lora
 
 FORMAT = "vtc-export-1"
 
 
 def merge_lora(root: torch.nn.Module) -> int:
-    """Fold every peft LoRA adapter under `root` into its base weight and put the plain base
-    module back in its place, so the weights have their HF names again. Returns the count."""
-    merged = 0
-    for name, module in list(root.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent_name) if parent_name else root, child, module.get_base_layer())
-            merged += 1
-    return merged
+    """Fold every LoRA adapter under `root` into its base weight (peft's merge), leaving plain
+    HF modules. Returns the count."""
+    return remove_lora(root, merge=True)
+
+
+def lora_parts(model) -> dict[str, torch.nn.Module]:
+    return {"llm": model.llm, "vision": model.vision}
 
 
 def export(
@@ -46,10 +46,10 @@ def export(
     base: str,
     compressor_only: bool = False,
 ) -> Path:
-    """Write `built` to `out_dir`. LoRA adapters must be merged first (`merge_lora`)."""
+    """Write `built` to `out_dir`. Unmerged LoRA adapters go to lora.safetensors (the HF part gets
+    the base weights); `merge_lora` first to fold them in instead."""
     model = built.model
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise ValueError("the model has unmerged LoRA adapters: merge them first (vtc export --merge-lora)")
+    lora = {part: s for part, m in lora_parts(model).items() if (s := lora_settings(m)) is not None}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     components = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
@@ -59,6 +59,9 @@ def export(
     )
     if not compressor_only:
         save_hf(built, out)
+    adapters = {k: v.detach().contiguous().cpu() for k, v in model.named_parameters() if "lora_" in k}
+    if adapters:
+        save_file(adapters, str(out / "lora.safetensors"))
     import transformers
 
     meta = {
@@ -66,6 +69,7 @@ def export(
         "base": base if compressor_only else None,
         "projector": {"name": projector.name, "params": projector.params},
         "compressors": [{"name": c.name, "params": c.params} for c in compressors],
+        "lora": lora,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "tensors": {k: list(v.shape) for k, v in components.items()},
     }
@@ -90,4 +94,15 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     for prefix, module in (("projector.", model.projector), ("compressors.", model.compressors)):
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=True)
+    lora = meta.get("lora") or {}
+    if lora:
+        for part, settings in lora.items():
+            inject_lora(lora_parts(model)[part], part, **settings)
+        adapters = load_file(str(path / "lora.safetensors"))
+        missing = {k for k, _ in model.named_parameters() if "lora_" in k} ^ set(adapters)
+        if missing:
+            raise ValueError(
+                f"{path}: lora.safetensors does not match the adapters, e.g. {sorted(missing)[:3]}"
+            )
+        model.load_state_dict(adapters, strict=False)
     return built

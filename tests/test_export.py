@@ -70,8 +70,25 @@ def test_export_with_merged_lora_loads_back_with_the_same_logits(lora_run):
     loaded = load_pretrained(out)
     assert not any("lora_" in n for n, _ in loaded.model.named_parameters())
     torch.testing.assert_close(logits(loaded), trained, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="--merge-lora"):
-        export_run(tmp / "run", tmp / "unmerged")
+
+
+@pytest.mark.slow
+def test_export_with_unmerged_lora_loads_back_with_identical_logits(lora_run):
+    tmp, recipe, _ = lora_run
+    trained = logits(rebuild_run(tmp / "run")[0])
+    out = export_run(tmp / "run", tmp / "unmerged")
+    meta = json.loads((out / "vtc.json").read_text())
+    assert meta["lora"] == {
+        "llm": {"r": recipe.stages[1].lora.r, "alpha": recipe.stages[1].lora.alpha, "dropout": 0.0}
+    }
+    # the HF part holds the base weights under their plain names, the adapters are apart
+    from safetensors.torch import load_file
+
+    hf_names = set(load_file(str(out / "model.safetensors")))
+    assert not any("lora_" in n or "base_layer" in n for n in hf_names)
+    loaded = load_pretrained(out)
+    assert any("lora_" in n for n, _ in loaded.model.named_parameters())
+    torch.testing.assert_close(logits(loaded), trained, rtol=0, atol=0)
 
 
 def test_load_pretrained_refuses_other_folders(tmp_path):

@@ -7,16 +7,11 @@ weights are trainables of every later stage that keeps that part in `lora`).
 
 from __future__ import annotations
 
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from models.llava import VtcLlava
+from models.lora import has_lora, inject_lora
 from train.recipe import Stage
-
-LORA_TARGETS = {
-    "llm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "vision": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
 
 
 def parts_of(model: VtcLlava) -> dict[str, nn.Module]:
@@ -28,10 +23,6 @@ def parts_of(model: VtcLlava) -> dict[str, nn.Module]:
     }
 
 
-def has_lora(module: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in module.named_parameters())
-
-
 def apply_stage(model: VtcLlava, stage: Stage) -> list[tuple[str, str, int, int]]:
     """Set requires_grad per the stage's policy (injecting LoRA where asked).
     Returns rows (part, mode, trainable params, frozen params)."""
@@ -39,13 +30,7 @@ def apply_stage(model: VtcLlava, stage: Stage) -> list[tuple[str, str, int, int]
     for part, module in parts_of(model).items():
         mode = getattr(stage.train, part)
         if mode == "lora" and not has_lora(module):
-            config = LoraConfig(
-                r=stage.lora.r,
-                lora_alpha=stage.lora.alpha,
-                lora_dropout=stage.lora.dropout,
-                target_modules=LORA_TARGETS[part],
-            )
-            inject_adapter_in_model(config, module)
+            inject_lora(module, part, stage.lora.r, stage.lora.alpha, stage.lora.dropout)
         never = module.unused_prefixes() if part == "vision" else ()
         for name, param in module.named_parameters():
             is_lora = "lora_" in name
