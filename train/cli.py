@@ -42,7 +42,27 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.overrides)
     print(f"[vtc] recipe {recipe.source} → {run_dir_of(recipe)}")
-    metrics = run_recipe(recipe)
+    metrics = run_recipe(recipe, resume=args.resume, force=args.force, restart=args.restart)
+    report(recipe, metrics)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    recipe_file = Path(args.run_dir) / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a run directory (no recipe.yaml)")
+    recipe = load_recipe(recipe_file, args.overrides)
+    metrics = run_recipe(recipe, resume="auto", force=args.force)
+    report(recipe, metrics)
+    return 0
+
+
+def report(recipe, metrics: dict) -> None:
+    from train.run import run_dir_of
+
     if metrics:
         families = "  ".join(f"{k} {v:.1%}" for k, v in metrics["per_family"].items())
         print(
@@ -50,7 +70,6 @@ def cmd_train(args) -> int:
             f"{metrics['count']} questions)\n[vtc]   {families}\n"
             f"[vtc] trained in {metrics['train_seconds']:.0f} s; results in {run_dir_of(recipe) / 'metrics.json'}"
         )
-    return 0
 
 
 def cmd_data_synth(args) -> int:
@@ -103,7 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. stages.0.steps=10 trainer.devices=2"
     )
+    p.add_argument(
+        "--resume",
+        metavar="auto|CKPT",
+        help="continue the run from its newest complete checkpoint (auto) or from RUN_DIR/ckpt/<one>",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="resume even though the recipe changed in a way that matters"
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="discard the run's checkpoints and train from scratch"
+    )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a killed run from its newest checkpoint")
+    p.add_argument("run_dir", help="the run directory (holds recipe.yaml and ckpt/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. trainer.log_every=1")
+    p.add_argument(
+        "--force", action="store_true", help="resume even though the recipe changed in a way that matters"
+    )
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("export", help="write a trained run as a folder that loads back with one call")
     p.add_argument("run_dir", help="a run directory (the recipe's output)")

@@ -1,5 +1,5 @@
 """Data for a stage: synthetic shards (generated once into the cache) or converted shards,
-wrapped in a DataModule whose loader Lightning shards across DDP ranks."""
+wrapped in a DataModule whose resumable loader shards them across DDP ranks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from data.dataset import ConversationDataset, collate
+from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import write_synthetic
 from train.recipe import REPO_ROOT, DataRecipe, Stage
@@ -84,13 +85,16 @@ class VtcDataModule(L.LightningDataModule):
         self.pad_token_id = tokenizer.pad_token_id
 
     def train_dataloader(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.utils.data.DataLoader(
+        # vtc shards the data across ranks itself (Trainer(use_distributed_sampler=False)): the
+        # loader's order is a function of (seed, epoch, rank) and its position resumes exactly.
+        return ResumableLoader(
             self.dataset,
-            batch_size=self.stage.batch_size,
-            shuffle=True,
-            generator=generator,
-            drop_last=True,
+            self.stage.batch_size,
+            self.seed,
+            rank=self.trainer.global_rank,
+            world=self.trainer.world_size,
+            # only seeds workers (the data has no randomness); kept off the global RNG stream
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.data.num_workers,
             persistent_workers=self.data.num_workers > 0,
             collate_fn=partial(collate, pad_token_id=self.pad_token_id),

@@ -13,6 +13,7 @@ import torch
 
 from models.llava import VtcLlava
 from models.region_head import RegionHead
+from train.checkpoint import restore_rng, rng_state
 from train.recipe import Stage
 
 
@@ -25,8 +26,16 @@ class VtcModule(L.LightningModule):
         region_head: RegionHead | None = None,
         run_dir: Path | None = None,
         record_samples: bool = False,
+        saved_weights: set[str] = frozenset(),
+        nonfinite_loss: str = "stop",
     ):
         super().__init__()
+        # Checkpoints hold only `saved_weights` (names in the model: everything any stage so far
+        # trained) and the region head; frozen weights come back from the base, hence not strict.
+        self.saved_weights = set(saved_weights)
+        self.strict_loading = False
+        self.nonfinite_loss = nonfinite_loss
+        self.nonfinite_skipped: list[int] = []
         self.model = model
         self.stage = stage
         self.total_steps = total_steps
@@ -58,6 +67,12 @@ class VtcModule(L.LightningModule):
             loss = out.loss
             self.log("train/visual_tokens", out.visual_tokens_in.float().mean())
         if not torch.isfinite(loss):
+            # None: Lightning runs no backward, so no weight moves (the step number and the LR
+            # schedule still advance)
+            if self.nonfinite_loss == "skip":
+                self.nonfinite_skipped.append(self.global_step)
+                print(f"[vtc] non-finite loss at step {self.global_step}: batch skipped", flush=True)
+                return None
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.global_step} of stage "
                 f"{self.stage.name!r}; stopping before it reaches the weights"
@@ -84,6 +99,29 @@ class VtcModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self._saved(k)}
+        checkpoint["vtc"] = {
+            "rng": rng_state(),  # ranks share one seed and consume the RNG alike
+            "skipped_by_rank": gather_from_ranks(dict(self.skipped)),
+            "nonfinite_skipped": list(self.nonfinite_skipped),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        unknown = sorted(set(checkpoint["state_dict"]) - set(self.state_dict()))
+        if unknown:  # not strict about missing (frozen) weights, but never ignore a saved one
+            raise ValueError(f"checkpoint has {len(unknown)} weight(s) this model lacks, e.g. {unknown[:3]}")
+        state = checkpoint["vtc"]
+        restore_rng(state["rng"])
+        by_rank = state["skipped_by_rank"]
+        self.skipped = dict(by_rank[self.global_rank]) if self.global_rank < len(by_rank) else {}
+        self.nonfinite_skipped = list(state["nonfinite_skipped"])
+
+    def _saved(self, key: str) -> bool:
+        if key.startswith("region_head."):
+            return True
+        return key.startswith("model.") and key[len("model.") :] in self.saved_weights
+
     def on_train_end(self):
         if self.run_dir is None:
             return
@@ -99,6 +137,15 @@ class VtcModule(L.LightningModule):
         if self.record_samples:
             record = {"rank": rank, "seen_ids": self.seen_ids, "weights_sha256": trainable_digest(self.model)}
             (self.run_dir / f"record-{self.stage.name}-rank{rank}.json").write_text(json.dumps(record))
+
+
+def gather_from_ranks(value) -> list:
+    """Every rank's `value`, in rank order (all ranks must call it; [value] when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def trainable_digest(model: torch.nn.Module) -> str:

@@ -114,6 +114,15 @@ class TrainerRecipe:
     log_every: int = 10
     threads: int | None = None  # torch CPU threads; None = leave as is
     record_samples: bool = False  # write each rank's seen sample ids + final weight digest
+    # A non-finite loss stops the run (the last checkpoint stays the last good one), or with
+    # `skip` that batch is left out (no backward, no optimizer step) and counted. Single device.
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+
+
+@dataclass(frozen=True)
+class CheckpointRecipe:
+    every: int = 50  # optimizer steps between saves; the last step of every stage is saved too
+    keep_last: int = 2  # newest checkpoints kept (over all stages)
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,7 @@ class Recipe:
     trainer: TrainerRecipe = field(default_factory=TrainerRecipe)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
     wandb: WandbRecipe = field(default_factory=WandbRecipe)
+    checkpoint: CheckpointRecipe = field(default_factory=CheckpointRecipe)
     seed: int = 0
     source: str = ""  # the file it came from (set by the loader)
 
@@ -383,6 +393,14 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
                 f"{stage.global_batch_size} is not a multiple of batch_size "
                 f"{stage.batch_size} × {world} device(s)",
             )
+    for key in ("every", "keep_last"):
+        if getattr(recipe.checkpoint, key) < 1:
+            add(f"checkpoint.{key}", "must be at least 1")
+    if recipe.trainer.nonfinite_loss == "skip" and (world > 1 or recipe.trainer.strategy != "auto"):
+        add(
+            "trainer.nonfinite_loss",
+            "'skip' works on a single device only (Lightning cannot skip a step on some ranks); use 'stop'",
+        )
     if recipe.trainer.strategy.startswith("deepspeed") and recipe.trainer.accelerator == "cpu":
         add(
             "trainer.strategy",

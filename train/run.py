@@ -1,32 +1,49 @@
 """Run a recipe: build the model, train each stage with Lightning, evaluate, save.
 
-load recipe → build model → for each stage: freeze policy → data → Trainer.fit
-→ held-out accuracy → trainable weights (+ llava-hf base when the model is one)
+load recipe → (resume point) → build model → for each stage: freeze policy → data →
+Trainer.fit (periodic checkpoints; resumed from one when asked) → held-out accuracy →
+trainable weights (+ llava-hf base when the model is one)
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
 import os
+import secrets
+import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from safetensors.torch import load_file, save_file
 
 from data.synth import region_classes
 from models.build import build, save_as_llava_hf
+from models.lora import has_lora
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
+from train.checkpoint import (
+    CheckpointInfo,
+    PeriodicCheckpoint,
+    TrainablesCheckpointIO,
+    latest_checkpoint,
+    list_checkpoints,
+    recipe_drift,
+    remove_partial_saves,
+)
 from train.datamodule import VtcDataModule, split_shards
-from train.freeze import apply_stage, format_table, has_lora, parts_of
+from train.freeze import apply_stage, format_table
 from train.module import VtcModule
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, recipe_to_yaml, resolve_base
 from train.strategy import build_strategy
+from train.zero import load_state, trainable_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +69,7 @@ def ensure_base(recipe: Recipe) -> None:
         print(
             f"[vtc] the tiny base ({resolve_base(base)}) is missing: training it first with {DEFAULT_RECIPE}"
         )
-        run_recipe(load_recipe(DEFAULT_RECIPE))
+        run_recipe(load_recipe(DEFAULT_RECIPE), resume="auto")  # continues a base run that was killed
 
 
 def build_from_recipe(recipe: Recipe):
@@ -69,13 +86,59 @@ def build_from_recipe(recipe: Recipe):
     )
 
 
-def run_recipe(recipe: Recipe) -> dict:
+def resume_point(
+    recipe: Recipe, run_dir: Path, resume: str | None, force: bool, restart: bool
+) -> CheckpointInfo | None:
+    """The checkpoint to continue from (None: start from scratch), after checking the recipe
+    did not change in a way that matters. `resume` is "auto" (newest complete) or a folder."""
+    existing = list_checkpoints(run_dir)
+    if restart:
+        return None
+    if resume is None:
+        if existing:
+            raise ValueError(
+                f"{run_dir} already has checkpoints (newest: {existing[-1].path.name}): pass "
+                "--resume auto to continue that run, or --restart to train it again from scratch"
+            )
+        return None
+    if resume == "auto":
+        start = latest_checkpoint(run_dir)
+        if start is None:
+            print(f"[vtc] --resume auto: no checkpoint in {run_dir}; starting from scratch")
+            return None
+    else:
+        start = next((c for c in existing if c.path.resolve() == Path(resume).resolve()), None)
+        if start is None:
+            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint of {run_dir}")
+    saved_recipe = run_dir / "recipe.yaml"
+    if saved_recipe.is_file() and not force:
+        drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
+        if drift:
+            raise ValueError(
+                f"refusing to resume {run_dir}: the recipe changed since the run started\n  "
+                + "\n  ".join(drift)
+                + "\n(pass --force to resume anyway)"
+            )
+    return start
+
+
+def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, restart: bool = False) -> dict:
+    """Train every stage of the recipe, evaluate, save. `resume`: "auto" or a checkpoint folder
+    (see `resume_point`); `restart` discards the run's checkpoints and starts over."""
     ensure_base(recipe)
     run_dir = run_dir_of(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
     is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    start = resume_point(recipe, run_dir, resume, force, restart)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
+        remove_partial_saves(run_dir)
+        if restart or start is not None:  # checkpoints newer than the start belong to another history
+            for old in list_checkpoints(run_dir):
+                if start is None or old.order > start.order:
+                    shutil.rmtree(old.path)
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    if start is not None:
+        print(f"[vtc] resuming from {start.path} (stage {start.stage!r}, step {start.step})")
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
@@ -84,17 +147,22 @@ def run_recipe(recipe: Recipe) -> dict:
         loaded = load_trainables(built.model, recipe.model.init)
         print(f"[vtc] initialised {loaded} tensors from {recipe.model.init}")
     started = time.time()
-    trained_parts: set[str] = set()
-    records = []
-    for stage in recipe.stages:
-        parts, record = train_stage(recipe, stage, built, run_dir, is_zero)
-        trained_parts |= parts
-        records.append(record)
+    saved: set[str] = set()  # names of every weight some stage trained so far
+    records = json.loads((start.path / "info.json").read_text()).get("records", []) if start else []
+    for index, stage in enumerate(recipe.stages):
+        if start is not None and index < start.stage_index:
+            apply_stage(built.model, stage)  # LoRA structure as it was; weights come from the checkpoint
+            saved |= trainable_names(built.model)
+            continue
+        resume_from = start.path if start is not None and index == start.stage_index else None
+        records.append(
+            train_stage(recipe, index, stage, built, run_dir, is_zero, saved, records, resume_from)
+        )
     train_seconds = time.time() - started
+    save_trainables(built.model, saved, run_dir, write=is_zero)
     if not is_zero:
         return {}
     write_json_atomic(run_dir / "meta.json", run_metadata(recipe.source, records))
-    save_trainables(built.model, trained_parts, run_dir)
     if recipe.model.projector.name == "mlp2x_gelu" and not recipe.model.compressors:
         if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
             print(
@@ -119,10 +187,22 @@ def run_recipe(recipe: Recipe) -> dict:
     return metrics
 
 
-def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> tuple[set[str], dict]:
-    """Train one stage; returns the parts it trained and a record for meta.json."""
+def train_stage(
+    recipe: Recipe,
+    index: int,
+    stage,
+    built,
+    run_dir: Path,
+    is_zero: bool,
+    saved: set[str],
+    records: list[dict],
+    resume_from: Path | None = None,
+) -> dict:
+    """Train one stage (from `resume_from`, a checkpoint of this stage, if given); adds what it
+    trains to `saved` and returns its record for meta.json."""
     model = built.model
     rows = apply_stage(model, stage)
+    saved |= trainable_names(model)
     if is_zero:
         print(format_table(stage.name, rows), flush=True)
     world = recipe.trainer.devices * recipe.trainer.num_nodes
@@ -145,7 +225,22 @@ def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> t
     if steps is None:
         per_epoch = len(data.dataset) // (stage.batch_size * world * accumulate)
         steps = max(1, math.ceil(stage.epochs * per_epoch))
-    module = VtcModule(model, stage, steps, region_head, run_dir, recipe.trainer.record_samples)
+    module = VtcModule(
+        model,
+        stage,
+        steps,
+        region_head,
+        run_dir,
+        recipe.trainer.record_samples,
+        saved_weights=saved,
+        nonfinite_loss=recipe.trainer.nonfinite_loss,
+    )
+    checkpoints = PeriodicCheckpoint(
+        run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, records
+    )
+    logs = loggers(recipe, run_dir, stage.name)
+    if resume_from is not None and is_zero:
+        continue_csv_log(logs[0], json.loads((resume_from / "info.json").read_text())["step"])
     trainer = L.Trainer(
         max_steps=steps,
         accelerator=recipe.trainer.accelerator,
@@ -156,23 +251,33 @@ def train_stage(recipe: Recipe, stage, built, run_dir: Path, is_zero: bool) -> t
         accumulate_grad_batches=accumulate,
         gradient_clip_val=stage.optim.grad_clip,
         log_every_n_steps=recipe.trainer.log_every,
-        logger=loggers(recipe, run_dir, stage.name),
-        enable_checkpointing=False,
+        logger=logs,
+        callbacks=[checkpoints],
+        plugins=[TrainablesCheckpointIO()],
+        use_distributed_sampler=False,  # the datamodule's loader shards by rank and resumes
+        enable_checkpointing=False,  # vtc's PeriodicCheckpoint saves (atomically, trainables only)
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=run_dir,
     )
     started = time.time()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     record = {
         "name": stage.name,
         "steps": trainer.global_step,
         "samples_seen": trainer.global_step * stage.batch_size * world * accumulate,
         "seconds": round(time.time() - started, 1),
         "skipped_samples": len(module.skipped),
+        "nonfinite_skipped_steps": module.nonfinite_skipped,
     }
-    return {part for part, mode, trainable, _ in rows if trainable}, record
+    if resume_from is not None:
+        record["resumed_from"] = resume_from.name
+    return record
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
 def loggers(recipe: Recipe, run_dir: Path, stage_name: str) -> list:
@@ -186,9 +291,36 @@ def loggers(recipe: Recipe, run_dir: Path, stage_name: str) -> list:
                 save_dir=str(run_dir),
                 group=run_dir.name,
                 job_type=stage_name,
+                id=wandb_run_id(run_dir, stage_name),  # a resumed stage continues its wandb run
+                resume="allow",
             )
         )
     return out
+
+
+def wandb_run_id(run_dir: Path, stage_name: str) -> str:
+    """The stage's wandb run id, made once and kept in RUN_DIR/wandb-ids.json."""
+    path = run_dir / "wandb-ids.json"
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if stage_name not in ids:
+        ids[stage_name] = secrets.token_hex(8)
+        write_json_atomic(path, ids)
+    return ids[stage_name]
+
+
+def continue_csv_log(logger: CSVLogger, up_to_step: int) -> None:
+    """Keep the stage's metrics.csv rows up to the checkpoint's step (Lightning's CSV writer
+    starts the file afresh; rows logged after the checkpoint are logged again by the resumed run)."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as file:
+        rows = [row for row in csv.DictReader(file) if int(row["step"]) < up_to_step]
+    writer = logger.experiment  # its creation removes the old file
+    for row in rows:
+        step = int(row.pop("step"))
+        writer.log_metrics({k: v for k, v in row.items() if v != ""}, step)  # text kept as written
+    writer.save()
 
 
 def load_trainables(model, source: str) -> int:
@@ -198,30 +330,19 @@ def load_trainables(model, source: str) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"model.init: no trainable weights at {path}")
     tensors = load_file(str(path))
-    for part, module in parts_of(model).items():
-        own = {k[len(part) + 1 :]: v for k, v in tensors.items() if k.startswith(part + ".")}
-        if own:
-            missing = set(own) - set(module.state_dict())
-            if missing:
-                raise ValueError(
-                    f"model.init: {path} has {part} weights this model lacks, e.g. {sorted(missing)[:3]}"
-                )
-            module.load_state_dict(own, strict=False)
+    try:
+        load_state(model, tensors)  # gathers ZeRO-3 partitions, if the model has them
+    except ValueError as err:
+        raise ValueError(f"model.init: {path} does not fit this model: {err}") from None
     return len(tensors)
 
 
-def save_trainables(model, parts: set[str], run_dir: Path) -> Path:
-    """Only what was trained (the parts any stage unfroze, incl. LoRA adapters), as safetensors."""
-    modules = {
-        "vision": model.vision,
-        "projector": model.projector,
-        "compressors": model.compressors,
-        "llm": model.llm,
-    }
-    tensors = {}
-    for part in sorted(parts):
-        for name, tensor in modules[part].state_dict().items():
-            tensors[f"{part}.{name}"] = tensor.detach().contiguous().cpu()
+def save_trainables(model, names: set[str], run_dir: Path, write: bool = True) -> Path:
+    """Only what was trained (the weights some stage unfroze, LoRA adapters included), as
+    safetensors keyed `part.name`; frozen weights stay with the base. Under DeepSpeed every rank
+    calls it (ZeRO-3 gathers each parameter) and the one with `write` writes."""
+    tensors = trainable_state(model, names)
     path = run_dir / "trainable.safetensors"
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    if write:
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
     return path

@@ -37,4 +37,8 @@ def build_strategy(trainer: TrainerRecipe):
         return DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo")
     from lightning.pytorch.strategies import DeepSpeedStrategy  # GPU only: checked at validation
 
-    return DeepSpeedStrategy(config=deepspeed_config(int(trainer.strategy[-1])))
+    # Checkpoints hold the trainables only (frozen weights come from the base); vtc's LightningModule
+    # loads them non-strictly, which Lightning passes on to DeepSpeed's load_checkpoint.
+    return DeepSpeedStrategy(
+        config=deepspeed_config(int(trainer.strategy[-1])), exclude_frozen_parameters=True
+    )

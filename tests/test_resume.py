@@ -1,0 +1,282 @@
+"""Resume after a crash: exact data position, bit-identical weights, atomic saves, drift refusal."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.loader import ResumableLoader
+from train.checkpoint import TrainablesCheckpointIO, latest_checkpoint, list_checkpoints, recipe_drift
+
+# Stage "instruct": 96 samples / batch 8 = 12 batches per epoch, 30 steps = 2.5 epochs, so a
+# kill after step 12 lands in the second epoch, past the point where a naive resume re-reads data.
+SHORT = [
+    "data.synthetic.train=96",
+    "stages.0.steps=4",
+    "stages.1.steps=30",
+    "trainer.threads=1",
+]
+
+
+def train_cmd(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "train.cli",
+        "train",
+        "tiny/smoke",
+        f"output={run_dir}",
+        f"data.cache_dir={data_dir}",
+        *SHORT,
+        *extra,
+    ]
+
+
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def weights_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {k: v.numpy().tobytes() for k, v in load_file(str(run_dir / "trainable.safetensors")).items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """The reference: the same recipe trained without interruption (keeping 2 checkpoints)."""
+    root = tmp_path_factory.mktemp("resume")
+    run_dir, data_dir = root / "reference", root / "data"
+    run_ok(train_cmd(run_dir, data_dir, "checkpoint.every=5", "checkpoint.keep_last=2"))
+    return run_dir, data_dir
+
+
+def test_loader_continues_exactly_where_it_stopped():
+    data = list(range(50))
+    full = ResumableLoader(data, batch_size=4, seed=3)
+    full.sampler.set_epoch(2)
+    expected = [b.tolist() for b in full]
+    first = ResumableLoader(data, batch_size=4, seed=3)
+    first.sampler.set_epoch(2)
+    taken = []
+    for batch in first:
+        taken.append(batch.tolist())
+        if len(taken) == 5:
+            break
+    state = first.state_dict()
+    resumed = ResumableLoader(data, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    assert state == {"epoch": 2, "batches_taken": 5}
+    assert taken + [b.tolist() for b in resumed] == expected
+    assert len(expected) == 12  # 50 // 4, the tail dropped
+    # another epoch is another order; ranks split an epoch into disjoint equal shares
+    other = ResumableLoader(data, batch_size=4, seed=3)
+    other.sampler.set_epoch(3)
+    assert [b.tolist() for b in other] != expected
+    shares = [
+        sum((b.tolist() for b in ResumableLoader(data, 5, seed=3, rank=r, world=2)), []) for r in (0, 1)
+    ]
+    assert len(shares[0]) == len(shares[1]) == 25 and not set(shares[0]) & set(shares[1])
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted, tmp_path):
+    reference, data_dir = uninterrupted
+    run_dir = tmp_path / "killed"
+    kill_after = random.Random().randint(13, 23)  # a step inside the second epoch
+    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        newest = latest_checkpoint(run_dir)
+        if newest and newest.stage == "instruct" and newest.step >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "trainable.safetensors").exists()
+    newest = latest_checkpoint(run_dir)
+    assert newest.step % 12 != 0, "the resume point should be mid-epoch"
+    out = run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
+    assert f"resuming from {newest.path}" in out.stdout
+    assert weights_bytes(run_dir) == weights_bytes(reference)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert [s["name"] for s in meta["stages"]] == ["vision", "instruct"]
+    assert meta["stages"][1]["resumed_from"] == newest.path.name
+    # the metrics file continues: one row per step, as in the uninterrupted run
+    steps = [
+        line.split(",")[1] for line in (run_dir / "logs/instruct/metrics.csv").read_text().splitlines()[1:]
+    ]
+    assert steps == [str(s) for s in range(30)]
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path):
+    reference, data_dir = uninterrupted
+    run_dir = tmp_path / "killed-in-save"
+    # The third save dies after writing its weights, before its training state.
+    crash = (
+        "import os, signal, sys\n"
+        "from train import checkpoint, cli\n"
+        "original, calls = checkpoint.TrainablesCheckpointIO.save_checkpoint, []\n"
+        "def dying(self, ckpt, path, storage_options=None):\n"
+        "    calls.append(path)\n"
+        "    if len(calls) == 3:\n"
+        "        from safetensors.torch import save_file\n"
+        "        os.makedirs(path, exist_ok=True)\n"
+        "        save_file({'x': __import__('torch').zeros(1)}, os.path.join(path, 'trainable.safetensors'))\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return original(self, ckpt, path, storage_options)\n"
+        "checkpoint.TrainablesCheckpointIO.save_checkpoint = dying\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=3", "checkpoint.keep_last=5")
+    out = subprocess.run([sys.executable, "-c", crash, *cmd[3:]], capture_output=True, text=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL
+    found = list_checkpoints(run_dir)
+    # vision ends at step 4 (saved: 3, 4), instruct's step 3 died mid-save
+    assert [(c.stage, c.step) for c in found] == [("vision", 3), ("vision", 4)]
+    assert list((run_dir / "ckpt").glob(".tmp-*")), "the partial save should be left where it died"
+    state = TrainablesCheckpointIO().load_checkpoint(found[-1].path)
+    assert state["global_step"] == 4 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
+    assert not list((run_dir / "ckpt").glob(".tmp-*"))
+    assert weights_bytes(run_dir) == weights_bytes(reference)
+
+
+@pytest.mark.slow
+def test_finished_run_keeps_the_newest_checkpoints_and_refuses_silent_restart(uninterrupted):
+    reference, data_dir = uninterrupted
+    kept = list_checkpoints(reference)
+    assert [(c.stage, c.step, c.stage_done) for c in kept] == [
+        ("instruct", 25, False),
+        ("instruct", 30, True),
+    ]
+    from train.recipe import load_recipe
+    from train.run import resume_point
+
+    recipe = load_recipe("tiny/smoke", [f"output={reference}", f"data.cache_dir={data_dir}", *SHORT])
+    with pytest.raises(ValueError, match="--resume auto"):
+        resume_point(recipe, reference, None, force=False, restart=False)
+    assert resume_point(recipe, reference, "auto", force=False, restart=False) == kept[-1]
+    changed = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={reference}",
+            f"data.cache_dir={data_dir}",
+            *SHORT,
+            "stages.1.optim.lr=0.1",
+            "eval.limit=2",
+        ],
+    )
+    with pytest.raises(ValueError, match=r"stages\.1\.optim\.lr: 0\.003 → 0\.1") as err:
+        resume_point(changed, reference, "auto", force=False, restart=False)
+    assert "eval" not in str(err.value)  # evaluation settings do not change the training
+    assert resume_point(changed, reference, "auto", force=True, restart=False) == kept[-1]
+
+
+def test_newest_checkpoint_is_chosen_by_stage_and_step_not_name(tmp_path):
+    def fake(name: str, stage_index: int, step: int, complete: bool = True):
+        path = tmp_path / "ckpt" / name
+        path.mkdir(parents=True)
+        if complete:
+            info = {"stage_index": stage_index, "stage": f"s{stage_index}", "step": step, "stage_done": False}
+            (path / "info.json").write_text(json.dumps(info))
+
+    fake("stage1-b-step99", 1, 99)
+    fake("stage1-b-step100", 1, 100)
+    fake("stage0-a-step500", 0, 500)
+    fake("stage9-z-step999", 9, 999, complete=False)  # no info.json: a save that never finished
+    fake(".tmp-stage1-b-step200", 1, 200)  # hidden: never picked
+    assert [c.step for c in list_checkpoints(tmp_path)] == [500, 99, 100]
+    assert latest_checkpoint(tmp_path).path.name == "stage1-b-step100"
+
+
+def test_recipe_drift_names_what_changed():
+    old = {
+        "seed": 0,
+        "stages": [{"batch_size": 8}],
+        "trainer": {"threads": 1, "devices": 1},
+        "eval": {"limit": 5},
+    }
+    new = {
+        "seed": 1,
+        "stages": [{"batch_size": 4}],
+        "trainer": {"threads": 2, "devices": 1},
+        "eval": {"limit": 9},
+    }
+    assert recipe_drift(old, new) == ["seed: 0 → 1", "stages.0.batch_size: 8 → 4"]
+    assert recipe_drift(old, {**old, "stages": []}) == ["stages: [{'batch_size': 8}] → []"]
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skip_leaves_out_the_batch(tmp_path, monkeypatch):
+    """With trainer.nonfinite_loss=skip a NaN loss costs that batch only: the weights do not
+    move on it (the step count and LR schedule do), and the skipped steps are listed."""
+    from models.llava import VtcLlava
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    forward, calls = VtcLlava.forward, []
+
+    def sometimes_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if self.training and len(calls) in (3, 6):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VtcLlava, "forward", sometimes_nan)
+    run_dir = tmp_path / "skip"
+    recipe = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={run_dir}",
+            f"data.cache_dir={tmp_path / 'data'}",
+            "trainer.nonfinite_loss=skip",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=100",
+            *SHORT[:2],
+        ],
+    )
+    run_recipe(recipe)
+    instruct = json.loads((run_dir / "meta.json").read_text())["stages"][1]
+    # forward calls 3 and 6 are steps 2 and 5 (the skipped batch still takes its step number)
+    assert instruct["steps"] == 16 and instruct["nonfinite_skipped_steps"] == [2, 5]
+    saved = {c.step: c.path for c in list_checkpoints(run_dir) if c.stage == "instruct"}
+    weights = {s: load_file(str(saved[s] / "trainable.safetensors")) for s in (2, 3, 4)}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # skipped: no update
+    assert not all(torch.equal(weights[3][k], weights[4][k]) for k in weights[3])  # a real step
+    assert all(torch.isfinite(t).all() for t in load_file(str(run_dir / "trainable.safetensors")).values())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume_matches_the_uninterrupted_run(tmp_path):
+    data_dir = tmp_path / "data"
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "stages.1.steps=10"]
+    ddp += ["stages.1.train.llm=lora", "checkpoint.every=4", "checkpoint.keep_last=10"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for run_dir in (reference, resumed):
+        out = subprocess.run(train_cmd(run_dir, data_dir, *ddp), capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # make `resumed` look like a run that died after its step-4 checkpoint of stage "instruct"
+    for ckpt in list_checkpoints(resumed):
+        if ckpt.stage == "instruct" and ckpt.step > 4:
+            subprocess.run(["rm", "-rf", str(ckpt.path)], check=True)
+    for name in ("trainable.safetensors", "meta.json", "metrics.json"):
+        (resumed / name).unlink()
+    out = subprocess.run(
+        train_cmd(resumed, data_dir, *ddp, "--resume", "auto"), capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 4" in out.stdout
+    assert weights_bytes(resumed) == weights_bytes(reference)

@@ -1,0 +1,240 @@
+"""Checkpoints a killed run resumes from exactly, written so that a crash never damages one.
+
+Layout: RUN_DIR/ckpt/stage{i}-{name}-step{NNNNNNN}/ with
+    trainable.safetensors  every weight any stage so far trained (LoRA adapters, projector, ...),
+                           keyed as in the LightningModule; frozen weights come from the base
+    state.pt               Lightning's training state (optimizer, LR scheduler, loop counters with
+                           the data loader's position) + vtc's (RNG states, skipped samples);
+                           plain tensors and containers, read back with torch.load(weights_only=True)
+    info.json              stage index/name, step, whether the stage was finished; written last
+(DeepSpeed writes its own sharded layout in place of the first two; info.json is the same.)
+
+A save goes to a hidden `.tmp-…` folder that is renamed into place only when complete, so a
+kill during a save leaves every earlier checkpoint intact, and a half-written folder is never
+picked. `latest_checkpoint` orders by (stage, step) from info.json, not by folder name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from safetensors.torch import load_file, save_file
+
+CKPT_DIR = "ckpt"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    stage_index: int
+    stage: str
+    step: int
+    stage_done: bool
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.stage_index, self.step)
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints of a run, oldest first by (stage, step)."""
+    root = Path(run_dir) / CKPT_DIR
+    found = []
+    for path in root.glob("stage*") if root.is_dir() else []:
+        info_file = path / "info.json"
+        if not info_file.is_file():
+            continue  # not one of ours
+        info = json.loads(info_file.read_text())
+        found.append(
+            CheckpointInfo(path, info["stage_index"], info["stage"], info["step"], info["stage_done"])
+        )
+    return sorted(found, key=lambda c: c.order)
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_partial_saves(run_dir: Path) -> list[Path]:
+    """Delete `.tmp-…` folders left by saves that were killed; returns what was removed."""
+    root = Path(run_dir) / CKPT_DIR
+    partial = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+class TrainablesCheckpointIO(CheckpointIO):
+    """Lightning's checkpoint dict → a folder of safetensors (weights) + state.pt (the rest)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in checkpoint["state_dict"].items()}
+        save_file(weights, str(folder / "trainable.safetensors"))
+        rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        torch.save(rest, folder / "state.pt")
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        folder = Path(path)
+        # vtc never unpickles arbitrary objects, whatever the caller asks for
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        state["state_dict"] = load_file(str(folder / "trainable.safetensors"))
+        return state
+
+    def remove_checkpoint(self, path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class PeriodicCheckpoint(L.Callback):
+    """Save every `every` optimizer steps and at the stage's last step; keep the newest `keep_last`
+    checkpoints of the run (all stages together; every checkpoint holds all weights trained so far)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        stage_index: int,
+        stage_name: str,
+        every: int,
+        keep_last: int,
+        records: list[dict] = (),
+    ):
+        self.root = Path(run_dir) / CKPT_DIR
+        self.stage_index, self.stage_name = stage_index, stage_name
+        self.records = list(records)  # meta.json records of the stages before this one
+        self.every, self.keep_last = every, keep_last
+        self.last_saved = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # global_step only moves when the optimizer steps: micro-batches of a gradient
+        # accumulation window that follow a save see the same step and are not saved again.
+        if step == 0 or step == self.last_saved:
+            return
+        if step % self.every == 0 or step >= trainer.max_steps:
+            check_finite(pl_module, step)
+            self.save(trainer, step, stage_done=step >= trainer.max_steps)
+
+    def save(self, trainer: L.Trainer, step: int, stage_done: bool) -> Path:
+        final = self.root / f"stage{self.stage_index}-{self.stage_name}-step{step:07d}"
+        tmp = self.root / f".tmp-{final.name}"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("vtc-checkpoint-prepare")
+        trainer.save_checkpoint(
+            tmp, weights_only=False
+        )  # every rank takes part (DeepSpeed writes one shard per rank)
+        trainer.strategy.barrier("vtc-checkpoint-written")
+        if trainer.is_global_zero:
+            info = {
+                "stage_index": self.stage_index,
+                "stage": self.stage_name,
+                "step": step,
+                "stage_done": stage_done,
+                "records": self.records,
+            }
+            (tmp / "info.json").write_text(json.dumps(info, indent=1))
+            replace_dir(tmp, final)
+            self.prune()
+        trainer.strategy.barrier("vtc-checkpoint-done")
+        self.last_saved = step
+        return final
+
+    def prune(self) -> None:
+        for old in list_checkpoints(self.root.parent)[: -self.keep_last]:
+            shutil.rmtree(old.path, ignore_errors=True)
+
+
+def check_finite(module: torch.nn.Module, step: int) -> None:
+    """A loss can stay finite while an update makes weights inf/NaN: never save those."""
+    bad = [n for n, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite trainable weights after step {step} (e.g. {bad[0]}); stopping without "
+            "saving them, so the newest checkpoint stays the last good one"
+        )
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder `tmp` at `final` with renames only (an older `final` is moved
+    aside first, then removed), so there is never a moment with a partial folder at `final`."""
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """Global RNG states (torch, CUDA if present, Python, NumPy) as weights_only-loadable values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- recipe drift
+
+# Changing these does not change what the run computes (logging, evaluation, checkpoint
+# cadence, where it writes), so a resume accepts it.
+DRIFT_IGNORED = (
+    "description",
+    "output",
+    "eval",
+    "wandb",
+    "checkpoint",
+    "trainer.log_every",
+    "trainer.threads",
+    "trainer.record_samples",
+)
+
+
+def recipe_drift(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain recipes, ignoring DRIFT_IGNORED."""
+    if prefix in DRIFT_IGNORED:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            out += recipe_drift(old.get(key), new.get(key), sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for d in recipe_drift(a, b, f"{prefix}.{i}")
+        ]
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
