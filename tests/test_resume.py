@@ -92,7 +92,8 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
     reference, data_dir = uninterrupted
     run_dir = tmp_path / "killed"
     kill_after = random.Random().randint(13, 23)  # a step inside the second epoch
-    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2")
+    wandb = ["wandb.enabled=true", "wandb.mode=offline"]  # logging is not part of the drift check
+    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2", *wandb)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -105,9 +106,14 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
     assert not (run_dir / "trainable.safetensors").exists()
     newest = latest_checkpoint(run_dir)
     assert newest.step % 12 != 0, "the resume point should be mid-epoch"
-    out = run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
+    ids = json.loads((run_dir / "wandb-ids.json").read_text())
+    out = run_ok(train_cmd(run_dir, data_dir, *wandb, "--resume", "auto"))
     assert f"resuming from {newest.path}" in out.stdout
     assert weights_bytes(run_dir) == weights_bytes(reference)
+    # the resumed stage logged into the same wandb run as before the kill
+    assert json.loads((run_dir / "wandb-ids.json").read_text()) == ids
+    instruct_runs = list((run_dir / "wandb").glob(f"offline-run-*-{ids['instruct']}"))
+    assert len(instruct_runs) == 2, instruct_runs
     meta = json.loads((run_dir / "meta.json").read_text())
     assert [s["name"] for s in meta["stages"]] == ["vision", "instruct"]
     assert meta["stages"][1]["resumed_from"] == newest.path.name
@@ -147,7 +153,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_pat
     assert list((run_dir / "ckpt").glob(".tmp-*")), "the partial save should be left where it died"
     state = TrainablesCheckpointIO().load_checkpoint(found[-1].path)
     assert state["global_step"] == 4 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
-    run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
+    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
     assert not list((run_dir / "ckpt").glob(".tmp-*"))
     assert weights_bytes(run_dir) == weights_bytes(reference)
 

@@ -263,6 +263,10 @@ def train_stage(
     )
     started = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    if recipe.wandb.enabled and is_zero:  # one wandb run per stage: the next stage starts its own
+        import wandb
+
+        wandb.finish()
     record = {
         "name": stage.name,
         "steps": trainer.global_step,
