@@ -44,6 +44,22 @@ class VisionTower(nn.Module):
         ]
         return tuple(unused)
 
+    def cls_attention(self, hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the feature layer: the attention CLS pays each patch, averaged over heads (B, N), and
+        the patches' keys averaged over heads (B, N, head_dim). Recomputed for that one layer from
+        its input and its own norm and projections, so the tower keeps its fast attention."""
+        tower = getattr(self.model, "vision_model", self.model)
+        index = self.feature_layer % len(hidden_states)  # hidden_states[index] = output of layer index-1
+        layer = tower.encoder.layers[index - 1]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden_states[index - 1])
+        batch, length, _ = x.shape
+        heads = attn.num_heads
+        q = attn.q_proj(x[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)  # (B, h, 1, d)
+        k = attn.k_proj(x).view(batch, length, heads, -1).transpose(1, 2)  # (B, h, T, d)
+        probs = ((q @ k.transpose(-1, -2)).float() * attn.scale).softmax(-1)  # (B, h, 1, T)
+        return probs.mean(1)[:, 0, 1:], k.mean(1)[:, 1:]
+
     @property
     def num_patches(self) -> int:
         return self.grid * self.grid
@@ -62,7 +78,12 @@ class VisionTower(nn.Module):
                 hook.remove()
         hidden_states = out.hidden_states
         if encoder is not None:
-            return VisionFeatures(encoder.select(hidden_states, self.num_patches), hidden_states, None)
+            if encoder.uses_cls_attention:
+                attention, keys = self.cls_attention(hidden_states)
+                selected = encoder.select(hidden_states, self.num_patches, cls_attention=attention, keys=keys)
+            else:
+                selected = encoder.select(hidden_states, self.num_patches)
+            return VisionFeatures(selected, hidden_states, None)
         selected = hidden_states[self.feature_layer]
         if self.select_strategy == "default":  # as transformers' Llava: drop token 0 (CLS)
             selected = selected[:, 1:]

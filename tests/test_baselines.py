@@ -54,3 +54,33 @@ def test_divprune_prefers_distinct_directions_over_duplicates():
     tokens = torch.cat([directions[0].expand(5, 4), directions[1:]])  # 5 copies of e0, then e1, e2, e3
     chosen = select_diverse(tokens, 4).tolist()
     assert sum(i < 5 for i in chosen) == 1 and {5, 6, 7} <= set(chosen)
+
+
+def test_visionzip_keeps_the_cls_dominant_patches_plus_merged_context():
+    from models.build import build
+    from tests.conftest import TEST_TINY
+
+    built = build("tiny", compressors=[], tiny=TEST_TINY, seed=0)
+    pixels = torch.randn(3, 3, 64, 64)
+    tower = built.model.vision
+    hidden = tower.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    attention, keys = tower.cls_attention(hidden)
+    # the recomputed CLS attention is the tower's own (eager attention, layer -2 = layer index 0)
+    tower.model.config._attn_implementation = "eager"
+    eager = tower.model(pixel_values=pixels, output_attentions=True).attentions[-2]
+    torch.testing.assert_close(attention, eager.mean(1)[:, 0, 1:])
+    patches = hidden[-2][:, 1:]
+    for tokens in (1, 5, 16, 63):
+        zipper = build_component("visionzip", {"tokens": tokens}, built.model.dims)
+        out = zipper.select(hidden, 64, cls_attention=attention, keys=keys)
+        assert out.shape == (3, min(tokens, 64), patches.shape[-1])
+        dominant, contextual = zipper.split(64)
+        assert dominant + contextual == min(tokens, 64)
+        top = attention.topk(dominant, dim=1).indices.sort(1).values
+        expected = patches.gather(1, top[..., None].expand(-1, -1, patches.shape[-1]))
+        assert torch.equal(out[:, :dominant], expected)
+    assert torch.equal(
+        build_component("visionzip", {"tokens": 64}, built.model.dims).select(hidden, 64, attention, keys),
+        patches,
+    )
+    assert build_component("visionzip", {"tokens": 16}, built.model.dims).split(64) == (14, 2)

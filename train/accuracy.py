@@ -1,10 +1,19 @@
-"""Held-out exact-match accuracy: every question of every test image asked as a single-turn
-prompt (`<image>\\n{question}`), answered by greedy decoding, scored per question family."""
+"""Held-out accuracy: questions about images asked as single-turn prompts (`<image>\\n{question}`),
+answered by greedy decoding, scored by exact match per question family.
+
+Questions come from the synthetic test split (every question of every test image) or from a
+LLaVA-style question file (`{"question_id", "image", "text"}` per line, optional `answer` /
+`answers` and `category`), the format LLaVA's `model_vqa` scripts read.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -12,6 +21,22 @@ from tqdm import tqdm
 from data.dataset import collate, load_views
 from data.shards import ShardIndex
 from data.templates import get_template
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    image: str  # key for the question set's image reader
+    family: str
+    text: str
+    answers: tuple[str, ...] = ()  # empty: answered but not scored
+
+
+@dataclass
+class QuestionSet:
+    questions: list[Question]
+    read_image: Callable[[str], bytes]
+    name: str = "synthetic test split"
 
 
 def normalize_answer(text: str) -> str:
@@ -30,7 +55,128 @@ def questions_of(record: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def synthetic_questions(shards: ShardIndex, limit: int | None = None) -> QuestionSet:
+    """Every question of the first `limit` images of a shard folder."""
+    out = []
+    for index in range(min(len(shards), limit or len(shards))):
+        for turn, (family, question, answer) in enumerate(questions_of(shards.record(index))):
+            out.append(Question(f"{index}-{turn}", str(index), family, question, (answer,)))
+    return QuestionSet(out, lambda key: shards.image_bytes(int(key)))
+
+
+def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
+    """A LLaVA question file (JSON lines) with images relative to `image_dir`. A line that is
+    not a question is an error naming the file and line."""
+    out = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            answers = row.get("answers", row.get("answer", ()))
+            answers = (answers,) if isinstance(answers, str) else tuple(str(a) for a in answers)
+            out.append(
+                Question(
+                    str(row["question_id"]),
+                    str(row["image"]),
+                    str(row.get("category", "all")),
+                    row["text"].replace("<image>", "").strip(),
+                    answers,
+                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}:{number}: not a question line ({type(err).__name__}: {err})") from None
+    root = Path(image_dir)
+    return QuestionSet(out, lambda key: (root / key).read_bytes(), name=str(path))
+
+
 @torch.no_grad()
+def answer_questions(
+    model,
+    tokenizer,
+    questions: QuestionSet,
+    image_size: int,
+    template: str = "vicuna_v1",
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
+    progress: bool = True,
+    image_first: bool = True,
+    desc: str = "evaluate",
+) -> dict[str, dict]:
+    """Greedy answers: {question id: {"text", "visual_tokens"}}; a question whose image cannot be
+    read gets {"skipped": reason} instead (never a crash half way)."""
+    tmpl = get_template(template)
+    was_training = model.training
+    model.eval()
+    views: dict[str, tuple | str] = {}
+    out: dict[str, dict] = {}
+    jobs = []
+    for q in questions.questions:
+        if q.image not in views:
+            try:
+                views[q.image] = load_views(questions.read_image(q.image), image_size, model.hd_grids)
+            except Exception as err:  # missing or corrupt image: skip its questions, say why
+                views[q.image] = f"image {q.image!r}: {type(err).__name__}: {err}"
+        if isinstance(views[q.image], str):
+            out[q.id] = {"skipped": views[q.image]}
+            continue
+        text = "<image>\n" + q.text if image_first else q.text + "\n<image>"
+        jobs.append((q, tmpl.prompt(text, tokenizer, model.image_token_id)))
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress, unit="batch"):
+        chunk = jobs[start : start + batch_size]
+        batch = collate(
+            [_prompt_item(q, prompt, views[q.image]) for q, prompt in chunk], tokenizer.pad_token_id
+        )
+        tokens, visual_in = model.generate(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["pixel_values"].to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            image_grids=batch.get("image_grids"),
+        )
+        for (q, _), ids, visual in zip(chunk, tokens.tolist(), visual_in.tolist(), strict=True):
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            out[q.id] = {
+                "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                "visual_tokens": visual,
+            }
+    model.train(was_training)
+    return out
+
+
+def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
+    """{"accuracy" (mean over families, so no family dominates), "per_family", "per_question"
+    (mean over questions), "count", "skipped", "visual_tokens" (mean into the LLM)}; with several
+    reference answers per question also "vqa_accuracy" (min(1, matching answers / 3))."""
+    correct, total, vqa = defaultdict(float), defaultdict(int), []
+    visual = [a["visual_tokens"] for a in answers.values() if "text" in a]
+    for q in questions.questions:
+        got = answers.get(q.id, {})
+        if not q.answers or "text" not in got:
+            continue
+        pred = normalize_answer(got["text"])
+        refs = [normalize_answer(a) for a in q.answers]
+        correct[q.family] += pred in refs
+        total[q.family] += 1
+        vqa.append(min(1.0, refs.count(pred) / 3))
+    count = sum(total.values())
+    per_family = {f: correct[f] / total[f] for f in sorted(total)}
+    result = {
+        "accuracy": sum(per_family.values()) / max(len(per_family), 1),
+        "per_family": per_family,
+        "per_question": sum(correct.values()) / max(count, 1),
+        "count": count,
+        "skipped": sorted(qid for qid, a in answers.items() if "skipped" in a),
+        "visual_tokens": sum(visual) / max(len(visual), 1),
+    }
+    if any(len(q.answers) > 1 for q in questions.questions):
+        result["vqa_accuracy"] = sum(vqa) / max(len(vqa), 1)
+    return result
+
+
 def evaluate_accuracy(
     model,
     tokenizer,
@@ -43,67 +189,20 @@ def evaluate_accuracy(
     progress: bool = True,
     image_first: bool = True,
 ) -> dict:
-    """Returns {"accuracy" (mean over families, so no family dominates), "per_family",
-    "per_question" (mean over all questions), "count", "visual_tokens" (mean into the LLM)}.
-    Prompts are `<image>\n{question}` (LLaVA's order), or `{question}\n<image>` without
-    `image_first`."""
-    tmpl = get_template(template)
-    was_training = model.training
-    model.eval()
-    jobs = []  # (image index, family, prompt ids, answer)
-    for index in range(min(len(shards), limit or len(shards))):
-        for family, question, answer in questions_of(shards.record(index)):
-            text = "<image>\n" + question if image_first else question + "\n<image>"
-            prompt = tmpl.prompt(text, tokenizer, model.image_token_id)
-            jobs.append((index, family, prompt, answer))
-    correct, total, visual = defaultdict(int), defaultdict(int), []
-    images: dict[int, tuple] = {}
-    for start in tqdm(range(0, len(jobs), batch_size), desc="evaluate", disable=not progress, unit="batch"):
-        chunk = jobs[start : start + batch_size]
-        batch = collate(
-            [
-                _prompt_item(shards, index, prompt, image_size, model.hd_grids, images)
-                for index, _, prompt, _ in chunk
-            ],
-            tokenizer.pad_token_id,
-        )
-        device = next(model.parameters()).device
-        out, visual_in = model.generate(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["pixel_values"].to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            image_grids=batch.get("image_grids"),
-        )
-        visual.extend(visual_in.tolist())
-        for (_, family, _, answer), tokens in zip(chunk, out.tolist(), strict=True):
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-            hit = normalize_answer(tokenizer.decode(tokens, skip_special_tokens=True)) == normalize_answer(
-                answer
-            )
-            correct[family] += hit
-            total[family] += 1
-    model.train(was_training)
-    count = sum(total.values())
-    per_family = {f: correct[f] / total[f] for f in sorted(total)}
-    return {
-        "accuracy": sum(per_family.values()) / max(len(per_family), 1),
-        "per_family": per_family,
-        "per_question": sum(correct.values()) / max(count, 1),
-        "count": count,
-        "visual_tokens": sum(visual) / max(len(visual), 1),
-    }
+    """`score` of the model's answers to every question of the first `limit` test images."""
+    questions = synthetic_questions(shards, limit)
+    answers = answer_questions(
+        model, tokenizer, questions, image_size, template, batch_size, max_new_tokens, progress, image_first
+    )
+    result = score(questions, answers)
+    result.pop("skipped")
+    return result
 
 
-def _prompt_item(shards: ShardIndex, index: int, prompt: list[int], size: int, hd_grids, cache: dict) -> dict:
-    """A dataset-shaped item (see data.dataset.collate) for a prompt on test image `index`,
-    whose views are decoded once."""
-    if index not in cache:
-        cache[index] = load_views(shards.image_bytes(index), size, hd_grids)
-    views, grid = cache[index]
-    item = {"id": str(index), "input_ids": prompt, "labels": prompt, "pixel_values": views}
+def _prompt_item(question: Question, prompt: list[int], views: tuple) -> dict:
+    """A dataset-shaped item (see data.dataset.collate) for a prompt on a decoded image."""
+    pixels, grid = views
+    item = {"id": question.id, "input_ids": prompt, "labels": prompt, "pixel_values": pixels}
     if grid is not None:
         item["image_grid"] = grid
     return item

@@ -72,6 +72,25 @@ def report(recipe, metrics: dict) -> None:
         )
 
 
+def cmd_evaluate(args) -> int:
+    from train.evaluate import BASELINES, Settings, evaluate
+
+    baselines = list(BASELINES) if args.baselines == "all" else [b for b in args.baselines.split(",") if b]
+    budgets = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+    settings = Settings(
+        limit=args.limit,
+        batch_size=args.batch_size,
+        latency_batch=args.latency_batch,
+        repeats=args.repeats,
+        timing=not args.no_timing,
+    )
+    report = evaluate(args.source, baselines, budgets, args.out, args.questions, args.images, settings)
+    from train.evaluate import markdown
+
+    print(markdown(report))
+    return 0
+
+
 def cmd_data_synth(args) -> int:
     from data.synth import write_synthetic
 
@@ -153,6 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="write only the projector/compressor weights; the base is referenced by path",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy kept vs. visual tokens vs. FLOPs vs. latency, with training-free baselines",
+        description="Evaluate a trained run (or export, or llava-hf model) next to its uncompressed "
+        "baseline and training-free baselines at each token budget; writes eval.json, eval.md, eval.png.",
+    )
+    p.add_argument("source", help="a run directory, a recipe (its run), a vtc export or a llava-hf folder")
+    p.add_argument(
+        "--baselines",
+        default="all",
+        help="comma-separated from pooling,random,divprune,visionzip,fastv,pdrop ('' for none; default all)",
+    )
+    p.add_argument(
+        "--tokens", help="visual-token budgets, e.g. 144,64,36 (default: 1/4 and 1/16 of the baseline's)"
+    )
+    p.add_argument("--out", help="report folder (default: the source's folder)")
+    p.add_argument("--questions", help="LLaVA question file (JSON lines: question_id, image, text[, answer])")
+    p.add_argument("--images", help="folder the question file's image paths are relative to")
+    p.add_argument(
+        "--limit", type=int, default=200, help="synthetic test images (each asked all its questions)"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latency-batch", type=int, default=8, help="batch N of the latency figures")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
+    p.add_argument("--no-timing", action="store_true", help="accuracy, tokens and FLOPs only")
+    p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="make or convert training data").add_subparsers(
         dest="data_command", required=True

@@ -57,7 +57,16 @@ def config_fields(name: str) -> dict[str, dataclasses.Field]:
 
 
 # Importing the modules registers their components.
-from models.compressors import divprune, fastv, mlp, pooling, pyramid_drop, random_keep, tokenpacker  # noqa: E402,F401
+from models.compressors import (  # noqa: E402,F401
+    divprune,
+    fastv,
+    mlp,
+    pooling,
+    pyramid_drop,
+    random_keep,
+    tokenpacker,
+    visionzip,
+)
 
 __all__ = [
     "Compressor",

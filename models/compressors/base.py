@@ -5,7 +5,8 @@ A component declares where it acts (`stage`) and how many visual tokens it emits
 
 - "encoder":   inside the vision tower. `extend_embeddings` appends extra tokens (e.g. registers)
                to the ViT input (B, 1+N, Dv) → (B, 1+N+M, Dv); `select` picks the output
-               tokens from the tower's hidden states → (B, M, Dv).
+               tokens from the tower's hidden states → (B, M, Dv) (with `uses_cls_attention`,
+               also given the feature layer's CLS attention (B, N) and keys (B, N, d)).
 - "projector": the projector slot. `forward(features)` maps `VisionFeatures` → (B, N', H).
 - "pre_llm":   `forward(state)` on the merged `SequenceState` before the first decoder layer.
 - "in_llm":    `before_layer(layer_idx, state)` before every decoder layer; returns the state
@@ -72,6 +73,8 @@ class Compressor(nn.Module):
         return input_tokens
 
     # encoder stage
+    uses_cls_attention: ClassVar[bool] = False  # select() also gets cls_attention= and keys=
+
     def extend_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -1,0 +1,176 @@
+"""`vtc evaluate`: scoring, question files, batching invariance, the report files."""
+
+import io
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from models.build import ComponentSpec, build
+from tests.conftest import TEST_TINY
+from train.accuracy import Question, QuestionSet, answer_questions, file_questions, normalize_answer, score
+from train.evaluate import LiveTensorBytes, baseline_params
+
+
+def test_normalize_and_score_on_fixtures():
+    assert normalize_answer("The Red.") == "red" and normalize_answer("  a  big   CAT ") == "big cat"
+    questions = QuestionSet(
+        [
+            Question("1", "a", "colour", "?", ("red",)),
+            Question("2", "a", "colour", "?", ("blue",)),
+            Question("3", "a", "count", "?", ("3",)),
+            Question("4", "a", "count", "?", ()),  # unscored
+        ],
+        read_image=lambda key: b"",
+    )
+    answers = {
+        "1": {"text": "Red", "visual_tokens": 4},
+        "2": {"text": "green", "visual_tokens": 4},
+        "3": {"text": "3", "visual_tokens": 2},
+        "4": {"skipped": "image 'a': OSError"},
+    }
+    result = score(questions, answers)
+    assert result["per_family"] == {"colour": 0.5, "count": 1.0}
+    assert result["accuracy"] == 0.75  # mean over families
+    assert result["per_question"] == pytest.approx(2 / 3)
+    assert (
+        result["count"] == 3
+        and result["skipped"] == ["4"]
+        and result["visual_tokens"] == pytest.approx(10 / 3)
+    )
+    assert "vqa_accuracy" not in result
+    # VQA-style: 10 human answers, min(1, matches / 3)
+    vqa = QuestionSet([Question("1", "a", "all", "?", ("2",) * 2 + ("two",) * 8)], read_image=lambda key: b"")
+    assert score(vqa, {"1": {"text": "2", "visual_tokens": 1}})["vqa_accuracy"] == pytest.approx(2 / 3)
+
+
+def png_bytes(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_question_file_answers_and_skips_unreadable_images(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "red.png").write_bytes(png_bytes("red"))
+    (tmp_path / "img" / "broken.png").write_bytes(b"not an image")
+    lines = [
+        {
+            "question_id": 7,
+            "image": "red.png",
+            "text": "<image>\nWhat colour ?",
+            "answer": "red",
+            "category": "c",
+        },
+        {"question_id": 8, "image": "broken.png", "text": "What colour ?"},
+        {"question_id": 9, "image": "missing.png", "text": "What colour ?"},
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    questions = file_questions(path, tmp_path / "img")
+    assert [q.id for q in questions.questions] == ["7", "8", "9"]
+    assert questions.questions[0].text == "What colour ?" and questions.questions[0].answers == ("red",)
+    built = build("tiny", tiny=TEST_TINY)
+    answers = answer_questions(built.model, built.tokenizer, questions, 64, progress=False)
+    assert "text" in answers["7"]
+    assert "skipped" in answers["8"] and "broken.png" in answers["8"]["skipped"]
+    assert "skipped" in answers["9"] and "missing.png" in answers["9"]["skipped"]
+    (tmp_path / "bad.jsonl").write_text('{"question_id": 1, "image": "x.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a question line"):
+        file_questions(tmp_path / "bad.jsonl", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        None,
+        ComponentSpec("avgpool2d", {"stride": 2}),
+        ComponentSpec("random", {"tokens": 9}),
+        ComponentSpec("divprune", {"tokens": 9}),
+        ComponentSpec("visionzip", {"tokens": 9}),
+        ComponentSpec("fastv", {"layer": 1, "tokens": 9}),
+        ComponentSpec("pdrop", {"layers": [1, 2], "keep": 0.5}),
+    ],
+    ids=lambda c: "none" if c is None else c.name,
+)
+def test_batch_of_three_answers_as_one_by_one(synth_dirs, compressor):
+    """Different prompt lengths padded into one batch give the answers of three separate calls."""
+    from data.shards import ShardIndex
+    from train.accuracy import synthetic_questions
+
+    built = build("tiny", compressors=[compressor] if compressor else [], tiny=TEST_TINY, seed=3)
+    everything = synthetic_questions(ShardIndex(synth_dirs / "test"), limit=3)
+    picked = [everything.questions[i] for i in (0, 7, 14)]  # three images, three question families
+    assert len({len(q.text) for q in picked}) == 3
+    questions = QuestionSet(picked, everything.read_image)
+    batched = answer_questions(built.model, built.tokenizer, questions, 64, batch_size=3, progress=False)
+    single = answer_questions(built.model, built.tokenizer, questions, 64, batch_size=1, progress=False)
+    assert batched == single
+
+
+def test_budget_parameters_reach_the_budget():
+    assert baseline_params("avgpool2d", 16, 64, 8, 4) == {"stride": 2}
+    assert baseline_params("avgpool2d", 7, 64, 8, 4) is None  # not a square grid
+    assert baseline_params("fastv", 16, 64, 8, 4) == {"layer": 2, "tokens": 16}
+    pdrop = baseline_params("pdrop", 32, 64, 8, 8)
+    bounds, keep = [0, *pdrop["layers"], 8], pdrop["keep"]
+    mean = sum(64 * keep**i * (bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1)) / 8
+    assert mean == pytest.approx(32, abs=0.01)
+    assert baseline_params("pdrop", 4, 64, 8, 4) is None  # layer 0..1 always sees all 64
+
+
+def test_live_tensor_tracker_measures_peak_not_total():
+    with LiveTensorBytes() as tracker:
+        for _ in range(5):
+            x = torch.ones(1024, 256)  # 1 MiB, freed on the next iteration
+            del x
+    assert tracker.peak == 1024 * 256 * 4 and tracker.current == 0
+
+
+def valid_png(path) -> bool:
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    length, kind = struct.unpack(">I4s", data[8:16])
+    crc = struct.unpack(">I", data[16 + length : 20 + length])[0]
+    return kind == b"IHDR" and zlib.crc32(data[12 : 16 + length]) == crc
+
+
+@pytest.mark.slow
+def test_vtc_evaluate_writes_the_report(tmp_path):
+    from train.cli import main
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    run_dir = tmp_path / "run"
+    run_recipe(load_recipe("tiny/smoke", [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}"]))
+    out = tmp_path / "report"
+    args = [
+        "evaluate",
+        str(run_dir),
+        "--out",
+        str(out),
+        "--limit",
+        "4",
+        "--repeats",
+        "1",
+        "--latency-batch",
+        "2",
+    ]
+    assert main([*args, "--baselines", "pooling,fastv,visionzip", "--tokens", "16"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    rows = {(r["method"], r["budget"]): r for r in report["rows"]}
+    assert set(rows) == {("baseline", None), ("pooling", 16), ("fastv", 16), ("visionzip", 16)}
+    base = rows[("baseline", None)]
+    assert base["accuracy_kept"] == 1.0 and base["speedup_analytic"] == 1.0 and base["count"] == 24
+    assert rows[("pooling", 16)]["visual_tokens"] == 16 and rows[("visionzip", 16)]["visual_tokens"] == 16
+    fastv = rows[("fastv", 16)]  # smoke LLM has 2 layers: layer 0 sees all, layer 1 keeps 16
+    assert fastv["visual_tokens"] == 64 and fastv["visual_tokens_layer_mean"] == 40
+    assert rows[("pooling", 16)]["flops"]["llm"] < base["flops"]["llm"]
+    for row in rows.values():
+        assert row["prefill_ms_batch1"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
+    assert "| pooling | 16 |" in (out / "eval.md").read_text()
+    assert valid_png(out / "eval.png")
