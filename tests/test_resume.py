@@ -269,6 +269,8 @@ def test_two_process_ddp_resume_matches_the_uninterrupted_run(tmp_path):
     data_dir = tmp_path / "data"
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "stages.1.steps=10"]
     ddp += ["stages.1.train.llm=lora", "checkpoint.every=4", "checkpoint.keep_last=10"]
+    # 2 ranks x batch 8 x 2 accumulated = 32: 3 steps per epoch, so step 4 is mid-epoch
+    ddp += ["stages.1.global_batch_size=32"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for run_dir in (reference, resumed):

@@ -218,6 +218,7 @@ DRIFT_IGNORED = (
     "trainer.log_every",
     "trainer.threads",
     "trainer.record_samples",
+    "data.num_workers",
 )
 
 

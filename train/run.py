@@ -238,7 +238,7 @@ def train_stage(
     checkpoints = PeriodicCheckpoint(
         run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, records
     )
-    logs = loggers(recipe, run_dir, stage.name)
+    logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
         continue_csv_log(logs[0], json.loads((resume_from / "info.json").read_text())["step"])
     trainer = L.Trainer(
@@ -284,7 +284,7 @@ def trainable_names(model) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
-def loggers(recipe: Recipe, run_dir: Path, stage_name: str) -> list:
+def loggers(recipe: Recipe, run_dir: Path, stage_name: str, is_zero: bool = True) -> list:
     out = [CSVLogger(run_dir, name="logs", version=stage_name)]
     if recipe.wandb.enabled:
         os.environ.setdefault("WANDB_MODE", recipe.wandb.mode)
@@ -295,7 +295,8 @@ def loggers(recipe: Recipe, run_dir: Path, stage_name: str) -> list:
                 save_dir=str(run_dir),
                 group=run_dir.name,
                 job_type=stage_name,
-                id=wandb_run_id(run_dir, stage_name),  # a resumed stage continues its wandb run
+                # a resumed stage continues its wandb run (only rank 0 logs, and keeps the ids)
+                id=wandb_run_id(run_dir, stage_name) if is_zero else None,
                 resume="allow",
             )
         )
