@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from train.cli import main
 
@@ -96,8 +97,22 @@ def test_non_finite_loss_stops_the_run_and_writes_no_weights(tmp_path):
             f"data.cache_dir={tmp_path / 'data'}",
             "stages.1.optim.lr=1e30",
             "stages.1.optim.grad_clip=null",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=100",
         ],
     )
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+ of stage 'instruct'"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite (loss .* at step \d+ of stage 'instruct'|trainable)"
+    ):
         run_recipe(recipe)
     assert not (run_dir / "trainable.safetensors").exists() and not (run_dir / "hf").exists()
+    # every checkpoint written before the stop holds finite weights; the newest is the last good one
+    from safetensors.torch import load_file
+
+    from train.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(run_dir)
+    assert saved and saved[-1].stage == "instruct"
+    for ckpt in saved:
+        weights = load_file(str(ckpt.path / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), ckpt.path.name

@@ -109,6 +109,7 @@ def answer_questions(
     was_training = model.training
     model.eval()
     views: dict[str, tuple | str] = {}
+    prompts: dict[str, list[int]] = {}  # question sets repeat question texts: tokenize each once
     out: dict[str, dict] = {}
     jobs = []
     for q in questions.questions:
@@ -121,7 +122,9 @@ def answer_questions(
             out[q.id] = {"skipped": views[q.image]}
             continue
         text = "<image>\n" + q.text if image_first else q.text + "\n<image>"
-        jobs.append((q, tmpl.prompt(text, tokenizer, model.image_token_id)))
+        if text not in prompts:
+            prompts[text] = tmpl.prompt(text, tokenizer, model.image_token_id)
+        jobs.append((q, prompts[text]))
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = jobs[start : start + batch_size]

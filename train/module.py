@@ -45,6 +45,11 @@ class VtcModule(L.LightningModule):
         self.skipped: dict[str, str] = {}
         self.seen_ids: list[str] = []
 
+    def on_fit_start(self) -> None:
+        # Models loaded with from_pretrained start in eval mode, and Lightning leaves the mode
+        # as it finds it: without this, dropout (LoRA's included) would be off while training.
+        self.train()
+
     def training_step(self, batch, batch_idx):
         for sample_id, reason in batch["skipped"]:
             self.skipped[sample_id] = reason
