@@ -300,7 +300,24 @@ def loggers(recipe: Recipe, run_dir: Path, stage_name: str, is_zero: bool = True
                 resume="allow",
             )
         )
+        if is_zero:
+            start_wandb(out[-1])
     return out
+
+
+def start_wandb(logger: WandbLogger, wait_seconds: int = 60) -> None:
+    """Open the wandb run now. Right after a run was killed, its wandb service process can still
+    hold the run id for a moment (it exits once it sees its parent gone): wait for it."""
+    for waited in range(wait_seconds + 1):
+        try:
+            logger.experiment  # noqa: B018  (the property starts the run)
+            return
+        except Exception as err:  # wandb raises its own ServerResponseError
+            if "in use" not in str(err) or waited == wait_seconds:
+                raise
+            if waited == 0:
+                print("[vtc] wandb: the run id is still held by the killed run's service; waiting")
+            time.sleep(1)
 
 
 def wandb_run_id(run_dir: Path, stage_name: str) -> str:
