@@ -175,3 +175,17 @@ def test_vtc_evaluate_writes_the_report(tmp_path):
         assert row["decode_tokens_per_s_batch1"] > 0 and row["decode_tokens_per_s_batchN"] > 0
     assert "| pooling | 16 |" in (out / "eval.md").read_text()
     assert valid_png(out / "eval.png")
+
+
+def test_sources_resolve_to_a_baseline(tmp_path):
+    from models.build import save_as_llava_hf
+    from train.evaluate import resolve_source
+
+    save_as_llava_hf(build("tiny", tiny=TEST_TINY), tmp_path / "llava")
+    source = resolve_source(str(tmp_path / "llava"))
+    assert source.model is None and source.base_dir == str(tmp_path / "llava")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_source(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a run directory, recipe, vtc export or llava-hf folder"):
+        resolve_source(str(tmp_path / "empty"))

@@ -153,8 +153,18 @@ def baseline_params(name: str, budget: int, visual: int, grid: int, llm_layers: 
     raise KeyError(name)
 
 
-def methods_for(source: Source, baselines: list[str], budgets: list[int], dims, visual: int) -> list[Method]:
-    methods = [Method("baseline", None, lambda: build(source.base_dir))]
+def methods_for(
+    source: Source,
+    baselines: list[str],
+    budgets: list[int],
+    dims,
+    visual: int,
+    reference: Built | None = None,
+) -> list[Method]:
+    """The rows to measure; `reference` is the baseline model if it is already built."""
+    methods = [
+        Method("baseline", None, (lambda: reference) if reference else (lambda: build(source.base_dir)))
+    ]
     if source.model is not None:
         methods.append(Method("model", None, source.model))
     for label in baselines:
@@ -343,7 +353,7 @@ def evaluate(
         questions = file_questions(questions_file, images_dir)
     else:
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
-    methods = methods_for(source, baselines, budgets, dims, visual)
+    methods = methods_for(source, baselines, budgets, dims, visual, reference)
     rows = []
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
