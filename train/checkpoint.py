@@ -132,9 +132,8 @@ class PeriodicCheckpoint(L.Callback):
             shutil.rmtree(tmp, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("vtc-checkpoint-prepare")
-        trainer.save_checkpoint(
-            tmp, weights_only=False
-        )  # every rank takes part (DeepSpeed writes one shard per rank)
+        # every rank takes part (DeepSpeed writes one shard per rank; DDP writes from rank 0)
+        trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("vtc-checkpoint-written")
         if trainer.is_global_zero:
             info = {
