@@ -17,10 +17,9 @@ picked. `latest_checkpoint` orders by (stage, step) from info.json, not by folde
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from safetensors.torch import load_file, save_file
+
+from train.outputs import replace_dir
 
 CKPT_DIR = "ckpt"
 
@@ -39,6 +40,7 @@ class CheckpointInfo:
     stage: str
     step: int
     stage_done: bool
+    records: list[dict] = field(default_factory=list, compare=False)  # finished stages' meta.json records
 
     @property
     def order(self) -> tuple[int, int]:
@@ -55,7 +57,14 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
             continue  # not one of ours
         info = json.loads(info_file.read_text())
         found.append(
-            CheckpointInfo(path, info["stage_index"], info["stage"], info["step"], info["stage_done"])
+            CheckpointInfo(
+                path,
+                info["stage_index"],
+                info["stage"],
+                info["step"],
+                info["stage_done"],
+                info.get("records", []),
+            )
         )
     return sorted(found, key=lambda c: c.order)
 
@@ -144,7 +153,8 @@ class PeriodicCheckpoint(L.Callback):
                 "records": self.records,
             }
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
-            replace_dir(tmp, final)
+            # the aside name starts with .tmp- too, so a resume clears it if a kill strands it
+            replace_dir(tmp, final, aside=final.with_name(f".tmp-old-{final.name}"))
             self.prune()
         trainer.strategy.barrier("vtc-checkpoint-done")
         self.last_saved = step
@@ -163,19 +173,6 @@ def check_finite(module: torch.nn.Module, step: int) -> None:
             f"non-finite trainable weights after step {step} (e.g. {bad[0]}); stopping without "
             "saving them, so the newest checkpoint stays the last good one"
         )
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete folder `tmp` at `final` with renames only (an older `final` is moved
-    aside first, then removed), so there is never a moment with a partial folder at `final`."""
-    if final.exists():
-        old = final.with_name(f".tmp-old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -40,18 +40,23 @@ def write_dir_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
-        if path.exists():  # keep the old one until the new one is complete
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path, aside=path.with_name(f".{path.name}.old"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def replace_dir(tmp: Path, final: Path, aside: Path) -> None:
+    """Put the complete folder `tmp` at `final` with renames only: an older `final` is moved to
+    `aside` first and removed after, so there is never a partial folder at `final`."""
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def run_metadata(recipe_source: str, stages: list[dict]) -> dict:
