@@ -148,13 +148,13 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
         print(f"[vtc] initialised {loaded} tensors from {recipe.model.init}")
     started = time.time()
     saved: set[str] = set()  # names of every weight some stage trained so far
-    records = json.loads((start.path / "info.json").read_text()).get("records", []) if start else []
+    records = list(start.records) if start else []
     for index, stage in enumerate(recipe.stages):
         if start is not None and index < start.stage_index:
             apply_stage(built.model, stage)  # LoRA structure as it was; weights come from the checkpoint
             saved |= trainable_names(built.model)
             continue
-        resume_from = start.path if start is not None and index == start.stage_index else None
+        resume_from = start if start is not None and index == start.stage_index else None
         records.append(
             train_stage(recipe, index, stage, built, run_dir, is_zero, saved, records, resume_from)
         )
@@ -196,7 +196,7 @@ def train_stage(
     is_zero: bool,
     saved: set[str],
     records: list[dict],
-    resume_from: Path | None = None,
+    resume_from: CheckpointInfo | None = None,
 ) -> dict:
     """Train one stage (from `resume_from`, a checkpoint of this stage, if given); adds what it
     trains to `saved` and returns its record for meta.json."""
@@ -240,7 +240,7 @@ def train_stage(
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
-        continue_csv_log(logs[0], json.loads((resume_from / "info.json").read_text())["step"])
+        continue_csv_log(logs[0], resume_from.step)
     trainer = L.Trainer(
         max_steps=steps,
         accelerator=recipe.trainer.accelerator,
@@ -262,7 +262,7 @@ def train_stage(
         default_root_dir=run_dir,
     )
     started = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from.path if resume_from else None)
     if recipe.wandb.enabled and is_zero:  # one wandb run per stage: the next stage starts its own
         import wandb
 
@@ -276,7 +276,7 @@ def train_stage(
         "nonfinite_skipped_steps": module.nonfinite_skipped,
     }
     if resume_from is not None:
-        record["resumed_from"] = resume_from.name
+        record["resumed_from"] = resume_from.path.name
     return record
 
 
