@@ -34,10 +34,6 @@ def merge_lora(root: torch.nn.Module) -> int:
     return remove_lora(root, merge=True)
 
 
-def lora_parts(model) -> dict[str, torch.nn.Module]:
-    return {"llm": model.llm, "vision": model.vision}
-
-
 def export(
     built: Built,
     out_dir: str | Path,
@@ -49,7 +45,7 @@ def export(
     """Write `built` to `out_dir`. Unmerged LoRA adapters go to lora.safetensors (the HF part gets
     the base weights); `merge_lora` first to fold them in instead."""
     model = built.model
-    lora = {part: s for part, m in lora_parts(model).items() if (s := lora_settings(m)) is not None}
+    lora = {part: s for part, m in model.parts().items() if (s := lora_settings(m)) is not None}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     components = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
@@ -97,7 +93,7 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     lora = meta.get("lora") or {}
     if lora:
         for part, settings in lora.items():
-            inject_lora(lora_parts(model)[part], part, **settings)
+            inject_lora(model.parts()[part], part, **settings)
         adapters = load_file(str(path / "lora.safetensors"))
         missing = {k for k, _ in model.named_parameters() if "lora_" in k} ^ set(adapters)
         if missing:

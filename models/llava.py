@@ -51,6 +51,15 @@ class VtcLlava(nn.Module):
         self.image_token_id = image_token_id
         self.dims = dims
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The parts a training stage freezes, trains or adapts with LoRA, by name."""
+        return {
+            "vision": self.vision,
+            "projector": self.projector,
+            "compressors": self.compressors,
+            "llm": self.llm,
+        }
+
     def _stage(self, stage: str) -> list[Compressor]:
         return [c for c in self.compressors if c.stage == stage]
 

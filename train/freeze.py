@@ -7,27 +7,16 @@ weights are trainables of every later stage that keeps that part in `lora`).
 
 from __future__ import annotations
 
-from torch import nn
-
 from models.llava import VtcLlava
 from models.lora import has_lora, inject_lora
 from train.recipe import Stage
-
-
-def parts_of(model: VtcLlava) -> dict[str, nn.Module]:
-    return {
-        "vision": model.vision,
-        "projector": model.projector,
-        "compressors": model.compressors,
-        "llm": model.llm,
-    }
 
 
 def apply_stage(model: VtcLlava, stage: Stage) -> list[tuple[str, str, int, int]]:
     """Set requires_grad per the stage's policy (injecting LoRA where asked).
     Returns rows (part, mode, trainable params, frozen params)."""
     rows = []
-    for part, module in parts_of(model).items():
+    for part, module in model.parts().items():
         mode = getattr(stage.train, part)
         if mode == "lora" and not has_lora(module):
             inject_lora(module, part, stage.lora.r, stage.lora.alpha, stage.lora.dropout)
