@@ -3,6 +3,7 @@ with tiny configs, and the tiny word-level tokenizer over the synthetic data's v
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -26,8 +27,9 @@ class TinyConfig:
     max_positions: int = 512
 
 
-def tiny_tokenizer():
-    corpus = vocabulary_corpus() + [VICUNA_SYSTEM, "USER: ASSISTANT:"]
+def tiny_tokenizer(extra_words: Iterable[str] = ()):
+    """The synthetic data's words (+ `extra_words`, for experiments with other wordings)."""
+    corpus = vocabulary_corpus() + [VICUNA_SYSTEM, "USER: ASSISTANT:", *extra_words]
     return build_word_tokenizer(corpus)
 
 

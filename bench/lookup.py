@@ -1,0 +1,253 @@
+"""Why the tiny base stalls below target: how fast a fresh tiny LLM learns to read the colour
+of the object at a named cell, on the trained tiny base's (frozen) vision features.
+
+Four ways to train the same projector + 4-layer Llama from scratch, `--steps` steps of
+`--batch` colour questions each, scored after every `--eval-every` steps on the held-out
+split's colour questions asked with the LLaVA-1.5 prompt (first answer token, teacher-forced):
+
+- `vicuna`: the questions in the LLaVA-1.5 prompt, as `vtc train` asks them
+             (`<s>{system} USER: <image>\\nWhat colour is the object at row two column three?
+             ASSISTANT: red</s>`): the answer is read where `ASSISTANT:` ends, several tokens
+             after the words naming the cell.
+- `oracle`:  the same, with the vision features replaced by perfect one-hot region attributes
+             (colour, shape, size, dot, row, column of every patch's cell): what the LLM learns
+             when the vision side is solved.
+- `direct`:  `<s><image>row two column three` → `red</s>`: the answer is read right at the
+             words naming the cell (scored on `direct` prompts, the format it trained on).
+- `direct+vicuna`: `--direct-steps` of `direct`, then `vicuna` for `--steps`.
+
+`--cell-names` names a cell with one word ("b3": column letter, row number) instead of
+"row three column two", in questions and prompts alike (the tokenizer gets those words).
+
+This bench isolates the LLM's learning with a plain loop over cached features; the recipes
+train through Lightning (bench/tiny_base.py measures those).
+
+    python bench/lookup.py [--variants vicuna,oracle,direct,direct+vicuna] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration
+
+from data import IGNORE_INDEX
+from data.dataset import collate, load_views
+from data.synth import ORDINALS, region_classes, region_targets
+from data.templates import get_template
+from models.build import ComponentSpec, assemble, load_base
+from models.compressors.base import VisionFeatures
+from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
+from train.datamodule import split_shards
+from train.recipe import DEFAULT_RECIPE, load_recipe
+from train.run import run_dir_of
+
+VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna")
+CELL_WORDS = re.compile(r"row (\w+) column (\w+)")
+CELL_NAMES = [f"{col}{row}" for col in "abcdefgh" for row in range(1, 9)]
+
+
+def one_word_cells(text: str) -> str:
+    """ "row three column two" → "b3"."""
+    return CELL_WORDS.sub(lambda m: "abcdefgh"[ORDINALS.index(m[2])] + str(1 + ORDINALS.index(m[1])), text)
+
+
+def colour_questions(shards, limit: int) -> list[tuple[int, str, str]]:
+    """(image index, question, answer) for every colour question of the first `limit` images."""
+    out = []
+    for index in range(min(limit, len(shards))):
+        record = shards.record(index)
+        turns = record["conversations"]
+        for family, (human, gpt) in zip(
+            record["families"], zip(turns[::2], turns[1::2], strict=True), strict=True
+        ):
+            if family == "colour":
+                out.append((index, human["value"].replace("<image>\n", ""), gpt["value"]))
+    return out
+
+
+def warmup_cosine(steps: int):
+    """LR factor per step: linear warm-up over 1/30 of the steps, then cosine to zero."""
+    warmup = max(1, steps // 30)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+class Bench:
+    def __init__(self, args):
+        recipe = load_recipe(DEFAULT_RECIPE, check_machine=False)
+        base = run_dir_of(recipe) / "hf"
+        if not (base / "config.json").is_file():
+            raise SystemExit(f"no trained tiny base at {base}: run `vtc train` first")
+        self.args = args
+        self.train_shards, self.test_shards = (
+            split_shards(recipe.data, "train"),
+            split_shards(recipe.data, "test"),
+        )
+        self.train_q = colour_questions(self.train_shards, args.images)
+        self.test_q = colour_questions(self.test_shards, args.test_images)
+        trained, _ = load_base(str(base))
+        self.tower = trained.model.vision_tower.eval()
+        self.template = get_template("vicuna_v1")
+        self.features = {}  # (split, oracle) → (images, 64, Dv)
+
+    def cached(self, split: str, oracle: bool) -> torch.Tensor:
+        """The frozen tower's LLaVA features (or one-hot region attributes) of every image."""
+        if (split, oracle) not in self.features:
+            shards = self.train_shards if split == "train" else self.test_shards
+            count = self.args.images if split == "train" else self.args.test_images
+            self.features[split, oracle] = (self.oracle if oracle else self.encode)(shards, count)
+        return self.features[split, oracle]
+
+    @torch.no_grad()
+    def encode(self, shards, count: int) -> torch.Tensor:
+        out = []
+        for start in range(0, count, 256):
+            pixels = torch.stack(
+                [load_views(shards.image_bytes(i), 64)[0] for i in range(start, min(count, start + 256))]
+            )
+            out.append(self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+        return torch.cat(out)
+
+    def oracle(self, shards, count: int) -> torch.Tensor:
+        width = self.tower.config.hidden_size
+        rows = []
+        for index in range(count):
+            targets = torch.tensor(region_targets(shards.record(index)["scene"], 8))  # (64, 6)
+            onehot = torch.cat(
+                [F.one_hot(targets[:, a], c).float() for a, c in enumerate(region_classes(4))], -1
+            )
+            rows.append(F.pad(onehot, (0, width - onehot.shape[1])))
+        return torch.stack(rows)
+
+    def item(self, question: str, answer: str, layout: str, tokenizer, image_id: int) -> dict:
+        if self.args.cell_names:
+            question = one_word_cells(question)
+        if layout == "vicuna":
+            prompt = self.template.prompt("<image>\n" + question, tokenizer, image_id)
+        else:  # direct: the image, then the words naming the cell
+            cell = question.split(" at ")[-1].rstrip("?")
+            prompt = [tokenizer.bos_token_id, image_id] + tokenizer(cell, add_special_tokens=False).input_ids
+        target = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return {
+            "id": question,
+            "input_ids": prompt + target,
+            "labels": [IGNORE_INDEX] * len(prompt) + target,
+            "pixel_values": None,
+        }
+
+    def run(self, variant: str) -> list[tuple[int, float, float]]:
+        """[(step, seconds, held-out colour accuracy)] for one fresh model."""
+        args = self.args
+        tokenizer = tiny_tokenizer(CELL_NAMES if args.cell_names else ())
+        torch.manual_seed(args.seed)
+        model = assemble(
+            LlavaForConditionalGeneration(tiny_llava_config(TinyConfig(), tokenizer)),
+            ComponentSpec("mlp2x_gelu"),
+        )
+        trainable = [p for name, p in model.named_parameters() if not name.startswith("vision.")]
+        oracle = variant == "oracle"
+        phases = [("vicuna", args.steps)]
+        if variant == "direct":
+            phases = [("direct", args.steps)]
+        elif variant == "direct+vicuna":
+            phases = [("direct", args.direct_steps), ("vicuna", args.steps)]
+        score_layout = "direct" if variant == "direct" else "vicuna"
+        rng = random.Random(args.seed)
+        curve, started, done = [], time.time(), 0
+
+        def forward(items, features):
+            batch = collate(items, tokenizer.pad_token_id)
+            visual = model.projector(VisionFeatures(features, (), 8))
+            return model.llm.run(
+                model.merge(batch["input_ids"], batch["attention_mask"], visual, batch["labels"])
+            )
+
+        @torch.no_grad()
+        def accuracy() -> float:
+            model.eval()
+            hits, features = 0, self.cached("test", oracle)
+            for start in range(0, len(self.test_q), 256):
+                chunk = self.test_q[start : start + 256]
+                items = [self.item(q, a, score_layout, tokenizer, model.image_token_id) for _, q, a in chunk]
+                state = forward(items, features[[i for i, _, _ in chunk]])
+                answer_at = (state.labels != IGNORE_INDEX).int().argmax(1) - 1  # last prompt position
+                logits = model.llm.lm_head(state.hidden[torch.arange(len(chunk)), answer_at])
+                hits += (
+                    (logits.argmax(-1) == state.labels[torch.arange(len(chunk)), answer_at + 1]).sum().item()
+                )
+            model.train()
+            return hits / len(self.test_q)
+
+        for layout, steps in phases:
+            optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+            features = self.cached("train", oracle)
+            for step in range(steps):
+                chosen = [rng.choice(self.train_q) for _ in range(args.batch)]
+                items = [self.item(q, a, layout, tokenizer, model.image_token_id) for _, q, a in chosen]
+                state = forward(items, features[[i for i, _, _ in chosen]])
+                targets = state.labels[:, 1:]
+                where = targets != IGNORE_INDEX
+                loss = F.cross_entropy(model.llm.lm_head(state.hidden[:, :-1][where]), targets[where])
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                schedule.step()
+                done += 1
+                if done % args.eval_every == 0 or step == steps - 1:
+                    curve.append((done, time.time() - started, accuracy()))
+                    print(
+                        f"  {variant:14s} {layout:7s} step {done:4d}  {curve[-1][1]:5.0f} s  colour {curve[-1][2]:.3f}",
+                        flush=True,
+                    )
+        return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--direct-steps", type=int, default=120)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--images", type=int, default=8000, help="training images (features are cached)")
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cell-names", action="store_true", help='name cells with one word ("b3")')
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    bench = Bench(args)
+    results = {variant: bench.run(variant) for variant in variants}
+    print(f"\nheld-out colour accuracy ({len(bench.test_q)} questions; answer prior ≈ 1/6), by step")
+    print("| variant | accuracy at step (seconds) |\n|---|---|")
+    for variant, curve in results.items():
+        print(
+            f"| {variant} | "
+            + ", ".join(f"{acc:.3f} @ {step} ({secs:.0f} s)" for step, secs, acc in curve)
+            + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()
