@@ -44,6 +44,7 @@ from data.templates import get_template
 from models.build import ComponentSpec, assemble, load_base
 from models.compressors.base import VisionFeatures
 from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
+from models.vision import VisionTower
 from train.datamodule import split_shards
 from train.recipe import DEFAULT_RECIPE, load_recipe
 from train.run import run_dir_of
@@ -54,7 +55,7 @@ CELL_NAMES = [f"{col}{row}" for col in "abcdefgh" for row in range(1, 9)]
 
 
 def one_word_cells(text: str) -> str:
-    """ "row three column two" → "b3"."""
+    """Name cells with one word: 'row three column two' becomes 'b3' (column letter, row number)."""
     return CELL_WORDS.sub(lambda m: "abcdefgh"[ORDINALS.index(m[2])] + str(1 + ORDINALS.index(m[1])), text)
 
 
@@ -98,7 +99,11 @@ class Bench:
         self.train_q = colour_questions(self.train_shards, args.images)
         self.test_q = colour_questions(self.test_shards, args.test_images)
         trained, _ = load_base(str(base))
-        self.tower = trained.model.vision_tower.eval()
+        config = trained.config
+        self.tower = VisionTower(
+            trained.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy
+        ).eval()
+        self.image_size, self.scene_grid = recipe.data.synthetic.image_size, recipe.data.synthetic.grid
         self.template = get_template("vicuna_v1")
         self.features = {}  # (split, oracle) → (images, 64, Dv)
 
@@ -115,19 +120,20 @@ class Bench:
         out = []
         for start in range(0, count, 256):
             pixels = torch.stack(
-                [load_views(shards.image_bytes(i), 64)[0] for i in range(start, min(count, start + 256))]
+                [
+                    load_views(shards.image_bytes(i), self.image_size)[0]
+                    for i in range(start, min(count, start + 256))
+                ]
             )
-            out.append(self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+            out.append(self.tower(pixels).selected)
         return torch.cat(out)
 
     def oracle(self, shards, count: int) -> torch.Tensor:
-        width = self.tower.config.hidden_size
+        width, classes = self.tower.model.config.hidden_size, region_classes(self.scene_grid)
         rows = []
         for index in range(count):
-            targets = torch.tensor(region_targets(shards.record(index)["scene"], 8))  # (64, 6)
-            onehot = torch.cat(
-                [F.one_hot(targets[:, a], c).float() for a, c in enumerate(region_classes(4))], -1
-            )
+            targets = torch.tensor(region_targets(shards.record(index)["scene"], self.tower.grid))  # (N, 6)
+            onehot = torch.cat([F.one_hot(targets[:, a], c).float() for a, c in enumerate(classes)], -1)
             rows.append(F.pad(onehot, (0, width - onehot.shape[1])))
         return torch.stack(rows)
 
@@ -169,7 +175,7 @@ class Bench:
 
         def forward(items, features):
             batch = collate(items, tokenizer.pad_token_id)
-            visual = model.projector(VisionFeatures(features, (), 8))
+            visual = model.projector(VisionFeatures(features, (), self.tower.grid))
             return model.llm.run(
                 model.merge(batch["input_ids"], batch["attention_mask"], visual, batch["labels"])
             )
