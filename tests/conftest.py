@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,20 @@ torch.set_num_threads(2)
 TEST_TINY = TinyConfig(
     vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=3, llm_heads=4
 )
+
+
+def smoke_train_cmd(run_dir: Path, data_dir: Path, *overrides: str) -> list[str]:
+    """`vtc train tiny/smoke` as a subprocess command, writing to run_dir with its data in data_dir."""
+    return [
+        sys.executable,
+        "-m",
+        "train.cli",
+        "train",
+        "tiny/smoke",
+        f"output={run_dir}",
+        f"data.cache_dir={data_dir}",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="session")

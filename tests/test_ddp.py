@@ -3,23 +3,19 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from tests.conftest import smoke_train_cmd
 
 
 @pytest.mark.slow
 def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
     """Both ranks see different samples and end with identical trainables (LoRA included)."""
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "train.cli",
-        "train",
-        "tiny/smoke",
-        f"output={run_dir}",
-        f"data.cache_dir={tmp_path / 'data'}",
+    cmd = smoke_train_cmd(
+        run_dir,
+        tmp_path / "data",
         "trainer.strategy=ddp",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
@@ -28,7 +24,7 @@ def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
         "stages.0.steps=3",
         "stages.1.steps=6",
         "stages.1.train.llm=lora",
-    ]
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

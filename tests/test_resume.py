@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.loader import ResumableLoader
+from tests.conftest import smoke_train_cmd
 from train.checkpoint import TrainablesCheckpointIO, latest_checkpoint, list_checkpoints, recipe_drift
 
 # Stage "instruct": 96 samples / batch 8 = 12 batches per epoch, 30 steps = 2.5 epochs, so a
@@ -27,17 +28,7 @@ SHORT = [
 
 
 def train_cmd(run_dir: Path, data_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "train.cli",
-        "train",
-        "tiny/smoke",
-        f"output={run_dir}",
-        f"data.cache_dir={data_dir}",
-        *SHORT,
-        *extra,
-    ]
+    return smoke_train_cmd(run_dir, data_dir, *SHORT, *extra)
 
 
 def own_env() -> dict:
