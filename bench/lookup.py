@@ -28,7 +28,6 @@ train through Lightning (bench/tiny_base.py measures those).
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import re
 import time
@@ -46,6 +45,7 @@ from models.compressors.base import VisionFeatures
 from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
 from models.vision import VisionTower
 from train.datamodule import split_shards
+from train.module import warmup_schedule
 from train.recipe import DEFAULT_RECIPE, load_recipe
 from train.run import run_dir_of
 
@@ -71,18 +71,6 @@ def colour_questions(shards, limit: int) -> list[tuple[int, str, str]]:
             if family == "colour":
                 out.append((index, human["value"].replace("<image>\n", ""), gpt["value"]))
     return out
-
-
-def warmup_cosine(steps: int):
-    """LR factor per step: linear warm-up over 1/30 of the steps, then cosine to zero."""
-    warmup = max(1, steps // 30)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
 
 
 class Bench:
@@ -140,18 +128,16 @@ class Bench:
     def item(self, question: str, answer: str, layout: str, tokenizer, image_id: int) -> dict:
         if self.args.cell_names:
             question = one_word_cells(question)
-        if layout == "vicuna":
-            prompt = self.template.prompt("<image>\n" + question, tokenizer, image_id)
+        if layout == "vicuna":  # exactly as `vtc train` encodes a conversation
+            turn = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+            encoded = self.template.encode(turn, tokenizer, image_id, max_length=10_000)
+            ids, labels = encoded.input_ids, encoded.labels
         else:  # direct: the image, then the words naming the cell
             cell = question.split(" at ")[-1].rstrip("?")
             prompt = [tokenizer.bos_token_id, image_id] + tokenizer(cell, add_special_tokens=False).input_ids
-        target = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        return {
-            "id": question,
-            "input_ids": prompt + target,
-            "labels": [IGNORE_INDEX] * len(prompt) + target,
-            "pixel_values": None,
-        }
+            target = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
+        return {"id": question, "input_ids": ids, "labels": labels, "pixel_values": None}
 
     def run(self, variant: str) -> list[tuple[int, float, float]]:
         """[(step, seconds, held-out colour accuracy)] for one fresh model."""
@@ -198,7 +184,7 @@ class Bench:
 
         for layout, steps in phases:
             optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(steps, 1 / 30))
             features = self.cached("train", oracle)
             for step in range(steps):
                 chosen = [rng.choice(self.train_q) for _ in range(args.batch)]

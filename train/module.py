@@ -91,16 +91,7 @@ class VtcModule(L.LightningModule):
         optim = self.stage.optim
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
-        warmup = max(1, math.ceil(optim.warmup * self.total_steps))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if optim.schedule == "constant":
-                return 1.0
-            progress = (step - warmup) / max(1, self.total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
+        factor = warmup_schedule(self.total_steps, optim.warmup, optim.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -142,6 +133,22 @@ class VtcModule(L.LightningModule):
         if self.record_samples:
             record = {"rank": rank, "seen_ids": self.seen_ids, "weights_sha256": trainable_digest(self.model)}
             (self.run_dir / f"record-{self.stage.name}-rank{rank}.json").write_text(json.dumps(record))
+
+
+def warmup_schedule(total_steps: int, warmup_fraction: float, schedule: str = "cosine"):
+    """LR factor per step: linear warm-up over `warmup_fraction` of the steps (at least one),
+    then constant or cosine to zero."""
+    warmup = max(1, math.ceil(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
 
 
 def gather_from_ranks(value) -> list:
