@@ -1,9 +1,11 @@
-"""Why the tiny base stalls below target: how fast a fresh tiny LLM learns to read the colour
-of the object at a named cell, on the trained tiny base's (frozen) vision features.
+"""Why the tiny base stalls below target: how fast a fresh tiny LLM learns to answer one
+question family (`--family`, default colour: the colour of the object at a named cell) on the
+trained tiny base's (frozen) vision features.
 
-Four ways to train the same projector + 4-layer Llama from scratch, `--steps` steps of
-`--batch` colour questions each, scored after every `--eval-every` steps on the held-out
-split's colour questions asked with the LLaVA-1.5 prompt (first answer token, teacher-forced):
+Ways to train the same projector + 4-layer Llama from scratch, `--steps` steps of `--batch`
+questions of the family each, scored after every `--eval-every` steps on the held-out split's
+questions of that family (first answer token, teacher-forced), asked with the LLaVA-1.5 prompt
+unless the variant trains on another layout:
 
 - `vicuna`: the questions in the LLaVA-1.5 prompt, as `vtc train` asks them
              (`<s>{system} USER: <image>\\nWhat colour is the object at row two column three?
@@ -15,6 +17,11 @@ split's colour questions asked with the LLaVA-1.5 prompt (first answer token, te
 - `direct`:  `<s><image>row two column three` → `red</s>`: the answer is read right at the
              words naming the cell (scored on `direct` prompts, the format it trained on).
 - `direct+vicuna`: `--direct-steps` of `direct`, then `vicuna` for `--steps`.
+- `bare`:    `<s><image>{question}` → `{answer}</s>`: the question without the system prompt and
+             the roles, the easiest layout open to every family (scored on `bare` prompts).
+
+`direct` needs a family that names a cell (colour, shape). `--oracle` gives every variant the
+one-hot features of `oracle`.
 
 `--cell-names` names a cell with one word ("b3": column letter, row number) instead of
 "row three column two", in questions and prompts alike (the tokenizer gets those words).
@@ -22,7 +29,7 @@ split's colour questions asked with the LLaVA-1.5 prompt (first answer token, te
 This bench isolates the LLM's learning with a plain loop over cached features; the recipes
 train through Lightning (bench/tiny_base.py measures those).
 
-    python bench/lookup.py [--variants vicuna,oracle,direct,direct+vicuna] [--steps 300]
+    python bench/lookup.py [--family colour] [--variants vicuna,oracle,direct,direct+vicuna] [--steps 300]
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from transformers import LlavaForConditionalGeneration
 
 from data import IGNORE_INDEX
 from data.dataset import collate, load_views
-from data.synth import ORDINALS, region_classes, region_targets
+from data.synth import FAMILIES, ORDINALS, region_classes, region_targets
 from data.templates import get_template
 from models.build import ComponentSpec, assemble, load_base
 from models.compressors.base import VisionFeatures
@@ -49,7 +56,9 @@ from train.module import warmup_schedule
 from train.recipe import DEFAULT_RECIPE, load_recipe
 from train.run import run_dir_of
 
-VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna")
+VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna", "bare")
+DEFAULT_VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna")
+CELL_FAMILIES = ("colour", "shape")  # the families whose questions name a cell
 CELL_WORDS = re.compile(r"row (\w+) column (\w+)")
 CELL_NAMES = [f"{col}{row}" for col in "abcdefgh" for row in range(1, 9)]
 
@@ -59,16 +68,16 @@ def one_word_cells(text: str) -> str:
     return CELL_WORDS.sub(lambda m: "abcdefgh"[ORDINALS.index(m[2])] + str(1 + ORDINALS.index(m[1])), text)
 
 
-def colour_questions(shards, limit: int) -> list[tuple[int, str, str]]:
-    """(image index, question, answer) for every colour question of the first `limit` images."""
+def family_questions(shards, limit: int, family: str) -> list[tuple[int, str, str]]:
+    """(image index, question, answer) for every `family` question of the first `limit` images."""
     out = []
     for index in range(min(limit, len(shards))):
         record = shards.record(index)
         turns = record["conversations"]
-        for family, (human, gpt) in zip(
+        for asked, (human, gpt) in zip(
             record["families"], zip(turns[::2], turns[1::2], strict=True), strict=True
         ):
-            if family == "colour":
+            if asked == family:
                 out.append((index, human["value"].replace("<image>\n", ""), gpt["value"]))
     return out
 
@@ -84,8 +93,8 @@ class Bench:
             split_shards(recipe.data, "train"),
             split_shards(recipe.data, "test"),
         )
-        self.train_q = colour_questions(self.train_shards, args.images)
-        self.test_q = colour_questions(self.test_shards, args.test_images)
+        self.train_q = family_questions(self.train_shards, args.images, args.family)
+        self.test_q = family_questions(self.test_shards, args.test_images, args.family)
         trained, _ = load_base(str(base))
         config = trained.config
         self.tower = VisionTower(
@@ -132,15 +141,15 @@ class Bench:
             turn = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
             encoded = self.template.encode(turn, tokenizer, image_id, max_length=10_000)
             ids, labels = encoded.input_ids, encoded.labels
-        else:  # direct: the image, then the words naming the cell
-            cell = question.split(" at ")[-1].rstrip("?")
-            prompt = [tokenizer.bos_token_id, image_id] + tokenizer(cell, add_special_tokens=False).input_ids
+        else:  # direct: the image, then the words naming the cell; bare: the image, then the question
+            words = question.split(" at ")[-1].rstrip("?") if layout == "direct" else question
+            prompt = [tokenizer.bos_token_id, image_id] + tokenizer(words, add_special_tokens=False).input_ids
             target = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
         return {"id": question, "input_ids": ids, "labels": labels, "pixel_values": None}
 
     def run(self, variant: str) -> list[tuple[int, float, float]]:
-        """[(step, seconds, held-out colour accuracy)] for one fresh model."""
+        """[(step, seconds, held-out accuracy on the family)] for one fresh model."""
         args = self.args
         tokenizer = tiny_tokenizer(CELL_NAMES if args.cell_names else ())
         torch.manual_seed(args.seed)
@@ -149,13 +158,13 @@ class Bench:
             ComponentSpec("mlp2x_gelu"),
         )
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vision.")]
-        oracle = variant == "oracle"
+        oracle = variant == "oracle" or args.oracle
         phases = [("vicuna", args.steps)]
-        if variant == "direct":
-            phases = [("direct", args.steps)]
+        if variant in ("direct", "bare"):
+            phases = [(variant, args.steps)]
         elif variant == "direct+vicuna":
             phases = [("direct", args.direct_steps), ("vicuna", args.steps)]
-        score_layout = "direct" if variant == "direct" else "vicuna"
+        score_layout = variant if variant in ("direct", "bare") else "vicuna"
         rng = random.Random(args.seed)
         curve, started, done = [], time.time(), 0
 
@@ -202,7 +211,8 @@ class Bench:
                 if done % args.eval_every == 0 or step == steps - 1:
                     curve.append((done, time.time() - started, accuracy()))
                     print(
-                        f"  {variant:14s} {layout:7s} step {done:4d}  {curve[-1][1]:5.0f} s  colour {curve[-1][2]:.3f}",
+                        f"  {variant:14s} {layout:7s} step {done:4d}  {curve[-1][1]:5.0f} s"
+                        f"  {args.family} {curve[-1][2]:.3f}",
                         flush=True,
                     )
         return curve
@@ -212,7 +222,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--family", default="colour", choices=FAMILIES)
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--direct-steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=64)
@@ -222,6 +233,7 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cell-names", action="store_true", help='name cells with one word ("b3")')
+    parser.add_argument("--oracle", action="store_true", help="every variant reads one-hot cell attributes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,9 +241,17 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.family not in CELL_FAMILIES and any("direct" in v for v in variants):
+        raise SystemExit(f"`direct` names a cell: only for {', '.join(CELL_FAMILIES)}, not {args.family}")
     bench = Bench(args)
     results = {variant: bench.run(variant) for variant in variants}
-    print(f"\nheld-out colour accuracy ({len(bench.test_q)} questions; answer prior ≈ 1/6), by step")
+    answers = [a for _, _, a in bench.test_q]
+    prior = max(answers.count(a) for a in set(answers)) / len(answers)
+    features = "one-hot cell attributes" if args.oracle else "the base's vision features"
+    print(
+        f"\nheld-out {args.family} accuracy ({len(answers)} questions, {features};"
+        f" always the most common answer: {prior:.3f}), by step"
+    )
     print("| variant | accuracy at step (seconds) |\n|---|---|")
     for variant, curve in results.items():
         print(
