@@ -21,7 +21,8 @@ unless the variant trains on another layout:
              the roles, the easiest layout open to every family (scored on `bare` prompts).
 
 `direct` needs a family that names a cell (colour, shape). `--oracle` gives every variant the
-one-hot features of `oracle`.
+one-hot features of `oracle`. `--llm-width/--llm-heads/--llm-layers` change the fresh LLM's shape
+(default: the tiny base's).
 
 `--cell-names` names a cell with one word ("b3": column letter, row number) instead of
 "row three column two", in questions and prompts alike (the tokenizer gets those words).
@@ -153,8 +154,9 @@ class Bench:
         args = self.args
         tokenizer = tiny_tokenizer(CELL_NAMES if args.cell_names else ())
         torch.manual_seed(args.seed)
+        llm_shape = TinyConfig(llm_width=args.llm_width, llm_heads=args.llm_heads, llm_layers=args.llm_layers)
         model = assemble(
-            LlavaForConditionalGeneration(tiny_llava_config(TinyConfig(), tokenizer)),
+            LlavaForConditionalGeneration(tiny_llava_config(llm_shape, tokenizer)),
             ComponentSpec("mlp2x_gelu"),
         )
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vision.")]
@@ -232,6 +234,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8000, help="training images (features are cached)")
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    tiny = TinyConfig()
+    parser.add_argument("--llm-width", type=int, default=tiny.llm_width, help="the fresh LLM's hidden size")
+    parser.add_argument("--llm-heads", type=int, default=tiny.llm_heads)
+    parser.add_argument("--llm-layers", type=int, default=tiny.llm_layers)
     parser.add_argument("--cell-names", action="store_true", help='name cells with one word ("b3")')
     parser.add_argument("--oracle", action="store_true", help="every variant reads one-hot cell attributes")
     parser.add_argument("--threads", type=int, default=2)
