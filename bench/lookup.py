@@ -2,7 +2,7 @@
 question family (`--family`, default colour: the colour of the object at a named cell) on the
 trained tiny base's (frozen) vision features.
 
-Ways to train the same projector + 4-layer Llama from scratch, `--steps` steps of `--batch`
+Ways to train the same projector + Llama (the tiny base's shape) from scratch, `--steps` steps of `--batch`
 questions of the family each, scored after every `--eval-every` steps on the held-out split's
 questions of that family (first answer token, teacher-forced), asked with the LLaVA-1.5 prompt
 unless the variant trains on another layout:
