@@ -52,6 +52,7 @@ from models.build import ComponentSpec, assemble, load_base
 from models.compressors.base import VisionFeatures
 from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
 from models.vision import VisionTower
+from train.accuracy import questions_of
 from train.datamodule import split_shards
 from train.module import warmup_schedule
 from train.recipe import DEFAULT_RECIPE, load_recipe
@@ -71,16 +72,12 @@ def one_word_cells(text: str) -> str:
 
 def family_questions(shards, limit: int, family: str) -> list[tuple[int, str, str]]:
     """(image index, question, answer) for every `family` question of the first `limit` images."""
-    out = []
-    for index in range(min(limit, len(shards))):
-        record = shards.record(index)
-        turns = record["conversations"]
-        for asked, (human, gpt) in zip(
-            record["families"], zip(turns[::2], turns[1::2], strict=True), strict=True
-        ):
-            if asked == family:
-                out.append((index, human["value"].replace("<image>\n", ""), gpt["value"]))
-    return out
+    return [
+        (index, question, answer)
+        for index in range(min(limit, len(shards)))
+        for asked, question, answer in questions_of(shards.record(index))
+        if asked == family
+    ]
 
 
 class Bench:
