@@ -19,10 +19,14 @@ unless the variant trains on another layout:
 - `direct+vicuna`: `--direct-steps` of `direct`, then `vicuna` for `--steps`.
 - `bare`:    `<s><image>{question}` → `{answer}</s>`: the question without the system prompt and
              the roles, the easiest layout open to every family (scored on `bare` prompts).
+- `first`:   `<s>{question}<image>ASSISTANT:` → `{answer}</s>`: the question before the image, so
+             every visual token can already compare itself with the question.
+- `tail`:    `bare` with the question cut after its last key word (`<s><image>How many red`,
+             `<s><image>Is there a red circle`): the answer is read right at the key word.
 
 `direct` needs a family that names a cell (colour, shape). `--oracle` gives every variant the
 one-hot features of `oracle`. `--llm-width/--llm-heads/--llm-layers` change the fresh LLM's shape
-(default: the tiny base's).
+(default: the tiny base's); `--llm-init-std` redraws its weights with another standard deviation.
 
 `--cell-names` names a cell with one word ("b3": column letter, row number) instead of
 "row three column two", in questions and prompts alike (the tokenizer gets those words).
@@ -58,8 +62,9 @@ from train.module import warmup_schedule
 from train.recipe import DEFAULT_RECIPE, load_recipe
 from train.run import run_dir_of
 
-VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna", "bare")
+VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna", "bare", "first", "tail")
 DEFAULT_VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna")
+SINGLE_LAYOUTS = ("direct", "bare", "first", "tail")  # variants trained and scored on their own layout
 CELL_FAMILIES = ("colour", "shape")  # the families whose questions name a cell
 CELL_WORDS = re.compile(r"row (\w+) column (\w+)")
 CELL_NAMES = [f"{col}{row}" for col in "abcdefgh" for row in range(1, 9)]
@@ -139,12 +144,26 @@ class Bench:
             turn = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
             encoded = self.template.encode(turn, tokenizer, image_id, max_length=10_000)
             ids, labels = encoded.input_ids, encoded.labels
-        else:  # direct: the image, then the words naming the cell; bare: the image, then the question
-            words = question.split(" at ")[-1].rstrip("?") if layout == "direct" else question
-            prompt = [tokenizer.bos_token_id, image_id] + tokenizer(words, add_special_tokens=False).input_ids
+        else:
+            words = tokenizer(self.prompt_words(question, layout), add_special_tokens=False).input_ids
+            if layout == "first":
+                cue = tokenizer("ASSISTANT:", add_special_tokens=False).input_ids
+                prompt = [tokenizer.bos_token_id, *words, image_id, *cue]
+            else:
+                prompt = [tokenizer.bos_token_id, image_id, *words]
             target = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
         return {"id": question, "input_ids": ids, "labels": labels, "pixel_values": None}
+
+    @staticmethod
+    def prompt_words(question: str, layout: str) -> str:
+        """The words a layout asks: the cell's name (direct), the question up to its last key word
+        (tail), or the whole question (bare, first)."""
+        if layout == "direct":
+            return question.split(" at ")[-1].rstrip("?")
+        if layout == "tail":
+            return question.replace(" objects are there?", "").replace("s are there?", "").rstrip("?")
+        return question
 
     def run(self, variant: str) -> list[tuple[int, float, float]]:
         """[(step, seconds, held-out accuracy on the family)] for one fresh model."""
@@ -156,14 +175,18 @@ class Bench:
             LlavaForConditionalGeneration(tiny_llava_config(llm_shape, tokenizer)),
             ComponentSpec("mlp2x_gelu"),
         )
+        if args.llm_init_std:
+            for module in model.llm.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    torch.nn.init.normal_(module.weight, std=args.llm_init_std)
         trainable = [p for name, p in model.named_parameters() if not name.startswith("vision.")]
         oracle = variant == "oracle" or args.oracle
         phases = [("vicuna", args.steps)]
-        if variant in ("direct", "bare"):
+        if variant in SINGLE_LAYOUTS:
             phases = [(variant, args.steps)]
         elif variant == "direct+vicuna":
             phases = [("direct", args.direct_steps), ("vicuna", args.steps)]
-        score_layout = variant if variant in ("direct", "bare") else "vicuna"
+        score_layout = variant if variant in SINGLE_LAYOUTS else "vicuna"
         rng = random.Random(args.seed)
         curve, started, done = [], time.time(), 0
 
@@ -237,6 +260,9 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=tiny.llm_layers)
     parser.add_argument("--cell-names", action="store_true", help='name cells with one word ("b3")')
     parser.add_argument("--oracle", action="store_true", help="every variant reads one-hot cell attributes")
+    parser.add_argument(
+        "--llm-init-std", type=float, default=0.0, help="redraw the fresh LLM's weights from N(0, std²)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
