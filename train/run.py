@@ -41,6 +41,7 @@ from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table
 from train.module import VtcModule
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
+from train.progress import StageProgressBar
 from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, recipe_to_yaml, resolve_base
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
@@ -252,7 +253,7 @@ def train_stage(
         gradient_clip_val=stage.optim.grad_clip,
         log_every_n_steps=recipe.trainer.log_every,
         logger=logs,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, StageProgressBar(stage.name)],
         plugins=[TrainablesCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule's loader shards by rank and resumes
         enable_checkpointing=False,  # vtc's PeriodicCheckpoint saves (atomically, trainables only)

@@ -1,0 +1,76 @@
+"""The training progress bar counts a stage's optimizer steps, across epochs and a resume."""
+
+import lightning as L
+import torch
+
+from train.progress import StageProgressBar
+
+
+class Linear(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch).pow(2).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):  # 4 batches an epoch
+        return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
+
+
+class Recorded(StageProgressBar):
+    """What the bar shows after every batch: (completed, total, description)."""
+
+    def __init__(self, stage):
+        super().__init__(stage)
+        self.shown = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        task = next(t for t in self.progress.tasks if t.id == self.train_progress_bar_id)
+        self.shown.append((int(task.completed), int(task.total), task.description))
+
+
+def fit(max_steps, tmp_path, ckpt_path=None, accumulate=1) -> Recorded:
+    bar = Recorded("instruct")
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        callbacks=[bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Linear(), ckpt_path=ckpt_path)
+    bar.trainer_ = trainer
+    return bar
+
+
+def test_bar_counts_steps_against_the_stage_budget_across_epochs(tmp_path):
+    bar = fit(7, tmp_path)  # 4 batches an epoch: epochs 0 and 1
+    assert [c for c, _, _ in bar.shown] == [1, 2, 3, 4, 5, 6, 7]
+    assert {t for _, t, _ in bar.shown} == {7}
+    assert bar.shown[0][2] == "instruct · epoch 0" and bar.shown[-1][2] == "instruct · epoch 1"
+    assert "v_num" not in bar.get_metrics(bar.trainer_, None) and "train/loss" in bar.get_metrics(
+        bar.trainer_, None
+    )
+
+
+def test_bar_counts_optimizer_steps_under_accumulation(tmp_path):
+    bar = fit(3, tmp_path, accumulate=2)  # 2 batches a step
+    assert [c for c, _, _ in bar.shown] == [0, 1, 1, 2, 2, 3]
+
+
+def test_resumed_bar_starts_at_the_checkpoint_step(tmp_path):
+    first = fit(5, tmp_path)
+    ckpt = tmp_path / "step5.ckpt"
+    first.trainer_.save_checkpoint(ckpt)
+    resumed = fit(7, tmp_path, ckpt_path=str(ckpt))
+    assert [c for c, _, _ in resumed.shown] == [6, 7]
+    assert {t for _, t, _ in resumed.shown} == {7}

@@ -1,0 +1,40 @@
+"""The training progress bar: a stage's optimizer steps against its step budget."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+
+class StageProgressBar(RichProgressBar):
+    """Lightning's rich bar counts the batches of the current epoch against the epoch's length,
+    so a step-limited stage resumed mid-run reads "Epoch 2/-2 6/6". vtc stages are budgets of
+    optimizer steps: this bar names the stage and shows global step / max_steps, starting where a
+    resumed run left off, with step/s, ETA and the metrics logged to the bar."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{self.stage} · epoch {current_epoch}"
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)  # resets the bar to 0 each epoch
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            # start at the steps already done; a reset (not an update) keeps step/s honest
+            self.progress.reset(self.train_progress_bar_id, completed=trainer.global_step)
+
+    def _update(self, progress_bar_id, current, visible: bool = True, hard: bool = False) -> None:
+        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id:
+            # the global step, not the batch index: that restarts each epoch and counts micro-batches
+            current = self.trainer.global_step
+        super()._update(progress_bar_id, current, visible, hard)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger version is the stage name, already shown
+        return metrics
