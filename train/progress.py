@@ -16,7 +16,9 @@ class StageProgressBar(RichProgressBar):
         self.stage = stage
 
     @property
-    def total_train_batches(self) -> int:
+    def total_train_batches(self) -> int | float:
+        if self.trainer.max_steps <= 0:  # no step budget (vtc stages always set one): Lightning's count
+            return super().total_train_batches
         return self.trainer.max_steps
 
     def _get_train_description(self, current_epoch: int) -> str:
