@@ -16,22 +16,29 @@ class StageProgressBar(RichProgressBar):
         self.stage = stage
 
     @property
+    def counts_steps(self) -> bool:
+        """False without a step budget (vtc stages always set one): then it is Lightning's bar."""
+        return self.trainer.max_steps > 0
+
+    @property
     def total_train_batches(self) -> int | float:
-        if self.trainer.max_steps <= 0:  # no step budget (vtc stages always set one): Lightning's count
-            return super().total_train_batches
-        return self.trainer.max_steps
+        return self.trainer.max_steps if self.counts_steps else super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{self.stage} · epoch {current_epoch}"
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # resets the bar to 0 each epoch
-        if self.progress is not None and self.train_progress_bar_id is not None:
+        if self.counts_steps and self.progress is not None and self.train_progress_bar_id is not None:
             # start at the steps already done; a reset (not an update) keeps step/s honest
             self.progress.reset(self.train_progress_bar_id, completed=trainer.global_step)
 
     def _update(self, progress_bar_id, current, visible: bool = True, hard: bool = False) -> None:
-        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id:
+        if (
+            self.counts_steps
+            and progress_bar_id is not None
+            and progress_bar_id == self.train_progress_bar_id
+        ):
             # the global step, not the batch index: that restarts each epoch and counts micro-batches
             current = self.trainer.global_step
         super()._update(progress_bar_id, current, visible, hard)
