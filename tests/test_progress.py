@@ -36,10 +36,11 @@ class Recorded(StageProgressBar):
         self.shown.append((int(task.completed), int(task.total), task.description))
 
 
-def fit(max_steps, tmp_path, ckpt_path=None, accumulate=1) -> Recorded:
+def fit(max_steps, tmp_path, ckpt_path=None, accumulate=1, max_epochs=None) -> Recorded:
     bar = Recorded("instruct")
     trainer = L.Trainer(
         max_steps=max_steps,
+        max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
         callbacks=[bar],
         logger=False,
@@ -74,3 +75,9 @@ def test_resumed_bar_starts_at_the_checkpoint_step(tmp_path):
     resumed = fit(7, tmp_path, ckpt_path=str(ckpt))
     assert [c for c, _, _ in resumed.shown] == [6, 7]
     assert {t for _, t, _ in resumed.shown} == {7}
+
+
+def test_without_a_step_budget_the_bar_counts_each_epochs_batches(tmp_path):
+    bar = fit(-1, tmp_path, max_epochs=2)
+    assert [c for c, _, _ in bar.shown] == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert {t for _, t, _ in bar.shown} == {4}
