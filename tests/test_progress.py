@@ -49,7 +49,6 @@ def fit(max_steps, tmp_path, ckpt_path=None, accumulate=1, max_epochs=None) -> R
         default_root_dir=tmp_path,
     )
     trainer.fit(Linear(), ckpt_path=ckpt_path)
-    bar.trainer_ = trainer
     return bar
 
 
@@ -58,9 +57,8 @@ def test_bar_counts_steps_against_the_stage_budget_across_epochs(tmp_path):
     assert [c for c, _, _ in bar.shown] == [1, 2, 3, 4, 5, 6, 7]
     assert {t for _, t, _ in bar.shown} == {7}
     assert bar.shown[0][2] == "instruct · epoch 0" and bar.shown[-1][2] == "instruct · epoch 1"
-    assert "v_num" not in bar.get_metrics(bar.trainer_, None) and "train/loss" in bar.get_metrics(
-        bar.trainer_, None
-    )
+    metrics = bar.get_metrics(bar.trainer, None)
+    assert "v_num" not in metrics and "train/loss" in metrics
 
 
 def test_bar_counts_optimizer_steps_under_accumulation(tmp_path):
@@ -71,7 +69,7 @@ def test_bar_counts_optimizer_steps_under_accumulation(tmp_path):
 def test_resumed_bar_starts_at_the_checkpoint_step(tmp_path):
     first = fit(5, tmp_path)
     ckpt = tmp_path / "step5.ckpt"
-    first.trainer_.save_checkpoint(ckpt)
+    first.trainer.save_checkpoint(ckpt)
     resumed = fit(7, tmp_path, ckpt_path=str(ckpt))
     assert [c for c, _, _ in resumed.shown] == [6, 7]
     assert {t for _, t, _ in resumed.shown} == {7}
