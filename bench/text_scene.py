@@ -1,0 +1,141 @@
+"""Is the tiny base's wall in the LLM alone? Train a fresh tiny Llama (the tiny base's LLM shape)
+on the synthetic questions with the scene given as words instead of an image, and score the
+held-out questions of each family.
+
+Each item is the scene's caption, then one of its questions (`<s>{caption} {question}` → answer):
+
+    <s>row one column two large red circle ; row three column one small blue square ;
+       row two column four green dot . Is there a red square?  →  no
+
+No vision tower and no projector: the question's words and the scene's words are the same
+tokens, so whatever the LLM must learn is the matching itself (a cell's name for colour and
+shape, a colour *and* a shape for exist, a number of matches for count, two positions for
+spatial). A step is cheap (no visual tokens), so this runs many more steps than the image benches.
+
+The samples are vtc's own (`data.synth.make_sample`, same seed, splits and wording as
+`vtc train`); training draws one question of the chosen families from each training image, the
+held-out score asks every test image its question of each family (first answer token).
+
+    python bench/text_scene.py [--families colour,shape,count,exist,spatial,detail] [--steps 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from data.synth import FAMILIES, make_sample
+from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
+from train.accuracy import questions_of
+from train.module import warmup_schedule
+
+
+def scene_questions(split: str, count: int, seed: int) -> list[tuple[str, str, str, str]]:
+    """(family, caption, question, answer) of every question of the first `count` images."""
+    out = []
+    for index in range(count):
+        sample = make_sample(split, index, seed, image_size=64, grid=4)
+        out += [(family, sample["caption"], q, a) for family, q, a in questions_of(sample)]
+    return out
+
+
+def encode(items, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (B, L), their attention mask and position ids, and the answers' first
+    token (B,): the answer is predicted at the last position of every row."""
+    prompts = [
+        [tokenizer.bos_token_id, *tokenizer(f"{caption} {question}", add_special_tokens=False).input_ids]
+        for _, caption, question, _ in items
+    ]
+    length = max(map(len, prompts))
+    ids = torch.full((len(items), length), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        mask[row, length - len(prompt) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    answers = torch.tensor([tokenizer(a, add_special_tokens=False).input_ids[0] for *_, a in items])
+    return ids, mask, positions, answers
+
+
+def last_logits(model, items, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask, positions, answers = encode(items, tokenizer)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+    return logits[:, -1], answers
+
+
+@torch.no_grad()
+def accuracy(model, test, tokenizer, families) -> dict[str, float]:
+    model.eval()
+    hits = []
+    for start in range(0, len(test), 256):
+        logits, answers = last_logits(model, test[start : start + 256], tokenizer)
+        hits += (logits.argmax(-1) == answers).tolist()
+    model.train()
+    return {
+        f: sum(h for h, (g, *_) in zip(hits, test, strict=True) if g == f) / sum(g == f for g, *_ in test)
+        for f in families
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"of {', '.join(FAMILIES)}")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument(
+        "--images", type=int, default=8000, help="training images (their questions are drawn)"
+    )
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    families = args.families.split(",")
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    tokenizer = tiny_tokenizer()
+    model = LlamaForCausalLM(tiny_llava_config(TinyConfig(), tokenizer).text_config)
+    train = [q for q in scene_questions("train", args.images, args.seed) if q[0] in families]
+    test = [q for q in scene_questions("test", args.test_images, args.seed) if q[0] in families]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(args.steps, 0.03))
+    rng, started, curve = random.Random(args.seed), time.time(), []
+    for step in range(1, args.steps + 1):
+        logits, answers = last_logits(model, rng.choices(train, k=args.batch), tokenizer)
+        loss = F.cross_entropy(logits, answers)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            scores = accuracy(model, test, tokenizer, families)
+            curve.append((step, time.time() - started, scores))
+            shown = "  ".join(f"{f} {s:.3f}" for f, s in scores.items())
+            print(f"step {step:5d}  {curve[-1][1]:5.0f} s  loss {loss.item():.3f}  {shown}", flush=True)
+
+    priors = {}
+    for family in families:
+        answers = [a for f, *_, a in test if f == family]
+        priors[family] = max(answers.count(a) for a in set(answers)) / len(answers)
+    print(f"\nheld-out accuracy, scene given as words ({args.test_images} test images, batch {args.batch})")
+    print("| step (seconds) | " + " | ".join(families) + " |\n|---|" + "---|" * len(families))
+    print("| always the most common answer | " + " | ".join(f"{priors[f]:.3f}" for f in families) + " |")
+    for step, seconds, scores in curve:
+        print(f"| {step} ({seconds:.0f} s) | " + " | ".join(f"{scores[f]:.3f}" for f in families) + " |")
+
+
+if __name__ == "__main__":
+    main()
