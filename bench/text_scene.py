@@ -17,6 +17,7 @@ The samples are vtc's own (`data.synth.make_sample`, same seed, splits and wordi
 held-out score asks every test image its question of each family (first answer token).
 
     python bench/text_scene.py [--families colour,shape,count,exist,spatial,detail] [--steps 1500]
+    `--llm-width/--llm-heads/--llm-layers` change the fresh LLM's shape (default: the tiny base's).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def main() -> None:
     )
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    tiny = TinyConfig()
+    parser.add_argument("--llm-width", type=int, default=tiny.llm_width, help="the fresh LLM's hidden size")
+    parser.add_argument("--llm-heads", type=int, default=tiny.llm_heads)
+    parser.add_argument("--llm-layers", type=int, default=tiny.llm_layers)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     families = args.families.split(",")
@@ -106,7 +111,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = tiny_tokenizer()
-    model = LlamaForCausalLM(tiny_llava_config(TinyConfig(), tokenizer).text_config)
+    shape = TinyConfig(llm_width=args.llm_width, llm_heads=args.llm_heads, llm_layers=args.llm_layers)
+    model = LlamaForCausalLM(tiny_llava_config(shape, tokenizer).text_config)
     train = [q for q in scene_questions("train", args.images, args.seed) if q[0] in families]
     test = [q for q in scene_questions("test", args.test_images, args.seed) if q[0] in families]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
