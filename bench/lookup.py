@@ -75,6 +75,19 @@ def one_word_cells(text: str) -> str:
     return CELL_WORDS.sub(lambda m: "abcdefgh"[ORDINALS.index(m[2])] + str(1 + ORDINALS.index(m[1])), text)
 
 
+def add_llm_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--llm-width/--llm-heads/--llm-layers`, defaulting to the tiny base's LLM."""
+    tiny = TinyConfig()
+    parser.add_argument("--llm-width", type=int, default=tiny.llm_width, help="the fresh LLM's hidden size")
+    parser.add_argument("--llm-heads", type=int, default=tiny.llm_heads)
+    parser.add_argument("--llm-layers", type=int, default=tiny.llm_layers)
+
+
+def llm_shape(args: argparse.Namespace) -> TinyConfig:
+    """The tiny config with the LLM shape the command line asked for."""
+    return TinyConfig(llm_width=args.llm_width, llm_heads=args.llm_heads, llm_layers=args.llm_layers)
+
+
 def family_questions(shards, limit: int, family: str) -> list[tuple[int, str, str]]:
     """(image index, question, answer) for every `family` question of the first `limit` images."""
     return [
@@ -170,9 +183,8 @@ class Bench:
         args = self.args
         tokenizer = tiny_tokenizer(CELL_NAMES if args.cell_names else ())
         torch.manual_seed(args.seed)
-        llm_shape = TinyConfig(llm_width=args.llm_width, llm_heads=args.llm_heads, llm_layers=args.llm_layers)
         model = assemble(
-            LlavaForConditionalGeneration(tiny_llava_config(llm_shape, tokenizer)),
+            LlavaForConditionalGeneration(tiny_llava_config(llm_shape(args), tokenizer)),
             ComponentSpec("mlp2x_gelu"),
         )
         if args.llm_init_std:
@@ -254,10 +266,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8000, help="training images (features are cached)")
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    tiny = TinyConfig()
-    parser.add_argument("--llm-width", type=int, default=tiny.llm_width, help="the fresh LLM's hidden size")
-    parser.add_argument("--llm-heads", type=int, default=tiny.llm_heads)
-    parser.add_argument("--llm-layers", type=int, default=tiny.llm_layers)
+    add_llm_shape_arguments(parser)
     parser.add_argument("--cell-names", action="store_true", help='name cells with one word ("b3")')
     parser.add_argument("--oracle", action="store_true", help="every variant reads one-hot cell attributes")
     parser.add_argument(

@@ -28,10 +28,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from lookup import add_llm_shape_arguments, llm_shape  # a sibling bench: same LLM-shape flags
 from transformers import LlamaForCausalLM
 
 from data.synth import FAMILIES, make_sample
-from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
+from models.tiny import tiny_llava_config, tiny_tokenizer
 from train.accuracy import questions_of
 from train.module import warmup_schedule
 
@@ -97,10 +98,7 @@ def main() -> None:
     )
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    tiny = TinyConfig()
-    parser.add_argument("--llm-width", type=int, default=tiny.llm_width, help="the fresh LLM's hidden size")
-    parser.add_argument("--llm-heads", type=int, default=tiny.llm_heads)
-    parser.add_argument("--llm-layers", type=int, default=tiny.llm_layers)
+    add_llm_shape_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     families = args.families.split(",")
@@ -111,8 +109,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = tiny_tokenizer()
-    shape = TinyConfig(llm_width=args.llm_width, llm_heads=args.llm_heads, llm_layers=args.llm_layers)
-    model = LlamaForCausalLM(tiny_llava_config(shape, tokenizer).text_config)
+    model = LlamaForCausalLM(tiny_llava_config(llm_shape(args), tokenizer).text_config)
     train = [q for q in scene_questions("train", args.images, args.seed) if q[0] in families]
     test = [q for q in scene_questions("test", args.test_images, args.seed) if q[0] in families]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
