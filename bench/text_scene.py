@@ -13,11 +13,13 @@ shape, a colour *and* a shape for exist, a number of matches for count, two posi
 spatial). A step is cheap (no visual tokens), so this runs many more steps than the image benches.
 
 The samples are vtc's own (`data.synth.make_sample`, same seed, splits and wording as
-`vtc train`); training draws one question of the chosen families from each training image, the
-held-out score asks every test image its question of each family (first answer token).
+`vtc train`). Batches are drawn from every question of the chosen families of the first
+`--images` training images (the colour and shape of every object and one question of each other
+family: the instruction stage's mixture); the held-out score asks every test image its question
+of each family (first answer token). `--llm-width/--llm-heads/--llm-layers` change the fresh
+LLM's shape (default: the tiny base's).
 
     python bench/text_scene.py [--families colour,shape,count,exist,spatial,detail] [--steps 1500]
-    `--llm-width/--llm-heads/--llm-layers` change the fresh LLM's shape (default: the tiny base's).
 """
 
 from __future__ import annotations
