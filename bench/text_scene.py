@@ -12,12 +12,12 @@ tokens, so whatever the LLM must learn is the matching itself (a cell's name for
 shape, a colour *and* a shape for exist, a number of matches for count, two positions for
 spatial). A step is cheap (no visual tokens), so this runs many more steps than the image benches.
 
-The samples are vtc's own (`data.synth.make_sample`, same seed, splits and wording as
-`vtc train`). Batches are drawn from every question of the chosen families of the first
-`--images` training images (the colour and shape of every object and one question of each other
-family: the instruction stage's mixture); the held-out score asks every test image its question
-of each family (first answer token). `--llm-width/--llm-heads/--llm-layers` change the fresh
-LLM's shape (default: the tiny base's).
+The samples are vtc's own (`data.synth.make_sample` with the default recipe's `data.synthetic`:
+the same images, splits and wording as `vtc train`). Batches are drawn from every question of the
+chosen families of the first `--images` training images (the colour and shape of every object and
+one question of each other family: the instruction stage's mixture); the held-out score asks every
+test image its question of each family (first answer token). `--llm-width/--llm-heads/--llm-layers`
+change the fresh LLM's shape (default: the tiny base's).
 
     python bench/text_scene.py [--families colour,shape,count,exist,spatial,detail] [--steps 1500]
 """
@@ -37,13 +37,15 @@ from data.synth import FAMILIES, make_sample
 from models.tiny import tiny_llava_config, tiny_tokenizer
 from train.accuracy import questions_of
 from train.module import warmup_schedule
+from train.recipe import DEFAULT_RECIPE, load_recipe
 
 
-def scene_questions(split: str, count: int, seed: int) -> list[tuple[str, str, str, str]]:
-    """(family, caption, question, answer) of every question of the first `count` images."""
+def scene_questions(split: str, count: int, synthetic) -> list[tuple[str, str, str, str]]:
+    """(family, caption, question, answer) of every question of the first `count` images that
+    `vtc train` generates with the recipe's `data.synthetic` settings."""
     out = []
     for index in range(count):
-        sample = make_sample(split, index, seed, image_size=64, grid=4)
+        sample = make_sample(split, index, synthetic.seed, synthetic.image_size, synthetic.grid)
         out += [(family, sample["caption"], q, a) for family, q, a in questions_of(sample)]
     return out
 
@@ -99,7 +101,7 @@ def main() -> None:
         "--images", type=int, default=8000, help="training images (their questions are drawn)"
     )
     parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the fresh LLM's weights and batch order")
     add_llm_shape_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -112,8 +114,9 @@ def main() -> None:
 
     tokenizer = tiny_tokenizer()
     model = LlamaForCausalLM(tiny_llava_config(llm_shape(args), tokenizer).text_config)
-    train = [q for q in scene_questions("train", args.images, args.seed) if q[0] in families]
-    test = [q for q in scene_questions("test", args.test_images, args.seed) if q[0] in families]
+    synthetic = load_recipe(DEFAULT_RECIPE, check_machine=False).data.synthetic
+    train = [q for q in scene_questions("train", args.images, synthetic) if q[0] in families]
+    test = [q for q in scene_questions("test", args.test_images, synthetic) if q[0] in families]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(args.steps, 0.03))
     rng, started, curve = random.Random(args.seed), time.time(), []
