@@ -88,6 +88,11 @@ def llm_shape(args: argparse.Namespace) -> TinyConfig:
     return TinyConfig(llm_width=args.llm_width, llm_heads=args.llm_heads, llm_layers=args.llm_layers)
 
 
+def most_common_share(answers: list[str]) -> float:
+    """The accuracy of always giving the most common of `answers`."""
+    return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
 def family_questions(shards, limit: int, family: str) -> list[tuple[int, str, str]]:
     """(image index, question, answer) for every `family` question of the first `limit` images."""
     return [
@@ -284,7 +289,7 @@ def main() -> None:
     bench = Bench(args)
     results = {variant: bench.run(variant) for variant in variants}
     answers = [a for _, _, a in bench.test_q]
-    prior = max(answers.count(a) for a in set(answers)) / len(answers)
+    prior = most_common_share(answers)
     features = "one-hot cell attributes" if args.oracle else "the base's vision features"
     print(
         f"\nheld-out {args.family} accuracy ({len(answers)} questions, {features};"

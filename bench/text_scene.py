@@ -30,7 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from lookup import add_llm_shape_arguments, llm_shape  # a sibling bench: same LLM-shape flags
+from lookup import add_llm_shape_arguments, llm_shape, most_common_share  # a sibling bench
 from transformers import LlamaForCausalLM
 
 from data.synth import FAMILIES, make_sample
@@ -134,10 +134,7 @@ def main() -> None:
             shown = "  ".join(f"{f} {s:.3f}" for f, s in scores.items())
             print(f"step {step:5d}  {curve[-1][1]:5.0f} s  loss {loss.item():.3f}  {shown}", flush=True)
 
-    priors = {}
-    for family in families:
-        answers = [a for f, *_, a in test if f == family]
-        priors[family] = max(answers.count(a) for a in set(answers)) / len(answers)
+    priors = {family: most_common_share([a for f, *_, a in test if f == family]) for family in families}
     print(f"\nheld-out accuracy, scene given as words ({args.test_images} test images, batch {args.batch})")
     print("| step (seconds) | " + " | ".join(families) + " |\n|---|" + "---|" * len(families))
     print("| always the most common answer | " + " | ".join(f"{priors[f]:.3f}" for f in families) + " |")
