@@ -25,18 +25,15 @@ change the fresh LLM's shape (default: the tiny base's).
 from __future__ import annotations
 
 import argparse
-import random
-import time
 
 import torch
-import torch.nn.functional as F
-from lookup import add_llm_shape_arguments, llm_shape, most_common_share  # a sibling bench
+from family_loop import add_loop_arguments, print_curve, start, train_and_score  # sibling benches
+from lookup import llm_shape
 from transformers import LlamaForCausalLM
 
 from data.synth import FAMILIES, make_sample
 from models.tiny import tiny_llava_config, tiny_tokenizer
 from train.accuracy import questions_of
-from train.module import warmup_schedule
 from train.recipe import DEFAULT_RECIPE, load_recipe
 
 
@@ -74,72 +71,35 @@ def last_logits(model, items, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return logits[:, -1], answers
 
 
-@torch.no_grad()
-def accuracy(model, test, tokenizer, families) -> dict[str, float]:
-    model.eval()
-    hits = []
-    for start in range(0, len(test), 256):
-        logits, answers = last_logits(model, test[start : start + 256], tokenizer)
-        hits += (logits.argmax(-1) == answers).tolist()
-    model.train()
-    return {
-        f: sum(h for h, (g, *_) in zip(hits, test, strict=True) if g == f) / sum(g == f for g, *_ in test)
-        for f in families
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"of {', '.join(FAMILIES)}")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument(
         "--images", type=int, default=8000, help="training images (their questions are drawn)"
     )
-    parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0, help="the fresh LLM's weights and batch order")
-    add_llm_shape_arguments(parser)
-    parser.add_argument("--threads", type=int, default=2)
+    add_loop_arguments(
+        parser, steps=1500, eval_every=250, seed_help="the fresh LLM's weights and batch order"
+    )
     args = parser.parse_args()
-    families = args.families.split(",")
-    unknown = set(families) - set(FAMILIES)
-    if unknown:
-        raise SystemExit(f"unknown families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    families = start(args, FAMILIES)
 
     tokenizer = tiny_tokenizer()
     model = LlamaForCausalLM(tiny_llava_config(llm_shape(args), tokenizer).text_config)
     synthetic = load_recipe(DEFAULT_RECIPE, check_machine=False).data.synthetic
     train = [q for q in scene_questions("train", args.images, synthetic) if q[0] in families]
     test = [q for q in scene_questions("test", args.test_images, synthetic) if q[0] in families]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(args.steps, 0.03))
-    rng, started, curve = random.Random(args.seed), time.time(), []
-    for step in range(1, args.steps + 1):
-        logits, answers = last_logits(model, rng.choices(train, k=args.batch), tokenizer)
-        loss = F.cross_entropy(logits, answers)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            scores = accuracy(model, test, tokenizer, families)
-            curve.append((step, time.time() - started, scores))
-            shown = "  ".join(f"{f} {s:.3f}" for f, s in scores.items())
-            print(f"step {step:5d}  {curve[-1][1]:5.0f} s  loss {loss.item():.3f}  {shown}", flush=True)
-
-    priors = {family: most_common_share([a for f, *_, a in test if f == family]) for family in families}
-    print(f"\nheld-out accuracy, scene given as words ({args.test_images} test images, batch {args.batch})")
-    print("| step (seconds) | " + " | ".join(families) + " |\n|---|" + "---|" * len(families))
-    print("| always the most common answer | " + " | ".join(f"{priors[f]:.3f}" for f in families) + " |")
-    for step, seconds, scores in curve:
-        print(f"| {step} ({seconds:.0f} s) | " + " | ".join(f"{scores[f]:.3f}" for f in families) + " |")
+    curve = train_and_score(
+        model,
+        lambda items: last_logits(model, items, tokenizer),
+        lambda rng: rng.choices(train, k=args.batch),
+        test,
+        families,
+        args,
+    )
+    title = f"held-out accuracy, scene given as words ({args.test_images} test images, batch {args.batch})"
+    print_curve(title, curve, test, families)
 
 
 if __name__ == "__main__":
