@@ -104,10 +104,10 @@ class CellLM(nn.Module):
         ids = torch.full((len(items), length), tok.pad_token_id)
         mask, cell_slots = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
-            start = length - len(prompt)
-            ids[row, start:] = torch.tensor(prompt)
-            mask[row, start:] = 1
-            cell_slots[row, start + 1 : start + 1 + cells] = True
+            first = length - len(prompt)
+            ids[row, first:] = torch.tensor(prompt)
+            mask[row, first:] = 1
+            cell_slots[row, first + 1 : first + 1 + cells] = True
         embeds = self.llm.get_input_embeddings()(ids)
         features = torch.stack([f for _, f, _, _ in items])  # (B, G², C)
         embeds = embeds.masked_scatter(cell_slots[..., None], self.projector(features))
