@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import random
 
+import family_loop as loop  # a sibling bench
 import torch
 import torch.nn.functional as F
-from family_loop import add_loop_arguments, print_curve, start, train_and_score  # sibling benches
 from lookup import llm_shape
 from torch import nn
 from transformers import LlamaForCausalLM
@@ -100,21 +100,16 @@ class CellLM(nn.Module):
             [tok.bos_token_id] + [tok.pad_token_id] * cells + tok(q, add_special_tokens=False).input_ids
             for _, _, q, _ in items
         ]
-        length = max(map(len, prompts))
-        ids = torch.full((len(items), length), tok.pad_token_id)
-        mask, cell_slots = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            first = length - len(prompt)
-            ids[row, first:] = torch.tensor(prompt)
-            mask[row, first:] = 1
-            cell_slots[row, first + 1 : first + 1 + cells] = True
+        ids, mask, positions = loop.left_padded(prompts, tok.pad_token_id)
+        # each row's cells follow its `<s>`, the first position its mask keeps
+        first = mask.argmax(1, keepdim=True)
+        columns = torch.arange(ids.shape[1])
+        cell_slots = (columns > first) & (columns <= first + cells)
         embeds = self.llm.get_input_embeddings()(ids)
         features = torch.stack([f for _, f, _, _ in items])  # (B, G², C)
         embeds = embeds.masked_scatter(cell_slots[..., None], self.projector(features))
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-        answers = torch.tensor([tok(a, add_special_tokens=False).input_ids[0] for *_, a in items])
-        return logits.logits[:, -1], answers
+        return logits.logits[:, -1], loop.first_answer_tokens(items, tok)
 
 
 def main() -> None:
@@ -123,17 +118,17 @@ def main() -> None:
     )
     known = (*FAMILIES, *PRESENCE)
     parser.add_argument("--families", default="exist", help=f"comma-separated, of {', '.join(known)}")
-    add_loop_arguments(
+    loop.add_loop_arguments(
         parser, steps=3000, eval_every=500, seed_help="the fresh LLM's weights and the training scenes"
     )
     args = parser.parse_args()
-    families = start(args, known)
+    families = loop.start(args, known)
 
     grid = load_recipe(DEFAULT_RECIPE, check_machine=False).data.synthetic.grid
     test_rng = random.Random(f"cell-oracle/test/{grid}")  # the same held-out items whatever --seed
     test = [draw("test", family, grid, test_rng) for _ in range(args.test_images) for family in families]
     model = CellLM(args, tiny_tokenizer(), test[0][1].shape[1])
-    curve = train_and_score(
+    curve = loop.train_and_score(
         model,
         model,
         lambda rng: [draw("train", rng.choice(families), grid, rng) for _ in range(args.batch)],
@@ -144,7 +139,7 @@ def main() -> None:
     title = (
         f"held-out accuracy, one perfect token per cell ({args.test_images} test scenes, batch {args.batch})"
     )
-    print_curve(title, curve, test, families)
+    loop.print_curve(title, curve, test, families)
 
 
 if __name__ == "__main__":

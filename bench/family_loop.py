@@ -41,6 +41,23 @@ def start(args: argparse.Namespace, known) -> list[str]:
     return families
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) of `prompts` padded on the left, so that every row ends at the position
+    where the answer is predicted; their attention mask and position ids (0 at each prompt's start)."""
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), pad_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        mask[row, length - len(prompt) :] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def first_answer_tokens(items, tokenizer) -> torch.Tensor:
+    """(B,) the first token of each item's answer (its last field): what is scored."""
+    return torch.tensor([tokenizer(item[-1], add_special_tokens=False).input_ids[0] for item in items])
+
+
 @torch.no_grad()
 def family_accuracy(model, predict, test, families) -> dict[str, float]:
     """Held-out first-answer-token accuracy of each family."""

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 
+import family_loop as loop  # a sibling bench
 import torch
-from family_loop import add_loop_arguments, print_curve, start, train_and_score  # sibling benches
 from lookup import llm_shape
 from transformers import LlamaForCausalLM
 
@@ -54,15 +54,7 @@ def encode(items, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         [tokenizer.bos_token_id, *tokenizer(f"{caption} {question}", add_special_tokens=False).input_ids]
         for _, caption, question, _ in items
     ]
-    length = max(map(len, prompts))
-    ids = torch.full((len(items), length), tokenizer.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt) :] = torch.tensor(prompt)
-        mask[row, length - len(prompt) :] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    answers = torch.tensor([tokenizer(a, add_special_tokens=False).input_ids[0] for *_, a in items])
-    return ids, mask, positions, answers
+    return *loop.left_padded(prompts, tokenizer.pad_token_id), loop.first_answer_tokens(items, tokenizer)
 
 
 def last_logits(model, items, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,18 +71,18 @@ def main() -> None:
     parser.add_argument(
         "--images", type=int, default=8000, help="training images (their questions are drawn)"
     )
-    add_loop_arguments(
+    loop.add_loop_arguments(
         parser, steps=1500, eval_every=250, seed_help="the fresh LLM's weights and batch order"
     )
     args = parser.parse_args()
-    families = start(args, FAMILIES)
+    families = loop.start(args, FAMILIES)
 
     tokenizer = tiny_tokenizer()
     model = LlamaForCausalLM(tiny_llava_config(llm_shape(args), tokenizer).text_config)
     synthetic = load_recipe(DEFAULT_RECIPE, check_machine=False).data.synthetic
     train = [q for q in scene_questions("train", args.images, synthetic) if q[0] in families]
     test = [q for q in scene_questions("test", args.test_images, synthetic) if q[0] in families]
-    curve = train_and_score(
+    curve = loop.train_and_score(
         model,
         lambda items: last_logits(model, items, tokenizer),
         lambda rng: rng.choices(train, k=args.batch),
@@ -99,7 +91,7 @@ def main() -> None:
         args,
     )
     title = f"held-out accuracy, scene given as words ({args.test_images} test images, batch {args.batch})"
-    print_curve(title, curve, test, families)
+    loop.print_curve(title, curve, test, families)
 
 
 if __name__ == "__main__":
