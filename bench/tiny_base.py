@@ -9,20 +9,20 @@ import sys
 import tempfile
 import time
 
-from train.recipe import DEFAULT_RECIPE, load_recipe
+from train.recipe import BASE_RECIPE, load_recipe
 from train.run import run_recipe
 
 
 def main(overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(DEFAULT_RECIPE, [f"output={tmp}/run", f"data.cache_dir={tmp}/data", *overrides])
+        recipe = load_recipe(BASE_RECIPE, [f"output={tmp}/run", f"data.cache_dir={tmp}/data", *overrides])
         started = time.time()
         metrics = run_recipe(recipe)
         wall = time.time() - started
     print(
         json.dumps(
             {
-                "recipe": str(DEFAULT_RECIPE),
+                "recipe": str(BASE_RECIPE),
                 "overrides": overrides,
                 "wall_seconds_including_data_and_eval": round(wall, 1),
                 **metrics,

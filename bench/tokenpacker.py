@@ -1,7 +1,10 @@
 """TokenPacker on the tiny base vs. the MLP projector and 2-D pooling trained the same way.
 
-    python bench/tokenpacker.py              # accuracy table (trains the three recipes) + step time
-    python bench/tokenpacker.py --step-time  # only the training-step time ratio (seconds)
+    python bench/tokenpacker.py [--seeds 0,1,2]  # accuracy over seeds (trains the three recipes) + step time
+    python bench/tokenpacker.py --step-time      # only the training-step time ratio (seconds)
+
+Each recipe trains on the shipped tiny base with `seed=S` (the new projector's initial weights and
+the batch order), into a temporary folder; the table gives the mean and the range over seeds.
 
 Prints measured figures only; the README quotes them with this command.
 """
@@ -9,6 +12,7 @@ Prints measured figures only; the README quotes them with this command.
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
@@ -68,6 +72,7 @@ def step_times(batch_size: int = 32, repeats: int = 10) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-time", action="store_true")
+    parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     results = {}
     # step times first: after a training run its data-loader worker can linger and share the CPU
@@ -76,14 +81,47 @@ def main() -> None:
     results["step_seconds"] = times
     results["step_time_ratio_vs_mlp"] = {k: round(v / mlp_time, 3) for k, v in times.items()}
     if not args.step_time:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        runs = {name: [] for name in RECIPES}
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in seeds:
+                for name in RECIPES:
+                    overrides = [
+                        f"seed={seed}",
+                        f"output={tmp}/{name.replace('/', '-')}-s{seed}",
+                        "eval.baselines=[]",
+                    ]
+                    metrics = run_recipe(load_recipe(name, overrides))
+                    runs[name].append(metrics)
         for name in RECIPES:
-            metrics = run_recipe(load_recipe(name), restart=True)  # a fresh measurement each time
+            kept = [
+                m["accuracy"] / mlp["accuracy"] for m, mlp in zip(runs[name], runs["tiny/mlp"], strict=True)
+            ]
             results[name] = {
-                k: metrics[k] for k in ("accuracy", "per_family", "visual_tokens", "train_seconds")
+                "seeds": seeds,
+                "accuracy": [round(m["accuracy"], 4) for m in runs[name]],
+                "accuracy_kept_vs_mlp": [round(k, 4) for k in kept],
+                "per_family_mean": {
+                    f: round(statistics.mean(m["per_family"][f] for m in runs[name]), 4)
+                    for f in runs[name][0]["per_family"]
+                },
+                "visual_tokens": runs[name][0]["visual_tokens"],
+                "train_seconds": [m["train_seconds"] for m in runs[name]],
             }
-        mlp = results["tiny/mlp"]["accuracy"]
+        print(
+            "| recipe | tokens | accuracy, mean (min–max) | kept vs. MLP, mean (min–max) | "
+            + " | ".join(results[RECIPES[0]]["per_family_mean"])
+            + " |"
+        )
         for name in RECIPES:
-            results[name]["accuracy_kept_vs_mlp"] = round(results[name]["accuracy"] / mlp, 3) if mlp else None
+            r = results[name]
+            acc, kept = r["accuracy"], r["accuracy_kept_vs_mlp"]
+            print(
+                f"| {name} | {r['visual_tokens']:.0f} | {100 * statistics.mean(acc):.1f} % ({100 * min(acc):.1f}–{100 * max(acc):.1f}) "
+                f"| {100 * statistics.mean(kept):.1f} % ({100 * min(kept):.1f}–{100 * max(kept):.1f}) | "
+                + " | ".join(f"{100 * v:.1f} %" for v in r["per_family_mean"].values())
+                + " |"
+            )
     print(json.dumps(results, indent=1))
 
 

@@ -1,14 +1,25 @@
 """Synthetic visual question answering (Sort-of-CLEVR-like), deterministic per seed.
 
 A scene is a G×G grid of cells; a few cells hold a coloured shape (large or small) and one empty
-cell holds a small coloured dot. Every image comes with a caption that lists every object (dense
-supervision for alignment) and one question of each family:
+cell holds a small coloured dot. A cell is named by one word, its column letter and row number
+(`b3`: column b, row 3), so that locating a cell is one token's lookup. Every image comes with a
+caption that lists every object (dense supervision for alignment) and questions of six families:
 
-- `colour`, `shape`: the attribute of the object at a named row/column
+- `colour`: the colour of the only object of a shape (`What colour is the circle?`)
+- `shape`: the shape of the only object of a colour (`What shape is the red object?`)
 - `count`:   how many objects of a colour (or shape) there are
 - `exist`:   whether an object of a colour and shape is present (half yes, half no)
 - `spatial`: whether one object is left of / right of / above / below another
 - `detail`:  the colour of the small dot, which pooling several patches together blurs
+
+Every answer first names the cells it rests on, then answers (**grounded answers**):
+`What colour is the circle?` → `b3 . red`, `How many red objects are there?` → `a1 c3 . 2`,
+`Is there a blue square?` → `none . no`, `Is the red circle left of the blue square?` →
+`b3 d1 . yes`, `What colour is the dot?` → `c2 . red`. The cells are intermediate supervision
+the tiny LLM learns from; without them count, exist and spatial sit at their answer prior for
+thousands of steps (bench/README.md). Questions name objects by what they are, never by their
+cell: a fresh tiny LLM learns to find "the circle" far sooner than "the object at b3". The answer that is scored is
+the word after the last ` . ` (`final_answer`).
 
 Splits are disjoint by construction: a scene belongs to the split chosen by a hash of its
 content, and each split's generator rejects scenes of the others.
@@ -36,7 +47,10 @@ SIZES = ("large", "small")
 FAMILIES = ("colour", "shape", "count", "exist", "spatial", "detail")
 SPLITS = ("train", "val", "test")
 _SPLIT_BUCKETS = {"test": range(0, 1), "val": range(1, 2), "train": range(2, 20)}
-ORDINALS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+# Bumped whenever the generator's output changes, so caches of an older language are not reused.
+VERSION = 2
+COLUMNS = "abcdefgh"  # a grid has at most 8 columns and rows
+ANSWER_SEPARATOR = " . "  # between a grounded answer's cells and its final answer
 
 
 @dataclass(frozen=True)
@@ -107,18 +121,67 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 
 
 def where(row: int, col: int) -> str:
-    """How captions and questions name a cell."""
-    return f"row {ORDINALS[row]} column {ORDINALS[col]}"
+    """How captions, questions and answers name a cell: one word, column letter then row number."""
+    return f"{COLUMNS[col]}{row + 1}"
+
+
+def grounded(cells: list[str], answer: str) -> str:
+    """An answer that first names the cells it rests on (`none` if no object matches)."""
+    return " ".join(cells or ["none"]) + ANSWER_SEPARATOR + answer
+
+
+def final_answer(text: str) -> str:
+    """The scored part of an answer: what follows the last ` . ` (the whole text if none)."""
+    return text.rsplit(ANSWER_SEPARATOR.strip(), 1)[-1].strip()
+
+
+def _what(scene: Scene) -> dict[tuple[int, int], str]:
+    """What each cell holds, in words: `large red circle`, `red dot` or `empty`."""
+    dot_row, dot_col, dot_colour = scene.dot
+    out = {(r, c): "empty" for r in range(scene.grid) for c in range(scene.grid)}
+    out[(dot_row, dot_col)] = f"{dot_colour} dot"
+    out.update({(o.row, o.col): f"{o.size} {o.colour} {o.shape}" for o in scene.objects})
+    return out
+
+
+def _cell_contents(scene: Scene, rng: random.Random, empty: int = 2) -> list[tuple[str, str]]:
+    """(cell, what it holds) for every object, the dot and `empty` empty cells."""
+    what = _what(scene)
+    empties = [cell for cell, w in what.items() if w == "empty"]
+    chosen = [cell for cell, w in what.items() if w != "empty"] + rng.sample(empties, empty)
+    return [(where(*cell), what[cell]) for cell in chosen]
 
 
 def caption(scene: Scene) -> str:
-    """Every object in raster order, position first ("row two column three large red circle"),
-    then the dot: dense targets for the alignment stage that supervise exactly what the
-    questions need, reading the attributes of a named cell."""
-    parts = [f"{where(o.row, o.col)} {o.size} {o.colour} {o.shape}" for o in scene.objects]
-    row, col, colour = scene.dot
-    parts.append(f"{where(row, col)} {colour} dot")
-    return " ; ".join(parts) + " ."
+    """Dense targets for the alignment stage, in two halves:
+
+    - every cell in raster order, its name then what it holds (`a1 empty ; b1 large red circle ;
+      c1 red dot ; ...`): what each part of the image shows, in words;
+    - every colour, then every shape, with the cells of the objects that have it (`red b1 c3 ;
+      green none ; ... circle b1 ; ...`): where things are, what grounded answers name.
+    """
+    what = _what(scene)
+    cells = [
+        f"{where(row, col)} {what[(row, col)]}" for row in range(scene.grid) for col in range(scene.grid)
+    ]
+    groups = [
+        f"{value} " + " ".join(_cells([o for o in scene.objects if value in (o.colour, o.shape)]) or ["none"])
+        for value in (*COLOURS, *SHAPES)
+    ]
+    return " ; ".join(cells) + " . " + " ; ".join(groups) + " ."
+
+
+def _only_one(scene: Scene, attribute: str) -> list[SceneObject]:
+    """The objects that are the only one of their `attribute` ("shape": the only circle)."""
+    values = [getattr(o, attribute) for o in scene.objects]
+    return [o for o in scene.objects if values.count(getattr(o, attribute)) == 1]
+
+
+def askable(scene: Scene) -> bool:
+    """Colour questions name an object by its shape and shape questions by its colour, so a
+    scene needs an object that is the only one of its shape and one that is the only one of its
+    colour."""
+    return bool(_only_one(scene, "shape")) and bool(_only_one(scene, "colour"))
 
 
 def _unique(scene: Scene) -> list[SceneObject]:
@@ -127,32 +190,62 @@ def _unique(scene: Scene) -> list[SceneObject]:
 
 
 def questions(scene: Scene, rng: random.Random, every_object: bool = False) -> list[tuple[str, str, str]]:
-    """(family, question, answer) triples: one per family, or with `every_object` the colour and
-    shape of every object (dense supervision for training) and one of each other family."""
-    objs = scene.objects
+    """(family, question, answer) triples: one per family, or with `every_object` (dense
+    supervision for training) the colour of every object that is the only one of its shape, the
+    shape of every object that is the only one of its colour, `TRAIN_REPEATS` distinct questions
+    of count, exist and spatial, one detail, and `cell` questions (`What is at b3?` → `large red
+    circle`, training only) for every object, the dot and two empty cells."""
     out = []
-    for target in objs if every_object else [rng.choice(objs)]:
-        cell = where(target.row, target.col)
-        out.append(("colour", f"What colour is the object at {cell}?", target.colour))
-        out.append(("shape", f"What shape is the object at {cell}?", target.shape))
+    by_shape, by_colour = _only_one(scene, "shape"), _only_one(scene, "colour")
+    for target in by_shape if every_object else [rng.choice(by_shape)]:
+        cells = _cells([target])
+        out.append(("colour", f"What colour is the {target.shape}?", grounded(cells, target.colour)))
+    for target in by_colour if every_object else [rng.choice(by_colour)]:
+        cells = _cells([target])
+        out.append(("shape", f"What shape is the {target.colour} object?", grounded(cells, target.shape)))
+    if every_object:  # training only: name → cell lookups teach which cell each word names
+        for cell, what in _cell_contents(scene, rng):
+            out.append(("cell", f"What is at {cell}?", what))
+    for family in ("count", "exist", "spatial"):
+        asked: set[str] = set()
+        for _ in range(TRAIN_REPEATS if every_object else 1):
+            triple = _ASK[family](scene, rng)
+            if triple[1] not in asked:
+                asked.add(triple[1])
+                out.append(triple)
+    row, col, colour = scene.dot
+    out.append(("detail", "What colour is the dot?", grounded([where(row, col)], colour)))
+    return out
+
+
+TRAIN_REPEATS = 2
+
+
+def _cells(objs) -> list[str]:
+    return [where(o.row, o.col) for o in objs]
+
+
+def _count(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     if rng.random() < 0.5:
         colour = rng.choice(list(COLOURS))
-        out.append(
-            ("count", f"How many {colour} objects are there?", str(sum(o.colour == colour for o in objs)))
-        )
+        matches = [o for o in scene.objects if o.colour == colour]
+        question = f"How many {colour} objects are there?"
     else:
         shape = rng.choice(SHAPES)
-        out.append(("count", f"How many {shape}s are there?", str(sum(o.shape == shape for o in objs))))
-    present = {o.name for o in objs}
+        matches = [o for o in scene.objects if o.shape == shape]
+        question = f"How many {shape}s are there?"
+    return ("count", question, grounded(_cells(matches), str(len(matches))))
+
+
+def _exist(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    present = {o.name for o in scene.objects}
     if rng.random() < 0.5:
         name, answer = rng.choice(sorted(present)), "yes"
     else:
         absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
         name, answer = rng.choice(absent), "no"
-    out.append(("exist", f"Is there a {name}?", answer))
-    out.append(_spatial(scene, rng))
-    out.append(("detail", "What colour is the dot?", scene.dot[2]))
-    return out
+    matches = [o for o in scene.objects if o.name == name]
+    return ("exist", f"Is there a {name}?", grounded(_cells(matches), answer))
 
 
 def _spatial(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
@@ -180,19 +273,30 @@ def _spatial(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
         want_yes = not want_yes
         options = with_answer(want_yes)
     if not options:
-        obj = scene.objects[0]
-        return ("spatial", f"Is the {obj.name} left of the dot?", "yes" if obj.col < scene.dot[1] else "no")
+        obj, (row, col, _) = scene.objects[0], scene.dot
+        answer = "yes" if obj.col < col else "no"
+        return (
+            "spatial",
+            f"Is the {obj.name} left of the dot?",
+            grounded([*_cells([obj]), where(row, col)], answer),
+        )
     a, rel, b = rng.choice(options)
-    return ("spatial", f"Is the {a.name} {rel} the {b.name}?", "yes" if want_yes else "no")
+    answer = "yes" if want_yes else "no"
+    return ("spatial", f"Is the {a.name} {rel} the {b.name}?", grounded(_cells([a, b]), answer))
+
+
+_ASK = {"count": _count, "exist": _exist, "spatial": _spatial}
 
 
 def vocabulary_corpus() -> list[str]:
     """Every word the generator can produce, for building the tiny tokenizer."""
-    words = list(COLOURS) + list(SHAPES) + [f"{s}s" for s in SHAPES] + list(SIZES) + list(ORDINALS)
-    words += [str(i) for i in range(10)] + ["yes", "no", "dot", "objects"]
+    words = list(COLOURS) + list(SHAPES) + [f"{s}s" for s in SHAPES] + list(SIZES)
+    words += [f"{c}{r}" for c in COLUMNS for r in range(1, len(COLUMNS) + 1)]
+    words += [str(i) for i in range(10)] + ["yes", "no", "none", "empty", "dot", "objects"]
     words += [
-        "What colour is the object at row column ?",
-        "What shape is the object at",
+        "What colour is the ?",
+        "What is at ?",
+        "What shape is the object ?",
         "How many are there ?",
         "Is there a ?",
         "Is the left of right above below the dot ?",
@@ -208,7 +312,7 @@ def make_sample(split: str, index: int, seed: int, image_size: int, grid: int) -
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{index}")
     scene = random_scene(rng, grid)
-    while scene.split() != split:
+    while scene.split() != split or not askable(scene):
         scene = random_scene(rng, grid)
     qa = questions(scene, rng, every_object=split == "train")
     rng.shuffle(qa)

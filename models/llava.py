@@ -198,7 +198,9 @@ class VtcLlava(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
-            next_token = self.llm.lm_head(state.hidden[:, -1]).argmax(-1)
+            logits = self.llm.lm_head(state.hidden[:, -1])
+            logits[:, self.image_token_id] = float("-inf")  # a generated <image> would have no image
+            next_token = logits.argmax(-1)
             if eos_token_id is not None:
                 next_token = next_token.masked_fill(done, eos_token_id)
                 done |= next_token == eos_token_id

@@ -10,7 +10,17 @@ from PIL import Image
 from data.convert import convert_llava_json
 from data.dataset import ConversationDataset, Skipped, collate
 from data.shards import ShardIndex
-from data.synth import COLOURS, Scene, make_sample, questions, random_scene, region_targets
+from data.synth import (
+    COLOURS,
+    Scene,
+    askable,
+    final_answer,
+    make_sample,
+    questions,
+    random_scene,
+    region_targets,
+    where,
+)
 
 
 def test_generator_is_deterministic_and_splits_disjoint():
@@ -25,17 +35,52 @@ def test_generator_is_deterministic_and_splits_disjoint():
 
 
 def test_answers_follow_the_scene():
+    """Grounded answers name the cells of exactly the objects involved, then the right answer."""
     rng = random.Random(0)
+    relations = {
+        "left of": lambda a, b: a[0] < b[0],
+        "right of": lambda a, b: a[0] > b[0],
+        "above": lambda a, b: a[1] < b[1],
+        "below": lambda a, b: a[1] > b[1],
+    }
     for _ in range(50):
         scene = random_scene(rng, 4)
-        for family, question, answer in questions(scene, rng, every_object=True):
+        by_cell = {where(o.row, o.col): o for o in scene.objects}
+        if not askable(scene):
+            continue
+        asked = questions(scene, rng, every_object=True)
+        only_shape = [o for o in scene.objects if [p.shape for p in scene.objects].count(o.shape) == 1]
+        assert [f for f, _, _ in asked].count("colour") == len(only_shape) > 0
+        for family, question, answer in asked:
+            cells, final = (
+                (answer.split(" . ")[0].split(), final_answer(answer)) if " . " in answer else ([], answer)
+            )
+            if family == "colour":  # "What colour is the circle?": the only circle
+                shape = question.split()[-1].rstrip("?")
+                match = [o for o in scene.objects if o.shape == shape]
+                assert len(match) == 1 and cells == [where(match[0].row, match[0].col)]
+                assert final == match[0].colour
+            if family == "shape":  # "What shape is the red object?": the only red object
+                match = [o for o in scene.objects if o.colour == question.split()[4]]
+                assert len(match) == 1 and cells == [where(match[0].row, match[0].col)]
+                assert final == match[0].shape
             if family == "detail":
-                assert answer == scene.dot[2]
-            if family == "count" and question.startswith("How many") and "objects" in question:
-                colour = question.split()[2]
-                assert answer == str(sum(o.colour == colour for o in scene.objects))
-            if family in ("spatial", "exist"):
-                assert answer in ("yes", "no")
+                assert cells == [where(scene.dot[0], scene.dot[1])] and final == scene.dot[2]
+            if family == "count":
+                word = question.split()[2]
+                match = [o for o in scene.objects if word in (o.colour, o.shape + "s")]
+                assert cells == ([where(o.row, o.col) for o in match] or ["none"])
+                assert final == str(len(match))
+            if family == "exist":
+                name = question[len("Is there a ") : -1]
+                match = [where(o.row, o.col) for o in scene.objects if o.name == name]
+                assert cells == (match or ["none"]) and final == ("yes" if match else "no")
+            if family == "spatial" and "dot" not in question:
+                relation = next(r for r in relations if f" {r} " in question)
+                a, b = cells
+                position = lambda cell: ("abcd".index(cell[0]), int(cell[1]))  # noqa: E731
+                assert f"the {by_cell[a].name} {relation} the {by_cell[b].name}?" in question
+                assert final == ("yes" if relations[relation](position(a), position(b)) else "no")
 
 
 def test_rendered_dot_has_its_colour():

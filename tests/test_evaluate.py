@@ -141,16 +141,13 @@ def valid_png(path) -> bool:
 
 @pytest.mark.slow
 def test_vtc_evaluate_writes_the_report(tmp_path):
+    from models.pretrained import shipped_path
     from train.cli import main
-    from train.recipe import load_recipe
-    from train.run import run_recipe
 
-    run_dir = tmp_path / "run"
-    run_recipe(load_recipe("tiny/smoke", [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}"]))
     out = tmp_path / "report"
     args = [
         "evaluate",
-        str(run_dir),
+        str(shipped_path("tiny-llava")),  # the shipped base, a llava-hf folder
         "--out",
         str(out),
         "--limit",
@@ -165,9 +162,14 @@ def test_vtc_evaluate_writes_the_report(tmp_path):
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert set(rows) == {("baseline", None), ("pooling", 16), ("fastv", 16), ("visionzip", 16)}
     base = rows[("baseline", None)]
-    assert base["accuracy_kept"] == 1.0 and base["speedup_analytic"] == 1.0 and base["count"] == 24
+    assert (
+        base["accuracy"] > 0.5
+        and base["accuracy_kept"] == 1.0
+        and base["speedup_analytic"] == 1.0
+        and base["count"] == 24
+    )
     assert rows[("pooling", 16)]["visual_tokens"] == 16 and rows[("visionzip", 16)]["visual_tokens"] == 16
-    fastv = rows[("fastv", 16)]  # smoke LLM has 2 layers: layer 0 sees all, layer 1 keeps 16
+    fastv = rows[("fastv", 16)]  # 4 LLM layers: layers 0-1 see all 64, layers 2-3 keep 16
     assert fastv["visual_tokens"] == 64 and fastv["visual_tokens_layer_mean"] == 40
     assert rows[("pooling", 16)]["flops"]["llm"] < base["flops"]["llm"]
     for row in rows.values():

@@ -154,9 +154,11 @@ def test_yaml_syntax_error_names_file(tmp_path):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(RECIPES_DIR)) for p in SHIPPED])
 def test_every_shipped_recipe_validates_and_builds(path):
-    """Tiny recipes build for real (a `run:` base as the tiny architecture it was trained from);
-    recipes on a real base build on the meta device from its config (no weights)."""
+    """Tiny recipes build for real (on the shipped base with its weights; a `run:` base as the
+    tiny architecture it was trained from); recipes on a real base build on the meta device from
+    its config (no weights)."""
     from models.build import build
+    from models.pretrained import shipped_names
     from train.recipe import resolve_base
 
     recipe = load_recipe(path, check_machine=False)
@@ -164,6 +166,8 @@ def test_every_shipped_recipe_validates_and_builds(path):
     device = None
     if base.startswith("run:") or base == "tiny":
         base = "tiny"
+    elif base in shipped_names():
+        base = resolve_base(base)
     else:
         base, device = resolve_base(base), "meta"
     built = build(

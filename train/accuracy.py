@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data.dataset import collate, load_views
 from data.shards import ShardIndex
+from data.synth import final_answer
 from data.templates import get_template
 
 
@@ -37,6 +38,8 @@ class QuestionSet:
     questions: list[Question]
     read_image: Callable[[str], bytes]
     name: str = "synthetic test split"
+    # the scored part of a generated answer (synthetic answers first name cells: `b3 . yes`)
+    answer_of: Callable[[str], str] = lambda text: text
 
 
 def normalize_answer(text: str) -> str:
@@ -56,12 +59,13 @@ def questions_of(record: dict) -> list[tuple[str, str, str]]:
 
 
 def synthetic_questions(shards: ShardIndex, limit: int | None = None) -> QuestionSet:
-    """Every question of the first `limit` images of a shard folder."""
+    """Every question of the first `limit` images of a shard folder, scored on the final answer
+    (`data.synth.final_answer`: what follows a grounded answer's cells)."""
     out = []
     for index in range(min(len(shards), limit or len(shards))):
         for turn, (family, question, answer) in enumerate(questions_of(shards.record(index))):
-            out.append(Question(f"{index}-{turn}", str(index), family, question, (answer,)))
-    return QuestionSet(out, lambda key: shards.image_bytes(int(key)))
+            out.append(Question(f"{index}-{turn}", str(index), family, question, (final_answer(answer),)))
+    return QuestionSet(out, lambda key: shards.image_bytes(int(key)), answer_of=final_answer)
 
 
 def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
@@ -98,7 +102,7 @@ def answer_questions(
     image_size: int,
     template: str = "vicuna_v1",
     batch_size: int = 64,
-    max_new_tokens: int = 4,
+    max_new_tokens: int = 8,
     progress: bool = True,
     image_first: bool = True,
     desc: str = "evaluate",
@@ -160,7 +164,7 @@ def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
         got = answers.get(q.id, {})
         if not q.answers or "text" not in got:
             continue
-        pred = normalize_answer(got["text"])
+        pred = normalize_answer(questions.answer_of(got["text"]))
         refs = [normalize_answer(a) for a in q.answers]
         correct[q.family] += pred in refs
         total[q.family] += 1
@@ -180,6 +184,16 @@ def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
     return result
 
 
+def answer_prior(questions: QuestionSet) -> dict[str, float]:
+    """Per family, the accuracy of always giving its most common (scored) answer: the chance
+    level a model that ignores the image can reach on these questions."""
+    refs = defaultdict(list)
+    for q in questions.questions:
+        if q.answers:
+            refs[q.family].append(normalize_answer(q.answers[0]))
+    return {f: max(a.count(x) for x in set(a)) / len(a) for f, a in sorted(refs.items())}
+
+
 def evaluate_accuracy(
     model,
     tokenizer,
@@ -188,17 +202,19 @@ def evaluate_accuracy(
     template: str = "vicuna_v1",
     limit: int | None = None,
     batch_size: int = 64,
-    max_new_tokens: int = 4,
+    max_new_tokens: int = 8,
     progress: bool = True,
     image_first: bool = True,
 ) -> dict:
-    """`score` of the model's answers to every question of the first `limit` test images."""
+    """`score` of the model's answers to every question of the first `limit` test images, with
+    each family's answer prior (`answer_prior`) beside it."""
     questions = synthetic_questions(shards, limit)
     answers = answer_questions(
         model, tokenizer, questions, image_size, template, batch_size, max_new_tokens, progress, image_first
     )
     result = score(questions, answers)
     result.pop("skipped")
+    result["answer_prior"] = answer_prior(questions)
     return result
 
 

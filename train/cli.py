@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  vtc train                                   train the tiny LLaVA base (the embedded default)
-  vtc train tiny/base stages.2.steps=50       a shipped recipe with an override
-  vtc validate recipes/tiny/base.yaml         check a recipe without building anything heavy
+  vtc train                                   the main job: TokenPacker on the shipped tiny base,
+                                              then compared with training-free baselines
+  vtc train tiny/mlp stages.1.steps=50        a shipped recipe with an override
+  vtc train tiny/base                         reproduce the shipped tiny base from scratch (~30 min)
+  vtc validate recipes/tiny/tokenpacker.yaml  check a recipe without building anything heavy
   vtc data synth --out data/synth --samples 1000
   vtc data convert llava.json --images imgs/ --out shards/
 """
@@ -40,7 +42,11 @@ def cmd_train(args) -> int:
     from train.recipe import DEFAULT_RECIPE, load_recipe
     from train.run import run_dir_of, run_recipe
 
-    recipe = load_recipe(args.recipe or DEFAULT_RECIPE, args.overrides)
+    overrides = list(args.overrides)
+    if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():  # `vtc train key=value ...`
+        overrides.insert(0, args.recipe)
+        args.recipe = None
+    recipe = load_recipe(args.recipe or DEFAULT_RECIPE, overrides)
     print(f"[vtc] recipe {recipe.source} → {run_dir_of(recipe)}")
     metrics = run_recipe(recipe, resume=args.resume, force=args.force, restart=args.restart)
     report(recipe, metrics)
@@ -64,7 +70,11 @@ def report(recipe, metrics: dict) -> None:
     from train.run import run_dir_of
 
     if metrics:
-        families = "  ".join(f"{k} {v:.1%}" for k, v in metrics["per_family"].items())
+        prior = metrics.get("answer_prior", {})
+        families = "  ".join(
+            f"{k} {v:.1%}" + (f" (prior {prior[k]:.0%})" if k in prior else "")
+            for k, v in metrics["per_family"].items()
+        )
         print(
             f"[vtc] held-out accuracy {metrics['accuracy']:.1%} (mean over question families; "
             f"{metrics['count']} questions)\n[vtc]   {families}\n"
@@ -136,8 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="train from a recipe (default: the tiny LLaVA base)")
-    p.add_argument("recipe", nargs="?", help="recipe file or shipped name; default recipes/tiny/base.yaml")
+    p = sub.add_parser(
+        "train", help="train from a recipe (default: the main job, TokenPacker on the shipped tiny base)"
+    )
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        help="recipe file or shipped name; default recipes/tiny/tokenpacker.yaml (the main job)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. stages.0.steps=10 trainer.devices=2"
     )

@@ -15,7 +15,7 @@ import torch
 from data.dataset import ConversationDataset, collate
 from data.loader import ResumableLoader
 from data.shards import ShardIndex
-from data.synth import write_synthetic
+from data.synth import VERSION, write_synthetic
 from train.recipe import REPO_ROOT, DataRecipe, Stage
 
 
@@ -26,7 +26,7 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
     count = {"train": syn.train, "val": syn.val, "test": syn.test}[split]
     root = Path(data.cache_dir)
     root = root if root.is_absolute() else REPO_ROOT / root
-    target = root / f"synth-s{syn.seed}-{syn.image_size}px-g{syn.grid}" / f"{split}-{count}"
+    target = root / f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}" / f"{split}-{count}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))

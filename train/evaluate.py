@@ -32,6 +32,7 @@ from models.flops import module_flops, prefill_flops
 from train.accuracy import (
     QuestionSet,
     _prompt_item,
+    answer_prior,
     answer_questions,
     file_questions,
     score,
@@ -53,7 +54,7 @@ BASELINES = {
 class Settings:
     limit: int | None = 200  # synthetic test images (each asked all its questions)
     batch_size: int = 64  # accuracy pass
-    max_new_tokens: int = 4
+    max_new_tokens: int = 8  # a grounded answer: up to 5 cells, " . ", the answer, </s>
     latency_batch: int = 8  # "batch N" of the latency figures
     decode_tokens: int = 16
     repeats: int = 5
@@ -90,7 +91,9 @@ def resolve_source(target: str) -> Source:
         path = run_dir_of(recipe)
         if not (path / "trainable.safetensors").is_file():
             raise FileNotFoundError(f"{target}: its run {path} is not trained yet (vtc train {target})")
-    if (path / "recipe.yaml").is_file():
+    if (path / "recipe.yaml").is_file() and (
+        path / "meta.json"
+    ).is_file():  # a run (a shipped base keeps its recipe too)
         from train.export import rebuild_run
 
         recipe = load_recipe(path / "recipe.yaml", check_machine=False)
@@ -389,6 +392,7 @@ def evaluate(
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         },
         "rows": rows,
+        "answer_prior": answer_prior(questions),
     }
     write_report(report, out)
     return report
@@ -417,6 +421,28 @@ def write_answers(path: Path, questions: QuestionSet, answers: dict, label: str)
             entry["skipped"] = got["skipped"]
         lines.append(json.dumps(entry))
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def summary(report: dict) -> str:
+    """A compact table for the terminal: accuracy, kept, per family and measured speed-up."""
+    rows = report["rows"]
+    families = sorted({f for r in rows for f in r["per_family"]})
+    timing = "speedup_batchN" in rows[0]
+    head = f"{'method':<12}{'tokens':>7}{'acc':>8}{'kept':>8}" + "".join(f"{f[:7]:>8}" for f in families)
+    lines = [head + (f"{'prefill ×':>11}" if timing else "")]
+    for r in rows:
+        label = r["method"] + ("" if r["budget"] is None else f"@{r['budget']}")
+        kept = "-" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1%}"
+        line = f"{label:<12}{r['visual_tokens_layer_mean']:>7.1f}{r['accuracy']:>8.1%}{kept:>8}"
+        line += "".join(f"{r['per_family'].get(f, float('nan')):>8.1%}" for f in families)
+        lines.append(line + (f"{r['speedup_batchN']:>10.2f}×" if timing else ""))
+    prior = report.get("answer_prior")
+    if prior:
+        mean = sum(prior.values()) / len(prior)
+        lines.append(
+            f"{'prior':<12}{'':>7}{mean:>8.1%}{'':>8}" + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
+        )
+    return "\n".join(lines)
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -467,6 +493,18 @@ def markdown(report: dict) -> str:
                 f"{r['peak_memory_mb']:.1f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    prior = report.get("answer_prior")
+    if prior:
+        mean = sum(prior.values()) / len(prior)
+        cells = [
+            "answer prior",
+            "-",
+            "-",
+            f"{mean:.1%}",
+            "-",
+            *[f"{prior.get(f, float('nan')):.1%}" for f in families],
+        ]
+        lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
     if timing:
         lines += ["", f"Batch N = {rows[0]['batch_n']}. Peak memory: {rows[0]['memory_measure']}."]
     return "\n".join(lines) + "\n"
@@ -489,6 +527,18 @@ def plot(report: dict, path: Path) -> None:
         accuracy = [100 * r["accuracy"] for r in rows]
         axes[0].plot([r["visual_tokens_layer_mean"] for r in rows], accuracy, label=method, **style)
         axes[1].plot([r["flops"]["total"] / 1e9 for r in rows], accuracy, label=method, **style)
+    prior = report.get("answer_prior")
+    if prior:  # the accuracy of always giving each family's most common answer: chance level
+        for ax in axes:
+            ax.axhline(100 * sum(prior.values()) / len(prior), color="grey", linestyle="--", linewidth=1)
+            ax.annotate(
+                "answer prior (mean over families)",
+                (0.01, 100 * sum(prior.values()) / len(prior)),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                color="grey",
+                va="bottom",
+            )
     axes[0].set_xlabel("visual tokens (mean over LLM layers)")
     axes[1].set_xlabel("prefill GFLOPs (analytic)")
     for ax in axes:

@@ -19,12 +19,14 @@ import yaml
 from models.build import ComponentSpec
 from models.compressors import available, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
+from models.pretrained import shipped_names, shipped_path, verify
 from models.tiny import TinyConfig
 from train.schema import Problem, parse_dataclass, to_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
-DEFAULT_RECIPE = RECIPES_DIR / "tiny" / "base.yaml"
+DEFAULT_RECIPE = RECIPES_DIR / "tiny" / "tokenpacker.yaml"  # the main job: `vtc train`
+BASE_RECIPE = RECIPES_DIR / "tiny" / "base.yaml"  # trained the shipped base, tiny-llava
 
 Mode = Literal["frozen", "full", "lora"]
 
@@ -129,7 +131,12 @@ class CheckpointRecipe:
 class EvalRecipe:
     limit: int | None = None  # test images (each asked every question)
     batch_size: int = 64
-    max_new_tokens: int = 4
+    max_new_tokens: int = 8  # a grounded answer: up to 5 cells, " . ", the answer, </s>
+    # After training, compare the run with its base and these training-free baselines at the
+    # run's own visual-token count (`vtc evaluate` names): eval.json / .md / .png in the run.
+    baselines: tuple[str, ...] = ()
+    compare_limit: int | None = 200  # test images for that comparison
+    compare_timing: bool = True  # measure latency, decode speed and memory there too
 
 
 @dataclass(frozen=True)
@@ -315,10 +322,15 @@ def base_dims(recipe: Recipe) -> ModelDims | None:
 
 
 def resolve_base(base: str) -> str:
-    """ "tiny" stays; "run:NAME" → checkpoints/NAME/hf; a relative path that does not exist
-    from the working directory is taken from the repository root (shipped configs)."""
+    """ "tiny" stays; a shipped base's name ("tiny-llava") → its folder, checked against its
+    recorded hashes; "run:NAME" → checkpoints/NAME/hf; a relative path that does not exist from
+    the working directory is taken from the repository root (shipped configs)."""
     if base == "tiny":
         return base
+    shipped = shipped_path(base)
+    if shipped is not None:
+        verify(shipped)
+        return str(shipped)
     if base.startswith("run:"):
         return str(REPO_ROOT / "checkpoints" / base[4:] / "hf")
     path = Path(base)
@@ -345,12 +357,19 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
     if encoders > 1:
         add("model.compressors", "at most one encoder-stage compressor can act inside the vision tower")
     base = model.base
-    if (
-        base != "tiny"
-        and not base.startswith("run:")
-        and not (Path(resolve_base(base)) / "config.json").is_file()
-    ):
-        add("model.base", f"{base!r} is not 'tiny', 'run:NAME' or a llava-hf directory with config.json")
+    try:
+        found = (
+            base == "tiny" or base.startswith("run:") or (Path(resolve_base(base)) / "config.json").is_file()
+        )
+        if not found:
+            shipped = ", ".join(shipped_names()) or "none"
+            add(
+                "model.base",
+                f"{base!r} is not 'tiny', a shipped base ({shipped}), 'run:NAME' or a llava-hf "
+                "directory with config.json",
+            )
+    except ValueError as err:  # a shipped base whose files fail their recorded hashes
+        add("model.base", str(err))
     dims = None
     try:
         dims = base_dims(recipe)
@@ -407,6 +426,11 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             f"{recipe.trainer.strategy} cannot run with accelerator 'cpu': Lightning's "
             "DeepSpeedStrategy needs CUDA GPUs",
         )
+    from train.evaluate import BASELINES  # the names `vtc evaluate --baselines` takes
+
+    for i, name in enumerate(recipe.eval.baselines):
+        if name not in BASELINES:
+            add(f"eval.baselines.{i}", f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     return problems
 
 

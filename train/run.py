@@ -42,7 +42,7 @@ from train.freeze import apply_stage, format_table
 from train.module import VtcModule
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.progress import StageProgressBar
-from train.recipe import DEFAULT_RECIPE, REPO_ROOT, Recipe, load_recipe, recipe_to_yaml, resolve_base
+from train.recipe import REPO_ROOT, Recipe, recipe_to_yaml, resolve_base
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
 
@@ -60,17 +60,12 @@ def run_dir_of(recipe: Recipe) -> Path:
 
 
 def ensure_base(recipe: Recipe) -> None:
-    """A recipe on `run:tiny-base` needs the tiny base: train it first if it is missing."""
+    """A recipe on `run:NAME` needs that run's llava-hf model."""
     base = recipe.model.base
     if base.startswith("run:") and not (Path(resolve_base(base)) / "config.json").is_file():
-        if base != "run:tiny-base":
-            raise FileNotFoundError(
-                f"model.base {base!r}: {resolve_base(base)} has no model; train that run first"
-            )
-        print(
-            f"[vtc] the tiny base ({resolve_base(base)}) is missing: training it first with {DEFAULT_RECIPE}"
+        raise FileNotFoundError(
+            f"model.base {base!r}: {resolve_base(base)} has no model; train that run first"
         )
-        run_recipe(load_recipe(DEFAULT_RECIPE), resume="auto")  # continues a base run that was killed
 
 
 def build_from_recipe(recipe: Recipe):
@@ -185,7 +180,25 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
     )
     metrics["train_seconds"] = round(train_seconds, 1)
     write_json_atomic(run_dir / "metrics.json", metrics)
+    if recipe.eval.baselines:
+        compare(run_dir, recipe, built.model.visual_tokens())
     return metrics
+
+
+def compare(run_dir: Path, recipe: Recipe, visual_tokens: int) -> None:
+    """The run next to its base and the recipe's training-free baselines at the run's own
+    visual-token count: `vtc evaluate`'s table and plot, written into the run directory."""
+    from train.evaluate import Settings, evaluate, summary
+
+    settings = Settings(
+        limit=recipe.eval.compare_limit,
+        batch_size=recipe.eval.batch_size,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        timing=recipe.eval.compare_timing,
+    )
+    report = evaluate(str(run_dir), list(recipe.eval.baselines), [visual_tokens], settings=settings)
+    print(summary(report))
+    print(f"[vtc] comparison written to {run_dir}/eval.md, eval.json, eval.png")
 
 
 def train_stage(
