@@ -26,10 +26,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models.build import ComponentSpec, build
-from train.accuracy import QuestionSet, answer_prior, answer_questions, score, synthetic_questions
+from train.accuracy import QuestionSet, answer_prior, answer_questions, mean_prior, score, synthetic_questions
 from train.datamodule import split_shards
 from train.recipe import DataRecipe, load_recipe, resolve_base
-from train.run import load_trainables
+from train.run import is_run_dir, load_trainables
 from train.zero import load_state
 
 VARIANTS = ("image", "blank", "shuffled", "pooled 4x")
@@ -39,7 +39,7 @@ def load(source: str, checkpoint: str | None, pooled: bool):
     """(Built, DataRecipe) for a llava-hf folder or a run (its final or a periodic checkpoint)."""
     compressors = [ComponentSpec("avgpool2d", {"stride": 2})] if pooled else []
     path = Path(source)
-    if (path / "meta.json").is_file():  # a run (a shipped base keeps only its recipe)
+    if is_run_dir(path):
         recipe = load_recipe(path / "recipe.yaml", check_machine=False)
         model = recipe.model
         built = build(
@@ -104,9 +104,8 @@ def main() -> None:
     for variant, row in rows.items():
         cells = [f"{100 * row['per_family'][f]:.1f} %" for f in families]
         print(f"| {variant} | {100 * row['accuracy']:.1f} % | " + " | ".join(cells) + " |")
-    mean_prior = sum(prior.values()) / len(prior)
     print(
-        f"| answer prior | {100 * mean_prior:.1f} % | "
+        f"| answer prior | {100 * mean_prior(prior):.1f} % | "
         + " | ".join(f"{100 * prior[f]:.1f} %" for f in families)
         + " |"
     )

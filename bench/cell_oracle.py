@@ -38,6 +38,7 @@ from data.synth import (
     FAMILIES,
     SHAPES,
     Scene,
+    askable,
     questions,
     random_scene,
     region_classes,
@@ -72,7 +73,7 @@ def cell_features(scene: Scene) -> torch.Tensor:
 def draw(split: str, family: str, grid: int, rng: random.Random) -> tuple[str, torch.Tensor, str, str]:
     """(family, cell features, question, answer) for a fresh scene of `split`."""
     scene = random_scene(rng, grid)
-    while scene.split() != split:
+    while scene.split() != split or not askable(scene):  # as data.synth.make_sample draws them
         scene = random_scene(rng, grid)
     if family in PRESENCE:
         _, question, answer = presence_question(family, scene, rng)

@@ -13,8 +13,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from lookup import add_llm_shape_arguments, most_common_share  # a sibling bench
+from lookup import add_llm_shape_arguments  # a sibling bench
 
+from train.accuracy import most_common_share
 from train.module import warmup_schedule
 
 

@@ -184,6 +184,11 @@ def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
     return result
 
 
+def most_common_share(answers: list[str]) -> float:
+    """The accuracy of always giving the most common of `answers`."""
+    return max(answers.count(a) for a in set(answers)) / len(answers)
+
+
 def answer_prior(questions: QuestionSet) -> dict[str, float]:
     """Per family, the accuracy of always giving its most common (scored) answer: the chance
     level a model that ignores the image can reach on these questions."""
@@ -191,7 +196,12 @@ def answer_prior(questions: QuestionSet) -> dict[str, float]:
     for q in questions.questions:
         if q.answers:
             refs[q.family].append(normalize_answer(q.answers[0]))
-    return {f: max(a.count(x) for x in set(a)) / len(a) for f, a in sorted(refs.items())}
+    return {family: most_common_share(answers) for family, answers in sorted(refs.items())}
+
+
+def mean_prior(prior: dict[str, float]) -> float:
+    """The answer prior averaged over families, as accuracy is."""
+    return sum(prior.values()) / len(prior)
 
 
 def evaluate_accuracy(

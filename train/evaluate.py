@@ -35,6 +35,7 @@ from train.accuracy import (
     answer_prior,
     answer_questions,
     file_questions,
+    mean_prior,
     score,
     synthetic_questions,
 )
@@ -83,7 +84,7 @@ class Source:
 def resolve_source(target: str) -> Source:
     """A run directory, a recipe (its run), a `vtc export` folder or a llava-hf folder."""
     from train.recipe import DataRecipe, load_recipe, resolve_base
-    from train.run import run_dir_of
+    from train.run import is_run_dir, run_dir_of
 
     path = Path(target)
     if not path.is_dir():
@@ -91,9 +92,7 @@ def resolve_source(target: str) -> Source:
         path = run_dir_of(recipe)
         if not (path / "trainable.safetensors").is_file():
             raise FileNotFoundError(f"{target}: its run {path} is not trained yet (vtc train {target})")
-    if (path / "recipe.yaml").is_file() and (
-        path / "meta.json"
-    ).is_file():  # a run (a shipped base keeps its recipe too)
+    if is_run_dir(path):
         from train.export import rebuild_run
 
         recipe = load_recipe(path / "recipe.yaml", check_machine=False)
@@ -438,7 +437,7 @@ def summary(report: dict) -> str:
         lines.append(line + (f"{r['speedup_batchN']:>10.2f}×" if timing else ""))
     prior = report.get("answer_prior")
     if prior:
-        mean = sum(prior.values()) / len(prior)
+        mean = mean_prior(prior)
         lines.append(
             f"{'prior':<12}{'':>7}{mean:>8.1%}{'':>8}" + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
         )
@@ -495,7 +494,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     prior = report.get("answer_prior")
     if prior:
-        mean = sum(prior.values()) / len(prior)
+        mean = mean_prior(prior)
         cells = [
             "answer prior",
             "-",
@@ -529,11 +528,12 @@ def plot(report: dict, path: Path) -> None:
         axes[1].plot([r["flops"]["total"] / 1e9 for r in rows], accuracy, label=method, **style)
     prior = report.get("answer_prior")
     if prior:  # the accuracy of always giving each family's most common answer: chance level
+        chance = 100 * mean_prior(prior)
         for ax in axes:
-            ax.axhline(100 * sum(prior.values()) / len(prior), color="grey", linestyle="--", linewidth=1)
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1)
             ax.annotate(
                 "answer prior (mean over families)",
-                (0.01, 100 * sum(prior.values()) / len(prior)),
+                (0.01, chance),
                 xycoords=("axes fraction", "data"),
                 fontsize=7,
                 color="grey",

@@ -59,6 +59,11 @@ def run_dir_of(recipe: Recipe) -> Path:
     return out if out.is_absolute() else REPO_ROOT / out
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder `run_recipe` wrote (a shipped base keeps a recipe.yaml too, but no meta.json)."""
+    return (path / "recipe.yaml").is_file() and (path / "meta.json").is_file()
+
+
 def ensure_base(recipe: Recipe) -> None:
     """A recipe on `run:NAME` needs that run's llava-hf model."""
     base = recipe.model.base
