@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from data.errors import UserError
 from data.shards import ShardWriter
 from data.templates import ConversationError, conversation_turns
 
@@ -63,7 +64,7 @@ def convert_llava_json(
     json_path, image_dir, out_dir = Path(json_path), Path(image_dir), Path(out_dir)
     records = json.loads(json_path.read_text())
     if not isinstance(records, list):
-        raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(records).__name__}")
+        raise UserError(f"{json_path}: expected a JSON list of samples, got {type(records).__name__}")
     report = ConvertReport()
     with ShardWriter(out_dir, samples_per_shard) as writer:
         for position, record in enumerate(tqdm(records, desc="convert", disable=not progress, unit="sample")):

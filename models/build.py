@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
+from data.errors import UserError
 from models.compressors import build_component
 from models.compressors.base import ModelDims
 from models.llava import VtcLlava
@@ -150,7 +151,7 @@ def save_as_llava_hf(built: Built, out_dir: str | Path) -> None:
     """Write the model in llava-hf layout (needs the mlp2x_gelu projector), with its tokenizer,
     so it loads back as a base with `build(out_dir)` or with transformers directly."""
     if built.model.projector.registry_name != "mlp2x_gelu":
-        raise ValueError("only a model with the mlp2x_gelu projector has a llava-hf layout")
+        raise UserError("only a model with the mlp2x_gelu projector has a llava-hf layout")
     out_dir = Path(out_dir)
     save_hf(built, out_dir)
     (out_dir / "vtc.json").write_text(json.dumps({"format": "llava-hf", "written_by": "vtc"}, indent=1))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.errors import UserError
 from models.build import Built, ComponentSpec, build, save_hf
 from models.lora import inject_lora, lora_settings, remove_lora
 
@@ -81,7 +82,7 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
         raise FileNotFoundError(f"{path} has no vtc.json: not a vtc export")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this vtc reads {FORMAT!r}")
+        raise UserError(f"{meta_path}: format {meta.get('format')!r}, this vtc reads {FORMAT!r}")
     projector = ComponentSpec(meta["projector"]["name"], meta["projector"]["params"])
     compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
     built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype)
@@ -97,7 +98,7 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
         adapters = load_file(str(path / "lora.safetensors"))
         missing = {k for k, _ in model.named_parameters() if "lora_" in k} ^ set(adapters)
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{path}: lora.safetensors does not match the adapters, e.g. {sorted(missing)[:3]}"
             )
         model.load_state_dict(adapters, strict=False)

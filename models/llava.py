@@ -10,25 +10,27 @@ The merge, padding, masks, positions, labels and KV cache are handled here and i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE_INDEX
-from models.compressors.base import Compressor, ModelDims
+from models.compressors.base import Compressor, ModelDims, Progress
 from models.llm import LanguageModel
-from models.sequence import SequenceState, pad_rows
+from models.sequence import RESPONSE, SequenceState, pad_rows, roles_of
 from models.vision import VisionTower
 
 
 @dataclass
 class LlavaOutput:
-    loss: torch.Tensor | None
+    loss: torch.Tensor | None  # next-token loss over every target of the batch
     logits: torch.Tensor | None  # (B, T, V) when asked for, else None
     state: SequenceState  # the final sequence state (normed hidden states)
     visual_tokens_in: torch.Tensor  # (B,) visual tokens entering the LLM
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # the components' own
+    sample_loss: torch.Tensor | None = None  # (B,) each sample's mean loss, when asked for
 
 
 class VtcLlava(nn.Module):
@@ -62,6 +64,29 @@ class VtcLlava(nn.Module):
 
     def _stage(self, stage: str) -> list[Compressor]:
         return [c for c in self.compressors if c.stage == stage]
+
+    def components(self) -> list[Compressor]:
+        """The projector and every compressor."""
+        return [self.projector, *self.compressors]
+
+    def set_progress(self, progress: Progress | None) -> dict[str, float]:
+        """Tell every component where training stands; their schedule states, keyed
+        `component.key` (what the trainer logs)."""
+        states = {}
+        for component in self.components():
+            name = getattr(component, "registry_name", type(component).__name__)
+            states |= {f"{name}.{key}": value for key, value in component.set_progress(progress).items()}
+        return states
+
+    def pop_aux_losses(self) -> dict[str, torch.Tensor]:
+        """The losses the components added during the last forward, by name."""
+        losses: dict[str, torch.Tensor] = {}
+        for component in self.components():
+            for name, value in component.pop_losses().items():
+                if name in losses:
+                    raise RuntimeError(f"two components add a loss named {name!r}")
+                losses[name] = value
+        return losses
 
     def visual_tokens(self, grid: tuple[int, int] | None = None) -> int:
         """Visual tokens per image that enter the LLM (expected number for dynamic methods);
@@ -130,9 +155,9 @@ class VtcLlava(nn.Module):
                 labs.append(lab[start:])
             hidden = torch.cat(pieces)
             positions = torch.arange(hidden.shape[0], device=hidden.device)
-            rows.append(
-                (hidden, positions, torch.cat(vis).to(hidden.device), torch.cat(labs) if labs else None)
-            )
+            visual_mask = torch.cat(vis).to(hidden.device)
+            row_labels = torch.cat(labs) if labs else None
+            rows.append((hidden, positions, visual_mask, row_labels, roles_of(visual_mask, row_labels)))
         if visual is not None and image != len(visual):
             raise ValueError(f"{len(visual)} images given but only {image} <image> tokens in the batch")
         return pad_rows(rows, padding_side, labels is not None)
@@ -155,24 +180,30 @@ class VtcLlava(nn.Module):
         return state
 
     def forward(
-        self, input_ids, attention_mask, pixel_values=None, labels=None, return_logits=False, image_grids=None
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values=None,
+        labels=None,
+        return_logits=False,
+        image_grids=None,
+        lm_loss=True,
+        per_sample=False,
     ) -> LlavaOutput:
         """Training / scoring forward. Inputs are right-padded: input_ids, attention_mask (B, T);
         pixel_values (I, 3, S, S), one per <image> token (thumbnail + crops per image with
-        image_grids, see encode_images); labels (B, T) unshifted targets."""
+        image_grids, see encode_images); labels (B, T) unshifted targets. `lm_loss=False` skips
+        the next-token loss (labels still mark the answers for the components); `per_sample`
+        also returns each sample's mean loss (B,)."""
+        self.pop_aux_losses()  # drop what an interrupted forward may have left behind
         state = self.prepare(input_ids, attention_mask, pixel_values, labels, image_grids=image_grids)
         visual_in = state.num_visual
         state = self.llm.run(state, self._stage("in_llm"))
-        loss = None
-        if state.labels is not None:
-            # Next-token loss, computing logits only where a target exists.
-            targets = state.labels[:, 1:]
-            where = targets != IGNORE_INDEX
-            hidden = state.hidden[:, :-1][where]
-            logits_sel = self.llm.lm_head(hidden).float()
-            loss = F.cross_entropy(logits_sel, targets[where]) if where.any() else logits_sel.sum() * 0.0
+        loss = sample_loss = None
+        if state.labels is not None and lm_loss:
+            loss, sample_loss = next_token_loss(state, self.llm.lm_head, per_sample)
         logits = self.llm.lm_head(state.hidden) if return_logits else None
-        return LlavaOutput(loss, logits, state, visual_in)
+        return LlavaOutput(loss, logits, state, visual_in, self.pop_aux_losses(), sample_loss)
 
     @torch.no_grad()
     def generate(
@@ -213,6 +244,7 @@ class VtcLlava(nn.Module):
                 position_ids=kv.next_position[:, None].clone(),
                 visual_mask=torch.zeros(batch, 1, dtype=torch.bool, device=input_ids.device),
                 padding_side="left",
+                role=torch.full((batch, 1), RESPONSE, dtype=torch.int8, device=input_ids.device),
             )
             kv.next_position += 1
             state = self.llm.run(state, in_llm, kv)
@@ -221,3 +253,21 @@ class VtcLlava(nn.Module):
             fill = eos_token_id if eos_token_id is not None else 0
             out = F.pad(out, (0, max_new_tokens - out.shape[1]), value=fill)
         return out, visual_in
+
+
+def next_token_loss(state: SequenceState, lm_head: nn.Module, per_sample: bool = False):
+    """Cross-entropy of each labelled position's token given what precedes it, computing logits
+    only where a target exists: (mean over the batch's targets, (B,) mean per sample or None).
+    A sample without targets has loss 0."""
+    targets = state.labels[:, 1:]
+    where = targets != IGNORE_INDEX
+    logits = lm_head(state.hidden[:, :-1][where]).float()
+    if not where.any():
+        zero = logits.sum() * 0.0
+        return zero, zero.expand(targets.shape[0]) if per_sample else None
+    token_loss = F.cross_entropy(logits, targets[where], reduction="none")
+    if not per_sample:
+        return token_loss.mean(), None
+    rows = where.nonzero()[:, 0]
+    totals = torch.zeros(targets.shape[0], device=token_loss.device).index_add(0, rows, token_loss)
+    return token_loss.mean(), totals / where.sum(1).clamp(min=1)

@@ -2,8 +2,19 @@
 
 Every compressor that acts on the LLM's input sequence (`pre_llm`, `in_llm`) receives and returns
 a `SequenceState`. Its two operations, `keep` and `replace_visual`, change the sequence length per
-sample and re-pad the batch, carrying attention mask, position ids, labels and the visual-token
-mask along, so no compressor has to handle padding, ragged batches or labels itself.
+sample and re-pad the batch, carrying attention mask, position ids, labels, the visual-token
+mask and each position's role along, so no compressor has to handle padding, ragged batches or
+labels itself.
+
+Roles say where the prompt ends, under any template and any number of turns:
+
+    CONTEXT   text before the image (system prompt, `USER:`)
+    VISUAL    the image's tokens
+    PROMPT    text after the image up to the first answer token (the instruction, `ASSISTANT:`)
+    RESPONSE  the first answer token and everything after it (answers, later turns)
+
+so a text-conditioned method reads `prompt_mask` / `last_prompt_index()` and never sees an
+answer. Answers are found from the labels (training); a prompt being generated from has none.
 """
 
 from __future__ import annotations
@@ -13,6 +24,37 @@ from dataclasses import dataclass, replace
 import torch
 
 from data import IGNORE_INDEX
+
+CONTEXT, VISUAL, PROMPT, RESPONSE = 0, 1, 2, 3  # SequenceState.role values
+
+
+def roles_of(visual: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Roles (T,) int8 of one unpadded sample from its visual mask (T,) and labels (T,) or None."""
+    index = torch.arange(visual.shape[0], device=visual.device)
+    role = torch.full_like(index, CONTEXT, dtype=torch.int8)
+    if visual.any():
+        role[index > index[visual].max()] = PROMPT
+    if labels is not None and (labels != IGNORE_INDEX).any():
+        role[index >= index[labels != IGNORE_INDEX].min()] = RESPONSE
+    role[visual] = VISUAL
+    return role
+
+
+@dataclass
+class AttentionRows:
+    """Attention probabilities of a few query rows of one layer (never the whole T×T matrix).
+
+    probs: (B, heads, Q, T) float32, the rows of queries `rows` (B, Q); `valid` (B, Q) marks the
+    real ones (samples may have fewer queries than Q)."""
+
+    probs: torch.Tensor
+    rows: torch.Tensor
+    valid: torch.Tensor
+
+    def received(self) -> torch.Tensor:
+        """(B, T) attention each key received, averaged over heads and the valid query rows."""
+        per_row = self.probs.mean(1) * self.valid[..., None]  # (B, Q, T)
+        return per_row.sum(1) / self.valid.sum(1, keepdim=True).clamp(min=1)
 
 
 @dataclass
@@ -25,8 +67,12 @@ class SequenceState:
     visual_mask:    (B, T) bool, True at visual tokens
     labels:         (B, T) long targets for each position's own token (unshifted), or None
     padding_side:   "right" (training) or "left" (generation: all prompts end at column T-1)
-    attention:      (B, heads, T, T) attention probabilities of the layer just run, set only
-                    when an in-LLM component asked for that layer's (Compressor.attention_layers)
+    attention:      {id(component): AttentionRows} of the layer just run, for the in-LLM
+                    components that asked for that layer's (Compressor.attention_layers)
+    role:           (B, T) int8, CONTEXT / VISUAL / PROMPT / RESPONSE of each position (None:
+                    not known, e.g. a state built by hand)
+    key_mask:       (B, T) bool, the positions later layers may attend to (None: every real
+                    one); `hide_visual_keys` sets it
     """
 
     hidden: torch.Tensor
@@ -35,7 +81,53 @@ class SequenceState:
     visual_mask: torch.Tensor
     labels: torch.Tensor | None = None
     padding_side: str = "right"
-    attention: torch.Tensor | None = None
+    attention: dict[int, AttentionRows] | None = None
+    role: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+
+    def hide_visual_keys(self) -> SequenceState:
+        """The same sequence, but the layers run on it no longer attend to its visual tokens
+        (the tokens stay, so positions and the KV cache keep their layout). With a KV cache,
+        the keys of these positions are hidden in the layers that run on this state."""
+        return replace(self, key_mask=self.attention_mask & ~self.visual_mask)
+
+    @property
+    def prompt_mask(self) -> torch.Tensor:
+        """(B, T) bool: the instruction text after the image, before any answer token."""
+        return (self._roles() == PROMPT) & self.attention_mask
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """(B, T) bool: the first answer token and everything after it."""
+        return (self._roles() == RESPONSE) & self.attention_mask
+
+    def last_prompt_index(self) -> torch.Tensor:
+        """(B,) column of each sample's last real token before its first answer token: the one
+        whose output predicts the answer (the last real token when there is no answer yet)."""
+        columns = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
+        before = self.attention_mask & (self._roles() != RESPONSE)
+        return columns.expand_as(before).masked_fill(~before, -1).amax(1)
+
+    def _roles(self) -> torch.Tensor:
+        """`role`, or for a state built without one: text after the image is prompt, no answers."""
+        if self.role is not None:
+            return self.role
+        index = torch.arange(self.visual_mask.shape[1], device=self.visual_mask.device).expand_as(
+            self.visual_mask
+        )
+        last_visual = index.masked_fill(~self.visual_mask, -1).amax(1, keepdim=True)
+        after = (index > last_visual) & (last_visual >= 0)
+        role = torch.where(after, PROMPT, CONTEXT).to(torch.int8)
+        return role.masked_fill(self.visual_mask, VISUAL)
+
+    def text_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every real text position before the first answer, as rows (B, Q) and a validity mask
+        (B, Q) (samples have different numbers of them): the queries of text-conditioned ranking."""
+        text = self.attention_mask & ~self.visual_mask & (self._roles() != RESPONSE)
+        counts = text.sum(1)
+        order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : max(1, int(counts.max()))]
+        valid = torch.arange(order.shape[1], device=order.device)[None] < counts[:, None]
+        return order, valid
 
     @property
     def num_visual(self) -> torch.Tensor:
@@ -87,6 +179,8 @@ class SequenceState:
             position_ids=take(self.position_ids),
             visual_mask=take(self.visual_mask) & valid,
             labels=labels,
+            role=None if self.role is None else take(self.role).masked_fill(~valid, CONTEXT),
+            key_mask=None if self.key_mask is None else take(self.key_mask) & valid,
         )
 
     def replace_visual(self, visual: torch.Tensor, positions: str = "renumber") -> SequenceState:
@@ -96,6 +190,8 @@ class SequenceState:
         always produced N' tokens); "average": each new token takes the mean position of the
         span it replaces, split evenly (used by in-LLM pooling), text keeps its positions.
         """
+        if self.key_mask is not None:
+            raise ValueError("replace_visual on a state with hidden keys: replace first, then hide")
         rows = []
         for b in range(visual.shape[0]):
             real = self.attention_mask[b]
@@ -111,7 +207,7 @@ class SequenceState:
                 start = end = int(real.nonzero()[-1]) + 1
                 new = visual[b, :0]
             rows.append(self._splice_row(b, start, end, new, positions))
-        return pad_rows(rows, self.padding_side, self.labels is not None)
+        return pad_rows(rows, self.padding_side, self.labels is not None, has_roles=self.role is not None)
 
     def _splice_row(self, b, start, end, visual, positions):
         real = self.attention_mask[b]
@@ -136,15 +232,21 @@ class SequenceState:
                 self.visual_mask[b, after],
             ]
         )
-        labels = None
+        labels = role = None
         if self.labels is not None:
             ign = torch.full((n,), IGNORE_INDEX, dtype=self.labels.dtype, device=hidden.device)
             labels = torch.cat([self.labels[b, before], ign, self.labels[b, after]])
-        return hidden, pos, vmask, labels
+        if self.role is not None:
+            new = torch.full((n,), VISUAL, dtype=self.role.dtype, device=hidden.device)
+            role = torch.cat([self.role[b, before], new, self.role[b, after]])
+        return hidden, pos, vmask, labels, role
 
 
-def pad_rows(rows, padding_side: str, has_labels: bool, pad_value: float = 0.0) -> SequenceState:
-    """Stack per-sample (hidden, positions, visual_mask, labels) rows into a padded state."""
+def pad_rows(
+    rows, padding_side: str, has_labels: bool, pad_value: float = 0.0, has_roles: bool = True
+) -> SequenceState:
+    """Stack per-sample (hidden, positions, visual_mask, labels, roles) rows into a padded state
+    (padding has role CONTEXT and label IGNORE_INDEX)."""
     length = max(r[0].shape[0] for r in rows)
     batch = len(rows)
     ref = rows[0][0]
@@ -156,14 +258,17 @@ def pad_rows(rows, padding_side: str, has_labels: bool, pad_value: float = 0.0) 
     labels = (
         torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=ref.device) if has_labels else None
     )
-    for b, (h, p, v, lab) in enumerate(rows):
+    role = torch.full((batch, length), CONTEXT, dtype=torch.int8, device=ref.device) if has_roles else None
+    for b, (h, p, v, lab, r) in enumerate(rows):
         n = h.shape[0]
         cols = slice(length - n, length) if padding_side == "left" else slice(0, n)
         hidden[b, cols], position_ids[b, cols], visual_mask[b, cols] = h, p.to(pos_dtype), v
         attention_mask[b, cols] = True
         if labels is not None:
             labels[b, cols] = lab
-    return SequenceState(hidden, attention_mask, position_ids, visual_mask, labels, padding_side)
+        if role is not None:
+            role[b, cols] = r
+    return SequenceState(hidden, attention_mask, position_ids, visual_mask, labels, padding_side, role=role)
 
 
 def attention_bias(key_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:

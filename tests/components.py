@@ -1,6 +1,6 @@
 """Simple components for testing the hook points (registered only by the tests that import them)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -73,3 +73,90 @@ class TestDropVisualAt(Compressor):
         if layer_idx != self.config.layer or not bool(state.visual_mask.any()):
             return state
         return state.keep(~state.visual_mask)
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    keep: int = 4
+
+
+@register("test_scorer")
+class TestScorer(Compressor):
+    """Pre-LLM stage with its own loss: a linear scorer keeps the `keep` best-scored visual tokens
+    and learns to predict each token's mean activation (`scorer_mse`), as a pruning module that
+    trains from a frozen LLM's signal would."""
+
+    stage = "pre_llm"
+    Config = ScorerConfig
+    aux_losses = ("scorer_mse",)
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.score = nn.Linear(dims.llm_width, 1)
+
+    def output_tokens(self, input_tokens):
+        return min(self.config.keep, input_tokens)
+
+    def forward(self, state):
+        scores = self.score(state.hidden).squeeze(-1)  # (B, T)
+        visual = state.visual_mask & state.attention_mask
+        target = state.hidden.detach().mean(-1)
+        self.add_loss("scorer_mse", ((scores - target)[visual] ** 2).mean())
+        return state.keep_top_visual(scores.detach(), self.config.keep)
+
+
+CRASH_AT_STEP: list[int] = []  # a test sets a step here to simulate a crash before it
+
+
+@dataclass(frozen=True)
+class ScheduledConfig:
+    start: int = 16  # visual tokens kept at the start of the stage
+    end: int = 4  # ... and at its end (linear in the stage's progress); `end` outside training
+
+
+@register("test_scheduled_keep")
+class TestScheduledKeep(Compressor):
+    """Pre-LLM stage on a schedule: keep the first k visual tokens, k going linearly from
+    `start` to `end` over the stage, scaled by a learned gain (so that there is a weight to
+    train and to compare after a resume)."""
+
+    stage = "pre_llm"
+    Config = ScheduledConfig
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def current_keep(self) -> int:
+        if self.progress is None:
+            return self.config.end
+        return round(self.config.start + (self.config.end - self.config.start) * self.progress.fraction)
+
+    def set_progress(self, progress):
+        super().set_progress(progress)
+        if progress is not None and progress.step in CRASH_AT_STEP:
+            raise RuntimeError(f"simulated crash before step {progress.step}")
+        return {"keep": float(self.current_keep())}
+
+    def output_tokens(self, input_tokens):
+        return min(self.config.end, input_tokens)
+
+    def forward(self, state):
+        rank = torch.cumsum(state.visual_mask.long(), 1)
+        state = state.keep(~state.visual_mask | (rank <= self.current_keep()))
+        hidden = torch.where(state.visual_mask[..., None], state.hidden * self.gain, state.hidden)
+        return replace(state, hidden=hidden)
+
+
+@register("test_hide_visual_at")
+class TestHideVisualAt(Compressor):
+    """In-LLM stage: from decoder layer `layer` on, no token attends to the visual tokens (they
+    stay in the sequence), as a visual-token exit does."""
+
+    stage = "in_llm"
+    Config = DropAtConfig
+
+    def before_layer(self, layer_idx, state):
+        if layer_idx != self.config.layer or not bool(state.visual_mask.any()):
+            return state
+        return state.hide_visual_keys()

@@ -3,7 +3,7 @@
 import torch
 
 from models.build import ComponentSpec, build
-from models.llm import attention_probs
+from models.llm import attention_rows
 from tests.conftest import TEST_TINY
 
 
@@ -60,10 +60,18 @@ def test_recomputed_attention_matches_transformers_eager_weights():
     with torch.no_grad():
         model(ids, mask, pixels)
         hidden, kwargs = captured["in"]
-        ours = attention_probs(layer, hidden, kwargs["attention_mask"], kwargs["position_embeddings"])
+        length = hidden.shape[1]
+        every = torch.arange(length).expand(hidden.shape[0], length)
+        ours = attention_rows(layer, hidden, kwargs["attention_mask"], kwargs["position_embeddings"], every)
+        some = torch.tensor([[length - 1, 3], [2, 0]])
+        rows = attention_rows(layer, hidden, kwargs["attention_mask"], kwargs["position_embeddings"], some)
     hook.remove()
     # Sample 0 is unpadded (every query has real keys): compare it whole.
     torch.testing.assert_close(ours[0], captured["w"][0].float(), rtol=1e-5, atol=1e-6)
+    # A few rows are those rows of the whole matrix, and only they are built.
+    assert rows.shape[2] == 2
+    for b in range(2):
+        torch.testing.assert_close(rows[b], ours[b][:, some[b]])
 
 
 def pdrop_model(**params):

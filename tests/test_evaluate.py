@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from data.errors import UserError
 from models.build import ComponentSpec, build
+from models.compressors import baselines, component_class
+from models.compressors.base import ModelDims
 from tests.conftest import TEST_TINY
 from train.accuracy import Question, QuestionSet, answer_questions, file_questions, normalize_answer, score
-from train.evaluate import LiveTensorBytes, baseline_params
+from train.evaluate import LiveTensorBytes
 
 
 def test_normalize_and_score_on_fixtures():
@@ -79,7 +82,7 @@ def test_question_file_answers_and_skips_unreadable_images(tmp_path):
     assert "skipped" in answers["8"] and "broken.png" in answers["8"]["skipped"]
     assert "skipped" in answers["9"] and "missing.png" in answers["9"]["skipped"]
     (tmp_path / "bad.jsonl").write_text('{"question_id": 1, "image": "x.png"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a question line"):
+    with pytest.raises(UserError, match=r"bad.jsonl:1: not a question line"):
         file_questions(tmp_path / "bad.jsonl", tmp_path)
 
 
@@ -103,23 +106,43 @@ def test_batch_of_three_answers_as_one_by_one(synth_dirs, compressor):
 
     built = build("tiny", compressors=[compressor] if compressor else [], tiny=TEST_TINY, seed=3)
     everything = synthetic_questions(ShardIndex(synth_dirs / "test"), limit=3)
-    picked = [everything.questions[i] for i in (0, 7, 14)]  # three images, three question families
-    assert len({len(q.text) for q in picked}) == 3
+    picked = []  # three images, questions of three lengths (so the batch is ragged)
+    for q in everything.questions:
+        if q.image not in {p.image for p in picked} and len(q.text) not in {len(p.text) for p in picked}:
+            picked.append(q)
+    assert len(picked) == 3
     questions = QuestionSet(picked, everything.read_image)
     batched = answer_questions(built.model, built.tokenizer, questions, 64, batch_size=3, progress=False)
     single = answer_questions(built.model, built.tokenizer, questions, 64, batch_size=1, progress=False)
     assert batched == single
 
 
-def test_budget_parameters_reach_the_budget():
-    assert baseline_params("avgpool2d", 16, 64, 8, 4) == {"stride": 2}
-    assert baseline_params("avgpool2d", 7, 64, 8, 4) is None  # not a square grid
-    assert baseline_params("fastv", 16, 64, 8, 4) == {"layer": 2, "tokens": 16}
-    pdrop = baseline_params("pdrop", 32, 64, 8, 8)
+def test_budget_parameters_come_from_the_registry():
+    """Every training-free baseline says how to hit a budget; evaluate, the recipe check and the
+    CLI read the registry."""
+    assert baselines() == {
+        "visionzip": "visionzip",
+        "divprune": "divprune",
+        "pooling": "avgpool2d",
+        "random": "random",
+        "fastv": "fastv",
+        "pdrop": "pdrop",
+    }
+
+    def params(name, budget, layers):
+        dims = ModelDims(128, 4, 4, 8, 128, layers, 4)
+        return component_class(name).budget_params(budget, 64, dims)
+
+    assert params("avgpool2d", 16, 4) == {"stride": 2}
+    assert params("avgpool2d", 7, 4) is None  # not a square grid
+    assert params("random", 7, 4) == {"tokens": 7} and params("visionzip", 7, 4) == {"tokens": 7}
+    assert params("fastv", 16, 4) == {"layer": 2, "tokens": 16}
+    pdrop = params("pdrop", 32, 8)
     bounds, keep = [0, *pdrop["layers"], 8], pdrop["keep"]
     mean = sum(64 * keep**i * (bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1)) / 8
     assert mean == pytest.approx(32, abs=0.01)
-    assert baseline_params("pdrop", 4, 64, 8, 4) is None  # layer 0..1 always sees all 64
+    assert params("pdrop", 4, 4) is None  # layer 0..1 always sees all 64
+    assert params("tokenpacker", 16, 4) is None  # a trained projector is not a baseline
 
 
 def test_live_tensor_tracker_measures_peak_not_total():

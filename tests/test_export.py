@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from data.errors import UserError
 from models.export import load_pretrained
 from train.accuracy import evaluate_accuracy
 from train.datamodule import split_shards
@@ -95,5 +96,5 @@ def test_load_pretrained_refuses_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vtc export"):
         load_pretrained(tmp_path)
     (tmp_path / "vtc.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(UserError, match="format"):
         load_pretrained(tmp_path)

@@ -87,6 +87,7 @@ HOOKS = [
     ("encoder", [ComponentSpec("test_registers", {"count": 4})], 4),
     ("pre_llm", [ComponentSpec("test_keep_first", {"keep": 5})], 5),
     ("in_llm", [ComponentSpec("test_drop_visual_at", {"layer": 1})], 64),
+    ("hide_keys", [ComponentSpec("test_hide_visual_at", {"layer": 2})], 64),
     (
         "stacked",
         [ComponentSpec("test_keep_first", {"keep": 7}), ComponentSpec("test_drop_visual_at", {"layer": 2})],

@@ -7,7 +7,7 @@ import torch
 
 import tests.components  # noqa: F401  (registers the hook-point test components)
 from models.build import ComponentSpec, build
-from models.compressors import available, build_component, component_class
+from models.compressors import available, component_class
 from tests.conftest import TEST_TINY
 
 # Parameters that make each component compress on the test model (8×8 patch grid).
@@ -17,7 +17,11 @@ PARAMS = {
     "divprune": {"tokens": 10},
     "fastv": {"layer": 0, "tokens": 10},
     "pdrop": {"layers": [1], "keep": 0.5},
+    "visionzip": {"tokens": 12},
+    "test_scheduled_keep": {"start": 16, "end": 6},
 }
+# Components that map the patch grid to as many tokens as it has (every other one must compress).
+FULL_GRID = {"mlp2x_gelu"}
 
 
 def model_with(name):
@@ -51,7 +55,9 @@ def test_component_contract(name, tokenizer):
     pixels = torch.randn(2, 3, 64, 64)
     labels = ids.masked_fill(~mask, -100)
     expected = model.visual_tokens()
-    assert expected == component.output_tokens(model.vision.num_patches) or component.stage != "projector"
+    patches = model.vision.num_patches
+    if component.stage in ("projector", "encoder", "pre_llm"):
+        assert expected == component.output_tokens(patches)
 
     # Only the component trains: freeze everything else.
     for p in model.parameters():
@@ -64,20 +70,34 @@ def test_component_contract(name, tokenizer):
         assert torch.isfinite(out.loss)
         if component.stage in ("projector", "pre_llm", "encoder"):
             assert out.visual_tokens_in.tolist() == [expected] * (batch.stop - batch.start)
+        # What the last layer attends to: fewer visual tokens than patches, unless a full-grid projector.
+        final = out.state
+        visible = final.visual_mask & (final.attention_mask if final.key_mask is None else final.key_mask)
+        left = visible.sum(1).tolist()
+        assert all(n == patches for n in left) if name in FULL_GRID else all(n < patches for n in left), left
+        assert set(out.aux_losses) == set(component.aux_losses)
+        assert all(torch.isfinite(v) and v.dim() == 0 for v in out.aux_losses.values())
     trainable = list(component.parameters())
     if trainable:  # parameter-free components (pooling, pruning baselines) have nothing to train
-        out.loss.backward()
+        (out.loss + sum(out.aux_losses.values())).backward()
         assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+        with torch.no_grad():  # move the weights away from a fresh instance's
+            for p in trainable:
+                p.add_(torch.randn_like(p) * 0.1)
     else:
         assert not out.loss.requires_grad
 
-    # State-dict round trip into a fresh instance gives the same outputs.
-    clone = build_component(name, PARAMS.get(name, {}), model.dims)
-    clone.load_state_dict(component.state_dict())
-    assert set(clone.state_dict()) == set(component.state_dict())
-    for key, value in component.state_dict().items():
-        assert torch.equal(clone.state_dict()[key], value)
+    # The state dict carries everything: loaded into a fresh model, the same outputs.
+    model.eval()
+    fresh = model_with(name).eval()
+    fresh_component = fresh.projector if component.stage == "projector" else fresh.compressors[0]
+    with torch.no_grad():
+        reference = model(ids, mask, pixels, return_logits=True).logits
+        if trainable:  # the test can fail: before loading, the outputs differ
+            assert not torch.allclose(fresh(ids, mask, pixels, return_logits=True).logits, reference)
+        fresh_component.load_state_dict(component.state_dict())
+        assert torch.equal(fresh(ids, mask, pixels, return_logits=True).logits, reference)
 
 
 @pytest.mark.parametrize("name", available())

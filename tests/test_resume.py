@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.errors import UserError
 from data.loader import ResumableLoader
 from tests.conftest import smoke_train_cmd
 from train.checkpoint import TrainablesCheckpointIO, latest_checkpoint, list_checkpoints, recipe_drift
@@ -167,7 +168,7 @@ def test_finished_run_keeps_the_newest_checkpoints_and_refuses_silent_restart(un
     from train.run import resume_point
 
     recipe = load_recipe("tiny/smoke", [f"output={reference}", f"data.cache_dir={data_dir}", *SHORT])
-    with pytest.raises(ValueError, match="--resume auto"):
+    with pytest.raises(UserError, match="--resume auto"):
         resume_point(recipe, reference, None, force=False, restart=False)
     assert resume_point(recipe, reference, "auto", force=False, restart=False) == kept[-1]
     changed = load_recipe(
@@ -180,7 +181,7 @@ def test_finished_run_keeps_the_newest_checkpoints_and_refuses_silent_restart(un
             "eval.limit=2",
         ],
     )
-    with pytest.raises(ValueError, match=r"stages\.1\.optim\.lr: 0\.003 → 0\.1") as err:
+    with pytest.raises(UserError, match=r"stages\.1\.optim\.lr: 0\.003 → 0\.1") as err:
         resume_point(changed, reference, "auto", force=False, restart=False)
     assert "eval" not in str(err.value)  # evaluation settings do not change the training
     assert resume_point(changed, reference, "auto", force=True, restart=False) == kept[-1]

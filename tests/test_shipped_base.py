@@ -8,6 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from data.errors import UserError
 from models.build import build
 from models.pretrained import shipped_names, shipped_path, verify
 from train.accuracy import QuestionSet, answer_prior, answer_questions, mean_prior, score, synthetic_questions
@@ -42,7 +43,7 @@ def test_a_changed_weight_file_is_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.safetensors is not the file its training run wrote"):
+    with pytest.raises(UserError, match="model.safetensors is not the file its training run wrote"):
         verify(copy)
 
 

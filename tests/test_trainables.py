@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.errors import UserError
 from models.build import ComponentSpec, build
 from tests.conftest import TEST_TINY
 from train.run import load_trainables, save_trainables
@@ -38,7 +39,7 @@ def test_init_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trainable weights"):
         load_trainables(model, str(tmp_path))
     save_file({"projector.nonexistent.weight": torch.zeros(1)}, str(tmp_path / "trainable.safetensors"))
-    with pytest.raises(ValueError, match="does not fit this model: weights this model lacks"):
+    with pytest.raises(UserError, match="does not fit this model: weights this model lacks"):
         load_trainables(model, str(tmp_path))
 
 

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data.dataset import collate, load_views
+from data.errors import UserError
 from data.shards import ShardIndex
 from data.synth import final_answer
 from data.templates import get_template
@@ -89,7 +90,7 @@ def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
                 )
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}:{number}: not a question line ({type(err).__name__}: {err})") from None
+            raise UserError(f"{path}:{number}: not a question line ({type(err).__name__}: {err})") from None
     root = Path(image_dir)
     return QuestionSet(out, lambda key: (root / key).read_bytes(), name=str(path))
 

@@ -24,7 +24,7 @@ def cmd_recipes(args) -> int:
         name = str(path.relative_to(RECIPES_DIR).with_suffix(""))
         try:
             description = load_recipe(path, check_machine=False).description
-        except (RecipeError, FileNotFoundError, ValueError) as err:
+        except (RecipeError, FileNotFoundError) as err:
             description = f"(invalid: {str(err).splitlines()[0]})"
         print(f"{name:<36} {description}")
     return 0
@@ -83,9 +83,12 @@ def report(recipe, metrics: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from train.evaluate import BASELINES, Settings, evaluate
+    from models.compressors import baselines as known_baselines
+    from train.evaluate import Settings, evaluate
 
-    baselines = list(BASELINES) if args.baselines == "all" else [b for b in args.baselines.split(",") if b]
+    baselines = (
+        list(known_baselines()) if args.baselines == "all" else [b for b in args.baselines.split(",") if b]
+    )
     budgets = [int(t) for t in args.tokens.split(",")] if args.tokens else None
     settings = Settings(
         limit=args.limit,
@@ -199,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baselines",
         default="all",
-        help="comma-separated from pooling,random,divprune,visionzip,fastv,pdrop ('' for none; default all)",
+        help="comma-separated training-free baselines, e.g. pooling,divprune ('' for none; default: "
+        "all registered ones, which an unknown name lists)",
     )
     p.add_argument(
         "--tokens", help="visual-token budgets, e.g. 144,64,36 (default: 1/4 and 1/16 of the baseline's)"
@@ -238,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.recipe import RecipeError
+    from data.errors import UserError
 
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError) as err:  # anything else is a bug: keep its traceback
         print(f"vtc: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from data.dataset import ConversationDataset, collate
 from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import VERSION, write_synthetic
+from train.objectives import OBJECTIVES
 from train.recipe import REPO_ROOT, DataRecipe, Stage
 
 
@@ -66,7 +67,7 @@ class VtcDataModule(L.LightningDataModule):
         self.data, self.stage, self.seed = data, stage, seed
         shards = split_shards(data, "train")
         templates = [stage.template] if isinstance(stage.template, str) else stage.template
-        regions = patch_grid if stage.objective == "region" else None
+        regions = patch_grid if OBJECTIVES[stage.objective].region_targets else None
         parts = [
             ConversationDataset(
                 shards,

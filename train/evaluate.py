@@ -12,7 +12,6 @@ decode tokens/s (medians of repeats), and peak memory of a batch-N prefill.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import time
@@ -27,7 +26,10 @@ from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
 from data.dataset import collate
+from data.errors import UserError
 from models.build import Built, ComponentSpec, build
+from models.compressors import baselines as registered_baselines
+from models.compressors import component_class
 from models.flops import module_flops, prefill_flops
 from train.accuracy import (
     QuestionSet,
@@ -39,16 +41,6 @@ from train.accuracy import (
     score,
     synthetic_questions,
 )
-
-# `--baselines` names → registered training-free components
-BASELINES = {
-    "pooling": "avgpool2d",
-    "random": "random",
-    "divprune": "divprune",
-    "visionzip": "visionzip",
-    "fastv": "fastv",
-    "pdrop": "pdrop",
-}
 
 
 @dataclass
@@ -101,7 +93,7 @@ def resolve_source(target: str) -> Source:
             return Source(None, str(own_base), path, recipe.data, f"run {path} (its llava-hf model)")
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
-            raise ValueError(
+            raise UserError(
                 f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against"
             )
         return Source(lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}")
@@ -119,42 +111,6 @@ def resolve_source(target: str) -> Source:
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
 
 
-def baseline_params(name: str, budget: int, visual: int, grid: int, llm_layers: int) -> dict | None:
-    """Parameters that make baseline `name` keep `budget` of `visual` tokens (None: it cannot)."""
-    if name == "avgpool2d":
-        stride = math.isqrt(visual // budget) if budget else 0
-        return (
-            {"stride": stride}
-            if stride >= 1 and grid % stride == 0 and (grid // stride) ** 2 == budget
-            else None
-        )
-    if name in ("random", "divprune", "visionzip"):
-        return {"tokens": budget}
-    if name == "fastv":
-        return {"layer": min(2, llm_layers - 2), "tokens": budget}
-    if name == "pdrop":  # keep ratio λ at 3 evenly spread boundaries: mean tokens over layers = budget
-        layers = sorted({max(1, round(llm_layers * f)) for f in (0.25, 0.5, 0.75)} - {llm_layers})
-        bounds = [0, *layers, llm_layers]
-
-        def mean_tokens(keep: float) -> float:
-            return (
-                sum(visual * keep**i * (bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1))
-                / llm_layers
-            )
-
-        if mean_tokens(0.0) > budget:  # even dropping everything at the first boundary keeps more
-            return None
-        low, high = 0.0, 1.0
-        for _ in range(50):
-            low, high = (
-                ((low + high) / 2, high)
-                if mean_tokens((low + high) / 2) < budget
-                else (low, (low + high) / 2)
-            )
-        return {"layers": layers, "keep": round((low + high) / 2, 4)}
-    raise KeyError(name)
-
-
 def methods_for(
     source: Source,
     baselines: list[str],
@@ -170,11 +126,12 @@ def methods_for(
     if source.model is not None:
         methods.append(Method("model", None, source.model))
     for label in baselines:
-        if label not in BASELINES:
-            raise ValueError(f"--baselines: unknown {label!r}; choose from {', '.join(BASELINES)}")
-        name = BASELINES[label]
+        known = registered_baselines()
+        if label not in known:
+            raise UserError(f"--baselines: unknown {label!r}; choose from {', '.join(known)}")
+        name = known[label]
         for budget in budgets:
-            params = baseline_params(name, budget, visual, dims.grid, dims.llm_layers)
+            params = component_class(name).budget_params(budget, visual, dims)
             if params is None:
                 print(f"[vtc] {label}: cannot keep exactly {budget} of {visual} tokens; left out")
                 continue
@@ -351,7 +308,7 @@ def evaluate(
     budgets = budgets or [visual // 4, visual // 16]
     if questions_file:
         if not images_dir:
-            raise ValueError("--questions needs --images (the folder its image paths are relative to)")
+            raise UserError("--questions needs --images (the folder its image paths are relative to)")
         questions = file_questions(questions_file, images_dir)
     else:
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.errors import UserError
 from models.export import export, merge_lora
 from train.freeze import apply_stage
 from train.recipe import load_recipe, resolve_base
@@ -30,7 +31,7 @@ def export_run(
         merged = merge_lora(built.model)
         print(f"[vtc] merged {merged} LoRA adapters into the base weights")
     if compressor_only and base == "tiny":
-        raise ValueError(
+        raise UserError(
             "--compressor-only needs a base on disk; this run's base is built from the tiny configs"
         )
     return export(built, out_dir, projector, compressors, base, compressor_only=compressor_only)

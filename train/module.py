@@ -11,9 +11,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from data.errors import UserError
+from models.compressors.base import Progress
 from models.llava import VtcLlava
 from models.region_head import RegionHead
 from train.checkpoint import restore_rng, rng_state
+from train.objectives import OBJECTIVES, weighted_total
 from train.recipe import Stage
 
 
@@ -38,6 +41,7 @@ class VtcModule(L.LightningModule):
         self.nonfinite_skipped: list[int] = []
         self.model = model
         self.stage = stage
+        self.objective = OBJECTIVES[stage.objective]
         self.total_steps = total_steps
         self.region_head = region_head
         self.run_dir = run_dir
@@ -50,6 +54,16 @@ class VtcModule(L.LightningModule):
         # as it finds it: without this, dropout (LoRA's included) would be off while training.
         self.train()
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # From the global step, which a resumed run restores: schedules continue exactly.
+        states = self.model.set_progress(Progress(self.global_step, self.total_steps))
+        for name, value in states.items():
+            self.log(f"schedule/{name}", float(value))
+
+    def on_train_end(self) -> None:
+        self.model.set_progress(None)  # back to the components' inference settings
+        self._write_records()
+
     def training_step(self, batch, batch_idx):
         for sample_id, reason in batch["skipped"]:
             self.skipped[sample_id] = reason
@@ -57,20 +71,15 @@ class VtcModule(L.LightningModule):
             self.seen_ids.extend(batch["ids"])
         if "input_ids" not in batch:  # every sample skipped: a zero loss keeps DDP ranks in step
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-        if self.stage.objective == "region":
-            patches = self.model.vision(batch["pixel_values"]).selected
-            loss, acc = self.region_head.loss(patches, batch["region_targets"])
-            self.log("train/region_acc", acc.mean(), prog_bar=True)
-        else:
-            out = self.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["pixel_values"],
-                batch["labels"],
-                image_grids=batch.get("image_grids"),
+        terms = self.objective.terms(self.model, batch, self.region_head)
+        loss = weighted_total(terms, self.stage.loss_weights)
+        if not loss.requires_grad:  # caught by check_recipe where the recipe shows it; this is the rest
+            raise UserError(
+                f"stage {self.stage.name!r}: objective {self.stage.objective!r} reaches no trainable "
+                "weight (its terms do not depend on what this stage trains)"
             )
-            loss = out.loss
-            self.log("train/visual_tokens", out.visual_tokens_in.float().mean())
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach().float(), prog_bar=name in ("region_acc",))
         if not torch.isfinite(loss):
             # None: Lightning runs no backward, so no weight moves (the step number and the LR
             # schedule still advance)
@@ -118,7 +127,7 @@ class VtcModule(L.LightningModule):
             return True
         return key.startswith("model.") and key[len("model.") :] in self.saved_weights
 
-    def on_train_end(self):
+    def _write_records(self) -> None:
         if self.run_dir is None:
             return
         rank = self.global_rank

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,13 @@ from typing import Literal
 
 import yaml
 
+from data.errors import UserError
 from models.build import ComponentSpec
-from models.compressors import available, component_class, config_fields, unknown_name_message
+from models.compressors import available, baselines, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
 from models.pretrained import shipped_names, shipped_path, verify
 from models.tiny import TinyConfig
+from train.objectives import OBJECTIVES, declared_aux_losses, loss_terms
 from train.schema import Problem, parse_dataclass, to_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +96,8 @@ class Optim:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    objective: Literal["lm", "region"] = "lm"
+    objective: str = "lm"  # a name in train.objectives.OBJECTIVES
+    loss_weights: dict[str, float] = field(default_factory=dict)  # per term; 1.0 if not named
     # One template, or a list: every sample once per template, shuffled together (e.g. dense
     # captions mixed into instruction tuning).
     template: Literal["plain", "vicuna_v1"] | list[Literal["plain", "vicuna_v1"]] = "vicuna_v1"
@@ -162,7 +166,7 @@ class Recipe:
     source: str = ""  # the file it came from (set by the loader)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     def __init__(self, source: str, problems: list[Problem]):
         self.source, self.problems = source, problems
         lines = "\n".join(f"  {p.key}: {p.message}" for p in problems)
@@ -339,6 +343,51 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def objective_problems(key: str, stage: Stage, model: ModelRecipe) -> list[Problem]:
+    """An unknown objective, a weight for a term it does not have, or an objective that cannot
+    reach a trainable parameter (component losses while the components that own them are frozen)."""
+    if stage.objective not in OBJECTIVES:
+        near = difflib.get_close_matches(stage.objective, list(OBJECTIVES), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return [
+            Problem(
+                f"{key}.objective",
+                f"unknown objective {stage.objective!r}{hint}; known: {', '.join(OBJECTIVES)}",
+            )
+        ]
+    objective = OBJECTIVES[stage.objective]
+    problems = []
+    names = [model.projector.name] + [c.name for c in model.compressors]
+    terms = loss_terms(objective, names)
+    for term in stage.loss_weights:
+        if term not in terms:
+            problems.append(
+                Problem(
+                    f"{key}.loss_weights.{term}",
+                    f"objective {stage.objective!r} has no term {term!r} here; its terms: {', '.join(terms) or 'none'}",
+                )
+            )
+    if objective.aux:
+        owners = declared_aux_losses(names)
+        if not owners:
+            problems.append(
+                Problem(
+                    f"{key}.objective",
+                    f"{stage.objective!r} trains on component losses, but none of {', '.join(names)} declares any (Compressor.aux_losses)",
+                )
+            )
+        parts = {"projector" if n == model.projector.name else "compressors" for n in owners.values()}
+        if owners and not objective.lm and all(getattr(stage.train, p) == "frozen" for p in parts):
+            part = sorted(parts)[0]
+            problems.append(
+                Problem(
+                    f"{key}.train.{part}",
+                    f"objective {stage.objective!r} trains only the losses of {', '.join(sorted(set(owners.values())))}, which this stage freezes: no gradient would reach a trainable weight",
+                )
+            )
+    return problems
+
+
 def check_recipe(recipe: Recipe) -> list[Problem]:
     problems: list[Problem] = []
     add = lambda key, msg: problems.append(Problem(key, msg))  # noqa: E731
@@ -392,6 +441,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         key = f"stages[{i}]"
         if (stage.steps is None) == (stage.epochs is None):
             add(key, "give exactly one of steps or epochs")
+        problems += objective_problems(key, stage, model)
         if stage.objective == "region" and data.synthetic is None:
             add(f"{key}.objective", "'region' needs per-region targets, which only synthetic data has")
         if stage.objective == "region" and model.projector.params.get("hd_grids"):
@@ -426,11 +476,11 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             f"{recipe.trainer.strategy} cannot run with accelerator 'cpu': Lightning's "
             "DeepSpeedStrategy needs CUDA GPUs",
         )
-    from train.evaluate import BASELINES  # the names `vtc evaluate --baselines` takes
+    known = baselines()  # the names `vtc evaluate --baselines` takes
 
     for i, name in enumerate(recipe.eval.baselines):
-        if name not in BASELINES:
-            add(f"eval.baselines.{i}", f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+        if name not in known:
+            add(f"eval.baselines.{i}", f"unknown baseline {name!r}; choose from {', '.join(known)}")
     return problems
 
 

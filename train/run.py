@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from safetensors.torch import load_file, save_file
 
+from data.errors import UserError
 from data.synth import region_classes
 from models.build import build, save_as_llava_hf
 from models.lora import has_lora
@@ -40,6 +42,7 @@ from train.checkpoint import (
 from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table
 from train.module import VtcModule
+from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.progress import StageProgressBar
 from train.recipe import REPO_ROOT, Recipe, recipe_to_yaml, resolve_base
@@ -48,10 +51,14 @@ from train.zero import load_state, trainable_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Lightning advertises a cloud logger at every Trainer start; keep its other messages.
+# Lightning starts every stage's Trainer with a cloud-logger advertisement and a list of the
+# accelerators it did not find, and torch's pytree warns about a call inside Lightning: none of
+# it is about the user's run. Lightning's other messages (warnings included) stay.
+_LIGHTNING_CHATTER = ("litlogger", "GPU available:", "TPU available:", "HPU available:")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage()
+    lambda record: not any(text in record.getMessage() for text in _LIGHTNING_CHATTER)
 )
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run_dir_of(recipe: Recipe) -> Path:
@@ -97,7 +104,7 @@ def resume_point(
         return None
     if resume is None:
         if existing:
-            raise ValueError(
+            raise UserError(
                 f"{run_dir} already has checkpoints (newest: {existing[-1].path.name}): pass "
                 "--resume auto to continue that run, or --restart to train it again from scratch"
             )
@@ -115,7 +122,7 @@ def resume_point(
     if saved_recipe.is_file() and not force:
         drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
         if drift:
-            raise ValueError(
+            raise UserError(
                 f"refusing to resume {run_dir}: the recipe changed since the run started\n  "
                 + "\n  ".join(drift)
                 + "\n(pass --force to resume anyway)"
@@ -227,7 +234,7 @@ def train_stage(
     world = recipe.trainer.devices * recipe.trainer.num_nodes
     accumulate = (stage.global_batch_size or stage.batch_size * world) // (stage.batch_size * world)
     region_head = None
-    if stage.objective == "region":
+    if OBJECTIVES[stage.objective].region_targets:
         region_head = RegionHead(model.dims.vision_width, region_classes(recipe.data.synthetic.grid))
     data = VtcDataModule(
         recipe.data,
@@ -374,7 +381,7 @@ def load_trainables(model, source: str) -> int:
     try:
         load_state(model, tensors)  # gathers ZeRO-3 partitions, if the model has them
     except ValueError as err:
-        raise ValueError(f"model.init: {path} does not fit this model: {err}") from None
+        raise UserError(f"model.init: {path} does not fit this model: {err}") from None
     return len(tensors)
 
 

@@ -52,6 +52,13 @@ def build_component(name: str, params: dict | None, dims: ModelDims) -> Compress
     return cls(config, dims)
 
 
+def baselines() -> dict[str, str]:
+    """{baseline label: component name} of every training-free baseline (`Compressor.baseline`),
+    ordered by where they act (in the vision tower, before the LLM, inside it), then by label."""
+    found = [(STAGES.index(cls.stage), cls.baseline, name) for name, cls in _REGISTRY.items() if cls.baseline]
+    return {label: name for _, label, name in sorted(found)}
+
+
 def config_fields(name: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(component_class(name).Config)}
 
@@ -74,6 +81,7 @@ __all__ = [
     "VisionFeatures",
     "register",
     "available",
+    "baselines",
     "build_component",
     "component_class",
     "config_fields",

@@ -11,6 +11,14 @@ A component declares where it acts (`stage`) and how many visual tokens it emits
 - "pre_llm":   `forward(state)` on the merged `SequenceState` before the first decoder layer.
 - "in_llm":    `before_layer(layer_idx, state)` before every decoder layer; returns the state
                (shortened or not). Must be a no-op on a state without visual tokens (decoding).
+
+Whatever its stage, a component can also
+
+- bring its own training losses: declare their names in `aux_losses` and call
+  `self.add_loss(name, value)` in its forward; a stage whose recipe objective is `aux` or
+  `lm+aux` (train/objectives.py) minimises them, each logged under its own name;
+- follow a schedule over training: `set_progress(progress)` is called before every training
+  step with the stage's `Progress` (None outside training) and returns the schedule state to log.
 """
 
 from __future__ import annotations
@@ -54,6 +62,20 @@ class VisionFeatures:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """Where training stands within the current stage, from the trainer's global step (so a
+    resumed run is at the very same point of every schedule as the run it continues)."""
+
+    step: int  # optimizer steps done in this stage
+    total: int  # optimizer steps the stage will take
+
+    @property
+    def fraction(self) -> float:
+        """step / total, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total))
+
+
+@dataclass(frozen=True)
 class NoParams:
     """Config of a component without parameters."""
 
@@ -62,10 +84,34 @@ class Compressor(nn.Module):
     stage: ClassVar[str]
     Config: ClassVar[type] = NoParams
 
+    # names of the losses `forward` / `before_layer` may add with `add_loss` (objective `aux`)
+    aux_losses: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, config, dims: ModelDims):
         super().__init__()
         self.config = config
         self.dims = dims
+        self.progress: Progress | None = None  # None: not training (inference setting)
+        self._losses: dict[str, torch.Tensor] = {}
+
+    def add_loss(self, name: str, value: torch.Tensor) -> None:
+        """Record a scalar training loss of this forward pass under a name of `aux_losses`."""
+        if name not in self.aux_losses:
+            raise RuntimeError(
+                f"{type(self).__name__} adds loss {name!r}, not in its aux_losses {self.aux_losses}"
+            )
+        self._losses[name] = value
+
+    def pop_losses(self) -> dict[str, torch.Tensor]:
+        """The losses added since the last call (the model collects them after each forward)."""
+        losses, self._losses = self._losses, {}
+        return losses
+
+    def set_progress(self, progress: Progress | None) -> dict[str, float]:
+        """Called before every training step (None when training ends or outside training).
+        Returns the schedule's state to log, e.g. {"stride": 8.0}; the default has none."""
+        self.progress = progress
+        return {}
 
     def output_tokens(self, input_tokens: int) -> int:
         """Visual tokens this component emits (for dynamic ones: the expected number) when
@@ -84,6 +130,17 @@ class Compressor(nn.Module):
     # in_llm stage
     attention_layers: tuple[int, ...] = ()  # layers whose attention probabilities this component reads
 
+    def attention_queries(self, layer_idx: int, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows (B, Q) long and their validity (B, Q) bool whose attention this
+        component reads at `layer_idx` (one of `attention_layers`); the LLM computes only those
+        rows. Default: each sample's last prompt token."""
+        rows = state.last_prompt_index()[:, None]
+        return rows, torch.ones_like(rows, dtype=torch.bool)
+
+    def read_attention(self, state):
+        """This component's `AttentionRows` of the layer just run, or None."""
+        return (state.attention or {}).get(id(self))
+
     def before_layer(self, layer_idx: int, state):
         raise NotImplementedError
 
@@ -91,6 +148,17 @@ class Compressor(nn.Module):
     def check_config(cls, config, dims: ModelDims) -> list[tuple[str, str]]:
         """(key, message) problems of `config` on a model of `dims`, for recipe validation."""
         return []
+
+    # training-free baselines: the name `vtc evaluate --baselines` and `eval.baselines` know it
+    # by (None: not a baseline), and the parameters that hit a visual-token budget
+    baseline: ClassVar[str | None] = None
+
+    @classmethod
+    def budget_params(cls, budget: int, visual: int, dims: ModelDims) -> dict | None:
+        """Config parameters that make this component keep `budget` of the `visual` tokens per
+        image on a model of `dims`, as its own paper counts them (FastV: after its layer;
+        PyramidDrop: on average over the layers), or None when it cannot hit the budget."""
+        return None
 
 
 class TokenBudget(Compressor):
@@ -102,3 +170,7 @@ class TokenBudget(Compressor):
 
     def output_tokens(self, input_tokens: int) -> int:
         return min(self.config.tokens, input_tokens)
+
+    @classmethod
+    def budget_params(cls, budget: int, visual: int, dims: ModelDims) -> dict | None:
+        return {"tokens": budget}

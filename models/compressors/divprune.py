@@ -28,6 +28,7 @@ class DivPrune(TokenBudget):
 
     stage = "pre_llm"
     Config = DivPruneConfig
+    baseline = "divprune"
 
     def forward(self, state: SequenceState) -> SequenceState:
         visual = state.visual_mask & state.attention_mask

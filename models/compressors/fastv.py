@@ -3,14 +3,13 @@
 After decoder layer K, keep the k visual tokens that received the most attention (averaged over
 heads) from the last prompt token — or from all text tokens — at layer K; the later layers see
 the shortened sequence. The attention probabilities of layer K alone are recomputed by the
-decoder loop (`models.llm.attention_probs`), so the model keeps its fast attention kernel."""
+decoder loop for the query rows it reads only (`models.llm.attention_rows`), so the model keeps
+its fast attention kernel."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 from models.compressors import register
 from models.compressors.base import ModelDims, TokenBudget
@@ -30,6 +29,7 @@ class FastV(TokenBudget):
 
     stage = "in_llm"
     Config = FastVConfig
+    baseline = "fastv"
 
     def __init__(self, config: FastVConfig, dims: ModelDims):
         super().__init__(config, dims)
@@ -50,16 +50,23 @@ class FastV(TokenBudget):
     def output_tokens(self, input_tokens: int) -> int:
         return input_tokens  # the LLM's input is unchanged; later layers see min(tokens, input)
 
+    @classmethod
+    def budget_params(cls, budget: int, visual: int, dims: ModelDims) -> dict | None:
+        return {"layer": min(2, dims.llm_layers - 2), "tokens": budget}
+
     def before_layer(self, layer_idx: int, state: SequenceState) -> SequenceState:
-        if layer_idx != self.config.layer + 1 or state.attention is None:
+        attention = self.read_attention(state)
+        if layer_idx != self.config.layer + 1 or attention is None:
             return state
         visual = state.visual_mask & state.attention_mask
         if int(visual.sum(1).max()) <= self.config.tokens:
             return state
-        attention = state.attention.mean(1)  # (B, T, T), averaged over heads
-        if self.config.query == "last":
-            received = attention[torch.arange(attention.shape[0]), state.last_index()]  # (B, T)
-        else:
-            text = state.attention_mask & ~state.visual_mask
-            received = (attention * text[:, :, None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
-        return state.keep_top_visual(received, self.config.tokens)
+        return state.keep_top_visual(attention.received(), self.config.tokens)
+
+    def attention_queries(self, layer_idx: int, state: SequenceState):
+        """`last`: the last prompt token; `text`: every text token before the answer."""
+        return (
+            super().attention_queries(layer_idx, state)
+            if self.config.query == "last"
+            else state.text_queries()
+        )

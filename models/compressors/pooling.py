@@ -23,6 +23,13 @@ class AvgPool2d(Compressor):
 
     stage = "pre_llm"
     Config = PoolConfig
+    baseline = "pooling"
+
+    @classmethod
+    def budget_params(cls, budget: int, visual: int, dims: ModelDims) -> dict | None:
+        stride = math.isqrt(visual // budget) if budget else 0
+        fits = stride >= 1 and dims.grid % stride == 0 and (dims.grid // stride) ** 2 == budget
+        return {"stride": stride} if fits else None
 
     def output_tokens(self, input_tokens: int) -> int:
         side = math.isqrt(input_tokens)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from models.compressors import register
 from models.compressors.base import Compressor, ModelDims
 from models.sequence import SequenceState
@@ -31,6 +29,7 @@ class PyramidDrop(Compressor):
 
     stage = "in_llm"
     Config = PyramidDropConfig
+    baseline = "pdrop"
 
     def __init__(self, config: PyramidDropConfig, dims: ModelDims):
         super().__init__(config, dims)
@@ -51,9 +50,29 @@ class PyramidDrop(Compressor):
             problems.append(("keep", f"a fraction in (0, 1], got {config.keep}"))
         return problems
 
+    @classmethod
+    def budget_params(cls, budget: int, visual: int, dims: ModelDims) -> dict | None:
+        """Keep ratio λ at 3 evenly spread boundaries such that the mean visual tokens over the
+        layers is `budget` (found by bisection)."""
+        depth = dims.llm_layers
+        layers = sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)} - {depth})
+        bounds = [0, *layers, depth]
+
+        def mean_tokens(keep: float) -> float:
+            spans = [visual * keep**i * (bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1)]
+            return sum(spans) / depth
+
+        if mean_tokens(0.0) > budget:  # even dropping everything at the first boundary keeps more
+            return None
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            middle = (low + high) / 2
+            low, high = (middle, high) if mean_tokens(middle) < budget else (low, middle)
+        return {"layers": layers, "keep": round((low + high) / 2, 4)}
+
     def before_layer(self, layer_idx: int, state: SequenceState) -> SequenceState:
-        if layer_idx not in self.config.layers or state.attention is None:
+        attention = self.read_attention(state)
+        if layer_idx not in self.config.layers or attention is None:
             return state
         count = int(state.num_visual.max())
-        received = state.attention.mean(1)[torch.arange(state.hidden.shape[0]), state.last_index()]
-        return state.keep_top_visual(received, math.ceil(self.config.keep * count))
+        return state.keep_top_visual(attention.received(), math.ceil(self.config.keep * count))

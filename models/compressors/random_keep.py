@@ -26,6 +26,7 @@ class RandomKeep(TokenBudget):
 
     stage = "pre_llm"
     Config = RandomKeepConfig
+    baseline = "random"
 
     def forward(self, state: SequenceState) -> SequenceState:
         visual = state.visual_mask & state.attention_mask

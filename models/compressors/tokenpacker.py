@@ -43,8 +43,13 @@ def default_taps(vision_layers: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(max(1, t) for t in taps))
 
 
+LAYER_NORM_EPS = 1e-6  # the authors' (PyTorch's default is 1e-5)
+
+
 def _mlp_norm(in_dim: int, dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+    )
 
 
 @register("tokenpacker")
@@ -58,7 +63,9 @@ class TokenPacker(Compressor):
         super().__init__(config, dims)
         self.taps = config.taps or default_taps(dims.vision_layers)
         width = config.width or dims.vision_width
-        self.query_proj = nn.Sequential(nn.Linear(dims.vision_width, width, bias=False), nn.LayerNorm(width))
+        self.query_proj = nn.Sequential(
+            nn.Linear(dims.vision_width, width, bias=False), nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        )
         self.key_proj = _mlp_norm(len(self.taps) * dims.vision_width, width)
         self.value_proj = _mlp_norm(len(self.taps) * dims.vision_width, width)
         self.attention = nn.MultiheadAttention(width, config.heads, batch_first=True)

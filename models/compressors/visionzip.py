@@ -30,6 +30,7 @@ class VisionZip(TokenBudget):
 
     stage = "encoder"
     Config = VisionZipConfig
+    baseline = "visionzip"
     uses_cls_attention = True
 
     def __init__(self, config: VisionZipConfig, dims: ModelDims):

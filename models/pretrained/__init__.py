@@ -16,6 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from data.errors import UserError
+
 SHIPPED_DIR = Path(__file__).resolve().parent
 
 
@@ -43,9 +45,9 @@ def verify(path: Path) -> None:
     for name, expected in recorded.items():
         file = path / name
         if not file.is_file():
-            raise ValueError(f"shipped base {path.name}: {file} is missing (reinstall vtc)")
+            raise UserError(f"shipped base {path.name}: {file} is missing (reinstall vtc)")
         if sha256(file) != expected:
-            raise ValueError(
+            raise UserError(
                 f"shipped base {path.name}: {file} is not the file its training run wrote "
                 f"(sha256 differs from provenance.json; a Git LFS pointer or a partial copy?)"
             )
