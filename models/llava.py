@@ -52,6 +52,8 @@ class VtcLlava(nn.Module):
         self.compressors = nn.ModuleList(compressors)
         self.image_token_id = image_token_id
         self.dims = dims
+        for component in self.components():
+            component.attach(self)
 
     def parts(self) -> dict[str, nn.Module]:
         """The parts a training stage freezes, trains or adapts with LoRA, by name."""
@@ -64,6 +66,17 @@ class VtcLlava(nn.Module):
 
     def _stage(self, stage: str) -> list[Compressor]:
         return [c for c in self.compressors if c.stage == stage]
+
+    def set_gradient_checkpointing(self, llm: bool, vision: bool) -> None:
+        """Recompute activations in backward (when training with gradients only): every decoder
+        layer (`llm`), every vision-encoder layer (`vision`), by HF's own switch on each."""
+        for model, enabled in ((self.llm.body, llm), (self.vision.model, vision)):
+            if enabled:
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            elif model.is_activation_checkpointing:
+                model.activation_checkpointing_disable()
 
     def components(self) -> list[Compressor]:
         """The projector and every compressor."""
@@ -109,7 +122,8 @@ class VtcLlava(nn.Module):
         (I, 2) = rows, cols per image, `pixel_values` holds each image's thumbnail then its
         rows·cols crops, and the result is a list of (N_i, H) — one per image."""
         encoders = self._stage("encoder")
-        features = self.vision(pixel_values, encoder=encoders[0] if encoders else None)
+        in_layers = [c for c in self.components() if c.acts_in_vision_layers]
+        features = self.vision(pixel_values, encoder=encoders[0] if encoders else None, in_layers=in_layers)
         tokens = self.projector(features)
         if image_grids is None:
             return tokens

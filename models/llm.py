@@ -93,7 +93,7 @@ class LanguageModel(nn.Module):
                 bias = attention_bias(key_mask, state.hidden.shape[1], state.hidden.dtype)
             if rotary is None or state is not before:
                 rotary = self.body.rotary_emb(state.hidden, position_ids=state.position_ids)
-            hidden = layer(
+            hidden = layer(  # HF's layer recomputes itself in backward when checkpointing is on
                 state.hidden,
                 attention_mask=bias,
                 position_ids=state.position_ids,

@@ -7,10 +7,22 @@ embeddings module, so the HF model runs unmodified) and choose which outputs to 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from models.compressors.base import Compressor, VisionFeatures
+
+
+def _after_attention(layer_idx: int, components: list[Compressor], _module, args, kwargs, output):
+    """Forward hook on an encoder layer's self-attention: HF returns (output, weights) and the
+    layer adds output to its residual stream next."""
+    layer_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    attention_output, *rest = output
+    for component in components:
+        attention_output = component.after_vision_attention(layer_idx, layer_input, attention_output)
+    return (attention_output, *rest)
 
 
 class VisionTower(nn.Module):
@@ -64,17 +76,27 @@ class VisionTower(nn.Module):
     def num_patches(self) -> int:
         return self.grid * self.grid
 
-    def forward(self, pixel_values: torch.Tensor, encoder: Compressor | None = None) -> VisionFeatures:
-        """(B, 3, S, S) → VisionFeatures with `selected` (B, N, Dv)."""
-        hook = None
+    def layers(self) -> list[nn.Module]:
+        """The encoder's layers (HF CLIP / SigLIP `EncoderLayer`s), in order."""
+        return list(getattr(self.model, "vision_model", self.model).encoder.layers)
+
+    def forward(
+        self, pixel_values: torch.Tensor, encoder: Compressor | None = None, in_layers: list[Compressor] = ()
+    ) -> VisionFeatures:
+        """(B, 3, S, S) → VisionFeatures with `selected` (B, N, Dv). `in_layers`: components
+        whose `after_vision_attention` edits every layer's attention output (for this call only)."""
+        hooks = []
         if encoder is not None:
             embeddings = getattr(self.model, "vision_model", self.model).embeddings
-            hook = embeddings.register_forward_hook(lambda _m, _i, out: encoder.extend_embeddings(out))
+            hooks.append(embeddings.register_forward_hook(lambda _m, _i, out: encoder.extend_embeddings(out)))
+        for idx, layer in enumerate(self.layers() if in_layers else []):
+            hook = partial(_after_attention, idx, list(in_layers))
+            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         try:
             dtype = next(self.model.parameters()).dtype
             out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         hidden_states = out.hidden_states
         if encoder is not None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from models.compressors import register
 from models.compressors.base import Compressor
+from models.gather import gathered
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,49 @@ class TestHideVisualAt(Compressor):
         if layer_idx != self.config.layer or not bool(state.visual_mask.any()):
             return state
         return state.hide_visual_keys()
+
+
+@register("test_attention_gain")
+class TestAttentionGain(Compressor):
+    """Inside every vision-encoder layer: scale the self-attention output by a learned per-layer
+    gain (1 at start: the tower is unchanged). On attach, a copy of layer 0's query projection
+    (as a method that starts from the host's attention would)."""
+
+    stage = "pre_llm"
+    acts_in_vision_layers = True
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.gain = nn.Parameter(torch.ones(dims.vision_layers))
+        self.query = nn.Linear(dims.vision_width, dims.vision_width)
+
+    def attach(self, host):
+        source = host.vision.layers()[0].self_attn.q_proj
+        with gathered(list(source.parameters()), modify=False), torch.no_grad():
+            self.query.weight.copy_(source.weight)
+            self.query.bias.copy_(source.bias)
+
+    def after_vision_attention(self, layer_idx, layer_input, attention_output):
+        return attention_output * self.gain[layer_idx]
+
+    def forward(self, state):
+        return state
+
+
+@register("test_alternating_gates")
+class TestAlternatingGates(Compressor):
+    """Pre-LLM stage with two gates on the visual tokens, of which only one is used (and learns)
+    per training step, by step parity: parameters without a gradient in a step, as per-layer
+    routers have."""
+
+    stage = "pre_llm"
+    sparse_gradients = True
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.gates = nn.ParameterList([nn.Parameter(torch.ones(())) for _ in range(2)])
+
+    def forward(self, state):
+        gate = self.gates[self.progress.step % 2 if self.progress is not None else 0]
+        hidden = torch.where(state.visual_mask[..., None], state.hidden * gate, state.hidden)
+        return replace(state, hidden=hidden)

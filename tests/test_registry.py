@@ -20,8 +20,8 @@ PARAMS = {
     "visionzip": {"tokens": 12},
     "test_scheduled_keep": {"start": 16, "end": 6},
 }
-# Components that map the patch grid to as many tokens as it has (every other one must compress).
-FULL_GRID = {"mlp2x_gelu"}
+# Components that leave as many visual tokens as there are patches (every other one must compress).
+FULL_GRID = {"mlp2x_gelu", "test_attention_gain", "test_alternating_gates"}
 
 
 def model_with(name):

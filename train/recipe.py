@@ -111,6 +111,14 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class GradientCheckpointing:
+    """Recompute activations in backward instead of keeping them (LLaVA-1.5 trains this way)."""
+
+    llm: bool = False  # every decoder layer
+    vision: bool = False  # every vision-encoder layer (only matters when the tower trains)
+
+
+@dataclass(frozen=True)
 class TrainerRecipe:
     strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
@@ -123,6 +131,7 @@ class TrainerRecipe:
     # A non-finite loss stops the run (the last checkpoint stays the last good one), or with
     # `skip` that batch is left out (no backward, no optimizer step) and counted. Single device.
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    gradient_checkpointing: GradientCheckpointing = field(default_factory=GradientCheckpointing)
 
 
 @dataclass(frozen=True)

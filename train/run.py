@@ -213,6 +213,13 @@ def compare(run_dir: Path, recipe: Recipe, visual_tokens: int) -> None:
     print(f"[vtc] comparison written to {run_dir}/eval.md, eval.json, eval.png")
 
 
+def sparse_gradients(model) -> bool:
+    """Whether a trainable component may leave some of its parameters without a gradient."""
+    return any(
+        c.sparse_gradients and any(p.requires_grad for p in c.parameters()) for c in model.components()
+    )
+
+
 def train_stage(
     recipe: Recipe,
     index: int,
@@ -228,6 +235,8 @@ def train_stage(
     trains to `saved` and returns its record for meta.json."""
     model = built.model
     rows = apply_stage(model, stage)
+    checkpointing = recipe.trainer.gradient_checkpointing
+    model.set_gradient_checkpointing(llm=checkpointing.llm, vision=checkpointing.vision)
     saved |= trainable_names(model)
     if is_zero:
         print(format_table(stage.name, rows), flush=True)
@@ -272,7 +281,7 @@ def train_stage(
         accelerator=recipe.trainer.accelerator,
         devices=recipe.trainer.devices,
         num_nodes=recipe.trainer.num_nodes,
-        strategy=build_strategy(recipe.trainer),
+        strategy=build_strategy(recipe.trainer, sparse_gradients(model)),
         precision=recipe.trainer.precision,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=stage.optim.grad_clip,

@@ -29,12 +29,16 @@ def deepspeed_config(zero_stage: int) -> dict:
     return {"zero_optimization": zero, "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
 
 
-def build_strategy(trainer: TrainerRecipe):
+def build_strategy(trainer: TrainerRecipe, sparse_gradients: bool = False):
+    """`sparse_gradients`: some trainable parameters get no gradient in some steps (DDP must then
+    search for them every step, which costs a graph traversal; off otherwise)."""
     if trainer.strategy == "auto":
         return "auto"
     if trainer.strategy == "ddp":
         on_gpu = trainer.accelerator == "gpu" or (trainer.accelerator == "auto" and torch.cuda.is_available())
-        return DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo")
+        return DDPStrategy(
+            process_group_backend="nccl" if on_gpu else "gloo", find_unused_parameters=sparse_gradients
+        )
     from lightning.pytorch.strategies import DeepSpeedStrategy  # GPU only: checked at validation
 
     # Checkpoints hold the trainables only (frozen weights come from the base); vtc's LightningModule

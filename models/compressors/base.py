@@ -18,7 +18,12 @@ Whatever its stage, a component can also
   `self.add_loss(name, value)` in its forward; a stage whose recipe objective is `aux` or
   `lm+aux` (train/objectives.py) minimises them, each logged under its own name;
 - follow a schedule over training: `set_progress(progress)` is called before every training
-  step with the stage's `Progress` (None outside training) and returns the schedule state to log.
+  step with the stage's `Progress` (None outside training) and returns the schedule state to log;
+- act inside every vision-encoder layer: with `acts_in_vision_layers`, `after_vision_attention`
+  gets each layer's self-attention output before the residual add (per-call hooks on this
+  model's layers, nothing global);
+- read the host once it is assembled: `attach(host)` (e.g. to start from a copy of a layer's
+  attention; wrap reads in `models.gather.gathered` so they also work under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ class Compressor(nn.Module):
 
     # names of the losses `forward` / `before_layer` may add with `add_loss` (objective `aux`)
     aux_losses: ClassVar[tuple[str, ...]] = ()
+    # True if some of its parameters get no gradient in some steps (e.g. one router per layer,
+    # only one of which learns per step): DDP then looks for unused parameters every step
+    sparse_gradients: ClassVar[bool] = False
 
     def __init__(self, config, dims: ModelDims):
         super().__init__()
@@ -126,6 +134,20 @@ class Compressor(nn.Module):
 
     def select(self, hidden_states: tuple[torch.Tensor, ...], num_patches: int) -> torch.Tensor:
         raise NotImplementedError
+
+    # any stage: inside the vision encoder's layers
+    acts_in_vision_layers: ClassVar[bool] = False
+
+    def after_vision_attention(
+        self, layer_idx: int, layer_input: torch.Tensor, attention_output: torch.Tensor
+    ) -> torch.Tensor:
+        """Encoder layer `layer_idx`'s self-attention output (B, T, Dv), before it is added to
+        the residual stream; `layer_input` (B, T, Dv) is what the attention read (after the
+        layer's first norm). Returns the output to add instead."""
+        return attention_output
+
+    def attach(self, host) -> None:
+        """Called once the model is assembled, with the `VtcLlava` that holds this component."""
 
     # in_llm stage
     attention_layers: tuple[int, ...] = ()  # layers whose attention probabilities this component reads
