@@ -39,7 +39,7 @@ def load(source: str, checkpoint: str | None, pooled: bool):
     """(Built, DataRecipe) for a llava-hf folder or a run (its final or a periodic checkpoint)."""
     compressors = [ComponentSpec("avgpool2d", {"stride": 2})] if pooled else []
     path = Path(source)
-    if is_run_dir(path):
+    if is_run_dir(path) or checkpoint:  # a running run has no meta.json yet
         recipe = load_recipe(path / "recipe.yaml", check_machine=False)
         model = recipe.model
         built = build(

@@ -21,7 +21,7 @@ from models.compressors.base import ModelDims
 from models.llava import VtcLlava
 from models.llm import LanguageModel
 from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
-from models.vision import VisionTower
+from models.vision import VisionTower, prefix_tokens
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ def dims_of(config: LlavaConfig) -> ModelDims:
         llm_width=t.hidden_size,
         llm_layers=t.num_hidden_layers,
         llm_heads=t.num_attention_heads,
+        prefix_tokens=prefix_tokens(v),
     )
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.vision import prefix_tokens
+
 
 @dataclass(frozen=True)
 class PrefillFlops:
@@ -39,7 +41,7 @@ def vision_flops(config) -> float:
     """One image through an HF CLIP/SigLIP vision config (all layers)."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     patches = (config.image_size // config.patch_size) ** 2
-    n = patches + 1  # + CLS (SigLIP has none; the difference is below 0.2 %)
+    n = patches + prefix_tokens(config)  # + CLS (SigLIP has none)
     macs = patches * 3 * config.patch_size**2 * d  # patch embedding
     macs += layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * ff)
     return 2.0 * macs

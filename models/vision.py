@@ -15,6 +15,11 @@ from torch import nn
 from models.compressors.base import Compressor, VisionFeatures
 
 
+def prefix_tokens(vision_config) -> int:
+    """Tokens before the patches in the tower's hidden states: SigLIP has no CLS, CLIP one."""
+    return 0 if vision_config.model_type.startswith("siglip") else 1
+
+
 def _after_attention(layer_idx: int, components: list[Compressor], _module, args, kwargs, output):
     """Forward hook on an encoder layer's self-attention: HF returns (output, weights) and the
     layer adds output to its residual stream next."""
@@ -37,6 +42,7 @@ class VisionTower(nn.Module):
         self.select_strategy = select_strategy
         config = model.config
         self.grid = config.image_size // config.patch_size
+        self.prefix_tokens = prefix_tokens(config)
 
     def unused_prefixes(self) -> tuple[str, ...]:
         """Name prefixes (relative to this module) of parameters that cannot affect the features:
@@ -60,6 +66,8 @@ class VisionTower(nn.Module):
         """At the feature layer: the attention CLS pays each patch, averaged over heads (B, N), and
         the patches' keys averaged over heads (B, N, head_dim). Recomputed for that one layer from
         its input and its own norm and projections, so the tower keeps its fast attention."""
+        if not self.prefix_tokens:
+            raise ValueError("this vision tower has no CLS token to read the attention of")
         tower = getattr(self.model, "vision_model", self.model)
         index = self.feature_layer % len(hidden_states)  # hidden_states[index] = output of layer index-1
         layer = tower.encoder.layers[index - 1]
@@ -105,8 +113,8 @@ class VisionTower(nn.Module):
                 selected = encoder.select(hidden_states, self.num_patches, cls_attention=attention, keys=keys)
             else:
                 selected = encoder.select(hidden_states, self.num_patches)
-            return VisionFeatures(selected, hidden_states, None)
+            return VisionFeatures(selected, hidden_states, None, self.prefix_tokens)
         selected = hidden_states[self.feature_layer]
-        if self.select_strategy == "default":  # as transformers' Llava: drop token 0 (CLS)
-            selected = selected[:, 1:]
-        return VisionFeatures(selected, hidden_states, self.grid)
+        if self.select_strategy == "default":  # as transformers' Llava: drop the CLS token
+            selected = selected[:, self.prefix_tokens :]
+        return VisionFeatures(selected, hidden_states, self.grid, self.prefix_tokens)

@@ -81,3 +81,41 @@ def test_attach_reads_the_host_and_training_reaches_the_gains(tokenizer):
     out = model(ids, torch.ones_like(ids, dtype=torch.bool), torch.randn(1, 3, 64, 64), ids.clone())
     out.loss.backward()
     assert component.gain.grad is not None and component.gain.grad.abs().sum() > 0
+
+
+def test_where_the_patches_sit_is_recorded_once():
+    """CLIP puts a CLS token before the patches, SigLIP none: the dims, the tower's selection,
+    TokenPacker's taps, VisionZip's check and the FLOPs counter all read it from one place."""
+    from models.build import dims_of
+    from models.compressors import component_class
+    from models.flops import vision_flops
+    from models.tiny import tiny_llava_config, tiny_tokenizer
+
+    config = tiny_llava_config(TEST_TINY, tiny_tokenizer())
+    assert dims_of(config).prefix_tokens == 1
+    siglip = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config.vision_config = siglip
+    dims = dims_of(config)
+    assert dims.prefix_tokens == 0
+    visionzip = component_class("visionzip")
+    assert [k for k, _ in visionzip.check_config(visionzip.Config(tokens=4), dims)] == ["tokens"]
+    tower = VisionTower(TOWERS["siglip"]().eval(), feature_layer=-1, select_strategy="default")
+    features = tower(torch.randn(1, 3, 32, 32))
+    assert features.selected.shape[1] == 16 and features.prefix_tokens == 0  # nothing dropped
+    torch.testing.assert_close(features.patches(-1, 16), features.selected)
+    clip = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    assert vision_flops(clip) > vision_flops(siglip)  # one token more per layer

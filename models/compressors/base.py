@@ -49,6 +49,9 @@ class ModelDims:
     llm_width: int
     llm_layers: int
     llm_heads: int
+    # Tokens before the patches in the tower's hidden states: CLIP's CLS (1), none in SigLIP (0).
+    # A hidden state is [prefix | grid² patches | tokens an encoder component appended].
+    prefix_tokens: int = 1
 
 
 @dataclass
@@ -57,13 +60,20 @@ class VisionFeatures:
 
     selected:      (B, N, Dv) the tokens LLaVA feeds the projector (layer -2, CLS dropped), or an
                    encoder compressor's selected tokens
-    hidden_states: tuple of (B, 1+N(+M), Dv), entry 0 = embeddings (HF convention), CLS at 0
+    hidden_states: tuple of (B, P+N(+M), Dv), entry 0 = embeddings (HF convention): P prefix
+                   tokens (CLS), N patches, M appended by an encoder component
     grid:          patches per side when `selected` is a full patch grid, else None
+    prefix_tokens: P
     """
 
     selected: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...]
     grid: int | None
+    prefix_tokens: int = 1
+
+    def patches(self, index: int, count: int) -> torch.Tensor:
+        """The `count` patch tokens of hidden state `index`: (B, count, Dv)."""
+        return self.hidden_states[index][:, self.prefix_tokens : self.prefix_tokens + count]
 
 
 @dataclass(frozen=True)

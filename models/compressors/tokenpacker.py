@@ -127,7 +127,7 @@ class TokenPacker(Compressor):
         return torch.cat([views[0], torch.cat([crops, newline], dim=1).flatten(0, 1)])
 
     def forward(self, features: VisionFeatures) -> torch.Tensor:
-        """features.selected (B, g², Dv), features.hidden_states[t] (B, 1+g², Dv) → (B, (g/s)², H)."""
+        """features.selected (B, g², Dv), features.hidden_states[t] (B, P+g², Dv) → (B, (g/s)², H)."""
         x = features.selected
         batch, _, dim = x.shape
         g, s = features.grid, self.config.scale
@@ -138,8 +138,8 @@ class TokenPacker(Compressor):
         grid_map = x.view(batch, g, g, dim).permute(0, 3, 1, 2).float()
         points = F.interpolate(grid_map, size=(r, r), mode="bilinear", align_corners=False).to(x.dtype)
         queries = self.query_proj(points.flatten(2).transpose(1, 2))  # (B, r², W)
-        # Region keys/values from the concatenated taps (CLS dropped): (B, g², taps·Dv).
-        multi = torch.cat([features.hidden_states[t][:, -g * g :] for t in self.taps], dim=-1)
+        # Region keys/values from the concatenated taps (prefix tokens dropped): (B, g², taps·Dv).
+        multi = torch.cat([features.patches(t, g * g) for t in self.taps], dim=-1)
         keys = _regions(self.key_proj(multi), g, s)  # (B·r², s², W)
         values = _regions(self.value_proj(multi), g, s)
         packed, _ = self.attention(queries.reshape(batch * r * r, 1, -1), keys, values, need_weights=False)

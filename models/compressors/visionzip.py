@@ -42,6 +42,10 @@ class VisionZip(TokenBudget):
         problems = super().check_config(config, dims)
         if not 0.0 <= config.contextual_share < 1.0:
             problems.append(("contextual_share", f"must be in [0, 1), got {config.contextual_share}"))
+        if dims.prefix_tokens < 1:
+            problems.append(
+                ("tokens", "VisionZip ranks patches by the CLS token's attention; this tower has no CLS")
+            )
         return problems
 
     def split(self, available: int) -> tuple[int, int]:
@@ -55,8 +59,9 @@ class VisionZip(TokenBudget):
         return embeddings  # adds nothing to the ViT input
 
     def select(self, hidden_states, num_patches: int, cls_attention=None, keys=None) -> torch.Tensor:
-        """hidden_states[-2] (B, 1+N, Dv), cls_attention (B, N), keys (B, N, d) → (B, tokens, Dv)."""
-        patches = hidden_states[self.feature_layer][:, 1 : 1 + num_patches]
+        """hidden_states[-2] (B, P+N, Dv), cls_attention (B, N), keys (B, N, d) → (B, tokens, Dv)."""
+        prefix = self.dims.prefix_tokens
+        patches = hidden_states[self.feature_layer][:, prefix : prefix + num_patches]
         batch, count, width = patches.shape
         dominant, contextual = self.split(count)
         if dominant + contextual >= count:
