@@ -11,6 +11,8 @@ and the same questions with the image taken away or scrambled, and with 4× fewe
 
 SOURCE is a llava-hf folder (default: the shipped base) or a run directory; `--checkpoint` scores
 one of a run's periodic checkpoints instead of its final weights (to follow a training run).
+`--cells` also says, per family, how often the cells a grounded answer names are the right ones,
+and how often the final answer is right when they are (is a miss in finding or in answering?).
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from data.synth import final_answer
 from models.build import ComponentSpec, build
-from train.accuracy import QuestionSet, answer_prior, answer_questions, mean_prior, score, synthetic_questions
+from train.accuracy import (
+    QuestionSet,
+    answer_prior,
+    answer_questions,
+    mean_prior,
+    questions_of,
+    score,
+    synthetic_questions,
+)
 from train.datamodule import split_shards
 from train.recipe import DataRecipe, load_recipe, resolve_base
 from train.run import is_run_dir, load_trainables
@@ -58,6 +69,35 @@ def load(source: str, checkpoint: str | None, pooled: bool):
     return build(str(path), compressors=compressors), DataRecipe()
 
 
+def print_cells(built, shards, images: int) -> None:
+    """Per family: named cells right, and final answer right given right cells (grounded only)."""
+    rows = {}
+    questions = synthetic_questions(shards, images)
+    references = {
+        f"{index}-{turn}": answer
+        for index in range(min(images, len(shards)))
+        for turn, (_, _, answer) in enumerate(questions_of(shards.record(index)))
+    }
+    size = built.hf.config.vision_config.image_size
+    answers = answer_questions(
+        built.model, built.tokenizer, questions, size, max_new_tokens=12, progress=False
+    )
+    for q in questions.questions:
+        reference, text = references[q.id], answers[q.id]["text"]
+        cells_right = reference.split(" . ")[0] == text.split(" . ")[0]
+        right = final_answer(reference) == final_answer(text)
+        row = rows.setdefault(q.family, [0, 0, 0])
+        row[0] += 1
+        row[1] += cells_right
+        row[2] += cells_right and right
+    print("| family | cells named right | answer right when the cells are |")
+    print("|---|---|---|")
+    for family, (total, cells, both) in sorted(rows.items()):
+        print(
+            f"| {family} | {100 * cells / total:.1f} % ({cells}/{total}) | {100 * both / max(cells, 1):.1f} % |"
+        )
+
+
 def black_png(size: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size)).save(buffer, format="PNG")
@@ -79,6 +119,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="test images (6 questions each)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cells", action="store_true", help="score the named cells too (with the image)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
@@ -98,6 +139,9 @@ def main() -> None:
         rows[variant] = score(questions, answers) | {"seconds": round(time.time() - started, 1)}
     prior = answer_prior(test)
     families = list(prior)
+    if args.cells:
+        built, data = load(args.source, args.checkpoint, pooled=False)
+        print_cells(built, split_shards(data, "test"), args.images)
     print(f"{len(test.questions)} questions on {args.images} test images of {args.source}")
     print("| | mean | " + " | ".join(families) + " |")
     print("|---" * (len(families) + 2) + "|")

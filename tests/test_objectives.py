@@ -108,36 +108,34 @@ def logged(run_dir, stage, column):
     return {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("objectives-data")  # the runs below share their synthetic data
+
+
 @pytest.mark.slow
-def test_aux_stage_trains_with_the_llm_frozen_and_logs_each_term(tmp_path):
-    recipe = smoke(
-        tmp_path,
-        "model.compressors=[{name: test_scorer, keep: 8}]",
+def test_an_aux_stage_on_a_schedule_resumes_mid_schedule_exactly(tmp_path, data_dir):
+    """An `aux` stage with the LLM frozen trains the scorer from its own loss (logged per term,
+    no LLM weight saved), while a scheduled component follows the global step: an uninterrupted
+    run and one that crashes before step 7 and resumes from its step-5 checkpoint log the same
+    schedule at every step and end with bit-identical weights."""
+    overrides = [
+        f"data.cache_dir={data_dir}",
+        "model.compressors=[{name: test_scheduled_keep, start: 16, end: 4}, {name: test_scorer, keep: 3}]",
         "stages.1.objective=aux",
         "stages.1.train={vision: frozen, projector: frozen, compressors: full, llm: frozen}",
         "stages.1.steps=12",
-    )
-    run_recipe(recipe)
-    run_dir = tmp_path / "run"
+        "checkpoint.every=5",
+        "eval.limit=2",
+    ]
+    run_recipe(smoke(tmp_path / "a", *overrides))
+    run_dir = tmp_path / "a" / "run"
     mse = logged(run_dir, "instruct", "train/scorer_mse")
     assert len(mse) >= 10 and "train/lm" not in open(run_dir / "logs" / "instruct" / "metrics.csv").readline()
     assert sum(list(mse.values())[-3:]) < sum(list(mse.values())[:3])  # it learns
     saved = load_file(str(run_dir / "trainable.safetensors"))
     assert any(k.startswith("compressors.") for k in saved) and not any(k.startswith("llm.") for k in saved)
-
-
-@pytest.mark.slow
-def test_a_crashed_run_resumes_mid_schedule_exactly(tmp_path):
-    """The schedule follows the global step: an uninterrupted run and one that crashes before
-    step 7 and resumes from its step-5 checkpoint log the same schedule and end with the same weights."""
-    overrides = [
-        "model.compressors=[{name: test_scheduled_keep, start: 16, end: 4}]",
-        "stages.1.steps=12",
-        "checkpoint.every=5",
-    ]
-    reference = smoke(tmp_path / "a", *overrides)
-    run_recipe(reference)
-    keep = logged(tmp_path / "a" / "run", "instruct", "schedule/test_scheduled_keep.keep")
+    keep = logged(run_dir, "instruct", "schedule/test_scheduled_keep.keep")
     assert keep[0] == 16 and keep[11] == 5 and list(keep.values()) == sorted(keep.values(), reverse=True)
 
     crashed = smoke(tmp_path / "b", *overrides)
