@@ -69,8 +69,8 @@ class SequenceState:
     padding_side:   "right" (training) or "left" (generation: all prompts end at column T-1)
     attention:      {id(component): AttentionRows} of the layer just run, for the in-LLM
                     components that asked for that layer's (Compressor.attention_layers)
-    role:           (B, T) int8, CONTEXT / VISUAL / PROMPT / RESPONSE of each position (None:
-                    not known, e.g. a state built by hand)
+    role:           (B, T) int8, CONTEXT / VISUAL / PROMPT / RESPONSE of each position (None,
+                    e.g. a state built by hand: derived from visual_mask, with no answers)
     key_mask:       (B, T) bool, the positions later layers may attend to (None: every real
                     one); `hide_visual_keys` sets it
     """

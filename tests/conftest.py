@@ -40,3 +40,16 @@ def synth_dirs(tmp_path_factory):
     write_synthetic(root / "train", "train", 64, progress=False)
     write_synthetic(root / "test", "test", 16, progress=False)
     return root
+
+
+def ragged_prompts(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two right-padded prompts with one image each, of 6 and 4 tokens: ids and mask (2, 6)."""
+    rows = [
+        [tokenizer.bos_token_id, model.image_token_id, 10, 11, 12, 13],
+        [tokenizer.bos_token_id, model.image_token_id, 10, 11],
+    ]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), True
+    return ids, mask

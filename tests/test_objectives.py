@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import tests.components as components
 from models.build import ComponentSpec, build
-from tests.conftest import TEST_TINY
+from tests.conftest import TEST_TINY, ragged_prompts
 from train.objectives import OBJECTIVES, weighted_total
 from train.recipe import RecipeError, load_recipe
 from train.run import run_recipe
@@ -16,14 +16,7 @@ from train.run import run_recipe
 
 def batch_for(model, tokenizer):
     """Two right-padded samples, one image each, the answer tokens labelled."""
-    rows = [
-        [tokenizer.bos_token_id, model.image_token_id, 10, 11, 12, 13],
-        [tokenizer.bos_token_id, model.image_token_id, 10, 11],
-    ]
-    ids = torch.zeros(2, 6, dtype=torch.long)
-    mask = torch.zeros(2, 6, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), True
+    ids, mask = ragged_prompts(model, tokenizer)
     labels = ids.masked_fill(~mask, -100)
     labels[:, :3] = -100
     return {

@@ -4,19 +4,12 @@ import torch
 
 from models.build import build
 from models.llm import KVState
-from tests.conftest import TEST_TINY
+from tests.conftest import TEST_TINY, ragged_prompts
 
 
 def prompt_state(tokenizer, seed=0):
     model = build("tiny", tiny=TEST_TINY, seed=seed).model.eval()
-    rows = [
-        [tokenizer.bos_token_id, model.image_token_id, 10, 11, 12, 13],
-        [tokenizer.bos_token_id, model.image_token_id, 10, 11],
-    ]
-    ids = torch.zeros(2, 6, dtype=torch.long)
-    mask = torch.zeros(2, 6, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), True
+    ids, mask = ragged_prompts(model, tokenizer)
     with torch.no_grad():
         state = model.prepare(ids, mask, torch.randn(2, 3, 64, 64))
     return model, state

@@ -10,27 +10,17 @@ from models.build import ComponentSpec, build
 from models.vision import VisionTower
 from tests.conftest import TEST_TINY
 
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
 TOWERS = {
-    "clip": lambda: CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    ),
-    "siglip": lambda: SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    ),
+    "clip": lambda: CLIPVisionModel(CLIPVisionConfig(**SMALL)),
+    "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**SMALL)),
 }
 
 
@@ -93,14 +83,7 @@ def test_where_the_patches_sit_is_recorded_once():
 
     config = tiny_llava_config(TEST_TINY, tiny_tokenizer())
     assert dims_of(config).prefix_tokens == 1
-    siglip = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    siglip = SiglipVisionConfig(**SMALL)
     config.vision_config = siglip
     dims = dims_of(config)
     assert dims.prefix_tokens == 0
@@ -110,12 +93,5 @@ def test_where_the_patches_sit_is_recorded_once():
     features = tower(torch.randn(1, 3, 32, 32))
     assert features.selected.shape[1] == 16 and features.prefix_tokens == 0  # nothing dropped
     torch.testing.assert_close(features.patches(-1, 16), features.selected)
-    clip = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    clip = CLIPVisionConfig(**SMALL)
     assert vision_flops(clip) > vision_flops(siglip)  # one token more per layer
