@@ -68,9 +68,8 @@ class VisionTower(nn.Module):
         its input and its own norm and projections, so the tower keeps its fast attention."""
         if not self.prefix_tokens:
             raise ValueError("this vision tower has no CLS token to read the attention of")
-        tower = getattr(self.model, "vision_model", self.model)
         index = self.feature_layer % len(hidden_states)  # hidden_states[index] = output of layer index-1
-        layer = tower.encoder.layers[index - 1]
+        layer = self.layers()[index - 1]
         attn = layer.self_attn
         x = layer.layer_norm1(hidden_states[index - 1])
         batch, length, _ = x.shape

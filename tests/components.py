@@ -38,6 +38,12 @@ class TestRegisters(Compressor):
         return hidden_states[-2][:, -self.config.count :]
 
 
+def keep_first_visual(state, keep: int):
+    """Each sample's first `keep` visual tokens and all its text."""
+    rank = torch.cumsum(state.visual_mask.long(), 1)
+    return state.keep(~state.visual_mask | (rank <= keep))
+
+
 @dataclass(frozen=True)
 class KeepFirstConfig:
     keep: int = 5
@@ -54,8 +60,7 @@ class TestKeepFirst(Compressor):
         return min(self.config.keep, input_tokens)
 
     def forward(self, state):
-        rank = torch.cumsum(state.visual_mask.long(), 1)
-        return state.keep(~state.visual_mask | (rank <= self.config.keep))
+        return keep_first_visual(state, self.config.keep)
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,7 @@ class TestScheduledKeep(Compressor):
         return min(self.config.end, input_tokens)
 
     def forward(self, state):
-        rank = torch.cumsum(state.visual_mask.long(), 1)
-        state = state.keep(~state.visual_mask | (rank <= self.current_keep()))
+        state = keep_first_visual(state, self.current_keep())
         hidden = torch.where(state.visual_mask[..., None], state.hidden * self.gain, state.hidden)
         return replace(state, hidden=hidden)
 

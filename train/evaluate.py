@@ -125,8 +125,8 @@ def methods_for(
     ]
     if source.model is not None:
         methods.append(Method("model", None, source.model))
+    known = registered_baselines()
     for label in baselines:
-        known = registered_baselines()
         if label not in known:
             raise UserError(f"--baselines: unknown {label!r}; choose from {', '.join(known)}")
         name = known[label]

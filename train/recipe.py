@@ -451,12 +451,21 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         if (stage.steps is None) == (stage.epochs is None):
             add(key, "give exactly one of steps or epochs")
         problems += objective_problems(key, stage, model)
-        if stage.objective == "region" and data.synthetic is None:
-            add(f"{key}.objective", "'region' needs per-region targets, which only synthetic data has")
-        if stage.objective == "region" and model.projector.params.get("hd_grids"):
-            add(f"{key}.objective", "'region' targets are per patch of one view; it cannot train on HD crops")
-        if stage.objective == "region" and stage.train.vision == "frozen":
-            add(f"{key}.train.vision", "the 'region' objective trains the vision tower: it cannot be frozen")
+        objective = OBJECTIVES.get(stage.objective)
+        if objective is not None and objective.region_targets:
+            name = stage.objective
+            if data.synthetic is None:
+                add(f"{key}.objective", f"{name!r} needs per-region targets, which only synthetic data has")
+            if model.projector.params.get("hd_grids"):
+                add(
+                    f"{key}.objective",
+                    f"{name!r} targets are per patch of one view; it cannot train on HD crops",
+                )
+            if stage.train.vision == "frozen":
+                add(
+                    f"{key}.train.vision",
+                    f"the {name!r} objective trains the vision tower: it cannot be frozen",
+                )
         if stage.train.projector == "lora" or stage.train.compressors == "lora":
             add(
                 f"{key}.train",
