@@ -18,7 +18,7 @@ from PIL import Image
 from data import IGNORE_INDEX
 from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
-from data.subimages import hd_views
+from data.subimages import thumbnail_and_crops
 from data.synth import region_targets
 from data.templates import ConversationError, get_template
 
@@ -29,24 +29,24 @@ class Skipped:
     reason: str
 
 
-def load_views(data: bytes, image_size: int, hd_grids=None) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """Decode an image: (3, S, S) and None, or with `hd_grids` the thumbnail + crops
+def load_views(data: bytes, image_size: int, view_grids=None) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Decode an image: (3, S, S) and None, or with `view_grids` the thumbnail + crops
     (1 + rows·cols, 3, S, S) and the chosen (rows, cols)."""
     with Image.open(io.BytesIO(data)) as image:
-        if not hd_grids:
+        if not view_grids:
             return preprocess_image(image, image_size), None
         image.load()
         fill = tuple(int(255 * m) for m in CLIP_MEAN)
-        views, grid = hd_views(image, hd_grids, image_size, fill)
+        views, grid = thumbnail_and_crops(image, view_grids, image_size, fill)
     return torch.stack([preprocess_image(v, image_size) for v in views]), grid
 
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Items: {id, input_ids, labels, pixel_values (3,S,S) or None, region_targets or None}
-    (with `hd_grids`: pixel_values (1 + rows·cols, 3, S, S) and image_grid (rows, cols)).
+    (with `view_grids`: pixel_values (1 + rows·cols, 3, S, S) and image_grid (rows, cols)).
 
     `max_length` bounds the LLM sequence *including* the visual tokens each image expands to:
-    `visual_tokens` per image, as the model's compressors emit them — a number, or for HD a
+    `visual_tokens` per image, as the model's compressors emit them — a number, or for multi-view images a
     function of the image's (rows, cols)."""
 
     def __init__(
@@ -59,7 +59,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_length: int,
         visual_tokens,
         with_regions: int | None = None,
-        hd_grids=None,
+        view_grids=None,
     ):
         self.shards = shards
         self.tokenizer = tokenizer
@@ -69,7 +69,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.visual_tokens = visual_tokens
         self.with_regions = with_regions  # patch grid size, for the dense vision objective
-        self.hd_grids = hd_grids
+        self.view_grids = view_grids
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -108,7 +108,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         data = self.shards.image_bytes(index)
         if data is None:
             return None, None
-        return load_views(data, self.image_size, self.hd_grids)
+        return load_views(data, self.image_size, self.view_grids)
 
 
 def collate(items: list, pad_token_id: int) -> dict:
@@ -129,7 +129,7 @@ def collate(items: list, pad_token_id: int) -> dict:
         attention_mask[b, :n] = True
     images = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
     grids = [item["image_grid"] for item in items if "image_grid" in item]
-    if grids:  # HD: each image's thumbnail and crops, one image after another
+    if grids:  # multi-view: each image's thumbnail and crops, one image after another
         batch["image_grids"] = torch.tensor(grids)
     pixel_values = (torch.cat(images) if grids else torch.stack(images)) if images else None
     batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask, pixel_values=pixel_values)

@@ -1,7 +1,7 @@
 """High-resolution views: split an image into a grid of base-resolution sub-images + a thumbnail.
 
-Used by projectors that pack each sub-image on its own (TokenPacker HD) and by FALCON's
-registers. The grid is chosen from a list of candidates (rows, cols) the way LLaVA-NeXT's
+The data side of a model built with `views` (models/views.py): every component then sees the
+views and which crop each is. The grid is chosen from a list of candidates (rows, cols) the way LLaVA-NeXT's
 "anyres" does: the candidate canvas that keeps the most of the image's pixels after an
 aspect-preserving resize, ties broken by the least padding.
 """
@@ -41,7 +41,7 @@ def fit_to_canvas(
     return canvas
 
 
-def hd_views(
+def thumbnail_and_crops(
     image: Image.Image, grids: list[tuple[int, int]], base: int, fill: tuple[int, int, int]
 ) -> tuple[list[Image.Image], tuple[int, int]]:
     """[thumbnail, crop(0,0), crop(0,1), ...] (each base×base, crops in raster order) and the grid."""

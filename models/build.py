@@ -21,6 +21,7 @@ from models.compressors.base import ModelDims
 from models.llava import VtcLlava
 from models.llm import LanguageModel
 from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
+from models.views import MultiViewConfig
 from models.vision import VisionTower, prefix_tokens
 
 
@@ -95,9 +96,11 @@ def assemble(
     projector: ComponentSpec,
     compressors: list[ComponentSpec] = (),
     reinit_projector: bool = False,
+    views: MultiViewConfig | None = None,
 ) -> VtcLlava:
     """Wrap the HF model's parts and build the registered components around them. An
-    `mlp2x_gelu` projector takes the base's trained projector unless `reinit_projector`."""
+    `mlp2x_gelu` projector takes the base's trained projector unless `reinit_projector`.
+    `views`: images enter as a thumbnail + crops (models/views.py)."""
     config = hf.config
     dims = dims_of(config)
     vision = VisionTower(
@@ -111,9 +114,12 @@ def assemble(
         comps = [build_component(c.name, c.params, dims) for c in compressors]
     if projector.name == "mlp2x_gelu" and device.type != "meta" and not reinit_projector:
         proj.load_state_dict(hf.model.multi_modal_projector.state_dict())
-    model = VtcLlava(
-        vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims
-    )
+    with torch.device(device):
+        model = VtcLlava(
+            vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims, views
+        )
+    if model.views is not None:
+        model.views.to(dtype)
     return model
 
 
@@ -126,9 +132,10 @@ def build(
     dtype=torch.float32,
     seed: int = 0,
     reinit_projector: bool = False,
+    views: MultiViewConfig | None = None,
 ) -> Built:
     hf, tokenizer = load_base(base, tiny, device, dtype, seed)
-    return Built(assemble(hf, projector, list(compressors), reinit_projector), hf, tokenizer)
+    return Built(assemble(hf, projector, list(compressors), reinit_projector, views), hf, tokenizer)
 
 
 def save_hf(built: Built, out_dir: str | Path) -> None:

@@ -3,8 +3,10 @@
     OUT/config.json, model.safetensors, tokenizer files   the LLaVA model in llava-hf layout
                                                           (absent with compressor_only)
     OUT/components.safetensors                            projector + compressors weights
+                                                          (+ the views' newline token)
     OUT/lora.safetensors                                  unmerged LoRA adapters (if any)
     OUT/vtc.json                                          format, projector/compressor specs,
+                                                          multi-view settings,
                                                           LoRA settings per part, base (for
                                                           compressor_only), versions, tensor
                                                           names and shapes
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from data.errors import UserError
 from models.build import Built, ComponentSpec, build, save_hf
 from models.lora import inject_lora, lora_settings, remove_lora
+from models.views import MultiViewConfig
 
 FORMAT = "vtc-export-1"
 
@@ -51,6 +54,8 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     components = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
     components.update({f"compressors.{k}": v for k, v in model.compressors.state_dict().items()})
+    if model.views is not None:
+        components.update({f"views.{k}": v for k, v in model.views.state_dict().items()})
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in components.items()}, str(out / "components.safetensors")
     )
@@ -66,6 +71,7 @@ def export(
         "base": base if compressor_only else None,
         "projector": {"name": projector.name, "params": projector.params},
         "compressors": [{"name": c.name, "params": c.params} for c in compressors],
+        "views": model.views.config.to_dict() if model.views is not None else None,
         "lora": lora,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "tensors": {k: list(v.shape) for k, v in components.items()},
@@ -85,10 +91,13 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
         raise UserError(f"{meta_path}: format {meta.get('format')!r}, this vtc reads {FORMAT!r}")
     projector = ComponentSpec(meta["projector"]["name"], meta["projector"]["params"])
     compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
-    built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype)
+    views = meta.get("views")
+    views = MultiViewConfig(tuple(tuple(g) for g in views["grids"]), views["newline"]) if views else None
+    built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype, views=views)
     tensors = load_file(str(path / "components.safetensors"))
     model = built.model
-    for prefix, module in (("projector.", model.projector), ("compressors.", model.compressors)):
+    parts = [("projector.", model.projector), ("compressors.", model.compressors)]
+    for prefix, module in parts + ([("views.", model.views)] if views else []):
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=True)
     lora = meta.get("lora") or {}

@@ -1,6 +1,7 @@
 """A LLaVA model assembled from HF parts, with compressors plugged in where they act.
 
     pixels → VisionTower [encoder compressor] → projector (MLP / TokenPacker / ...)
+           [→ views laid out per image: thumbnail + crops, models/views.py]
            → merge into the text embeddings (one <image> id → N visual embeddings per sample)
            → [pre_llm compressors] → LanguageModel layers [in_llm compressors] → logits
 
@@ -20,6 +21,7 @@ from data import IGNORE_INDEX
 from models.compressors.base import Compressor, ModelDims, Progress
 from models.llm import LanguageModel
 from models.sequence import RESPONSE, SequenceState, pad_rows, roles_of
+from models.views import MultiViewConfig, ViewArranger, ViewLayout
 from models.vision import VisionTower
 
 
@@ -42,6 +44,7 @@ class VtcLlava(nn.Module):
         compressors: list[Compressor],
         image_token_id: int,
         dims: ModelDims,
+        views: MultiViewConfig | None = None,
     ):
         super().__init__()
         if projector.stage != "projector":
@@ -52,14 +55,18 @@ class VtcLlava(nn.Module):
         self.compressors = nn.ModuleList(compressors)
         self.image_token_id = image_token_id
         self.dims = dims
+        # Images as thumbnail + crops (None: one view per image); holds the learned newline.
+        self.views = ViewArranger(views, dims.llm_width) if views is not None else None
         for component in self.components():
             component.attach(self)
 
     def parts(self) -> dict[str, nn.Module]:
-        """The parts a training stage freezes, trains or adapts with LoRA, by name."""
+        """The parts a training stage freezes, trains or adapts with LoRA, by name. The views'
+        newline token trains with the projector (as LLaVA-NeXT's `image_newline`)."""
+        has_newline = self.views is not None and any(True for _ in self.views.parameters())
         return {
             "vision": self.vision,
-            "projector": self.projector,
+            "projector": nn.ModuleList([self.projector, self.views]) if has_newline else self.projector,
             "compressors": self.compressors,
             "llm": self.llm,
         }
@@ -103,35 +110,46 @@ class VtcLlava(nn.Module):
 
     def visual_tokens(self, grid: tuple[int, int] | None = None) -> int:
         """Visual tokens per image that enter the LLM (expected number for dynamic methods);
-        `grid` = (rows, cols) of sub-images for a high-resolution (HD) projector."""
+        `grid` = (rows, cols) of crops of a multi-view image (model built with `views`)."""
         count = self.vision.num_patches
         for component in self._stage("encoder"):
             count = component.output_tokens(count)
-        count = self.projector.output_tokens(count) if grid is None else self.projector.hd_tokens(grid)
+        count = self.projector.output_tokens(count)
+        if grid is not None:
+            count = self.views.tokens(grid, count, self._view_side())
         for component in self._stage("pre_llm"):
             count = component.output_tokens(count)
         return count
 
     @property
-    def hd_grids(self) -> list[tuple[int, int]] | None:
-        """Candidate sub-image grids when the projector works on high-resolution views."""
-        return getattr(self.projector, "hd_grids", None)
+    def view_grids(self) -> list[tuple[int, int]] | None:
+        """Candidate crop grids when images enter as several views, else None."""
+        return self.views.grids if self.views is not None else None
+
+    def _view_side(self) -> int | None:
+        """Side of the square token map the projector emits per view (None: not a map)."""
+        return self.projector.output_grid(None if self._stage("encoder") else self.vision.grid)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None):
-        """(I, 3, S, S) → (I, N, H) visual embeddings in the LLM's space. With `image_grids`
-        (I, 2) = rows, cols per image, `pixel_values` holds each image's thumbnail then its
-        rows·cols crops, and the result is a list of (N_i, H) — one per image."""
+        """(V, 3, S, S) views → visual embeddings in the LLM's space: (I, N, H) when every image
+        is one view; with `image_grids` (I, 2) = (rows, cols) per image, `pixel_values` holds each
+        image's thumbnail then its rows·cols crops and the result is a list of I (N_i, H)."""
+        if image_grids is not None and self.views is None:
+            raise ValueError("image_grids given but this model was built without views")
+        layout = (
+            ViewLayout.from_grids(image_grids, pixel_values.device)
+            if image_grids is not None
+            else ViewLayout.single(pixel_values.shape[0], pixel_values.device)
+        )
         encoders = self._stage("encoder")
         in_layers = [c for c in self.components() if c.acts_in_vision_layers]
-        features = self.vision(pixel_values, encoder=encoders[0] if encoders else None, in_layers=in_layers)
+        features = self.vision(
+            pixel_values, encoder=encoders[0] if encoders else None, in_layers=in_layers, views=layout
+        )
         tokens = self.projector(features)
         if image_grids is None:
             return tokens
-        views = [1 + int(r) * int(c) for r, c in image_grids.tolist()]
-        per_image = tokens.split(views)
-        return [
-            self.projector.arrange(t, tuple(g)) for t, g in zip(per_image, image_grids.tolist(), strict=True)
-        ]
+        return self.views.arrange(tokens, layout, self._view_side())
 
     def merge(
         self,
@@ -205,7 +223,7 @@ class VtcLlava(nn.Module):
         per_sample=False,
     ) -> LlavaOutput:
         """Training / scoring forward. Inputs are right-padded: input_ids, attention_mask (B, T);
-        pixel_values (I, 3, S, S), one per <image> token (thumbnail + crops per image with
+        pixel_values (V, 3, S, S), one view per <image> token (thumbnail + crops per image with
         image_grids, see encode_images); labels (B, T) unshifted targets. `lm_loss=False` skips
         the next-token loss (labels still mark the answers for the components); `per_sample`
         also returns each sample's mean loss (B,)."""

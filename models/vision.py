@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models.compressors.base import Compressor, VisionFeatures
+from models.views import ViewLayout
 
 
 def prefix_tokens(vision_config) -> int:
@@ -20,13 +21,15 @@ def prefix_tokens(vision_config) -> int:
     return 0 if vision_config.model_type.startswith("siglip") else 1
 
 
-def _after_attention(layer_idx: int, components: list[Compressor], _module, args, kwargs, output):
+def _after_attention(
+    layer_idx: int, components: list[Compressor], views: ViewLayout, _module, args, kwargs, output
+):
     """Forward hook on an encoder layer's self-attention: HF returns (output, weights) and the
     layer adds output to its residual stream next."""
     layer_input = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     attention_output, *rest = output
     for component in components:
-        attention_output = component.after_vision_attention(layer_idx, layer_input, attention_output)
+        attention_output = component.after_vision_attention(layer_idx, layer_input, attention_output, views)
     return (attention_output, *rest)
 
 
@@ -88,16 +91,25 @@ class VisionTower(nn.Module):
         return list(getattr(self.model, "vision_model", self.model).encoder.layers)
 
     def forward(
-        self, pixel_values: torch.Tensor, encoder: Compressor | None = None, in_layers: list[Compressor] = ()
+        self,
+        pixel_values: torch.Tensor,
+        encoder: Compressor | None = None,
+        in_layers: list[Compressor] = (),
+        views: ViewLayout | None = None,
     ) -> VisionFeatures:
-        """(B, 3, S, S) → VisionFeatures with `selected` (B, N, Dv). `in_layers`: components
-        whose `after_vision_attention` edits every layer's attention output (for this call only)."""
+        """(B, 3, S, S) views → VisionFeatures with `selected` (B, N, Dv). `in_layers`:
+        components whose `after_vision_attention` edits every layer's attention output (for this
+        call only). `views`: which image and crop each view is (default: one view per image)."""
+        if views is None:
+            views = ViewLayout.single(pixel_values.shape[0], pixel_values.device)
         hooks = []
         if encoder is not None:
             embeddings = getattr(self.model, "vision_model", self.model).embeddings
-            hooks.append(embeddings.register_forward_hook(lambda _m, _i, out: encoder.extend_embeddings(out)))
+            hooks.append(
+                embeddings.register_forward_hook(lambda _m, _i, out: encoder.extend_embeddings(out, views))
+            )
         for idx, layer in enumerate(self.layers() if in_layers else []):
-            hook = partial(_after_attention, idx, list(in_layers))
+            hook = partial(_after_attention, idx, list(in_layers), views)
             hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         try:
             dtype = next(self.model.parameters()).dtype
@@ -109,11 +121,13 @@ class VisionTower(nn.Module):
         if encoder is not None:
             if encoder.uses_cls_attention:
                 attention, keys = self.cls_attention(hidden_states)
-                selected = encoder.select(hidden_states, self.num_patches, cls_attention=attention, keys=keys)
+                selected = encoder.select(
+                    hidden_states, self.num_patches, views, cls_attention=attention, keys=keys
+                )
             else:
-                selected = encoder.select(hidden_states, self.num_patches)
-            return VisionFeatures(selected, hidden_states, None, self.prefix_tokens)
+                selected = encoder.select(hidden_states, self.num_patches, views)
+            return VisionFeatures(selected, hidden_states, None, self.prefix_tokens, views)
         selected = hidden_states[self.feature_layer]
         if self.select_strategy == "default":  # as transformers' Llava: drop the CLS token
             selected = selected[:, self.prefix_tokens :]
-        return VisionFeatures(selected, hidden_states, self.grid, self.prefix_tokens)
+        return VisionFeatures(selected, hidden_states, self.grid, self.prefix_tokens, views)

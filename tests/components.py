@@ -29,12 +29,12 @@ class TestRegisters(Compressor):
     def output_tokens(self, input_tokens):
         return self.config.count
 
-    def extend_embeddings(self, embeddings):
+    def extend_embeddings(self, embeddings, views):
         return torch.cat(
             [embeddings, self.registers.expand(embeddings.shape[0], -1, -1).to(embeddings.dtype)], 1
         )
 
-    def select(self, hidden_states, num_patches):
+    def select(self, hidden_states, num_patches, views):
         return hidden_states[-2][:, -self.config.count :]
 
 
@@ -187,7 +187,7 @@ class TestAttentionGain(Compressor):
             self.query.weight.copy_(source.weight)
             self.query.bias.copy_(source.bias)
 
-    def after_vision_attention(self, layer_idx, layer_input, attention_output):
+    def after_vision_attention(self, layer_idx, layer_input, attention_output, views):
         return attention_output * self.gain[layer_idx]
 
     def forward(self, state):
@@ -211,3 +211,43 @@ class TestAlternatingGates(Compressor):
         gate = self.gates[self.progress.step % 2 if self.progress is not None else 0]
         hidden = torch.where(state.visual_mask[..., None], state.hidden * gate, state.hidden)
         return replace(state, hidden=hidden)
+
+
+@register("test_view_registers")
+class TestViewRegisters(Compressor):
+    """Encoder stage that uses the views' layout: one register per view, embedded by where the
+    view sits in its image (whole image / thumbnail, or crop row and column); inside every
+    encoder layer the registers of one image's views exchange their mean (as FALCON's ReAtten
+    lets sub-images talk). Emits the view's patches and its register."""
+
+    stage = "encoder"
+    MAX_CROPS = 4  # per side
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.position = nn.Embedding(1 + self.MAX_CROPS**2, dims.vision_width)
+        self.mix = nn.Parameter(torch.ones(()))
+        self.seen = []  # the layouts `select` got, for the test to read
+
+    def output_tokens(self, input_tokens):
+        return input_tokens + 1
+
+    def extend_embeddings(self, embeddings, views):
+        slot = torch.where(views.is_crop, 1 + views.row * self.MAX_CROPS + views.col, 0)
+        return torch.cat([embeddings, self.position(slot)[:, None].to(embeddings.dtype)], 1)
+
+    acts_in_vision_layers = True
+
+    def after_vision_attention(self, layer_idx, layer_input, attention_output, views):
+        register = attention_output[:, -1]  # (V, Dv)
+        images = int(views.image.max()) + 1
+        total = register.new_zeros(images, register.shape[-1]).index_add(0, views.image, register)
+        mean = total / torch.bincount(views.image, minlength=images)[:, None].to(register.dtype)
+        shared = torch.zeros_like(attention_output)
+        shared[:, -1] = self.mix * mean[views.image]
+        return attention_output + shared
+
+    def select(self, hidden_states, num_patches, views):
+        self.seen.append(views)
+        prefix = self.dims.prefix_tokens
+        return hidden_states[-2][:, prefix:]  # the patches and the register

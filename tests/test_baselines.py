@@ -80,7 +80,9 @@ def test_visionzip_keeps_the_cls_dominant_patches_plus_merged_context():
         expected = patches.gather(1, top[..., None].expand(-1, -1, patches.shape[-1]))
         assert torch.equal(out[:, :dominant], expected)
     assert torch.equal(
-        build_component("visionzip", {"tokens": 64}, built.model.dims).select(hidden, 64, attention, keys),
+        build_component("visionzip", {"tokens": 64}, built.model.dims).select(
+            hidden, 64, cls_attention=attention, keys=keys
+        ),
         patches,
     )
     assert build_component("visionzip", {"tokens": 16}, built.model.dims).split(64) == (14, 2)

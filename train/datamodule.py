@@ -61,7 +61,7 @@ class VtcDataModule(L.LightningDataModule):
         visual_tokens,
         patch_grid: int,
         seed: int,
-        hd_grids=None,
+        view_grids=None,
     ):
         super().__init__()
         self.data, self.stage, self.seed = data, stage, seed
@@ -78,7 +78,7 @@ class VtcDataModule(L.LightningDataModule):
                 data.max_length,
                 visual_tokens,
                 with_regions=regions,
-                hd_grids=hd_grids,
+                view_grids=view_grids,
             )
             for t in templates
         ]

@@ -23,6 +23,7 @@ from models.compressors import available, baselines, component_class, config_fie
 from models.compressors.base import ModelDims
 from models.pretrained import shipped_names, shipped_path, verify
 from models.tiny import TinyConfig
+from models.views import MultiViewConfig
 from train.objectives import OBJECTIVES, declared_aux_losses, loss_terms
 from train.schema import Problem, parse_dataclass, to_plain
 
@@ -46,6 +47,8 @@ class ModelRecipe:
     # Start the projector from scratch even when the base has one (fair baselines for compressors).
     reinit_projector: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Images as a thumbnail + a grid of crops, for any projector and compressors (models/views.py).
+    views: MultiViewConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,9 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         encoders += stage == "encoder"
     if encoders > 1:
         add("model.compressors", "at most one encoder-stage compressor can act inside the vision tower")
+    if model.views is not None:
+        for sub, msg in model.views.problems():
+            add(f"model.views.{sub}", msg)
     base = model.base
     try:
         found = (
@@ -456,10 +462,10 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             name = stage.objective
             if data.synthetic is None:
                 add(f"{key}.objective", f"{name!r} needs per-region targets, which only synthetic data has")
-            if model.projector.params.get("hd_grids"):
+            if model.views is not None:
                 add(
                     f"{key}.objective",
-                    f"{name!r} targets are per patch of one view; it cannot train on HD crops",
+                    f"{name!r} targets are per patch of one view; it cannot train on model.views crops",
                 )
             if stage.train.vision == "frozen":
                 add(

@@ -91,6 +91,7 @@ def build_from_recipe(recipe: Recipe):
         dtype=DTYPES[model.dtype],
         seed=recipe.seed,
         reinit_projector=model.reinit_projector,
+        views=model.views,
     )
 
 
@@ -251,10 +252,10 @@ def train_stage(
         built.tokenizer,
         built.hf.config.vision_config.image_size,
         model.image_token_id,
-        model.visual_tokens if model.hd_grids else model.visual_tokens(),
+        model.visual_tokens if model.view_grids else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
-        hd_grids=model.hd_grids,
+        view_grids=model.view_grids,
     )
     steps = stage.steps
     if steps is None:

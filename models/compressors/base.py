@@ -7,7 +7,11 @@ A component declares where it acts (`stage`) and how many visual tokens it emits
                to the ViT input (B, 1+N, Dv) → (B, 1+N+M, Dv); `select` picks the output
                tokens from the tower's hidden states → (B, M, Dv) (with `uses_cls_attention`,
                also given the feature layer's CLS attention (B, N) and keys (B, N, d)).
-- "projector": the projector slot. `forward(features)` maps `VisionFeatures` → (B, N', H).
+               B counts views: both also get the `ViewLayout` (models/views.py) saying which
+               image and crop each view is.
+- "projector": the projector slot. `forward(features)` maps `VisionFeatures` → (B, N', H);
+               `output_grid` says whether its tokens form a square map (how multi-view images
+               are laid out for the LLM).
 - "pre_llm":   `forward(state)` on the merged `SequenceState` before the first decoder layer.
 - "in_llm":    `before_layer(layer_idx, state)` before every decoder layer; returns the state
                (shortened or not). Must be a no-op on a state without visual tokens (decoding).
@@ -20,8 +24,8 @@ Whatever its stage, a component can also
 - follow a schedule over training: `set_progress(progress)` is called before every training
   step with the stage's `Progress` (None outside training) and returns the schedule state to log;
 - act inside every vision-encoder layer: with `acts_in_vision_layers`, `after_vision_attention`
-  gets each layer's self-attention output before the residual add (per-call hooks on this
-  model's layers, nothing global);
+  gets each layer's self-attention output before the residual add, and the views' layout
+  (per-call hooks on this model's layers, nothing global);
 - read the host once it is assembled: `attach(host)` (e.g. to start from a copy of a layer's
   attention; wrap reads in `models.gather.gathered` so they also work under ZeRO-3).
 """
@@ -33,6 +37,8 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+
+from models.views import ViewLayout
 
 Stage = Literal["encoder", "projector", "pre_llm", "in_llm"]
 STAGES: tuple[str, ...] = ("encoder", "projector", "pre_llm", "in_llm")
@@ -64,12 +70,14 @@ class VisionFeatures:
                    tokens (CLS), N patches, M appended by an encoder component
     grid:          patches per side when `selected` is a full patch grid, else None
     prefix_tokens: P
+    views:         which image and crop each of the B views is (None: one view per image)
     """
 
     selected: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...]
     grid: int | None
     prefix_tokens: int = 1
+    views: ViewLayout | None = None
 
     def patches(self, index: int, count: int) -> torch.Tensor:
         """The `count` patch tokens of hidden state `index`: (B, count, Dv)."""
@@ -136,24 +144,36 @@ class Compressor(nn.Module):
         `input_tokens` tokens come in."""
         return input_tokens
 
+    # projector stage
+    def output_grid(self, grid: int | None) -> int | None:
+        """Side of the square token map emitted for a grid × grid patch map, or None when the
+        tokens are not such a map (multi-view images are then laid out view by view). The
+        default: a map when the token count is unchanged."""
+        if grid is None:
+            return None
+        return grid if self.output_tokens(grid * grid) == grid * grid else None
+
     # encoder stage
     uses_cls_attention: ClassVar[bool] = False  # select() also gets cls_attention= and keys=
 
-    def extend_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def extend_embeddings(self, embeddings: torch.Tensor, views: ViewLayout) -> torch.Tensor:
         raise NotImplementedError
 
-    def select(self, hidden_states: tuple[torch.Tensor, ...], num_patches: int) -> torch.Tensor:
+    def select(
+        self, hidden_states: tuple[torch.Tensor, ...], num_patches: int, views: ViewLayout
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     # any stage: inside the vision encoder's layers
     acts_in_vision_layers: ClassVar[bool] = False
 
     def after_vision_attention(
-        self, layer_idx: int, layer_input: torch.Tensor, attention_output: torch.Tensor
+        self, layer_idx: int, layer_input: torch.Tensor, attention_output: torch.Tensor, views: ViewLayout
     ) -> torch.Tensor:
         """Encoder layer `layer_idx`'s self-attention output (B, T, Dv), before it is added to
         the residual stream; `layer_input` (B, T, Dv) is what the attention read (after the
-        layer's first norm). Returns the output to add instead."""
+        layer's first norm); B counts views, laid out by `views`. Returns the output to add
+        instead."""
         return attention_output
 
     def attach(self, host) -> None:

@@ -32,8 +32,6 @@ class TokenPackerConfig:
     taps: tuple[int, ...] | None = None  # hidden_states indices; None = REFERENCE_TAPS rescaled
     width: int | None = None  # attention width; None = the vision width (1024 on CLIP-L)
     heads: int = 8
-    # HD mode: candidate (rows, cols) grids of base-resolution sub-images; None = one view.
-    hd_grids: list[tuple[int, int]] | None = None
 
 
 def default_taps(vision_layers: int) -> tuple[int, ...]:
@@ -73,9 +71,6 @@ class TokenPacker(Compressor):
             nn.Linear(width, dims.llm_width), nn.GELU(), nn.Linear(dims.llm_width, dims.llm_width)
         )
         self.apply(_init)
-        self.hd_grids = [tuple(g) for g in config.hd_grids] if config.hd_grids else None
-        if self.hd_grids:  # marks the end of each row of crop tokens (as LLaVA-NeXT's image_newline)
-            self.image_newline = nn.Parameter(torch.randn(dims.llm_width) / dims.llm_width**0.5)
 
     @classmethod
     def check_config(cls, config: TokenPackerConfig, dims: ModelDims):
@@ -98,8 +93,6 @@ class TokenPacker(Compressor):
                 )
             )
         width = config.width or dims.vision_width
-        if config.hd_grids is not None and any(len(g) != 2 or min(g) < 1 for g in config.hd_grids):
-            problems.append(("hd_grids", f"each grid is [rows, cols] with both ≥ 1, got {config.hd_grids}"))
         if width % config.heads:
             problems.append(("heads", f"{config.heads} heads do not divide the width {width}"))
         return problems
@@ -107,24 +100,8 @@ class TokenPacker(Compressor):
     def output_tokens(self, input_tokens: int) -> int:
         return input_tokens // self.config.scale**2
 
-    def hd_tokens(self, grid: tuple[int, int]) -> int:
-        """Tokens of one HD image: the thumbnail's r², then rows·r lines of cols·r tokens + a newline."""
-        r = self.dims.grid // self.config.scale
-        rows, cols = grid
-        return r * r + rows * r * (cols * r + 1)
-
-    def arrange(self, views: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """HD layout of one image: views (1 + rows·cols, r², H), thumbnail first, crops in raster
-        order → (hd_tokens(grid), H): thumbnail tokens, then the crops' tokens as one
-        (rows·r) × (cols·r) map in raster order with `image_newline` after each line."""
-        rows, cols = grid
-        r = self.dims.grid // self.config.scale
-        width = views.shape[-1]
-        crops = (
-            views[1:].view(rows, cols, r, r, width).permute(0, 2, 1, 3, 4).reshape(rows * r, cols * r, width)
-        )
-        newline = self.image_newline.to(views.dtype).expand(rows * r, 1, width)
-        return torch.cat([views[0], torch.cat([crops, newline], dim=1).flatten(0, 1)])
+    def output_grid(self, grid: int | None) -> int | None:
+        return None if grid is None else grid // self.config.scale
 
     def forward(self, features: VisionFeatures) -> torch.Tensor:
         """features.selected (B, g², Dv), features.hidden_states[t] (B, P+g², Dv) → (B, (g/s)², H)."""

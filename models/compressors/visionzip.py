@@ -55,10 +55,12 @@ class VisionZip(TokenBudget):
         contextual = max(contextual, 1) if tokens > 1 and self.config.contextual_share > 0 else contextual
         return tokens - contextual, contextual
 
-    def extend_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def extend_embeddings(self, embeddings: torch.Tensor, views) -> torch.Tensor:
         return embeddings  # adds nothing to the ViT input
 
-    def select(self, hidden_states, num_patches: int, cls_attention=None, keys=None) -> torch.Tensor:
+    def select(
+        self, hidden_states, num_patches: int, views=None, cls_attention=None, keys=None
+    ) -> torch.Tensor:
         """hidden_states[-2] (B, P+N, Dv), cls_attention (B, N), keys (B, N, d) → (B, tokens, Dv)."""
         prefix = self.dims.prefix_tokens
         patches = hidden_states[self.feature_layer][:, prefix : prefix + num_patches]

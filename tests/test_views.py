@@ -1,0 +1,257 @@
+"""Images as several views (models/views.py): grid choice, crops, the layout each component sees,
+the token layout for the LLM, and multi-view batches with any projector end to end."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import tests.components  # noqa: F401  (registers the test components)
+from data.dataset import collate, load_views
+from data.subimages import select_grid, thumbnail_and_crops
+from models.build import ComponentSpec, build
+from models.export import export, load_pretrained
+from models.views import WHOLE, MultiViewConfig, ViewLayout
+from tests.conftest import TEST_TINY
+
+GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [((64, 64), (1, 1)), ((128, 128), (2, 2)), ((128, 64), (1, 2)), ((64, 200), (3, 1)), ((300, 90), (1, 3))],
+)
+def test_select_grid_keeps_most_pixels_then_least_padding(size, expected):
+    assert select_grid(*size, GRIDS, 64) == expected
+
+
+def test_crops_tile_the_image_in_raster_order():
+    image = Image.new("RGB", (128, 128))
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        image.paste(colour, ((i % 2) * 64, (i // 2) * 64, (i % 2) * 64 + 64, (i // 2) * 64 + 64))
+    views, grid = thumbnail_and_crops(image, GRIDS, 64, (0, 0, 0))
+    assert grid == (2, 2) and len(views) == 5 and all(v.size == (64, 64) for v in views)
+    assert [v.getpixel((32, 32)) for v in views[1:]] == [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    assert views[0].getpixel((16, 16)) == (255, 0, 0) and views[0].getpixel((48, 48)) == (255, 255, 0)
+
+
+def views_model(projector="tokenpacker", compressors=(), seed=0, newline=True):
+    params = {"scale": 2} if projector == "tokenpacker" else {}
+    return build(
+        "tiny",
+        projector=ComponentSpec(projector, params),
+        compressors=[ComponentSpec(c) for c in compressors],
+        tiny=TEST_TINY,
+        seed=seed,
+        views=MultiViewConfig(tuple(GRIDS), newline),
+    )
+
+
+def numbered_views(count, tokens, width):
+    """(count, tokens, width) where every token's features all equal its running number."""
+    return (
+        torch.arange(count * tokens, dtype=torch.float32)[:, None]
+        .expand(-1, width)
+        .reshape(count, tokens, width)
+    )
+
+
+def test_layout_says_which_image_and_crop_each_view_is():
+    layout = ViewLayout.from_grids(torch.tensor([[2, 2], [1, 2]]))
+    assert layout.image.tolist() == [0] * 5 + [1] * 3
+    assert layout.row.tolist() == [WHOLE, 0, 0, 1, 1, WHOLE, 0, 0]
+    assert layout.col.tolist() == [WHOLE, 0, 1, 0, 1, WHOLE, 0, 1]
+    assert layout.views_per_image() == [5, 3] and layout.is_crop.sum() == 6
+
+
+def test_crop_maps_are_laid_out_as_one_map_with_newlines():
+    model = views_model().model
+    arranger, r, width = model.views, 4, TEST_TINY.llm_width  # 8×8 patches at scale 2 → 4×4 per view
+    views = numbered_views(5, r * r, width)
+    (out,) = arranger.arrange(views, ViewLayout.from_grids(torch.tensor([[2, 2]])), side=r)
+    assert out.shape[0] == model.visual_tokens((2, 2)) == 16 + 8 * 9
+    assert torch.equal(out[:16], views[0])
+    line = out[16 : 16 + 9]  # first token line: crop (0,0) row 0, crop (0,1) row 0, newline
+    assert (
+        line[:4, 0].tolist() == views[1, :4, 0].tolist() and line[4:8, 0].tolist() == views[2, :4, 0].tolist()
+    )
+    assert torch.equal(line[8], arranger.image_newline)
+    last = out[-9:]  # last line: crop (1,0) row 3, crop (1,1) row 3, newline
+    assert (
+        last[:4, 0].tolist() == views[3, 12:, 0].tolist()
+        and last[4:8, 0].tolist() == views[4, 12:, 0].tolist()
+    )
+
+
+@pytest.mark.parametrize("newline", [True, False])
+def test_tokens_that_are_no_map_follow_crop_by_crop(newline):
+    model = views_model("mlp2x_gelu", ["test_view_registers"], newline=newline).model
+    per_view = model.vision.num_patches + 1  # the encoder component's patches + register: no square map
+    assert model._view_side() is None
+    views = numbered_views(1 + 2, per_view, TEST_TINY.llm_width)
+    (out,) = model.views.arrange(views, ViewLayout.from_grids(torch.tensor([[1, 2]])), side=None)
+    assert out.shape[0] == model.visual_tokens((1, 2)) == 3 * per_view + newline
+    assert torch.equal(out[: 3 * per_view], views.flatten(0, 1))  # thumbnail, crop (0,0), crop (0,1)
+    if newline:
+        assert torch.equal(out[-1], model.views.image_newline)
+
+
+def test_encoder_components_see_the_layout_inside_every_layer():
+    """The views of one image exchange information through the component; other images do not."""
+    model = views_model("mlp2x_gelu", ["test_view_registers"]).model.eval()
+    pixels = torch.randn(5 + 3, 3, 64, 64)
+    grids = torch.tensor([[2, 2], [1, 2]])
+    with torch.no_grad():
+        before = model.encode_images(pixels, grids)
+        changed = pixels.clone()
+        changed[3] += 1.0  # crop (1, 0) of image 0
+        after = model.encode_images(changed, grids)
+    component = model.compressors[0]
+    seen = component.seen[-1]
+    assert seen.image.tolist() == [0] * 5 + [1] * 3 and seen.row.tolist()[:5] == [WHOLE, 0, 0, 1, 1]
+    per_view = model.vision.num_patches + 1
+    assert not torch.allclose(before[0][:per_view], after[0][:per_view])  # image 0's thumbnail changed
+    assert torch.equal(before[1], after[1])  # image 1 untouched
+    loss = model.encode_images(pixels, grids)[1].sum()
+    loss.backward()
+    used = component.position.weight.grad.abs().sum(-1) > 0
+    assert used.nonzero().flatten().tolist() == [0, 1, 2]  # whole, crop (0,0), crop (0,1) of image 1
+
+
+def png(size):
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "projector,compressors",
+    [("tokenpacker", []), ("mlp2x_gelu", []), ("mlp2x_gelu", ["test_view_registers"])],
+)
+def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compressors):
+    built = views_model(projector, compressors, seed=2)
+    model, tok = built.model.eval(), built.tokenizer
+    items = []
+    for size in ((128, 128), (128, 64)):
+        pixels, grid = load_views(png(size), 64, model.view_grids)
+        ids = [tok.bos_token_id, model.image_token_id] + tok(
+            "What colour is the dot ?", add_special_tokens=False
+        ).input_ids
+        items.append(
+            {"id": str(size), "input_ids": ids, "labels": ids, "pixel_values": pixels, "image_grid": grid}
+        )
+    items[1]["input_ids"] = items[1]["labels"] = items[1]["input_ids"][:5]
+    batch = collate(items, tok.pad_token_id)
+    assert batch["image_grids"].tolist() == [[2, 2], [1, 2]] and batch["pixel_values"].shape[0] == 5 + 3
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        image_grids=batch["image_grids"],
+    )
+    assert out.visual_tokens_in.tolist() == [model.visual_tokens((2, 2)), model.visual_tokens((1, 2))]
+    assert torch.isfinite(out.loss)
+    generated, _ = model.generate(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        max_new_tokens=3,
+        image_grids=batch["image_grids"],
+    )
+    views = batch["pixel_values"].split([5, 3])
+    for b, item in enumerate(items):
+        seq = list(item["input_ids"])
+        for t in range(3):
+            with torch.no_grad():
+                logits = model(
+                    torch.tensor([seq]),
+                    torch.ones(1, len(seq), dtype=torch.bool),
+                    views[b],
+                    return_logits=True,
+                    image_grids=batch["image_grids"][b : b + 1],
+                ).logits
+            logits[0, -1, model.image_token_id] = float("-inf")  # generate never emits <image>
+            assert int(logits[0, -1].argmax()) == int(generated[b, t])
+            seq.append(int(generated[b, t]))
+
+
+@pytest.mark.slow
+def test_export_keeps_the_views_and_their_newline(tmp_path):
+    built = views_model("mlp2x_gelu", seed=3)
+    with torch.no_grad():
+        built.model.views.image_newline.add_(1.0)  # not the value a fresh build would draw
+    export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [], "tiny")
+    loaded = load_pretrained(tmp_path / "export").model
+    assert loaded.view_grids == built.model.view_grids
+    assert torch.equal(loaded.views.image_newline, built.model.views.image_newline)
+    pixels, grids = torch.randn(5, 3, 64, 64), torch.tensor([[2, 2]])
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.encode_images(pixels, grids)[0], built.model.eval().encode_images(pixels, grids)[0]
+        )
+
+
+def test_views_newline_trains_with_the_projector():
+    from train.freeze import apply_stage
+    from train.recipe import Freeze, Stage
+
+    model = views_model("mlp2x_gelu").model
+    apply_stage(model, Stage("s", train=Freeze(projector="full")))
+    assert model.views.image_newline.requires_grad
+    apply_stage(model, Stage("s", train=Freeze(projector="frozen")))
+    assert not model.views.image_newline.requires_grad
+
+
+def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path):
+    from train.recipe import recipe_from_dict
+    from train.run import run_recipe
+
+    recipe = recipe_from_dict(
+        {
+            "description": "hd",
+            "output": str(tmp_path / "run"),
+            "model": {
+                "base": "tiny",
+                "tiny": {
+                    "vision_width": 32,
+                    "vision_layers": 2,
+                    "vision_heads": 2,
+                    "llm_width": 64,
+                    "llm_layers": 2,
+                    "llm_heads": 2,
+                },
+                "projector": {"name": "tokenpacker", "scale": 2},
+                "views": {"grids": [[1, 1], [2, 2]]},
+            },
+            "data": {
+                "synthetic": {"train": 64, "test": 4, "image_size": 128},
+                "num_workers": 0,
+                "cache_dir": str(tmp_path / "data"),
+            },
+            "stages": [{"name": "instruct", "steps": 4, "batch_size": 4, "train": {"llm": "full"}}],
+            "trainer": {"threads": 2},
+            "eval": {"limit": 4},
+        }
+    )
+    metrics = run_recipe(recipe)
+    assert metrics["visual_tokens"] == 16 + 8 * 9  # thumbnail + 2×2 crops as 8 lines of 8 + newline
+    assert metrics["count"] == 4 * 6
+
+
+def test_recipe_errors_name_the_views_keys():
+    from train.recipe import RecipeError, recipe_from_dict
+
+    recipe = {
+        "description": "x",
+        "output": "o",
+        "model": {"views": {"grids": [[2, 2]]}},
+        "stages": [{"name": "v", "objective": "region", "steps": 1, "train": {"vision": "full"}}],
+    }
+    with pytest.raises(RecipeError, match="stages\\[0\\].objective"):
+        recipe_from_dict(recipe)
+    recipe["model"]["views"]["grids"] = [[2, 0]]
+    recipe["stages"][0]["objective"] = "lm"
+    with pytest.raises(RecipeError, match="model.views.grids"):
+        recipe_from_dict(recipe)
