@@ -19,7 +19,7 @@ from torch import nn
 
 from data import IGNORE_INDEX
 from models.compressors.base import Compressor, ModelDims, Progress
-from models.llm import LanguageModel
+from models.llm import LanguageModel, next_positions
 from models.sequence import RESPONSE, SequenceState, pad_rows, roles_of
 from models.views import MultiViewConfig, ViewArranger, ViewLayout
 from models.vision import VisionTower
@@ -257,6 +257,7 @@ class VtcLlava(nn.Module):
         kv = self.llm.new_kv(state)
         in_llm = self._stage("in_llm")
         state = self.llm.run(state, in_llm, kv)
+        kv.next_position = next_positions(state)  # as the last layer saw them (a component may renumber)
         batch = input_ids.shape[0]
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens = []

@@ -73,7 +73,9 @@ class LanguageModel(nn.Module):
         `before_layer` first. Run to the last layer, the returned hidden states are normed (the
         LM head's input); stopped earlier, they are the raw output of layer `stop`-1, which a
         later `run(..., start=stop)` continues from (a teacher pass to a guidance layer, or
-        several continuations of one state). Layers attend to `state.key_mask` where set."""
+        several continuations of one state). The returned `attention` holds the rows the
+        components asked of layer `stop`-1 (e.g. a teacher's target). Layers attend to `state.key_mask` where set, and add
+        `state.key_bias` to their attention scores."""
         stop = self.num_layers if stop is None else stop
         bias = rotary = None
         for idx in range(start, stop):
@@ -91,6 +93,10 @@ class LanguageModel(nn.Module):
                 kv.key_masks[idx], kv.visual_masks[idx] = key_mask, visual
             if bias is None or state is not before or kv is not None:
                 bias = attention_bias(key_mask, state.hidden.shape[1], state.hidden.dtype)
+                if state.key_bias is not None:  # a soft mask: added to every query's scores
+                    if kv is not None:
+                        raise ValueError("key_bias is for training passes, not cached generation")
+                    bias = bias + state.key_bias[:, None, None, :].to(bias.dtype)
             if rotary is None or state is not before:
                 rotary = self.body.rotary_emb(state.hidden, position_ids=state.position_ids)
             hidden = layer(  # HF's layer recomputes itself in backward when checkpointing is on
@@ -110,13 +116,19 @@ class LanguageModel(nn.Module):
                         attention[id(component)] = AttentionRows(probs, rows, valid)
             state = replace(state, hidden=hidden, attention=attention or None)
         if stop < self.num_layers:
-            return replace(state, attention=None)
-        return replace(state, hidden=self.body.norm(state.hidden), attention=None)
+            return state
+        return replace(state, hidden=self.body.norm(state.hidden))
 
     def new_kv(self, state: SequenceState) -> KVState:
         """A fresh cache for generating after `state`'s prompts."""
-        next_position = state.position_ids.masked_fill(~state.attention_mask, -1).amax(1).floor().long() + 1
-        return KVState(DynamicCache(), [None] * self.num_layers, next_position, [None] * self.num_layers)
+        return KVState(
+            DynamicCache(), [None] * self.num_layers, next_positions(state), [None] * self.num_layers
+        )
+
+
+def next_positions(state: SequenceState) -> torch.Tensor:
+    """(B,) the position id after each sample's last real token (positions may be fractional)."""
+    return state.position_ids.masked_fill(~state.attention_mask, -1).amax(1).floor().long() + 1
 
 
 def attention_rows(

@@ -73,6 +73,9 @@ class SequenceState:
                     e.g. a state built by hand: derived from visual_mask, with no answers)
     key_mask:       (B, T) bool, the positions later layers may attend to (None: every real
                     one); `hide_visual_keys` sets it
+    key_bias:       (B, T) float added to every query's attention score of each key in later
+                    layers (a soft mask, e.g. log-retention of visual tokens; training passes
+                    only), or None
     """
 
     hidden: torch.Tensor
@@ -84,6 +87,7 @@ class SequenceState:
     attention: dict[int, AttentionRows] | None = None
     role: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
 
     def hide_visual_keys(self) -> SequenceState:
         """The same sequence, but the layers run on it no longer attend to its visual tokens
@@ -123,11 +127,7 @@ class SequenceState:
     def text_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every real text position before the first answer, as rows (B, Q) and a validity mask
         (B, Q) (samples have different numbers of them): the queries of text-conditioned ranking."""
-        text = self.attention_mask & ~self.visual_mask & (self._roles() != RESPONSE)
-        counts = text.sum(1)
-        order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, : max(1, int(counts.max()))]
-        valid = torch.arange(order.shape[1], device=order.device)[None] < counts[:, None]
-        return order, valid
+        return positions_of(self.attention_mask & ~self.visual_mask & (self._roles() != RESPONSE))
 
     @property
     def num_visual(self) -> torch.Tensor:
@@ -155,12 +155,15 @@ class SequenceState:
         columns = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
         return columns.expand_as(self.attention_mask).masked_fill(~self.attention_mask, -1).amax(1)
 
-    def keep_top_visual(self, scores: torch.Tensor, k: int) -> SequenceState:
-        """Keep each sample's k visual tokens with the highest `scores` (B, T), and all text."""
+    def keep_top_visual(self, scores: torch.Tensor, k) -> SequenceState:
+        """Keep each sample's k visual tokens with the highest `scores` (B, T), and all text;
+        `k` is an int or a (B,) tensor (a count per sample)."""
         visual = self.visual_mask & self.attention_mask
         ranked = scores.masked_fill(~visual, float("-inf"))
-        top = ranked.topk(min(k, ranked.shape[1]), dim=1).indices
-        keep = torch.zeros_like(visual).scatter_(1, top, True) & visual
+        per_sample = torch.as_tensor(k, device=scores.device).expand(scores.shape[0])
+        top = ranked.topk(min(int(per_sample.max()), ranked.shape[1]), dim=1).indices
+        within = torch.arange(top.shape[1], device=top.device)[None] < per_sample[:, None]
+        keep = torch.zeros_like(visual).scatter_(1, top, within) & visual
         return self.keep(~visual | keep)
 
     def _gather(self, index: torch.Tensor, valid: torch.Tensor) -> SequenceState:
@@ -181,19 +184,22 @@ class SequenceState:
             labels=labels,
             role=None if self.role is None else take(self.role).masked_fill(~valid, CONTEXT),
             key_mask=None if self.key_mask is None else take(self.key_mask) & valid,
+            key_bias=None if self.key_bias is None else take(self.key_bias).masked_fill(~valid, 0.0),
         )
 
-    def replace_visual(self, visual: torch.Tensor, positions: str = "renumber") -> SequenceState:
-        """Replace each sample's visual tokens (one contiguous span) by `visual` (B, N', H).
+    def replace_visual(self, visual, positions="renumber") -> SequenceState:
+        """Replace each sample's visual tokens (one contiguous span) by `visual`: (B, N', H), or a
+        list of B (N'_b, H) when samples get different numbers of tokens.
 
         positions="renumber": real tokens get positions 0..n-1 again (as if the image had
         always produced N' tokens); "average": each new token takes the mean position of the
-        span it replaces, split evenly (used by in-LLM pooling), text keeps its positions.
+        span it replaces, split evenly, text keeps its positions; a list of B (N'_b,) tensors:
+        the new tokens' positions (long or float), text keeps its positions.
         """
-        if self.key_mask is not None:
-            raise ValueError("replace_visual on a state with hidden keys: replace first, then hide")
+        if self.key_mask is not None or self.key_bias is not None:
+            raise ValueError("replace_visual on a state with hidden or biased keys: replace first")
         rows = []
-        for b in range(visual.shape[0]):
+        for b in range(len(visual)):
             real = self.attention_mask[b]
             idx = (self.visual_mask[b] & real).nonzero().flatten()
             if idx.numel():
@@ -205,8 +211,9 @@ class SequenceState:
                 new = visual[b]
             else:  # a sample without an image: nothing to replace
                 start = end = int(real.nonzero()[-1]) + 1
-                new = visual[b, :0]
-            rows.append(self._splice_row(b, start, end, new, positions))
+                new = visual[b][:0]
+            where = positions if isinstance(positions, str) else positions[b][: new.shape[0]]
+            rows.append(self._splice_row(b, start, end, new, where))
         return pad_rows(rows, self.padding_side, self.labels is not None, has_roles=self.role is not None)
 
     def _splice_row(self, b, start, end, visual, positions):
@@ -216,15 +223,16 @@ class SequenceState:
         after = (real & (index >= end)).nonzero().flatten()
         n = visual.shape[0]
         hidden = torch.cat([self.hidden[b, before], visual.to(self.hidden.dtype), self.hidden[b, after]])
-        if positions == "renumber":
+        if isinstance(positions, str) and positions == "renumber":
             pos = torch.arange(hidden.shape[0], device=hidden.device, dtype=self.position_ids.dtype)
         else:
-            old = self.position_ids[b, start:end].float()
-            groups = old.tensor_split(n) if n else []
-            vis_pos = torch.stack([g.mean() for g in groups]) if n else old[:0]
-            pos = torch.cat(
-                [self.position_ids[b, before].float(), vis_pos, self.position_ids[b, after].float()]
-            )
+            if isinstance(positions, str):  # "average": the span split evenly
+                old = self.position_ids[b, start:end].float()
+                vis_pos = torch.stack([g.mean() for g in old.tensor_split(n)]) if n else old[:0]
+            else:
+                vis_pos = positions.to(hidden.device)
+            dtype = torch.promote_types(self.position_ids.dtype, vis_pos.dtype)
+            pos = torch.cat([self.position_ids[b, before], vis_pos, self.position_ids[b, after]]).to(dtype)
         vmask = torch.cat(
             [
                 self.visual_mask[b, before],
@@ -240,6 +248,15 @@ class SequenceState:
             new = torch.full((n,), VISUAL, dtype=self.role.dtype, device=hidden.device)
             role = torch.cat([self.role[b, before], new, self.role[b, after]])
         return hidden, pos, vmask, labels, role
+
+
+def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns where `mask` (B, T) is True, in order, as (B, M) indices and a (B, M) validity
+    mask (M = the most any sample has, at least 1; invalid entries point at column 0 or later)."""
+    counts = mask.sum(1)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, : max(1, int(counts.max()))]
+    valid = torch.arange(order.shape[1], device=order.device)[None] < counts[:, None]
+    return order, valid
 
 
 def pad_rows(

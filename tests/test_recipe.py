@@ -176,6 +176,7 @@ def test_every_shipped_recipe_validates_and_builds(path):
         recipe.model.compressors,
         tiny=recipe.model.tiny,
         device=device,
+        views=recipe.model.views,
     )
     assert built.model.visual_tokens() > 0
 

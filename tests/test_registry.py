@@ -18,6 +18,7 @@ PARAMS = {
     "fastv": {"layer": 0, "tokens": 10},
     "pdrop": {"layers": [1], "keep": 0.5},
     "visionzip": {"tokens": 12},
+    "llavolta": {"inference": {"layer": 1, "stride": 4}},
     "test_scheduled_keep": {"start": 16, "end": 6},
 }
 # Components that do not compress: the visual tokens they leave beyond the patches (every other

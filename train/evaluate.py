@@ -71,6 +71,9 @@ class Source:
     out_dir: Path
     data: object  # a DataRecipe for the synthetic test split
     description: str
+    # the model under test set to keep a token budget (its trained compressors' budget_params),
+    # or None when its token count is fixed
+    model_at: Callable[[int, int, object], Callable[[], Built] | None] | None = None
 
 
 def resolve_source(target: str) -> Source:
@@ -85,7 +88,7 @@ def resolve_source(target: str) -> Source:
         if not (path / "trainable.safetensors").is_file():
             raise FileNotFoundError(f"{target}: its run {path} is not trained yet (vtc train {target})")
     if is_run_dir(path):
-        from train.export import rebuild_run
+        from train.export import at_budget, rebuild_run
 
         recipe = load_recipe(path / "recipe.yaml", check_machine=False)
         own_base = path / "hf"
@@ -96,7 +99,12 @@ def resolve_source(target: str) -> Source:
             raise UserError(
                 f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against"
             )
-        return Source(lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}")
+
+        def model_at(budget: int, visual: int, dims) -> Callable[[], Built] | None:
+            compressors = at_budget(recipe.model.compressors, budget, visual, dims)
+            return None if compressors is None else (lambda: rebuild_run(path, compressors)[0])
+
+        return Source(lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}", model_at)
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("format") == "vtc-export-1":
@@ -125,6 +133,10 @@ def methods_for(
     ]
     if source.model is not None:
         methods.append(Method("model", None, source.model))
+        for budget in budgets if source.model_at is not None else ():
+            make = source.model_at(budget, visual, dims)
+            if make is not None:  # a trained pruner evaluated at every budget
+                methods.append(Method("model", budget, make))
     known = registered_baselines()
     for label in baselines:
         if label not in known:
@@ -219,6 +231,12 @@ def layer_tokens(built: Built, batch: dict) -> tuple[list[int], int]:
     return seen[: len(built.model.llm.body.layers)], int(visual[0])
 
 
+def text_tokens(model, batch: dict) -> int:
+    """Text tokens of a 1-sample batch (its real tokens but the <image> placeholders)."""
+    ids = batch["input_ids"][batch["attention_mask"].bool()]
+    return int((ids != model.image_token_id).sum())
+
+
 def generate(built: Built, batch: dict, new_tokens: int):
     with torch.no_grad():
         return built.model.generate(
@@ -236,7 +254,7 @@ def cost(built: Built, questions: QuestionSet, size: int, settings: Settings) ->
     model = built.model.eval()
     one = prompt_batch(built, questions, size, 1)
     per_layer, visual = layer_tokens(built, one)
-    text = per_layer[0] - visual
+    text = text_tokens(model, one)  # not per_layer[0] - visual: a pruner may act before layer 0
     images = one["pixel_values"].shape[0]
     with torch.no_grad():
         features = model.vision(one["pixel_values"][:1])

@@ -3,24 +3,41 @@ loads with one call (see models/export.py for the layout)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from data.errors import UserError
+from models.build import ComponentSpec
+from models.compressors import component_class
 from models.export import export, merge_lora
 from train.freeze import apply_stage
 from train.recipe import load_recipe, resolve_base
 from train.run import build_from_recipe, load_trainables
 
 
-def rebuild_run(run_dir: Path):
+def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
     """The run's model as training left it: base + components, LoRA injected as its stages did,
-    trained weights loaded from trainable.safetensors."""
+    trained weights loaded from trainable.safetensors. `compressors`: the run's own with other
+    settings (e.g. another token budget), same names and weights."""
     recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
+    if compressors is not None:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, compressors=compressors))
     built = build_from_recipe(recipe)
     for stage in recipe.stages:
         apply_stage(built.model, stage)  # injects LoRA where a stage trained with it
     load_trainables(built.model, str(run_dir))
     return built, recipe.model.projector, recipe.model.compressors, resolve_base(recipe.model.base)
+
+
+def at_budget(compressors: list[ComponentSpec], budget: int, visual: int, dims) -> list[ComponentSpec] | None:
+    """The run's compressors set to keep `budget` of `visual` tokens per image, through each
+    class's `budget_params`; None when none of them can (the run has one token count) or the
+    run already keeps that many."""
+    out = []
+    for spec in compressors:
+        params = component_class(spec.name).budget_params(budget, visual, dims) or {}
+        out.append(ComponentSpec(spec.name, {**spec.params, **params}))
+    return out if out != list(compressors) else None  # None too when already at that budget
 
 
 def export_run(

@@ -16,7 +16,7 @@ from models.compressors.base import Progress
 from models.llava import VtcLlava
 from models.region_head import RegionHead
 from train.checkpoint import restore_rng, rng_state
-from train.objectives import OBJECTIVES, weighted_total
+from train.objectives import OBJECTIVES, loss_terms, weighted_total
 from train.recipe import Stage
 
 
@@ -42,6 +42,8 @@ class VtcModule(L.LightningModule):
         self.model = model
         self.stage = stage
         self.objective = OBJECTIVES[stage.objective]
+        names = [getattr(c, "registry_name", type(c).__name__) for c in model.components()]
+        self.terms = tuple(loss_terms(self.objective, names))
         self.total_steps = total_steps
         self.region_head = region_head
         self.run_dir = run_dir
@@ -56,7 +58,7 @@ class VtcModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # From the global step, which a resumed run restores: schedules continue exactly.
-        states = self.model.set_progress(Progress(self.global_step, self.total_steps))
+        states = self.model.set_progress(Progress(self.global_step, self.total_steps, self.terms))
         for name, value in states.items():
             self.log(f"schedule/{name}", float(value))
 

@@ -314,7 +314,7 @@ def _component(entry, key: str, problems: list[Problem]) -> ComponentSpec | None
         return None
     # Keep the params as validated plain values (typed config is rebuilt by the registry).
     return ComponentSpec(
-        entry["name"], {f: getattr(config, f) for f in config_fields(entry["name"]) if f in params}
+        entry["name"], {f: to_plain(getattr(config, f)) for f in config_fields(entry["name"]) if f in params}
     )
 
 

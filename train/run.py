@@ -261,6 +261,10 @@ def train_stage(
     if steps is None:
         per_epoch = len(data.dataset) // (stage.batch_size * world * accumulate)
         steps = max(1, math.ceil(stage.epochs * per_epoch))
+    if is_zero:
+        for component in model.components():  # e.g. a compression schedule over the stage's steps
+            for line in component.describe(steps):
+                print(f"  {component.registry_name}: {line}", flush=True)
     module = VtcModule(
         model,
         stage,

@@ -65,8 +65,10 @@ def config_fields(name: str) -> dict[str, dataclasses.Field]:
 
 # Importing the modules registers their components.
 from models.compressors import (  # noqa: E402,F401
+    covipal,
     divprune,
     fastv,
+    llavolta,
     mlp,
     pooling,
     pyramid_drop,

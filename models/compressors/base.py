@@ -91,6 +91,9 @@ class Progress:
 
     step: int  # optimizer steps done in this stage
     total: int  # optimizer steps the stage will take
+    # the loss terms the stage minimises (e.g. ("lm",) or ("scorer_mse",)): a component computes
+    # only what its stage's objective uses (no teacher pass when its loss is not trained)
+    terms: tuple[str, ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -138,6 +141,11 @@ class Compressor(nn.Module):
         Returns the schedule's state to log, e.g. {"stride": 8.0}; the default has none."""
         self.progress = progress
         return {}
+
+    def describe(self, total_steps: int) -> list[str]:
+        """Lines printed when a training stage of `total_steps` optimizer steps starts (e.g. the
+        phases of a schedule); the default prints nothing."""
+        return []
 
     def output_tokens(self, input_tokens: int) -> int:
         """Visual tokens this component emits (for dynamic ones: the expected number) when

@@ -1,0 +1,149 @@
+"""CoViPAL on the tiny base against the training-free baselines at the same visual-token counts,
+and the scorer's cost against the prefill it saves.
+
+    python bench/covipal.py [--seeds 0,1,2] [--keep DIR] [--e2e]
+    python bench/covipal.py --cost          # only the scorer's cost (seconds)
+
+For each seed, `tiny/covipal` (stage 1; with --e2e also `tiny/covipal-e2e`, stage 1 then the
+soft-mask stage) trains the scorer on the frozen shipped base; `vtc evaluate` then measures the
+trained scorer at 32, 16 and 8 of the 64 visual tokens next to the uncompressed base and the
+training-free baselines at the same counts (the baselines once: they do not depend on the seed).
+Cost: the scorer's FLOPs on the LLaVA-1.5-7B shapes (576 visual + 60 text tokens, 144 kept)
+against the LLM FLOPs its pruning saves, and on the tiny model its measured time against the
+measured prefill time saved. Prints measured figures only; the README quotes them.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.build import build, dims_of
+from models.compressors import build_component
+from models.flops import prefill_flops
+from models.sequence import SequenceState
+from train.evaluate import Settings, evaluate, timed
+from train.recipe import load_recipe
+from train.run import run_recipe
+
+BASELINES = ["fastv", "pdrop", "divprune", "visionzip", "random", "pooling"]
+BUDGETS = [32, 16, 8]
+
+
+def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
+    """Scorer FLOPs (counted by torch on real tensors) vs the LLM FLOPs pruning saves on 7B."""
+    config = build("models/configs/llava-1.5-7b-hf", device="meta").hf.config
+    dims = dims_of(config)
+    scorer = build_component("covipal", {"guidance_layer": 16}, dims)
+    length = 1 + visual + text
+    visual_mask = torch.zeros(1, length, dtype=torch.bool)
+    visual_mask[0, 1 : 1 + visual] = True
+    state = SequenceState(
+        torch.randn(1, length, dims.llm_width),
+        torch.ones(1, length, dtype=torch.bool),
+        torch.arange(length)[None],
+        visual_mask,
+    )
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        scorer.score(state)
+    layers = config.text_config.num_hidden_layers
+    full = prefill_flops(config, text + 1, visual).as_dict()["llm"]
+    pruned = prefill_flops(config, text + 1, visual, [text + 1 + kept] * layers).as_dict()["llm"]
+    saved = full - pruned
+    return {
+        "scorer_gflops": round(counter.get_total_flops() / 1e9, 2),
+        "llm_tflops_saved": round(saved / 1e12, 2),
+        "scorer_share_of_saved": round(counter.get_total_flops() / saved, 4),
+    }
+
+
+def time_tiny(run_dir: Path, repeats: int = 20) -> dict:
+    """Measured prefill (batch 8, one generated token) of the frozen base and of the trained
+    scorer at its recipe's reserve, and the scorer's own time, on the tiny model."""
+    from train.accuracy import synthetic_questions
+    from train.datamodule import split_shards
+    from train.evaluate import generate, prompt_batch
+    from train.export import rebuild_run
+    from train.recipe import resolve_base
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    pruned, base = rebuild_run(run_dir)[0], build(resolve_base(recipe.model.base))
+    size = base.hf.config.vision_config.image_size
+    batch = prompt_batch(base, synthetic_questions(split_shards(recipe.data, "test"), 8), size, 8)
+    model = pruned.model.eval()
+    with torch.no_grad():
+        state = model.prepare(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], padding_side="left"
+        )
+    scorer = model.compressors[0]
+    seconds = {
+        "base_prefill": timed(lambda: generate(base, batch, 1), repeats),
+        "pruned_prefill": timed(lambda: generate(pruned, batch, 1), repeats),
+        "scorer": timed(lambda: scorer.score(state), repeats),
+    }
+    saved = seconds["base_prefill"] - (seconds["pruned_prefill"] - seconds["scorer"])
+    return {
+        **{k: round(v * 1000, 2) for k, v in seconds.items()},
+        "unit": "ms",
+        "scorer_share_of_saved": round(seconds["scorer"] / saved, 4) if saved > 0 else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
+    parser.add_argument("--limit", type=int, default=500, help="test images per accuracy figure")
+    parser.add_argument(
+        "--e2e", action="store_true", help="also train the soft-mask stage (tiny/covipal-e2e)"
+    )
+    parser.add_argument(
+        "--cost", action="store_true", help="only the scorer's cost (with --keep: also on tiny)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    results = {"cost_7b": flops_7b()}
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="covipal-bench-"))
+    first = root / f"covipal-s{args.seeds.split(',')[0]}"
+    if args.cost and (first / "metrics.json").is_file():
+        results["cost_tiny"] = time_tiny(first)
+    if not args.cost:
+        recipes = ["tiny/covipal"] + (["tiny/covipal-e2e"] if args.e2e else [])
+        settings = Settings(limit=args.limit, timing=False)
+        accuracy: dict[str, list[float]] = {}
+        for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
+            for name in recipes:
+                run_dir = root / f"{name.split('/')[1]}-s{seed}"
+                if not (run_dir / "metrics.json").is_file():
+                    run_recipe(load_recipe(name, [f"seed={seed}", f"output={run_dir}"]))
+                baselines = BASELINES if i == 0 and name == recipes[0] else []
+                report = evaluate(str(run_dir), baselines, BUDGETS, settings=settings)
+                for row in report["rows"]:
+                    label = row["method"] if row["method"] != "model" else name
+                    if row["method"] != "model" and not baselines:
+                        continue
+                    key = f"{label} @{row['budget']}" if row["budget"] is not None else label
+                    accuracy.setdefault(key, []).append(row["accuracy"])
+                print(json.dumps({"seed": seed, "recipe": name, "accuracy": accuracy}), flush=True)
+        results["accuracy"] = accuracy
+        with torch.no_grad():
+            results["cost_tiny"] = time_tiny(first)
+        print("| method | visual tokens | accuracy, mean (min–max) over runs |")
+        print("|---|---|---|")
+        for key, values in accuracy.items():
+            label, _, budget = key.partition(" @")
+            print(
+                f"| {label} | {budget or 64} | {100 * statistics.mean(values):.1f} % "
+                f"({100 * min(values):.1f}–{100 * max(values):.1f}) |"
+            )
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""LLaVolta: in-LLM 1-D pooling of the image span on a schedule over training."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.build import ComponentSpec, build
+from models.compressors.base import Progress
+from models.compressors.llavolta import LLaVolta, LLaVoltaConfig, Phase, compression_ratio
+from models.sequence import SequenceState
+from tests.conftest import TEST_TINY, ragged_prompts
+from train.recipe import RecipeError, load_recipe, recipe_from_dict
+from train.run import run_recipe
+
+
+def volta(layer, stride, positions="float16", seed=0, **extra):
+    phase = {"layer": layer, "stride": stride}
+    params = {"schedule": [phase], "inference": phase, "positions": positions, **extra}
+    return build("tiny", compressors=[ComponentSpec("llavolta", params)], tiny=TEST_TINY, seed=seed)
+
+
+def plain(seed=0):
+    return build("tiny", tiny=TEST_TINY, seed=seed)
+
+
+def batch(model, tokenizer, side="right"):
+    """Two ragged prompts (6 and 4 tokens) with one image each, padded on `side`."""
+    ids, mask = ragged_prompts(model, tokenizer)
+    if side == "left":
+        shift = (~mask).sum(1)
+        ids = torch.stack([row.roll(int(n)) for row, n in zip(ids, shift, strict=True)])
+        mask = torch.stack([row.roll(int(n)) for row, n in zip(mask, shift, strict=True)])
+    return ids, mask, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_compression_ratio_is_the_papers():
+    assert f"{compression_ratio(32, 2, 8):.0%}" == "557%"  # the paper's K=2, S=8 on LLaVA-1.5-7B
+    assert compression_ratio(32, None, 8) == 1.0 and compression_ratio(32, -1, 4) == 4.0
+    component = volta(2, 8).model.compressors[0]
+    assert component.describe(100)[0] == f"phase 0: steps 0..99  K=2 S=8  CR {compression_ratio(3, 2, 8):.0%}"
+
+
+@pytest.mark.parametrize("layer", [-1, 0, 2])
+def test_stride_one_is_bit_identical_to_no_compression(layer, tokenizer):
+    pooled, reference = volta(layer, 1).model, plain().model
+    ids, mask, pixels = batch(pooled, tokenizer)
+    labels = ids.masked_fill(~mask, -100)
+    a = pooled(ids, mask, pixels, labels, return_logits=True)
+    b = reference(ids, mask, pixels, labels, return_logits=True)
+    assert torch.equal(a.loss, b.loss)
+    assert torch.equal(a.logits[a.state.attention_mask], b.logits[b.state.attention_mask])
+
+
+def hand_state():
+    """Two samples, right-padded: visual spans of 5 (positions 1..5) and 3 (positions 2..4)."""
+    visual = torch.tensor([[0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    hidden = torch.arange(2 * 8, dtype=torch.float32).view(2, 8, 1).expand(-1, -1, 2).clone()
+    return SequenceState(hidden, mask, torch.arange(8).expand(2, -1).clone(), visual)
+
+
+@pytest.mark.parametrize("positions", ["float16", "exact"])
+def test_pooled_states_equal_a_hand_computation(positions):
+    component = LLaVolta(
+        LLaVoltaConfig((Phase(layer=1, stride=2),), positions=positions), volta(1, 2).model.dims
+    )
+    component.train().set_progress(Progress(0, 10))
+    untouched = hand_state()
+    assert component.before_layer(0, untouched) is untouched  # only before layer K
+    out = component.before_layer(1, hand_state())
+    # sample 0: text 0 | groups (1,2) (3,4) and the remainder (5) on its own | text 6, 7
+    assert out.hidden[0, :, 0].tolist() == [0, 1.5, 3.5, 5, 6, 7]
+    # sample 1: text 8, 9 | groups (10,11) and (12) | text 13; right padding after it
+    assert out.hidden[1, :5, 0].tolist() == [8, 9, 10.5, 12, 13]
+    assert out.attention_mask.sum(1).tolist() == [6, 5]
+    expected = (
+        [[0, 1, 3, 5, 6, 7], [0, 1, 2, 4, 5]]
+        if positions == "float16"
+        else [[0, 1.5, 3.5, 5, 6, 7], [0, 1, 2.5, 4, 5]]
+    )
+    got = [out.position_ids[b, out.attention_mask[b]].tolist() for b in range(2)]
+    assert got == expected
+    assert out.visual_mask.sum(1).tolist() == [3, 2]
+
+
+def test_float16_positions_follow_the_authors_rounding():
+    """Past 2048, float16 holds only even integers: the cast loses what the exact mean keeps."""
+    hidden, positions = torch.zeros(4, 1), torch.tensor([3001, 3002, 3003, 3004])
+    from models.compressors.llavolta import pool_span
+
+    _, rounded = pool_span(hidden, positions, 4, "float16")
+    _, exact = pool_span(hidden, positions, 4, "exact")
+    assert exact.tolist() == [3002.5]
+    assert rounded.tolist() == [int(torch.tensor([3000, 3002, 3004, 3004]).float().mean().half())]
+
+
+@pytest.mark.parametrize("layer,side", [(1, "right"), (-1, "left"), (0, "right")])
+def test_cached_generation_equals_full_forwards_and_ragged_batches_answer_as_one(layer, side, tokenizer):
+    model = volta(layer, 4, seed=1).model.eval()
+    ids, mask, pixels = batch(model, tokenizer, side)
+    generated, visual_in = model.generate(ids, mask, pixels, max_new_tokens=4)
+    for b in range(2):
+        prompt = ids[b, mask[b]]
+        alone, _ = model.generate(
+            prompt[None], torch.ones(1, len(prompt), dtype=torch.bool), pixels[b : b + 1], 4
+        )
+        assert torch.equal(alone[0], generated[b])  # a ragged batch answers as one by one
+        seq = prompt.tolist()
+        for t in range(4):
+            with torch.no_grad():
+                logits = model(
+                    torch.tensor([seq]),
+                    torch.ones(1, len(seq), dtype=torch.bool),
+                    pixels[b : b + 1],
+                    return_logits=True,
+                ).logits
+            logits[0, -1, model.image_token_id] = float("-inf")
+            assert int(logits[0, -1].argmax()) == int(generated[b, t])
+            seq.append(int(generated[b, t]))
+
+
+def test_schedule_switches_at_its_fractions_and_inference_has_its_own_setting(tokenizer):
+    phases = [{"layer": 2, "stride": 8, "until": 0.25}, {"layer": 2, "stride": 2, "until": 0.5}]
+    phases += [{"layer": 16, "stride": 2, "until": 0.75}, {"layer": None, "until": 1.0}]
+    model = build(
+        "tiny",
+        compressors=[ComponentSpec("llavolta", {"schedule": phases, "reference_layers": 32})],
+        tiny=TEST_TINY,
+    ).model.train()
+    component = model.compressors[0]
+    seen = [model.set_progress(Progress(step, 8)) for step in range(8)]
+    assert [s["llavolta.phase"] for s in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [s["llavolta.stride"] for s in seen] == [8, 8, 2, 2, 2, 2, 1, 1]
+    # K=2 of 32 layers → 1 of 3 (at least one layer sees every token), K=16 → 2
+    assert [s["llavolta.layer"] for s in seen[::2]] == [1, 1, 2, 3]
+    model.set_progress(None)
+    assert component.phase() is None  # the four-stage scheme evaluates uncompressed
+    ids, mask, pixels = batch(model, tokenizer)
+    labels = ids.masked_fill(~mask, -100)
+    model.set_progress(Progress(0, 8))
+    tokens = []
+    hook = model.llm.body.layers[2].register_forward_pre_hook(
+        lambda _m, args: tokens.append(args[0].shape[1])
+    )
+    try:
+        model(ids, mask, pixels, labels)  # training: K=1, S=8 → 64 visual tokens become 8
+        model.eval()
+        model(ids, mask, pixels, labels)  # evaluation: inference setting (none)
+    finally:
+        hook.remove()
+    assert tokens[0] == tokens[1] - 64 + 8
+
+
+def test_recipe_errors_name_the_schedule_keys():
+    recipe = load_recipe("tiny/llavolta-4stage")
+    assert recipe.model.compressors[0].name == "llavolta"
+    bad = {
+        "description": "x",
+        "output": "o",
+        "model": {
+            "compressors": [{"name": "llavolta", "schedule": [{"layer": 9, "stride": 0, "until": 0.5}]}]
+        },
+        "stages": [{"name": "s", "steps": 1}],
+    }
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(bad)
+    text = str(err.value)
+    assert (
+        "model.compressors[0].schedule[0].stride" in text and "model.compressors[0].schedule[0].layer" in text
+    )
+    assert "end at 1.0" in text
+
+
+def logged(run_dir, column):
+    """{step: value} of a column of the instruct stage's CSV log."""
+    rows = list(csv.DictReader(open(run_dir / "logs" / "instruct" / "metrics.csv")))
+    return {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
+
+
+SCHEDULE = (
+    "model.compressors=[{name: llavolta, schedule: [{layer: 1, stride: 4, until: 0.25}, "
+    "{layer: 0, stride: 2, until: 0.5}, {layer: -1, stride: 2, until: 0.75}, {layer: null, until: 1.0}]}]"
+)
+
+
+def smoke(out, data_dir):
+    overrides = [f"output={out}", f"data.cache_dir={data_dir}", "stages.0.steps=2", "stages.1.steps=12"]
+    return load_recipe("tiny/smoke", overrides + [SCHEDULE, "checkpoint.every=5", "eval.limit=2"])
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_schedule_resumes_to_bit_identical_weights(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    run_recipe(smoke(tmp_path / "a", data))
+    stride = logged(tmp_path / "a", "schedule/llavolta.stride")
+    layer = logged(tmp_path / "a", "schedule/llavolta.layer")
+    assert [stride[s] for s in (0, 2, 3, 5, 6, 8, 9, 11)] == [4, 4, 2, 2, 2, 2, 1, 1]
+    assert [layer[s] for s in (0, 3, 6, 9)] == [1, 0, -1, 2]  # null: no layer pools (reported as N)
+    ratio = logged(tmp_path / "a", "schedule/llavolta.compression_ratio")
+    assert ratio[0] == pytest.approx(compression_ratio(2, 1, 4)) and ratio[9] == 1.0
+
+    original = LLaVolta.set_progress
+
+    def crash_at_7(self, progress):
+        if progress is not None and progress.step == 7:
+            raise RuntimeError("simulated crash before step 7")
+        return original(self, progress)
+
+    monkeypatch.setattr(LLaVolta, "set_progress", crash_at_7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(smoke(tmp_path / "b", data))
+    monkeypatch.setattr(LLaVolta, "set_progress", original)
+    run_recipe(smoke(tmp_path / "b", data), resume="auto")
+    assert logged(tmp_path / "b", "schedule/llavolta.stride") == stride
+    a, b = (load_file(str(d / "trainable.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
+    assert any(k.startswith("llm.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
