@@ -31,7 +31,6 @@ from train.recipe import load_recipe
 from train.run import run_recipe
 
 BASELINES = ["fastv", "pdrop", "divprune", "visionzip", "random", "pooling"]
-BUDGETS = [32, 16, 8]
 
 
 def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
@@ -123,7 +122,8 @@ def main() -> None:
                 if not (run_dir / "metrics.json").is_file():
                     run_recipe(load_recipe(name, [f"seed={seed}", f"output={run_dir}"]))
                 baselines = BASELINES if i == 0 and name == recipes[0] else []
-                report = evaluate(str(run_dir), baselines, BUDGETS, settings=settings)
+                budgets = [int(t) for t in args.tokens.split(",")]
+                report = evaluate(str(run_dir), baselines, budgets, settings=settings)
                 for row in report["rows"]:
                     label = row["method"] if row["method"] != "model" else name
                     if row["method"] != "model" and not baselines:

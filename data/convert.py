@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +59,52 @@ def read_image(path: Path) -> tuple[bytes, str]:
     return data, ext
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which records to convert: only single-turn ones, only ones with an image, and a random
+    `fraction` of what remains (reproducible from `seed`, kept in the file's order)."""
+
+    single_turn: bool = False
+    with_image: bool = False
+    fraction: float = 1.0
+    seed: int = 0
+
+    def apply(self, records: list) -> list:
+        def wanted(record) -> bool:
+            if not isinstance(record, dict):
+                return True  # malformed: converted as usual, i.e. skipped with its reason
+            if self.with_image and "image" not in record:
+                return False
+            if self.single_turn:
+                try:
+                    return len(conversation_turns(record.get("conversations") or [])) == 1
+                except ConversationError:
+                    return True
+            return True
+
+        if not 0 < self.fraction <= 1:
+            raise UserError(f"--fraction must be in (0, 1], got {self.fraction}")
+        kept = [i for i, record in enumerate(records) if wanted(record)]
+        if self.fraction < 1:
+            chosen = random.Random(self.seed).sample(kept, round(self.fraction * len(kept)))
+            kept = sorted(chosen)
+        return [records[i] for i in kept]
+
+
 def convert_llava_json(
-    json_path, image_dir, out_dir, samples_per_shard: int = 2000, progress: bool = True
+    json_path,
+    image_dir,
+    out_dir,
+    samples_per_shard: int = 2000,
+    progress: bool = True,
+    selection: Selection | None = None,
 ) -> ConvertReport:
     json_path, image_dir, out_dir = Path(json_path), Path(image_dir), Path(out_dir)
     records = json.loads(json_path.read_text())
     if not isinstance(records, list):
         raise UserError(f"{json_path}: expected a JSON list of samples, got {type(records).__name__}")
+    if selection is not None:
+        records = selection.apply(records)
     report = ConvertReport()
     with ShardWriter(out_dir, samples_per_shard) as writer:
         for position, record in enumerate(tqdm(records, desc="convert", disable=not progress, unit="sample")):

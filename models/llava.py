@@ -33,6 +33,7 @@ class LlavaOutput:
     visual_tokens_in: torch.Tensor  # (B,) visual tokens entering the LLM
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # the components' own
     sample_loss: torch.Tensor | None = None  # (B,) each sample's mean loss, when asked for
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # the components' figures to log
 
 
 class VtcLlava(nn.Module):
@@ -97,6 +98,14 @@ class VtcLlava(nn.Module):
             name = getattr(component, "registry_name", type(component).__name__)
             states |= {f"{name}.{key}": value for key, value in component.set_progress(progress).items()}
         return states
+
+    def pop_metrics(self) -> dict[str, torch.Tensor]:
+        """The figures the components recorded during the last forward, keyed `component/name`."""
+        return {
+            f"{getattr(c, 'registry_name', type(c).__name__)}/{name}": value
+            for c in self.components()
+            for name, value in c.pop_metrics().items()
+        }
 
     def pop_aux_losses(self) -> dict[str, torch.Tensor]:
         """The losses the components added during the last forward, by name."""
@@ -228,14 +237,20 @@ class VtcLlava(nn.Module):
         the next-token loss (labels still mark the answers for the components); `per_sample`
         also returns each sample's mean loss (B,)."""
         self.pop_aux_losses()  # drop what an interrupted forward may have left behind
+        self.pop_metrics()
         state = self.prepare(input_ids, attention_mask, pixel_values, labels, image_grids=image_grids)
         visual_in = state.num_visual
-        state = self.llm.run(state, self._stage("in_llm"))
+        in_llm = self._stage("in_llm")
+        state = self.llm.run(state, in_llm)
+        for component in in_llm:
+            component.after_llm(state)
         loss = sample_loss = None
         if state.labels is not None and lm_loss:
             loss, sample_loss = next_token_loss(state, self.llm.lm_head, per_sample)
         logits = self.llm.lm_head(state.hidden) if return_logits else None
-        return LlavaOutput(loss, logits, state, visual_in, self.pop_aux_losses(), sample_loss)
+        return LlavaOutput(
+            loss, logits, state, visual_in, self.pop_aux_losses(), sample_loss, self.pop_metrics()
+        )
 
     @torch.no_grad()
     def generate(

@@ -172,6 +172,37 @@ def test_converter_skips_and_reports_bad_entries(tmp_path):
     assert Image.open(io.BytesIO(index.image_bytes(0))).size == (20, 10)
 
 
+def test_converter_selects_single_turn_image_samples_and_a_reproducible_fraction(tmp_path):
+    from data.convert import Selection
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    one = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    two = one + [{"from": "human", "value": "And?"}, {"from": "gpt", "value": "blue"}]
+    text = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    records = [{"id": f"single-{i}", "image": "a.png", "conversations": one} for i in range(40)]
+    records += [{"id": f"multi-{i}", "image": "a.png", "conversations": two} for i in range(5)]
+    records += [{"id": "text", "conversations": text}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+
+    def converted(selection, out):
+        convert_llava_json(
+            tmp_path / "data.json", images, tmp_path / out, progress=False, selection=selection
+        )
+        index = ShardIndex(tmp_path / out)
+        return [index.record(i)["id"] for i in range(len(index))]
+
+    assert converted(Selection(single_turn=True, with_image=True), "all") == [
+        f"single-{i}" for i in range(40)
+    ]
+    picked = converted(Selection(True, True, fraction=0.25, seed=1), "quarter")
+    assert len(picked) == 10 and all(p.startswith("single-") for p in picked)
+    assert picked == sorted(picked, key=lambda p: int(p.split("-")[1]))  # the file's order
+    assert converted(Selection(True, True, fraction=0.25, seed=1), "again") == picked
+    assert converted(Selection(True, True, fraction=0.25, seed=2), "other") != picked
+
+
 def test_collate_of_only_skipped_items():
     batch = collate([Skipped("a", "r")], 0)
     assert "input_ids" not in batch and batch["skipped"] == [("a", "r")]

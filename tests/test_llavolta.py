@@ -217,3 +217,65 @@ def test_a_run_killed_mid_schedule_resumes_to_bit_identical_weights(tmp_path, mo
     a, b = (load_file(str(d / "trainable.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
     assert any(k.startswith("llm.") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_vtc_evaluate_sets_a_run_beside_its_uncompressed_twin(tmp_path):
+    """`vtc evaluate RUN --compare OTHER --uncompressed`: the heavy-compression run, its weights
+    without compression, and the same fine-tune trained without compression, one report."""
+    from train.cli import main
+
+    common = [f"data.cache_dir={tmp_path / 'data'}", "data.synthetic.train=64", "data.synthetic.test=4"]
+    common += ["data.num_workers=0", "stages.0.steps=2", "stages.0.batch_size=4", "eval.limit=2"]
+    for scheme in ("heavy", "none"):
+        run_recipe(load_recipe(f"tiny/llavolta-{scheme}", [f"output={tmp_path / scheme}", *common]))
+    args = ["evaluate", str(tmp_path / "heavy"), "--baselines", "", "--limit", "2", "--no-timing"]
+    assert (
+        main([*args, "--compare", str(tmp_path / "none"), "--uncompressed", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    import json
+
+    rows = {r["method"]: r for r in json.loads((tmp_path / "r" / "eval.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "model", "model-uncompressed", "none"}
+    # heavy: 4 LLM layers, K=2 of 32 → pooled before layer 1, 64 → 8 tokens in layers 1..3
+    assert rows["model"]["layer_tokens"] == [
+        n if i == 0 else n - 56 for i, n in enumerate(rows["none"]["layer_tokens"])
+    ]
+    assert rows["model-uncompressed"]["layer_tokens"] == rows["none"]["layer_tokens"]
+    assert rows["model"]["flops"]["llm"] < rows["model-uncompressed"]["flops"]["llm"]
+
+
+def test_images_of_different_token_counts_pool_and_answer_as_one_by_one(tokenizer):
+    """Multi-view images of different grids (336 and 200 visual tokens here): each span is pooled
+    on its own, its remainder included."""
+    from models.views import MultiViewConfig
+    from tests.test_views import png
+
+    built = build(
+        "tiny",
+        compressors=[
+            ComponentSpec(
+                "llavolta", {"schedule": [{"layer": 1, "stride": 8}], "inference": {"layer": 1, "stride": 8}}
+            )
+        ],
+        tiny=TEST_TINY,
+        seed=4,
+        views=MultiViewConfig(((1, 1), (1, 2), (2, 2)), newline=True),
+    )
+    from data.dataset import load_views
+
+    model = built.model.eval()
+    pixels, grids = zip(
+        *(load_views(png(size), 64, model.view_grids) for size in ((128, 128), (128, 64))), strict=True
+    )
+    ids, mask = ragged_prompts(model, tokenizer)
+    grids = torch.tensor(grids)
+    generated, visual = model.generate(ids, mask, torch.cat(pixels), max_new_tokens=3, image_grids=grids)
+    assert visual.tolist() == [model.visual_tokens((2, 2)), model.visual_tokens((1, 2))]
+    for b in range(2):
+        prompt = ids[b, mask[b]][None]
+        alone, _ = model.generate(
+            prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b], 3, image_grids=grids[b : b + 1]
+        )
+        assert torch.equal(alone[0], generated[b])

@@ -97,7 +97,18 @@ def cmd_evaluate(args) -> int:
         repeats=args.repeats,
         timing=not args.no_timing,
     )
-    report = evaluate(args.source, baselines, budgets, args.out, args.questions, args.images, settings)
+    compare = [c for c in (args.compare or "").split(",") if c]
+    report = evaluate(
+        args.source,
+        baselines,
+        budgets,
+        args.out,
+        args.questions,
+        args.images,
+        settings,
+        compare,
+        args.uncompressed,
+    )
     from train.evaluate import markdown
 
     print(markdown(report))
@@ -113,9 +124,10 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_convert(args) -> int:
-    from data.convert import convert_llava_json
+    from data.convert import Selection, convert_llava_json
 
-    report = convert_llava_json(args.json, args.images, args.out, args.samples_per_shard)
+    selection = Selection(args.single_turn, args.with_image, args.fraction, args.seed)
+    report = convert_llava_json(args.json, args.images, args.out, args.samples_per_shard, selection=selection)
     print(f"{report.summary()}; skipped samples listed in {Path(args.out) / 'skipped.jsonl'}")
     return 0
 
@@ -218,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=int, default=8, help="batch N of the latency figures")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
     p.add_argument("--no-timing", action="store_true", help="accuracy, tokens and FLOPs only")
+    p.add_argument(
+        "--compare",
+        help="other runs or exports to measure beside it, comma-separated (e.g. the same recipe "
+        "trained without compression)",
+    )
+    p.add_argument(
+        "--uncompressed",
+        action="store_true",
+        help="also measure the trained model with its compressors left out (a run with compressors)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="make or convert training data").add_subparsers(
@@ -236,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
     p.add_argument("--out", required=True)
     p.add_argument("--samples-per-shard", type=int, default=2000)
+    p.add_argument("--single-turn", action="store_true", help="only samples with one question and answer")
+    p.add_argument("--with-image", action="store_true", help="only samples with an image")
+    p.add_argument(
+        "--fraction", type=float, default=1.0, help="a random share of the selected samples, e.g. 0.01"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="of the --fraction draw (the same seed, the same samples)"
+    )
     p.set_defaults(func=cmd_data_convert)
     return parser
 

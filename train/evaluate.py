@@ -74,6 +74,8 @@ class Source:
     # the model under test set to keep a token budget (its trained compressors' budget_params),
     # or None when its token count is fixed
     model_at: Callable[[int, int, object], Callable[[], Built] | None] | None = None
+    # the model under test with its compressors left out (a run with compressors), else None
+    uncompressed: Callable[[], Built] | None = None
 
 
 def resolve_source(target: str) -> Source:
@@ -104,7 +106,10 @@ def resolve_source(target: str) -> Source:
             compressors = at_budget(recipe.model.compressors, budget, visual, dims)
             return None if compressors is None else (lambda: rebuild_run(path, compressors)[0])
 
-        return Source(lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}", model_at)
+        uncompressed = (lambda: rebuild_run(path, [])[0]) if recipe.model.compressors else None
+        return Source(
+            lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}", model_at, uncompressed
+        )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("format") == "vtc-export-1":
@@ -126,8 +131,12 @@ def methods_for(
     dims,
     visual: int,
     reference: Built | None = None,
+    compare: list[str] = (),
+    uncompressed: bool = False,
 ) -> list[Method]:
-    """The rows to measure; `reference` is the baseline model if it is already built."""
+    """The rows to measure; `reference` is the baseline model if it is already built; `compare`:
+    other runs or exports measured beside it (labelled by their folder names); `uncompressed`:
+    the model under test also with its compressors left out."""
     methods = [
         Method("baseline", None, (lambda: reference) if reference else (lambda: build(source.base_dir)))
     ]
@@ -137,6 +146,14 @@ def methods_for(
             make = source.model_at(budget, visual, dims)
             if make is not None:  # a trained pruner evaluated at every budget
                 methods.append(Method("model", budget, make))
+    if uncompressed:
+        if source.uncompressed is None:
+            raise UserError("--uncompressed needs a run whose recipe has compressors")
+        methods.append(Method("model-uncompressed", None, source.uncompressed))
+    for other in compare:
+        found = resolve_source(other)
+        make = found.model or (lambda found=found: build(found.base_dir))
+        methods.append(Method(Path(other).name or other, None, make))
     known = registered_baselines()
     for label in baselines:
         if label not in known:
@@ -312,9 +329,12 @@ def evaluate(
     questions_file: str | None = None,
     images_dir: str | None = None,
     settings: Settings | None = None,
+    compare: list[str] = (),
+    uncompressed: bool = False,
 ) -> dict:
-    """Evaluate `target` and the baselines; write eval.json, eval.md, eval.png to `out_dir`
-    (default: the target's folder) and return the report."""
+    """Evaluate `target` and the baselines (and the `compare` sources, and `target` without its
+    compressors); write eval.json, eval.md, eval.png to `out_dir` (default: the target's folder)
+    and return the report."""
     from train.datamodule import split_shards
 
     settings = settings or Settings()
@@ -330,10 +350,12 @@ def evaluate(
         questions = file_questions(questions_file, images_dir)
     else:
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
-    methods = methods_for(source, baselines, budgets, dims, visual, reference)
+    methods = methods_for(source, baselines, budgets, dims, visual, reference, compare, uncompressed)
     rows = []
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
+        for component in built.model.components():
+            component.reset_statistics()
         answers = answer_questions(
             built.model,
             built.tokenizer,
@@ -344,6 +366,9 @@ def evaluate(
             desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
         )
         row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
+        counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
+        if counted:  # e.g. where a dynamic method exited, over the questions just answered
+            row["statistics"] = counted
         row.update(cost(built, questions, size, settings))
         rows.append(row)
         if questions_file:

@@ -18,14 +18,15 @@ from train.run import build_from_recipe, load_trainables
 def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
     """The run's model as training left it: base + components, LoRA injected as its stages did,
     trained weights loaded from trainable.safetensors. `compressors`: the run's own with other
-    settings (e.g. another token budget), same names and weights."""
+    settings (e.g. another token budget), same names and weights; [] leaves them out (the
+    trained model without compression)."""
     recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
     if compressors is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, compressors=compressors))
     built = build_from_recipe(recipe)
     for stage in recipe.stages:
         apply_stage(built.model, stage)  # injects LoRA where a stage trained with it
-    load_trainables(built.model, str(run_dir))
+    load_trainables(built.model, str(run_dir), skip=("compressors.",) if compressors == [] else ())
     return built, recipe.model.projector, recipe.model.compressors, resolve_base(recipe.model.base)
 
 

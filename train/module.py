@@ -74,7 +74,7 @@ class VtcModule(L.LightningModule):
         if "input_ids" not in batch:  # every sample skipped: a zero loss keeps DDP ranks in step
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         terms = self.objective.terms(self.model, batch, self.region_head)
-        loss = weighted_total(terms, self.stage.loss_weights)
+        loss = weighted_total(terms, self.stage.loss_weights, list(self.terms))
         if not loss.requires_grad:  # caught by check_recipe where the recipe shows it; this is the rest
             raise UserError(
                 f"stage {self.stage.name!r}: objective {self.stage.objective!r} reaches no trainable "

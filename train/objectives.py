@@ -45,6 +45,7 @@ def _model_terms(lm: bool, aux: bool):
         found = {"lm": out.loss} if lm else {}
         if aux:
             found |= out.aux_losses
+        found |= out.metrics  # the components' own figures, logged, never minimised
         found["visual_tokens"] = out.visual_tokens_in.float().mean().detach()  # logged, not minimised
         return found
 
@@ -87,9 +88,15 @@ def loss_terms(objective: Objective, component_names: list[str]) -> list[str]:
     return terms + (list(declared_aux_losses(component_names)) if objective.aux else [])
 
 
-def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """Σ weight × term over the minimised terms (weight 1.0 unless the recipe names it)."""
-    minimised = [weights.get(name, 1.0) * value for name, value in terms.items() if name not in LOGGED_ONLY]
+def weighted_total(
+    terms: dict[str, torch.Tensor], weights: dict[str, float], minimised: list[str] | None = None
+) -> torch.Tensor:
+    """Σ weight × term over the minimised terms (weight 1.0 unless the recipe names it):
+    `minimised` names them (the stage's `loss_terms`), else every term but LOGGED_ONLY ones."""
+    wanted = (
+        (lambda name: name in minimised) if minimised is not None else (lambda name: name not in LOGGED_ONLY)
+    )
+    minimised = [weights.get(name, 1.0) * value for name, value in terms.items() if wanted(name)]
     if not minimised:
         raise RuntimeError("the objective produced no loss term in this step")
     return torch.stack([t.float() for t in minimised]).sum()

@@ -385,13 +385,14 @@ def continue_csv_log(logger: CSVLogger, up_to_step: int) -> None:
     writer.save()
 
 
-def load_trainables(model, source: str) -> int:
-    """Load `part.name` tensors saved by `save_trainables` (a run dir or the file itself)."""
+def load_trainables(model, source: str, skip: tuple[str, ...] = ()) -> int:
+    """Load `part.name` tensors saved by `save_trainables` (a run dir or the file itself), but
+    those whose names start with one of `skip`."""
     path = Path(source)
     path = path / "trainable.safetensors" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"model.init: no trainable weights at {path}")
-    tensors = load_file(str(path))
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(skip)}
     try:
         load_state(model, tensors)  # gathers ZeRO-3 partitions, if the model has them
     except ValueError as err:

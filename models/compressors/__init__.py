@@ -67,6 +67,7 @@ def config_fields(name: str) -> dict[str, dataclasses.Field]:
 from models.compressors import (  # noqa: E402,F401
     covipal,
     divprune,
+    dyvte,
     fastv,
     llavolta,
     mlp,

@@ -122,6 +122,7 @@ class Compressor(nn.Module):
         self.dims = dims
         self.progress: Progress | None = None  # None: not training (inference setting)
         self._losses: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, torch.Tensor] = {}
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         """Record a scalar training loss of this forward pass under a name of `aux_losses`."""
@@ -135,6 +136,26 @@ class Compressor(nn.Module):
         """The losses added since the last call (the model collects them after each forward)."""
         losses, self._losses = self._losses, {}
         return losses
+
+    def add_metric(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a figure of this forward pass to log (as `train/<name>`), never minimised."""
+        self._metrics[name] = torch.as_tensor(value).detach().float()
+
+    def pop_metrics(self) -> dict[str, torch.Tensor]:
+        metrics, self._metrics = self._metrics, {}
+        return metrics
+
+    def after_llm(self, state) -> None:
+        """Called after a forward's last decoder layer with its final (normed) `SequenceState`
+        (training and scoring forwards, not generation): e.g. to compare with a continuation
+        the component ran itself."""
+
+    def statistics(self) -> dict:
+        """What this component counted since `reset_statistics` (e.g. exit layers), for reports."""
+        return {}
+
+    def reset_statistics(self) -> None:
+        """Start counting anew (before an evaluation)."""
 
     def set_progress(self, progress: Progress | None) -> dict[str, float]:
         """Called before every training step (None when training ends or outside training).

@@ -73,7 +73,8 @@ def standardise(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     count = valid.sum(1, keepdim=True).clamp(min=1)
     mean = (values * valid).sum(1, keepdim=True) / count
     centred = (values - mean) * valid
-    std = (centred.pow(2).sum(1, keepdim=True) / count).sqrt().clamp(min=1e-6)
+    # clamped before the root: a row without valid entries gets a zero gradient, not 0·∞
+    std = (centred.pow(2).sum(1, keepdim=True) / count).clamp(min=1e-12).sqrt()
     return centred / std
 
 

@@ -1,0 +1,160 @@
+"""DyVTE on the tiny base: exit labels per layer, then the trained routers against FastV and
+PyramidDrop at the same mean number of visual tokens over the LLM's layers.
+
+    python bench/dyvte.py [--seeds 0,1,2] [--keep DIR] [--limit 500]
+    python bench/dyvte.py --labels      # only the exit-label rate per layer (a minute)
+
+Labels: on 8 training batches of the shipped base, the share of samples the authors' rule labels
+"exit" at each router layer (it should rise with depth on a base that uses the image). Then, per
+seed, `tiny/dyvte` trains the routers and `vtc evaluate` measures the routed model (exit-layer
+histogram, accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
+tokens over layers, rounded. Prefill FLOPs saved are computed from the exit histogram (the
+per-layer counts of one prompt would not describe a dynamic method), and the routers' measured
+time against the prefill's. Prints measured figures only; the README quotes them.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data.dataset import ConversationDataset, collate
+from models.compressors.dyvte import exit_labels
+from models.flops import prefill_flops
+from train.datamodule import split_shards
+from train.evaluate import Settings, evaluate
+from train.recipe import load_recipe
+from train.run import build_from_recipe, run_recipe
+
+
+def label_rates(batches: int = 8, batch_size: int = 32) -> list[float]:
+    """Share of 'exit' labels per router layer on training batches of the frozen shipped base."""
+    recipe = load_recipe("tiny/dyvte")
+    built = build_from_recipe(recipe)
+    model = built.model.eval()
+    component = model.compressors[0]
+    data = ConversationDataset(
+        split_shards(recipe.data, "train"), built.tokenizer, "vicuna_v1", 64, model.image_token_id, 512, 64
+    )
+    rates = []
+    for layer in range(len(component.routers)):
+        labels = []
+        for i in range(batches):
+            items = [data[j] for j in range(i * batch_size, (i + 1) * batch_size)]
+            batch = collate(items, built.tokenizer.pad_token_id)
+            args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+            with torch.no_grad():
+                state = model.prepare(*args)
+                head = model.llm.run(state, stop=layer + 1)
+                normal = model.llm.run(head, start=layer + 1)
+                masked = model.llm.run(head.hide_visual_keys(), start=layer + 1)
+            label, has_answer = exit_labels(normal, masked, model.llm.lm_head, 0.99, 1.03)
+            labels.append(label[has_answer].float())
+        rates.append(round(float(torch.cat(labels).mean()), 4))
+    return rates
+
+
+def routed_flops(config, text: int, visual: int, share: float) -> float:
+    """LLM prefill FLOPs when the visual tokens are seen by `share` of the layers on average
+    (linear in the per-layer token count, up to the attention's quadratic term)."""
+    layers = config.text_config.num_hidden_layers
+    full = prefill_flops(config, text, visual).as_dict()["llm"]
+    none = prefill_flops(config, text, visual, [text] * layers).as_dict()["llm"]
+    return none + share * (full - none)
+
+
+def router_seconds(run_dir: Path, repeats: int = 20) -> dict:
+    """Median time of all routers on one batch-8 prefill state vs. the base's prefill time."""
+    from train.accuracy import synthetic_questions
+    from train.evaluate import generate, prompt_batch, timed
+    from train.export import rebuild_run
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    built = rebuild_run(run_dir, [])[0]
+    size = built.hf.config.vision_config.image_size
+    batch = prompt_batch(built, synthetic_questions(split_shards(recipe.data, "test"), 8), size, 8)
+    routed = rebuild_run(run_dir)[0]
+    component = routed.model.compressors[0].eval()
+    with torch.no_grad():
+        state = routed.model.prepare(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], padding_side="left"
+        )
+    prefill = timed(lambda: generate(built, batch, 1), repeats)
+    routers = timed(lambda: [component.wants_exit(k, state) for k in range(len(component.routers))], repeats)
+    return {
+        "prefill_ms": round(prefill * 1000, 2),
+        "routers_ms": round(routers * 1000, 3),
+        "share": round(routers / prefill, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
+    parser.add_argument("--limit", type=int, default=500, help="test images per accuracy figure")
+    parser.add_argument("--labels", action="store_true", help="only the exit-label rate per layer")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.time()
+    results = {"label_rate_per_layer": label_rates()}
+    print(json.dumps(results), flush=True)
+    if not args.labels:
+        root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dyvte-bench-"))
+        settings = Settings(limit=args.limit, timing=False)
+        runs = []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run_dir = root / f"dyvte-s{seed}"
+            if not (run_dir / "metrics.json").is_file():
+                run_recipe(load_recipe("tiny/dyvte", [f"seed={seed}", f"output={run_dir}"]))
+            report = evaluate(str(run_dir), [], None, settings=settings)
+            rows = {r["method"]: r for r in report["rows"]}
+            base, model = rows["baseline"], rows["model"]
+            counted = model["statistics"]["dyvte"]
+            share = counted["visual_layer_share"]
+            config = build_from_recipe(load_recipe("tiny/dyvte")).hf.config
+            text = base["layer_tokens"][0] - 64
+            saved = 1 - routed_flops(config, text, 64, share) / base["flops"]["llm"]
+            budget = max(1, round(64 * share))
+            others = evaluate(
+                str(run_dir),
+                ["fastv", "pdrop"],
+                [budget],
+                settings=settings,
+                out_dir=run_dir / "eval-baselines",
+            )
+            runs.append(
+                {
+                    "seed": seed,
+                    "accuracy_kept": round(model["accuracy"] / base["accuracy"], 4),
+                    "llm_flops_saved": round(saved, 4),
+                    "exit_layers": counted["exit_layers"],
+                    "mean_visual_tokens_over_layers": round(64 * share, 2),
+                    "baselines_at_that_mean": {
+                        f"{r['method']}@{r['budget']}": round(r["accuracy"] / base["accuracy"], 4)
+                        for r in others["rows"]
+                        if r["budget"] is not None
+                    },
+                }
+            )
+            print(json.dumps(runs[-1]), flush=True)
+        results["runs"] = runs
+        results["router_time"] = router_seconds(root / f"dyvte-s{args.seeds.split(',')[0]}")
+        kept = [r["accuracy_kept"] for r in runs]
+        saved = [r["llm_flops_saved"] for r in runs]
+        print(
+            f"accuracy kept {100 * statistics.mean(kept):.1f} % ({100 * min(kept):.1f}–{100 * max(kept):.1f}), "
+            f"LLM prefill FLOPs saved {100 * statistics.mean(saved):.1f} % ({100 * min(saved):.1f}–{100 * max(saved):.1f})"
+        )
+    results["seconds"] = round(time.time() - started)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

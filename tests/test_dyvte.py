@@ -1,0 +1,167 @@
+"""DyVTE: per-layer routers that drop a sample's visual tokens, trained by the authors' rule."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from models.build import ComponentSpec, build
+from models.compressors.base import Progress
+from models.compressors.dyvte import DyVTE, exit_labels
+from models.sequence import SequenceState
+from tests.conftest import TEST_TINY
+from train.objectives import OBJECTIVES
+from train.recipe import load_recipe
+from train.run import run_recipe
+
+
+def dyvte(seed=0):
+    return build("tiny", compressors=[ComponentSpec("dyvte", {"hidden": 32})], tiny=TEST_TINY, seed=seed)
+
+
+def inputs(built, prompts=((10, 11, 12), (10,))):
+    """Samples <s> <image> prompt… answer(2 tokens), right-padded, answers labelled."""
+    model, tok = built.model, built.tokenizer
+    rows = [[tok.bos_token_id, model.image_token_id, *p, 20, 21] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    labels = torch.full((len(rows), width), -100)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), True
+        labels[b, len(row) - 2 : len(row)] = torch.tensor([20, 21])
+    pixels = torch.randn(len(rows), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return ids, mask, pixels, labels
+
+
+def test_the_label_rule_on_a_hand_built_example():
+    """Logits = hidden states (identity head). Sample 0: both continuations give the same
+    argmax and masked loss within 3 % → exit. Sample 1: same argmax, masked loss far higher →
+    stay. Sample 2: argmax differs on one of two tokens → stay. Sample 3: no answer tokens."""
+    head = nn.Identity()
+    labels = torch.tensor([[-100, 0, 0], [-100, 0, 0], [-100, 0, 1], [-100, -100, -100]])
+    normal = torch.tensor(
+        [[[3.0, 0], [3.0, 0], [0, 0]]] * 2 + [[[3.0, 0], [0, 3.0], [0, 0]]] + [[[0.0, 0]] * 3]
+    )
+    masked = normal.clone()
+    masked[0, :2] = torch.tensor([3.02, 0.0])  # a hair more confident: lower loss
+    masked[1, :2] = torch.tensor([0.5, 0.0])  # right answer, much less sure
+    masked[2, 1] = torch.tensor([3.0, 0.0])  # second answer token flips
+
+    def state(hidden):
+        visual = torch.zeros(4, 3, dtype=torch.bool)
+        return SequenceState(
+            hidden, torch.ones(4, 3, dtype=torch.bool), torch.arange(3).expand(4, -1), visual, labels
+        )
+
+    label, has_answer = exit_labels(state(normal), state(masked), head, 0.99, 1.03)
+    assert label.tolist() == [1, 0, 0, 0] and has_answer.tolist() == [True, True, True, False]
+    # the loss bound: 1.03 × the normal loss
+    masked[1, :2] = torch.tensor([2.98, 0.0])  # loss 0.0495 vs 0.0486: within 3 %
+    label, _ = exit_labels(state(normal), state(masked), head, 0.99, 1.03)
+    assert label[1] == 1
+
+
+def exit_by_prompt_length(self, layer, state):
+    """A decision that depends on the sample only: 3 instruction tokens exit after layer 0,
+    one after layer 1 (so a batch holds samples that exit at different layers)."""
+    prompt = state.prompt_mask.sum(1)
+    return torch.where(prompt >= 3, torch.tensor(layer == 0), torch.tensor(layer == 1))
+
+
+def test_samples_exiting_at_different_layers_answer_as_one_by_one(monkeypatch):
+    monkeypatch.setattr(DyVTE, "wants_exit", exit_by_prompt_length)
+    built = dyvte(seed=1)
+    model = built.model.eval()
+    ids, mask, pixels, _ = inputs(built)
+    prompts = ids[:, :-2], mask[:, :-2]  # drop the answers: generation prompts
+    layer_sizes = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, args, i=i: layer_sizes.append((i, args[0].shape[1])))
+        for i, layer in enumerate(model.llm.body.layers)
+    ]
+    try:
+        with torch.no_grad():
+            batch = model(ids, mask, pixels, return_logits=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    longest = int(mask.sum(1).max()) + 63  # 64 visual tokens for the <image> id
+    assert [n for _, n in layer_sizes] == [longest, longest - 64, longest - 64]  # both gone by layer 2
+    generated, _ = model.generate(*prompts, pixels, max_new_tokens=3)
+    for b in range(2):
+        real = mask[b]
+        with torch.no_grad():
+            alone = model(ids[b : b + 1, real], mask[b : b + 1, real], pixels[b : b + 1], return_logits=True)
+        got = batch.logits[b][batch.state.attention_mask[b]]
+        torch.testing.assert_close(got, alone.logits[0], rtol=1e-5, atol=1e-5)
+        prompt = prompts[0][b][prompts[1][b]][None]
+        one, _ = model.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b : b + 1], 3)
+        assert torch.equal(one[0], generated[b])
+        seq = prompt[0].tolist()
+        for t in range(3):  # cached generation after an exit equals full forwards
+            with torch.no_grad():
+                logits = model(
+                    torch.tensor([seq]),
+                    torch.ones(1, len(seq), dtype=torch.bool),
+                    pixels[b : b + 1],
+                    return_logits=True,
+                ).logits
+            logits[0, -1, model.image_token_id] = float("-inf")
+            assert int(logits[0, -1].argmax()) == int(generated[b, t])
+            seq.append(int(generated[b, t]))
+    assert model.compressors[0].statistics()["exit_layers"]["0"] >= 1
+
+
+def test_gradients_reach_only_the_drawn_router():
+    built = dyvte()
+    model = built.model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ids, mask, pixels, labels = inputs(built)
+    states = model.set_progress(Progress(5, 10, ("router_ce",)))
+    drawn = int(states["dyvte.layer"])
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
+    terms = OBJECTIVES["aux"].terms(model, batch)
+    assert {"router_ce", "dyvte/label_rate", "dyvte/router_accuracy"} <= set(terms)
+    terms["router_ce"].backward()
+    learned = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert learned and all(n.startswith(f"compressors.0.routers.{drawn}.") for n in learned)
+    assert model.set_progress(Progress(5, 10, ("router_ce",))) == states  # the draw follows the step
+
+
+def logged(run_dir, column):
+    rows = list(csv.DictReader(open(run_dir / "logs" / "instruct" / "metrics.csv")))
+    return {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
+
+
+@pytest.mark.slow
+def test_a_killed_router_run_resumes_to_bit_identical_weights(tmp_path, monkeypatch):
+    def recipe(out):
+        overrides = [f"output={out}", f"data.cache_dir={tmp_path / 'data'}", "stages.0.steps=2"]
+        overrides += ["stages.1.steps=10", "stages.1.objective=aux", "checkpoint.every=4", "eval.limit=2"]
+        overrides += ["model.compressors=[{name: dyvte, hidden: 16}]"]
+        overrides += ["stages.1.train={vision: frozen, projector: frozen, compressors: full, llm: frozen}"]
+        return load_recipe("tiny/smoke", overrides)
+
+    run_recipe(recipe(tmp_path / "a"))
+    drawn = logged(tmp_path / "a", "schedule/dyvte.layer")
+    assert set(drawn.values()) == {0.0} and len(drawn) == 10  # a 2-layer LLM has one router
+    assert len(logged(tmp_path / "a", "train/dyvte/label_rate")) == 10
+    original = DyVTE.set_progress
+
+    def crash_at_6(self, progress):
+        if progress is not None and progress.step == 6:
+            raise RuntimeError("simulated crash before step 6")
+        return original(self, progress)
+
+    monkeypatch.setattr(DyVTE, "set_progress", crash_at_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_recipe(recipe(tmp_path / "b"))
+    monkeypatch.setattr(DyVTE, "set_progress", original)
+    run_recipe(recipe(tmp_path / "b"), resume="auto")
+    a, b = (load_file(str(d / "trainable.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
+    assert any(k.startswith("compressors.0.routers.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
