@@ -48,3 +48,37 @@ def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
 
     gates = load_file(str(run_dir / "trainable.safetensors"))
     assert all(float(gates[f"compressors.0.gates.{i}"]) != 1.0 for i in (0, 1))  # both learned
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_dyvte_routers_one_layer_per_step(tmp_path):
+    """DyVTE learns one router per step (the drawn layer): under 2-process DDP the unused ones
+    are found every step, both ranks draw the same layer and end with identical routers."""
+    run_dir = tmp_path / "ddp"
+    cmd = smoke_train_cmd(
+        run_dir,
+        tmp_path / "data",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.record_samples=true",
+        "trainer.threads=1",
+        "model.tiny.llm_layers=3",  # two routers
+        "model.compressors=[{name: dyvte, hidden: 16}]",
+        "stages=[{name: routers, objective: aux, steps: 6, batch_size: 8, "
+        "train: {vision: frozen, projector: frozen, compressors: full, llm: frozen}}]",
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = [json.loads((run_dir / f"record-routers-rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
+    import csv
+
+    from safetensors.torch import load_file
+
+    rows = list(csv.DictReader(open(run_dir / "logs" / "routers" / "metrics.csv")))
+    drawn = {float(r["schedule/dyvte.layer"]) for r in rows if r.get("schedule/dyvte.layer")}
+    assert drawn == {0.0, 1.0}
+    routers = load_file(str(run_dir / "trainable.safetensors"))
+    assert {k.split(".")[3] for k in routers} == {"0", "1"}
