@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from data.dataset import ConversationDataset, collate
-from models.compressors.dyvte import exit_labels
+from models.compressors.dyvte import answer_scores, exit_labels
 from models.flops import prefill_flops
 from train.datamodule import split_shards
 from train.evaluate import Settings, evaluate
@@ -31,8 +31,10 @@ from train.recipe import load_recipe
 from train.run import build_from_recipe, run_recipe
 
 
-def label_rates(batches: int = 8, batch_size: int = 32) -> list[float]:
-    """Share of 'exit' labels per router layer on training batches of the frozen shipped base."""
+def label_rates(batches: int = 8, batch_size: int = 32) -> dict:
+    """Per router layer on training batches of the frozen shipped base: the share of 'exit'
+    labels, the mean argmax agreement of the two continuations' answers, and the median ratio
+    of the hidden-image loss to the normal one."""
     recipe = load_recipe("tiny/dyvte")
     built = build_from_recipe(recipe)
     model = built.model.eval()
@@ -40,9 +42,9 @@ def label_rates(batches: int = 8, batch_size: int = 32) -> list[float]:
     data = ConversationDataset(
         split_shards(recipe.data, "train"), built.tokenizer, "vicuna_v1", 64, model.image_token_id, 512, 64
     )
-    rates = []
+    rates, agreements, ratios = [], [], []
     for layer in range(len(component.routers)):
-        labels = []
+        labels, agree, ratio = [], [], []
         for i in range(batches):
             items = [data[j] for j in range(i * batch_size, (i + 1) * batch_size)]
             batch = collate(items, built.tokenizer.pad_token_id)
@@ -54,8 +56,20 @@ def label_rates(batches: int = 8, batch_size: int = 32) -> list[float]:
                 masked = model.llm.run(head.hide_visual_keys(), start=layer + 1)
             label, has_answer = exit_labels(normal, masked, model.llm.lm_head, 0.99, 1.03)
             labels.append(label[has_answer].float())
+            normal_loss, normal_top, where = answer_scores(normal, model.llm.lm_head)
+            masked_loss, masked_top, _ = answer_scores(masked, model.llm.lm_head)
+            rows = where.nonzero()[:, 0]
+            count = where.sum(1).clamp(min=1)
+
+            def per_sample(values, rows=rows, count=count):
+                return torch.zeros(len(count)).index_add(0, rows, values.float()) / count
+
+            agree.append(per_sample(normal_top == masked_top)[has_answer])
+            ratio.append((per_sample(masked_loss) / per_sample(normal_loss))[has_answer])
         rates.append(round(float(torch.cat(labels).mean()), 4))
-    return rates
+        agreements.append(round(float(torch.cat(agree).mean()), 4))
+        ratios.append(round(float(torch.cat(ratio).median()), 3))
+    return {"exit_label_rate": rates, "answer_agreement_mean": agreements, "loss_ratio_median": ratios}
 
 
 def routed_flops(config, text: int, visual: int, share: float) -> float:
@@ -103,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    results = {"label_rate_per_layer": label_rates()}
+    results = {"labels_per_layer": label_rates()}
     print(json.dumps(results), flush=True)
     if not args.labels:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dyvte-bench-"))

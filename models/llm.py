@@ -74,8 +74,8 @@ class LanguageModel(nn.Module):
         LM head's input); stopped earlier, they are the raw output of layer `stop`-1, which a
         later `run(..., start=stop)` continues from (a teacher pass to a guidance layer, or
         several continuations of one state). The returned `attention` holds the rows the
-        components asked of layer `stop`-1 (e.g. a teacher's target). Layers attend to `state.key_mask` where set, and add
-        `state.key_bias` to their attention scores."""
+        components asked of layer `stop`-1 (e.g. a teacher's target). Layers attend to
+        `state.key_mask` where set, and add `state.key_bias` to their attention scores."""
         stop = self.num_layers if stop is None else stop
         bias = rotary = None
         for idx in range(start, stop):

@@ -138,7 +138,8 @@ class Compressor(nn.Module):
         return losses
 
     def add_metric(self, name: str, value: torch.Tensor | float) -> None:
-        """Record a figure of this forward pass to log (as `train/<name>`), never minimised."""
+        """Record a figure of this forward pass to log (as `train/<component>/<name>`), never
+        minimised."""
         self._metrics[name] = torch.as_tensor(value).detach().float()
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
