@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument(
         "--cost", action="store_true", help="only the scorer's cost (with --keep: also on tiny)"
     )
+    parser.add_argument("--tokens", default="32,16,8", help="visual-token counts to compare at")
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = {"cost_7b": flops_7b()}
