@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.build import build, dims_of
+from models.build import ComponentSpec, build, dims_of
 from models.compressors import build_component
 from models.flops import prefill_flops
 from models.sequence import SequenceState
@@ -92,6 +92,39 @@ def time_tiny(run_dir: Path, repeats: int = 20) -> dict:
     }
 
 
+def oracle(limit: int, pairs=((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)), keep: int = 16) -> dict:
+    """Accuracy of pruning to `keep` tokens by the teacher's own targets (the attention the
+    instruction pays each visual token at L_g of the unpruned LLM) instead of the scorer's:
+    the most a perfect stage-1 scorer could reach, per (L_p, L_g)."""
+    from models.compressors.covipal import CoViPAL
+    from train.accuracy import evaluate_accuracy
+    from train.datamodule import split_shards
+    from train.recipe import resolve_base
+
+    recipe = load_recipe("tiny/covipal")
+    original = CoViPAL.score
+
+    def by_target(self, state):
+        scores, columns, valid = original(self, state)
+        return self.guidance_targets(state, columns)[0], columns, valid
+
+    CoViPAL.score = by_target
+    out = {}
+    try:
+        for layer, guidance in pairs:
+            spec = ComponentSpec("covipal", {"layer": layer, "guidance_layer": guidance, "tokens": keep})
+            built = build(resolve_base(recipe.model.base), compressors=[spec])
+            test = split_shards(recipe.data, "test")
+            accuracy = evaluate_accuracy(
+                built.model.eval(), built.tokenizer, test, 64, limit=limit, progress=False
+            )
+            out[f"L_p={layer} L_g={guidance}"] = round(accuracy["accuracy"], 4)
+            print(json.dumps(out), flush=True)
+    finally:
+        CoViPAL.score = original
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,8 +139,15 @@ def main() -> None:
         "--cost", action="store_true", help="only the scorer's cost (with --keep: also on tiny)"
     )
     parser.add_argument("--tokens", default="32,16,8", help="visual-token counts to compare at")
+    parser.add_argument(
+        "--oracle", action="store_true", help="only: prune by the teacher's targets, per (L_p, L_g)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.oracle:
+        with torch.no_grad():
+            print(json.dumps({"oracle_at_16": oracle(args.limit)}, indent=1))
+        return
     results = {"cost_7b": flops_7b()}
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="covipal-bench-"))
     first = root / f"covipal-s{args.seeds.split(',')[0]}"
@@ -140,7 +180,7 @@ def main() -> None:
         for key, values in accuracy.items():
             label, _, budget = key.partition(" @")
             print(
-                f"| {label} | {budget or 64} | {100 * statistics.mean(values):.1f} % "
+                f"| {label} | {budget or 'its own'} | {100 * statistics.mean(values):.1f} % "
                 f"({100 * min(values):.1f}–{100 * max(values):.1f}) |"
             )
     print(json.dumps(results, indent=1))
