@@ -53,3 +53,21 @@ def ragged_prompts(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     for b, row in enumerate(rows):
         ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), True
     return ids, mask
+
+
+def assert_generation_matches_forwards(model, prompt, pixels, generated, steps: int, **forward_kwargs):
+    """Greedy generation with the KV cache equals greedy decoding by full forwards of the
+    growing sequence, for `steps` tokens of one sample (`prompt`: its ids; `generated`: (N,))."""
+    seq = [int(t) for t in prompt]
+    for t in range(steps):
+        with torch.no_grad():
+            logits = model(
+                torch.tensor([seq]),
+                torch.ones(1, len(seq), dtype=torch.bool),
+                pixels,
+                return_logits=True,
+                **forward_kwargs,
+            ).logits
+        logits[0, -1, model.image_token_id] = float("-inf")  # generate never emits <image>
+        assert int(logits[0, -1].argmax()) == int(generated[t]), f"step {t}"
+        seq.append(int(generated[t]))

@@ -8,6 +8,15 @@ import pytest
 
 from tests.conftest import smoke_train_cmd
 
+# 2 DDP processes on CPU (gloo), one thread each, recording each rank's samples and weights
+TWO_PROCESSES = (
+    "trainer.strategy=ddp",
+    "trainer.devices=2",
+    "trainer.accelerator=cpu",
+    "trainer.record_samples=true",
+    "trainer.threads=1",
+)
+
 
 @pytest.mark.slow
 def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
@@ -18,11 +27,7 @@ def test_two_process_ddp_disjoint_data_identical_weights(tmp_path):
     cmd = smoke_train_cmd(
         run_dir,
         tmp_path / "data",
-        "trainer.strategy=ddp",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        "trainer.record_samples=true",
-        "trainer.threads=1",
+        *TWO_PROCESSES,
         "stages.0.steps=3",
         "stages.1.steps=6",
         "stages.1.train.llm=lora",
@@ -58,11 +63,7 @@ def test_two_process_ddp_trains_dyvte_routers_one_layer_per_step(tmp_path):
     cmd = smoke_train_cmd(
         run_dir,
         tmp_path / "data",
-        "trainer.strategy=ddp",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        "trainer.record_samples=true",
-        "trainer.threads=1",
+        *TWO_PROCESSES,
         "model.tiny.llm_layers=3",  # two routers
         "model.compressors=[{name: dyvte, hidden: 16}]",
         "stages=[{name: routers, objective: aux, steps: 6, batch_size: 8, "

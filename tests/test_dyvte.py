@@ -11,7 +11,7 @@ from models.build import ComponentSpec, build
 from models.compressors.base import Progress
 from models.compressors.dyvte import DyVTE, exit_labels
 from models.sequence import SequenceState
-from tests.conftest import TEST_TINY
+from tests.conftest import TEST_TINY, assert_generation_matches_forwards
 from train.objectives import OBJECTIVES
 from train.recipe import load_recipe
 from train.run import run_recipe
@@ -100,18 +100,9 @@ def test_samples_exiting_at_different_layers_answer_as_one_by_one(monkeypatch):
         prompt = prompts[0][b][prompts[1][b]][None]
         one, _ = model.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b : b + 1], 3)
         assert torch.equal(one[0], generated[b])
-        seq = prompt[0].tolist()
-        for t in range(3):  # cached generation after an exit equals full forwards
-            with torch.no_grad():
-                logits = model(
-                    torch.tensor([seq]),
-                    torch.ones(1, len(seq), dtype=torch.bool),
-                    pixels[b : b + 1],
-                    return_logits=True,
-                ).logits
-            logits[0, -1, model.image_token_id] = float("-inf")
-            assert int(logits[0, -1].argmax()) == int(generated[b, t])
-            seq.append(int(generated[b, t]))
+        assert_generation_matches_forwards(
+            model, prompt[0], pixels[b : b + 1], generated[b], 3
+        )  # after an exit
     assert model.compressors[0].statistics()["exit_layers"]["0"] >= 1
 
 

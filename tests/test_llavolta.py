@@ -10,7 +10,7 @@ from models.build import ComponentSpec, build
 from models.compressors.base import Progress
 from models.compressors.llavolta import LLaVolta, LLaVoltaConfig, Phase, compression_ratio
 from models.sequence import SequenceState
-from tests.conftest import TEST_TINY, ragged_prompts
+from tests.conftest import TEST_TINY, assert_generation_matches_forwards, ragged_prompts
 from train.recipe import RecipeError, load_recipe, recipe_from_dict
 from train.run import run_recipe
 
@@ -107,18 +107,7 @@ def test_cached_generation_equals_full_forwards_and_ragged_batches_answer_as_one
             prompt[None], torch.ones(1, len(prompt), dtype=torch.bool), pixels[b : b + 1], 4
         )
         assert torch.equal(alone[0], generated[b])  # a ragged batch answers as one by one
-        seq = prompt.tolist()
-        for t in range(4):
-            with torch.no_grad():
-                logits = model(
-                    torch.tensor([seq]),
-                    torch.ones(1, len(seq), dtype=torch.bool),
-                    pixels[b : b + 1],
-                    return_logits=True,
-                ).logits
-            logits[0, -1, model.image_token_id] = float("-inf")
-            assert int(logits[0, -1].argmax()) == int(generated[b, t])
-            seq.append(int(generated[b, t]))
+        assert_generation_matches_forwards(model, prompt, pixels[b : b + 1], generated[b], 4)
 
 
 def test_schedule_switches_at_its_fractions_and_inference_has_its_own_setting(tokenizer):

@@ -6,7 +6,7 @@ import torch
 import tests.components  # noqa: F401  (registers the test components)
 from models.build import ComponentSpec, build, save_as_llava_hf
 from models.sequence import SequenceState
-from tests.conftest import TEST_TINY
+from tests.conftest import TEST_TINY, assert_generation_matches_forwards
 
 torch.manual_seed(0)
 
@@ -119,18 +119,9 @@ def test_hook_points_generation_matches_full_forward(tiny, name, components, vis
     generated, visual = model.generate(ids, mask, pixels, max_new_tokens=4)
     assert visual.tolist() == [visual_in, visual_in]
     for b, row in enumerate(rows):
-        seq = list(row)
-        for t in range(SAME_STEPS.get(name, 4)):
-            with torch.no_grad():
-                logits = model(
-                    torch.tensor([seq]),
-                    torch.ones(1, len(seq), dtype=torch.bool),
-                    pixels[b : b + 1],
-                    return_logits=True,
-                ).logits
-            logits[0, -1, model.image_token_id] = float("-inf")  # generate never emits <image>
-            assert int(logits[0, -1].argmax()) == int(generated[b, t]), (name, b, t)
-            seq.append(int(generated[b, t]))
+        assert_generation_matches_forwards(
+            model, row, pixels[b : b + 1], generated[b], SAME_STEPS.get(name, 4)
+        )
 
 
 def test_in_llm_drop_removes_the_image_from_later_layers(tiny):
