@@ -182,6 +182,7 @@ class TestAttentionGain(Compressor):
         self.query = nn.Linear(dims.vision_width, dims.vision_width)
 
     def attach(self, host):
+        super().attach(host)
         source = host.vision.layers()[0].self_attn.q_proj
         with gathered(list(source.parameters()), modify=False), torch.no_grad():
             self.query.weight.copy_(source.weight)

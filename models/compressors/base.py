@@ -121,6 +121,7 @@ class Compressor(nn.Module):
         self.config = config
         self.dims = dims
         self.progress: Progress | None = None  # None: not training (inference setting)
+        self.host = None  # the VtcLlava holding this component, once assembled (`attach`)
         self._losses: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, torch.Tensor] = {}
 
@@ -207,7 +208,10 @@ class Compressor(nn.Module):
         return attention_output
 
     def attach(self, host) -> None:
-        """Called once the model is assembled, with the `VtcLlava` that holds this component."""
+        """Called once the model is assembled, with the `VtcLlava` that holds this component;
+        kept as `self.host` (not a submodule: the host holds this component). An override that
+        reads the host calls this first."""
+        object.__setattr__(self, "host", host)
 
     # in_llm stage
     attention_layers: tuple[int, ...] = ()  # layers whose attention probabilities this component reads

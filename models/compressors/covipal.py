@@ -97,10 +97,6 @@ class CoViPAL(Compressor):
             width, config.heads, kdim=dims.llm_width, vdim=dims.llm_width, batch_first=True
         )
         self.head = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, 1))
-        self.host = None
-
-    def attach(self, host) -> None:
-        object.__setattr__(self, "host", host)  # not a submodule: the host holds this component
 
     @classmethod
     def check_config(cls, config: CoViPALConfig, dims: ModelDims):

@@ -101,13 +101,9 @@ class DyVTE(Compressor):
         self.routers = nn.ModuleList(
             router(dims.llm_width, config.hidden) for _ in range(dims.llm_layers - 1)
         )
-        self.host = None
         self.drawn: int | None = None  # the layer whose router learns this step
         self._pending = None  # (router logits, hidden-image final state) until after_llm
         self.reset_statistics()
-
-    def attach(self, host) -> None:
-        object.__setattr__(self, "host", host)  # not a submodule: the host holds this component
 
     @classmethod
     def check_config(cls, config: DyVTEConfig, dims: ModelDims):
