@@ -1,7 +1,14 @@
-"""Convert LLaVA-format JSON (+ an image folder) into vtc's webdataset shards.
+"""Convert LLaVA-format JSON or JSON lines (+ an image folder) into vtc's webdataset shards.
 
-Bad entries never stop the conversion: a malformed record, a missing or unreadable image is
-skipped, counted, and listed with its id and reason in `<out>/skipped.jsonl`.
+Bad entries never stop the conversion: whatever an entry holds — wrong types, a malformed
+conversation, an `<image>` placeholder that does not match the image, empty answers, a missing,
+undecodable or oversized image, an image path outside the image folder — it is skipped, counted
+and listed with its id, the file and the reason in `<out>/skipped.jsonl`, and the conversion
+finishes with its counts.
+
+Nothing is half-written: shards go to a temporary folder beside `out` and move into place at
+the end. A folder that already holds shards is refused unless the user asks to `overwrite` it
+(replaced whole) or `append` to it (new shards numbered after the old ones).
 """
 
 from __future__ import annotations
@@ -9,54 +16,158 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
+import tempfile
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from data import IMAGE_PLACEHOLDER
 from data.errors import UserError
-from data.shards import ShardWriter
+from data.shards import ShardIndex, ShardWriter, list_shards
 from data.templates import ConversationError, conversation_turns
+
+
+class BadEntry(ValueError):
+    """Why one entry is skipped. `kind` groups entries that fail the same way (the summary
+    counts kinds); the message says what exactly is wrong with this entry."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
 class ConvertReport:
+    source: str = ""
     written: int = 0
     skipped: list[dict] = field(default_factory=list)
 
+    @property
+    def total(self) -> int:
+        return self.written + len(self.skipped)
+
+    def kinds(self) -> list[tuple[str, int]]:
+        """The reasons entries were skipped, most common first."""
+        return Counter(row["kind"] for row in self.skipped).most_common()
+
     def summary(self) -> str:
-        return f"written {self.written}, skipped {len(self.skipped)}"
+        lines = [
+            f"written {self.written}, skipped {len(self.skipped)} of {self.total} entries in {self.source}"
+        ]
+        lines += [f"  {count} × {kind}" for kind, count in self.kinds()[:5]]
+        return "\n".join(lines)
 
 
 def check_record(record) -> None:
-    """Raise ConversationError if `record` is not a usable LLaVA sample."""
+    """Raise BadEntry if `record` is not a usable LLaVA sample: an object with a string or
+    integer `id`, a list of human/gpt messages with string values, no answer empty, and exactly
+    one `<image>` (in a question) when it has an `image` — a string path — and none otherwise."""
     if not isinstance(record, dict):
-        raise ConversationError(f"entry is a {type(record).__name__}, not an object")
-    if "id" not in record:
-        raise ConversationError("missing 'id'")
-    if not isinstance(record.get("conversations"), list):
-        raise ConversationError("missing or non-list 'conversations'")
-    pairs = conversation_turns(record["conversations"])
-    has_placeholder = any("<image>" in q for q, _ in pairs)
-    if "image" in record and not has_placeholder:
-        raise ConversationError("has an image but no <image> placeholder in its questions")
-    if "image" not in record and has_placeholder:
-        raise ConversationError("has an <image> placeholder but no 'image'")
+        raise BadEntry("not an object", f"entry is a {type(record).__name__}, not an object")
+    sample_id = record.get("id")
+    if sample_id is None or isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+        raise BadEntry("bad id", f"'id' must be a string or an integer, got {sample_id!r}")
+    if "conversations" not in record:
+        raise BadEntry("malformed conversation", "missing 'conversations'")
+    try:
+        pairs = conversation_turns(record["conversations"])
+    except ConversationError as err:
+        raise BadEntry("malformed conversation", str(err)) from None
+    if "image" in record and (not isinstance(record["image"], str) or not record["image"].strip()):
+        raise BadEntry("bad image field", f"'image' must be a file path, got {record['image']!r}")
+    in_questions = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in pairs)
+    if any(IMAGE_PLACEHOLDER in a for _, a in pairs):
+        raise BadEntry("placeholder in an answer", "an answer holds <image>")
+    if "image" in record and in_questions != 1:
+        raise BadEntry(
+            "placeholder count",
+            f"has one image but {in_questions} <image> placeholders in its questions (needs exactly 1)",
+        )
+    if "image" not in record and in_questions:
+        raise BadEntry("placeholder count", "has an <image> placeholder but no 'image'")
+    empty = [turn for turn, (_, answer) in enumerate(pairs) if not answer.strip()]
+    if empty:
+        raise BadEntry("empty answer", f"turn {empty[0]}: the answer is empty")
+
+
+def image_path(image_dir: Path, name: str, allow_outside: bool) -> Path:
+    """`image_dir / name`, refused when it leads outside `image_dir` (`../x.png`, an absolute
+    path, a link out) unless `allow_outside`."""
+    path = image_dir / name
+    if not allow_outside and not path.resolve().is_relative_to(image_dir.resolve()):
+        raise BadEntry(
+            "image outside --images",
+            f"image {name!r} is outside {image_dir} (allow with --allow-outside-images)",
+        )
+    return path
 
 
 def read_image(path: Path) -> tuple[bytes, str]:
-    """Bytes and extension of a decodable image; raises on missing or corrupt files."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()  # decode fully: truncated files fail here, not mid-training
-        fmt = (image.format or "").lower()
-    ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
-    if ext is None:  # re-encode exotic formats to PNG
-        buffer = io.BytesIO()
-        Image.open(io.BytesIO(data)).convert("RGB").save(buffer, format="PNG")
-        return buffer.getvalue(), "png"
+    """Bytes and extension of a decodable image; BadEntry (naming the file) otherwise."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadEntry("image not found", f"{path}: no such file") from None
+    except OSError as err:
+        raise BadEntry("image unreadable", f"{path}: {err.strerror or err}") from None
+    try:
+        with warnings.catch_warnings():  # PIL warns, then errors, on decompression bombs
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode fully: truncated files fail here, not mid-training
+                fmt = (image.format or "").lower()
+                ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
+                if ext is None:  # re-encode exotic formats to PNG
+                    buffer = io.BytesIO()
+                    image.convert("RGB").save(buffer, format="PNG")
+                    return buffer.getvalue(), "png"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadEntry("image too large", f"{path}: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadEntry("image undecodable", f"{path}: cannot decode ({type(err).__name__}: {err})") from None
     return data, ext
+
+
+def read_entries(path: Path) -> list:
+    """The entries of a JSON list or a JSON-lines file (one object per line). A line that is
+    not JSON becomes an entry that the conversion skips and reports (its line number as id)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+    if path.suffix != ".jsonl":
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as err:
+            if not text.lstrip().startswith("{"):  # not JSON lines either
+                raise UserError(
+                    f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+                ) from None
+        else:
+            if not isinstance(entries, list):
+                raise UserError(f"{path}: expected a JSON list of samples, got {type(entries).__name__}")
+            return entries
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                entries.append(_Unparsed(number, err.msg))
+    return entries
+
+
+@dataclass(frozen=True)
+class _Unparsed:
+    line: int
+    error: str
 
 
 @dataclass(frozen=True)
@@ -77,9 +188,9 @@ class Selection:
                 return False
             if self.single_turn:
                 try:
-                    return len(conversation_turns(record.get("conversations") or [])) == 1
+                    return len(conversation_turns(record.get("conversations"))) == 1
                 except ConversationError:
-                    return True
+                    return True  # malformed: skipped with its reason
             return True
 
         if not 0 < self.fraction <= 1:
@@ -91,6 +202,10 @@ class Selection:
         return [records[i] for i in kept]
 
 
+def existing_shards(out_dir: Path) -> list[Path]:
+    return list_shards(out_dir) if out_dir.is_dir() and any(out_dir.glob("*.tar")) else []
+
+
 def convert_llava_json(
     json_path,
     image_dir,
@@ -98,30 +213,94 @@ def convert_llava_json(
     samples_per_shard: int = 2000,
     progress: bool = True,
     selection: Selection | None = None,
+    mode: str = "new",
+    allow_outside_images: bool = False,
 ) -> ConvertReport:
+    """Convert; `mode`: "new" (refuse a folder that holds shards), "overwrite" (replace them)
+    or "append" (add shards after them; skipped.jsonl is appended to)."""
     json_path, image_dir, out_dir = Path(json_path), Path(image_dir), Path(out_dir)
-    records = json.loads(json_path.read_text())
-    if not isinstance(records, list):
-        raise UserError(f"{json_path}: expected a JSON list of samples, got {type(records).__name__}")
+    if mode not in ("new", "overwrite", "append"):
+        raise ValueError(f"unknown mode {mode!r}")
+    old = existing_shards(out_dir)
+    if old and mode == "new":
+        raise UserError(
+            f"{out_dir} already holds {len(old)} shard(s); converting into it would mix two "
+            "datasets: choose another --out, or --overwrite or --append"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder for shards")
+    if not image_dir.is_dir():
+        raise UserError(f"--images {image_dir}: no such folder")
+    records = read_entries(json_path)
     if selection is not None:
         records = selection.apply(records)
-    report = ConvertReport()
-    with ShardWriter(out_dir, samples_per_shard) as writer:
-        for position, record in enumerate(tqdm(records, desc="convert", disable=not progress, unit="sample")):
-            sample_id = (
-                record.get("id", f"<entry {position}>") if isinstance(record, dict) else f"<entry {position}>"
-            )
-            try:
-                check_record(record)
-                image = read_image(image_dir / record["image"]) if "image" in record else (None, "png")
-            except (ConversationError, OSError, SyntaxError, ValueError) as err:
-                report.skipped.append(
-                    {"id": sample_id, "position": position, "reason": f"{type(err).__name__}: {err}"}
-                )
-                continue
-            writer.write(record, *image)
-            report.written += 1
-    with open(out_dir / "skipped.jsonl", "w") as f:
-        for row in report.skipped:
-            f.write(json.dumps(row) + "\n")
+    report = ConvertReport(source=str(json_path))
+    start = len(ShardIndex(out_dir)) if old and mode == "append" else 0
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        with ShardWriter(
+            tmp, samples_per_shard, first_shard=len(old) if mode == "append" else 0, first_key=start
+        ) as writer:
+            for position, record in enumerate(
+                tqdm(records, desc="convert", disable=not progress, unit="sample")
+            ):
+                try:
+                    if isinstance(record, _Unparsed):
+                        raise BadEntry("invalid JSON line", f"line {record.line}: {record.error}")
+                    check_record(record)
+                    image = (None, "png")
+                    if "image" in record:
+                        image = read_image(image_path(image_dir, record["image"], allow_outside_images))
+                except BadEntry as err:
+                    report.skipped.append(_skip_row(json_path, record, position, err))
+                    continue
+                writer.write(record, *image)
+                report.written += 1
+        _write_skipped(tmp / "skipped.jsonl", report.skipped)
+        _move_into_place(tmp, out_dir, mode)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _skip_row(json_path: Path, record, position: int, err: BadEntry) -> dict:
+    if isinstance(record, _Unparsed):
+        sample_id = f"<line {record.line}>"
+    elif isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+        sample_id = record["id"]
+    else:
+        sample_id = f"<entry {position}>"
+    return {
+        "id": sample_id,
+        "position": position,
+        "file": str(json_path),
+        "kind": err.kind,
+        "reason": str(err),
+    }
+
+
+def _write_skipped(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, mode: str) -> None:
+    """The finished conversion in `tmp` becomes `out_dir` (new, overwrite) or joins it (append)."""
+    if mode == "append" and out_dir.is_dir():
+        for shard in sorted(tmp.glob("*.tar")):
+            shard.rename(out_dir / shard.name)
+        with open(out_dir / "skipped.jsonl", "a") as f:
+            f.write((tmp / "skipped.jsonl").read_text())
+        return
+    if out_dir.exists():  # overwrite, or "new" into an existing folder without shards
+        if mode == "new":
+            for item in tmp.iterdir():
+                item.replace(out_dir / item.name)
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+        out_dir.rename(trash / out_dir.name)
+        tmp.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    tmp.rename(out_dir)

@@ -1,8 +1,9 @@
 """Map-style dataset over shards: a sample → tokenized conversation + preprocessed image, and
 the collate function that pads a batch.
 
-Samples that cannot be used (undecodable image, malformed conversation, every supervised token
-truncated away) are not trained on: the dataset returns a `Skipped(id, reason)` and the collate
+Samples that cannot be used (undecodable image, malformed conversation, an `<image>` count
+that does not match the image, answers that are empty or all unknown tokens, every supervised
+token truncated away) are not trained on: the dataset returns a `Skipped(id, reason)` and the collate
 function passes the skipped ids up with the batch, so the trainer counts and reports them even
 when DataLoader workers run in other processes.
 """
@@ -15,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from data import IGNORE_INDEX
+from data import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
 from data.subimages import thumbnail_and_crops
 from data.synth import region_targets
-from data.templates import ConversationError, get_template
+from data.templates import ConversationError, conversation_turns, get_template
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.shards)
 
     def __getitem__(self, index: int):
-        record = self.shards.record(index)
-        sample_id = str(record.get("id", index))
+        sample_id = f"<sample {index}>"
         try:
+            record = self.shards.record(index)
+            if not isinstance(record, dict):
+                raise ConversationError(f"the sample's JSON is a {type(record).__name__}, not an object")
+            sample_id = str(record.get("id", sample_id))
             pixel_values, grid = self._image(index)
             conversations = record["conversations"]
             if self.template.name == "plain" and "caption" in record:  # synthetic data: dense captions
@@ -85,10 +89,18 @@ class ConversationDataset(torch.utils.data.Dataset):
                     {"from": "human", "value": "<image>"},
                     {"from": "gpt", "value": record["caption"]},
                 ]
+            self._check(conversations, has_image=pixel_values is not None)
             tokens = self.visual_tokens(grid) if callable(self.visual_tokens) else self.visual_tokens
             budget = self.max_length - (tokens - 1) * (pixel_values is not None)
             encoded = self.template.encode(conversations, self.tokenizer, self.image_token_id, budget)
-        except (ConversationError, OSError, SyntaxError, ValueError, KeyError) as err:
+        except (
+            ConversationError,
+            OSError,
+            SyntaxError,
+            ValueError,
+            KeyError,
+            Image.DecompressionBombError,
+        ) as err:
             return Skipped(sample_id, f"{type(err).__name__}: {err}")
         if encoded.num_supervised == 0 and not self.with_regions:
             return Skipped(sample_id, f"no supervised tokens left within max_length={self.max_length}")
@@ -103,6 +115,23 @@ class ConversationDataset(torch.utils.data.Dataset):
         if self.with_regions:
             item["region_targets"] = torch.tensor(region_targets(record["scene"], self.with_regions))
         return item
+
+    def _check(self, conversations, has_image: bool) -> None:
+        """ConversationError for what would stop the model or teach it nothing: an image whose
+        questions do not hold exactly one `<image>`, a placeholder without an image, answers
+        that are all empty or unknown tokens."""
+        pairs = conversation_turns(conversations)
+        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in pairs) + sum(
+            a.count(IMAGE_PLACEHOLDER) for _, a in pairs
+        )
+        if has_image and placeholders != 1:
+            raise ConversationError(f"one image but {placeholders} <image> placeholders (needs exactly 1)")
+        if not has_image and placeholders:
+            raise ConversationError("an <image> placeholder but no image")
+        unknown = self.tokenizer.unk_token_id
+        answers = " ".join(a for _, a in pairs)
+        if not any(i != unknown for i in self.tokenizer(answers, add_special_tokens=False).input_ids):
+            raise ConversationError("every answer is empty or made only of unknown tokens")
 
     def _image(self, index: int) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
         data = self.shards.image_bytes(index)

@@ -29,18 +29,24 @@ def safe_key(sample_id: str) -> str:
 
 
 class ShardWriter:
-    """Writes samples into `out_dir/shard-000000.tar`, ... (`samples_per_shard` each)."""
+    """Writes samples into `out_dir/shard-000000.tar`, ... (`samples_per_shard` each).
+    `first_shard` and `first_key` continue the numbering of shards written before (appending)."""
 
-    def __init__(self, out_dir: str | Path, samples_per_shard: int = 2000):
+    def __init__(
+        self, out_dir: str | Path, samples_per_shard: int = 2000, first_shard: int = 0, first_key: int = 0
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pattern = str(self.out_dir / "shard-%06d.tar")
-        self._writer = wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0)
+        self._writer = wds.ShardWriter(
+            pattern, maxcount=samples_per_shard, verbose=0, start_shard=first_shard
+        )
+        self.first_key = first_key
         self.count = 0
 
     def write(self, record: dict, image_bytes: bytes | None = None, image_ext: str = "png") -> None:
         sample = {
-            "__key__": f"{self.count:09d}_{safe_key(record['id'])}",
+            "__key__": f"{self.first_key + self.count:09d}_{safe_key(record['id'])}",
             "json": json.dumps(record).encode(),
         }
         if image_bytes is not None:

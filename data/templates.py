@@ -49,8 +49,13 @@ def text_to_ids(text: str, tokenizer, image_token_id: int) -> list[int]:
 
 def conversation_turns(conversations: list[dict]) -> list[tuple[str, str]]:
     """[(human, gpt), ...] from LLaVA `conversations`, checking roles alternate human → gpt."""
+    if not isinstance(conversations, list):
+        raise ConversationError(f"'conversations' must be a list, got {type(conversations).__name__}")
     if not conversations or len(conversations) % 2:
         raise ConversationError(f"expected human/gpt pairs, got {len(conversations)} messages")
+    for i, message in enumerate(conversations):
+        if not isinstance(message, dict):
+            raise ConversationError(f"message {i} is a {type(message).__name__}, not an object")
     pairs = []
     for i in range(0, len(conversations), 2):
         human, gpt = conversations[i], conversations[i + 1]

@@ -209,7 +209,7 @@ def test_sources_resolve_to_a_baseline(tmp_path):
     save_as_llava_hf(build("tiny", tiny=TEST_TINY), tmp_path / "llava")
     source = resolve_source(str(tmp_path / "llava"))
     assert source.model is None and source.base_dir == str(tmp_path / "llava")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
         resolve_source(str(tmp_path / "nothing-here"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a run directory, recipe, vtc export or llava-hf folder"):

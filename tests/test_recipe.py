@@ -107,6 +107,66 @@ BAD = [
         "data.train_shards",
         "does not exist",
     ),
+    # values that used to validate and then crash `vtc train`
+    ("negative steps", with_change("stages.0.steps", -5), "stages[0].steps", "must be ≥ 1"),
+    ("zero epochs", with_change("stages", [{"name": "s", "epochs": 0}]), "stages[0].epochs", "must be > 0"),
+    ("batch size 0", with_change("stages.0.batch_size", 0), "stages[0].batch_size", "must be ≥ 1"),
+    ("global batch 0", with_change("stages.0.global_batch_size", 0), "stages[0].global_batch_size", "≥ 1"),
+    ("devices 0", with_change("trainer.devices", 0), "trainer.devices", "must be ≥ 1"),
+    ("nodes 0", with_change("trainer.num_nodes", 0), "trainer.num_nodes", "must be ≥ 1"),
+    ("negative threads", with_change("trainer.threads", -2), "trainer.threads", "must be ≥ 1"),
+    ("log every 0", with_change("trainer.log_every", 0), "trainer.log_every", "must be ≥ 1"),
+    ("lr 0", with_change("stages.0.optim", {"lr": 0}), "stages[0].optim.lr", "must be > 0"),
+    ("lr nan", with_change("stages.0.optim", {"lr": float("nan")}), "stages[0].optim.lr", "must be > 0"),
+    (
+        "negative wd",
+        with_change("stages.0.optim", {"weight_decay": -0.1}),
+        "stages[0].optim.weight_decay",
+        "≥ 0",
+    ),
+    ("warmup past 1", with_change("stages.0.optim", {"warmup": 1.5}), "stages[0].optim.warmup", "[0, 1]"),
+    (
+        "betas of 1",
+        with_change("stages.0.optim", {"betas": [0.9, 1.0]}),
+        "stages[0].optim.betas[1]",
+        "[0, 1)",
+    ),
+    ("one beta", with_change("stages.0.optim", {"betas": [0.9]}), "stages[0].optim.betas", "list of 2"),
+    ("grad clip 0", with_change("stages.0.optim", {"grad_clip": 0}), "stages[0].optim.grad_clip", "> 0"),
+    ("lora dropout 1", with_change("stages.0.lora", {"dropout": 1.0}), "stages[0].lora.dropout", "[0, 1)"),
+    ("lora rank 0", with_change("stages.0.lora", {"r": 0}), "stages[0].lora.r", "must be ≥ 1"),
+    (
+        "negative loss weight",
+        with_change("stages.0.loss_weights", {"lm": -1}),
+        "stages[0].loss_weights.lm",
+        "≥ 0",
+    ),
+    ("max length 0", with_change("data.max_length", 0), "data.max_length", "must be ≥ 1"),
+    ("negative workers", with_change("data.num_workers", -1), "data.num_workers", "must be ≥ 0"),
+    ("no training samples", with_change("data.synthetic", {"train": 0}), "data.synthetic.train", "≥ 1"),
+    ("checkpoint every 0", with_change("checkpoint.every", 0), "checkpoint.every", "must be ≥ 1"),
+    ("keep no checkpoint", with_change("checkpoint.keep_last", 0), "checkpoint.keep_last", "must be ≥ 1"),
+    ("eval limit 0", with_change("eval.limit", 0), "eval.limit", "must be ≥ 1"),
+    ("eval new tokens 0", with_change("eval.max_new_tokens", 0), "eval.max_new_tokens", "must be ≥ 1"),
+    ("empty output", with_change("output", " "), "output", "must name the run directory"),
+    (
+        "shards without test data",
+        with_change("data", {"synthetic": None, "train_shards": "."}),
+        "data.test_shards",
+        "eval.after_training: false",
+    ),
+    (
+        "stage name with a slash",
+        with_change("stages.0.name", "a/b"),
+        "stages[0].name",
+        "it names files",
+    ),
+    (
+        "two stages, one name",
+        with_change("stages", [{"name": "s", "steps": 1}, {"name": "s", "steps": 1}]),
+        "stages[1].name",
+        "also the name of stages[0]",
+    ),
 ]
 
 
@@ -128,6 +188,41 @@ def test_all_problems_reported_together():
     assert {p.key for p in info.value.problems} >= {"seed", "stages[0].batch_size", "stages[0].stepz"}
 
 
+def test_a_type_error_does_not_hide_the_combination_checks():
+    raw = with_change("stages.0.batch_size", "big")
+    raw["model"]["compressors"] = [{"name": "mlp2x_gelu"}]  # a projector among compressors
+    raw["trainer"] = {"threads": 0}
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(raw, "bad.yaml")
+    keys = {p.key for p in info.value.problems}
+    assert keys == {"stages[0].batch_size", "model.compressors[0].name", "trainer.threads"}
+
+
+def test_a_bad_value_is_not_reported_twice_through_a_combination():
+    # steps: -1 falls back to its default (None) while the stage is checked; "give exactly one
+    # of steps or epochs" would only repeat the real problem
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(with_change("stages.0.steps", -1), "bad.yaml")
+    assert [p.key for p in info.value.problems] == ["stages[0].steps"]
+
+
+def test_duplicate_keys_in_a_recipe_file_are_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(GOOD) + "seed: 1\nseed: 2\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "twice.yaml" in str(info.value) and "'seed' appears twice" in str(info.value)
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("")
+    for output in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(RecipeError) as info:
+            recipe_from_dict(with_change("output", str(output)), "bad.yaml")
+        assert [p.key for p in info.value.problems] == ["output"]
+        recipe_from_dict(with_change("output", str(output)), "bad.yaml", check_machine=False)  # --anywhere
+
+
 def test_overrides_apply_and_bad_overrides_are_named(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(GOOD))
@@ -137,6 +232,9 @@ def test_overrides_apply_and_bad_overrides_are_named(tmp_path):
         load_recipe(path, ["stages.5.steps=1"])
     with pytest.raises(RecipeError, match="key.path=value"):
         load_recipe(path, ["nonsense"])
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["stages.0.steps=[10"])
+    assert info.value.problems[0].key == "stages.0.steps" and "not valid YAML" in str(info.value)
 
 
 def test_recipe_is_frozen():

@@ -69,7 +69,9 @@ def cmd_resume(args) -> int:
 def report(recipe, metrics: dict) -> None:
     from train.run import run_dir_of
 
-    if metrics:
+    if metrics and "accuracy" not in metrics:  # eval.after_training: false
+        print(f"[vtc] trained in {metrics['train_seconds']:.0f} s; weights in {run_dir_of(recipe)}")
+    elif metrics:
         prior = metrics.get("answer_prior", {})
         families = "  ".join(
             f"{k} {v:.1%}" + (f" (prior {prior[k]:.0%})" if k in prior else "")
@@ -83,13 +85,18 @@ def report(recipe, metrics: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from data.errors import UserError
     from models.compressors import baselines as known_baselines
     from train.evaluate import Settings, evaluate
 
-    baselines = (
-        list(known_baselines()) if args.baselines == "all" else [b for b in args.baselines.split(",") if b]
-    )
-    budgets = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+    known = list(known_baselines())
+    baselines = known if args.baselines == "all" else [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in baselines if b not in known]
+    if unknown:  # before any weights load
+        raise UserError(
+            f"--baselines: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"
+        )
+    budgets = args.tokens
     settings = Settings(
         limit=args.limit,
         batch_size=args.batch_size,
@@ -125,10 +132,36 @@ def cmd_data_synth(args) -> int:
 
 def cmd_data_convert(args) -> int:
     from data.convert import Selection, convert_llava_json
+    from data.errors import UserError
 
+    if args.overwrite and args.append:
+        raise UserError("--overwrite and --append exclude each other")
     selection = Selection(args.single_turn, args.with_image, args.fraction, args.seed)
-    report = convert_llava_json(args.json, args.images, args.out, args.samples_per_shard, selection=selection)
-    print(f"{report.summary()}; skipped samples listed in {Path(args.out) / 'skipped.jsonl'}")
+    mode = "overwrite" if args.overwrite else "append" if args.append else "new"
+    report = convert_llava_json(
+        args.json,
+        args.images,
+        args.out,
+        args.samples_per_shard,
+        selection=selection,
+        mode=mode,
+        allow_outside_images=args.allow_outside_images,
+    )
+    listed = Path(args.out) / "skipped.jsonl"
+    print(
+        report.summary()
+        + (f"\nskipped entries, with their ids and reasons: {listed}" if report.skipped else "")
+    )
+    share = len(report.skipped) / max(report.total, 1)
+    if report.skipped and share > args.max_skipped:
+        kind, count = report.kinds()[0]
+        print(
+            f"vtc: error: {share:.0%} of the entries were skipped (more than --max-skipped "
+            f"{args.max_skipped:g}); most of them ({count}) for the same reason: {kind}. "
+            f"The first: {report.skipped[0]['reason']}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -138,6 +171,44 @@ def cmd_export(args) -> int:
     out = export_run(args.run_dir, args.out, merge=args.merge_lora, compressor_only=args.compressor_only)
     print(f"exported to {out}; load it with models.export.load_pretrained({str(out)!r})")
     return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def token_budgets(text: str) -> list[int]:
+    """`144,64,36` → [144, 64, 36]; every budget a positive whole number."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one budget, e.g. 144,64")
+    return [positive_int(t) for t in parts]
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
-        "train", help="train from a recipe (default: the main job, TokenPacker on the shipped tiny base)"
+        "train",
+        help="train from a recipe (default: the main job, TokenPacker on the shipped tiny base)",
+        description="Train from a recipe. The run goes to the recipe's `output` folder and synthetic "
+        "data to `data.cache_dir` (default checkpoints/data); relative paths are from the working "
+        "directory.",
     )
     p.add_argument(
         "recipe",
@@ -218,17 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
         "all registered ones, which an unknown name lists)",
     )
     p.add_argument(
-        "--tokens", help="visual-token budgets, e.g. 144,64,36 (default: 1/4 and 1/16 of the baseline's)"
+        "--tokens",
+        type=token_budgets,
+        help="visual-token budgets, e.g. 144,64,36 (default: 1/4 and 1/16 of the baseline's)",
     )
     p.add_argument("--out", help="report folder (default: the source's folder)")
     p.add_argument("--questions", help="LLaVA question file (JSON lines: question_id, image, text[, answer])")
     p.add_argument("--images", help="folder the question file's image paths are relative to")
     p.add_argument(
-        "--limit", type=int, default=200, help="synthetic test images (each asked all its questions)"
+        "--limit", type=positive_int, default=200, help="synthetic test images (each asked all its questions)"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--latency-batch", type=int, default=8, help="batch N of the latency figures")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--latency-batch", type=positive_int, default=8, help="batch N of the latency figures")
+    p.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed repeats per figure (median reported)"
+    )
     p.add_argument("--no-timing", action="store_true", help="accuracy, tokens and FLOPs only")
     p.add_argument(
         "--compare",
@@ -247,21 +326,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = data.add_parser("synth", help="write synthetic VQA shards")
     p.add_argument("--out", required=True)
-    p.add_argument("--samples", type=int, required=True)
+    p.add_argument("--samples", type=positive_int, required=True)
     p.add_argument("--split", choices=("train", "val", "test"), default="train")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=4)
+    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--grid", type=positive_int, default=4)
     p.set_defaults(func=cmd_data_synth)
-    p = data.add_parser("convert", help="convert LLaVA-format JSON + image folder into shards")
-    p.add_argument("json", help="LLaVA JSON file (a list of {id, image, conversations})")
+    p = data.add_parser(
+        "convert",
+        help="convert LLaVA-format JSON + image folder into shards",
+        description="Convert LLaVA-format samples into webdataset shards. Entries that cannot be "
+        "used (malformed, missing or undecodable image, ...) are skipped and listed with their id "
+        "and reason in OUT/skipped.jsonl; nothing is written to OUT until the conversion finishes.",
+    )
+    p.add_argument("json", help="LLaVA JSON file (a list of {id, image, conversations}) or JSON lines")
     p.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
-    p.add_argument("--out", required=True)
-    p.add_argument("--samples-per-shard", type=int, default=2000)
+    p.add_argument("--out", required=True, help="folder for the shards and skipped.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
+    p.add_argument("--append", action="store_true", help="add shards after those already in --out")
+    p.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="read image paths that lead outside --images (absolute, ../); refused by default",
+    )
+    p.add_argument(
+        "--max-skipped",
+        type=share,
+        default=0.5,
+        help="exit with status 1 when a larger share of the entries is skipped (default 0.5)",
+    )
+    p.add_argument("--samples-per-shard", type=positive_int, default=2000)
     p.add_argument("--single-turn", action="store_true", help="only samples with one question and answer")
     p.add_argument("--with-image", action="store_true", help="only samples with an image")
     p.add_argument(
-        "--fraction", type=float, default=1.0, help="a random share of the selected samples, e.g. 0.01"
+        "--fraction", type=fraction, default=1.0, help="a random share of the selected samples, e.g. 0.01"
     )
     p.add_argument(
         "--seed", type=int, default=0, help="of the --fraction draw (the same seed, the same samples)"

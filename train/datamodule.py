@@ -17,7 +17,7 @@ from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import VERSION, write_synthetic
 from train.objectives import OBJECTIVES
-from train.recipe import REPO_ROOT, DataRecipe, Stage
+from train.recipe import DataRecipe, Stage
 
 
 def synthetic_shards(data: DataRecipe, split: str) -> Path:
@@ -25,8 +25,7 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
     folder and renamed into place, so a crash or a second process never leaves half a split."""
     syn = data.synthetic
     count = {"train": syn.train, "val": syn.val, "test": syn.test}[split]
-    root = Path(data.cache_dir)
-    root = root if root.is_absolute() else REPO_ROOT / root
+    root = Path(data.cache_dir).absolute()  # a relative cache is from the working directory
     target = root / f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}" / f"{split}-{count}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,16 @@ class Source:
     uncompressed: Callable[[], Built] | None = None
 
 
+def _names_a_recipe(target: str) -> bool:
+    from train.recipe import resolve_recipe_path
+
+    try:
+        resolve_recipe_path(target)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def resolve_source(target: str) -> Source:
     """A run directory, a recipe (its run), a `vtc export` folder or a llava-hf folder."""
     from train.recipe import DataRecipe, load_recipe, resolve_base
@@ -85,6 +95,11 @@ def resolve_source(target: str) -> Source:
 
     path = Path(target)
     if not path.is_dir():
+        if not _names_a_recipe(target):
+            raise FileNotFoundError(
+                f"{target}: no such run directory, vtc export or llava-hf folder (nor a recipe file "
+                "or shipped recipe name)"
+            )
         recipe = load_recipe(target, check_machine=False)
         path = run_dir_of(recipe)
         if not (path / "trainable.safetensors").is_file():

@@ -20,6 +20,13 @@ def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
     trained weights loaded from trainable.safetensors. `compressors`: the run's own with other
     settings (e.g. another token budget), same names and weights; [] leaves them out (the
     trained model without compression)."""
+    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "trainable.safetensors").is_file():
+        what = (
+            "no such folder"
+            if not run_dir.is_dir()
+            else "not a finished run (no recipe.yaml and trainable.safetensors)"
+        )
+        raise FileNotFoundError(f"{run_dir}: {what}")
     recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
     if compressors is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, compressors=compressors))

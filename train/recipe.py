@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,17 @@ from models.pretrained import shipped_names, shipped_path, verify
 from models.tiny import TinyConfig
 from models.views import MultiViewConfig
 from train.objectives import OBJECTIVES, declared_aux_losses, loss_terms
-from train.schema import Problem, parse_dataclass, to_plain
+from train.schema import (
+    AtLeast0,
+    AtLeast1,
+    Fraction,
+    NonNegative,
+    Positive,
+    Probability,
+    Problem,
+    parse_dataclass,
+    to_plain,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -33,6 +44,7 @@ DEFAULT_RECIPE = RECIPES_DIR / "tiny" / "tokenpacker.yaml"  # the main job: `vtc
 BASE_RECIPE = RECIPES_DIR / "tiny" / "base.yaml"  # trained the shipped base, tiny-llava
 
 Mode = Literal["frozen", "full", "lora"]
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -53,12 +65,12 @@ class ModelRecipe:
 
 @dataclass(frozen=True)
 class SyntheticData:
-    train: int = 20000
-    val: int = 200
-    test: int = 500
+    train: AtLeast1 = 20000
+    val: AtLeast0 = 200
+    test: AtLeast1 = 500
     seed: int = 0
-    image_size: int = 64
-    grid: int = 4
+    image_size: AtLeast1 = 64
+    grid: AtLeast1 = 4
 
 
 @dataclass(frozen=True)
@@ -66,16 +78,16 @@ class DataRecipe:
     synthetic: SyntheticData | None = field(default_factory=SyntheticData)
     train_shards: str | None = None  # folder of shards (vtc data convert); replaces synthetic
     test_shards: str | None = None
-    max_length: int = 512
-    num_workers: int = 1
-    cache_dir: str = "checkpoints/data"
+    max_length: AtLeast1 = 512
+    num_workers: AtLeast0 = 1
+    cache_dir: str = "checkpoints/data"  # synthetic shards; a relative path is from the working directory
 
 
 @dataclass(frozen=True)
 class LoraRecipe:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
+    r: AtLeast1 = 128
+    alpha: AtLeast1 = 256
+    dropout: Probability = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,29 +100,29 @@ class Freeze:
 
 @dataclass(frozen=True)
 class Optim:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.03  # fraction of the stage's steps
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.0
+    warmup: Fraction = 0.03  # fraction of the stage's steps
     schedule: Literal["cosine", "constant"] = "cosine"
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    grad_clip: Positive | None = 1.0
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     objective: str = "lm"  # a name in train.objectives.OBJECTIVES
-    loss_weights: dict[str, float] = field(default_factory=dict)  # per term; 1.0 if not named
+    loss_weights: dict[str, NonNegative] = field(default_factory=dict)  # per term; 1.0 if not named
     # One template, or a list: every sample once per template, shuffled together (e.g. dense
     # captions mixed into instruction tuning).
     template: Literal["plain", "vicuna_v1"] | list[Literal["plain", "vicuna_v1"]] = "vicuna_v1"
     train: Freeze = field(default_factory=Freeze)
     lora: LoraRecipe = field(default_factory=LoraRecipe)
     optim: Optim = field(default_factory=Optim)
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 16  # per device
-    global_batch_size: int | None = None  # batch_size × devices × nodes × accumulation
+    steps: AtLeast1 | None = None
+    epochs: Positive | None = None
+    batch_size: AtLeast1 = 16  # per device
+    global_batch_size: AtLeast1 | None = None  # batch_size × devices × nodes × accumulation
 
 
 @dataclass(frozen=True)
@@ -125,11 +137,11 @@ class GradientCheckpointing:
 class TrainerRecipe:
     strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int = 1
-    num_nodes: int = 1
+    devices: AtLeast1 = 1
+    num_nodes: AtLeast1 = 1
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
-    log_every: int = 10
-    threads: int | None = None  # torch CPU threads; None = leave as is
+    log_every: AtLeast1 = 10
+    threads: AtLeast1 | None = None  # torch CPU threads; None = leave as is
     record_samples: bool = False  # write each rank's seen sample ids + final weight digest
     # A non-finite loss stops the run (the last checkpoint stays the last good one), or with
     # `skip` that batch is left out (no backward, no optimizer step) and counted. Single device.
@@ -139,19 +151,23 @@ class TrainerRecipe:
 
 @dataclass(frozen=True)
 class CheckpointRecipe:
-    every: int = 50  # optimizer steps between saves; the last step of every stage is saved too
-    keep_last: int = 2  # newest checkpoints kept (over all stages)
+    every: AtLeast1 = 50  # optimizer steps between saves; the last step of every stage is saved too
+    keep_last: AtLeast1 = 2  # newest checkpoints kept (over all stages)
 
 
 @dataclass(frozen=True)
 class EvalRecipe:
-    limit: int | None = None  # test images (each asked every question)
-    batch_size: int = 64
-    max_new_tokens: int = 8  # a grounded answer: up to 5 cells, " . ", the answer, </s>
+    # Score the run on the held-out test split after training (metrics.json). A recipe without
+    # test data (real shards and no data.test_shards) sets this false and evaluates with
+    # `vtc evaluate --questions` or lmms-eval instead.
+    after_training: bool = True
+    limit: AtLeast1 | None = None  # test images (each asked every question)
+    batch_size: AtLeast1 = 64
+    max_new_tokens: AtLeast1 = 8  # a grounded answer: up to 5 cells, " . ", the answer, </s>
     # After training, compare the run with its base and these training-free baselines at the
     # run's own visual-token count (`vtc evaluate` names): eval.json / .md / .png in the run.
     baselines: tuple[str, ...] = ()
-    compare_limit: int | None = 200  # test images for that comparison
+    compare_limit: AtLeast1 | None = 200  # test images for that comparison
     compare_timing: bool = True  # measure latency, decode speed and memory there too
 
 
@@ -224,7 +240,11 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) ->
                 break
         else:
             last = parts[-1]
-            value = yaml.safe_load(text)
+            try:
+                value = yaml.load(text, Loader=UniqueKeyLoader)
+            except yaml.YAMLError as err:
+                problems.append(Problem(key, f"override value {text!r} is not valid YAML: {_one_line(err)}"))
+                continue
             if isinstance(node, list) and last.isdigit() and int(last) < len(node):
                 node[int(last)] = value
             elif isinstance(node, dict):
@@ -234,13 +254,38 @@ def apply_overrides(raw: dict, overrides: list[str], problems: list[Problem]) ->
     return raw
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is an error: YAML's
+    "the last one wins" silently drops the first value, usually a mistake in a long recipe."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key {key!r} appears twice (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 def load_recipe(name: str | Path, overrides: list[str] = (), check_machine: bool = True) -> Recipe:
     path = resolve_recipe_path(name)
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise RecipeError(source, [Problem("<yaml>", str(err).replace("\n", " "))]) from None
+        raise RecipeError(source, [Problem("<yaml>", _one_line(err))]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(source, [Problem("<file>", f"cannot read the recipe: {err}")]) from None
     return recipe_from_dict(raw, source, overrides, check_machine)
 
 
@@ -261,14 +306,22 @@ def recipe_from_dict(
     recipe = parse_dataclass(Recipe, raw, "", problems, skip=("source",))
     if recipe is not None and components is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **components))
-    if recipe is not None and not problems:  # combinations are checked on well-typed recipes only
+    if recipe is not None:
+        # Bad values were replaced by their defaults while parsing, so combinations can still be
+        # checked; a combination that involves an already reported key is not reported again.
         recipe = dataclasses.replace(recipe, source=source)
-        problems += check_recipe(recipe)
-        if check_machine:
-            problems += check_machine_fit(recipe)
+        reported = [p.key for p in problems]
+        more = check_recipe(recipe) + (check_machine_fit(recipe) if check_machine else [])
+        problems += [p for p in more if not any(_overlaps(p.key, key) for key in reported)]
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """One dotted key is the other or contains it (`stages[0]` and `stages[0].steps`)."""
+    a, b = a.replace("[", ".").replace("]", ""), b.replace("[", ".").replace("]", "")
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -348,7 +401,7 @@ def resolve_base(base: str) -> str:
         verify(shipped)
         return str(shipped)
     if base.startswith("run:"):
-        return str(REPO_ROOT / "checkpoints" / base[4:] / "hf")
+        return str(Path("checkpoints", base[4:], "hf").absolute())  # from the working directory
     path = Path(base)
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         return str(REPO_ROOT / path)
@@ -451,9 +504,22 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         add("data", "give either data.synthetic or data.train_shards")
     if not recipe.stages:
         add("stages", "a recipe needs at least one stage")
+    if data.synthetic is None and not data.test_shards and recipe.eval.after_training:
+        add(
+            "data.test_shards",
+            "no test data for the held-out evaluation after training: give data.test_shards, "
+            "or set eval.after_training: false",
+        )
+    if not recipe.output.strip():
+        add("output", "must name the run directory")
     world = recipe.trainer.devices * recipe.trainer.num_nodes
+    names = [stage.name for stage in recipe.stages]
     for i, stage in enumerate(recipe.stages):
         key = f"stages[{i}]"
+        if not STAGE_NAME.fullmatch(stage.name):
+            add(f"{key}.name", f"{stage.name!r}: use letters, digits, '-' and '_' (it names files)")
+        elif names.index(stage.name) != i:
+            add(f"{key}.name", f"{stage.name!r} is also the name of stages[{names.index(stage.name)}]")
         if (stage.steps is None) == (stage.epochs is None):
             add(key, "give exactly one of steps or epochs")
         problems += objective_problems(key, stage, model)
@@ -486,9 +552,6 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
                 f"{stage.global_batch_size} is not a multiple of batch_size "
                 f"{stage.batch_size} × {world} device(s)",
             )
-    for key in ("every", "keep_last"):
-        if getattr(recipe.checkpoint, key) < 1:
-            add(f"checkpoint.{key}", "must be at least 1")
     if recipe.trainer.nonfinite_loss == "skip" and (world > 1 or recipe.trainer.strategy != "auto"):
         add(
             "trainer.nonfinite_loss",
@@ -527,6 +590,11 @@ def check_machine_fit(recipe: Recipe) -> list[Problem]:
         problems.append(
             Problem("trainer.precision", "16-mixed needs a CUDA GPU; use 32-true or bf16-mixed on CPU")
         )
+    out = Path(recipe.output)
+    for parent in [out, *out.parents]:  # the run directory, or a folder above it, is a file
+        if parent.is_file():
+            problems.append(Problem("output", f"{str(parent)!r} is a file, not a folder for the run"))
+            break
     for key in ("train_shards", "test_shards"):
         folder = getattr(recipe.data, key)
         if folder and not Path(folder).exists():

@@ -45,7 +45,7 @@ from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.progress import StageProgressBar
-from train.recipe import REPO_ROOT, Recipe, recipe_to_yaml, resolve_base
+from train.recipe import Recipe, recipe_to_yaml, resolve_base
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
 
@@ -62,8 +62,7 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 
 
 def run_dir_of(recipe: Recipe) -> Path:
-    out = Path(recipe.output)
-    return out if out.is_absolute() else REPO_ROOT / out
+    return Path(recipe.output).absolute()  # a relative output is from the working directory
 
 
 def is_run_dir(path: Path) -> bool:
@@ -180,6 +179,10 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
             )
         else:
             write_dir_atomic(run_dir / "hf", lambda tmp: save_as_llava_hf(built, tmp))
+    if not recipe.eval.after_training:
+        metrics = {"train_seconds": round(train_seconds, 1)}
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        return metrics
     size = built.hf.config.vision_config.image_size
     test = split_shards(recipe.data, "test")
     metrics = evaluate_accuracy(

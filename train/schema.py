@@ -1,7 +1,9 @@
 """Parse plain data (from YAML) into frozen dataclasses, collecting every error with its dotted key.
 
-Supports dataclasses, `list[X]`, `dict[str, X]`, `Literal[...]`, `X | None`, int/float/str/bool.
-Unknown keys, missing required keys and wrong types are all reported, not just the first.
+Supports dataclasses, `list[X]`, `dict[str, X]`, `Literal[...]`, `X | None`, int/float/str/bool,
+and `Annotated[X, Range(...)]` for numbers that must lie in a range (`AtLeast1`, `Positive`, ...).
+Unknown keys, missing required keys, wrong types and out-of-range values are all reported, not
+just the first.
 """
 
 from __future__ import annotations
@@ -10,13 +12,41 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     key: str
     message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A number's allowed interval; `open_low`/`open_high` exclude that end."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def problem(self, value) -> str | None:
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        if low_ok and high_ok:
+            return None
+        if self.high is None:
+            return f"must be {'>' if self.open_low else '≥'} {self.low:g}, got {value!r}"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"must be in {left}{self.low:g}, {self.high:g}{right}, got {value!r}"
+
+
+AtLeast0 = Annotated[int, Range(0)]
+AtLeast1 = Annotated[int, Range(1)]
+Positive = Annotated[float, Range(0, open_low=True)]
+NonNegative = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]  # 0 ≤ x ≤ 1
+Probability = Annotated[float, Range(0, 1, open_high=True)]  # 0 ≤ x < 1 (dropout, Adam betas)
 
 
 def _join(prefix: str, key) -> str:
@@ -34,6 +64,17 @@ def _type_name(tp) -> str:
 def parse(tp, value: Any, key: str, problems: list[Problem]):
     """Convert `value` to type `tp`; on failure append Problems and return None."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *checks = get_args(tp)
+        before = len(problems)
+        result = parse(inner, value, key, problems)
+        if len(problems) == before and result is not None:
+            for check in checks:
+                message = check.problem(result) if isinstance(check, Range) else None
+                if message:
+                    problems.append(Problem(key, message))
+                    return None
+        return result
     if origin in (typing.Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
@@ -59,8 +100,15 @@ def parse(tp, value: Any, key: str, problems: list[Problem]):
         if not isinstance(value, list):
             problems.append(Problem(key, f"expected a list, got {type(value).__name__}"))
             return None
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [parse(item_tp, v, _join(key, i), problems) for i, v in enumerate(value)]
+        args = get_args(tp) or (Any,)
+        if origin is tuple and Ellipsis not in args:  # a fixed-length tuple: one type per item
+            if len(value) != len(args):
+                problems.append(Problem(key, f"expected a list of {len(args)} values, got {len(value)}"))
+                return None
+            return tuple(
+                parse(t, v, _join(key, i), problems) for i, (t, v) in enumerate(zip(args, value, strict=True))
+            )
+        items = [parse(args[0], v, _join(key, i), problems) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -93,7 +141,7 @@ def parse_dataclass(cls, value: Any, key: str, problems: list[Problem], skip: tu
     if not isinstance(value, dict):
         problems.append(Problem(key or "<top>", f"expected a mapping, got {type(value).__name__}"))
         return None
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in value:
         if name not in fields and name not in skip:
@@ -104,9 +152,17 @@ def parse_dataclass(cls, value: Any, key: str, problems: list[Problem], skip: tu
     for name, field in fields.items():
         if name in skip:
             continue
+        has_default = (
+            field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        )
         if name in value:
-            kwargs[name] = parse(hints[name], value[name], _join(key, name), problems)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            before = len(problems)
+            parsed = parse(hints[name], value[name], _join(key, name), problems)
+            # A reported bad value falls back to its default, so that the rest of the object
+            # (and the checks of combinations after parsing) can still be looked at.
+            if len(problems) == before or not has_default:
+                kwargs[name] = parsed
+        elif not has_default:
             problems.append(Problem(_join(key, name), "required key is missing"))
     try:
         return cls(**kwargs)

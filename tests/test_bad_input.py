@@ -1,0 +1,308 @@
+"""Bad input, as a careless user gives it: broken data entries and files, a conversion into a
+folder that holds shards, CLI misuse. Each gets a one-line error naming the file, option or
+sample id, or a documented skip — never a traceback, never half-written output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from data.convert import convert_llava_json
+from data.dataset import ConversationDataset, Skipped
+from data.shards import ShardIndex, ShardWriter, encode_png
+from train.cli import main
+
+QUESTION = {"from": "human", "value": "<image>\nWhat is it?"}
+ANSWER = {"from": "gpt", "value": "red"}
+CONV = [QUESTION, ANSWER]
+
+# (id, entry, the kind of reason it is skipped for)
+BROKEN_ENTRIES = [
+    (
+        "turn-not-object",
+        {"id": "turn-not-object", "image": "good.png", "conversations": ["hi", ANSWER]},
+        "malformed conversation",
+    ),
+    (
+        "conversations-dict",
+        {"id": "conversations-dict", "conversations": {"from": "human"}},
+        "malformed conversation",
+    ),
+    ("image-not-string", {"id": "image-not-string", "image": 7, "conversations": CONV}, "bad image field"),
+    ("image-empty", {"id": "image-empty", "image": "", "conversations": CONV}, "bad image field"),
+    (
+        "value-not-string",
+        {"id": "value-not-string", "conversations": [{"from": "human", "value": 3}, ANSWER]},
+        "malformed conversation",
+    ),
+    (
+        "two-placeholders",
+        {
+            "id": "two-placeholders",
+            "image": "good.png",
+            "conversations": [{"from": "human", "value": "<image> <image> What?"}, ANSWER],
+        },
+        "placeholder count",
+    ),
+    (
+        "placeholder-in-answer",
+        {
+            "id": "placeholder-in-answer",
+            "image": "good.png",
+            "conversations": [QUESTION, {"from": "gpt", "value": "<image>"}],
+        },
+        "placeholder in an answer",
+    ),
+    (
+        "empty-answer",
+        {
+            "id": "empty-answer",
+            "image": "good.png",
+            "conversations": [QUESTION, {"from": "gpt", "value": "  "}],
+        },
+        "empty answer",
+    ),
+    (
+        "outside-relative",
+        {"id": "outside-relative", "image": "../secret.png", "conversations": CONV},
+        "image outside --images",
+    ),
+    (
+        "outside-absolute",
+        {"id": "outside-absolute", "image": "ABSOLUTE", "conversations": CONV},
+        "image outside --images",
+    ),
+    ("too-large", {"id": "too-large", "image": "huge.png", "conversations": CONV}, "image too large"),
+    ("missing-image", {"id": "missing-image", "image": "nope.png", "conversations": CONV}, "image not found"),
+    ("not-an-image", {"id": "not-an-image", "image": "text.png", "conversations": CONV}, "image undecodable"),
+    ("<entry 13>", {"id": ["a", "list"], "conversations": CONV}, "bad id"),
+    ("<entry 14>", ["not", "an", "object"], "not an object"),
+]
+
+
+@pytest.fixture
+def image_dir(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(images / "good.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    Image.new("RGB", (100, 100)).save(images / "huge.png")
+    (images / "text.png").write_text("hello")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # huge.png (10⁴ pixels) is a bomb now
+    return images
+
+
+def entries(image_dir):
+    rows = [entry for _, entry, _ in BROKEN_ENTRIES]
+    absolute = next(r for r in rows if isinstance(r, dict) and r.get("image") == "ABSOLUTE")
+    absolute["image"] = str(image_dir.parent / "secret.png")
+    return rows + [{"id": "ok", "image": "good.png", "conversations": CONV}]
+
+
+def test_every_broken_entry_is_skipped_with_its_id_file_and_reason(tmp_path, image_dir):
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps(entries(image_dir)))
+    report = convert_llava_json(source, image_dir, tmp_path / "out", progress=False)
+    assert report.written == 1
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["id"], s["kind"]) for s in skipped] == [(i, kind) for i, _, kind in BROKEN_ENTRIES]
+    assert all(s["file"] == str(source) for s in skipped)
+    by_id = {s["id"]: s["reason"] for s in skipped}
+    assert "text.png" in by_id["not-an-image"] and "BytesIO" not in by_id["not-an-image"]
+    assert "nope.png" in by_id["missing-image"]
+    assert "--allow-outside-images" in by_id["outside-relative"]
+    assert [ShardIndex(tmp_path / "out").record(0)["id"]] == ["ok"]
+
+
+def test_images_outside_the_folder_are_read_when_allowed(tmp_path, image_dir):
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps([{"id": "up", "image": "../secret.png", "conversations": CONV}]))
+    report = convert_llava_json(
+        source, image_dir, tmp_path / "out", progress=False, allow_outside_images=True
+    )
+    assert report.written == 1
+
+
+def test_json_lines_are_read_and_a_broken_line_is_skipped_with_its_line_number(tmp_path, image_dir):
+    source = tmp_path / "data.jsonl"
+    good = json.dumps({"id": "ok", "image": "good.png", "conversations": CONV})
+    source.write_text(f"{good}\n{{not json\n\n{good.replace('ok', 'ok-2')}\n")
+    report = convert_llava_json(source, image_dir, tmp_path / "out", progress=False)
+    assert report.written == 2
+    assert [(s["id"], s["kind"]) for s in report.skipped] == [("<line 2>", "invalid JSON line")]
+
+
+def run_cli(*argv, capsys):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_file_that_is_not_json_names_itself(tmp_path, image_dir, capsys):
+    source = tmp_path / "data.json"
+    source.write_text("[{'id': 1}]")
+    code, _, err = run_cli(
+        "data",
+        "convert",
+        str(source),
+        "--images",
+        str(image_dir),
+        "--out",
+        str(tmp_path / "o"),
+        capsys=capsys,
+    )
+    assert code == 2 and str(source) in err and "not valid JSON" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def write_entries(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_converting_into_a_folder_with_shards_is_refused_unless_overwrite_or_append(
+    tmp_path, image_dir, capsys
+):
+    one = write_entries(tmp_path / "one.json", [{"id": "a", "image": "good.png", "conversations": CONV}])
+    two = write_entries(
+        tmp_path / "two.json", [{"id": f"b{i}", "image": "good.png", "conversations": CONV} for i in range(3)]
+    )
+    out = tmp_path / "out"
+    convert = ("data", "convert", "--images", str(image_dir), "--out", str(out), "--samples-per-shard", "2")
+    assert run_cli(*convert[:2], str(one), *convert[2:], capsys=capsys)[0] == 0
+    code, _, err = run_cli(*convert[:2], str(two), *convert[2:], capsys=capsys)
+    assert code == 2 and "already holds 1 shard" in err and "--append" in err
+    assert [ShardIndex(out).record(i)["id"] for i in range(len(ShardIndex(out)))] == ["a"]  # untouched
+
+    assert run_cli(*convert[:2], str(two), *convert[2:], "--append", capsys=capsys)[0] == 0
+    index = ShardIndex(out)
+    assert [index.record(i)["id"] for i in range(len(index))] == ["a", "b0", "b1", "b2"]
+    assert len(list(out.glob("*.tar"))) == 3  # shard-000000 kept, two new ones after it
+
+    assert run_cli(*convert[:2], str(one), *convert[2:], "--overwrite", capsys=capsys)[0] == 0
+    index = ShardIndex(out)
+    assert [index.record(i)["id"] for i in range(len(index))] == ["a"] and len(list(out.glob("*.tar"))) == 1
+
+
+def test_a_typo_in_images_is_named_and_most_entries_failing_alike_exits_non_zero(tmp_path, image_dir, capsys):
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "conversations": CONV} for i in range(4)]
+    rows.append({"id": "ok", "image": "good.png", "conversations": CONV})
+    source = write_entries(tmp_path / "data.json", rows)
+    code, _, err = run_cli(
+        "data",
+        "convert",
+        str(source),
+        "--images",
+        str(tmp_path / "imgaes"),
+        "--out",
+        str(tmp_path / "a"),
+        capsys=capsys,
+    )
+    assert code == 2 and "imgaes: no such folder" in err
+    code, out, err = run_cli(
+        "data",
+        "convert",
+        str(source),
+        "--images",
+        str(image_dir),
+        "--out",
+        str(tmp_path / "b"),
+        capsys=capsys,
+    )
+    assert code == 1 and "80%" in err and "4" in err and "image not found" in err
+    assert "written 1, skipped 4 of 5" in out and "4 × image not found" in out
+    code, _, _ = run_cli(
+        "data",
+        "convert",
+        str(source),
+        "--images",
+        str(image_dir),
+        "--out",
+        str(tmp_path / "c"),
+        "--max-skipped",
+        "0.9",
+        capsys=capsys,
+    )
+    assert code == 0
+
+
+def test_the_loader_skips_what_the_converter_would_refuse_with_the_sample_id(tmp_path, tokenizer):
+    """Shards from elsewhere (or an older vtc): two placeholders for one image, a placeholder
+    without an image, answers of unknown words only, a record that is not an object."""
+    png = encode_png(Image.new("RGB", (8, 8)))
+    with ShardWriter(tmp_path / "shards") as writer:
+        writer.write(
+            {"id": "two", "conversations": [{"from": "human", "value": "<image><image>"}, ANSWER]}, png
+        )
+        writer.write({"id": "orphan", "conversations": CONV})
+        writer.write(
+            {"id": "unknown", "conversations": [QUESTION, {"from": "gpt", "value": "zxqv blorft"}]}, png
+        )
+        writer.write({"id": "ok", "conversations": CONV}, png)
+    dataset = ConversationDataset(ShardIndex(tmp_path / "shards"), tokenizer, "vicuna_v1", 16, 4, 512, 4)
+    items = [dataset[i] for i in range(4)]
+    assert [(item.id, item.reason.split(": ", 1)[1]) for item in items[:3]] == [
+        ("two", "one image but 2 <image> placeholders (needs exactly 1)"),
+        ("orphan", "an <image> placeholder but no image"),
+        ("unknown", "every answer is empty or made only of unknown tokens"),
+    ]
+    assert not isinstance(items[3], Skipped)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["evaluate", "x", "--tokens", "0"], "argument --tokens: must be at least 1, got 0"),
+        (["evaluate", "x", "--tokens", "-4"], "argument --tokens: must be at least 1"),
+        (["evaluate", "x", "--tokens", "abc"], "argument --tokens: expected a whole number, got 'abc'"),
+        (["evaluate", "x", "--limit", "0"], "argument --limit: must be at least 1"),
+        (
+            ["data", "convert", "x.json", "--images", ".", "--out", "o", "--fraction", "2"],
+            "argument --fraction",
+        ),
+    ],
+)
+def test_cli_options_are_checked_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["evaluate", "/nonexistent", "--baselines", "pooling,divprun"], "--baselines: unknown 'divprun'"),
+        (["evaluate", "/nonexistent"], "/nonexistent: no such run directory, vtc export or llava-hf folder"),
+        (["export", "/nonexistent", "/tmp/vtc-never"], "/nonexistent: no such folder"),
+        (["validate", "tiny/smoke", "stages.0.steps=[10"], "not valid YAML"),
+        (["validate", "tiny/smoke", "stages.0.batch_size=0"], "stages[0].batch_size: must be ≥ 1"),
+    ],
+)
+def test_cli_misuse_is_one_clear_line(argv, message, capsys):
+    code, _, err = run_cli(*argv, capsys=capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_relative_outputs_and_the_data_cache_follow_the_working_directory(tmp_path, monkeypatch):
+    from train.datamodule import synthetic_shards
+    from train.recipe import load_recipe
+    from train.run import run_dir_of
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("tiny/smoke", ["data.synthetic.train=4", "data.synthetic.test=2"])
+    assert run_dir_of(recipe) == tmp_path / recipe.output
+    assert synthetic_shards(recipe.data, "test").is_relative_to(tmp_path / "checkpoints" / "data")
+
+
+def test_validate_in_a_fresh_process_prints_no_traceback_for_a_recipe_with_many_problems(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        "description: x\noutput: o\nstages:\n  - {name: a, steps: -1, batch_size: 0}\ntrainer: {devices: 0}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "train.cli", "validate", str(recipe)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "3 problem(s)" in result.stderr and str(recipe) in result.stderr
