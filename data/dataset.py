@@ -92,6 +92,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             self._check(conversations, has_image=pixel_values is not None)
             tokens = self.visual_tokens(grid) if callable(self.visual_tokens) else self.visual_tokens
             budget = self.max_length - (tokens - 1) * (pixel_values is not None)
+            if budget <= 0:
+                raise ValueError(
+                    f"max_length={self.max_length} leaves no room for text after {tokens} visual tokens"
+                )
             encoded = self.template.encode(conversations, self.tokenizer, self.image_token_id, budget)
         except (
             ConversationError,

@@ -98,8 +98,9 @@ def assemble(
     reinit_projector: bool = False,
     views: MultiViewConfig | None = None,
 ) -> VtcLlava:
-    """Wrap the HF model's parts and build the registered components around them. An
-    `mlp2x_gelu` projector takes the base's trained projector unless `reinit_projector`.
+    """Wrap the HF model's parts and build the registered components around them. The
+    projector takes what fits from the base's trained projector unless `reinit_projector`
+    (`Compressor.start_from_base_projector`: all of it for `mlp2x_gelu`).
     `views`: images enter as a thumbnail + crops (models/views.py)."""
     config = hf.config
     dims = dims_of(config)
@@ -112,8 +113,8 @@ def assemble(
     with torch.device(device):
         proj = build_component(projector.name, projector.params, dims)
         comps = [build_component(c.name, c.params, dims) for c in compressors]
-    if projector.name == "mlp2x_gelu" and device.type != "meta" and not reinit_projector:
-        proj.load_state_dict(hf.model.multi_modal_projector.state_dict())
+    if device.type != "meta" and not reinit_projector:
+        proj.start_from_base_projector(hf.model.multi_modal_projector)
     with torch.device(device):
         model = VtcLlava(
             vision, proj.to(dtype), llm, [c.to(dtype) for c in comps], config.image_token_index, dims, views

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
 
 from data import IMAGE_PLACEHOLDER
 from data.synth import vocabulary_corpus
@@ -25,6 +26,8 @@ class TinyConfig:
     llm_layers: int = 4
     llm_heads: int = 4
     max_positions: int = 512
+    # "siglip": a SigLIP-style tower (no CLS token, a post-norm), as FALCON's authors use
+    vision_type: Literal["clip", "siglip"] = "clip"
 
 
 def tiny_tokenizer(extra_words: Iterable[str] = ()):
@@ -34,14 +37,17 @@ def tiny_tokenizer(extra_words: Iterable[str] = ()):
 
 
 def tiny_llava_config(tiny: TinyConfig, tokenizer) -> LlavaConfig:
-    vision = CLIPVisionConfig(
+    shape = dict(
         hidden_size=tiny.vision_width,
         intermediate_size=4 * tiny.vision_width,
         num_hidden_layers=tiny.vision_layers,
         num_attention_heads=tiny.vision_heads,
         image_size=tiny.image_size,
         patch_size=tiny.patch_size,
-        projection_dim=tiny.vision_width,
+    )
+    siglip = tiny.vision_type == "siglip"
+    vision = (
+        SiglipVisionConfig(**shape) if siglip else CLIPVisionConfig(**shape, projection_dim=tiny.vision_width)
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -61,6 +67,6 @@ def tiny_llava_config(tiny: TinyConfig, tokenizer) -> LlavaConfig:
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="full" if siglip else "default",  # SigLIP has no CLS to drop
         projector_hidden_act="gelu",
     )

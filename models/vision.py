@@ -47,22 +47,22 @@ class VisionTower(nn.Module):
         self.grid = config.image_size // config.patch_size
         self.prefix_tokens = prefix_tokens(config)
 
-    def unused_prefixes(self) -> tuple[str, ...]:
+    def unused_prefixes(self, through_last_layer: bool = False) -> tuple[str, ...]:
         """Name prefixes (relative to this module) of parameters that cannot affect the features:
         encoder layers after the feature layer and the post-norm / pooling head (LLaVA reads a
         hidden state, not the pooled output). Training them would only waste optimizer state,
-        and DDP rejects parameters that get no gradient."""
+        and DDP rejects parameters that get no gradient. `through_last_layer`: a component reads
+        the last layer's output (and SigLIP's post-norm), so every layer is used."""
         tower = getattr(self.model, "vision_model", None)
         root = "model.vision_model." if tower is not None else "model."
         tower = tower or self.model
         layers = len(tower.encoder.layers)
-        used_layers = self.feature_layer % (layers + 1)  # hidden_states[i] = output of layer i-1
-        unused = [f"{root}encoder.layers.{i}." for i in range(used_layers, layers)]
-        unused += [
-            f"{root}{name}."
-            for name, _ in tower.named_children()
-            if name not in ("embeddings", "pre_layrnorm", "encoder")
-        ]
+        used_layers = layers if through_last_layer else self.feature_layer % (layers + 1)
+        unused = [
+            f"{root}encoder.layers.{i}." for i in range(used_layers, layers)
+        ]  # hidden_states[i] = output of layer i-1
+        used = ("embeddings", "pre_layrnorm", "encoder") + (("post_layernorm",) if through_last_layer else ())
+        unused += [f"{root}{name}." for name, _ in tower.named_children() if name not in used]
         return tuple(unused)
 
     def cls_attention(self, hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:

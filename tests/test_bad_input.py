@@ -306,3 +306,20 @@ def test_validate_in_a_fresh_process_prints_no_traceback_for_a_recipe_with_many_
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "3 problem(s)" in result.stderr and str(recipe) in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["stages.1.batch_size=1000"], "1000 samples per step, but the training data has only 256"),
+        (["data.max_length=5"], "none of the first 64 training samples is usable"),
+        (["stages.1.optim.lr=1e9"], "non-finite loss"),
+    ],
+)
+def test_a_stage_that_would_train_on_nothing_or_diverges_stops_with_one_line(overrides, message, tmp_path):
+    from tests.conftest import smoke_train_cmd
+
+    result = subprocess.run(
+        smoke_train_cmd(tmp_path / "run", tmp_path / "data", *overrides), capture_output=True, text=True
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -161,6 +161,22 @@ BAD = [
         "stages[0].name",
         "it names files",
     ),
+    ("negative seed", with_change("seed", -1), "seed", "must be in [0, 4.29497e+09]"),
+    ("grid past h8", with_change("data.synthetic", {"grid": 9}), "data.synthetic.grid", "[1, 8]"),
+    (
+        "cells under 4 px",
+        with_change("data.synthetic", {"image_size": 12}),
+        "data.synthetic.image_size",
+        "4 px per cell",
+    ),
+    ("all weights 0", with_change("stages.0.loss_weights", {"lm": 0}), "stages[0].loss_weights", "weight 0"),
+    (
+        "region grid",
+        with_change("stages", [{"name": "v", "steps": 1, "objective": "region", "train": {"vision": "full"}}])
+        | {"data": {"synthetic": {"grid": 3}}},
+        "data.synthetic.grid",
+        "divide the 8×8 patch grid",
+    ),
     (
         "two stages, one name",
         with_change("stages", [{"name": "s", "steps": 1}, {"name": "s", "steps": 1}]),

@@ -20,7 +20,8 @@ def apply_stage(model: VtcLlava, stage: Stage) -> list[tuple[str, str, int, int]
         mode = getattr(stage.train, part)
         if mode == "lora" and not has_lora(module):
             inject_lora(module, part, stage.lora.r, stage.lora.alpha, stage.lora.dropout)
-        never = module.unused_prefixes() if part == "vision" else ()
+        through_last = any(c.reads_last_vision_layer for c in model.components())
+        never = module.unused_prefixes(through_last) if part == "vision" else ()
         for name, param in module.named_parameters():
             is_lora = "lora_" in name
             wanted = mode == "full" and not is_lora or mode == "lora" and is_lora

@@ -58,7 +58,8 @@ class VtcModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # From the global step, which a resumed run restores: schedules continue exactly.
-        states = self.model.set_progress(Progress(self.global_step, self.total_steps, self.terms))
+        progress = Progress(self.global_step, self.total_steps, self.terms, self.stage.components)
+        states = self.model.set_progress(progress)
         for name, value in states.items():
             self.log(f"schedule/{name}", float(value))
 
@@ -89,9 +90,10 @@ class VtcModule(L.LightningModule):
                 self.nonfinite_skipped.append(self.global_step)
                 print(f"[vtc] non-finite loss at step {self.global_step}: batch skipped", flush=True)
                 return None
-            raise FloatingPointError(
+            raise UserError(  # usually the recipe's doing (a learning rate too high): one line, exit 2
                 f"non-finite loss {loss.item()} at step {self.global_step} of stage "
-                f"{self.stage.name!r}; stopping before it reaches the weights"
+                f"{self.stage.name!r}; stopped before it reached the weights (the last checkpoint "
+                "is the last good one): lower the stage's optim.lr, or set trainer.nonfinite_loss: skip"
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -34,6 +34,7 @@ from train.schema import (
     Positive,
     Probability,
     Problem,
+    Range,
     parse_dataclass,
     to_plain,
 )
@@ -45,6 +46,7 @@ BASE_RECIPE = RECIPES_DIR / "tiny" / "base.yaml"  # trained the shipped base, ti
 
 Mode = Literal["frozen", "full", "lora"]
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+Seed = Annotated[int, Range(0, 2**32 - 1)]  # what numpy's and Lightning's seeding accept
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ class SyntheticData:
     train: AtLeast1 = 20000
     val: AtLeast0 = 200
     test: AtLeast1 = 500
-    seed: int = 0
-    image_size: AtLeast1 = 64
-    grid: AtLeast1 = 4
+    seed: Seed = 0
+    image_size: Annotated[int, Range(8)] = 64
+    grid: Annotated[int, Range(1, 8)] = 4  # cells per side: names a1..h8
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,12 @@ class Stage:
     train: Freeze = field(default_factory=Freeze)
     lora: LoraRecipe = field(default_factory=LoraRecipe)
     optim: Optim = field(default_factory=Optim)
+    # Settings of the model's components for this stage only, by component name (e.g.
+    # `falcon: {reatten: false}`): the fields a component lists in `stage_settings`.
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # With model.views: false trains this stage on whole images (one view each), as FALCON's
+    # first stage trains on the global view only.
+    views: bool = True
     steps: AtLeast1 | None = None
     epochs: Positive | None = None
     batch_size: AtLeast1 = 16  # per device
@@ -190,7 +198,7 @@ class Recipe:
     eval: EvalRecipe = field(default_factory=EvalRecipe)
     wandb: WandbRecipe = field(default_factory=WandbRecipe)
     checkpoint: CheckpointRecipe = field(default_factory=CheckpointRecipe)
-    seed: int = 0
+    seed: Seed = 0
     source: str = ""  # the file it came from (set by the loader)
 
 
@@ -453,6 +461,34 @@ def objective_problems(key: str, stage: Stage, model: ModelRecipe) -> list[Probl
     return problems
 
 
+def stage_setting_problems(key: str, stage: Stage, model: ModelRecipe) -> list[Problem]:
+    """`stages[i].components`: each names a component of the model and sets only what that
+    component lets a stage set (its `stage_settings`), with values its Config accepts."""
+    problems = []
+    specs = {c.name: c for c in [model.projector, *model.compressors]}
+    for name, settings in stage.components.items():
+        where = f"{key}.components.{name}"
+        if name not in specs:
+            problems.append(Problem(where, f"not a component of this model ({', '.join(specs)})"))
+            continue
+        cls = component_class(name)
+        for setting in settings:
+            if setting not in cls.stage_settings:
+                allowed = ", ".join(cls.stage_settings) or "none"
+                problems.append(
+                    Problem(
+                        f"{where}.{setting}", f"a stage cannot set it; {name} lets a stage set: {allowed}"
+                    )
+                )
+        if all(s in cls.stage_settings for s in settings):
+            parse_dataclass(cls.Config, {**specs[name].params, **settings}, where, problems)
+    if not stage.views and model.views is None:
+        problems.append(
+            Problem(f"{key}.views", "'views: false' needs model.views (images are single views already)")
+        )
+    return problems
+
+
 def check_recipe(recipe: Recipe) -> list[Problem]:
     problems: list[Problem] = []
     add = lambda key, msg: problems.append(Problem(key, msg))  # noqa: E731
@@ -500,6 +536,11 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             for sub, msg in cls.check_config(cls.Config(**comp.params), dims):
                 add(f"{key}.{sub}", msg)
     data = recipe.data
+    if data.synthetic is not None and data.synthetic.image_size < 4 * data.synthetic.grid:
+        add(
+            "data.synthetic.image_size",
+            f"must be at least 4 px per cell (4 × grid {data.synthetic.grid}), got {data.synthetic.image_size}",
+        )
     if data.synthetic is None and not data.train_shards:
         add("data", "give either data.synthetic or data.train_shards")
     if not recipe.stages:
@@ -523,9 +564,21 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         if (stage.steps is None) == (stage.epochs is None):
             add(key, "give exactly one of steps or epochs")
         problems += objective_problems(key, stage, model)
+        problems += stage_setting_problems(key, stage, model)
         objective = OBJECTIVES.get(stage.objective)
+        if stage.loss_weights and stage.objective in OBJECTIVES:
+            terms = loss_terms(
+                OBJECTIVES[stage.objective], [model.projector.name] + [c.name for c in model.compressors]
+            )
+            if all(stage.loss_weights.get(t, 1.0) == 0 for t in terms):
+                add(f"{key}.loss_weights", "every loss term has weight 0: nothing would train")
         if objective is not None and objective.region_targets:
             name = stage.objective
+            if data.synthetic is not None and dims is not None and dims.grid % data.synthetic.grid:
+                add(
+                    "data.synthetic.grid",
+                    f"{name!r} targets need the scene grid to divide the {dims.grid}×{dims.grid} patch grid, got {data.synthetic.grid}",
+                )
             if data.synthetic is None:
                 add(f"{key}.objective", f"{name!r} needs per-region targets, which only synthetic data has")
             if model.views is not None:

@@ -45,7 +45,7 @@ from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.progress import StageProgressBar
-from train.recipe import Recipe, recipe_to_yaml, resolve_base
+from train.recipe import Recipe, Stage, recipe_to_yaml, resolve_base
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
 
@@ -201,6 +201,27 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
     return metrics
 
 
+def check_stage_data(dataset, stage: Stage, index: int, world: int, probe: int = 64) -> None:
+    """Refuse a stage that would train on nothing: fewer samples than one batch (the loader
+    drops incomplete batches), or none usable among the first `probe` (e.g. a max_length that
+    leaves no room for the answers), instead of running every step on an empty batch."""
+    from data.dataset import Skipped
+
+    per_batch = stage.batch_size * world
+    if len(dataset) < per_batch:
+        raise UserError(
+            f"stages[{index}] ({stage.name!r}): batch_size {stage.batch_size} × {world} device(s) = "
+            f"{per_batch} samples per step, but the training data has only {len(dataset)}"
+        )
+    items = [dataset[i] for i in range(min(probe, len(dataset)))]
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    if len(skipped) == len(items):
+        raise UserError(
+            f"stages[{index}] ({stage.name!r}): none of the first {len(items)} training samples is "
+            f"usable; the first ({skipped[0].id}): {skipped[0].reason}"
+        )
+
+
 def compare(run_dir: Path, recipe: Recipe, visual_tokens: int) -> None:
     """The run next to its base and the recipe's training-free baselines at the run's own
     visual-token count: `vtc evaluate`'s table and plot, written into the run directory."""
@@ -249,17 +270,19 @@ def train_stage(
     region_head = None
     if OBJECTIVES[stage.objective].region_targets:
         region_head = RegionHead(model.dims.vision_width, region_classes(recipe.data.synthetic.grid))
+        region_head.to(next(model.vision.parameters()).dtype)  # the features' dtype (model.dtype)
     data = VtcDataModule(
         recipe.data,
         stage,
         built.tokenizer,
         built.hf.config.vision_config.image_size,
         model.image_token_id,
-        model.visual_tokens if model.view_grids else model.visual_tokens(),
+        model.visual_tokens if model.view_grids and stage.views else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
-        view_grids=model.view_grids,
+        view_grids=model.view_grids if stage.views else None,  # `views: false`: whole images only
     )
+    check_stage_data(data.dataset, stage, index, world)
     steps = stage.steps
     if steps is None:
         per_epoch = len(data.dataset) // (stage.batch_size * world * accumulate)

@@ -68,6 +68,7 @@ from models.compressors import (  # noqa: E402,F401
     covipal,
     divprune,
     dyvte,
+    falcon,
     fastv,
     llavolta,
     mlp,

@@ -32,8 +32,9 @@ Whatever its stage, a component can also
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -94,6 +95,9 @@ class Progress:
     # the loss terms the stage minimises (e.g. ("lm",) or ("scorer_mse",)): a component computes
     # only what its stage's objective uses (no teacher pass when its loss is not trained)
     terms: tuple[str, ...] = ()
+    # settings the stage gives its components for its duration (`stages[i].components`):
+    # {component name: {setting: value}}; read through `Compressor.setting`
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
@@ -159,6 +163,17 @@ class Compressor(nn.Module):
     def reset_statistics(self) -> None:
         """Start counting anew (before an evaluation)."""
 
+    # config fields a training stage may set for its own duration (`stages[i].components`):
+    # behaviour only, never the shape of a weight
+    stage_settings: ClassVar[tuple[str, ...]] = ()
+
+    def setting(self, name: str):
+        """The config value `name` as the current training stage sets it, else the config's
+        own (outside training, in evaluation and export, the config's value holds)."""
+        progress = getattr(self, "progress", None)
+        staged = progress.settings.get(getattr(self, "registry_name", ""), {}) if progress else {}
+        return staged.get(name, getattr(self.config, name))
+
     def set_progress(self, progress: Progress | None) -> dict[str, float]:
         """Called before every training step (None when training ends or outside training).
         Returns the schedule's state to log, e.g. {"stride": 8.0}; the default has none."""
@@ -186,6 +201,9 @@ class Compressor(nn.Module):
 
     # encoder stage
     uses_cls_attention: ClassVar[bool] = False  # select() also gets cls_attention= and keys=
+    # select() reads the tower's last layer (not only up to LLaVA's feature layer): every
+    # encoder layer then trains when the tower does
+    reads_last_vision_layer: ClassVar[bool] = False
 
     def extend_embeddings(self, embeddings: torch.Tensor, views: ViewLayout) -> torch.Tensor:
         raise NotImplementedError
@@ -206,6 +224,12 @@ class Compressor(nn.Module):
         layer's first norm); B counts views, laid out by `views`. Returns the output to add
         instead."""
         return attention_output
+
+    def start_from_base_projector(self, projector: nn.Module) -> bool:
+        """Projector stage: called at assembly with the base's trained projector (llava-hf's
+        `multi_modal_projector`, loaded from the base) unless the recipe sets
+        `reinit_projector`. Take what fits from it and return True, or ignore it (the default)."""
+        return False
 
     def attach(self, host) -> None:
         """Called once the model is assembled, with the `VtcLlava` that holds this component;

@@ -26,6 +26,10 @@ class MlpProjector(Compressor):
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(dims.llm_width, dims.llm_width)
 
+    def start_from_base_projector(self, projector: nn.Module) -> bool:
+        self.load_state_dict(projector.state_dict())  # the same module names as llava-hf's
+        return True
+
     def forward(self, features: VisionFeatures) -> torch.Tensor:
         """(B, N, Dv) → (B, N, H)."""
         return self.linear_2(self.act(self.linear_1(features.selected)))

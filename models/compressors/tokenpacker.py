@@ -6,6 +6,14 @@ down-sampled feature map at its location — that attends only to the s×s patch
 region, whose keys and values come from several ViT layers concatenated (multi-level
 features). No residual: the attention output replaces the query. Then an MLP maps to the LLM.
 
+`warm_start` (vtc's option, off by default and not in the paper): the authors train TokenPacker
+from scratch on Vicuna, whose LLM never saw a projector; a user who compresses an already tuned
+LLaVA starts from an LLM that reads the base's MLP projector. With `warm_start` the point query
+(for s = 2 the bilinear down-sampling is exactly the 2×2 mean) is added back to the attention
+output, whose out-projection starts at zero, and the output MLP starts as the base's projector:
+at step 0 TokenPacker is 2-D average pooling through the base's projector, and training moves it
+from there. The attention width must then be the vision width.
+
 Unlike the authors' code nothing is hard-coded to CLIP-L: the tap layers are a config key
 (default: LLaVA's relative depths 12/16/22/23 of 24 mapped to this tower's depth), the key/value
 width is taps × vision width, and the grid comes from the tower. The per-region attention runs
@@ -32,6 +40,9 @@ class TokenPackerConfig:
     taps: tuple[int, ...] | None = None  # hidden_states indices; None = REFERENCE_TAPS rescaled
     width: int | None = None  # attention width; None = the vision width (1024 on CLIP-L)
     heads: int = 8
+    # Not in the paper (see the module docstring): start as s×s average pooling through the
+    # base's MLP projector, so that a short fine-tune of a LLaVA base starts from there.
+    warm_start: bool = False
 
 
 def default_taps(vision_layers: int) -> tuple[int, ...]:
@@ -71,6 +82,9 @@ class TokenPacker(Compressor):
             nn.Linear(width, dims.llm_width), nn.GELU(), nn.Linear(dims.llm_width, dims.llm_width)
         )
         self.apply(_init)
+        if config.warm_start:  # the attention starts as a no-op next to the point query
+            nn.init.zeros_(self.attention.out_proj.weight)
+            nn.init.zeros_(self.attention.out_proj.bias)
 
     @classmethod
     def check_config(cls, config: TokenPackerConfig, dims: ModelDims):
@@ -95,7 +109,23 @@ class TokenPacker(Compressor):
         width = config.width or dims.vision_width
         if width % config.heads:
             problems.append(("heads", f"{config.heads} heads do not divide the width {width}"))
+        if config.warm_start and width != dims.vision_width:
+            problems.append(
+                (
+                    "warm_start",
+                    f"needs the attention width to be the vision width {dims.vision_width}, got {width}",
+                )
+            )
         return problems
+
+    def start_from_base_projector(self, projector: nn.Module) -> bool:
+        """With `warm_start`, the output MLP takes the base's MLP projector (same shapes)."""
+        if not self.config.warm_start:
+            return False
+        with torch.no_grad():
+            self.output[0].load_state_dict(projector.linear_1.state_dict())
+            self.output[2].load_state_dict(projector.linear_2.state_dict())
+        return True
 
     def output_tokens(self, input_tokens: int) -> int:
         return input_tokens // self.config.scale**2
@@ -120,7 +150,10 @@ class TokenPacker(Compressor):
         keys = _regions(self.key_proj(multi), g, s)  # (B·r², s², W)
         values = _regions(self.value_proj(multi), g, s)
         packed, _ = self.attention(queries.reshape(batch * r * r, 1, -1), keys, values, need_weights=False)
-        return self.output(packed.view(batch, r * r, -1))  # no residual: attention output replaces the query
+        packed = packed.view(batch, r * r, -1)  # no residual: attention output replaces the query
+        if self.config.warm_start:  # ... except in vtc's warm start, which keeps the point query
+            packed = packed + points.flatten(2).transpose(1, 2)
+        return self.output(packed)
 
 
 def _regions(tokens: torch.Tensor, g: int, s: int) -> torch.Tensor:

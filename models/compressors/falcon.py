@@ -1,0 +1,168 @@
+"""FALCON: visual registers inside the vision tower (arXiv 2501.16297).
+
+**ReCompact.** M learnable registers (1, M, Dv), shared by every view, are appended after each
+view's patch tokens (after CLS on CLIP) once the tower has added its position embeddings, so
+registers get none; each view's registers add a crop embedding 0.5·(E_row[r] + E_col[c]) (two
+`Embedding(anchor_max + 1, Dv)`; a whole image or thumbnail uses index anchor_max). The tower
+runs as usual and only the M register outputs of its **last** layer leave it (after
+`post_layernorm` on SigLIP, raw on CLIP): 576 → 64 tokens per view at M = 64 (9×), M = 36 gives
+16×. The projector (LLaVA's MLP) maps them to the LLM.
+
+**ReAtten.** In every encoder layer, after self-attention and before the residual add, the
+register outputs of all views of one image are gathered (padded, with a key-padding mask, so a
+batch mixes images with different view counts), attend to each other through an extra attention
+module of the layer's shape — initialised as a copy of that layer's self-attention when the
+component is attached — and the result is added to the registers only. Views of different
+images never see each other.
+
+Nothing in transformers is patched: registers enter through a forward hook on this model's
+embeddings and ReAtten through per-call hooks on its layers' attention (`models/vision.py`),
+so another tower in the process is untouched and the tower keeps its attention kernel.
+
+`reatten` can be switched per training stage (`stages[i].components: {falcon: {reatten:
+false}}`), as the authors train stage 1 without it; outside training the recipe's value holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.compressors import register
+from models.compressors.base import Compressor, ModelDims
+from models.gather import gathered
+from models.views import ViewLayout
+
+
+@dataclass(frozen=True)
+class FalconConfig:
+    registers: int = 64  # M per view: 576 → 64 on CLIP-L/336 (9×); 36 → 16×
+    anchor_max: int = 16  # crop rows/columns 0..anchor_max-1 get their own embedding
+    reatten: bool = True  # register interactive attention across the views of an image
+
+
+class RegisterAttention(nn.Module):
+    """Multi-head attention among the registers of each image's views: (I, T, Dv) with a key
+    mask (I, T) → (I, T, Dv). The projections have the names and shapes of an HF CLIP / SigLIP
+    self-attention, so they start as a copy of one."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        split = lambda t: t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+@register("falcon")
+class Falcon(Compressor):
+    """Registers in the ViT: (V, P+N, Dv) embeddings → (V, M, Dv) register outputs per view."""
+
+    stage = "encoder"
+    Config = FalconConfig
+    acts_in_vision_layers = True
+    reads_last_vision_layer = True
+    stage_settings = ("reatten",)  # behaviour a stage may switch (no weight changes shape)
+    sparse_gradients = True  # a stage without ReAtten leaves its modules without gradient
+
+    def __init__(self, config: FalconConfig, dims: ModelDims):
+        super().__init__(config, dims)
+        width = dims.vision_width
+        self.registers = nn.Parameter(torch.randn(1, config.registers, width) * 0.02)
+        self.crop_row = nn.Embedding(config.anchor_max + 1, width)
+        self.crop_col = nn.Embedding(config.anchor_max + 1, width)
+        for embedding in (self.crop_row, self.crop_col):
+            nn.init.normal_(embedding.weight, std=0.02)
+        self.reatten = nn.ModuleList(
+            RegisterAttention(width, dims.vision_heads) for _ in range(dims.vision_layers)
+        )
+
+    @classmethod
+    def check_config(cls, config: FalconConfig, dims: ModelDims):
+        problems = []
+        if config.registers < 1:
+            problems.append(("registers", f"must be at least 1, got {config.registers}"))
+        if config.anchor_max < 1:
+            problems.append(("anchor_max", f"must be at least 1, got {config.anchor_max}"))
+        return problems
+
+    def output_tokens(self, input_tokens: int) -> int:
+        return self.config.registers
+
+    def output_grid(self, grid: int | None) -> int | None:
+        return None  # registers are a set, not a map: views are laid out one after another
+
+    def attach(self, host) -> None:
+        """Start every layer's ReAtten as a copy of that layer's self-attention."""
+        super().attach(host)
+        layers = host.vision.layers()
+        with torch.no_grad():
+            for reatten, layer in zip(self.reatten, layers, strict=True):
+                sources = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+                params = [p for s in sources for p in s.parameters()]
+                with gathered(params + list(reatten.parameters()), modify=True):
+                    for source, name in zip(sources, ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True):
+                        getattr(reatten, name).load_state_dict(source.state_dict())
+
+    def reatten_on(self) -> bool:
+        return bool(self.setting("reatten"))
+
+    def crop_embedding(self, views: ViewLayout) -> torch.Tensor:
+        """(V, Dv): 0.5·(E_row[r] + E_col[c]); a whole image or thumbnail uses anchor_max."""
+        anchor = self.config.anchor_max
+        if bool((views.row >= anchor).any() or (views.col >= anchor).any()):
+            raise ValueError(
+                f"falcon: a crop at row/column ≥ anchor_max {anchor}; raise falcon.anchor_max to "
+                f"the largest grid side of model.views"
+            )
+        row = torch.where(views.is_crop, views.row, anchor)
+        col = torch.where(views.is_crop, views.col, anchor)
+        return 0.5 * (self.crop_row(row) + self.crop_col(col))
+
+    def extend_embeddings(self, embeddings: torch.Tensor, views: ViewLayout) -> torch.Tensor:
+        """(V, P+N, Dv) after the tower's position embeddings → (V, P+N+M, Dv)."""
+        registers = self.registers + self.crop_embedding(views)[:, None]  # (V, M, Dv)
+        return torch.cat([embeddings, registers.to(embeddings.dtype)], dim=1)
+
+    def after_vision_attention(self, layer_idx, layer_input, attention_output, views):
+        """Registers of one image's views attend to each other; (V, T, Dv) → (V, T, Dv)."""
+        if not self.reatten_on():
+            return attention_output
+        m = self.config.registers
+        registers = attention_output[:, -m:]  # (V, M, Dv)
+        images = int(views.image.max()) + 1
+        counts = torch.bincount(views.image, minlength=images)
+        first = torch.cumsum(counts, 0) - counts  # each image's first view (views are image-major)
+        slot = torch.arange(len(views), device=counts.device) - first[views.image]
+        most = int(counts.max())
+        padded = registers.new_zeros(images, most, m, registers.shape[-1])
+        padded[views.image, slot] = registers
+        valid = (torch.arange(most, device=counts.device)[None] < counts[:, None]).repeat_interleave(m, 1)
+        mixed = self.reatten[layer_idx](padded.flatten(1, 2), valid).view_as(padded)[views.image, slot]
+        return torch.cat([attention_output[:, :-m], registers + mixed], dim=1)
+
+    def select(self, hidden_states, num_patches, views):
+        """The last layer's register outputs (V, M, Dv); SigLIP's post-norm applied as the
+        tower's own output would be."""
+        registers = hidden_states[-1][:, -self.config.registers :]
+        tower = getattr(self.host.vision.model, "vision_model", self.host.vision.model)
+        if self.dims.prefix_tokens == 0 and hasattr(tower, "post_layernorm"):  # SigLIP
+            registers = tower.post_layernorm(registers)
+        return registers
+
+    def parameter_summary(self) -> dict[str, int]:
+        """Parameter counts by part (printed by the 7B shape test and the README)."""
+        return {
+            "registers": self.registers.numel(),
+            "crop_embeddings": self.crop_row.weight.numel() + self.crop_col.weight.numel(),
+            "reatten_per_layer": sum(p.numel() for p in self.reatten[0].parameters()),
+            "reatten_layers": len(self.reatten),
+        }

@@ -1,0 +1,179 @@
+"""FALCON (models/compressors/falcon.py): registers inside the vision tower and register
+attention across the views of one image, on CLIP and SigLIP towers."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.build import ComponentSpec, build
+from models.views import MultiViewConfig
+from tests.conftest import TEST_TINY
+from tests.test_views import png
+
+M = 4
+GRIDS = ((1, 1), (1, 2), (2, 1), (2, 2))
+TOWERS = ("clip", "siglip")
+
+
+def falcon_model(vision_type="clip", reatten=True, seed=0, newline=True):
+    tiny = dataclasses.replace(TEST_TINY, vision_type=vision_type)
+    return build(
+        "tiny",
+        compressors=[ComponentSpec("falcon", {"registers": M, "reatten": reatten})],
+        tiny=tiny,
+        seed=seed,
+        views=MultiViewConfig(GRIDS, newline),
+    )
+
+
+def two_images():
+    """Views of a 2×2 image (thumbnail + 4 crops) and a 1×2 one (thumbnail + 2 crops)."""
+    return torch.randn(5 + 3, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor(
+        [[2, 2], [1, 2]]
+    )
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_registers_enter_without_position_embedding_and_only_they_leave(kind):
+    model = falcon_model(kind).model.eval()
+    falcon = model.compressors[0]
+    pixels, grids = two_images()
+    seen = {}
+    first_layer = model.vision.layers()[0]
+
+    def record(_module, args, kwargs):
+        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    hook = first_layer.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        visual = model.encode_images(pixels, grids)
+    hook.remove()
+    from models.views import ViewLayout
+
+    layout = ViewLayout.from_grids(grids)
+    expected = falcon.registers + falcon.crop_embedding(layout)[:, None]  # no position embedding
+    tower = getattr(model.vision.model, "vision_model", model.vision.model)
+    if kind == "clip":  # CLIP normalises every input token before its first layer
+        expected = tower.pre_layrnorm(expected)
+    torch.testing.assert_close(seen["x"][:, -M:], expected)
+    assert seen["x"].shape[1] == model.dims.prefix_tokens + 64 + M
+    # what leaves: M tokens per view, the last layer's register outputs through the projector
+    with torch.no_grad():
+        features = model.vision(pixels, encoder=falcon, in_layers=[falcon], views=layout)
+        last = features.hidden_states[-1][:, -M:]
+        if kind == "siglip":
+            last = tower.post_layernorm(last)
+    torch.testing.assert_close(features.selected, last)
+    assert features.selected.shape == (8, M, model.dims.vision_width)
+    assert [v.shape[0] for v in visual] == [model.visual_tokens((2, 2)), model.visual_tokens((1, 2))]
+    assert model.visual_tokens() == M
+
+
+def test_reatten_starts_as_a_copy_of_each_layers_attention():
+    model = falcon_model().model
+    for reatten, layer in zip(model.compressors[0].reatten, model.vision.layers(), strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            source = getattr(layer.self_attn, name)
+            assert torch.equal(getattr(reatten, name).weight, source.weight)
+            assert torch.equal(getattr(reatten, name).bias, source.bias)
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_reatten_carries_information_between_the_views_of_one_image_only(kind):
+    model = falcon_model(kind).model.eval()
+    pixels, grids = two_images()
+    changed = pixels.clone()
+    changed[3] += 1.0  # crop (1, 0) of image 0
+    with torch.no_grad():
+        before, after = model.encode_images(pixels, grids), model.encode_images(changed, grids)
+    assert not torch.allclose(before[0][:M], after[0][:M])  # image 0's thumbnail registers moved
+    torch.testing.assert_close(before[1], after[1], rtol=0, atol=0)  # image 1 untouched
+    # without ReAtten a crop cannot reach the thumbnail's registers
+    plain = falcon_model(kind, reatten=False).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain.encode_images(pixels, grids)[0][:M], plain.encode_images(changed, grids)[0][:M]
+        )
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_images_with_different_view_counts_in_one_batch_equal_one_by_one(kind):
+    model = falcon_model(kind, seed=1).model.eval()
+    pixels, grids = two_images()
+    with torch.no_grad():
+        together = model.encode_images(pixels, grids)
+        alone = [model.encode_images(pixels[:5], grids[:1])[0], model.encode_images(pixels[5:], grids[1:])[0]]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_ragged_images_answers_as_one_by_one_and_gradients_reach_the_parts():
+    built = falcon_model(seed=3)
+    model, tok = built.model, built.tokenizer
+    from data.dataset import collate, load_views
+
+    items = []
+    for size in ((128, 128), (128, 64)):
+        pixels, grid = load_views(png(size), 64, model.view_grids)
+        ids = [tok.bos_token_id, model.image_token_id] + tok(
+            "What colour is the dot ?", add_special_tokens=False
+        ).input_ids
+        items.append(
+            {"id": str(size), "input_ids": ids, "labels": ids, "pixel_values": pixels, "image_grid": grid}
+        )
+    batch = collate(items, tok.pad_token_id)
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        image_grids=batch["image_grids"],
+    )
+    out.loss.backward()
+    falcon = model.compressors[0]
+    assert falcon.registers.grad.abs().sum() > 0
+    assert all(r.q_proj.weight.grad is not None for r in falcon.reatten)
+    used_rows = falcon.crop_row.weight.grad.abs().sum(-1) > 0
+    assert used_rows.nonzero().flatten().tolist() == [
+        0,
+        1,
+        falcon.config.anchor_max,
+    ]  # crop rows 0, 1 and whole
+
+
+def test_a_stage_switches_reatten_off_for_its_duration_only():
+    from models.compressors.base import Progress
+
+    model = falcon_model().model
+    falcon = model.compressors[0]
+    model.set_progress(Progress(0, 10, ("lm",), {"falcon": {"reatten": False}}))
+    assert not falcon.reatten_on()
+    model.set_progress(None)
+    assert falcon.reatten_on()
+
+
+def test_another_tower_in_the_process_is_untouched():
+    model = falcon_model().model.eval()
+    other = build("tiny", tiny=TEST_TINY, seed=0).model.eval()
+    other.vision.model.load_state_dict(model.vision.model.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = other.vision(pixels).selected
+        model.encode_images(pixels)  # FALCON's hooks run on its own tower, for that call
+        torch.testing.assert_close(other.vision(pixels).selected, reference)
+        plain = model.vision(pixels).selected  # and its tower without the component is plain CLIP
+    torch.testing.assert_close(plain, reference)
+
+
+def test_falcon_on_the_7b_shapes_counts_its_parameters():
+    from train.recipe import REPO_ROOT
+
+    built = build(
+        str(REPO_ROOT / "models/configs/llava-1.5-7b-hf"),
+        compressors=[ComponentSpec("falcon")],
+        device="meta",
+    )
+    summary = built.model.compressors[0].parameter_summary()
+    assert summary["registers"] == 64 * 1024
+    assert summary["reatten_per_layer"] == 4 * 1024 * 1024 + 4 * 1024 and summary["reatten_layers"] == 24
