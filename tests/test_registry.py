@@ -22,6 +22,7 @@ PARAMS = {
     "llavolta": {"inference": {"layer": 1, "stride": 4}},
     "covipal": {"guidance_layer": 1},
     "dyvte": {"hidden": 16},
+    "falcon": {"registers": 8},
     "test_scheduled_keep": {"start": 16, "end": 6},
 }
 # Components that do not compress: the visual tokens they leave beyond the patches (every other

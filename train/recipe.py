@@ -143,7 +143,7 @@ class GradientCheckpointing:
 
 @dataclass(frozen=True)
 class TrainerRecipe:
-    strategy: Literal["auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
+    strategy: Literal["auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: AtLeast1 = 1
     num_nodes: AtLeast1 = 1

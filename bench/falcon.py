@@ -1,0 +1,181 @@
+"""FALCON on the tiny base: registers with ReAtten on and off against the MLP projector on the
+same views (9× the tokens), on high-resolution scenes; and what registers + ReAtten cost.
+
+    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains three recipes per seed
+    python bench/falcon.py --cost                                     # only the vision-tower timing
+
+Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, and `tiny/falcon-mlp`, each
+fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
+(128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
+**across crops** — the questions whose grounded answer names cells in two or more of the 2×2
+crops, which no single crop shows. Prints measured figures only; the README quotes them.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from data.synth import final_answer
+from models.build import ComponentSpec, build
+from models.views import ViewLayout
+from train.accuracy import answer_questions, normalize_answer, questions_of, synthetic_questions
+from train.datamodule import split_shards
+from train.export import rebuild_run
+from train.recipe import load_recipe, resolve_base
+from train.run import run_recipe
+
+RUNS = {
+    "FALCON, ReAtten on": ("tiny/falcon", []),
+    "FALCON, ReAtten off": ("tiny/falcon", ["model.compressors.0.reatten=false"]),
+    "MLP projector, same views": ("tiny/falcon-mlp", []),
+}
+
+
+def crops_named(reference: str, grid: int, crops: int = 2) -> set[tuple[int, int]]:
+    """The (row, col) crops of a `crops`×`crops` split that hold the cells a grounded answer names."""
+    per_crop = grid // crops
+    out = set()
+    for word in reference.rsplit(" . ", 1)[0].split():
+        if len(word) == 2 and word[0].isalpha() and word[1].isdigit():
+            col, row = ord(word[0]) - ord("a"), int(word[1]) - 1
+            out.add((row // per_crop, col // per_crop))
+    return out
+
+
+def score_run(run_dir: Path, limit: int) -> dict:
+    built = rebuild_run(run_dir)[0]
+    recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
+    shards = split_shards(recipe.data, "test")
+    questions = synthetic_questions(shards, limit)
+    references = {
+        f"{index}-{turn}": answer
+        for index in range(min(limit, len(shards)))
+        for turn, (_, _, answer) in enumerate(questions_of(shards.record(index)))
+    }
+    size = built.hf.config.vision_config.image_size
+    answers = answer_questions(built.model, built.tokenizer, questions, size, progress=False)
+    right, total = defaultdict(int), defaultdict(int)
+    for q in questions.questions:
+        ok = normalize_answer(final_answer(answers[q.id]["text"])) == normalize_answer(q.answers[0])
+        groups = [q.family] + (
+            ["across crops"] if len(crops_named(references[q.id], recipe.data.synthetic.grid)) > 1 else []
+        )
+        for group in groups:
+            right[group] += ok
+            total[group] += 1
+    families = {g: right[g] / total[g] for g in sorted(total) if g != "across crops"}
+    return {
+        "mean": sum(families.values()) / len(families),
+        "per_family": families,
+        "across_crops": right["across crops"] / max(total["across crops"], 1),
+        "across_crops_count": total["across crops"],
+        "visual_tokens": built.model.visual_tokens((2, 2)),
+    }
+
+
+def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None) -> dict:
+    out = {}
+    for label, (name, overrides) in RUNS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            root = (
+                Path(keep) / f"{name.replace('/', '-')}-{'off' if overrides else 'on'}-s{seed}"
+                if keep
+                else Path(tmp)
+            )
+            more = [f"stages.{len(load_recipe(name).stages) - 1}.steps={steps}"] if steps else []
+            recipe = load_recipe(name, [f"output={root}", f"seed={seed}", "eval.limit=1", *overrides, *more])
+            started = time.time()
+            run_recipe(recipe, restart=True)
+            out[label] = score_run(root, limit) | {"train_seconds": round(time.time() - started)}
+            print(label, json.dumps(out[label]), flush=True)
+    return out
+
+
+def tower_cost(images: int = 8, repeats: int = 7) -> dict:
+    """Median seconds of the vision tower on `images` images of 5 views each: plain, and with
+    FALCON's registers and ReAtten (`tiny/falcon`'s settings) on the shipped base's tower."""
+    torch.set_num_threads(2)
+    recipe = load_recipe("tiny/falcon")
+    spec = recipe.model.compressors[0]
+    plain = build(resolve_base("tiny-llava")).model.eval()
+    falcon = build(
+        resolve_base("tiny-llava"), compressors=[ComponentSpec(spec.name, spec.params)]
+    ).model.eval()
+    component = falcon.compressors[0]
+    grids = torch.tensor([[2, 2]] * images)
+    layout = ViewLayout.from_grids(grids)
+    pixels = torch.randn(len(layout), 3, 64, 64)
+
+    def timed(run) -> float:
+        times = []
+        for i in range(repeats + 2):
+            started = time.perf_counter()
+            with torch.no_grad():
+                run()
+            if i >= 2:
+                times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    tower = timed(lambda: plain.vision(pixels, views=layout))
+    with_registers = timed(
+        lambda: falcon.vision(pixels, encoder=component, in_layers=[component], views=layout)
+    )
+    return {
+        "views": len(layout),
+        "tower_s": round(tower, 4),
+        "with_falcon_s": round(with_registers, 4),
+        "overhead": round(with_registers / tower - 1, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--limit", type=int, default=200, help="test images (6 questions each)")
+    parser.add_argument("--steps", type=int, help="steps of each recipe's last stage (default: the recipe's)")
+    parser.add_argument("--keep", help="keep the runs under this folder")
+    parser.add_argument(
+        "--cost", action="store_true", help="only time the vision tower with and without FALCON"
+    )
+    args = parser.parse_args()
+    cost = tower_cost()
+    print("cost", json.dumps(cost), flush=True)
+    if args.cost:
+        return
+    results = {
+        seed: train_and_score(int(seed), args.limit, args.steps, args.keep) for seed in args.seeds.split(",")
+    }
+    print_table(results)
+
+
+def mean_and_range(rows: list[dict], key: str) -> str:
+    """`54.0 % (52.1–55.9)` over seeds, or the one value."""
+    values = [r[key] for r in rows]
+    text = f"{statistics.mean(values):.1%}"
+    return text + (f" ({min(values):.1%}–{max(values):.1%})" if len(values) > 1 else "")
+
+
+def print_table(results: dict) -> None:
+    first = next(iter(next(iter(results.values())).values()))
+    families = list(first["per_family"])
+    print("| run | visual tokens / image | mean | across crops | " + " | ".join(families) + " | train s |")
+    for label in RUNS:
+        rows = [results[seed][label] for seed in results]
+        per_family = " | ".join(f"{statistics.mean(r['per_family'][f] for r in rows):.1%}" for f in families)
+        seconds = statistics.mean(r["train_seconds"] for r in rows)
+        print(
+            f"| {label} | {rows[0]['visual_tokens']} | {mean_and_range(rows, 'mean')} | "
+            f"{mean_and_range(rows, 'across_crops')} (n={rows[0]['across_crops_count']}) | {per_family} | {seconds:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
