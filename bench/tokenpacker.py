@@ -1,4 +1,6 @@
-"""TokenPacker on the tiny base vs. the MLP projector and 2-D pooling trained the same way.
+"""TokenPacker on the tiny base vs. the base's MLP projector (64 tokens) and 2-D pooling (16
+tokens) fine-tuned the same way (`tiny/tokenpacker`, `tiny/mlp`, `tiny/avgpool`: one instruction
+stage from the shipped base; TokenPacker warm-started from the base's projector).
 
     python bench/tokenpacker.py [--seeds 0,1,2]  # accuracy over seeds (trains the three recipes) + step time
     python bench/tokenpacker.py --step-time      # only the training-step time ratio (seconds)

@@ -177,3 +177,23 @@ def test_falcon_on_the_7b_shapes_counts_its_parameters():
     summary = built.model.compressors[0].parameter_summary()
     assert summary["registers"] == 64 * 1024
     assert summary["reatten_per_layer"] == 4 * 1024 * 1024 + 4 * 1024 and summary["reatten_layers"] == 24
+
+
+def test_export_loads_back_trained_registers_and_reatten(tmp_path):
+    from models.export import export, load_pretrained
+
+    built = falcon_model(seed=4)
+    falcon = built.model.compressors[0]
+    with torch.no_grad():  # as training would leave them: not what a fresh build draws or copies
+        falcon.registers.add_(0.5)
+        falcon.reatten[1].q_proj.weight.mul_(1.5)
+    spec = ComponentSpec("falcon", {"registers": M, "reatten": True})
+    export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], "tiny")
+    loaded = load_pretrained(tmp_path / "export").model
+    assert torch.equal(loaded.compressors[0].reatten[1].q_proj.weight, falcon.reatten[1].q_proj.weight)
+    pixels, grids = two_images()
+    with torch.no_grad():
+        for a, b in zip(
+            loaded.encode_images(pixels, grids), built.model.eval().encode_images(pixels, grids), strict=True
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

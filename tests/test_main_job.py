@@ -12,6 +12,7 @@ from train.recipe import DEFAULT_RECIPE, load_recipe
 def test_the_default_recipe_is_tokenpacker_on_the_shipped_base():
     recipe = load_recipe(DEFAULT_RECIPE, check_machine=False)
     assert recipe.model.projector.name == "tokenpacker" and recipe.model.base == "tiny-llava"
+    assert recipe.model.projector.params == {"scale": 2, "warm_start": True}
     assert {"pooling", "random", "divprune"} <= set(recipe.eval.baselines)
 
 
@@ -30,9 +31,7 @@ def test_vtc_train_without_a_recipe_trains_then_compares(tmp_path, capsys):
         "data.synthetic.train=64",
         "data.synthetic.test=6",
         "stages.0.steps=2",
-        "stages.1.steps=2",
         "stages.0.batch_size=4",
-        "stages.1.batch_size=4",
         "eval.limit=6",
         "eval.compare_limit=6",
         "eval.compare_timing=false",

@@ -115,3 +115,34 @@ def test_7b_recipes_validate_anywhere_and_need_cuda_here(stage):
     if not torch.cuda.is_available():
         with pytest.raises(RecipeError, match="trainer.strategy"):
             load_recipe(f"llava-1.5-7b/tokenpacker/{stage}")
+
+
+def test_warm_start_begins_as_pooling_through_the_bases_projector_and_then_learns():
+    """With warm_start, TokenPacker at step 0 is MLP_base(2×2 mean of the features), and its
+    attention gets a gradient through the zero-initialised out-projection."""
+    import torch.nn.functional as F
+
+    from tests.conftest import TEST_TINY
+
+    base = build("tiny", tiny=TEST_TINY, seed=3)  # its MLP projector plays the trained one
+    from models.build import assemble
+
+    warm = assemble(base.hf, ComponentSpec("tokenpacker", {"scale": 2, "warm_start": True})).eval()
+    cold = assemble(base.hf, ComponentSpec("tokenpacker", {"scale": 2})).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = base.model.vision(pixels).selected  # (2, 64, Dv)
+        g = base.model.vision.grid
+        pooled = F.avg_pool2d(feats.view(2, g, g, -1).permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
+        expected = base.model.projector.linear_2(
+            base.model.projector.act(base.model.projector.linear_1(pooled))
+        )
+        torch.testing.assert_close(warm.encode_images(pixels), expected)
+        assert not torch.allclose(cold.encode_images(pixels), expected)
+    warm.encode_images(pixels).sum().backward()
+    assert warm.projector.attention.out_proj.weight.grad.abs().sum() > 0
+    # a width other than the vision width cannot add the point query back: a recipe error
+    problems = warm.projector.check_config(
+        warm.projector.Config(scale=2, width=16, heads=2, warm_start=True), warm.dims
+    )
+    assert [key for key, _ in problems] == ["warm_start"]
