@@ -104,9 +104,9 @@ def test_non_finite_loss_stops_the_run_and_writes_no_weights(tmp_path):
             "checkpoint.keep_last=100",
         ],
     )
-    with pytest.raises(
-        FloatingPointError, match=r"non-finite (loss .* at step \d+ of stage 'instruct'|trainable)"
-    ):
+    from data.errors import UserError
+
+    with pytest.raises(UserError, match=r"non-finite (loss .* at step \d+ of stage 'instruct'|trainable)"):
         run_recipe(recipe)
     assert not (run_dir / "trainable.safetensors").exists() and not (run_dir / "hf").exists()
     # every checkpoint written before the stop holds finite weights; the newest is the last good one

@@ -28,6 +28,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from safetensors.torch import load_file, save_file
 
+from data.errors import UserError
 from train.outputs import replace_dir
 
 CKPT_DIR = "ckpt"
@@ -169,9 +170,9 @@ def check_finite(module: torch.nn.Module, step: int) -> None:
     """A loss can stay finite while an update makes weights inf/NaN: never save those."""
     bad = [n for n, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
-        raise FloatingPointError(
+        raise UserError(  # usually a learning rate too high: one line, exit 2
             f"non-finite trainable weights after step {step} (e.g. {bad[0]}); stopping without "
-            "saving them, so the newest checkpoint stays the last good one"
+            "saving them, so the newest checkpoint stays the last good one (lower the stage's optim.lr)"
         )
 
 
