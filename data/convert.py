@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data import IMAGE_PLACEHOLDER
 from data.errors import UserError
-from data.shards import ShardIndex, ShardWriter, list_shards
+from data.shards import ShardIndex, ShardWriter, existing_shards, publish
 from data.templates import ConversationError, conversation_turns
 
 
@@ -202,10 +202,6 @@ class Selection:
         return [records[i] for i in kept]
 
 
-def existing_shards(out_dir: Path) -> list[Path]:
-    return list_shards(out_dir) if out_dir.is_dir() and any(out_dir.glob("*.tar")) else []
-
-
 def convert_llava_json(
     json_path,
     image_dir,
@@ -258,7 +254,7 @@ def convert_llava_json(
                 writer.write(record, *image)
                 report.written += 1
         _write_skipped(tmp / "skipped.jsonl", report.skipped)
-        _move_into_place(tmp, out_dir, mode)
+        publish(tmp, out_dir, mode)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -283,24 +279,3 @@ def _skip_row(json_path: Path, record, position: int, err: BadEntry) -> dict:
 def _write_skipped(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-
-
-def _move_into_place(tmp: Path, out_dir: Path, mode: str) -> None:
-    """The finished conversion in `tmp` becomes `out_dir` (new, overwrite) or joins it (append)."""
-    if mode == "append" and out_dir.is_dir():
-        for shard in sorted(tmp.glob("*.tar")):
-            shard.rename(out_dir / shard.name)
-        with open(out_dir / "skipped.jsonl", "a") as f:
-            f.write((tmp / "skipped.jsonl").read_text())
-        return
-    if out_dir.exists():  # overwrite, or "new" into an existing folder without shards
-        if mode == "new":
-            for item in tmp.iterdir():
-                item.replace(out_dir / item.name)
-            return
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-        out_dir.rename(trash / out_dir.name)
-        tmp.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-        return
-    tmp.rename(out_dir)

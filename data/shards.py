@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +128,31 @@ def list_shards(shards: str | Path | list) -> list[Path]:
     if not paths or missing:
         raise FileNotFoundError(f"no shards at {shards}" + (f" (missing: {missing[:3]})" if missing else ""))
     return paths
+
+
+def existing_shards(out_dir: Path) -> list[Path]:
+    """The shards a folder already holds (none if it does not exist)."""
+    return list_shards(out_dir) if out_dir.is_dir() and any(out_dir.glob("*.tar")) else []
+
+
+def publish(tmp: Path, out_dir: Path, mode: str) -> None:
+    """Shards finished in the temporary folder `tmp` (beside `out_dir`) become `out_dir`
+    ("new", "overwrite": replaced whole) or join it ("append": shards and skipped.jsonl added)."""
+    if mode == "append" and out_dir.is_dir():
+        for shard in sorted(tmp.glob("*.tar")):
+            shard.rename(out_dir / shard.name)
+        if (tmp / "skipped.jsonl").is_file():
+            with open(out_dir / "skipped.jsonl", "a") as f:
+                f.write((tmp / "skipped.jsonl").read_text())
+        return
+    if out_dir.exists():  # overwrite, or "new" into an existing folder without shards
+        if mode == "new":
+            for item in tmp.iterdir():
+                item.replace(out_dir / item.name)
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+        out_dir.rename(trash / out_dir.name)
+        tmp.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    tmp.rename(out_dir)

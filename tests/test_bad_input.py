@@ -323,3 +323,33 @@ def test_a_stage_that_would_train_on_nothing_or_diverges_stops_with_one_line(ove
         smoke_train_cmd(tmp_path / "run", tmp_path / "data", *overrides), capture_output=True, text=True
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_synthetic_data_never_mixes_into_or_half_fills_a_folder(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert (
+        run_cli("data", "synth", "--out", str(out), "--samples", "3", "--split", "test", capsys=capsys)[0]
+        == 0
+    )
+    code, _, err = run_cli(
+        "data", "synth", "--out", str(out), "--samples", "2", "--split", "test", capsys=capsys
+    )
+    assert code == 2 and "already holds 1 shard" in err and len(ShardIndex(out)) == 3
+    assert (
+        run_cli(
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--samples",
+            "2",
+            "--split",
+            "test",
+            "--overwrite",
+            capsys=capsys,
+        )[0]
+        == 0
+    )
+    assert len(ShardIndex(out)) == 2 and [p.name for p in tmp_path.iterdir()] == [
+        "synth"
+    ]  # no temporary left

@@ -123,9 +123,26 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_data_synth(args) -> int:
+    import shutil
+    import tempfile
+
+    from data.errors import UserError
+    from data.shards import existing_shards, publish
     from data.synth import write_synthetic
 
-    write_synthetic(args.out, args.split, args.samples, args.seed, args.image_size, args.grid)
+    out = Path(args.out)
+    old = existing_shards(out)
+    if old and not args.overwrite:
+        raise UserError(f"{out} already holds {len(old)} shard(s): choose another --out, or --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder for shards")
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.absolute().parent))
+    try:  # written beside --out and moved into place at the end: never half a split
+        write_synthetic(tmp, args.split, args.samples, args.seed, args.image_size, args.grid)
+        publish(tmp, out, "overwrite" if old else "new")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.samples} {args.split} samples to {args.out}")
     return 0
 
@@ -331,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--grid", type=positive_int, default=4)
+    p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser(
         "convert",
