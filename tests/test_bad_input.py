@@ -140,19 +140,17 @@ def run_cli(*argv, capsys):
     return code, out, err
 
 
+def convert_cli(source, images, out, *more, capsys):
+    """`vtc data convert SOURCE --images IMAGES --out OUT [more]`: (exit code, stdout, stderr)."""
+    return run_cli(
+        "data", "convert", str(source), "--images", str(images), "--out", str(out), *more, capsys=capsys
+    )
+
+
 def test_a_file_that_is_not_json_names_itself(tmp_path, image_dir, capsys):
     source = tmp_path / "data.json"
     source.write_text("[{'id': 1}]")
-    code, _, err = run_cli(
-        "data",
-        "convert",
-        str(source),
-        "--images",
-        str(image_dir),
-        "--out",
-        str(tmp_path / "o"),
-        capsys=capsys,
-    )
+    code, _, err = convert_cli(str(source), str(image_dir), str(tmp_path / "o"), capsys=capsys)
     assert code == 2 and str(source) in err and "not valid JSON" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
@@ -170,18 +168,18 @@ def test_converting_into_a_folder_with_shards_is_refused_unless_overwrite_or_app
         tmp_path / "two.json", [{"id": f"b{i}", "image": "good.png", "conversations": CONV} for i in range(3)]
     )
     out = tmp_path / "out"
-    convert = ("data", "convert", "--images", str(image_dir), "--out", str(out), "--samples-per-shard", "2")
-    assert run_cli(*convert[:2], str(one), *convert[2:], capsys=capsys)[0] == 0
-    code, _, err = run_cli(*convert[:2], str(two), *convert[2:], capsys=capsys)
+    small = ("--samples-per-shard", "2")
+    assert convert_cli(one, image_dir, out, *small, capsys=capsys)[0] == 0
+    code, _, err = convert_cli(two, image_dir, out, *small, capsys=capsys)
     assert code == 2 and "already holds 1 shard" in err and "--append" in err
     assert [ShardIndex(out).record(i)["id"] for i in range(len(ShardIndex(out)))] == ["a"]  # untouched
 
-    assert run_cli(*convert[:2], str(two), *convert[2:], "--append", capsys=capsys)[0] == 0
+    assert convert_cli(two, image_dir, out, *small, "--append", capsys=capsys)[0] == 0
     index = ShardIndex(out)
     assert [index.record(i)["id"] for i in range(len(index))] == ["a", "b0", "b1", "b2"]
     assert len(list(out.glob("*.tar"))) == 3  # shard-000000 kept, two new ones after it
 
-    assert run_cli(*convert[:2], str(one), *convert[2:], "--overwrite", capsys=capsys)[0] == 0
+    assert convert_cli(one, image_dir, out, *small, "--overwrite", capsys=capsys)[0] == 0
     index = ShardIndex(out)
     assert [index.record(i)["id"] for i in range(len(index))] == ["a"] and len(list(out.glob("*.tar"))) == 1
 
@@ -190,40 +188,13 @@ def test_a_typo_in_images_is_named_and_most_entries_failing_alike_exits_non_zero
     rows = [{"id": f"s{i}", "image": f"img{i}.png", "conversations": CONV} for i in range(4)]
     rows.append({"id": "ok", "image": "good.png", "conversations": CONV})
     source = write_entries(tmp_path / "data.json", rows)
-    code, _, err = run_cli(
-        "data",
-        "convert",
-        str(source),
-        "--images",
-        str(tmp_path / "imgaes"),
-        "--out",
-        str(tmp_path / "a"),
-        capsys=capsys,
-    )
+    code, _, err = convert_cli(str(source), str(tmp_path / "imgaes"), str(tmp_path / "a"), capsys=capsys)
     assert code == 2 and "imgaes: no such folder" in err
-    code, out, err = run_cli(
-        "data",
-        "convert",
-        str(source),
-        "--images",
-        str(image_dir),
-        "--out",
-        str(tmp_path / "b"),
-        capsys=capsys,
-    )
+    code, out, err = convert_cli(str(source), str(image_dir), str(tmp_path / "b"), capsys=capsys)
     assert code == 1 and "80%" in err and "4" in err and "image not found" in err
     assert "written 1, skipped 4 of 5" in out and "4 × image not found" in out
-    code, _, _ = run_cli(
-        "data",
-        "convert",
-        str(source),
-        "--images",
-        str(image_dir),
-        "--out",
-        str(tmp_path / "c"),
-        "--max-skipped",
-        "0.9",
-        capsys=capsys,
+    code, _, _ = convert_cli(
+        str(source), str(image_dir), str(tmp_path / "c"), "--max-skipped", "0.9", capsys=capsys
     )
     assert code == 0
 

@@ -125,13 +125,8 @@ def png(size):
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(
-    "projector,compressors",
-    [("tokenpacker", []), ("mlp2x_gelu", []), ("mlp2x_gelu", ["test_view_registers"])],
-)
-def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compressors):
-    built = views_model(projector, compressors, seed=2)
-    model, tok = built.model.eval(), built.tokenizer
+def ragged_view_items(model, tok) -> list[dict]:
+    """Dataset items of a 2×2-crop image and a 1×2-crop image with prompts of 9 and 5 tokens."""
     items = []
     for size in ((128, 128), (128, 64)):
         pixels, grid = load_views(png(size), 64, model.view_grids)
@@ -142,6 +137,17 @@ def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compre
             {"id": str(size), "input_ids": ids, "labels": ids, "pixel_values": pixels, "image_grid": grid}
         )
     items[1]["input_ids"] = items[1]["labels"] = items[1]["input_ids"][:5]
+    return items
+
+
+@pytest.mark.parametrize(
+    "projector,compressors",
+    [("tokenpacker", []), ("mlp2x_gelu", []), ("mlp2x_gelu", ["test_view_registers"])],
+)
+def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compressors):
+    built = views_model(projector, compressors, seed=2)
+    model, tok = built.model.eval(), built.tokenizer
+    items = ragged_view_items(model, tok)
     batch = collate(items, tok.pad_token_id)
     assert batch["image_grids"].tolist() == [[2, 2], [1, 2]] and batch["pixel_values"].shape[0] == 5 + 3
     out = model(
