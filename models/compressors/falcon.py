@@ -129,24 +129,31 @@ class Falcon(Compressor):
 
     def extend_embeddings(self, embeddings: torch.Tensor, views: ViewLayout) -> torch.Tensor:
         """(V, P+N, Dv) after the tower's position embeddings → (V, P+N+M, Dv)."""
+        self._groups = self.group_views(views)  # once per forward, for every layer's ReAtten
         registers = self.registers + self.crop_embedding(views)[:, None]  # (V, M, Dv)
         return torch.cat([embeddings, registers.to(embeddings.dtype)], dim=1)
+
+    def group_views(self, views: ViewLayout) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """Where each view's registers go in a padded (images, most views, M) layout: (image (V,),
+        slot (V,), most, key mask (images, most·M))."""
+        images = int(views.image.max()) + 1
+        counts = torch.bincount(views.image, minlength=images)
+        first = torch.cumsum(counts, 0) - counts  # each image's first view (views are image-major)
+        slot = torch.arange(len(views), device=counts.device) - first[views.image]
+        most = int(counts.max())
+        valid = torch.arange(most, device=counts.device)[None] < counts[:, None]
+        return views.image, slot, most, valid.repeat_interleave(self.config.registers, 1)
 
     def after_vision_attention(self, layer_idx, layer_input, attention_output, views):
         """Registers of one image's views attend to each other; (V, T, Dv) → (V, T, Dv)."""
         if not self.reatten_on():
             return attention_output
         m = self.config.registers
+        image, slot, most, valid = self._groups
         registers = attention_output[:, -m:]  # (V, M, Dv)
-        images = int(views.image.max()) + 1
-        counts = torch.bincount(views.image, minlength=images)
-        first = torch.cumsum(counts, 0) - counts  # each image's first view (views are image-major)
-        slot = torch.arange(len(views), device=counts.device) - first[views.image]
-        most = int(counts.max())
-        padded = registers.new_zeros(images, most, m, registers.shape[-1])
-        padded[views.image, slot] = registers
-        valid = (torch.arange(most, device=counts.device)[None] < counts[:, None]).repeat_interleave(m, 1)
-        mixed = self.reatten[layer_idx](padded.flatten(1, 2), valid).view_as(padded)[views.image, slot]
+        padded = registers.new_zeros(valid.shape[0], most, m, registers.shape[-1])
+        padded[image, slot] = registers
+        mixed = self.reatten[layer_idx](padded.flatten(1, 2), valid).view_as(padded)[image, slot]
         return torch.cat([attention_output[:, :-m], registers + mixed], dim=1)
 
     def select(self, hidden_states, num_patches, views):
