@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from tqdm import tqdm
 
 from data import IMAGE_PLACEHOLDER
 from data.errors import UserError
-from data.shards import ShardIndex, ShardWriter, existing_shards, publish
+from data.shards import ShardIndex, ShardWriter, existing_shards, staged
 from data.templates import ConversationError, conversation_turns
 
 
@@ -223,8 +221,6 @@ def convert_llava_json(
             f"{out_dir} already holds {len(old)} shard(s); converting into it would mix two "
             "datasets: choose another --out, or --overwrite or --append"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file, not a folder for shards")
     if not image_dir.is_dir():
         raise UserError(f"--images {image_dir}: no such folder")
     records = read_entries(json_path)
@@ -232,12 +228,9 @@ def convert_llava_json(
         records = selection.apply(records)
     report = ConvertReport(source=str(json_path))
     start = len(ShardIndex(out_dir)) if old and mode == "append" else 0
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        with ShardWriter(
-            tmp, samples_per_shard, first_shard=len(old) if mode == "append" else 0, first_key=start
-        ) as writer:
+    with staged(out_dir, mode) as tmp:
+        first_shard = len(old) if mode == "append" else 0
+        with ShardWriter(tmp, samples_per_shard, first_shard=first_shard, first_key=start) as writer:
             for position, record in enumerate(
                 tqdm(records, desc="convert", disable=not progress, unit="sample")
             ):
@@ -254,9 +247,6 @@ def convert_llava_json(
                 writer.write(record, *image)
                 report.written += 1
         _write_skipped(tmp / "skipped.jsonl", report.skipped)
-        publish(tmp, out_dir, mode)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -16,11 +16,14 @@ import re
 import shutil
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+
+from data.errors import UserError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -133,6 +136,23 @@ def list_shards(shards: str | Path | list) -> list[Path]:
 def existing_shards(out_dir: Path) -> list[Path]:
     """The shards a folder already holds (none if it does not exist)."""
     return list_shards(out_dir) if out_dir.is_dir() and any(out_dir.glob("*.tar")) else []
+
+
+@contextmanager
+def staged(out_dir: Path, mode: str):
+    """A temporary folder beside `out_dir` to write shards into; when the block finishes it is
+    published into `out_dir` (`publish`), and whatever happens it is removed, so an interrupted
+    write leaves nothing behind. `out_dir` must not be a file."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder for shards")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield tmp
+        publish(tmp, out_dir, mode)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(tmp: Path, out_dir: Path, mode: str) -> None:

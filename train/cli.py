@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from train.schema import Range
+
 EPILOG = """examples:
   vtc train                                   the main job: TokenPacker on the shipped tiny base,
                                               then compared with training-free baselines
@@ -123,26 +125,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_data_synth(args) -> int:
-    import shutil
-    import tempfile
-
     from data.errors import UserError
-    from data.shards import existing_shards, publish
+    from data.shards import existing_shards, staged
     from data.synth import write_synthetic
 
     out = Path(args.out)
     old = existing_shards(out)
     if old and not args.overwrite:
         raise UserError(f"{out} already holds {len(old)} shard(s): choose another --out, or --overwrite")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder for shards")
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.absolute().parent))
-    try:  # written beside --out and moved into place at the end: never half a split
+    with staged(out, "overwrite" if old else "new") as tmp:  # never half a split in --out
         write_synthetic(tmp, args.split, args.samples, args.seed, args.image_size, args.grid)
-        publish(tmp, out, "overwrite" if old else "new")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.samples} {args.split} samples to {args.out}")
     return 0
 
@@ -208,24 +200,20 @@ def token_budgets(text: str) -> list[int]:
     return [positive_int(t) for t in parts]
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+def number_in(allowed):
+    """An argparse type: a number that `allowed` (a `train.schema.Range`, as recipes use) accepts."""
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        problem = allowed.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
 
-def share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-skipped",
-        type=share,
+        type=number_in(Range(0, 1)),
         default=0.5,
         help="exit with status 1 when a larger share of the entries is skipped (default 0.5)",
     )
@@ -377,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-turn", action="store_true", help="only samples with one question and answer")
     p.add_argument("--with-image", action="store_true", help="only samples with an image")
     p.add_argument(
-        "--fraction", type=fraction, default=1.0, help="a random share of the selected samples, e.g. 0.01"
+        "--fraction",
+        type=number_in(Range(0, 1, open_low=True)),
+        default=1.0,
+        help="a random share of the selected samples, e.g. 0.01",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="of the --fraction draw (the same seed, the same samples)"
