@@ -86,6 +86,12 @@ class VisionTower(nn.Module):
     def num_patches(self) -> int:
         return self.grid * self.grid
 
+    def release_hooks(self) -> None:
+        """Remove the per-call hooks a checkpointed training call kept for its backward."""
+        for hook in getattr(self, "_kept_hooks", ()):
+            hook.remove()
+        self._kept_hooks = []
+
     def layers(self) -> list[nn.Module]:
         """The encoder's layers (HF CLIP / SigLIP `EncoderLayer`s), in order."""
         return list(getattr(self.model, "vision_model", self.model).encoder.layers)
@@ -102,6 +108,7 @@ class VisionTower(nn.Module):
         call only). `views`: which image and crop each view is (default: one view per image)."""
         if views is None:
             views = ViewLayout.single(pixel_values.shape[0], pixel_values.device)
+        self.release_hooks()
         hooks = []
         if encoder is not None:
             embeddings = getattr(self.model, "vision_model", self.model).embeddings
@@ -115,8 +122,13 @@ class VisionTower(nn.Module):
             dtype = next(self.model.parameters()).dtype
             out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         finally:
-            for hook in hooks:
-                hook.remove()
+            if torch.is_grad_enabled() and self.model.is_activation_checkpointing:
+                # checkpointed layers run their forward again in backward, hooks and all: keep
+                # this call's hooks until the next call (a step's backward comes before it)
+                self._kept_hooks = hooks
+            else:
+                for hook in hooks:
+                    hook.remove()
         hidden_states = out.hidden_states
         if encoder is not None:
             if encoder.uses_cls_attention:

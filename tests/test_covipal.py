@@ -172,3 +172,23 @@ def test_tiny_recipe_trains_and_evaluates_at_every_budget(tmp_path):
     assert set(rows) == {("baseline", None), ("model", None), ("model", 32), ("model", 8)}
     layer_mean = {key: round(row["visual_tokens_layer_mean"]) for key, row in rows.items()}
     assert layer_mean == {("baseline", None): 64, ("model", None): 16, ("model", 32): 32, ("model", 8): 8}
+
+
+def test_soft_mask_gradients_survive_llm_checkpointing():
+    """The 7B end-to-end recipe checkpoints the frozen LLM (`vtc plan`: ~190 GiB per GPU
+    without): the scorer's gradients through the soft mask are the same with it."""
+
+    def scorer_gradients(checkpoint: bool) -> dict[str, torch.Tensor]:
+        built = covipal()
+        model = built.model.train()
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("compressors."))
+        model.set_gradient_checkpointing(llm=checkpoint, vision=False)
+        model.set_progress(Progress(0, 10, ("lm",)))
+        model(*inputs(built)).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = scorer_gradients(False), scorer_gradients(True)
+    assert plain and plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,8 @@ EPILOG = """examples:
   vtc train tiny/mlp stages.1.steps=50        a shipped recipe with an override
   vtc train tiny/base                         reproduce the shipped tiny base from scratch (~30 min)
   vtc validate recipes/tiny/tokenpacker.yaml  check a recipe without building anything heavy
+  vtc plan llava-1.5-7b/tokenpacker/finetune --samples 665298 --gpu-mem 80GB
+                                              memory, steps, FLOPs and time before renting GPUs
   vtc data synth --out data/synth --samples 1000
   vtc data convert llava.json --images imgs/ --out shards/
 """
@@ -38,6 +40,19 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides, check_machine=not args.anywhere)
     print(f"{recipe.source}: ok — {len(recipe.stages)} stage(s): " + ", ".join(s.name for s in recipe.stages))
     return 0
+
+
+def cmd_plan(args) -> int:
+    from train.plan import format_plan, plan_recipe
+    from train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, check_machine=False)
+    plans = plan_recipe(recipe, samples=None if args.samples is None else int(args.samples))
+    report, warnings = format_plan(recipe, plans, args.tflops, args.gpu_mem)
+    print(report)
+    for warning in warnings:
+        print(f"[vtc] WARNING: {warning}", file=sys.stderr)
+    return 1 if warnings else 0
 
 
 def cmd_train(args) -> int:
@@ -200,6 +215,16 @@ def token_budgets(text: str) -> list[int]:
     return [positive_int(t) for t in parts]
 
 
+def memory_size(text: str) -> float:
+    """An argparse type: '80GB' → bytes (train.plan.parse_memory)."""
+    from train.plan import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def number_in(allowed):
     """An argparse type: a number that `allowed` (a `train.schema.Range`, as recipes use) accepts."""
 
@@ -236,6 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip checks that depend on this machine (CUDA for DeepSpeed, data folders present)",
     )
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "plan",
+        help="what a recipe costs, before it runs: parameters, batch, steps, memory per device, FLOPs, time",
+        description="Plan a recipe without loading weights (the model is built on the meta device): "
+        "per stage, parameters total and trainable by part, the global batch, the steps, the memory "
+        "each device needs (model states for the recipe's strategy + activations, with and without "
+        "gradient checkpointing), the training FLOPs and the wall time at a sustained throughput. "
+        "Exits 1 when a stage does not fit --gpu-mem. The formulas are in train/plan.py.",
+    )
+    p.add_argument("recipe", help="recipe file or shipped name (e.g. llava-1.5-7b/tokenpacker/finetune)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. trainer.devices=16")
+    p.add_argument(
+        "--samples",
+        type=number_in(Range(1)),
+        help="training samples, for stages given in epochs (default: count the shard index)",
+    )
+    p.add_argument(
+        "--tflops",
+        type=number_in(Range(0, open_low=True)),
+        default=400.0,
+        help="sustained TFLOP/s per device, for the time estimate (default 400)",
+    )
+    p.add_argument(
+        "--gpu-mem", type=memory_size, metavar="SIZE", help="warn when a stage needs more, e.g. 80GB"
+    )
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "train",
