@@ -643,6 +643,12 @@ def check_machine_fit(recipe: Recipe) -> list[Problem]:
         problems.append(
             Problem("trainer.precision", "16-mixed needs a CUDA GPU; use 32-true or bf16-mixed on CPU")
         )
+    from train.launch import launch_problems
+
+    problems += [
+        Problem(key, message)
+        for key, message in launch_problems(recipe.trainer.devices, recipe.trainer.num_nodes)
+    ]
     out = Path(recipe.output)
     for parent in [out, *out.parents]:  # the run directory, or a folder above it, is a file
         if parent.is_file():

@@ -41,6 +41,7 @@ from train.checkpoint import (
 )
 from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table
+from train.launch import global_rank
 from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
@@ -135,7 +136,7 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
     (see `resume_point`); `restart` discards the run's checkpoints and starts over."""
     ensure_base(recipe)
     run_dir = run_dir_of(recipe)
-    is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    is_zero = global_rank(recipe.trainer.devices) == 0  # the one process that writes the run directory
     start = resume_point(recipe, run_dir, resume, force, restart)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
