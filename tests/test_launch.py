@@ -13,7 +13,14 @@ from tests.conftest import smoke_train_cmd
 from train.launch import global_rank, launch_problems, launcher
 from train.recipe import RecipeError, load_recipe
 
-LAUNCH_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
+LAUNCH_VARIABLES = (
+    "TORCHELASTIC_RUN_ID",
+    "RANK",
+    "GROUP_RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+)
 
 
 @pytest.fixture
