@@ -1,0 +1,251 @@
+"""The first thing to run on a rented GPU node (and what the project runs whenever a GPU is
+lent): every family of shipped GPU recipes, with its real component settings, on a reduced base
+of the real widths — 2 vision layers, 2 decoder layers (or as many as a component's setting
+names: LLaVolta's K = 16, CoViPAL's guidance layer 16), random weights, the tiny tokenizer —
+through Lightning's DeepSpeedStrategy at ZeRO-2 and ZeRO-3, a few steps each, stage 2 started
+from stage 1's run as the shipped recipes chain them. For each recipe: train until the first
+checkpoint, kill the process (SIGKILL), resume to the end, export, load the export back,
+evaluate a few questions. One line per check; exit status 1 if any failed.
+
+    python bench/gpu_check.py [--only tokenpacker,falcon] [--zero 2,3] [--out DIR] [--cpu]
+
+`--cpu` runs the same checks on CPU with small widths under 2-process DDP over gloo (fp32): it
+checks this script, the recipes' wiring and each family's multi-process path, not DeepSpeed;
+`tests/test_gpu_check.py` runs it for one family.
+On one H200 the whole check is meant to take a few minutes; the LLaVolta and CoViPAL checks
+(17 decoder layers of width 4096) need a GPU with 80 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# family → its recipes in the order they chain (each later one starts from the one before)
+FAMILIES = {
+    "tokenpacker": ["llava-1.5-7b/tokenpacker/pretrain", "llava-1.5-7b/tokenpacker/finetune"],
+    "llavolta": ["llava-1.5-7b/llavolta/pretrain", "llava-1.5-7b/llavolta/finetune-4stage"],
+    "falcon": ["llava-1.5-7b/falcon/pretrain", "llava-1.5-7b/falcon/finetune"],
+    "falcon-siglip": ["siglip-l-384-llama-3.1-8b/falcon/stage1", "siglip-l-384-llama-3.1-8b/falcon/stage2"],
+    "covipal": ["llava-1.5-7b/covipal/scorer", "llava-1.5-7b/covipal/end-to-end"],
+    "dyvte": ["llava-1.5-7b/dyvte/routers"],
+}
+STEPS, EVERY = 6, 2  # optimizer steps per stage; a checkpoint every 2 (the kill comes after the first)
+CPU_WIDTHS = {"text": (64, 128, 4), "vision": (32, 64, 2)}  # hidden, MLP, heads
+
+
+def deepest_layer(params) -> int:
+    """The deepest decoder layer a component's settings name (-1 if none): any int under a key
+    ending in `layer` (`layer`, `guidance_layer`, LLaVolta's schedule entries)."""
+    found = [-1]
+    if isinstance(params, dict):
+        for key, value in params.items():
+            if str(key).endswith("layer") and isinstance(value, int) and not isinstance(value, bool):
+                found.append(value)
+            else:
+                found.append(deepest_layer(value))
+    elif isinstance(params, list):
+        found += [deepest_layer(v) for v in params]
+    return max(found)
+
+
+def reduced_base(config_dir: Path, out: Path, llm_layers: int, cpu: bool) -> Path:
+    """A llava-hf folder: the real config with 2 vision layers and `llm_layers` decoder layers
+    (small widths with `cpu`), random weights, the tiny tokenizer (its ids fit the real vocab)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from models.tiny import IMAGE_PLACEHOLDER, tiny_tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    config = LlavaConfig.from_pretrained(config_dir)
+    text, vision = config.text_config, config.vision_config
+    text.num_hidden_layers, vision.num_hidden_layers = llm_layers, 2
+    if cpu:
+        (text.hidden_size, text.intermediate_size, text.num_attention_heads) = CPU_WIDTHS["text"]
+        text.num_key_value_heads, text.head_dim = text.num_attention_heads, None
+        text.head_dim = text.hidden_size // text.num_attention_heads
+        (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) = CPU_WIDTHS["vision"]
+    tokenizer = tiny_tokenizer()
+    config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def overrides(
+    recipe: dict, base: Path, init: Path | None, run: Path, data: Path, zero: int, cpu: bool
+) -> list[str]:
+    image_size = json.loads((base / "config.json").read_text())["vision_config"]["image_size"]
+    out = [
+        f"model.base={base}",
+        f"model.init={init or 'null'}",
+        f"output={run}",
+        f"data.synthetic={{train: 64, test: 8, seed: 0, image_size: {image_size}, grid: 4}}",
+        "data.train_shards=null",
+        "data.num_workers=0",
+        f"data.cache_dir={data}",
+        f"checkpoint.every={EVERY}",
+        "checkpoint.keep_last=2",
+        "trainer.num_nodes=1",
+        "eval.after_training=false",
+        "wandb.enabled=false",
+    ]
+    if cpu:  # 2 DDP processes over gloo, fp32
+        out += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1"]
+        out += ["trainer.precision=32-true", "model.dtype=float32"]
+    else:
+        out += [f"trainer.strategy=deepspeed_stage_{zero}", "trainer.devices=1"]
+    devices = 2 if cpu else 1
+    for i, _ in enumerate(recipe["stages"]):
+        out += [f"stages.{i}.steps={STEPS}", f"stages.{i}.epochs=null", f"stages.{i}.batch_size=1"]
+        out += [f"stages.{i}.global_batch_size={2 * devices}"]  # 2 micro-batches per step: accumulation too
+    return out
+
+
+class Checks:
+    def __init__(self):
+        self.failed = 0
+
+    def line(self, ok: bool, what: str, detail: str = "") -> bool:
+        self.failed += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {what}" + (f": {detail}" if detail else ""), flush=True)
+        return ok
+
+
+def vtc(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tail(process) -> str:
+    return (
+        (process.stdout + process.stderr).strip().splitlines()[-1:][0]
+        if process.stdout + process.stderr
+        else ""
+    )
+
+
+def train_kill_resume(name: str, args: list[str], run: Path, checks: Checks, what: str) -> bool:
+    """Train until the first checkpoint exists, SIGKILL, then `--resume auto` to the end."""
+    started = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "train", name, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    killed = False
+    while process.poll() is None:
+        if any((run / "ckpt").glob("*/info.json")):
+            os.killpg(process.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.2)
+    output = process.communicate()[0]
+    if not killed and process.returncode != 0:
+        return checks.line(False, f"{what} train", output.strip().splitlines()[-1] if output else "")
+    checks.line(True, f"{what} train to the first checkpoint, then SIGKILL", f"{time.time() - started:.0f} s")
+    started = time.time()
+    resumed = vtc("train", name, *args, "--resume", "auto")
+    if resumed.returncode != 0:
+        return checks.line(False, f"{what} resume", tail(resumed))
+    meta = json.loads((run / "meta.json").read_text())
+    steps = [stage["steps"] for stage in meta["stages"]]
+    return checks.line(
+        all(s == STEPS for s in steps),
+        f"{what} resume to the end",
+        f"steps {steps}, {time.time() - started:.0f} s",
+    )
+
+
+def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str) -> None:
+    exported = vtc("export", str(run), str(out))
+    if not checks.line(
+        exported.returncode == 0, f"{what} export", tail(exported) if exported.returncode else ""
+    ):
+        return
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"from models.export import load_pretrained; load_pretrained({str(out)!r})"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    checks.line(
+        loaded.returncode == 0, f"{what} load the export back", tail(loaded) if loaded.returncode else ""
+    )
+    evaluated = vtc(
+        "evaluate", str(run), "--limit", "4", "--baselines", "", "--no-timing", "--batch-size", "4"
+    )
+    detail = tail(evaluated) if evaluated.returncode else "4 test images"
+    checks.line(evaluated.returncode == 0 and (run / "eval.json").is_file(), f"{what} evaluate", detail)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", help=f"comma-separated families (default all: {', '.join(FAMILIES)})")
+    parser.add_argument("--zero", default="2,3", help="ZeRO stages to run each recipe under (default 2,3)")
+    parser.add_argument("--out", help="work folder (default: a temporary one)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="2 DDP processes on CPU, small widths (no DeepSpeed)"
+    )
+    args = parser.parse_args()
+    families = args.only.split(",") if args.only else list(FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("no CUDA GPU visible: run with --cpu to check the wiring on CPU")
+    zeros = [0] if args.cpu else [int(z) for z in args.zero.split(",")]
+    work = Path(args.out or tempfile.mkdtemp(prefix="vtc-gpu-check-"))
+    checks, started = Checks(), time.time()
+    from train.recipe import RECIPES_DIR
+
+    for family in families:
+        for zero in zeros:
+            init = None
+            for name in FAMILIES[family]:
+                recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+                llm_layers = max(2, 1 + deepest_layer(recipe["model"].get("compressors") or []))
+                config_dir = ROOT / recipe["model"]["base"]
+                base = reduced_base(
+                    config_dir, work / f"base-{config_dir.name}-{llm_layers}", llm_layers, args.cpu
+                )
+                run = work / f"z{zero}" / name.replace("/", "-")
+                what = f"{name} {'CPU DDP×2' if args.cpu else f'ZeRO-{zero}'} ({llm_layers} decoder layers)"
+                recipe_args = overrides(recipe, base, init, run, work / "data", zero, args.cpu)
+                if not train_kill_resume(name, recipe_args, run, checks, what):
+                    break
+                export_and_evaluate(run, work / f"z{zero}" / f"{name.replace('/', '-')}-export", checks, what)
+                init = run
+    print(f"{checks.failed} check(s) failed; {time.time() - started:.0f} s; work folder {work}")
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
