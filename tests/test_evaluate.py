@@ -14,7 +14,15 @@ from models.build import ComponentSpec, build
 from models.compressors import baselines, component_class
 from models.compressors.base import ModelDims
 from tests.conftest import TEST_TINY
-from train.accuracy import Question, QuestionSet, answer_questions, file_questions, normalize_answer, score
+from train.accuracy import (
+    Question,
+    QuestionSet,
+    agreement,
+    answer_questions,
+    file_questions,
+    normalize_answer,
+    score,
+)
 from train.evaluate import LiveTensorBytes
 
 
@@ -45,6 +53,10 @@ def test_normalize_and_score_on_fixtures():
         and result["visual_tokens"] == pytest.approx(10 / 3)
     )
     assert "vqa_accuracy" not in result
+    # agreement with a reference model's answers: the share answered the same (right or wrong)
+    reference = {"1": {"text": "red"}, "2": {"text": "green"}, "3": {"text": "4"}, "4": {"text": "x"}}
+    assert agreement(questions, answers, reference) == pytest.approx(2 / 3)  # 4 was skipped
+    assert agreement(questions, answers, {}) is None
     # VQA-style: 10 human answers, min(1, matches / 3)
     vqa = QuestionSet([Question("1", "a", "all", "?", ("2",) * 2 + ("two",) * 8)], read_image=lambda key: b"")
     assert score(vqa, {"1": {"text": "2", "visual_tokens": 1}})["vqa_accuracy"] == pytest.approx(2 / 3)
@@ -192,6 +204,7 @@ def test_vtc_evaluate_writes_the_report(tmp_path):
         and base["count"] == 24
     )
     assert rows[("pooling", 16)]["visual_tokens"] == 16 and rows[("visionzip", 16)]["visual_tokens"] == 16
+    assert base["agreement"] == 1.0 and all(0 <= r["agreement"] <= 1 for r in rows.values())
     fastv = rows[("fastv", 16)]  # 4 LLM layers, pruned after layer 2: layers 0-2 see all 64, 3 keeps 16
     assert fastv["visual_tokens"] == 64 and fastv["visual_tokens_layer_mean"] == 52
     assert rows[("pooling", 16)]["flops"]["llm"] < base["flops"]["llm"]

@@ -185,6 +185,21 @@ def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
     return result
 
 
+def agreement(questions: QuestionSet, answers: dict[str, dict], reference: dict[str, dict]) -> float | None:
+    """Share of the questions both answered whose final answers are the same (normalised) as in
+    `reference` (the uncompressed model's): a method can keep accuracy while changing answers,
+    or keep answers that were wrong. Needs no reference answers. None if none were compared."""
+    same = compared = 0
+    for q in questions.questions:
+        got, ref = answers.get(q.id, {}), reference.get(q.id, {})
+        if "text" in got and "text" in ref:
+            compared += 1
+            same += normalize_answer(questions.answer_of(got["text"])) == normalize_answer(
+                questions.answer_of(ref["text"])
+            )
+    return same / compared if compared else None
+
+
 def most_common_share(answers: list[str]) -> float:
     """The accuracy of always giving the most common of `answers`."""
     return max(answers.count(a) for a in set(answers)) / len(answers)

@@ -34,6 +34,7 @@ from models.flops import module_flops, prefill_flops
 from train.accuracy import (
     QuestionSet,
     _prompt_item,
+    agreement,
     answer_prior,
     answer_questions,
     file_questions,
@@ -366,7 +367,7 @@ def evaluate(
     else:
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
     methods = methods_for(source, baselines, budgets, dims, visual, reference, compare, uncompressed)
-    rows = []
+    rows, reference_answers = [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
         for component in built.model.components():
@@ -381,6 +382,8 @@ def evaluate(
             desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
         )
         row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
+        reference_answers = reference_answers or answers  # the first row is the baseline
+        row["agreement"] = agreement(questions, answers, reference_answers)
         counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
         if counted:  # e.g. where a dynamic method exited, over the questions just answered
             row["statistics"] = counted
@@ -442,19 +445,23 @@ def summary(report: dict) -> str:
     rows = report["rows"]
     families = sorted({f for r in rows for f in r["per_family"]})
     timing = "speedup_batchN" in rows[0]
-    head = f"{'method':<12}{'tokens':>7}{'acc':>8}{'kept':>8}" + "".join(f"{f[:7]:>8}" for f in families)
+    head = f"{'method':<12}{'tokens':>7}{'acc':>8}{'kept':>8}{'same':>7}" + "".join(
+        f"{f[:7]:>8}" for f in families
+    )
     lines = [head + (f"{'prefill ×':>11}" if timing else "")]
     for r in rows:
         label = r["method"] + ("" if r["budget"] is None else f"@{r['budget']}")
         kept = "-" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1%}"
-        line = f"{label:<12}{r['visual_tokens_layer_mean']:>7.1f}{r['accuracy']:>8.1%}{kept:>8}"
+        same = "-" if r.get("agreement") is None else f"{r['agreement']:.0%}"
+        line = f"{label:<12}{r['visual_tokens_layer_mean']:>7.1f}{r['accuracy']:>8.1%}{kept:>8}{same:>7}"
         line += "".join(f"{r['per_family'].get(f, float('nan')):>8.1%}" for f in families)
         lines.append(line + (f"{r['speedup_batchN']:>10.2f}×" if timing else ""))
     prior = report.get("answer_prior")
     if prior:
         mean = mean_prior(prior)
         lines.append(
-            f"{'prior':<12}{'':>7}{mean:>8.1%}{'':>8}" + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
+            f"{'prior':<12}{'':>7}{mean:>8.1%}{'':>8}{'':>7}"
+            + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
         )
     return "\n".join(lines)
 
@@ -471,7 +478,17 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     families = sorted({f for r in rows for f in r["per_family"]})
     timing = "prefill_ms_batch1" in rows[0]
-    head = ["method", "budget", "visual tokens", "accuracy", "kept", *families, "GFLOPs", "ceiling ×"]
+    head = [
+        "method",
+        "budget",
+        "visual tokens",
+        "accuracy",
+        "kept",
+        "same answers",
+        *families,
+        "GFLOPs",
+        "ceiling ×",
+    ]
     if timing:
         head += ["b1 ms", "b1 ×", "bN ms", "bN ×", "decode tok/s b1", "decode tok/s bN", "peak MB"]
     lines = [
@@ -479,7 +496,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['question_count']} questions ({report['questions']}); "
         f"{report['machine']['device']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}. "
-        "Accuracy = mean over question families; kept = vs. the baseline; GFLOPs = analytic prefill "
+        "Accuracy = mean over question families; kept = vs. the baseline; same answers = share of "
+        "answers identical to the baseline's; GFLOPs = analytic prefill "
         "(models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
         "",
         "| " + " | ".join(head) + " |",
@@ -492,6 +510,7 @@ def markdown(report: dict) -> str:
             f"{r['visual_tokens']:.1f} (layer mean {r['visual_tokens_layer_mean']:.1f})",
             f"{r['accuracy']:.1%}",
             "-" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1%}",
+            "-" if r.get("agreement") is None else f"{r['agreement']:.1%}",
             *[f"{r['per_family'].get(f, float('nan')):.1%}" for f in families],
             f"{r['flops']['total'] / 1e9:.3f}",
             f"{r['speedup_analytic']:.2f}",
@@ -515,6 +534,7 @@ def markdown(report: dict) -> str:
             "-",
             "-",
             f"{mean:.1%}",
+            "-",
             "-",
             *[f"{prior.get(f, float('nan')):.1%}" for f in families],
         ]
