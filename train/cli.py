@@ -189,6 +189,18 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from models.importer import import_llava
+
+    out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta)
+    for note in notes:
+        print(f"[vtc] {note}")
+    print(
+        f"[vtc] imported {args.source} → {out} (load it with models.export.load_pretrained, or vtc evaluate {out})"
+    )
+    return 0
+
+
 def cmd_export(args) -> int:
     from train.export import export_run
 
@@ -213,6 +225,17 @@ def token_budgets(text: str) -> list[int]:
     if not parts:
         raise argparse.ArgumentTypeError("give at least one budget, e.g. 144,64")
     return [positive_int(t) for t in parts]
+
+
+def layer_and_stride(text: str) -> tuple[int, int]:
+    """An argparse type: 'LAYER,STRIDE' (e.g. 2,8) → (2, 8)."""
+    try:
+        layer, stride = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER,STRIDE such as 2,8, got {text!r}") from None
+    if stride < 1 or layer < -1:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer must be ≥ -1 and stride ≥ 1")
+    return layer, stride
 
 
 def memory_size(text: str) -> float:
@@ -335,6 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="write only the projector/compressor weights; the base is referenced by path",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="convert a checkpoint in the original LLaVA layout (LLaVA-1.5, TokenPacker, DyVTE) into a vtc export",
+        description="Convert a checkpoint in the original LLaVA layout (config.json with mm_* keys; "
+        "model.mm_projector.*, model.layers.*, model.vision_tower.* in *.safetensors or *.bin, the latter "
+        "read with torch.load(weights_only=True)) into a vtc export: the LLaVA-1.5 MLP, TokenPacker's "
+        "projector, DyVTE's routers. See models/importer.py.",
+    )
+    p.add_argument("source", help="the checkpoint folder (config.json, weights, tokenizer files)")
+    p.add_argument("out", help="the export folder to write")
+    p.add_argument(
+        "--vision-tower",
+        metavar="DIR",
+        help="local CLIP folder, when the checkpoint holds no tower weights (or its tower is not CLIP-L/336)",
+    )
+    p.add_argument(
+        "--llavolta",
+        type=layer_and_stride,
+        metavar="LAYER,STRIDE",
+        help="LLaVolta's inference setting, which its checkpoints do not record (heavy: 2,8; light: 16,8)",
+    )
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
         "evaluate",

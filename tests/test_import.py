@@ -1,0 +1,153 @@
+"""`vtc import`: tiny checkpoints written in the original LLaVA layout (key names as in
+haotian-liu/LLaVA, CircleRadon/TokenPacker and DoubtedSteam/DyVTE) come back as vtc exports
+that answer exactly as the models they were written from."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data.errors import UserError
+from models.build import ComponentSpec, build
+from models.export import load_pretrained
+from models.importer import TOKENPACKER_NAMES, import_llava
+from tests.conftest import TEST_TINY
+
+
+def original_layout(built, out: Path, projector: dict, extra: dict | None = None, bin_file=False, **config):
+    """Write `built`'s weights as the original LLaVA code saves them."""
+    out.mkdir(parents=True)
+    tensors = {}
+    for key, value in built.hf.state_dict().items():
+        if key.startswith("model.language_model."):
+            tensors["model." + key[len("model.language_model.") :]] = value
+        elif key.startswith("model.vision_tower."):
+            tensors["model.vision_tower.vision_tower." + key[len("model.vision_tower.") :]] = value
+        elif key.startswith("lm_head."):
+            tensors[key] = value
+    tensors.update({f"model.mm_projector.{k}": v for k, v in projector.items()})
+    tensors.update(extra or {})
+    tensors = {k: v.clone().contiguous() for k, v in tensors.items()}
+    if bin_file:
+        torch.save(tensors, out / "pytorch_model.bin")
+    else:
+        save_file(tensors, str(out / "model.safetensors"))
+    text = built.hf.config.text_config.to_dict()
+    original = {k: v for k, v in text.items() if not isinstance(v, dict)}
+    original |= {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "mm_vision_tower": "tiny-clip",
+        "mm_hidden_size": built.hf.config.vision_config.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+        **config,
+    }
+    (out / "config.json").write_text(json.dumps(original))
+    built.tokenizer.save_pretrained(out)
+    tower = out.parent / "tower"
+    built.hf.config.vision_config.save_pretrained(tower)
+    return tower
+
+
+def same_logits(reference, imported, tokenizer):
+    model = reference.model.eval()
+    ids = torch.tensor([[tokenizer.bos_token_id, model.image_token_id, 10, 11, 12]])
+    mask, pixels = (
+        torch.ones_like(ids, dtype=torch.bool),
+        torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+    )
+    with torch.no_grad():
+        expected = model(ids, mask, pixels, return_logits=True).logits
+        got = imported.model.eval()(ids, mask, pixels, return_logits=True).logits
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected)
+
+
+@pytest.mark.parametrize("bin_file", [False, True])
+def test_llava_mlp_checkpoint(tmp_path, bin_file):
+    built = build("tiny", tiny=TEST_TINY, seed=0)
+    projector = {
+        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
+        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
+    }
+    tower = original_layout(built, tmp_path / "llava", projector, bin_file=bin_file)
+    out, notes = import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower)
+    imported = load_pretrained(out)
+    assert imported.model.projector.registry_name == "mlp2x_gelu" and notes == []
+    same_logits(built, imported, built.tokenizer)
+
+
+def test_tokenpacker_and_dyvte_checkpoint(tmp_path):
+    built = build(
+        "tiny",
+        projector=ComponentSpec("tokenpacker", {"scale": 2}),
+        compressors=[ComponentSpec("dyvte", {"hidden": 16})],
+        tiny=TEST_TINY,
+        seed=1,
+    )
+    to_authors = {v: k for k, v in TOKENPACKER_NAMES.items()}
+    projector = {}
+    for key, value in built.model.projector.state_dict().items():
+        prefix = next(p for p in to_authors if key.startswith(p))
+        projector[to_authors[prefix] + key[len(prefix) :]] = value
+    routers = {}
+    layers = built.hf.config.text_config.num_hidden_layers
+    for index in range(layers):  # the authors have one router per layer, the last one too
+        if index < layers - 1:
+            router = built.model.compressors[0].routers[index]
+            w1, w2 = router[0].weight, router[2].weight
+        else:
+            w1, w2 = torch.randn(16, 2 * 64), torch.randn(2, 16)
+        routers[f"model.visual_gates_router.{index}.w1.weight"] = w1
+        routers[f"model.visual_gates_router.{index}.w2.weight"] = w2
+    tower = original_layout(
+        built, tmp_path / "tp", projector, routers, mm_projector_type="tokenpacker", scale_factor=2
+    )
+    out, notes = import_llava(tmp_path / "tp", tmp_path / "export", vision_tower=tower)
+    imported = load_pretrained(out)
+    assert imported.model.projector.registry_name == "tokenpacker"
+    assert [c.registry_name for c in imported.model.compressors] == ["dyvte"]
+    assert any("last layer's router" in n for n in notes)
+    for mine, theirs in zip(
+        built.model.compressors[0].routers, imported.model.compressors[0].routers, strict=True
+    ):
+        torch.testing.assert_close(theirs[0].weight, mine[0].weight)
+    same_logits(built, imported, built.tokenizer)
+
+
+def test_llavolta_setting_is_given_on_the_command_line(tmp_path):
+    built = build("tiny", tiny=TEST_TINY, seed=0)
+    projector = {
+        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
+        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
+    }
+    tower = original_layout(built, tmp_path / "llava", projector)
+    out, _ = import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower, llavolta=(1, 4))
+    imported = load_pretrained(out)
+    llavolta = imported.model.compressors[0]
+    assert llavolta.registry_name == "llavolta" and llavolta.config.inference.stride == 4
+
+
+def test_refuses_what_it_cannot_read_safely(tmp_path):
+    built = build("tiny", tiny=TEST_TINY, seed=0)
+    projector = {
+        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
+        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
+    }
+    tower = original_layout(built, tmp_path / "llava", projector, bin_file=True)
+    torch.save(
+        {"weights": Path("not a tensor")}, tmp_path / "llava" / "pytorch_model.bin"
+    )  # a pickled object
+    with pytest.raises(UserError, match="not a plain tensor checkpoint"):
+        import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower)
+    (tmp_path / "llava" / "pytorch_model.bin").rename(tmp_path / "llava" / "model.pt")
+    with pytest.raises(UserError, match="model.pt: not read"):
+        import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower)
+    hf_dir = tmp_path / "hf"
+    built.hf.save_pretrained(hf_dir)
+    with pytest.raises(UserError, match="already llava-hf"):
+        import_llava(hf_dir, tmp_path / "export")
