@@ -26,7 +26,8 @@ from models.build import ComponentSpec, build, dims_of
 from models.compressors import build_component
 from models.flops import prefill_flops
 from models.sequence import SequenceState
-from train.evaluate import Settings, evaluate, timed
+from train.evaluate import Settings, evaluate
+from train.evaluation.measure import timed
 from train.recipe import load_recipe
 from train.run import run_recipe
 
@@ -65,7 +66,7 @@ def time_tiny(run_dir: Path, repeats: int = 20) -> dict:
     scorer at its recipe's reserve, and the scorer's own time, on the tiny model."""
     from train.accuracy import synthetic_questions
     from train.datamodule import split_shards
-    from train.evaluate import generate, prompt_batch
+    from train.evaluation.measure import generate, prompt_batch
     from train.export import rebuild_run
     from train.recipe import resolve_base
 

@@ -84,7 +84,7 @@ def routed_flops(config, text: int, visual: int, share: float) -> float:
 def router_seconds(run_dir: Path, repeats: int = 20) -> dict:
     """Median time of all routers on one batch-8 prefill state vs. the base's prefill time."""
     from train.accuracy import synthetic_questions
-    from train.evaluate import generate, prompt_batch, timed
+    from train.evaluation.measure import generate, prompt_batch, timed
     from train.export import rebuild_run
 
     recipe = load_recipe(run_dir / "recipe.yaml")

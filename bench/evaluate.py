@@ -28,7 +28,7 @@ from data.synth import write_synthetic
 from data.templates import get_template
 from models.build import ComponentSpec, build
 from train.accuracy import _prompt_item, answer_questions, synthetic_questions
-from train.evaluate import Settings, cost
+from train.evaluation.measure import Settings, cost
 
 
 def speedups(questions, settings: Settings) -> dict:

@@ -29,7 +29,7 @@ from models.compressors.llavolta import Phase, compression_ratio
 from models.flops import prefill_flops
 from train.accuracy import evaluate_accuracy, synthetic_questions
 from train.datamodule import split_shards
-from train.evaluate import layer_tokens, prompt_batch, text_tokens
+from train.evaluation.measure import layer_tokens, prompt_batch, text_tokens
 from train.export import rebuild_run
 from train.recipe import load_recipe
 from train.run import build_from_recipe, run_recipe

@@ -23,7 +23,7 @@ from train.accuracy import (
     normalize_answer,
     score,
 )
-from train.evaluate import LiveTensorBytes
+from train.evaluation.measure import LiveTensorBytes
 
 
 def test_normalize_and_score_on_fixtures():
@@ -217,7 +217,7 @@ def test_vtc_evaluate_writes_the_report(tmp_path):
 
 def test_sources_resolve_to_a_baseline(tmp_path):
     from models.build import save_as_llava_hf
-    from train.evaluate import resolve_source
+    from train.evaluation.sources import resolve_source
 
     save_as_llava_hf(build("tiny", tiny=TEST_TINY), tmp_path / "llava")
     source = resolve_source(str(tmp_path / "llava"))

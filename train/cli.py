@@ -133,7 +133,7 @@ def cmd_evaluate(args) -> int:
         compare,
         args.uncompressed,
     )
-    from train.evaluate import markdown
+    from train.evaluation.report import markdown
 
     print(markdown(report))
     return 0

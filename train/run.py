@@ -226,7 +226,8 @@ def check_stage_data(dataset, stage: Stage, index: int, world: int, probe: int =
 def compare(run_dir: Path, recipe: Recipe, visual_tokens: int) -> None:
     """The run next to its base and the recipe's training-free baselines at the run's own
     visual-token count: `vtc evaluate`'s table and plot, written into the run directory."""
-    from train.evaluate import Settings, evaluate, summary
+    from train.evaluate import Settings, evaluate
+    from train.evaluation.report import summary
 
     settings = Settings(
         limit=recipe.eval.compare_limit,

@@ -1,0 +1,1 @@
+"""`vtc evaluate`'s parts; train/evaluate.py runs them."""

@@ -1,0 +1,174 @@
+"""What `vtc evaluate` measures of one model beyond its answers: visual tokens per LLM layer,
+analytic prefill FLOPs, prefill latency at batch 1 and N, decode speed and peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from data.dataset import collate
+from models.build import Built
+from models.flops import module_flops, prefill_flops
+from train.accuracy import QuestionSet, _prompt_item
+
+
+@dataclass
+class Settings:
+    limit: int | None = 200  # synthetic test images (each asked all its questions)
+    batch_size: int = 64  # accuracy pass
+    max_new_tokens: int = 8  # a grounded answer: up to 5 cells, " . ", the answer, </s>
+    latency_batch: int = 8  # "batch N" of the latency figures
+    decode_tokens: int = 16
+    repeats: int = 5
+    timing: bool = True
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn` over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensors created inside the mode and still alive (CPU memory tracker: weights
+    and other tensors made before entering are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(tensor, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+def prompt_batch(built: Built, questions: QuestionSet, size: int, count: int) -> dict:
+    """The first `count` questions as one padded batch (the latency workload)."""
+    from data.dataset import load_views
+    from data.templates import get_template
+
+    tmpl = get_template("vicuna_v1")
+    model, items = built.model, []
+    for q in questions.questions[:count]:
+        views = load_views(questions.read_image(q.image), size, model.view_grids)
+        prompt = tmpl.prompt("<image>\n" + q.text, built.tokenizer, model.image_token_id)
+        items.append(_prompt_item(q, prompt, views))
+    return collate(items, built.tokenizer.pad_token_id)
+
+
+def layer_tokens(built: Built, batch: dict) -> tuple[list[int], int]:
+    """Sequence length entering each decoder layer during the prefill of a 1-sample batch, and the
+    number of visual tokens that entered the LLM."""
+    seen: list[int] = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+            with_kwargs=True,
+        )
+        for layer in built.model.llm.body.layers
+    ]
+    try:
+        _, visual = generate(built, batch, 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen[: len(built.model.llm.body.layers)], int(visual[0])
+
+
+def text_tokens(model, batch: dict) -> int:
+    """Text tokens of a 1-sample batch (its real tokens but the <image> placeholders)."""
+    ids = batch["input_ids"][batch["attention_mask"].bool()]
+    return int((ids != model.image_token_id).sum())
+
+
+def generate(built: Built, batch: dict, new_tokens: int):
+    with torch.no_grad():
+        return built.model.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            max_new_tokens=new_tokens,
+            eos_token_id=None,  # decode exactly `new_tokens`
+            image_grids=batch.get("image_grids"),
+        )
+
+
+def cost(built: Built, questions: QuestionSet, size: int, settings: Settings) -> dict:
+    """FLOPs, per-layer tokens, latency, decode speed and peak memory of one method."""
+    model = built.model.eval()
+    one = prompt_batch(built, questions, size, 1)
+    per_layer, visual = layer_tokens(built, one)
+    text = text_tokens(model, one)  # not per_layer[0] - visual: a pruner may act before layer 0
+    images = one["pixel_values"].shape[0]
+    with torch.no_grad():
+        features = model.vision(one["pixel_values"][:1])
+        projector = module_flops(model.projector, features)
+    flops = prefill_flops(built.hf.config, text, visual, per_layer, projector, images=images)
+    row = {
+        "layer_tokens": per_layer,
+        "visual_tokens_layer_mean": sum(per_layer) / len(per_layer) - text,
+        "flops": flops.as_dict(),
+    }
+    if not settings.timing:
+        return row
+    batch = prompt_batch(built, questions, size, settings.latency_batch)
+    for name, inputs in (("batch1", one), ("batchN", batch)):
+        prefill = timed(lambda inputs=inputs: generate(built, inputs, 1), settings.repeats)
+        full = timed(
+            lambda inputs=inputs: generate(built, inputs, 1 + settings.decode_tokens), settings.repeats
+        )
+        row[f"prefill_ms_{name}"] = 1000 * prefill
+        # decode = the tokens after the first, at the batch's width
+        row[f"decode_tokens_per_s_{name}"] = (
+            inputs["input_ids"].shape[0] * settings.decode_tokens / max(full - prefill, 1e-9)
+        )
+    row["batch_n"] = batch["input_ids"].shape[0]
+    row.update(peak_memory(built, batch))
+    return row
+
+
+def peak_memory(built: Built, batch: dict) -> dict:
+    if torch.cuda.is_available() and next(built.model.parameters()).is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        generate(built, batch, 1)
+        peak = torch.cuda.max_memory_allocated() - before
+        return {
+            "peak_memory_mb": peak / 2**20,
+            "memory_measure": "cuda max_memory_allocated (prefill, batch N)",
+        }
+    with LiveTensorBytes() as tracker:
+        generate(built, batch, 1)
+    return {
+        "peak_memory_mb": tracker.peak / 2**20,
+        "memory_measure": "live tensors made by the prefill (CPU)",
+    }

@@ -1,0 +1,180 @@
+"""How `vtc evaluate` reports: the relative columns, eval.json, eval.md, eval.png, the
+terminal table and LLaVA-style answer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from train.accuracy import QuestionSet, mean_prior
+
+
+def add_relative(rows: list[dict]) -> None:
+    """Accuracy kept, analytic speed-up ceiling and measured speed-ups vs. the baseline row."""
+    base = rows[0]
+    for row in rows:
+        row["accuracy_kept"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
+        row["speedup_analytic"] = base["flops"]["total"] / row["flops"]["total"]
+        for key in ("prefill_ms_batch1", "prefill_ms_batchN"):
+            if key in row:
+                row[f"speedup_{key[len('prefill_ms_') :]}"] = base[key] / row[key]
+
+
+def write_answers(path: Path, questions: QuestionSet, answers: dict, label: str) -> None:
+    """Answers in the layout of LLaVA's model_vqa output (one JSON object per line)."""
+    from train.outputs import write_text_atomic
+
+    lines = []
+    for q in questions.questions:
+        got = answers.get(q.id, {})
+        entry = {"question_id": q.id, "prompt": q.text, "text": got.get("text"), "model_id": label}
+        if "skipped" in got:
+            entry["skipped"] = got["skipped"]
+        lines.append(json.dumps(entry))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def summary(report: dict) -> str:
+    """A compact table for the terminal: accuracy, kept, per family and measured speed-up."""
+    rows = report["rows"]
+    families = sorted({f for r in rows for f in r["per_family"]})
+    timing = "speedup_batchN" in rows[0]
+    head = f"{'method':<12}{'tokens':>7}{'acc':>8}{'kept':>8}{'same':>7}" + "".join(
+        f"{f[:7]:>8}" for f in families
+    )
+    lines = [head + (f"{'prefill ×':>11}" if timing else "")]
+    for r in rows:
+        label = r["method"] + ("" if r["budget"] is None else f"@{r['budget']}")
+        kept = "-" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1%}"
+        same = "-" if r.get("agreement") is None else f"{r['agreement']:.0%}"
+        line = f"{label:<12}{r['visual_tokens_layer_mean']:>7.1f}{r['accuracy']:>8.1%}{kept:>8}{same:>7}"
+        line += "".join(f"{r['per_family'].get(f, float('nan')):>8.1%}" for f in families)
+        lines.append(line + (f"{r['speedup_batchN']:>10.2f}×" if timing else ""))
+    prior = report.get("answer_prior")
+    if prior:
+        mean = mean_prior(prior)
+        lines.append(
+            f"{'prior':<12}{'':>7}{mean:>8.1%}{'':>8}{'':>7}"
+            + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
+        )
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    from train.outputs import write_atomic, write_json_atomic, write_text_atomic
+
+    write_json_atomic(out / "eval.json", report)
+    write_text_atomic(out / "eval.md", markdown(report))
+    write_atomic(out / "eval.png", lambda tmp: plot(report, tmp))
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    families = sorted({f for r in rows for f in r["per_family"]})
+    timing = "prefill_ms_batch1" in rows[0]
+    head = [
+        "method",
+        "budget",
+        "visual tokens",
+        "accuracy",
+        "kept",
+        "same answers",
+        *families,
+        "GFLOPs",
+        "ceiling ×",
+    ]
+    if timing:
+        head += ["b1 ms", "b1 ×", "bN ms", "bN ×", "decode tok/s b1", "decode tok/s bN", "peak MB"]
+    lines = [
+        f"# vtc evaluate — {report['source']}",
+        "",
+        f"{report['question_count']} questions ({report['questions']}); "
+        f"{report['machine']['device']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}. "
+        "Accuracy = mean over question families; kept = vs. the baseline; same answers = share of "
+        "answers identical to the baseline's; GFLOPs = analytic prefill "
+        "(models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [
+            r["method"],
+            "-" if r["budget"] is None else str(r["budget"]),
+            f"{r['visual_tokens']:.1f} (layer mean {r['visual_tokens_layer_mean']:.1f})",
+            f"{r['accuracy']:.1%}",
+            "-" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1%}",
+            "-" if r.get("agreement") is None else f"{r['agreement']:.1%}",
+            *[f"{r['per_family'].get(f, float('nan')):.1%}" for f in families],
+            f"{r['flops']['total'] / 1e9:.3f}",
+            f"{r['speedup_analytic']:.2f}",
+        ]
+        if timing:
+            cells += [
+                f"{r['prefill_ms_batch1']:.1f}",
+                f"{r['speedup_batch1']:.2f}",
+                f"{r['prefill_ms_batchN']:.1f}",
+                f"{r['speedup_batchN']:.2f}",
+                f"{r['decode_tokens_per_s_batch1']:.0f}",
+                f"{r['decode_tokens_per_s_batchN']:.0f}",
+                f"{r['peak_memory_mb']:.1f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    prior = report.get("answer_prior")
+    if prior:
+        mean = mean_prior(prior)
+        cells = [
+            "answer prior",
+            "-",
+            "-",
+            f"{mean:.1%}",
+            "-",
+            "-",
+            *[f"{prior.get(f, float('nan')):.1%}" for f in families],
+        ]
+        lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
+    if timing:
+        lines += ["", f"Batch N = {rows[0]['batch_n']}. Peak memory: {rows[0]['memory_measure']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Accuracy vs. visual tokens and vs. prefill FLOPs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_method: dict[str, list[dict]] = {}
+    for row in report["rows"]:
+        by_method.setdefault(row["method"], []).append(row)
+    for method, rows in by_method.items():
+        rows = sorted(rows, key=lambda r: r["flops"]["total"])
+        style = {"marker": "*", "markersize": 12} if method in ("baseline", "model") else {"marker": "o"}
+        accuracy = [100 * r["accuracy"] for r in rows]
+        axes[0].plot([r["visual_tokens_layer_mean"] for r in rows], accuracy, label=method, **style)
+        axes[1].plot([r["flops"]["total"] / 1e9 for r in rows], accuracy, label=method, **style)
+    prior = report.get("answer_prior")
+    if prior:  # the accuracy of always giving each family's most common answer: chance level
+        chance = 100 * mean_prior(prior)
+        for ax in axes:
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(
+                "answer prior (mean over families)",
+                (0.01, chance),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                color="grey",
+                va="bottom",
+            )
+    axes[0].set_xlabel("visual tokens (mean over LLM layers)")
+    axes[1].set_xlabel("prefill GFLOPs (analytic)")
+    for ax in axes:
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(report["source"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""Which models a `vtc evaluate` measures: what the source it was pointed at is (a run, a
+recipe's run, a vtc export, a llava-hf folder) and the rows to measure beside it (the
+uncompressed baseline, the model at each budget, other runs, training-free baselines)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.errors import UserError
+from models.build import Built, ComponentSpec, build
+from models.compressors import baselines as registered_baselines
+from models.compressors import component_class
+
+
+@dataclass
+class Method:
+    label: str  # e.g. "baseline", "model", "fastv"
+    budget: int | None  # visual tokens asked for (None: the method's own)
+    make: Callable[[], Built]
+
+
+@dataclass
+class Source:
+    """What `vtc evaluate` was pointed at: the model under test (None when it is the baseline
+    itself), the baseline's llava-hf folder, and where the report goes by default."""
+
+    model: Callable[[], Built] | None
+    base_dir: str
+    out_dir: Path
+    data: object  # a DataRecipe for the synthetic test split
+    description: str
+    # the model under test set to keep a token budget (its trained compressors' budget_params),
+    # or None when its token count is fixed
+    model_at: Callable[[int, int, object], Callable[[], Built] | None] | None = None
+    # the model under test with its compressors left out (a run with compressors), else None
+    uncompressed: Callable[[], Built] | None = None
+
+
+def _names_a_recipe(target: str) -> bool:
+    from train.recipe import resolve_recipe_path
+
+    try:
+        resolve_recipe_path(target)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def resolve_source(target: str) -> Source:
+    """A run directory, a recipe (its run), a `vtc export` folder or a llava-hf folder."""
+    from train.recipe import DataRecipe, load_recipe, resolve_base
+    from train.run import is_run_dir, run_dir_of
+
+    path = Path(target)
+    if not path.is_dir():
+        if not _names_a_recipe(target):
+            raise FileNotFoundError(
+                f"{target}: no such run directory, vtc export or llava-hf folder (nor a recipe file "
+                "or shipped recipe name)"
+            )
+        recipe = load_recipe(target, check_machine=False)
+        path = run_dir_of(recipe)
+        if not (path / "trainable.safetensors").is_file():
+            raise FileNotFoundError(f"{target}: its run {path} is not trained yet (vtc train {target})")
+    if is_run_dir(path):
+        from train.export import at_budget, rebuild_run
+
+        recipe = load_recipe(path / "recipe.yaml", check_machine=False)
+        own_base = path / "hf"
+        if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
+            return Source(None, str(own_base), path, recipe.data, f"run {path} (its llava-hf model)")
+        base = resolve_base(recipe.model.base)
+        if not (Path(base) / "config.json").is_file():
+            raise UserError(
+                f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against"
+            )
+
+        def model_at(budget: int, visual: int, dims) -> Callable[[], Built] | None:
+            compressors = at_budget(recipe.model.compressors, budget, visual, dims)
+            return None if compressors is None else (lambda: rebuild_run(path, compressors)[0])
+
+        uncompressed = (lambda: rebuild_run(path, [])[0]) if recipe.model.compressors else None
+        return Source(
+            lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}", model_at, uncompressed
+        )
+    meta_path = path / "vtc.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("format") == "vtc-export-1":
+        from models.export import load_pretrained
+
+        plain = meta["projector"]["name"] == "mlp2x_gelu" and not meta["compressors"] and not meta.get("lora")
+        base = meta["base"] or str(path)  # an export's llava-hf part holds the base weights
+        model = None if plain else (lambda: load_pretrained(path))
+        return Source(model, base, path, DataRecipe(), f"export {path}")
+    if (path / "config.json").is_file():
+        return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}")
+    raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
+
+
+def methods_for(
+    source: Source,
+    baselines: list[str],
+    budgets: list[int],
+    dims,
+    visual: int,
+    reference: Built | None = None,
+    compare: list[str] = (),
+    uncompressed: bool = False,
+) -> list[Method]:
+    """The rows to measure; `reference` is the baseline model if it is already built; `compare`:
+    other runs or exports measured beside it (labelled by their folder names); `uncompressed`:
+    the model under test also with its compressors left out."""
+    methods = [
+        Method("baseline", None, (lambda: reference) if reference else (lambda: build(source.base_dir)))
+    ]
+    if source.model is not None:
+        methods.append(Method("model", None, source.model))
+        for budget in budgets if source.model_at is not None else ():
+            make = source.model_at(budget, visual, dims)
+            if make is not None:  # a trained pruner evaluated at every budget
+                methods.append(Method("model", budget, make))
+    if uncompressed:
+        if source.uncompressed is None:
+            raise UserError("--uncompressed needs a run whose recipe has compressors")
+        methods.append(Method("model-uncompressed", None, source.uncompressed))
+    for other in compare:
+        found = resolve_source(other)
+        make = found.model or (lambda found=found: build(found.base_dir))
+        methods.append(Method(Path(other).name or other, None, make))
+    known = registered_baselines()
+    for label in baselines:
+        if label not in known:
+            raise UserError(f"--baselines: unknown {label!r}; choose from {', '.join(known)}")
+        name = known[label]
+        for budget in budgets:
+            params = component_class(name).budget_params(budget, visual, dims)
+            if params is None:
+                print(f"[vtc] {label}: cannot keep exactly {budget} of {visual} tokens; left out")
+                continue
+            spec = ComponentSpec(name, params)
+            methods.append(
+                Method(label, budget, lambda spec=spec: build(source.base_dir, compressors=[spec]))
+            )
+    return methods
