@@ -14,7 +14,8 @@ Memory per device is model states + activations, in bytes:
   - DDP / one device: bP + 3bT (weights, gradients, Adam m and v in the model's dtype, b bytes).
   With every parameter trainable, ZeRO-2 and ZeRO-3 are exactly DeepSpeed's
   `estimate_zero{2,3}_model_states_mem_needs` (no offload); frozen parameters hold only their
-  weights. In fp32 DeepSpeed keeps no master copy: 4P + 4T + 8T/W for ZeRO-1/2, alike for 3.
+  weights. In fp32 DeepSpeed keeps no master copy: weights and gradients take 4 bytes each
+  (partitioned as above) and the optimizer 8 (Adam m and v).
 - **Activations** of one micro-batch of B sequences of S tokens (the recipe's max_length, which
   counts the visual tokens), a bytes per element, what autograd keeps for backward:
   - LLM decoder layer (width h, query width q, key/value width k, MLP width f), per token: two
