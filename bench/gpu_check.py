@@ -136,40 +136,41 @@ def vtc(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
-def tail(process) -> str:
-    return (
-        (process.stdout + process.stderr).strip().splitlines()[-1:][0]
-        if process.stdout + process.stderr
-        else ""
-    )
+def tail(text: str) -> str:
+    """The last line of a command's output (its error, when it failed)."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def train_kill_resume(name: str, args: list[str], run: Path, checks: Checks, what: str) -> bool:
     """Train until the first checkpoint exists, SIGKILL, then `--resume auto` to the end."""
     started = time.time()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "train", name, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    killed = False
-    while process.poll() is None:
-        if any((run / "ckpt").glob("*/info.json")):
-            os.killpg(process.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.2)
-    output = process.communicate()[0]
+    log = run.parent / f"{run.name}-train.log"  # a file, not a pipe: nobody reads it while it runs
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "train.cli", "train", name, *args],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill reaches the DDP children
+        )
+        killed = False
+        while process.poll() is None:
+            if any((run / "ckpt").glob("*/info.json")):
+                os.killpg(process.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.2)
+        process.wait()
     if not killed and process.returncode != 0:
-        return checks.line(False, f"{what} train", output.strip().splitlines()[-1] if output else "")
-    checks.line(True, f"{what} train to the first checkpoint, then SIGKILL", f"{time.time() - started:.0f} s")
+        return checks.line(False, f"{what} train", f"{tail(log.read_text())} (log: {log})")
+    done = "train to the first checkpoint, then SIGKILL" if killed else "train (ended before the kill)"
+    checks.line(True, f"{what} {done}", f"{time.time() - started:.0f} s")
     started = time.time()
     resumed = vtc("train", name, *args, "--resume", "auto")
     if resumed.returncode != 0:
-        return checks.line(False, f"{what} resume", tail(resumed))
+        return checks.line(False, f"{what} resume", tail(resumed.stdout + resumed.stderr))
     meta = json.loads((run / "meta.json").read_text())
     steps = [stage["steps"] for stage in meta["stages"]]
     return checks.line(
@@ -182,7 +183,7 @@ def train_kill_resume(name: str, args: list[str], run: Path, checks: Checks, wha
 def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str) -> None:
     exported = vtc("export", str(run), str(out))
     if not checks.line(
-        exported.returncode == 0, f"{what} export", tail(exported) if exported.returncode else ""
+        exported.returncode == 0, f"{what} export", tail(exported.stderr) if exported.returncode else ""
     ):
         return
     loaded = subprocess.run(
@@ -192,12 +193,14 @@ def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str) -> None
         text=True,
     )
     checks.line(
-        loaded.returncode == 0, f"{what} load the export back", tail(loaded) if loaded.returncode else ""
+        loaded.returncode == 0,
+        f"{what} load the export back",
+        tail(loaded.stderr) if loaded.returncode else "",
     )
     evaluated = vtc(
         "evaluate", str(run), "--limit", "4", "--baselines", "", "--no-timing", "--batch-size", "4"
     )
-    detail = tail(evaluated) if evaluated.returncode else "4 test images"
+    detail = tail(evaluated.stderr) if evaluated.returncode else "4 test images"
     checks.line(evaluated.returncode == 0 and (run / "eval.json").is_file(), f"{what} evaluate", detail)
 
 
