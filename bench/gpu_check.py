@@ -42,7 +42,7 @@ FAMILIES = {
     "covipal": ["llava-1.5-7b/covipal/scorer", "llava-1.5-7b/covipal/end-to-end"],
     "dyvte": ["llava-1.5-7b/dyvte/routers"],
 }
-STEPS, EVERY = 6, 2  # optimizer steps per stage; a checkpoint every 2 (the kill comes after the first)
+STEPS, EVERY = 4, 2  # optimizer steps per stage; a checkpoint every 2 (the kill comes after the first)
 CPU_WIDTHS = {"text": (64, 128, 4), "vision": (32, 64, 2)}  # hidden, MLP, heads
 
 

@@ -2,8 +2,6 @@
 against what autograd really keeps on the tiny model, steps per epoch, and the CLI."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -161,20 +159,16 @@ def test_shipped_gpu_recipes_fit_8_gpus_of_80gb(name):
         assert plan.world == 8 and plan.steps is not None
 
 
-def test_plan_cli_warns_when_a_stage_does_not_fit():
-    command = [sys.executable, "-m", "train.cli", "plan", "llava-1.5-7b/tokenpacker/finetune"]
-    ok = subprocess.run(
-        [*command, "--samples", "665298", "--gpu-mem", "80GB"], capture_output=True, text=True
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert "5,197" in ok.stdout and "fits" in ok.stdout
-    tight = subprocess.run(
-        [*command, "trainer.gradient_checkpointing.llm=false", "--gpu-mem", "40GB"],
-        capture_output=True,
-        text=True,
-    )
-    assert tight.returncode == 1
-    assert "stages.0.batch_size" in tight.stderr and "trainer.gradient_checkpointing.llm=true" in tight.stderr
+def test_plan_cli_warns_when_a_stage_does_not_fit(capsys):
+    from train.cli import main
+
+    name = "llava-1.5-7b/tokenpacker/finetune"
+    assert main(["plan", name, "--samples", "665298", "--gpu-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "5,197" in out and "fits" in out
+    assert main(["plan", name, "trainer.gradient_checkpointing.llm=false", "--gpu-mem", "40GB"]) == 1
+    err = capsys.readouterr().err
+    assert "stages.0.batch_size" in err and "trainer.gradient_checkpointing.llm=true" in err
 
 
 def test_memory_sizes():
