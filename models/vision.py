@@ -46,6 +46,7 @@ class VisionTower(nn.Module):
         config = model.config
         self.grid = config.image_size // config.patch_size
         self.prefix_tokens = prefix_tokens(config)
+        self._kept_hooks = []  # a checkpointed training call's hooks, until the next call
 
     def unused_prefixes(self, through_last_layer: bool = False) -> tuple[str, ...]:
         """Name prefixes (relative to this module) of parameters that cannot affect the features:
@@ -88,7 +89,7 @@ class VisionTower(nn.Module):
 
     def release_hooks(self) -> None:
         """Remove the per-call hooks a checkpointed training call kept for its backward."""
-        for hook in getattr(self, "_kept_hooks", ()):
+        for hook in self._kept_hooks:
             hook.remove()
         self._kept_hooks = []
 

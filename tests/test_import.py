@@ -54,6 +54,14 @@ def original_layout(built, out: Path, projector: dict, extra: dict | None = None
     return tower
 
 
+def original_mlp(built) -> dict:
+    """The llava-hf MLP projector under LLaVA's own names (`0.` and `2.` of an nn.Sequential)."""
+    return {
+        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
+        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
+    }
+
+
 def same_logits(reference, imported, tokenizer):
     model = reference.model.eval()
     ids = torch.tensor([[tokenizer.bos_token_id, model.image_token_id, 10, 11, 12]])
@@ -70,10 +78,7 @@ def same_logits(reference, imported, tokenizer):
 @pytest.mark.parametrize("bin_file", [False, True])
 def test_llava_mlp_checkpoint(tmp_path, bin_file):
     built = build("tiny", tiny=TEST_TINY, seed=0)
-    projector = {
-        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
-        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
-    }
+    projector = original_mlp(built)
     tower = original_layout(built, tmp_path / "llava", projector, bin_file=bin_file)
     out, notes = import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower)
     imported = load_pretrained(out)
@@ -121,10 +126,7 @@ def test_tokenpacker_and_dyvte_checkpoint(tmp_path):
 
 def test_llavolta_setting_is_given_on_the_command_line(tmp_path):
     built = build("tiny", tiny=TEST_TINY, seed=0)
-    projector = {
-        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
-        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
-    }
+    projector = original_mlp(built)
     tower = original_layout(built, tmp_path / "llava", projector)
     out, _ = import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower, llavolta=(1, 4))
     imported = load_pretrained(out)
@@ -134,10 +136,7 @@ def test_llavolta_setting_is_given_on_the_command_line(tmp_path):
 
 def test_refuses_what_it_cannot_read_safely(tmp_path):
     built = build("tiny", tiny=TEST_TINY, seed=0)
-    projector = {
-        k.replace("linear_1.", "0.").replace("linear_2.", "2."): v
-        for k, v in built.hf.model.multi_modal_projector.state_dict().items()
-    }
+    projector = original_mlp(built)
     tower = original_layout(built, tmp_path / "llava", projector, bin_file=True)
     torch.save(
         {"weights": Path("not a tensor")}, tmp_path / "llava" / "pytorch_model.bin"

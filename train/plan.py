@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from models.flops import module_flops, prefill_flops
-from train.recipe import Recipe, Stage
+from train.recipe import Recipe, Stage, accumulation, stage_steps_for
 
 GiB = 1024**3
 PARTS = ("vision", "projector", "compressors", "llm")
@@ -184,7 +184,6 @@ class StagePlan:
     micro_batch: int
     accumulate: int
     world: int
-    samples: int | None
     steps: int | None
     steps_note: str
     states: ModelStates
@@ -209,14 +208,14 @@ def largest_module(model: torch.nn.Module) -> int:
 
 
 def stage_steps(stage: Stage, samples: int | None, world: int, accumulate: int) -> tuple[int | None, str]:
-    """(optimizer steps, how they were found) of a stage; vtc drops the last partial batch."""
+    """(optimizer steps, how they were found) of a stage, as training counts them
+    (`train.recipe.stage_steps_for`: the last partial batch is dropped)."""
     if stage.steps is not None:
         return stage.steps, "steps"
     if samples is None:
         return None, "unknown: give --samples N (no shard index to count)"
     per_batch = stage.batch_size * world * accumulate
-    per_epoch = samples // per_batch
-    steps = max(1, math.ceil(stage.epochs * per_epoch))
+    steps = stage_steps_for(stage, samples, world)
     note = f"{stage.epochs:g} epoch(s) of {samples:,} samples at {per_batch}"
     if samples % per_batch:
         note += (
@@ -281,7 +280,7 @@ def _plan_stage(
     )
     total = sum(t + f for _, _, t, f in rows)
     trainable = sum(t for _, _, t, _ in rows)
-    accumulate = (stage.global_batch_size or stage.batch_size * world) // (stage.batch_size * world)
+    accumulate = accumulation(stage, world)
     steps, note = stage_steps(stage, samples, world, accumulate)
     grids = model.view_grids if stage.views else None
     images = 1 + max(r * c for r, c in grids) if grids else 1
@@ -320,7 +319,6 @@ def _plan_stage(
         stage.batch_size,
         accumulate,
         world,
-        samples,
         steps,
         note,
         model_states(trainer.strategy, total, trainable, world, half, largest_module(model), dtype_bytes),

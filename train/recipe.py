@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,20 @@ class RecipeError(UserError):
         self.source, self.problems = source, problems
         lines = "\n".join(f"  {p.key}: {p.message}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s) in recipe\n{lines}")
+
+
+def accumulation(stage: Stage, world: int) -> int:
+    """Micro-batches per optimizer step: global batch / (batch_size × devices × nodes)."""
+    return (stage.global_batch_size or stage.batch_size * world) // (stage.batch_size * world)
+
+
+def stage_steps_for(stage: Stage, samples: int, world: int) -> int:
+    """Optimizer steps of a stage over `samples` training samples (its `steps`, or its epochs;
+    the training loader drops the last partial global batch of every epoch)."""
+    if stage.steps is not None:
+        return stage.steps
+    per_epoch = samples // (stage.batch_size * world * accumulation(stage, world))
+    return max(1, math.ceil(stage.epochs * per_epoch))
 
 
 # ------------------------------------------------------------------------------------ loading

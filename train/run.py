@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -46,7 +45,7 @@ from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.progress import StageProgressBar
-from train.recipe import Recipe, Stage, recipe_to_yaml, resolve_base
+from train.recipe import Recipe, Stage, accumulation, recipe_to_yaml, resolve_base, stage_steps_for
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
 
@@ -268,7 +267,7 @@ def train_stage(
     if is_zero:
         print(format_table(stage.name, rows), flush=True)
     world = recipe.trainer.devices * recipe.trainer.num_nodes
-    accumulate = (stage.global_batch_size or stage.batch_size * world) // (stage.batch_size * world)
+    accumulate = accumulation(stage, world)
     region_head = None
     if OBJECTIVES[stage.objective].region_targets:
         region_head = RegionHead(model.dims.vision_width, region_classes(recipe.data.synthetic.grid))
@@ -285,10 +284,7 @@ def train_stage(
         view_grids=model.view_grids if stage.views else None,  # `views: false`: whole images only
     )
     check_stage_data(data.dataset, stage, index, world)
-    steps = stage.steps
-    if steps is None:
-        per_epoch = len(data.dataset) // (stage.batch_size * world * accumulate)
-        steps = max(1, math.ceil(stage.epochs * per_epoch))
+    steps = stage_steps_for(stage, len(data.dataset), world)
     if is_zero:
         for component in model.components():  # e.g. a compression schedule over the stage's steps
             for line in component.describe(steps):
