@@ -37,10 +37,11 @@ class PrefillFlops:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm, "total": self.total}
 
 
-def vision_flops(config) -> float:
-    """One image through an HF CLIP/SigLIP vision config (all layers)."""
+def vision_flops(config, patches: int | None = None) -> float:
+    """One image through an HF CLIP/SigLIP vision config (all layers); `patches`: when the image
+    enters at another size than the config's (default: (image_size / patch_size)²)."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    patches = (config.image_size // config.patch_size) ** 2
+    patches = patches or (config.image_size // config.patch_size) ** 2
     n = patches + prefix_tokens(config)  # + CLS (SigLIP has none)
     macs = patches * 3 * config.patch_size**2 * d  # patch embedding
     macs += layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * ff)
@@ -77,16 +78,18 @@ def prefill_flops(
     layer_tokens: list[int] | None = None,
     projector_flops: float = 0.0,
     images: int = 1,
+    vision_patches: int | None = None,
 ) -> PrefillFlops:
     """Prefill FLOPs of one sample: `images` images, `visual_tokens` entering the LLM, `text_tokens`
-    of text. `layer_tokens` overrides the per-layer sequence length (in-LLM compressors)."""
+    of text. `layer_tokens` overrides the per-layer sequence length (in-LLM compressors);
+    `vision_patches` the patches per image of a tower fed a smaller image (down-sampling)."""
     text = llava_config.text_config
     if layer_tokens is None:
         layer_tokens = [text_tokens + visual_tokens] * text.num_hidden_layers
     if len(layer_tokens) != text.num_hidden_layers:
         raise ValueError(f"layer_tokens has {len(layer_tokens)} entries for {text.num_hidden_layers} layers")
     return PrefillFlops(
-        images * vision_flops(llava_config.vision_config),
+        images * vision_flops(llava_config.vision_config, vision_patches),
         images * projector_flops,
         llm_flops(text, layer_tokens),
     )

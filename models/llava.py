@@ -11,6 +11,7 @@ The merge, padding, masks, positions, labels and KV cache are handled here and i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +121,7 @@ class VtcLlava(nn.Module):
     def visual_tokens(self, grid: tuple[int, int] | None = None) -> int:
         """Visual tokens per image that enter the LLM (expected number for dynamic methods);
         `grid` = (rows, cols) of crops of a multi-view image (model built with `views`)."""
-        count = self.vision.num_patches
+        count = self.vision_patches()
         for component in self._stage("encoder"):
             count = component.output_tokens(count)
         count = self.projector.output_tokens(count)
@@ -135,9 +136,24 @@ class VtcLlava(nn.Module):
         """Candidate crop grids when images enter as several views, else None."""
         return self.views.grids if self.views is not None else None
 
+    def vision_patches(self) -> int:
+        """Patches per view the vision tower emits (fewer than its own when a `pixels`
+        component shrinks the image first)."""
+        count = self.vision.num_patches
+        for component in self._stage("pixels"):
+            count = component.output_tokens(count)
+        return count
+
+    def resize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(V, 3, S, S) views as the vision tower gets them: through the `pixels` components."""
+        for component in self._stage("pixels"):
+            pixel_values = component.resize(pixel_values)
+        return pixel_values
+
     def _view_side(self) -> int | None:
         """Side of the square token map the projector emits per view (None: not a map)."""
-        return self.projector.output_grid(None if self._stage("encoder") else self.vision.grid)
+        grid = None if self._stage("encoder") else math.isqrt(self.vision_patches())
+        return self.projector.output_grid(grid)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None):
         """(V, 3, S, S) views → visual embeddings in the LLM's space: (I, N, H) when every image
@@ -153,7 +169,10 @@ class VtcLlava(nn.Module):
         encoders = self._stage("encoder")
         in_layers = [c for c in self.components() if c.acts_in_vision_layers]
         features = self.vision(
-            pixel_values, encoder=encoders[0] if encoders else None, in_layers=in_layers, views=layout
+            self.resize_pixels(pixel_values),
+            encoder=encoders[0] if encoders else None,
+            in_layers=in_layers,
+            views=layout,
         )
         tokens = self.projector(features)
         if image_grids is None:

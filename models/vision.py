@@ -45,6 +45,7 @@ class VisionTower(nn.Module):
         self.select_strategy = select_strategy
         config = model.config
         self.grid = config.image_size // config.patch_size
+        self.patch_size = config.patch_size
         self.prefix_tokens = prefix_tokens(config)
         self._kept_hooks = []  # a checkpointed training call's hooks, until the next call
 
@@ -104,11 +105,14 @@ class VisionTower(nn.Module):
         in_layers: list[Compressor] = (),
         views: ViewLayout | None = None,
     ) -> VisionFeatures:
-        """(B, 3, S, S) views → VisionFeatures with `selected` (B, N, Dv). `in_layers`:
+        """(B, 3, S, S) views → VisionFeatures with `selected` (B, N, Dv); S other than the
+        tower's own size (a `pixels` component resized them) interpolates its position
+        embeddings, N = (S / patch)². `in_layers`:
         components whose `after_vision_attention` edits every layer's attention output (for this
         call only). `views`: which image and crop each view is (default: one view per image)."""
         if views is None:
             views = ViewLayout.single(pixel_values.shape[0], pixel_values.device)
+        grid = pixel_values.shape[-1] // self.patch_size
         self.release_hooks()
         hooks = []
         if encoder is not None:
@@ -121,7 +125,8 @@ class VisionTower(nn.Module):
             hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         try:
             dtype = next(self.model.parameters()).dtype
-            out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+            resized = {"interpolate_pos_encoding": True} if grid != self.grid else {}
+            out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **resized)
         finally:
             if torch.is_grad_enabled() and self.model.is_activation_checkpointing:
                 # checkpointed layers run their forward again in backward, hooks and all: keep
@@ -135,12 +140,12 @@ class VisionTower(nn.Module):
             if encoder.uses_cls_attention:
                 attention, keys = self.cls_attention(hidden_states)
                 selected = encoder.select(
-                    hidden_states, self.num_patches, views, cls_attention=attention, keys=keys
+                    hidden_states, grid * grid, views, cls_attention=attention, keys=keys
                 )
             else:
-                selected = encoder.select(hidden_states, self.num_patches, views)
+                selected = encoder.select(hidden_states, grid * grid, views)
             return VisionFeatures(selected, hidden_states, None, self.prefix_tokens, views)
         selected = hidden_states[self.feature_layer]
         if self.select_strategy == "default":  # as transformers' Llava: drop the CLS token
             selected = selected[:, self.prefix_tokens :]
-        return VisionFeatures(selected, hidden_states, self.grid, self.prefix_tokens, views)
+        return VisionFeatures(selected, hidden_states, grid, self.prefix_tokens, views)

@@ -86,3 +86,35 @@ def test_visionzip_keeps_the_cls_dominant_patches_plus_merged_context():
         patches,
     )
     assert build_component("visionzip", {"tokens": 16}, built.model.dims).split(64) == (14, 2)
+
+
+def test_downsample_feeds_the_tower_a_smaller_image():
+    """The tower sees the image resized to side·patch pixels, with its position embeddings
+    interpolated (as HF's own `interpolate_pos_encoding`), and costs the FLOPs of that size."""
+    import torch.nn.functional as F
+
+    from models.build import ComponentSpec, build
+    from models.flops import prefill_flops
+    from tests.conftest import TEST_TINY
+
+    pixels = torch.randn(2, 3, 64, 64)
+    base = build("tiny", tiny=TEST_TINY, seed=1).model.eval()
+    small = build("tiny", compressors=[ComponentSpec("downsample", {"side": 4})], tiny=TEST_TINY, seed=1)
+    model = small.model.eval()
+    assert model.visual_tokens() == 16 and model.vision_patches() == 16
+    with torch.no_grad():
+        tokens = model.encode_images(pixels)
+        resized = F.interpolate(pixels, size=(32, 32), mode="bilinear", antialias=True)
+        hf = model.vision.model(
+            pixel_values=resized, output_hidden_states=True, interpolate_pos_encoding=True
+        )
+        expected = model.projector(model.vision(resized))
+        assert tokens.shape == (2, 16, TEST_TINY.llm_width)
+        assert torch.allclose(tokens, expected)
+        assert torch.allclose(model.vision(resized).selected, hf.hidden_states[-2][:, 1:])
+        # the whole grid: nothing changes
+        same = build("tiny", compressors=[ComponentSpec("downsample", {"side": 8})], tiny=TEST_TINY, seed=1)
+        assert torch.equal(same.model.eval().encode_images(pixels), base.encode_images(pixels))
+    config = small.hf.config
+    full = prefill_flops(config, 10, 64).vision
+    assert prefill_flops(config, 10, 16, vision_patches=16).vision < full / 3

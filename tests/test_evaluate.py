@@ -133,6 +133,7 @@ def test_budget_parameters_come_from_the_registry():
     """Every training-free baseline says how to hit a budget; evaluate, the recipe check and the
     CLI read the registry."""
     assert baselines() == {
+        "downsample": "downsample",
         "visionzip": "visionzip",
         "divprune": "divprune",
         "pooling": "avgpool2d",
@@ -147,6 +148,8 @@ def test_budget_parameters_come_from_the_registry():
 
     assert params("avgpool2d", 16, 4) == {"stride": 2}
     assert params("avgpool2d", 7, 4) is None  # not a square grid
+    assert params("downsample", 16, 4) == {"side": 4} and params("downsample", 36, 4) == {"side": 6}
+    assert params("downsample", 7, 4) is None and params("downsample", 81, 4) is None
     assert params("random", 7, 4) == {"tokens": 7} and params("visionzip", 7, 4) == {"tokens": 7}
     assert params("fastv", 16, 4) == {"layer": 2, "tokens": 16}
     pdrop = params("pdrop", 32, 8)
@@ -227,3 +230,38 @@ def test_sources_resolve_to_a_baseline(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a run directory, recipe, vtc export or llava-hf folder"):
         resolve_source(str(tmp_path / "empty"))
+
+
+def test_hard_subset_is_what_the_downsampled_image_gets_wrong():
+    from train.evaluation.report import add_hard_subsets, markdown
+
+    rows = [
+        {"method": "baseline", "budget": None},
+        {"method": "downsample", "budget": 16},
+        {"method": "pooling", "budget": 16},
+        {"method": "pooling", "budget": 4},
+    ]
+    right = [
+        {"a": True, "b": True, "c": True, "d": False},
+        {"a": True, "b": False, "c": False, "d": False},  # hard @16: b, c, d
+        {"a": False, "b": True, "c": False, "d": True},
+        {"a": True, "b": True, "c": True, "d": True},
+    ]
+    add_hard_subsets(rows, right)
+    assert rows[0]["hard"] == {"16": {"questions": 3, "accuracy": pytest.approx(2 / 3)}}
+    assert rows[1]["hard"]["16"]["accuracy"] == 0.0
+    assert rows[2]["hard"]["16"]["accuracy"] == pytest.approx(2 / 3)
+    assert "hard" not in rows[3]  # no down-sampled row at budget 4
+    for row in rows:
+        row.update(
+            visual_tokens=1.0, visual_tokens_layer_mean=1.0, accuracy=0.5, accuracy_kept=1.0,
+            per_family={"colour": 0.5}, flops={"total": 1e9}, speedup_analytic=1.0,
+        )  # fmt: skip
+    report = {
+        "source": "s",
+        "questions": "q",
+        "question_count": 4,
+        "machine": {"device": "cpu", "threads": 1, "torch": "t"},
+    }
+    table = markdown({**report, "rows": rows})
+    assert "hard @16 (3 q)" in table and "| pooling | 16 |" in table

@@ -14,6 +14,7 @@ from tests.conftest import TEST_TINY
 # Parameters that make each component compress on the test model (8×8 patch grid).
 PARAMS = {
     "avgpool2d": {"stride": 2},
+    "downsample": {"side": 4},
     "random": {"tokens": 10},
     "divprune": {"tokens": 10},
     "fastv": {"layer": 0, "tokens": 10},
@@ -68,7 +69,7 @@ def test_component_contract(name, tokenizer):
     labels = ids.masked_fill(~mask, -100)
     expected = model.visual_tokens()
     patches = model.vision.num_patches
-    if component.stage in ("projector", "encoder", "pre_llm"):
+    if component.stage in ("pixels", "projector", "encoder", "pre_llm"):
         assert expected == component.output_tokens(patches)
 
     # Only the component trains: freeze everything else.
@@ -82,7 +83,7 @@ def test_component_contract(name, tokenizer):
         # are patches, unless the component does not compress (a dynamic one: at most as many).
         out = model.eval()(*args, return_logits=True)
         assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
-        if component.stage in ("projector", "pre_llm", "encoder"):
+        if component.stage in ("pixels", "projector", "pre_llm", "encoder"):
             assert out.visual_tokens_in.tolist() == [expected] * (batch.stop - batch.start)
         final = out.state
         visible = final.visual_mask & (final.attention_mask if final.key_mask is None else final.key_mask)

@@ -155,6 +155,25 @@ def answer_questions(
     return out
 
 
+def _judge(questions: QuestionSet, q: Question, answers: dict[str, dict]) -> tuple[str, list[str]] | None:
+    """(normalised final answer, normalised references) of question `q`, or None if it has no
+    reference answer or was not answered (skipped)."""
+    got = answers.get(q.id, {})
+    if not q.answers or "text" not in got:
+        return None
+    return normalize_answer(questions.answer_of(got["text"])), [normalize_answer(a) for a in q.answers]
+
+
+def right_answers(questions: QuestionSet, answers: dict[str, dict]) -> dict[str, bool]:
+    """{question id: answered right} for every question with a reference that was answered."""
+    out = {}
+    for q in questions.questions:
+        judged = _judge(questions, q, answers)
+        if judged is not None:
+            out[q.id] = judged[0] in judged[1]
+    return out
+
+
 def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
     """{"accuracy" (mean over families, so no family dominates), "per_family", "per_question"
     (mean over questions), "count", "skipped", "visual_tokens" (mean into the LLM)}; with several
@@ -162,11 +181,10 @@ def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
     correct, total, vqa = defaultdict(float), defaultdict(int), []
     visual = [a["visual_tokens"] for a in answers.values() if "text" in a]
     for q in questions.questions:
-        got = answers.get(q.id, {})
-        if not q.answers or "text" not in got:
+        judged = _judge(questions, q, answers)
+        if judged is None:
             continue
-        pred = normalize_answer(questions.answer_of(got["text"]))
-        refs = [normalize_answer(a) for a in q.answers]
+        pred, refs = judged
         correct[q.family] += pred in refs
         total[q.family] += 1
         vqa.append(min(1.0, refs.count(pred) / 3))

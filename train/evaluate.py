@@ -4,9 +4,11 @@ Every method runs through the same harness — same questions, template, preproc
 decoding — always next to the uncompressed baseline (the LLaVA model the compressor was attached
 to). Training-free baselines are registered components added to that baseline at each token
 budget. Per method and budget the report has: accuracy (mean over question families, and per
-family), accuracy kept vs. the baseline, visual tokens into the LLM (mean) and per layer,
-analytic prefill FLOPs (models/flops.py), measured prefill latency at batch 1 and batch N and
-decode tokens/s (medians of repeats), and peak memory of a batch-N prefill.
+family), accuracy kept vs. the baseline, the share of answers the same as the baseline's, the
+share right on the hard subset (the questions the down-sampled image gets wrong), visual tokens
+into the LLM (mean) and per layer, analytic prefill FLOPs (models/flops.py), measured prefill
+latency at batch 1 and batch N and decode tokens/s (medians of repeats), and peak memory of a
+batch-N prefill.
 
 
 The work is split by job: `train/evaluation/sources.py` (what is measured),
@@ -29,11 +31,12 @@ from train.accuracy import (
     answer_prior,
     answer_questions,
     file_questions,
+    right_answers,
     score,
     synthetic_questions,
 )
 from train.evaluation.measure import Settings, cost
-from train.evaluation.report import add_relative, write_answers, write_report
+from train.evaluation.report import add_hard_subsets, add_relative, write_answers, write_report
 from train.evaluation.sources import methods_for, resolve_source
 
 
@@ -67,7 +70,7 @@ def evaluate(
     else:
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
     methods = methods_for(source, baselines, budgets, dims, visual, reference, compare, uncompressed)
-    rows, reference_answers = [], None
+    rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
         for component in built.model.components():
@@ -84,6 +87,7 @@ def evaluate(
         row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
         reference_answers = reference_answers or answers  # the first row is the baseline
         row["agreement"] = agreement(questions, answers, reference_answers)
+        right.append(right_answers(questions, answers))
         counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
         if counted:  # e.g. where a dynamic method exited, over the questions just answered
             row["statistics"] = counted
@@ -97,6 +101,7 @@ def evaluate(
                 method.label,
             )
     add_relative(rows)
+    add_hard_subsets(rows, right)
     report = {
         "source": source.description,
         "questions": questions.name,

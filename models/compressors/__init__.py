@@ -54,7 +54,8 @@ def build_component(name: str, params: dict | None, dims: ModelDims) -> Compress
 
 def baselines() -> dict[str, str]:
     """{baseline label: component name} of every training-free baseline (`Compressor.baseline`),
-    ordered by where they act (in the vision tower, before the LLM, inside it), then by label."""
+    ordered by where they act (on the pixels, in the vision tower, before the LLM, inside it), then
+    by label."""
     found = [(STAGES.index(cls.stage), cls.baseline, name) for name, cls in _REGISTRY.items() if cls.baseline]
     return {label: name for _, label, name in sorted(found)}
 
@@ -67,6 +68,7 @@ def config_fields(name: str) -> dict[str, dataclasses.Field]:
 from models.compressors import (  # noqa: E402,F401
     covipal,
     divprune,
+    downsample,
     dyvte,
     falcon,
     fastv,

@@ -3,6 +3,9 @@
 A component declares where it acts (`stage`) and how many visual tokens it emits
 (`output_tokens`). The model assembly calls it at that place:
 
+- "pixels":    before the vision tower. `resize(pixel_values)` (B, 3, S, S) → (B, 3, S', S'),
+               S' a multiple of the patch size; the tower interpolates its position embeddings
+               to the new size and emits (S'/patch)² patches instead of (S/patch)².
 - "encoder":   inside the vision tower. `extend_embeddings` appends extra tokens (e.g. registers)
                to the ViT input (B, 1+N, Dv) → (B, 1+N+M, Dv); `select` picks the output
                tokens from the tower's hidden states → (B, M, Dv) (with `uses_cls_attention`,
@@ -41,8 +44,8 @@ from torch import nn
 
 from models.views import ViewLayout
 
-Stage = Literal["encoder", "projector", "pre_llm", "in_llm"]
-STAGES: tuple[str, ...] = ("encoder", "projector", "pre_llm", "in_llm")
+Stage = Literal["pixels", "encoder", "projector", "pre_llm", "in_llm"]
+STAGES: tuple[str, ...] = ("pixels", "encoder", "projector", "pre_llm", "in_llm")
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,10 @@ class Compressor(nn.Module):
         """Visual tokens this component emits (for dynamic ones: the expected number) when
         `input_tokens` tokens come in."""
         return input_tokens
+
+    # pixels stage
+    def resize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     # projector stage
     def output_grid(self, grid: int | None) -> int | None:

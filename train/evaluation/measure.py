@@ -130,9 +130,17 @@ def cost(built: Built, questions: QuestionSet, size: int, settings: Settings) ->
     text = text_tokens(model, one)  # not per_layer[0] - visual: a pruner may act before layer 0
     images = one["pixel_values"].shape[0]
     with torch.no_grad():
-        features = model.vision(one["pixel_values"][:1])
+        features = model.vision(model.resize_pixels(one["pixel_values"][:1]))
         projector = module_flops(model.projector, features)
-    flops = prefill_flops(built.hf.config, text, visual, per_layer, projector, images=images)
+    flops = prefill_flops(
+        built.hf.config,
+        text,
+        visual,
+        per_layer,
+        projector,
+        images=images,
+        vision_patches=model.vision_patches(),
+    )
     row = {
         "layer_tokens": per_layer,
         "visual_tokens_layer_mean": sum(per_layer) / len(per_layer) - text,

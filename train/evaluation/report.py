@@ -20,6 +20,42 @@ def add_relative(rows: list[dict]) -> None:
                 row[f"speedup_{key[len('prefill_ms_') :]}"] = base[key] / row[key]
 
 
+HARD_SUBSET_METHOD = "downsample"
+
+
+def add_hard_subsets(rows: list[dict], right: list[dict[str, bool]]) -> None:
+    """The hard subset at budget b: the questions the down-sampled image at b tokens answers
+    wrong — where compression methods actually differ, since what a lower resolution keeps every
+    method keeps. `right[i]` = {question id: answered right} of rows[i]. Adds
+    row["hard"][str(b)] = {"questions", "accuracy" (share answered right)} to the rows at budget b
+    and to the rows without a budget (baseline, model: the ceiling on that subset)."""
+    subsets = {
+        row["budget"]: {qid for qid, ok in judged.items() if not ok}
+        for row, judged in zip(rows, right, strict=True)
+        if row["method"] == HARD_SUBSET_METHOD
+    }
+    for row, judged in zip(rows, right, strict=True):
+        hard = {}
+        for budget, subset in subsets.items():
+            if row["budget"] not in (None, budget):
+                continue
+            ids = [qid for qid in subset if qid in judged]
+            share = sum(judged[qid] for qid in ids) / len(ids) if ids else None
+            hard[str(budget)] = {"questions": len(ids), "accuracy": share}
+        if hard:
+            row["hard"] = hard
+
+
+def hard_budgets(rows: list[dict]) -> list[str]:
+    """The budgets with a hard subset, largest first."""
+    return sorted({b for r in rows for b in r.get("hard", {})}, key=int, reverse=True)
+
+
+def _hard_cell(row: dict, budget: str) -> str:
+    entry = row.get("hard", {}).get(budget)
+    return "-" if entry is None or entry["accuracy"] is None else f"{entry['accuracy']:.0%}"
+
+
 def write_answers(path: Path, questions: QuestionSet, answers: dict, label: str) -> None:
     """Answers in the layout of LLaVA's model_vqa output (one JSON object per line)."""
     from train.outputs import write_text_atomic
@@ -39,9 +75,11 @@ def summary(report: dict) -> str:
     rows = report["rows"]
     families = sorted({f for r in rows for f in r["per_family"]})
     timing = "speedup_batchN" in rows[0]
+    hard = hard_budgets(rows)
     head = f"{'method':<12}{'tokens':>7}{'acc':>8}{'kept':>8}{'same':>7}" + "".join(
         f"{f[:7]:>8}" for f in families
     )
+    head += "".join(f"{'hard@' + b:>9}" for b in hard)
     lines = [head + (f"{'prefill ×':>11}" if timing else "")]
     for r in rows:
         label = r["method"] + ("" if r["budget"] is None else f"@{r['budget']}")
@@ -49,6 +87,7 @@ def summary(report: dict) -> str:
         same = "-" if r.get("agreement") is None else f"{r['agreement']:.0%}"
         line = f"{label:<12}{r['visual_tokens_layer_mean']:>7.1f}{r['accuracy']:>8.1%}{kept:>8}{same:>7}"
         line += "".join(f"{r['per_family'].get(f, float('nan')):>8.1%}" for f in families)
+        line += "".join(f"{_hard_cell(r, b):>9}" for b in hard)
         lines.append(line + (f"{r['speedup_batchN']:>10.2f}×" if timing else ""))
     prior = report.get("answer_prior")
     if prior:
@@ -72,6 +111,8 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     families = sorted({f for r in rows for f in r["per_family"]})
     timing = "prefill_ms_batch1" in rows[0]
+    hard = hard_budgets(rows)
+    hard_sizes = {b: next(r["hard"][b]["questions"] for r in rows if b in r.get("hard", {})) for b in hard}
     head = [
         "method",
         "budget",
@@ -80,6 +121,7 @@ def markdown(report: dict) -> str:
         "kept",
         "same answers",
         *families,
+        *[f"hard @{b} ({hard_sizes[b]} q)" for b in hard],
         "GFLOPs",
         "ceiling ×",
     ]
@@ -91,7 +133,8 @@ def markdown(report: dict) -> str:
         f"{report['question_count']} questions ({report['questions']}); "
         f"{report['machine']['device']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}. "
         "Accuracy = mean over question families; kept = vs. the baseline; same answers = share of "
-        "answers identical to the baseline's; GFLOPs = analytic prefill "
+        "answers identical to the baseline's; hard @b = share right of the questions the image "
+        "down-sampled to b tokens gets wrong; GFLOPs = analytic prefill "
         "(models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
         "",
         "| " + " | ".join(head) + " |",
@@ -106,6 +149,7 @@ def markdown(report: dict) -> str:
             "-" if r["accuracy_kept"] is None else f"{r['accuracy_kept']:.1%}",
             "-" if r.get("agreement") is None else f"{r['agreement']:.1%}",
             *[f"{r['per_family'].get(f, float('nan')):.1%}" for f in families],
+            *[_hard_cell(r, b) for b in hard],
             f"{r['flops']['total'] / 1e9:.3f}",
             f"{r['speedup_analytic']:.2f}",
         ]
