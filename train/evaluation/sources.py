@@ -145,3 +145,37 @@ def methods_for(
                 Method(label, budget, lambda spec=spec: build(source.base_dir, compressors=[spec]))
             )
     return methods
+
+
+def model_for(target: str, compressor: str | None = None, tokens: int | None = None) -> Built:
+    """One model as `vtc evaluate` builds its rows (for callers that evaluate one at a time, e.g.
+    the lmms-eval plugin): `target` itself (a run, recipe, vtc export or llava-hf folder); with
+    `tokens`, a trained pruner set to keep that many; with `compressor` (a `--baselines` label
+    or a component name), the uncompressed baseline with that training-free method at `tokens`."""
+    from transformers import AutoConfig
+
+    from models.build import dims_of
+
+    source = resolve_source(target)
+    if compressor is None and tokens is None:
+        return (source.model or (lambda: build(source.base_dir)))()
+    dims = dims_of(AutoConfig.from_pretrained(source.base_dir))
+    visual = dims.grid**2  # the base's own count (LLaVA's MLP keeps every patch)
+    if tokens is None:
+        raise UserError(f"compressor={compressor} needs tokens=N (the visual tokens to keep)")
+    if compressor is None:
+        make = source.model_at(tokens, visual, dims) if source.model_at is not None else None
+        if make is None:
+            raise UserError(
+                f"{target}: its visual-token count is fixed; tokens= needs a trained pruner or a compressor="
+            )
+        return make()
+    name = registered_baselines().get(compressor, compressor)
+    try:
+        cls = component_class(name)
+    except KeyError as err:
+        raise UserError(f"compressor={compressor}: {err.args[0]}") from None
+    params = cls.budget_params(tokens, visual, dims) if cls.baseline else None
+    if params is None:
+        raise UserError(f"compressor={compressor}: cannot keep exactly {tokens} of {visual} visual tokens")
+    return build(source.base_dir, compressors=[ComponentSpec(name, params)])
