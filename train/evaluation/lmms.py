@@ -6,8 +6,8 @@
 `pretrained` is what `vtc evaluate` accepts (a run, a vtc export, a llava-hf folder);
 `compressor` a training-free baseline (`pooling`, `fastv`, ... or a component name) added to
 that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's budget. Other
-model_args: `batch_size` (default 16), `device` (default cuda when there is one), `dtype`
-(float32, bfloat16 or float16; default float32).
+model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16 or float16;
+default float32); the batch is lmms-eval's `--batch_size` (its default 1 is slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:
 the same image preprocessing, `vicuna_v1` prompt with the image first and greedy decoding, so the
@@ -69,6 +69,7 @@ class VtcLmms(lmms):
         batch_size: int | str = 16,
         device: str | None = None,
         dtype: str = "float32",
+        max_batch_size: int | None = None,  # lmms-eval's `--max_batch_size` (for "auto"); unused
         **unknown,
     ) -> None:
         super().__init__()
@@ -83,7 +84,8 @@ class VtcLmms(lmms):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.built.model.to(self._device, DTYPES[dtype]).eval()
         self.image_size = self.built.hf.config.vision_config.image_size
-        self.batch_size_per_gpu = int(batch_size)
+        # lmms-eval's `--batch_size` (default 1) overrides model_args; "auto" → vtc's default 16
+        self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._rank, self._world_size = 0, 1
         self._warned_sampling = False
 
