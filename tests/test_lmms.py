@@ -133,5 +133,7 @@ def test_plugin_refuses_what_it_cannot_answer():
 
     with pytest.raises(UserError, match="cannot keep exactly 10 of 64"):
         VtcLmms(pretrained=base, compressor="pooling", tokens=10)
+    with pytest.raises(UserError, match="not a training-free baseline"):
+        VtcLmms(pretrained=base, compressor="tokenpacker", tokens=16)
     with pytest.raises(NotImplementedError, match="loglikelihood"):
         VtcLmms(pretrained=base).loglikelihood([])

@@ -39,7 +39,11 @@ class Downsample(Compressor):
     def check_config(cls, config: DownsampleConfig, dims: ModelDims):
         if not 0 <= config.side <= dims.grid:
             return [
-                ("side", f"must be between 1 and the base's {dims.grid} patches per side, got {config.side}")
+                (
+                    "side",
+                    f"must be 0 (half the grid) or 1 to the base's {dims.grid} patches per side, "
+                    f"got {config.side}",
+                )
             ]
         return []
 

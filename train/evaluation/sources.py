@@ -175,7 +175,11 @@ def model_for(target: str, compressor: str | None = None, tokens: int | None = N
         cls = component_class(name)
     except KeyError as err:
         raise UserError(f"compressor={compressor}: {err.args[0]}") from None
-    params = cls.budget_params(tokens, visual, dims) if cls.baseline else None
+    if not cls.baseline:
+        raise UserError(
+            f"compressor={compressor}: not a training-free baseline (vtc evaluate --baselines lists them)"
+        )
+    params = cls.budget_params(tokens, visual, dims)
     if params is None:
         raise UserError(f"compressor={compressor}: cannot keep exactly {tokens} of {visual} visual tokens")
     return build(source.base_dir, compressors=[ComponentSpec(name, params)])
