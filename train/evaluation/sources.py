@@ -100,6 +100,13 @@ def resolve_source(target: str) -> Source:
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
 
 
+def baseline_at(name: str, budget: int, visual: int, dims) -> ComponentSpec | None:
+    """Registered baseline component `name` set to keep exactly `budget` of `visual` visual
+    tokens, or None when it cannot."""
+    params = component_class(name).budget_params(budget, visual, dims)
+    return None if params is None else ComponentSpec(name, params)
+
+
 def methods_for(
     source: Source,
     baselines: list[str],
@@ -136,11 +143,10 @@ def methods_for(
             raise UserError(f"--baselines: unknown {label!r}; choose from {', '.join(known)}")
         name = known[label]
         for budget in budgets:
-            params = component_class(name).budget_params(budget, visual, dims)
-            if params is None:
+            spec = baseline_at(name, budget, visual, dims)
+            if spec is None:
                 print(f"[vtc] {label}: cannot keep exactly {budget} of {visual} tokens; left out")
                 continue
-            spec = ComponentSpec(name, params)
             methods.append(
                 Method(label, budget, lambda spec=spec: build(source.base_dir, compressors=[spec]))
             )
@@ -179,7 +185,7 @@ def model_for(target: str, compressor: str | None = None, tokens: int | None = N
         raise UserError(
             f"compressor={compressor}: not a training-free baseline (vtc evaluate --baselines lists them)"
         )
-    params = cls.budget_params(tokens, visual, dims)
-    if params is None:
+    spec = baseline_at(name, tokens, visual, dims)
+    if spec is None:
         raise UserError(f"compressor={compressor}: cannot keep exactly {tokens} of {visual} visual tokens")
-    return build(source.base_dir, compressors=[ComponentSpec(name, params)])
+    return build(source.base_dir, compressors=[spec])
