@@ -262,6 +262,38 @@ def test_nonfinite_loss_skip_leaves_out_the_batch(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in load_file(str(run_dir / "trainable.safetensors")).values())
 
 
+def test_a_run_of_nonfinite_losses_stops_even_when_skipping(tmp_path, monkeypatch):
+    """Skipping is for the odd bad batch: when every batch's loss is non-finite the run stops
+    with a clear error after NONFINITE_RUN of them instead of training on to the end."""
+    from models.llava import VtcLlava
+    from train.module import NONFINITE_RUN
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    forward = VtcLlava.forward
+
+    def always_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VtcLlava, "forward", always_nan)
+    run_dir = tmp_path / "diverged"
+    recipe = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={run_dir}",
+            f"data.cache_dir={tmp_path / 'data'}",
+            "trainer.nonfinite_loss=skip",
+            "stages.1.steps=30",
+            *SHORT[:1],
+        ],
+    )
+    with pytest.raises(UserError, match=f"{NONFINITE_RUN} non-finite losses in a row"):
+        run_recipe(recipe)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_resume_matches_the_uninterrupted_run(tmp_path):
     data_dir = tmp_path / "data"

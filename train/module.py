@@ -19,6 +19,8 @@ from train.checkpoint import restore_rng, rng_state
 from train.objectives import OBJECTIVES, loss_terms, weighted_total
 from train.recipe import Stage
 
+NONFINITE_RUN = 10  # with nonfinite_loss: skip, this many non-finite losses in a row stop the run
+
 
 class VtcModule(L.LightningModule):
     def __init__(
@@ -89,6 +91,16 @@ class VtcModule(L.LightningModule):
             if self.nonfinite_loss == "skip":
                 self.nonfinite_skipped.append(self.global_step)
                 print(f"[vtc] non-finite loss at step {self.global_step}: batch skipped", flush=True)
+                recent = self.nonfinite_skipped[-NONFINITE_RUN:]
+                if len(recent) == NONFINITE_RUN and recent[0] == self.global_step - NONFINITE_RUN + 1:
+                    # skipping exists for the odd bad batch; a run of them means every batch is
+                    # bad (the weights or the data), and training on would only burn time
+                    raise UserError(
+                        f"{NONFINITE_RUN} non-finite losses in a row (steps {recent[0]}–{recent[-1]} "
+                        f"of stage {self.stage.name!r}): stopped; no weight moved on them, so the "
+                        "last checkpoint is the last good one. Lower the stage's optim.lr, or check "
+                        "the data"
+                    )
                 return None
             raise UserError(  # usually the recipe's doing (a learning rate too high): one line, exit 2
                 f"non-finite loss {loss.item()} at step {self.global_step} of stage "
