@@ -318,3 +318,17 @@ def test_two_process_ddp_resume_matches_the_uninterrupted_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 4" in out.stdout
     assert weights_bytes(resumed) == weights_bytes(reference)
+
+
+def test_a_stage_shorter_than_log_every_still_logs(tmp_path):
+    """trainer.log_every above a stage's steps used to leave that stage without a metrics.csv."""
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    run_dir = tmp_path / "short"
+    overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "trainer.log_every=50"]
+    run_recipe(load_recipe("tiny/smoke", [*overrides, *SHORT[:2], "stages.1.steps=3"]))
+    for stage, last in (("vision", 3), ("instruct", 2)):
+        steps = [line.split(",")[1] for line in (run_dir / "logs" / stage / "metrics.csv").read_text().splitlines()]
+        assert steps[-1] == str(last), (stage, steps)
+

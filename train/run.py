@@ -314,7 +314,7 @@ def train_stage(
         precision=recipe.trainer.precision,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=stage.optim.grad_clip,
-        log_every_n_steps=recipe.trainer.log_every,
+        log_every_n_steps=min(recipe.trainer.log_every, steps),  # a short stage still logs its last step
         logger=logs,
         callbacks=[checkpoints, StageProgressBar(stage.name)],
         plugins=[TrainablesCheckpointIO()],
