@@ -24,10 +24,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data import IMAGE_PLACEHOLDER
 from data.errors import UserError
 from data.shards import ShardIndex, ShardWriter, existing_shards, staged
-from data.templates import ConversationError, conversation_turns
+from data.templates import ConversationError, conversation_turns, placeholder_problem
 
 
 class BadEntry(ValueError):
@@ -78,16 +77,9 @@ def check_record(record) -> None:
         raise BadEntry("malformed conversation", str(err)) from None
     if "image" in record and (not isinstance(record["image"], str) or not record["image"].strip()):
         raise BadEntry("bad image field", f"'image' must be a file path, got {record['image']!r}")
-    in_questions = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in pairs)
-    if any(IMAGE_PLACEHOLDER in a for _, a in pairs):
-        raise BadEntry("placeholder in an answer", "an answer holds <image>")
-    if "image" in record and in_questions != 1:
-        raise BadEntry(
-            "placeholder count",
-            f"has one image but {in_questions} <image> placeholders in its questions (needs exactly 1)",
-        )
-    if "image" not in record and in_questions:
-        raise BadEntry("placeholder count", "has an <image> placeholder but no 'image'")
+    problem = placeholder_problem(pairs, "image" in record)
+    if problem:
+        raise BadEntry(*problem)
     empty = [turn for turn, (_, answer) in enumerate(pairs) if not answer.strip()]
     if empty:
         raise BadEntry("empty answer", f"turn {empty[0]}: the answer is empty")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from data import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from data import IGNORE_INDEX
 from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
 from data.subimages import thumbnail_and_crops
 from data.synth import region_targets
-from data.templates import ConversationError, conversation_turns, get_template
+from data.templates import ConversationError, conversation_turns, get_template, placeholder_problem
 
 
 @dataclass(frozen=True)
@@ -125,13 +125,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         questions do not hold exactly one `<image>`, a placeholder without an image, answers
         that are all empty or unknown tokens."""
         pairs = conversation_turns(conversations)
-        placeholders = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in pairs) + sum(
-            a.count(IMAGE_PLACEHOLDER) for _, a in pairs
-        )
-        if has_image and placeholders != 1:
-            raise ConversationError(f"one image but {placeholders} <image> placeholders (needs exactly 1)")
-        if not has_image and placeholders:
-            raise ConversationError("an <image> placeholder but no image")
+        problem = placeholder_problem(pairs, has_image)
+        if problem:
+            raise ConversationError(problem[1])
         unknown = self.tokenizer.unk_token_id
         answers = " ".join(a for _, a in pairs)
         if not any(i != unknown for i in self.tokenizer(answers, add_special_tokens=False).input_ids):

@@ -67,6 +67,23 @@ def conversation_turns(conversations: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def placeholder_problem(pairs: list[tuple[str, str]], has_image: bool) -> tuple[str, str] | None:
+    """(kind, message) when the `<image>` placeholders of `pairs` (conversation_turns) do not fit
+    the sample: one in an answer, or not exactly one in the questions of a sample with an image,
+    or any without one. None when they fit. The converter and the loader both apply this rule."""
+    if any(IMAGE_PLACEHOLDER in answer for _, answer in pairs):
+        return "placeholder in an answer", "an answer holds <image>"
+    count = sum(question.count(IMAGE_PLACEHOLDER) for question, _ in pairs)
+    if has_image and count != 1:
+        return (
+            "placeholder count",
+            f"one image but {count} <image> placeholders in its questions (needs exactly 1)",
+        )
+    if not has_image and count:
+        return "placeholder count", "an <image> placeholder but no image"
+    return None
+
+
 class Template:
     """Turns conversations into (input_ids, labels) and questions into generation prompts."""
 

@@ -215,7 +215,7 @@ def test_the_loader_skips_what_the_converter_would_refuse_with_the_sample_id(tmp
     dataset = ConversationDataset(ShardIndex(tmp_path / "shards"), tokenizer, "vicuna_v1", 16, 4, 512, 4)
     items = [dataset[i] for i in range(4)]
     assert [(item.id, item.reason.split(": ", 1)[1]) for item in items[:3]] == [
-        ("two", "one image but 2 <image> placeholders (needs exactly 1)"),
+        ("two", "one image but 2 <image> placeholders in its questions (needs exactly 1)"),
         ("orphan", "an <image> placeholder but no image"),
         ("unknown", "every answer is empty or made only of unknown tokens"),
     ]
