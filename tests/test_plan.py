@@ -175,3 +175,20 @@ def test_memory_sizes():
     assert parse_memory("80GB") == parse_memory("80GiB") == parse_memory("80") == 80 * GiB
     with pytest.raises(ValueError, match="not a memory size"):
         parse_memory("lots")
+
+
+def test_a_down_sampled_tower_costs_less_in_the_plan():
+    """A `pixels` component (down-sampling) shrinks what the tower sees: the plan counts the
+    smaller image's patches in the vision FLOPs and activations, as the real forward runs it."""
+    overrides = ["stages.0.steps=10", "stages.1.steps=10"]
+    full = plan_recipe(load_recipe("tiny/smoke", overrides, check_machine=False), samples=256)
+    small = plan_recipe(
+        load_recipe(
+            "tiny/smoke", [*overrides, "model.compressors=[{name: downsample, side: 4}]"], check_machine=False
+        ),
+        samples=256,
+    )
+    vision_stage = 0  # trains the tower: its activations are counted
+    assert small[vision_stage].activations.vision < full[vision_stage].activations.vision / 3
+    for a, b in zip(small, full, strict=True):
+        assert a.flops_per_step < b.flops_per_step

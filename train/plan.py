@@ -27,7 +27,8 @@ Memory per device is model states + activations, in bytes:
     full during backward.
   - the loss: fp32 log-probabilities of every text token (an upper bound: only answers are
     labelled), 4·V per token; the S×S float attention mask, a·S² per sequence, once.
-  - vision tower, when it is trained or holds a trained component (FALCON's registers), per patch token per layer (width d, MLP width e): two
+  - vision tower, when it is trained or holds a trained component (FALCON's registers), per patch token
+    (of the image the tower sees: after down-sampling) per layer (width d, MLP width e): two
     LayerNorms (4d), query, key, value, output (4d), fc1 output, its activation's two saved
     tensors and fc2's input (3e): a·(8d + 3e); likewise reduced by checkpointing.
   In-LLM compressors (LLaVolta, DyVTE) shorten later layers; the plan counts every layer at full
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from models.flops import module_flops, prefill_flops
+from models.vision import prefix_tokens
 from train.recipe import Recipe, Stage, accumulation, stage_steps_for
 
 GiB = 1024**3
@@ -130,12 +132,14 @@ def activations(
     checkpoint_llm: bool,
     checkpoint_vision: bool,
     lm_loss: bool = True,
+    vision_patches: int | None = None,
 ) -> Activations:
     """Activation bytes of one micro-batch: `sequence` tokens per sample in the LLM, `images`
     vision-tower passes per sample (views count), `backprop_llm`: the loss back-propagates
     through the LLM (the LLM is trained, or the LM loss reaches a trained part before it: a
     projector behind a frozen LLM still needs the LLM's activations); `lm_loss`: the stage
-    minimises the next-token loss (an `aux` stage only its components' own losses)."""
+    minimises the next-token loss (an `aux` stage only its components' own losses);
+    `vision_patches`: patches per view of a tower fed a smaller image (default: its own)."""
     text, vision = llava_config.text_config, llava_config.vision_config
     tokens = micro_batch * sequence
     llm = 0.0
@@ -150,7 +154,8 @@ def activations(
     loss = 4.0 * tokens * text.vocab_size if lm_loss else 0.0
     vision_bytes = 0.0
     if trains_vision:
-        patches = micro_batch * images * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        per_view = vision_patches or (vision.image_size // vision.patch_size) ** 2
+        patches = micro_batch * images * (per_view + prefix_tokens(vision))  # + CLIP's class token
         full = vision_layer_activations(vision, patches, element_bytes)
         layers = vision.num_hidden_layers
         if checkpoint_vision:
@@ -256,8 +261,9 @@ def plan_recipe(recipe: Recipe, samples: int | None = None) -> list[StagePlan]:
     )
     vision = built.hf.config.vision_config
     pixels = torch.empty(1, 3, vision.image_size, vision.image_size, device="meta", dtype=dtype)
-    with torch.no_grad():
-        projector_flops = module_flops(built.model.projector, built.model.vision(pixels))
+    with torch.no_grad():  # through the `pixels` components (down-sampling) as in a real forward
+        features = built.model.vision(built.model.resize_pixels(pixels))
+        projector_flops = module_flops(built.model.projector, features)
     samples = samples if samples is not None else count_samples(recipe)
     return [_plan_stage(built, recipe, stage, samples, projector_flops) for stage in recipe.stages]
 
@@ -298,10 +304,16 @@ def _plan_stage(
         trained["vision"],
         backprop_llm,
         lm_loss=lm,
+        vision_patches=model.vision_patches(),
     )
     gc = trainer.gradient_checkpointing
     prefill = prefill_flops(
-        config, max(sequence - visual, 0), visual, projector_flops=projector_flops, images=images
+        config,
+        max(sequence - visual, 0),
+        visual,
+        projector_flops=projector_flops,
+        images=images,
+        vision_patches=model.vision_patches(),
     )
     per_sample = training_flops(
         prefill,
