@@ -329,6 +329,7 @@ def test_a_stage_shorter_than_log_every_still_logs(tmp_path):
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "trainer.log_every=50"]
     run_recipe(load_recipe("tiny/smoke", [*overrides, *SHORT[:2], "stages.1.steps=3"]))
     for stage, last in (("vision", 3), ("instruct", 2)):
-        steps = [line.split(",")[1] for line in (run_dir / "logs" / stage / "metrics.csv").read_text().splitlines()]
+        steps = [
+            line.split(",")[1] for line in (run_dir / "logs" / stage / "metrics.csv").read_text().splitlines()
+        ]
         assert steps[-1] == str(last), (stage, steps)
-
