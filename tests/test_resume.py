@@ -221,37 +221,41 @@ def test_recipe_drift_names_what_changed():
     assert recipe_drift(old, {**old, "stages": []}) == ["stages: [{'batch_size': 8}] → []"]
 
 
+def nan_losses(monkeypatch, when) -> None:
+    """Make the training loss NaN on the forward calls (counted from 1) for which `when` holds."""
+    from models.llava import VtcLlava
+
+    forward, calls = VtcLlava.forward, []
+
+    def maybe_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if self.training and out.loss is not None and when(len(calls)):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(VtcLlava, "forward", maybe_nan)
+
+
+def skipping_recipe(tmp_path, run_dir, *overrides):
+    """The smoke recipe with trainer.nonfinite_loss=skip."""
+    from train.recipe import load_recipe
+
+    base = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "trainer.nonfinite_loss=skip"]
+    return load_recipe("tiny/smoke", [*base, *overrides])
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_skip_leaves_out_the_batch(tmp_path, monkeypatch):
     """With trainer.nonfinite_loss=skip a NaN loss costs that batch only: the weights do not
     move on it (the step count and LR schedule do), and the skipped steps are listed."""
-    from models.llava import VtcLlava
-    from train.recipe import load_recipe
     from train.run import run_recipe
 
-    forward, calls = VtcLlava.forward, []
-
-    def sometimes_nan(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        calls.append(1)
-        if self.training and len(calls) in (3, 6):
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(VtcLlava, "forward", sometimes_nan)
+    nan_losses(monkeypatch, lambda call: call in (3, 6))
     run_dir = tmp_path / "skip"
-    recipe = load_recipe(
-        "tiny/smoke",
-        [
-            f"output={run_dir}",
-            f"data.cache_dir={tmp_path / 'data'}",
-            "trainer.nonfinite_loss=skip",
-            "checkpoint.every=1",
-            "checkpoint.keep_last=100",
-            *SHORT[:2],
-        ],
+    run_recipe(
+        skipping_recipe(tmp_path, run_dir, "checkpoint.every=1", "checkpoint.keep_last=100", *SHORT[:2])
     )
-    run_recipe(recipe)
     instruct = json.loads((run_dir / "meta.json").read_text())["stages"][1]
     # forward calls 3 and 6 are steps 2 and 5 (the skipped batch still takes its step number)
     assert instruct["steps"] == 16 and instruct["nonfinite_skipped_steps"] == [2, 5]
@@ -265,31 +269,11 @@ def test_nonfinite_loss_skip_leaves_out_the_batch(tmp_path, monkeypatch):
 def test_a_run_of_nonfinite_losses_stops_even_when_skipping(tmp_path, monkeypatch):
     """Skipping is for the odd bad batch: when every batch's loss is non-finite the run stops
     with a clear error after NONFINITE_RUN of them instead of training on to the end."""
-    from models.llava import VtcLlava
     from train.module import NONFINITE_RUN
-    from train.recipe import load_recipe
     from train.run import run_recipe
 
-    forward = VtcLlava.forward
-
-    def always_nan(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        if self.training and out.loss is not None:
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(VtcLlava, "forward", always_nan)
-    run_dir = tmp_path / "diverged"
-    recipe = load_recipe(
-        "tiny/smoke",
-        [
-            f"output={run_dir}",
-            f"data.cache_dir={tmp_path / 'data'}",
-            "trainer.nonfinite_loss=skip",
-            "stages.1.steps=30",
-            *SHORT[:1],
-        ],
-    )
+    nan_losses(monkeypatch, lambda call: True)
+    recipe = skipping_recipe(tmp_path, tmp_path / "diverged", "stages.1.steps=30", *SHORT[:1])
     with pytest.raises(UserError, match=f"{NONFINITE_RUN} non-finite losses in a row"):
         run_recipe(recipe)
 
