@@ -41,6 +41,7 @@ class VtcModule(L.LightningModule):
         self.strict_loading = False
         self.nonfinite_loss = nonfinite_loss
         self.nonfinite_skipped: list[int] = []
+        self.nonfinite_streak = 0  # non-finite losses (micro-batches) since the last finite one
         self.model = model
         self.stage = stage
         self.objective = OBJECTIVES[stage.objective]
@@ -91,12 +92,12 @@ class VtcModule(L.LightningModule):
             if self.nonfinite_loss == "skip":
                 self.nonfinite_skipped.append(self.global_step)
                 print(f"[vtc] non-finite loss at step {self.global_step}: batch skipped", flush=True)
-                recent = self.nonfinite_skipped[-NONFINITE_RUN:]
-                if len(recent) == NONFINITE_RUN and recent[0] == self.global_step - NONFINITE_RUN + 1:
+                self.nonfinite_streak += 1
+                if self.nonfinite_streak >= NONFINITE_RUN:
                     # skipping exists for the odd bad batch; a run of them means every batch is
                     # bad (the weights or the data), and training on would only burn time
                     raise UserError(
-                        f"{NONFINITE_RUN} non-finite losses in a row (steps {recent[0]}–{recent[-1]} "
+                        f"{NONFINITE_RUN} non-finite losses in a row (up to step {self.global_step} "
                         f"of stage {self.stage.name!r}): stopped; no weight moved on them, so the "
                         "last checkpoint is the last good one. Lower the stage's optim.lr, or check "
                         "the data"
@@ -107,6 +108,7 @@ class VtcModule(L.LightningModule):
                 f"{self.stage.name!r}; stopped before it reached the weights (the last checkpoint "
                 "is the last good one): lower the stage's optim.lr, or set trainer.nonfinite_loss: skip"
             )
+        self.nonfinite_streak = 0
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/skipped", float(len(self.skipped)))
