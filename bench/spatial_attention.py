@@ -34,7 +34,7 @@ from base_probe import load  # a sibling bench
 
 from data.dataset import load_views
 from data.templates import get_template
-from models.llm import attention_bias, attention_rows
+from models.compressors.base import Compressor
 from train.accuracy import Question, QuestionSet, answer_questions, questions_of
 from train.datamodule import split_shards
 from train.recipe import resolve_base
@@ -60,6 +60,20 @@ def object_patches(obj: dict, grid: int, patch_grid: int) -> list[int]:
     ]
 
 
+class LastTokenAttention:
+    """Asks `LanguageModel.run` for the last prompt token's attention at every layer (the
+    mechanism in-LLM components read attention through); changes nothing."""
+
+    attention_queries = Compressor.attention_queries  # each sample's last prompt token
+    read_attention = Compressor.read_attention
+
+    def __init__(self, layers: int):
+        self.attention_layers = tuple(range(layers))
+
+    def before_layer(self, layer_idx: int, state):
+        return state
+
+
 @torch.no_grad()
 def trace(model, prompt: list[int], pixels: torch.Tensor, patches: list[int]):
     """(per-layer share of the last token's visual attention on `patches`, per-layer logits of
@@ -69,18 +83,14 @@ def trace(model, prompt: list[int], pixels: torch.Tensor, patches: list[int]):
     llm = model.llm
     visual = state.visual_mask[0].nonzero().flatten()
     on_object = visual[patches]
-    last = torch.tensor([[state.hidden.shape[1] - 1]])
-    bias = attention_bias(state.attention_mask, state.hidden.shape[1], state.hidden.dtype)
-    rotary = llm.body.rotary_emb(state.hidden, position_ids=state.position_ids)
-    hidden, shares, lens = state.hidden, [], []
-    for layer in llm.body.layers:
-        probs = attention_rows(layer, hidden, bias, rotary, last)[0, :, 0]  # (heads, T)
-        total = probs[:, visual].sum()
-        shares.append(float(probs[:, on_object].sum() / total))
-        hidden = layer(
-            hidden, attention_mask=bias, position_ids=state.position_ids, position_embeddings=rotary
-        )
-        lens.append(llm.lm_head(llm.body.norm(hidden[0, -1])))
+    probe = LastTokenAttention(llm.num_layers)
+    shares, lens = [], []
+    for idx in range(llm.num_layers):
+        state = llm.run(state, [probe], start=idx, stop=idx + 1)
+        probs = probe.read_attention(state).probs[0, :, 0]  # (heads, T), of the layer's input
+        shares.append(float(probs[:, on_object].sum() / probs[:, visual].sum()))
+        last = state.hidden[0, -1]  # run() norms the output of the final layer itself
+        lens.append(llm.lm_head(last if idx == llm.num_layers - 1 else llm.body.norm(last)))
     return shares, torch.stack(lens)
 
 
