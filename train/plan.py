@@ -292,6 +292,7 @@ def _plan_stage(
     images = 1 + max(r * c for r, c in grids) if grids else 1
     visual = max(model.visual_tokens(g) for g in grids) if grids else model.visual_tokens()
     sequence = recipe.data.max_length
+    patches = model.vision_patches()  # per view, after any down-sampling
     lm = OBJECTIVES[stage.objective].lm  # an `aux` stage back-propagates no LM loss
     backprop_llm = trained["llm"] or lm and any(trained.values())
     activations_with = functools.partial(
@@ -304,7 +305,7 @@ def _plan_stage(
         trained["vision"],
         backprop_llm,
         lm_loss=lm,
-        vision_patches=model.vision_patches(),
+        vision_patches=patches,
     )
     gc = trainer.gradient_checkpointing
     prefill = prefill_flops(
@@ -313,7 +314,7 @@ def _plan_stage(
         visual,
         projector_flops=projector_flops,
         images=images,
-        vision_patches=model.vision_patches(),
+        vision_patches=patches,
     )
     per_sample = training_flops(
         prefill,
