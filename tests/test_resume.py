@@ -1,5 +1,6 @@
 """Resume after a crash: exact data position, bit-identical weights, atomic saves, drift refusal."""
 
+import csv
 import json
 import os
 import random
@@ -120,6 +121,43 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
         line.split(",")[1] for line in (run_dir / "logs/instruct/metrics.csv").read_text().splitlines()[1:]
     ]
     assert steps == [str(s) for s in range(30)]
+
+
+@pytest.mark.slow
+def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp_path):
+    """Lightning writes a step's metrics row after `on_train_batch_end`, where the checkpoint is
+    saved: a kill in between must not leave a hole in metrics.csv once the run resumes."""
+    reference, data_dir = uninterrupted
+    run_dir = tmp_path / "killed-after-save"
+    crash = (
+        "import os, signal, sys\n"
+        "from train import checkpoint, cli\n"
+        "original = checkpoint.PeriodicCheckpoint.save\n"
+        "def dying(self, trainer, step, stage_done):\n"
+        "    final = original(self, trainer, step, stage_done)\n"
+        "    if self.stage_name == 'instruct' and step == 16:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return final\n"
+        "checkpoint.PeriodicCheckpoint.save = dying\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2")
+    out = subprocess.run([sys.executable, "-c", crash, *cmd[3:]], capture_output=True, text=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    metrics = run_dir / "logs/instruct/metrics.csv"
+
+    def logged_steps() -> list[int]:
+        return [int(line.split(",")[1]) for line in metrics.read_text().splitlines()[1:]]
+
+    assert logged_steps() == list(range(15)), "the kill should come before step 15's row is written"
+    run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
+    assert logged_steps() == list(range(30))
+    assert weights_bytes(run_dir) == weights_bytes(reference)
+    # the filled-in row holds what the uninterrupted run logged at that step
+    resumed, uninterrupted_rows = (
+        list(csv.DictReader((d / "logs/instruct/metrics.csv").open())) for d in (run_dir, reference)
+    )
+    assert resumed[15] == uninterrupted_rows[15]
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ class CheckpointInfo:
     step: int
     stage_done: bool
     records: list[dict] = field(default_factory=list, compare=False)  # finished stages' meta.json records
+    log_row: dict | None = field(default=None, compare=False)  # see pending_log_row
 
     @property
     def order(self) -> tuple[int, int]:
@@ -65,6 +66,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
                 info["step"],
                 info["stage_done"],
                 info.get("records", []),
+                info.get("log_row"),
             )
         )
     return sorted(found, key=lambda c: c.order)
@@ -152,6 +154,7 @@ class PeriodicCheckpoint(L.Callback):
                 "step": step,
                 "stage_done": stage_done,
                 "records": self.records,
+                "log_row": pending_log_row(trainer, step),
             }
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
             # the aside name starts with .tmp- too, so a resume clears it if a kill strands it
@@ -164,6 +167,17 @@ class PeriodicCheckpoint(L.Callback):
     def prune(self) -> None:
         for old in list_checkpoints(self.root.parent)[: -self.keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
+
+
+def pending_log_row(trainer: L.Trainer, step: int) -> dict | None:
+    """The metrics row Lightning logs for this step only after `on_train_batch_end`, where the
+    checkpoint is saved: a kill between the save and that write would lose the row, so the
+    checkpoint keeps it (None when the step logs nothing). Its CSV step is `step - 1`."""
+    every = trainer.log_every_n_steps
+    if not every or (step % every and not trainer.should_stop):
+        return None
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    return {"step": step - 1, "epoch": trainer.current_epoch, **metrics}
 
 
 def check_finite(module: torch.nn.Module, step: int) -> None:

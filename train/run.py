@@ -304,7 +304,7 @@ def train_stage(
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
-        continue_csv_log(logs[0], resume_from.step)
+        continue_csv_log(logs[0], resume_from.step, pending_row=resume_from.log_row)
     trainer = L.Trainer(
         max_steps=steps,
         accelerator=recipe.trainer.accelerator,
@@ -394,14 +394,20 @@ def wandb_run_id(run_dir: Path, stage_name: str) -> str:
     return ids[stage_name]
 
 
-def continue_csv_log(logger: CSVLogger, up_to_step: int) -> None:
+def continue_csv_log(logger: CSVLogger, up_to_step: int, pending_row: dict | None = None) -> None:
     """Keep the stage's metrics.csv rows up to the checkpoint's step (Lightning's CSV writer
-    starts the file afresh; rows logged after the checkpoint are logged again by the resumed run)."""
+    starts the file afresh; rows logged after the checkpoint are logged again by the resumed run).
+    `pending_row`, the checkpoint's copy of its own step's row, fills in that row if a kill came
+    before Lightning wrote it."""
     path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as file:
+            rows = [row for row in csv.DictReader(file) if int(row["step"]) < up_to_step]
+    if pending_row is not None and all(int(row["step"]) != pending_row["step"] for row in rows):
+        rows.append(dict(pending_row))
+    if not rows:
         return
-    with path.open(newline="") as file:
-        rows = [row for row in csv.DictReader(file) if int(row["step"]) < up_to_step]
     writer = logger.experiment  # its creation removes the old file
     for row in rows:
         step = int(row.pop("step"))
