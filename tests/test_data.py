@@ -19,6 +19,7 @@ from data.synth import (
     questions,
     random_scene,
     region_targets,
+    side_of,
     where,
 )
 
@@ -34,18 +35,30 @@ def test_generator_is_deterministic_and_splits_disjoint():
     assert all(Scene.from_json(json.loads(s)).split() == "test" for s in scenes["test"])
 
 
+def test_training_turns_do_not_give_each_other_away():
+    """Scored questions come before the training-only lookups (which name every object's cell
+    and side), any family can open a conversation (held-out questions are asked alone), and
+    after the first turn the questions whose answers name cells (count, detail) come last."""
+    firsts = set()
+    for index in range(200):
+        families = make_sample("train", index, 0, 64, 4)["families"]
+        firsts.add(families[0])
+        lookups = [i for i, f in enumerate(families) if f in ("where", "cell")]
+        assert lookups == list(range(len(families) - len(lookups), len(families)))
+        scored = families[1 : len(families) - len(lookups)]
+        naming = [f in ("count", "detail") for f in scored]
+        assert naming == sorted(naming), families
+    assert firsts == {"colour", "shape", "count", "exist", "detail"}
+
+
 def test_answers_follow_the_scene():
-    """Grounded answers name the cells of exactly the objects involved, then the right answer."""
+    """Count and detail answers name the cells of exactly the objects involved, then the right
+    answer; colour, shape and exist answer straight away, and the training-only `where`
+    names both sides of the object."""
     rng = random.Random(0)
-    relations = {
-        "left of": lambda a, b: a[0] < b[0],
-        "right of": lambda a, b: a[0] > b[0],
-        "above": lambda a, b: a[1] < b[1],
-        "below": lambda a, b: a[1] > b[1],
-    }
+    seen = set()
     for _ in range(50):
         scene = random_scene(rng, 4)
-        by_cell = {where(o.row, o.col): o for o in scene.objects}
         if not askable(scene):
             continue
         asked = questions(scene, rng, every_object=True)
@@ -55,15 +68,14 @@ def test_answers_follow_the_scene():
             cells, final = (
                 (answer.split(" . ")[0].split(), final_answer(answer)) if " . " in answer else ([], answer)
             )
+            seen.add((family, final) if family == "exist" else family)
             if family == "colour":  # "What colour is the circle?": the only circle
                 shape = question.split()[-1].rstrip("?")
                 match = [o for o in scene.objects if o.shape == shape]
-                assert len(match) == 1 and cells == [where(match[0].row, match[0].col)]
-                assert final == match[0].colour
+                assert len(match) == 1 and cells == [] and final == match[0].colour
             if family == "shape":  # "What shape is the red object?": the only red object
                 match = [o for o in scene.objects if o.colour == question.split()[4]]
-                assert len(match) == 1 and cells == [where(match[0].row, match[0].col)]
-                assert final == match[0].shape
+                assert len(match) == 1 and cells == [] and final == match[0].shape
             if family == "detail":
                 assert cells == [where(scene.dot[0], scene.dot[1])] and final == scene.dot[2]
             if family == "count":
@@ -71,16 +83,22 @@ def test_answers_follow_the_scene():
                 match = [o for o in scene.objects if word in (o.colour, o.shape + "s")]
                 assert cells == ([where(o.row, o.col) for o in match] or ["none"])
                 assert final == str(len(match))
-            if family == "exist":
-                name = question[len("Is there a ") : -1]
-                match = [where(o.row, o.col) for o in scene.objects if o.name == name]
-                assert cells == (match or ["none"]) and final == ("yes" if match else "no")
-            if family == "spatial" and "dot" not in question:
-                relation = next(r for r in relations if f" {r} " in question)
-                a, b = cells
-                position = lambda cell: ("abcd".index(cell[0]), int(cell[1]))  # noqa: E731
-                assert f"the {by_cell[a].name} {relation} the {by_cell[b].name}?" in question
-                assert final == ("yes" if relations[relation](position(a), position(b)) else "no")
+            if family == "exist":  # "Is there a red object?" / "Is there a circle?"
+                value = question.split()[3].rstrip("?")
+                present = any(value in (o.colour, o.shape) for o in scene.objects)
+                assert cells == [] and final == ("yes" if present else "no")
+            if family == "where":  # "Where is the circle?" / "Where is the red object?"
+                words = question.rstrip("?").split()
+                match = [o for o in scene.objects if words[3] in (o.shape, o.colour)]
+                assert len(match) == 1 and cells == []
+                col, row = match[0].col, match[0].row
+                assert final == f"{('left', 'right')[col >= 2]} {('top', 'bottom')[row >= 2]}"
+    assert {("exist", "yes"), ("exist", "no"), "where", "count", "detail", "cell"} <= seen
+
+
+def test_side_of_an_odd_grid_has_a_middle():
+    assert [side_of(i, 3, "col") for i in range(3)] == ["left", "middle", "right"]
+    assert [side_of(i, 4, "row") for i in range(4)] == ["top", "top", "bottom", "bottom"]
 
 
 def test_rendered_dot_has_its_colour():
