@@ -43,6 +43,7 @@ import argparse
 import random
 import re
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,7 @@ from models.vision import VisionTower
 from train.accuracy import most_common_share, questions_of
 from train.datamodule import split_shards
 from train.module import warmup_schedule
-from train.recipe import DEFAULT_RECIPE, load_recipe
-from train.run import run_dir_of
+from train.recipe import DEFAULT_RECIPE, load_recipe, resolve_base
 
 VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna", "bare", "first", "tail")
 DEFAULT_VARIANTS = ("vicuna", "oracle", "direct", "direct+vicuna")
@@ -104,9 +104,7 @@ def family_questions(shards, limit: int, family: str) -> list[tuple[int, str, st
 class Bench:
     def __init__(self, args):
         recipe = load_recipe(DEFAULT_RECIPE, check_machine=False)
-        base = run_dir_of(recipe) / "hf"
-        if not (base / "config.json").is_file():
-            raise SystemExit(f"no trained tiny base at {base}: run `vtc train` first")
+        base = Path(resolve_base("tiny-llava"))  # the shipped base's vision tower
         self.args = args
         self.train_shards, self.test_shards = (
             split_shards(recipe.data, "train"),
