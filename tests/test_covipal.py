@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from data.synth import FAMILIES
 from models.build import ComponentSpec, build
 from models.compressors.base import Progress
 from models.sequence import positions_of
@@ -166,7 +167,7 @@ def test_tiny_recipe_trains_and_evaluates_at_every_budget(tmp_path):
         "eval.limit=2",
     ]
     metrics = run_recipe(load_recipe("tiny/covipal", overrides))
-    assert metrics["count"] == 12
+    assert metrics["count"] == 2 * len(FAMILIES)  # every question of the 2 test images
     report = evaluate(str(tmp_path / "run"), [], [32, 8], settings=Settings(limit=2, timing=False))
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert set(rows) == {("baseline", None), ("model", None), ("model", 32), ("model", 8)}

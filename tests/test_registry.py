@@ -120,7 +120,19 @@ def test_component_contract(name, tokenizer):
         reference = model(ids, mask, pixels, return_logits=True).logits
         if trainable:  # the test can fail: before loading, the outputs differ
             before = fresh(ids, mask, pixels, return_logits=True).logits  # a dynamic method: other lengths
-            assert before.shape != reference.shape or not torch.allclose(before, reference)
+
+            def differ() -> bool:
+                return before.shape != reference.shape or not torch.allclose(before, reference)
+
+            # A decision method's (DyVTE's) logits move only when a decision flips, which a small
+            # nudge need not do: nudge the trained copy further until one does.
+            for _ in range(5):
+                if differ():
+                    break
+                for p in trainable:
+                    p.add_(torch.randn_like(p))
+                reference = model(ids, mask, pixels, return_logits=True).logits
+            assert differ()
         fresh_component.load_state_dict(component.state_dict())
         assert torch.equal(fresh(ids, mask, pixels, return_logits=True).logits, reference)
 

@@ -10,6 +10,7 @@ from PIL import Image
 import tests.components  # noqa: F401  (registers the test components)
 from data.dataset import collate, load_views
 from data.subimages import select_grid, thumbnail_and_crops
+from data.synth import FAMILIES
 from models.build import ComponentSpec, build
 from models.export import export, load_pretrained
 from models.views import WHOLE, MultiViewConfig, ViewLayout
@@ -243,7 +244,7 @@ def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path):
     )
     metrics = run_recipe(recipe)
     assert metrics["visual_tokens"] == 16 + 8 * 9  # thumbnail + 2×2 crops as 8 lines of 8 + newline
-    assert metrics["count"] == 4 * 6
+    assert metrics["count"] == 4 * len(FAMILIES)
 
 
 def test_recipe_errors_name_the_views_keys():
