@@ -45,6 +45,22 @@ def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
     return out
 
 
+def train_killed_by(patch: str, run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Train in a subprocess whose `train` modules `patch` first changed (a script that sees
+    `os`, `signal`, `checkpoint` and `cli`), e.g. to SIGKILL itself at a chosen point."""
+    script = f"import os, signal, sys\nfrom train import checkpoint, cli\n{patch}sys.exit(cli.main(sys.argv[1:]))\n"
+    cmd = train_cmd(run_dir, data_dir, *extra)
+    return subprocess.run(
+        [sys.executable, "-c", script, *cmd[3:]], capture_output=True, text=True, timeout=600
+    )
+
+
+def logged_steps(run_dir: Path, stage: str = "instruct") -> list[int]:
+    """The steps of the stage's metrics.csv rows, in file order."""
+    rows = (run_dir / "logs" / stage / "metrics.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[1]) for line in rows]
+
+
 def weights_bytes(run_dir: Path) -> dict[str, bytes]:
     return {k: v.numpy().tobytes() for k, v in load_file(str(run_dir / "trainable.safetensors")).items()}
 
@@ -117,10 +133,7 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
     assert [s["name"] for s in meta["stages"]] == ["vision", "instruct"]
     assert meta["stages"][1]["resumed_from"] == newest.path.name
     # the metrics file continues: one row per step, as in the uninterrupted run
-    steps = [
-        line.split(",")[1] for line in (run_dir / "logs/instruct/metrics.csv").read_text().splitlines()[1:]
-    ]
-    assert steps == [str(s) for s in range(30)]
+    assert logged_steps(run_dir) == list(range(30))
 
 
 @pytest.mark.slow
@@ -129,9 +142,7 @@ def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp
     saved: a kill in between must not leave a hole in metrics.csv once the run resumes."""
     reference, data_dir = uninterrupted
     run_dir = tmp_path / "killed-after-save"
-    crash = (
-        "import os, signal, sys\n"
-        "from train import checkpoint, cli\n"
+    patch = (
         "original = checkpoint.PeriodicCheckpoint.save\n"
         "def dying(self, trainer, step, stage_done):\n"
         "    final = original(self, trainer, step, stage_done)\n"
@@ -139,19 +150,12 @@ def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return final\n"
         "checkpoint.PeriodicCheckpoint.save = dying\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n"
     )
-    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2")
-    out = subprocess.run([sys.executable, "-c", crash, *cmd[3:]], capture_output=True, text=True, timeout=600)
+    out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2")
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    metrics = run_dir / "logs/instruct/metrics.csv"
-
-    def logged_steps() -> list[int]:
-        return [int(line.split(",")[1]) for line in metrics.read_text().splitlines()[1:]]
-
-    assert logged_steps() == list(range(15)), "the kill should come before step 15's row is written"
+    assert logged_steps(run_dir) == list(range(15)), "the kill should come before step 15's row is written"
     run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
-    assert logged_steps() == list(range(30))
+    assert logged_steps(run_dir) == list(range(30))
     assert weights_bytes(run_dir) == weights_bytes(reference)
     # the filled-in row holds what the uninterrupted run logged at that step
     resumed, uninterrupted_rows = (
@@ -165,9 +169,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_pat
     reference, data_dir = uninterrupted
     run_dir = tmp_path / "killed-in-save"
     # The third save dies after writing its weights, before its training state.
-    crash = (
-        "import os, signal, sys\n"
-        "from train import checkpoint, cli\n"
+    patch = (
         "original, calls = checkpoint.TrainablesCheckpointIO.save_checkpoint, []\n"
         "def dying(self, ckpt, path, storage_options=None):\n"
         "    calls.append(path)\n"
@@ -178,10 +180,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_pat
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return original(self, ckpt, path, storage_options)\n"
         "checkpoint.TrainablesCheckpointIO.save_checkpoint = dying\n"
-        "sys.exit(cli.main(sys.argv[1:]))\n"
     )
-    cmd = train_cmd(run_dir, data_dir, "checkpoint.every=3", "checkpoint.keep_last=5")
-    out = subprocess.run([sys.executable, "-c", crash, *cmd[3:]], capture_output=True, text=True, timeout=600)
+    out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=3", "checkpoint.keep_last=5")
     assert out.returncode == -signal.SIGKILL
     found = list_checkpoints(run_dir)
     # vision ends at step 4 (saved: 3, 4), instruct's step 3 died mid-save
