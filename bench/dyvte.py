@@ -31,6 +31,7 @@ from train.recipe import load_recipe
 from train.run import build_from_recipe, run_recipe
 
 
+@torch.no_grad()
 def label_rates(batches: int = 8, batch_size: int = 32) -> dict:
     """Per router layer on training batches of the frozen shipped base: the share of 'exit'
     labels, the mean argmax agreement of the two continuations' answers, and the median ratio
@@ -40,7 +41,14 @@ def label_rates(batches: int = 8, batch_size: int = 32) -> dict:
     model = built.model.eval()
     component = model.compressors[0]
     data = ConversationDataset(
-        split_shards(recipe.data, "train"), built.tokenizer, "vicuna_v1", 64, model.image_token_id, 512, 64
+        split_shards(recipe.data, "train"),
+        built.tokenizer,
+        "vicuna_v1",
+        64,
+        model.image_token_id,
+        512,
+        64,
+        turns=recipe.data.turns,
     )
     rates, agreements, ratios = [], [], []
     for layer in range(len(component.routers)):
@@ -49,11 +57,10 @@ def label_rates(batches: int = 8, batch_size: int = 32) -> dict:
             items = [data[j] for j in range(i * batch_size, (i + 1) * batch_size)]
             batch = collate(items, built.tokenizer.pad_token_id)
             args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
-            with torch.no_grad():
-                state = model.prepare(*args)
-                head = model.llm.run(state, stop=layer + 1)
-                normal = model.llm.run(head, start=layer + 1)
-                masked = model.llm.run(head.hide_visual_keys(), start=layer + 1)
+            state = model.prepare(*args)
+            head = model.llm.run(state, stop=layer + 1)
+            normal = model.llm.run(head, start=layer + 1)
+            masked = model.llm.run(head.hide_visual_keys(), start=layer + 1)
             label, has_answer = exit_labels(normal, masked, model.llm.lm_head, 0.99, 1.03)
             labels.append(label[has_answer].float())
             normal_loss, normal_top, where = answer_scores(normal, model.llm.lm_head)

@@ -48,7 +48,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     `max_length` bounds the LLM sequence *including* the visual tokens each image expands to:
     `visual_tokens` per image, as the model's compressors emit them — a number, or for multi-view images a
-    function of the image's (rows, cols)."""
+    function of the image's (rows, cols). `turns` keeps only the first that many question-answer
+    turns of each conversation (None: all); a sample whose `<image>` is in a later turn is then
+    skipped as malformed."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         visual_tokens,
         with_regions: int | None = None,
         view_grids=None,
+        turns: int | None = None,
     ):
         self.shards = shards
         self.tokenizer = tokenizer
@@ -71,6 +74,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.visual_tokens = visual_tokens
         self.with_regions = with_regions  # patch grid size, for the dense vision objective
         self.view_grids = view_grids
+        self.turns = turns
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -84,6 +88,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             sample_id = str(record.get("id", sample_id))
             pixel_values, grid = self._image(index)
             conversations = record["conversations"]
+            if self.turns is not None and isinstance(conversations, list):
+                conversations = conversations[: 2 * self.turns]
             if self.template.name == "plain" and "caption" in record:  # synthetic data: dense captions
                 conversations = [
                     {"from": "human", "value": "<image>"},

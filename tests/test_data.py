@@ -22,6 +22,7 @@ from data.synth import (
     side_of,
     where,
 )
+from data.templates import get_template
 
 
 def test_generator_is_deterministic_and_splits_disjoint():
@@ -145,6 +146,19 @@ def test_dataset_skips_samples_truncated_to_nothing(synth_dirs, tokenizer):
     ds = ConversationDataset(ShardIndex(synth_dirs / "train"), tokenizer, "vicuna_v1", 64, 4, 80, 64)
     item = ds[0]
     assert isinstance(item, Skipped) and "max_length=80" in item.reason
+
+
+def test_dataset_keeps_only_the_first_turns_when_asked(synth_dirs, tokenizer):
+    shards = ShardIndex(synth_dirs / "train")
+    conversations = shards.record(0)["conversations"]
+    assert len(conversations) >= 6
+    full = ConversationDataset(shards, tokenizer, "vicuna_v1", 64, 4, 512, 64)[0]
+    for turns in (1, 2):
+        kept = ConversationDataset(shards, tokenizer, "vicuna_v1", 64, 4, 512, 64, turns=turns)[0]
+        expected = get_template("vicuna_v1").encode(conversations[: 2 * turns], tokenizer, 4, 512 - 63)
+        assert torch.equal(torch.as_tensor(kept["input_ids"]), torch.as_tensor(expected.input_ids))
+        assert torch.equal(torch.as_tensor(kept["labels"]), torch.as_tensor(expected.labels))
+        assert len(kept["input_ids"]) < len(full["input_ids"])
 
 
 def test_converter_skips_and_reports_bad_entries(tmp_path):

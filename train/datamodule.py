@@ -78,6 +78,7 @@ class VtcDataModule(L.LightningDataModule):
                 visual_tokens,
                 with_regions=regions,
                 view_grids=view_grids,
+                turns=data.turns,
             )
             for t in templates
         ]

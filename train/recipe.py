@@ -82,6 +82,9 @@ class DataRecipe:
     train_shards: str | None = None  # folder of shards (vtc data convert); replaces synthetic
     test_shards: str | None = None
     max_length: AtLeast1 = 512
+    # Keep only the first N question-answer turns of every conversation (None: all of them):
+    # `turns: 1` makes single-turn samples, as DyVTE's authors train on, from multi-turn data.
+    turns: AtLeast1 | None = None
     num_workers: AtLeast0 = 1
     cache_dir: str = "checkpoints/data"  # synthetic shards; a relative path is from the working directory
 
