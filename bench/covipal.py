@@ -93,7 +93,12 @@ def time_tiny(run_dir: Path, repeats: int = 20) -> dict:
     }
 
 
-def oracle(limit: int, pairs=((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)), keep: int = 16) -> dict:
+def oracle(
+    limit: int,
+    pairs=((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)),
+    keep: int = 16,
+    queries: str = "instruction",
+) -> dict:
     """Accuracy of pruning to `keep` tokens by the teacher's own targets (the attention the
     instruction pays each visual token at L_g of the unpruned LLM) instead of the scorer's:
     the most a perfect stage-1 scorer could reach, per (L_p, L_g)."""
@@ -113,7 +118,8 @@ def oracle(limit: int, pairs=((0, 1), (0, 2), (0, 3), (1, 2), (1, 3)), keep: int
     out = {}
     try:
         for layer, guidance in pairs:
-            spec = ComponentSpec("covipal", {"layer": layer, "guidance_layer": guidance, "tokens": keep})
+            params = {"layer": layer, "guidance_layer": guidance, "tokens": keep, "guidance_queries": queries}
+            spec = ComponentSpec("covipal", params)
             built = build(resolve_base(recipe.model.base), compressors=[spec])
             test = split_shards(recipe.data, "test")
             accuracy = evaluate_accuracy(
@@ -143,11 +149,17 @@ def main() -> None:
     parser.add_argument(
         "--oracle", action="store_true", help="only: prune by the teacher's targets, per (L_p, L_g)"
     )
+    parser.add_argument(
+        "--guidance-queries",
+        choices=["instruction", "last"],
+        default="instruction",
+        help="with --oracle: whose attention is the target (all instruction tokens, or the last prompt token)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.oracle:
         with torch.no_grad():
-            print(json.dumps({"oracle_at_16": oracle(args.limit)}, indent=1))
+            print(json.dumps({"oracle_at_16": oracle(args.limit, queries=args.guidance_queries)}, indent=1))
         return
     results = {"cost_7b": flops_7b()}
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="covipal-bench-"))

@@ -33,8 +33,9 @@ def inputs(built, answer=(20, 21)):
     return ids, mask, pixels, labels
 
 
-def test_targets_equal_eager_attention_by_hand():
-    built = covipal(guidance_layer=1)
+@pytest.mark.parametrize("queries", ["instruction", "last"])
+def test_targets_equal_eager_attention_by_hand(queries):
+    built = covipal(guidance_layer=1, guidance_queries=queries)
     model = built.model.eval()
     ids, mask, pixels, labels = inputs(built)
     state = model.prepare(ids, mask, pixels, labels)
@@ -54,7 +55,10 @@ def test_targets_equal_eager_attention_by_hand():
     finally:
         body.config._attn_implementation = "sdpa"
     for b in range(2):
-        prompt = state.prompt_mask[b]  # the instruction after the image: never the answer
+        prompt = state.prompt_mask[b].clone()  # the instruction after the image: never the answer
+        if queries == "last":  # only the prompt token that predicts the answer
+            prompt[: int(prompt.nonzero().max())] = False
+        assert int(prompt.sum()) == (1 if queries == "last" else [3, 1][b])
         expected = eager[b].sum(0)[prompt].sum(0)[columns[b, valid[b]]]
         torch.testing.assert_close(targets[b, valid[b]], expected, rtol=1e-4, atol=1e-6)
     assert has_text.tolist() == [True, True]

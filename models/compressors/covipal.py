@@ -34,6 +34,7 @@ What the paper gives, and vtc's reading where it is silent (the authors' code is
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ from models.sequence import SequenceState, positions_of
 class CoViPALConfig:
     layer: int = 0  # L_p: prune before this decoder layer (0: before the first)
     guidance_layer: int = 16  # L_g: the frozen LLM layer whose attention the scorer learns
+    # whose attention at L_g is the target: every instruction token (the paper), or only the last
+    # prompt token, the one that predicts the answer (FastV's query; vtc's option)
+    guidance_queries: Literal["instruction", "last"] = "instruction"
     reserve: float = 0.25  # r: the share of each sample's visual tokens kept
     tokens: int | None = None  # a fixed number of visual tokens kept instead (per sample)
     width: int | None = None  # d of the scorer; None = the LLM width / 4
@@ -56,13 +60,18 @@ class CoViPALConfig:
 
 
 class _GuidanceReader:
-    """Asks the LLM for the attention rows of each sample's instruction tokens at one layer."""
+    """Asks the LLM for the attention rows of each sample's instruction tokens (or of its last
+    prompt token only) at one layer."""
 
-    def __init__(self, layer: int):
+    def __init__(self, layer: int, last_only: bool = False):
         self.attention_layers = (layer,)
+        self.last_only = last_only
 
     def attention_queries(self, layer_idx: int, state: SequenceState):
-        return positions_of(state.prompt_mask)
+        if not self.last_only:
+            return positions_of(state.prompt_mask)
+        last = state.last_prompt_index()[:, None]  # (B, 1)
+        return last, state.prompt_mask.any(1, keepdim=True)
 
     def before_layer(self, layer_idx: int, state: SequenceState) -> SequenceState:
         return state
@@ -153,10 +162,10 @@ class CoViPAL(Compressor):
     def guidance_targets(
         self, state: SequenceState, columns: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention the instruction tokens pay each visual token (columns (B, M)) at the
-        guidance layer of the frozen, unpruned LLM, summed over heads and queries: (B, M), and
+        """The attention the instruction tokens (`guidance_queries: last`: the last prompt token)
+        pay each visual token (columns (B, M)) at the guidance layer of the frozen, unpruned LLM, summed over heads and queries: (B, M), and
         (B,) whether a sample has instruction tokens (a target) at all."""
-        reader = _GuidanceReader(self.config.guidance_layer)
+        reader = _GuidanceReader(self.config.guidance_layer, self.config.guidance_queries == "last")
         with torch.no_grad():
             teacher = self.host.llm.run(
                 state, [reader], start=self.config.layer, stop=self.config.guidance_layer + 1
