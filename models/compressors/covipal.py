@@ -163,8 +163,9 @@ class CoViPAL(Compressor):
         self, state: SequenceState, columns: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention the instruction tokens (`guidance_queries: last`: the last prompt token)
-        pay each visual token (columns (B, M)) at the guidance layer of the frozen, unpruned LLM, summed over heads and queries: (B, M), and
-        (B,) whether a sample has instruction tokens (a target) at all."""
+        pay each visual token (columns (B, M)) at the guidance layer of the frozen, unpruned LLM,
+        summed over heads and queries: (B, M), and (B,) whether a sample has instruction tokens
+        (a target) at all."""
         reader = _GuidanceReader(self.config.guidance_layer, self.config.guidance_queries == "last")
         with torch.no_grad():
             teacher = self.host.llm.run(
