@@ -61,7 +61,9 @@ def label_rates(batches: int = 8, batch_size: int = 32) -> dict:
             head = model.llm.run(state, stop=layer + 1)
             normal = model.llm.run(head, start=layer + 1)
             masked = model.llm.run(head.hide_visual_keys(), start=layer + 1)
-            label, has_answer = exit_labels(normal, masked, model.llm.lm_head, 0.99, 1.03)
+            label, has_answer = exit_labels(
+                normal, masked, model.llm.lm_head, component.config.agreement, component.config.loss_ratio
+            )
             labels.append(label[has_answer].float())
             normal_loss, normal_top, where = answer_scores(normal, model.llm.lm_head)
             masked_loss, masked_top, _ = answer_scores(masked, model.llm.lm_head)
