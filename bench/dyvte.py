@@ -3,6 +3,7 @@ PyramidDrop at the same mean number of visual tokens over the LLM's layers.
 
     python bench/dyvte.py [--seeds 0,1,2] [--keep DIR] [--limit 500]
     python bench/dyvte.py --labels      # only the exit-label rate per layer (a minute)
+    python bench/dyvte.py --labels --set data.turns=null   # ... on the full conversations
 
 Labels: on 8 training batches of the shipped base, the share of samples the authors' rule labels
 "exit" at each router layer (it should rise with depth on a base that uses the image). Then, per
@@ -32,11 +33,11 @@ from train.run import build_from_recipe, run_recipe
 
 
 @torch.no_grad()
-def label_rates(batches: int = 8, batch_size: int = 32) -> dict:
-    """Per router layer on training batches of the frozen shipped base: the share of 'exit'
-    labels, the mean argmax agreement of the two continuations' answers, and the median ratio
-    of the hidden-image loss to the normal one."""
-    recipe = load_recipe("tiny/dyvte")
+def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) -> dict:
+    """Per router layer on training batches of the frozen shipped base (`tiny/dyvte` with
+    `overrides`): the share of 'exit' labels, the mean argmax agreement of the two
+    continuations' answers, and the median ratio of the hidden-image loss to the normal one."""
+    recipe = load_recipe("tiny/dyvte", overrides)
     built = build_from_recipe(recipe)
     model = built.model.eval()
     component = model.compressors[0]
@@ -123,10 +124,19 @@ def main() -> None:
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--limit", type=int, default=500, help="test images per accuracy figure")
     parser.add_argument("--labels", action="store_true", help="only the exit-label rate per layer")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --labels: a recipe override, e.g. data.turns=null for the full conversations",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    results = {"labels_per_layer": label_rates()}
+    if args.set and not args.labels:
+        parser.error("--set applies to --labels only")
+    results = {"labels_per_layer": label_rates(args.set)}
     print(json.dumps(results), flush=True)
     if not args.labels:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dyvte-bench-"))
