@@ -7,6 +7,8 @@ weights or not, which gives the weights their plain HF names back.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -26,6 +28,24 @@ def inject_lora(module: nn.Module, part: str, r: int, alpha: int, dropout: float
     """Add LoRA adapters (rank r, scale alpha/r) to the attention and MLP linears of `part`."""
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS[part])
     inject_adapter_in_model(config, module)
+
+
+@contextmanager
+def adapters_off(root: nn.Module):
+    """Run `root` as its base weights, every LoRA adapter under it bypassed, for the duration.
+    peft's toggle also freezes the adapters; what each parameter's `requires_grad` was is put
+    back afterwards, so a stage's freezing survives."""
+    layers = [m for m in root.modules() if isinstance(m, LoraLayer)]
+    wanted = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, requires_grad in wanted.items():
+            param.requires_grad_(requires_grad)
 
 
 def lora_settings(module: nn.Module) -> dict | None:

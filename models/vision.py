@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models.compressors.base import Compressor, VisionFeatures
+from models.lora import adapters_off
 from models.views import ViewLayout
 
 
@@ -113,6 +114,10 @@ class VisionTower(nn.Module):
         if views is None:
             views = ViewLayout.single(pixel_values.shape[0], pixel_values.device)
         grid = pixel_values.shape[-1] // self.patch_size
+        plain = None
+        if encoder is not None and encoder.wants_plain_features():
+            with torch.no_grad(), adapters_off(self.model):  # before this call's hooks exist
+                plain = self(pixel_values, views=views).selected
         self.release_hooks()
         hooks = []
         if encoder is not None:
@@ -137,13 +142,10 @@ class VisionTower(nn.Module):
                     hook.remove()
         hidden_states = out.hidden_states
         if encoder is not None:
+            extra = {"plain": plain} if plain is not None else {}
             if encoder.uses_cls_attention:
-                attention, keys = self.cls_attention(hidden_states)
-                selected = encoder.select(
-                    hidden_states, grid * grid, views, cls_attention=attention, keys=keys
-                )
-            else:
-                selected = encoder.select(hidden_states, grid * grid, views)
+                extra["cls_attention"], extra["keys"] = self.cls_attention(hidden_states)
+            selected = encoder.select(hidden_states, grid * grid, views, **extra)
             return VisionFeatures(selected, hidden_states, None, self.prefix_tokens, views)
         selected = hidden_states[self.feature_layer]
         if self.select_strategy == "default":  # as transformers' Llava: drop the CLS token

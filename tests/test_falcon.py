@@ -213,3 +213,56 @@ def test_gradients_survive_gradient_checkpointing():
     assert "compressors.0.registers" in plain and plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_distill_targets_pool_the_patch_map_into_the_most_square_grid():
+    from models.compressors.falcon import distill_map, pooled_targets
+
+    assert [distill_map(m) for m in (64, 36, 7, 4, 2, 1)] == [(8, 8), (6, 6), (2, 3), (2, 2), (1, 2), (1, 1)]
+    plain = torch.arange(2 * 16 * 3, dtype=torch.float).view(2, 16, 3)  # two 4×4 maps, width 3
+    targets = pooled_targets(plain, 4)  # 2×2 regions of 2×2 patches
+    maps = plain.view(2, 4, 4, 3)
+    by_hand = torch.stack([maps[:, r : r + 2, c : c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], dim=1)
+    torch.testing.assert_close(targets, by_hand)
+    with pytest.raises(ValueError, match="square"):
+        pooled_targets(plain[:, :15], 4)
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_distill_matches_registers_to_the_plain_towers_pooled_features(kind):
+    """In a distilling stage the loss is MSE(first a·b registers, pooled plain features) / var,
+    the plain features come from the tower with its LoRA adapters off and carry no gradient,
+    and the adapters' trainability is left as it was; outside training nothing is added."""
+    from models.compressors.base import Progress
+    from models.compressors.falcon import pooled_targets
+    from models.lora import inject_lora
+
+    model = falcon_model(kind, seed=1).model
+    falcon = model.compressors[0]
+    inject_lora(model.vision, "vision", r=4, alpha=8, dropout=0.0)
+    for name, param in model.vision.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_B" in name:  # adapters that change the tower, so "off" is visible
+            torch.nn.init.normal_(param, std=0.5)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted = model.vision(pixels).selected
+    model.train().set_progress(Progress(0, 10, ("lm", "register_distill")))
+    model.encode_images(pixels)
+    loss = model.pop_aux_losses()["register_distill"]
+    lora = [p for n, p in model.vision.named_parameters() if "lora_" in n and "encoder.layers" in n]
+    assert all(p.requires_grad for p in lora)  # the teacher pass put trainability back
+    with torch.no_grad():
+        plain = falcon_model(kind, seed=1).model.vision(pixels).selected  # no adapters at all
+        student = model.vision(pixels, encoder=falcon, in_layers=[falcon]).selected
+    model.pop_aux_losses()
+    assert not torch.allclose(plain, adapted, atol=1e-3)  # the adapters do change the tower
+    target = pooled_targets(plain, M)
+    expected = torch.nn.functional.mse_loss(student[:, : target.shape[1]], target) / target.var()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert falcon.registers.grad.abs().sum() > 0 and all(p.grad is not None for p in lora)
+    for progress in (Progress(0, 10, ("lm",)), None):  # a stage without it, and outside training
+        model.set_progress(progress)
+        model.encode_images(pixels)
+        assert "register_distill" not in model.pop_aux_losses()

@@ -212,6 +212,13 @@ class Compressor(nn.Module):
     # encoder layer then trains when the tower does
     reads_last_vision_layer: ClassVar[bool] = False
 
+    def wants_plain_features(self) -> bool:
+        """True when select() should also get `plain=` (V, N, Dv): the tower's own features of
+        these views (LLaVA's feature layer and selection, no component, LoRA adapters off, no
+        gradient), e.g. as a target the component's outputs learn to match. Costs one more
+        tower pass, so a component asks only when it uses them (typically while training)."""
+        return False
+
     def extend_embeddings(self, embeddings: torch.Tensor, views: ViewLayout) -> torch.Tensor:
         raise NotImplementedError
 

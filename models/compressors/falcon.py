@@ -19,12 +19,26 @@ Nothing in transformers is patched: registers enter through a forward hook on th
 embeddings and ReAtten through per-call hooks on its layers' attention (`models/vision.py`),
 so another tower in the process is untouched and the tower keeps its attention kernel.
 
+**Register distillation** (vtc's warm start, not in the paper): in a stage whose objective has
+`aux` (`aux` or `lm+aux`), the first a·b registers of each view also learn to equal the host's
+own visual features of that view (LLaVA's feature layer, from a plain no-gradient pass of the
+tower with any LoRA adapters off) average-pooled to an a × b map (a = ⌊√M⌋, b = a + 1 when
+a·(a+1) ≤ M else a: M = 64 → 8 × 8, M = 7 → 2 × 3 and the seventh register free); loss
+`register_distill` = MSE / the target's variance. Why: the authors learn the registers from
+captions through a frozen LLM, on 558K images; on the tiny base that stage leaves them almost
+constant (their outputs vary across images a tenth as much as the patches' do) and the
+instruction stage then answers at the answer prior, with the tower frozen or trained. Pooled
+host features are what the host's projector already reads. A frozen tiny tower cannot make a
+register gather one region (its attention is not positional enough), so the distilling stage
+trains the tower with LoRA, and the plain pass with the adapters off stays a fixed teacher.
+
 `reatten` can be switched per training stage (`stages[i].components: {falcon: {reatten:
 false}}`), as the authors train stage 1 without it; outside training the recipe's value holds.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +76,23 @@ class RegisterAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
+def distill_map(registers: int) -> tuple[int, int]:
+    """(a, b): the most square map of at most `registers` cells, b ∈ {a, a + 1}."""
+    a = math.isqrt(registers)
+    return (a, a + 1) if a * (a + 1) <= registers else (a, a)
+
+
+def pooled_targets(plain: torch.Tensor, registers: int) -> torch.Tensor:
+    """(V, N, Dv) square patch maps → (V, a·b, Dv) averages over an a × b grid of regions
+    (raster order; adaptive pooling, so regions of a side that a does not divide overlap)."""
+    views, count, width = plain.shape
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(f"falcon distill: {count} patches per view do not form a square map")
+    maps = plain.transpose(1, 2).reshape(views, width, side, side)
+    return F.adaptive_avg_pool2d(maps.float(), distill_map(registers)).flatten(2).transpose(1, 2)
+
+
 @register("falcon")
 class Falcon(Compressor):
     """Registers in the ViT: (V, P+N, Dv) embeddings → (V, M, Dv) register outputs per view."""
@@ -71,6 +102,7 @@ class Falcon(Compressor):
     acts_in_vision_layers = True
     reads_last_vision_layer = True
     stage_settings = ("reatten",)  # behaviour a stage may switch (no weight changes shape)
+    aux_losses = ("register_distill",)  # vtc's warm start, in stages whose objective has `aux`
     sparse_gradients = True  # a stage without ReAtten leaves its modules without gradient
 
     def __init__(self, config: FalconConfig, dims: ModelDims):
@@ -156,13 +188,22 @@ class Falcon(Compressor):
         mixed = self.reatten[layer_idx](padded.flatten(1, 2), valid).view_as(padded)[image, slot]
         return torch.cat([attention_output[:, :-m], registers + mixed], dim=1)
 
-    def select(self, hidden_states, num_patches, views):
+    def wants_plain_features(self) -> bool:
+        terms = self.progress.terms if self.training and self.progress is not None else ()
+        return "register_distill" in terms and torch.is_grad_enabled()
+
+    def select(self, hidden_states, num_patches, views, plain=None):
         """The last layer's register outputs (V, M, Dv); SigLIP's post-norm applied as the
-        tower's own output would be."""
+        tower's own output would be. `plain` (V, N, Dv), when distilling: the host's own
+        features of the views, the target of the first a·b registers."""
         registers = hidden_states[-1][:, -self.config.registers :]
         tower = getattr(self.host.vision.model, "vision_model", self.host.vision.model)
         if self.dims.prefix_tokens == 0 and hasattr(tower, "post_layernorm"):  # SigLIP
             registers = tower.post_layernorm(registers)
+        if plain is not None:
+            target = pooled_targets(plain, self.config.registers).to(registers.dtype)
+            student = registers[:, : target.shape[1]]
+            self.add_loss("register_distill", F.mse_loss(student, target) / target.var().clamp_min(1e-6))
         return registers
 
     def parameter_summary(self) -> dict[str, int]:
