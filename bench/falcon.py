@@ -1,10 +1,12 @@
 """FALCON on the tiny base: registers with ReAtten on and off against the MLP projector on the
 same views (9× the tokens), on high-resolution scenes; and what registers + ReAtten cost.
 
-    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains three recipes per seed
+    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains five runs per seed
+    python bench/falcon.py --runs distill,mlp                         # only the runs named so
     python bench/falcon.py --cost                                     # only the vision-tower timing
 
-Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, and `tiny/falcon-mlp`, each
+Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
+register distillation as the first stage (DISTILL below), and `tiny/falcon-mlp`, each
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
@@ -24,15 +26,40 @@ import torch
 from data.synth import final_answer
 from models.build import ComponentSpec, build
 from models.views import ViewLayout
-from train.accuracy import answer_questions, normalize_answer, questions_of, synthetic_questions
+from train.accuracy import (
+    answer_prior,
+    answer_questions,
+    mean_prior,
+    normalize_answer,
+    questions_of,
+    synthetic_questions,
+)
 from train.datamodule import split_shards
 from train.export import rebuild_run
 from train.recipe import load_recipe, resolve_base
 from train.run import run_recipe
 
+# vtc's warm start (models/compressors/falcon.py): the first stage minimises only
+# `register_distill` on every view, 300 steps at a constant rate, the tower learning through
+# LoRA (rank 32: rank 8 left the registers near the answer prior); the instruction stage keeps
+# training those adapters.
+LORA = ["r=32", "alpha=64", "dropout=0"]
+DISTILL = [
+    "stages.0.objective=aux",
+    "stages.0.views=true",
+    "stages.0.steps=300",
+    "stages.0.optim.schedule=constant",
+    *(f"stages.{i}.train.vision=lora" for i in (0, 1)),
+    *(f"stages.{i}.lora.{kv}" for i in (0, 1) for kv in LORA),
+]
 RUNS = {
     "FALCON, ReAtten on": ("tiny/falcon", []),
     "FALCON, ReAtten off": ("tiny/falcon", ["model.compressors.0.reatten=false"]),
+    "FALCON + register distillation, ReAtten on": ("tiny/falcon", DISTILL),
+    "FALCON + register distillation, ReAtten off": (
+        "tiny/falcon",
+        [*DISTILL, "model.compressors.0.reatten=false"],
+    ),
     "MLP projector, same views": ("tiny/falcon-mlp", []),
 }
 
@@ -70,7 +97,9 @@ def score_run(run_dir: Path, limit: int) -> dict:
             right[group] += ok
             total[group] += 1
     families = {g: right[g] / total[g] for g in sorted(total) if g != "across crops"}
+    prior = answer_prior(questions)
     return {
+        "prior": {"mean": mean_prior(prior), "per_family": prior},
         "mean": sum(families.values()) / len(families),
         "per_family": families,
         "across_crops": right["across crops"] / max(total["across crops"], 1),
@@ -79,15 +108,13 @@ def score_run(run_dir: Path, limit: int) -> dict:
     }
 
 
-def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None) -> dict:
+def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None, runs: list[str]) -> dict:
     out = {}
-    for label, (name, overrides) in RUNS.items():
+    for label in runs:
+        name, overrides = RUNS[label]
         with tempfile.TemporaryDirectory() as tmp:
-            root = (
-                Path(keep) / f"{name.replace('/', '-')}-{'off' if overrides else 'on'}-s{seed}"
-                if keep
-                else Path(tmp)
-            )
+            slug = "".join(c if c.isalnum() else "-" for c in label.lower())
+            root = Path(keep) / f"{slug}-s{seed}" if keep else Path(tmp)
             more = [f"stages.{len(load_recipe(name).stages) - 1}.steps={steps}"] if steps else []
             recipe = load_recipe(name, [f"output={root}", f"seed={seed}", "eval.limit=1", *overrides, *more])
             started = time.time()
@@ -139,19 +166,28 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--limit", type=int, default=200, help="test images (6 questions each)")
+    parser.add_argument("--limit", type=int, default=200, help="test images (5 questions each)")
     parser.add_argument("--steps", type=int, help="steps of each recipe's last stage (default: the recipe's)")
     parser.add_argument("--keep", help="keep the runs under this folder")
+    parser.add_argument(
+        "--runs",
+        help="comma-separated words; only the runs whose label contains one (e.g. distill,mlp)",
+    )
     parser.add_argument(
         "--cost", action="store_true", help="only time the vision tower with and without FALCON"
     )
     args = parser.parse_args()
+    words = args.runs.lower().split(",") if args.runs else [""]
+    runs = [label for label in RUNS if any(word in label.lower() for word in words)]
+    if not runs:
+        parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
     cost = tower_cost()
     print("cost", json.dumps(cost), flush=True)
     if args.cost:
         return
     results = {
-        seed: train_and_score(int(seed), args.limit, args.steps, args.keep) for seed in args.seeds.split(",")
+        seed: train_and_score(int(seed), args.limit, args.steps, args.keep, runs)
+        for seed in args.seeds.split(",")
     }
     print_table(results)
 
@@ -167,7 +203,13 @@ def print_table(results: dict) -> None:
     first = next(iter(next(iter(results.values())).values()))
     families = list(first["per_family"])
     print("| run | visual tokens / image | mean | across crops | " + " | ".join(families) + " | train s |")
-    for label in RUNS:
+    prior = first["prior"]
+    print(
+        f"| answer prior (the most common answer) | | {prior['mean']:.1%} | | "
+        + " | ".join(f"{prior['per_family'][f]:.1%}" for f in families)
+        + " | |"
+    )
+    for label in next(iter(results.values())):
         rows = [results[seed][label] for seed in results]
         per_family = " | ".join(f"{statistics.mean(r['per_family'][f] for r in rows):.1%}" for f in families)
         seconds = statistics.mean(r["train_seconds"] for r in rows)
