@@ -177,6 +177,11 @@ class Compressor(nn.Module):
         staged = progress.settings.get(getattr(self, "registry_name", ""), {}) if progress else {}
         return staged.get(name, getattr(self.config, name))
 
+    def training_terms(self) -> tuple[str, ...]:
+        """The loss terms the current training stage minimises; () in eval mode or outside
+        training, so a component computes a loss (and its teacher pass) only when it is used."""
+        return self.progress.terms if self.training and self.progress is not None else ()
+
     def set_progress(self, progress: Progress | None) -> dict[str, float]:
         """Called before every training step (None when training ends or outside training).
         Returns the schedule's state to log, e.g. {"stride": 8.0}; the default has none."""

@@ -179,7 +179,7 @@ class CoViPAL(Compressor):
         if layer_idx != self.config.layer or not bool(state.visual_mask.any()):
             return state
         scores, columns, valid = self.score(state)
-        terms = self.progress.terms if self.training and self.progress is not None else ()
+        terms = self.training_terms()
         if "scorer_mse" in terms:
             target, has_text = self.guidance_targets(state, columns)
             mask = valid & has_text[:, None]

@@ -191,8 +191,7 @@ class Falcon(Compressor):
         return torch.cat([attention_output[:, :-m], registers + mixed], dim=1)
 
     def wants_plain_features(self) -> bool:
-        terms = self.progress.terms if self.training and self.progress is not None else ()
-        return "register_distill" in terms and torch.is_grad_enabled()
+        return "register_distill" in self.training_terms() and torch.is_grad_enabled()
 
     def select(self, hidden_states, num_patches, views, plain=None):
         """The last layer's register outputs (V, M, Dv); SigLIP's post-norm applied as the
