@@ -4,9 +4,10 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
     python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains five runs per seed
     python bench/falcon.py --runs distill,mlp                         # only the runs named so
     python bench/falcon.py --cost                                     # only the vision-tower timing
+    python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
 
 Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
-register distillation as the first stage (DISTILL below), and `tiny/falcon-mlp`, each
+register distillation as the first stage (`tiny/falcon-distill`), and `tiny/falcon-mlp`, each
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
@@ -22,9 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from data.synth import final_answer
-from models.build import ComponentSpec, build
+from models.build import ComponentSpec, assemble, build
 from models.views import ViewLayout
 from train.accuracy import (
     answer_prior,
@@ -39,26 +41,14 @@ from train.export import rebuild_run
 from train.recipe import load_recipe, resolve_base
 from train.run import run_recipe
 
-# vtc's warm start (models/compressors/falcon.py): the first stage minimises only
-# `register_distill` on every view, 300 steps at a constant rate, the tower learning through
-# LoRA (rank 32: rank 8 left the registers near the answer prior); the instruction stage keeps
-# training those adapters.
-LORA = ["r=32", "alpha=64", "dropout=0"]
-DISTILL = [
-    "stages.0.objective=aux",
-    "stages.0.views=true",
-    "stages.0.steps=300",
-    "stages.0.optim.schedule=constant",
-    *(f"stages.{i}.train.vision=lora" for i in (0, 1)),
-    *(f"stages.{i}.lora.{kv}" for i in (0, 1) for kv in LORA),
-]
+REAL_WIDTH_RECIPE = "llava-1.5-7b/falcon/finetune"
 RUNS = {
     "FALCON, ReAtten on": ("tiny/falcon", []),
     "FALCON, ReAtten off": ("tiny/falcon", ["model.compressors.0.reatten=false"]),
-    "FALCON + register distillation, ReAtten on": ("tiny/falcon", DISTILL),
+    "FALCON + register distillation, ReAtten on": ("tiny/falcon-distill", []),
     "FALCON + register distillation, ReAtten off": (
-        "tiny/falcon",
-        [*DISTILL, "model.compressors.0.reatten=false"],
+        "tiny/falcon-distill",
+        ["model.compressors.0.reatten=false"],
     ),
     "MLP projector, same views": ("tiny/falcon-mlp", []),
 }
@@ -124,40 +114,59 @@ def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None, 
     return out
 
 
-def tower_cost(images: int = 8, repeats: int = 7) -> dict:
-    """Median seconds of the vision tower on `images` images of 5 views each: plain, and with
-    FALCON's registers and ReAtten (`tiny/falcon`'s settings) on the shipped base's tower."""
-    torch.set_num_threads(2)
-    recipe = load_recipe("tiny/falcon")
+def tiny_towers() -> tuple:
+    """The shipped base with `tiny/falcon`'s FALCON: (model, component, views per image's grid, size)."""
+    spec = load_recipe("tiny/falcon").model.compressors[0]
+    model = build(resolve_base("tiny-llava"), compressors=[ComponentSpec(spec.name, spec.params)]).model
+    return model.eval(), model.compressors[0], 64
+
+
+def real_width_towers(recipe_name: str, vision_layers: int | None) -> tuple:
+    """The tower of `recipe_name`'s base config at its real widths (random weights; all its
+    layers, or the first `vision_layers`) with that recipe's FALCON. The LLM, which this timing
+    never runs, is shrunk to one narrow layer so the model fits a small machine."""
+    recipe = load_recipe(recipe_name, check_machine=False)
     spec = recipe.model.compressors[0]
-    plain = build(resolve_base("tiny-llava")).model.eval()
-    falcon = build(
-        resolve_base("tiny-llava"), compressors=[ComponentSpec(spec.name, spec.params)]
-    ).model.eval()
-    component = falcon.compressors[0]
-    grids = torch.tensor([[2, 2]] * images)
-    layout = ViewLayout.from_grids(grids)
-    pixels = torch.randn(len(layout), 3, 64, 64)
+    config = LlavaConfig.from_pretrained(resolve_base(recipe.model.base))
+    text = config.text_config
+    text.num_hidden_layers, text.hidden_size, text.intermediate_size = 1, 64, 128
+    text.num_attention_heads = text.num_key_value_heads = 2
+    text.head_dim = 32
+    if vision_layers:
+        config.vision_config.num_hidden_layers = vision_layers
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(config)
+    model = assemble(hf, ComponentSpec("mlp2x_gelu"), [ComponentSpec(spec.name, spec.params)])
+    return model.eval(), model.compressors[0], config.vision_config.image_size
 
-    def timed(run) -> float:
-        times = []
-        for i in range(repeats + 2):
-            started = time.perf_counter()
-            with torch.no_grad():
-                run()
-            if i >= 2:
-                times.append(time.perf_counter() - started)
-        return statistics.median(times)
 
-    tower = timed(lambda: plain.vision(pixels, views=layout))
-    with_registers = timed(
-        lambda: falcon.vision(pixels, encoder=component, in_layers=[component], views=layout)
-    )
+def tower_cost(towers: tuple, images: int, repeats: int) -> dict:
+    """Median seconds of the vision tower on `images` images of a thumbnail + 2×2 crops each:
+    as LLaVA runs it, and with FALCON's registers and ReAtten. Both calls go through the same
+    weights (the plain call passes no component), interleaved so drift hits both alike."""
+    torch.set_num_threads(2)
+    model, component, size = towers
+    layout = ViewLayout.from_grids(torch.tensor([[2, 2]] * images))
+    pixels = torch.randn(len(layout), 3, size, size)
+    calls = {
+        "tower_s": lambda: model.vision(pixels, views=layout),
+        "with_falcon_s": lambda: model.vision(pixels, encoder=component, in_layers=[component], views=layout),
+    }
+    times = defaultdict(list)
+    with torch.no_grad():
+        for i in range(repeats + 1):  # the first round warms up
+            for name, call in calls.items():
+                started = time.perf_counter()
+                call()
+                if i:
+                    times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(t) for name, t in times.items()}
     return {
         "views": len(layout),
-        "tower_s": round(tower, 4),
-        "with_falcon_s": round(with_registers, 4),
-        "overhead": round(with_registers / tower - 1, 3),
+        "registers": component.config.registers,
+        "vision_layers": len(model.vision.layers()),
+        **{name: round(t, 4) for name, t in median.items()},
+        "overhead": round(median["with_falcon_s"] / median["tower_s"] - 1, 3),
     }
 
 
@@ -176,13 +185,25 @@ def main() -> None:
     parser.add_argument(
         "--cost", action="store_true", help="only time the vision tower with and without FALCON"
     )
+    parser.add_argument(
+        "--cost-real",
+        action="store_true",
+        help=f"only time it at {REAL_WIDTH_RECIPE}'s real widths (CLIP-L/336, 64 registers; random weights)",
+    )
+    parser.add_argument(
+        "--vision-layers", type=int, help="with --cost-real: time only this many tower layers"
+    )
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
     args = parser.parse_args()
     words = args.runs.lower().split(",") if args.runs else [""]
     runs = [label for label in RUNS if any(word in label.lower() for word in words)]
     if not runs:
         parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
-    cost = tower_cost()
-    print("cost", json.dumps(cost), flush=True)
+    if args.cost_real:
+        towers = real_width_towers(REAL_WIDTH_RECIPE, args.vision_layers)
+        print("cost", json.dumps(tower_cost(towers, images=1, repeats=args.repeats)), flush=True)
+        return
+    print("cost", json.dumps(tower_cost(tiny_towers(), images=8, repeats=args.repeats)), flush=True)
     if args.cost:
         return
     results = {

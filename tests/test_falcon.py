@@ -266,3 +266,39 @@ def test_distill_matches_registers_to_the_plain_towers_pooled_features(kind):
         model.set_progress(progress)
         model.encode_images(pixels)
         assert "register_distill" not in model.pop_aux_losses()
+
+
+@pytest.mark.slow
+def test_tiny_distill_recipe_distils_the_registers_then_instructs(tmp_path):
+    """`tiny/falcon-distill`: its first stage minimises the register distillation alone (the
+    logged loss is that term), with the LLM frozen and the tower learning through LoRA; the
+    instruction stage then minimises the LM loss and answers every test question."""
+    import csv
+
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    overrides = [
+        f"output={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "data.synthetic.train=32",
+        "data.synthetic.test=2",
+        "data.num_workers=0",
+        "trainer.log_every=1",
+        "eval.limit=1",
+        *(f"stages.{i}.{key}" for i in (0, 1) for key in ("steps=2", "batch_size=2")),
+    ]
+    recipe = load_recipe("tiny/falcon-distill", overrides)
+    assert [s.objective for s in recipe.stages] == ["aux", "lm"]
+    metrics = run_recipe(recipe)
+    assert metrics["count"] == 5  # the one test image's five questions
+
+    def logged(stage: str) -> list[dict]:
+        with open(tmp_path / "run" / "logs" / stage / "metrics.csv") as f:
+            return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+    distill, instruct = logged("distill"), logged("instruct")
+    assert len(distill) == 2 and len(instruct) == 2
+    for row in distill:
+        assert float(row["train/loss"]) == float(row["train/register_distill"]) > 0
+    assert all(not row.get("train/register_distill") for row in instruct)
