@@ -6,7 +6,9 @@ PyramidDrop at the same mean number of visual tokens over the LLM's layers.
     python bench/dyvte.py --labels --set data.turns=null   # ... on the full conversations
 
 Labels: on 8 training batches of the shipped base, the share of samples the authors' rule labels
-"exit" at each router layer (it should rise with depth on a base that uses the image). Then, per
+"exit" at each router layer (it should rise with depth on a base that uses the image), and the
+share of layers that would see the image if every sample exited at its first layer labelled
+"exit" — the most routers trained on these labels can save. Then, per
 seed, `tiny/dyvte` trains the routers and `vtc evaluate` measures the routed model (exit-layer
 histogram, accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
 tokens over layers, rounded. Prefill FLOPs saved are computed from the exit histogram (the
@@ -51,7 +53,7 @@ def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) ->
         64,
         turns=recipe.data.turns,
     )
-    rates, agreements, ratios = [], [], []
+    rates, agreements, ratios, per_layer = [], [], [], []
     for layer in range(len(component.routers)):
         labels, agree, ratio = [], [], []
         for i in range(batches):
@@ -76,10 +78,26 @@ def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) ->
 
             agree.append(per_sample(normal_top == masked_top)[has_answer])
             ratio.append((per_sample(masked_loss) / per_sample(normal_loss))[has_answer])
-        rates.append(round(float(torch.cat(labels).mean()), 4))
+        per_layer.append(torch.cat(labels).bool())
+        rates.append(round(float(per_layer[-1].float().mean()), 4))
         agreements.append(round(float(torch.cat(agree).mean()), 4))
         ratios.append(round(float(torch.cat(ratio).median()), 3))
-    return {"exit_label_rate": rates, "answer_agreement_mean": agreements, "loss_ratio_median": ratios}
+    return {
+        "exit_label_rate": rates,
+        "answer_agreement_mean": agreements,
+        "loss_ratio_median": ratios,
+        "oracle_visual_layer_share": round(oracle_share(torch.stack(per_layer, 1), model.llm.num_layers), 4),
+    }
+
+
+def oracle_share(labels: torch.Tensor, layers: int) -> float:
+    """The share of the LLM's layers that would see the visual tokens, mean over samples, if every
+    sample exited at its first router layer labelled "exit" (labels (N, routers) bool; router k
+    exits before layer k + 1): what perfect routers could save under the authors' label rule."""
+    routers = labels.shape[1]
+    first = torch.where(labels.any(1), labels.float().argmax(1), torch.full((len(labels),), routers))
+    seen = torch.where(first < routers, first + 1, torch.full_like(first, layers))
+    return float(seen.float().mean() / layers)
 
 
 def routed_flops(config, text: int, visual: int, share: float) -> float:
@@ -154,6 +172,8 @@ def main() -> None:
             config = build_from_recipe(load_recipe("tiny/dyvte")).hf.config
             text = base["layer_tokens"][0] - 64
             saved = 1 - routed_flops(config, text, 64, share) / base["flops"]["llm"]
+            oracle = results["labels_per_layer"]["oracle_visual_layer_share"]
+            oracle_saved = 1 - routed_flops(config, text, 64, oracle) / base["flops"]["llm"]
             budget = max(1, round(64 * share))
             others = evaluate(
                 str(run_dir),
@@ -167,6 +187,8 @@ def main() -> None:
                     "seed": seed,
                     "accuracy_kept": round(model["accuracy"] / base["accuracy"], 4),
                     "llm_flops_saved": round(saved, 4),
+                    # perfect routers under the label rule (labels of training samples)
+                    "llm_flops_saved_by_oracle_routers": round(oracle_saved, 4),
                     "exit_layers": counted["exit_layers"],
                     "mean_visual_tokens_over_layers": round(64 * share, 2),
                     "baselines_at_that_mean": {

@@ -33,7 +33,7 @@ def inputs(built, answer=(20, 21)):
     return ids, mask, pixels, labels
 
 
-@pytest.mark.parametrize("queries", ["instruction", "last"])
+@pytest.mark.parametrize("queries", ["instruction", "last", "after_image"])
 def test_targets_equal_eager_attention_by_hand(queries):
     built = covipal(guidance_layer=1, guidance_queries=queries)
     model = built.model.eval()
@@ -58,7 +58,9 @@ def test_targets_equal_eager_attention_by_hand(queries):
         prompt = state.prompt_mask[b].clone()  # the instruction after the image: never the answer
         if queries == "last":  # only the prompt token that predicts the answer
             prompt[: int(prompt.nonzero().max())] = False
-        assert int(prompt.sum()) == (1 if queries == "last" else [3, 1][b])
+        if queries == "after_image":  # the instruction and the two answer tokens
+            prompt |= state.labels[b] != -100
+        assert int(prompt.sum()) == {"last": 1, "instruction": [3, 1][b], "after_image": [5, 3][b]}[queries]
         expected = eager[b].sum(0)[prompt].sum(0)[columns[b, valid[b]]]
         torch.testing.assert_close(targets[b, valid[b]], expected, rtol=1e-4, atol=1e-6)
     assert has_text.tolist() == [True, True]

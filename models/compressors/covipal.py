@@ -49,9 +49,10 @@ from models.sequence import SequenceState, positions_of
 class CoViPALConfig:
     layer: int = 0  # L_p: prune before this decoder layer (0: before the first)
     guidance_layer: int = 16  # L_g: the frozen LLM layer whose attention the scorer learns
-    # whose attention at L_g is the target: every instruction token (the paper), or only the last
-    # prompt token, the one that predicts the answer (FastV's query; vtc's option)
-    guidance_queries: Literal["instruction", "last"] = "instruction"
+    # whose attention at L_g is the target: every instruction token after the image; only the
+    # last prompt token, the one that predicts the answer (FastV's query); or every token after
+    # the image, a training sample's answer included (the paper's wording read literally)
+    guidance_queries: Literal["instruction", "last", "after_image"] = "instruction"
     reserve: float = 0.25  # r: the share of each sample's visual tokens kept
     tokens: int | None = None  # a fixed number of visual tokens kept instead (per sample)
     width: int | None = None  # d of the scorer; None = the LLM width / 4
@@ -60,21 +61,29 @@ class CoViPALConfig:
 
 
 class _GuidanceReader:
-    """Asks the LLM for the attention rows of each sample's instruction tokens (or of its last
-    prompt token only) at one layer."""
+    """Asks the LLM for the attention rows of each sample's guidance queries at one layer:
+    `CoViPALConfig.guidance_queries`."""
 
-    def __init__(self, layer: int, last_only: bool = False):
+    def __init__(self, layer: int, queries: str):
         self.attention_layers = (layer,)
-        self.last_only = last_only
+        self.queries = queries
 
     def attention_queries(self, layer_idx: int, state: SequenceState):
-        if not self.last_only:
-            return positions_of(state.prompt_mask)
-        last = state.last_prompt_index()[:, None]  # (B, 1)
-        return last, state.prompt_mask.any(1, keepdim=True)
+        if self.queries == "last":
+            last = state.last_prompt_index()[:, None]  # (B, 1)
+            return last, state.prompt_mask.any(1, keepdim=True)
+        return positions_of(query_mask(state, self.queries))
 
     def before_layer(self, layer_idx: int, state: SequenceState) -> SequenceState:
         return state
+
+
+def query_mask(state: SequenceState, queries: str) -> torch.Tensor:
+    """(B, T) bool: the positions whose attention guides the scorer (`instruction` or
+    `after_image`; `last` is one position per sample)."""
+    if queries == "after_image":
+        return state.prompt_mask | state.response_mask
+    return state.prompt_mask
 
 
 def standardise(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -162,11 +171,10 @@ class CoViPAL(Compressor):
     def guidance_targets(
         self, state: SequenceState, columns: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention the instruction tokens (`guidance_queries: last`: the last prompt token)
-        pay each visual token (columns (B, M)) at the guidance layer of the frozen, unpruned LLM,
-        summed over heads and queries: (B, M), and (B,) whether a sample has instruction tokens
-        (a target) at all."""
-        reader = _GuidanceReader(self.config.guidance_layer, self.config.guidance_queries == "last")
+        """The attention the guidance queries (`guidance_queries`) pay each visual token
+        (columns (B, M)) at the guidance layer of the frozen, unpruned LLM, summed over heads and
+        queries: (B, M), and (B,) whether a sample has instruction tokens (a target) at all."""
+        reader = _GuidanceReader(self.config.guidance_layer, self.config.guidance_queries)
         with torch.no_grad():
             teacher = self.host.llm.run(
                 state, [reader], start=self.config.layer, stop=self.config.guidance_layer + 1
