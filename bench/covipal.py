@@ -28,7 +28,7 @@ from models.flops import prefill_flops
 from models.sequence import SequenceState
 from train.evaluate import Settings, evaluate
 from train.evaluation.measure import timed
-from train.recipe import load_recipe
+from train.recipe import load_recipe, resolve_base
 from train.run import run_recipe
 
 BASELINES = ["fastv", "pdrop", "divprune", "visionzip", "random", "pooling"]
@@ -36,7 +36,7 @@ BASELINES = ["fastv", "pdrop", "divprune", "visionzip", "random", "pooling"]
 
 def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
     """Scorer FLOPs (counted by torch on real tensors) vs the LLM FLOPs pruning saves on 7B."""
-    config = build("models/configs/llava-1.5-7b-hf", device="meta").hf.config
+    config = build(resolve_base("models/configs/llava-1.5-7b-hf"), device="meta").hf.config
     dims = dims_of(config)
     scorer = build_component("covipal", {"guidance_layer": 16}, dims)
     length = 1 + visual + text

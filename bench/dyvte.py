@@ -13,7 +13,8 @@ seed, `tiny/dyvte` trains the routers and `vtc evaluate` measures the routed mod
 histogram, accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
 tokens over layers, rounded. Prefill FLOPs saved are computed from the exit histogram (the
 per-layer counts of one prompt would not describe a dynamic method), and the routers' measured
-time against the prefill's. Prints measured figures only; the README quotes them.
+time against the prefill's (and, on the LLaVA-1.5-7B shapes, their FLOPs against the prefill's).
+Prints measured figures only; the README quotes them.
 """
 
 import argparse
@@ -30,7 +31,7 @@ from models.compressors.dyvte import answer_scores, exit_labels
 from models.flops import prefill_flops
 from train.datamodule import split_shards
 from train.evaluate import Settings, evaluate
-from train.recipe import load_recipe
+from train.recipe import load_recipe, resolve_base
 from train.run import build_from_recipe, run_recipe
 
 
@@ -107,6 +108,39 @@ def routed_flops(config, text: int, visual: int, share: float) -> float:
     full = prefill_flops(config, text, visual).as_dict()["llm"]
     none = prefill_flops(config, text, visual, [text] * layers).as_dict()["llm"]
     return none + share * (full - none)
+
+
+def router_flops_7b(text: int = 60, visual: int = 576) -> dict:
+    """All 32 routers' FLOPs on one LLaVA-1.5-7B prompt (counted by torch on meta tensors:
+    shapes only) against the LLM's prefill FLOPs of that prompt."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.build import build, dims_of
+    from models.compressors import build_component
+    from models.sequence import SequenceState
+
+    config = build(resolve_base("models/configs/llava-1.5-7b-hf"), device="meta").hf.config
+    dims = dims_of(config)
+    with torch.device("meta"):
+        component = build_component("dyvte", {}, dims)
+        length = 1 + visual + text
+        visual_mask = torch.zeros(1, length, dtype=torch.bool)
+        visual_mask[0, 1 : 1 + visual] = True
+        state = SequenceState(
+            torch.empty(1, length, dims.llm_width),
+            torch.ones(1, length, dtype=torch.bool),
+            torch.arange(length)[None],
+            visual_mask,
+        )
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            for router in component.routers:
+                router(component.feature(state))
+    prefill = prefill_flops(config, text + 1, visual).as_dict()["llm"]
+    return {
+        "routers_gflops": round(counter.get_total_flops() / 1e9, 2),
+        "llm_prefill_tflops": round(prefill / 1e12, 2),
+        "share": round(counter.get_total_flops() / prefill, 6),
+    }
 
 
 def router_seconds(run_dir: Path, repeats: int = 20) -> dict:
@@ -201,6 +235,7 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         results["runs"] = runs
         results["router_time"] = router_seconds(root / f"dyvte-s{args.seeds.split(',')[0]}")
+        results["router_flops_7b"] = router_flops_7b()
         kept = [r["accuracy_kept"] for r in runs]
         saved = [r["llm_flops_saved"] for r in runs]
         print(
