@@ -17,12 +17,16 @@ What the paper gives, and vtc's reading where it is silent (the authors' code is
 - Stage 1, attention-guided (paper: target = the attention a visual token receives at a deeper
   guidance layer L_g of the frozen, unpruned LLM, summed over heads and over the query positions
   after the image span; MSE between normalised scores and targets). vtc: the queries are the
-  instruction positions after the image (answers excluded, as the scorer never sees them); the
-  teacher pass runs the frozen LLM from L_p to L_g only (`llm.run(stop=L_g + 1)`), reading the
-  attention rows of those queries at L_g (never a T × T matrix); both scores and targets are
-  standardised per sample over its visual tokens (zero mean, unit variance), so the MSE equals
-  2·(1 − Pearson correlation): only the ranking matters for a top-k, and the attention's scale
-  varies with the prompt length. Runs when the stage's objective minimises `scorer_mse`.
+  instruction positions after the image (answers excluded, as the scorer never sees them) by
+  default; `guidance_queries: last` takes the last prompt token only (FastV's query), and
+  `after_image` every token after the image, a training sample's answer included (the paper's
+  wording read literally; only the target reads the answer, never the scorer; with multi-turn
+  samples every later turn counts too, so pair it with `data.turns: 1`). The teacher pass runs
+  the frozen LLM from L_p to L_g only (`llm.run(stop=L_g + 1)`), reading the attention rows of
+  those queries at L_g (never a T × T matrix); both scores and targets are standardised per
+  sample over its visual tokens (zero mean, unit variance), so the MSE equals 2·(1 − Pearson
+  correlation): only the ranking matters for a top-k, and the attention's scale varies with the
+  prompt length. Runs when the stage's objective minimises `scorer_mse`.
 - Stage 2 (not published). vtc's reading, as re-implementations do: train the scorer end to end
   under the LM loss with the LLM frozen through a soft mask instead of the hard top-k: every
   visual token stays, and each later layer adds log σ((z − τ)/T) to the attention scores of
