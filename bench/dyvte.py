@@ -111,8 +111,8 @@ def routed_flops(config, text: int, visual: int, share: float) -> float:
 
 
 def router_flops_7b(text: int = 60, visual: int = 576) -> dict:
-    """All 32 routers' FLOPs on one LLaVA-1.5-7B prompt (counted by torch on meta tensors:
-    shapes only) against the LLM's prefill FLOPs of that prompt."""
+    """The routers' FLOPs on one LLaVA-1.5-7B prompt (31 of them: after every layer but the
+    last; counted by torch on meta tensors, shapes only) against the LLM's prefill FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.build import build, dims_of
