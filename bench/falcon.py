@@ -115,7 +115,7 @@ def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None, 
 
 
 def tiny_towers() -> tuple:
-    """The shipped base with `tiny/falcon`'s FALCON: (model, component, views per image's grid, size)."""
+    """The shipped base with `tiny/falcon`'s FALCON: (model, component, image side in pixels)."""
     spec = load_recipe("tiny/falcon").model.compressors[0]
     model = build(resolve_base("tiny-llava"), compressors=[ComponentSpec(spec.name, spec.params)]).model
     return model.eval(), model.compressors[0], 64
@@ -140,11 +140,11 @@ def real_width_towers(recipe_name: str, vision_layers: int | None) -> tuple:
     return model.eval(), model.compressors[0], config.vision_config.image_size
 
 
-def tower_cost(towers: tuple, images: int, repeats: int) -> dict:
+def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> dict:
     """Median seconds of the vision tower on `images` images of a thumbnail + 2×2 crops each:
     as LLaVA runs it, and with FALCON's registers and ReAtten. Both calls go through the same
     weights (the plain call passes no component), interleaved so drift hits both alike."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, component, size = towers
     layout = ViewLayout.from_grids(torch.tensor([[2, 2]] * images))
     pixels = torch.randn(len(layout), 3, size, size)
@@ -194,6 +194,7 @@ def main() -> None:
         "--vision-layers", type=int, help="with --cost-real: time only this many tower layers"
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the timings")
     args = parser.parse_args()
     words = args.runs.lower().split(",") if args.runs else [""]
     runs = [label for label in RUNS if any(word in label.lower() for word in words)]
@@ -201,9 +202,9 @@ def main() -> None:
         parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
     if args.cost_real:
         towers = real_width_towers(REAL_WIDTH_RECIPE, args.vision_layers)
-        print("cost", json.dumps(tower_cost(towers, images=1, repeats=args.repeats)), flush=True)
+        print("cost", json.dumps(tower_cost(towers, 1, args.repeats, args.threads)), flush=True)
         return
-    print("cost", json.dumps(tower_cost(tiny_towers(), images=8, repeats=args.repeats)), flush=True)
+    print("cost", json.dumps(tower_cost(tiny_towers(), 8, args.repeats, args.threads)), flush=True)
     if args.cost:
         return
     results = {
