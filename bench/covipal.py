@@ -34,20 +34,26 @@ from train.run import run_recipe
 BASELINES = ["fastv", "pdrop", "divprune", "visionzip", "random", "pooling"]
 
 
+def one_prompt_state(width: int, visual: int, text: int) -> SequenceState:
+    """One prompt entering the LLM: BOS, `visual` image tokens, `text` instruction tokens, hidden
+    states of `width` (random values; on the current default device, e.g. meta for shapes only)."""
+    length = 1 + visual + text
+    visual_mask = torch.zeros(1, length, dtype=torch.bool)
+    visual_mask[0, 1 : 1 + visual] = True
+    return SequenceState(
+        torch.randn(1, length, width),
+        torch.ones(1, length, dtype=torch.bool),
+        torch.arange(length)[None],
+        visual_mask,
+    )
+
+
 def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
     """Scorer FLOPs (counted by torch on real tensors) vs the LLM FLOPs pruning saves on 7B."""
     config = build(resolve_base("models/configs/llava-1.5-7b-hf"), device="meta").hf.config
     dims = dims_of(config)
     scorer = build_component("covipal", {"guidance_layer": 16}, dims)
-    length = 1 + visual + text
-    visual_mask = torch.zeros(1, length, dtype=torch.bool)
-    visual_mask[0, 1 : 1 + visual] = True
-    state = SequenceState(
-        torch.randn(1, length, dims.llm_width),
-        torch.ones(1, length, dtype=torch.bool),
-        torch.arange(length)[None],
-        visual_mask,
-    )
+    state = one_prompt_state(dims.llm_width, visual, text)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         scorer.score(state)
     layers = config.text_config.num_hidden_layers

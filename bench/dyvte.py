@@ -113,25 +113,17 @@ def routed_flops(config, text: int, visual: int, share: float) -> float:
 def router_flops_7b(text: int = 60, visual: int = 576) -> dict:
     """The routers' FLOPs on one LLaVA-1.5-7B prompt (31 of them: after every layer but the
     last; counted by torch on meta tensors, shapes only) against the LLM's prefill FLOPs."""
+    from covipal import one_prompt_state  # a sibling bench
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.build import build, dims_of
     from models.compressors import build_component
-    from models.sequence import SequenceState
 
     config = build(resolve_base("models/configs/llava-1.5-7b-hf"), device="meta").hf.config
     dims = dims_of(config)
     with torch.device("meta"):
         component = build_component("dyvte", {}, dims)
-        length = 1 + visual + text
-        visual_mask = torch.zeros(1, length, dtype=torch.bool)
-        visual_mask[0, 1 : 1 + visual] = True
-        state = SequenceState(
-            torch.empty(1, length, dims.llm_width),
-            torch.ones(1, length, dtype=torch.bool),
-            torch.arange(length)[None],
-            visual_mask,
-        )
+        state = one_prompt_state(dims.llm_width, visual, text)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             for router in component.routers:
                 router(component.feature(state))
