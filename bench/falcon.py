@@ -27,6 +27,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from data.synth import final_answer
 from models.build import ComponentSpec, assemble, build
+from models.flops import vision_flops
 from models.views import ViewLayout
 from train.accuracy import (
     answer_prior,
@@ -140,8 +141,22 @@ def real_width_towers(recipe_name: str, vision_layers: int | None) -> tuple:
     return model.eval(), model.compressors[0], config.vision_config.image_size
 
 
+def arithmetic_overhead(vision_config, views: int, registers: int) -> float:
+    """FALCON's FLOPs over the plain tower's for one image of `views` views, by vtc's counter
+    (models/flops.py), minus one: every layer runs `registers` more tokens per view, and ReAtten
+    adds Q/K/V/O projections and attention over the image's views × registers tokens."""
+    d, patch, layers = vision_config.hidden_size, vision_config.patch_size, vision_config.num_hidden_layers
+    patches = (vision_config.image_size // patch) ** 2
+    plain = views * vision_flops(vision_config)
+    not_embedded = 2 * registers * 3 * patch * patch * d  # vision_flops would embed them as patches
+    with_registers = views * (vision_flops(vision_config, patches + registers) - not_embedded)
+    gathered = views * registers
+    reatten = layers * 2.0 * (4 * gathered * d * d + 2 * gathered * gathered * d)
+    return (with_registers + reatten) / plain - 1
+
+
 def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> dict:
-    """Median seconds of the vision tower on `images` images of a thumbnail + 2×2 crops each:
+    """Median (and fastest) seconds of the vision tower on `images` images of a thumbnail + 2×2 crops each:
     as LLaVA runs it, and with FALCON's registers and ReAtten. Both calls go through the same
     weights (the plain call passes no component), interleaved so drift hits both alike."""
     torch.set_num_threads(threads)
@@ -161,12 +176,19 @@ def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> di
                 if i:
                     times[name].append(time.perf_counter() - started)
     median = {name: statistics.median(t) for name, t in times.items()}
+    fastest = {name: min(t) for name, t in times.items()}
     return {
         "views": len(layout),
         "registers": component.config.registers,
         "vision_layers": len(model.vision.layers()),
         **{name: round(t, 4) for name, t in median.items()},
         "overhead": round(median["with_falcon_s"] / median["tower_s"] - 1, 3),
+        # a busy neighbour only ever slows a call down: the fastest calls are the least disturbed
+        "overhead_of_fastest": round(fastest["with_falcon_s"] / fastest["tower_s"] - 1, 3),
+        "arithmetic_overhead": round(
+            arithmetic_overhead(model.vision.model.config, len(layout) // images, component.config.registers),
+            3,
+        ),
     }
 
 
