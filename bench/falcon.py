@@ -106,7 +106,10 @@ def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None, 
         with tempfile.TemporaryDirectory() as tmp:
             slug = "".join(c if c.isalnum() else "-" for c in label.lower())
             root = Path(keep) / f"{slug}-s{seed}" if keep else Path(tmp)
-            more = [f"stages.{len(load_recipe(name).stages) - 1}.steps={steps}"] if steps else []
+            shipped = load_recipe(name)
+            more = [f"stages.{len(shipped.stages) - 1}.steps={steps}"] if steps else []
+            if limit > shipped.data.synthetic.test:  # more test images: the first ones stay the same
+                more.append(f"data.synthetic.test={limit}")
             recipe = load_recipe(name, [f"output={root}", f"seed={seed}", "eval.limit=1", *overrides, *more])
             started = time.time()
             run_recipe(recipe, restart=True)
@@ -197,7 +200,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--limit", type=int, default=200, help="test images (5 questions each)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=200,
+        help="test images (5 questions each; beyond 500 the test split grows)",
+    )
     parser.add_argument("--steps", type=int, help="steps of each recipe's last stage (default: the recipe's)")
     parser.add_argument("--keep", help="keep the runs under this folder")
     parser.add_argument(
