@@ -204,7 +204,7 @@ def main() -> None:
         "--limit",
         type=int,
         default=200,
-        help="test images (5 questions each; beyond 500 the test split grows)",
+        help="test images (5 questions each); above the recipe's test split (500) the split grows",
     )
     parser.add_argument("--steps", type=int, help="steps of each recipe's last stage (default: the recipe's)")
     parser.add_argument("--keep", help="keep the runs under this folder")
