@@ -9,6 +9,24 @@ from models.tiny import TinyConfig, tiny_tokenizer
 
 torch.set_num_threads(2)
 
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--families",
+        action="store_true",
+        help="also run the tests marked `families` (each GPU recipe family under 2-process DDP on CPU, ~2 min each)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--families"):
+        return
+    skip = pytest.mark.skip(reason="a recipe-family check: run with --families")
+    for item in items:
+        if "families" in item.keywords:
+            item.add_marker(skip)
+
+
 # Smaller than the default tiny model: the same classes, quicker tests.
 TEST_TINY = TinyConfig(
     vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=3, llm_heads=4

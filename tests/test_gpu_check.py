@@ -1,5 +1,6 @@
-"""bench/gpu_check.py — the check a user runs first on a GPU node — on CPU: one recipe family
-under 2-process DDP (gloo) with small widths: train, SIGKILL, resume, export, load, evaluate."""
+"""bench/gpu_check.py — the check a user runs first on a GPU node — on CPU: recipe families
+under 2-process DDP (gloo) with small widths: train, SIGKILL, resume, export, load, evaluate.
+DyVTE's runs by default; the other families with `--families` (`.ci/run` passes it)."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, "bench")
-from gpu_check import deepest_layer  # noqa: E402
+from gpu_check import FAMILIES, deepest_layer  # noqa: E402
 
 
 def test_deepest_layer_of_component_settings():
@@ -22,15 +23,30 @@ def test_deepest_layer_of_component_settings():
     assert deepest_layer([{"name": "falcon", "registers": 64}]) == -1
 
 
-@pytest.mark.slow
-def test_gpu_check_wiring_on_cpu(tmp_path):
+def check_family_on_cpu(family: str, out_dir) -> None:
+    """`bench/gpu_check.py --cpu --only FAMILY`: 5 checks per recipe of the family, all [ok]."""
     out = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--cpu", "--only", "dyvte", "--out", str(tmp_path)],
+        [sys.executable, "bench/gpu_check.py", "--cpu", "--only", family, "--out", str(out_dir)],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith(("[ok]", "[FAIL]"))]
-    assert len(lines) == 5 and all(line.startswith("[ok]") for line in lines), out.stdout
+    assert len(lines) == 5 * len(FAMILIES[family]), out.stdout
+    assert all(line.startswith("[ok]") for line in lines), out.stdout
     assert "0 check(s) failed" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_wiring_on_cpu(tmp_path):
+    check_family_on_cpu("dyvte", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.families
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dyvte"])
+def test_every_recipe_family_under_two_process_ddp(family, tmp_path):
+    """Each family's shipped recipes, chained, with small widths under 2-process DDP (gloo):
+    train, SIGKILL, resume, export, load, evaluate. ~2 min a family, so only with --families."""
+    check_family_on_cpu(family, tmp_path)
