@@ -148,19 +148,17 @@ def arithmetic_overhead(vision_config, views: int, registers: int) -> float:
     """FALCON's FLOPs over the plain tower's for one image of `views` views, by vtc's counter
     (models/flops.py), minus one: every layer runs `registers` more tokens per view, and ReAtten
     adds Q/K/V/O projections and attention over the image's views × registers tokens."""
-    d, patch, layers = vision_config.hidden_size, vision_config.patch_size, vision_config.num_hidden_layers
-    patches = (vision_config.image_size // patch) ** 2
+    d, layers = vision_config.hidden_size, vision_config.num_hidden_layers
     plain = views * vision_flops(vision_config)
-    not_embedded = 2 * registers * 3 * patch * patch * d  # vision_flops would embed them as patches
-    with_registers = views * (vision_flops(vision_config, patches + registers) - not_embedded)
+    with_registers = views * vision_flops(vision_config, extra_tokens=registers)
     gathered = views * registers
     reatten = layers * 2.0 * (4 * gathered * d * d + 2 * gathered * gathered * d)
     return (with_registers + reatten) / plain - 1
 
 
 def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> dict:
-    """Median (and fastest) seconds of the vision tower on `images` images of a thumbnail + 2×2 crops each:
-    as LLaVA runs it, and with FALCON's registers and ReAtten. Both calls go through the same
+    """Median (and fastest) seconds of the vision tower on `images` images of a thumbnail + 2×2
+    crops each: as LLaVA runs it, and with FALCON's registers and ReAtten. Both calls go through the same
     weights (the plain call passes no component), interleaved so drift hits both alike."""
     torch.set_num_threads(threads)
     model, component, size = towers

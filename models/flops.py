@@ -37,12 +37,14 @@ class PrefillFlops:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm, "total": self.total}
 
 
-def vision_flops(config, patches: int | None = None) -> float:
+def vision_flops(config, patches: int | None = None, extra_tokens: int = 0) -> float:
     """One image through an HF CLIP/SigLIP vision config (all layers); `patches`: when the image
-    enters at another size than the config's (default: (image_size / patch_size)²)."""
+    enters at another size than the config's (default: (image_size / patch_size)²);
+    `extra_tokens`: tokens appended after the embeddings (e.g. FALCON's registers), which run
+    through every layer but are not patch-embedded."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     patches = patches or (config.image_size // config.patch_size) ** 2
-    n = patches + prefix_tokens(config)  # + CLS (SigLIP has none)
+    n = patches + prefix_tokens(config) + extra_tokens  # + CLS (SigLIP has none)
     macs = patches * 3 * config.patch_size**2 * d  # patch embedding
     macs += layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * ff)
     return 2.0 * macs

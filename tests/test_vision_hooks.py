@@ -95,3 +95,6 @@ def test_where_the_patches_sit_is_recorded_once():
     torch.testing.assert_close(features.patches(-1, 16), features.selected)
     clip = CLIPVisionConfig(**SMALL)
     assert vision_flops(clip) > vision_flops(siglip)  # one token more per layer
+    # appended tokens (registers) run every layer but, unlike patches, are not patch-embedded
+    patches = (clip.image_size // clip.patch_size) ** 2
+    assert vision_flops(clip) < vision_flops(clip, extra_tokens=4) < vision_flops(clip, patches + 4)
