@@ -3,6 +3,7 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
 
     python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains five runs per seed
     python bench/falcon.py --runs distill,mlp                         # only the runs named so
+    python bench/falcon.py --runs distillation --indicators           # ... with crop indicators
     python bench/falcon.py --cost                                     # only the vision-tower timing
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
 
@@ -11,7 +12,9 @@ register distillation as the first stage (`tiny/falcon-distill`), and `tiny/falc
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
-crops, which no single crop shows. Prints measured figures only; the README quotes them.
+crops, which no single crop shows. With `--indicators` every run writes FALCON's text crop
+indicators before each view (in words the tiny tokenizer has: INDICATORS). Prints measured
+figures only; the README quotes them.
 """
 
 import argparse
@@ -53,6 +56,10 @@ RUNS = {
     ),
     "MLP projector, same views": ("tiny/falcon-mlp", []),
 }
+
+
+# FALCON's `<global_img>` / `<crop_img_row{r}_col{c}>` in words the tiny tokenizer knows.
+INDICATORS = 'model.views.indicators={whole: "objects :", crop: "at {row} {col} :"}'
 
 
 def crops_named(reference: str, grid: int, crops: int = 2) -> set[tuple[int, int]]:
@@ -99,10 +106,14 @@ def score_run(run_dir: Path, limit: int) -> dict:
     }
 
 
-def train_and_score(seed: int, limit: int, steps: int | None, keep: str | None, runs: list[str]) -> dict:
+def train_and_score(
+    seed: int, limit: int, steps: int | None, keep: str | None, runs: list[str], indicators: bool = False
+) -> dict:
     out = {}
     for label in runs:
         name, overrides = RUNS[label]
+        if indicators:
+            label, overrides = label + " + crop indicators", [*overrides, INDICATORS]
         with tempfile.TemporaryDirectory() as tmp:
             slug = "".join(c if c.isalnum() else "-" for c in label.lower())
             root = Path(keep) / f"{slug}-s{seed}" if keep else Path(tmp)
@@ -207,6 +218,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps of each recipe's last stage (default: the recipe's)")
     parser.add_argument("--keep", help="keep the runs under this folder")
     parser.add_argument(
+        "--indicators", action="store_true", help="every run writes text crop indicators before each view"
+    )
+    parser.add_argument(
         "--runs",
         help="comma-separated words; only the runs whose label contains one (e.g. distill,mlp)",
     )
@@ -236,7 +250,7 @@ def main() -> None:
     if args.cost:
         return
     results = {
-        seed: train_and_score(int(seed), args.limit, args.steps, args.keep, runs)
+        seed: train_and_score(int(seed), args.limit, args.steps, args.keep, runs, args.indicators)
         for seed in args.seeds.split(",")
     }
     print_table(results)

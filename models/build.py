@@ -97,11 +97,13 @@ def assemble(
     compressors: list[ComponentSpec] = (),
     reinit_projector: bool = False,
     views: MultiViewConfig | None = None,
+    tokenizer=None,
 ) -> VtcLlava:
     """Wrap the HF model's parts and build the registered components around them. The
     projector takes what fits from the base's trained projector unless `reinit_projector`
     (`Compressor.start_from_base_projector`: all of it for `mlp2x_gelu`).
-    `views`: images enter as a thumbnail + crops (models/views.py)."""
+    `views`: images enter as a thumbnail + crops (models/views.py); their crop indicators are
+    tokenized with `tokenizer` (the base's)."""
     config = hf.config
     dims = dims_of(config)
     vision = VisionTower(
@@ -121,6 +123,13 @@ def assemble(
         )
     if model.views is not None:
         model.views.to(dtype)
+    if views is not None and views.indicators is not None and device.type != "meta":  # meta never runs
+        if tokenizer is None:
+            raise UserError("model.views.indicators: the base has no tokenizer to write them with")
+        try:
+            model.views.tokenize_indicators(tokenizer)
+        except ValueError as err:
+            raise UserError(f"model.views.indicators: {err}") from None
     return model
 
 
@@ -136,7 +145,8 @@ def build(
     views: MultiViewConfig | None = None,
 ) -> Built:
     hf, tokenizer = load_base(base, tiny, device, dtype, seed)
-    return Built(assemble(hf, projector, list(compressors), reinit_projector, views), hf, tokenizer)
+    model = assemble(hf, projector, list(compressors), reinit_projector, views, tokenizer)
+    return Built(model, hf, tokenizer)
 
 
 def save_hf(built: Built, out_dir: str | Path) -> None:

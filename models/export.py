@@ -92,7 +92,7 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     projector = ComponentSpec(meta["projector"]["name"], meta["projector"]["params"])
     compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
     views = meta.get("views")
-    views = MultiViewConfig(tuple(tuple(g) for g in views["grids"]), views["newline"]) if views else None
+    views = MultiViewConfig.from_dict(views) if views else None
     built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype, views=views)
     tensors = load_file(str(path / "components.safetensors"))
     model = built.model

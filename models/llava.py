@@ -22,7 +22,7 @@ from data import IGNORE_INDEX
 from models.compressors.base import Compressor, ModelDims, Progress
 from models.llm import LanguageModel, next_positions
 from models.sequence import RESPONSE, SequenceState, pad_rows, roles_of
-from models.views import MultiViewConfig, ViewArranger, ViewLayout
+from models.views import ImageTokens, MultiViewConfig, ViewArranger, ViewLayout
 from models.vision import VisionTower
 
 
@@ -131,6 +131,12 @@ class VtcLlava(nn.Module):
             count = component.output_tokens(count)
         return count
 
+    def image_sequence_tokens(self, grid: tuple[int, int] | None = None) -> int:
+        """Tokens one image adds to the LLM's input: its visual tokens, and with crop indicators
+        (models/views.py) the indicators' text (the budget a data set leaves for an image)."""
+        text = self.views.text_tokens(grid) if grid is not None else 0
+        return self.visual_tokens(grid) + text
+
     @property
     def view_grids(self) -> list[tuple[int, int]] | None:
         """Candidate crop grids when images enter as several views, else None."""
@@ -158,7 +164,8 @@ class VtcLlava(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None):
         """(V, 3, S, S) views → visual embeddings in the LLM's space: (I, N, H) when every image
         is one view; with `image_grids` (I, 2) = (rows, cols) per image, `pixel_values` holds each
-        image's thumbnail then its rows·cols crops and the result is a list of I (N_i, H)."""
+        image's thumbnail then its rows·cols crops and the result is a list of I (N_i, H), or
+        of I `ImageTokens` when crop indicators lie between the views."""
         if image_grids is not None and self.views is None:
             raise ValueError("image_grids given but this model was built without views")
         layout = (
@@ -177,7 +184,7 @@ class VtcLlava(nn.Module):
         tokens = self.projector(features)
         if image_grids is None:
             return tokens
-        return self.views.arrange(tokens, layout, self._view_side())
+        return self.views.arrange(tokens, layout, self._view_side(), self.llm.embed)
 
     def merge(
         self,
@@ -189,7 +196,8 @@ class VtcLlava(nn.Module):
     ) -> SequenceState:
         """Splice visual embeddings into the text: each `image_token_id` in `input_ids` (B, T)
         takes the next image's embeddings, in batch order, from `visual` — an (I, N, H) tensor or
-        a list of I (N_i, H) tensors (images of different token counts)."""
+        a list of I (N_i, H) tensors (images of different token counts) or `ImageTokens` (text
+        inside an image's span: crop indicators, which are marked as text)."""
         embeds = self.llm.embed(input_ids.masked_fill(input_ids == self.image_token_id, 0))
         rows, image = [], 0
         for b in range(input_ids.shape[0]):
@@ -201,13 +209,15 @@ class VtcLlava(nn.Module):
             for pos in (ids == self.image_token_id).nonzero().flatten().tolist():
                 if visual is None or image >= len(visual):
                     raise ValueError(f"sample {b} has more <image> tokens than images were given")
-                pieces += [emb[start:pos], visual[image].to(emb.dtype)]
-                vis += [
-                    torch.zeros(pos - start, dtype=torch.bool),
-                    torch.ones(visual[image].shape[0], dtype=torch.bool),
-                ]
+                tokens = visual[image]
+                if isinstance(tokens, ImageTokens):
+                    tokens, is_visual = tokens.embeds, tokens.is_visual.cpu()
+                else:
+                    is_visual = torch.ones(tokens.shape[0], dtype=torch.bool)
+                pieces += [emb[start:pos], tokens.to(emb.dtype)]
+                vis += [torch.zeros(pos - start, dtype=torch.bool), is_visual]
                 if lab is not None:
-                    labs += [lab[start:pos], lab.new_full((visual[image].shape[0],), IGNORE_INDEX)]
+                    labs += [lab[start:pos], lab.new_full((tokens.shape[0],), IGNORE_INDEX)]
                 start, image = pos + 1, image + 1
             pieces.append(emb[start:])
             vis.append(torch.zeros(len(ids) - start, dtype=torch.bool))

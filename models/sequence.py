@@ -19,6 +19,7 @@ answer. Answers are found from the labels (training); a prompt being generated f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -187,67 +188,99 @@ class SequenceState:
             key_bias=None if self.key_bias is None else take(self.key_bias).masked_fill(~valid, 0.0),
         )
 
+    def visual_spans(self, b: int) -> list[tuple[int, int]]:
+        """[start, end) columns of sample b's runs of real visual tokens, in order: one per image,
+        or one per view when text lies between an image's views (crop indicators)."""
+        visual = (self.visual_mask[b] & self.attention_mask[b]).to(torch.int8)
+        edges = torch.diff(visual, prepend=visual.new_zeros(1), append=visual.new_zeros(1))
+        starts = (edges == 1).nonzero().flatten().tolist()
+        ends = (edges == -1).nonzero().flatten().tolist()
+        return list(zip(starts, ends, strict=True))
+
     def replace_visual(self, visual, positions="renumber") -> SequenceState:
-        """Replace each sample's visual tokens (one contiguous span) by `visual`: (B, N', H), or a
-        list of B (N'_b, H) when samples get different numbers of tokens.
+        """Replace each sample's visual tokens by `visual`: (B, N', H), or a list of B (N'_b, H)
+        when samples get different numbers of tokens — each replacing the sample's one span of
+        visual tokens; or a list of B lists of tensors, one per span (`visual_spans`), for
+        samples whose image is split by text.
 
         positions="renumber": real tokens get positions 0..n-1 again (as if the image had
         always produced N' tokens); "average": each new token takes the mean position of the
         span it replaces, split evenly, text keeps its positions; a list of B (N'_b,) tensors:
-        the new tokens' positions (long or float), text keeps its positions.
+        the new tokens' positions (long or float; all of a sample's spans, in order), text keeps
+        its positions.
         """
         if self.key_mask is not None or self.key_bias is not None:
             raise ValueError("replace_visual on a state with hidden or biased keys: replace first")
         rows = []
         for b in range(len(visual)):
-            real = self.attention_mask[b]
-            idx = (self.visual_mask[b] & real).nonzero().flatten()
-            if idx.numel():
-                start, end = int(idx[0]), int(idx[-1]) + 1
-                if idx.numel() != end - start:
+            spans = self.visual_spans(b)
+            new = visual[b]
+            if isinstance(new, torch.Tensor):
+                if len(spans) > 1:
                     raise ValueError(
-                        "replace_visual needs each sample's visual tokens to be one contiguous span"
+                        f"sample {b} has {len(spans)} spans of visual tokens (text inside its image): "
+                        "give one replacement per span"
                     )
-                new = visual[b]
-            else:  # a sample without an image: nothing to replace
-                start = end = int(real.nonzero()[-1]) + 1
-                new = visual[b][:0]
-            where = positions if isinstance(positions, str) else positions[b][: new.shape[0]]
-            rows.append(self._splice_row(b, start, end, new, where))
+                new = [new] if spans else []  # a sample without an image: nothing to replace
+            elif len(new) != len(spans):
+                raise ValueError(
+                    f"sample {b} has {len(spans)} spans of visual tokens, got {len(new)} replacements"
+                )
+            where = positions if isinstance(positions, str) else positions[b]
+            rows.append(self._splice_row(b, spans, new, where))
         return pad_rows(rows, self.padding_side, self.labels is not None, has_roles=self.role is not None)
 
-    def _splice_row(self, b, start, end, visual, positions):
+    def _splice_row(self, b, spans, news, positions):
+        """Sample b's real tokens with each span [start, end) of `spans` replaced by the tokens of
+        `news` (one (n_i, H) per span): (hidden, positions, visual_mask, labels, role)."""
         real = self.attention_mask[b]
-        index = torch.arange(real.shape[0], device=real.device)
-        before = (real & (index < start)).nonzero().flatten()
-        after = (real & (index >= end)).nonzero().flatten()
-        n = visual.shape[0]
-        hidden = torch.cat([self.hidden[b, before], visual.to(self.hidden.dtype), self.hidden[b, after]])
-        if isinstance(positions, str) and positions == "renumber":
-            pos = torch.arange(hidden.shape[0], device=hidden.device, dtype=self.position_ids.dtype)
-        else:
-            if isinstance(positions, str):  # "average": the span split evenly
-                old = self.position_ids[b, start:end].float()
-                vis_pos = torch.stack([g.mean() for g in old.tensor_split(n)]) if n else old[:0]
-            else:
-                vis_pos = positions.to(hidden.device)
-            dtype = torch.promote_types(self.position_ids.dtype, vis_pos.dtype)
-            pos = torch.cat([self.position_ids[b, before], vis_pos, self.position_ids[b, after]]).to(dtype)
-        vmask = torch.cat(
-            [
-                self.visual_mask[b, before],
-                torch.ones(n, dtype=torch.bool, device=hidden.device),
-                self.visual_mask[b, after],
+        device = real.device
+        index = torch.arange(real.shape[0], device=device)
+        bounds = [0, *(column for span in spans for column in span), real.shape[0]]
+        texts = [
+            (real & (index >= lo) & (index < hi)).nonzero().flatten()
+            for lo, hi in zip(bounds[::2], bounds[1::2], strict=True)
+        ]
+        sizes = [new.shape[0] for new in news]
+        if isinstance(positions, str) and positions == "average":  # each span split evenly
+            given = [
+                torch.stack([g.mean() for g in self.position_ids[b, start:end].float().tensor_split(n)])
+                if n
+                else self.position_ids.new_zeros(0, dtype=torch.float32)
+                for (start, end), n in zip(spans, sizes, strict=True)
             ]
+        elif not isinstance(positions, str):
+            given = list(positions[: sum(sizes)].to(device).split(sizes))
+        hidden, pos, vmask, labels, role = [], [], [], [], []
+        for i, text in enumerate(texts):
+            hidden.append(self.hidden[b, text])
+            pos.append(self.position_ids[b, text])
+            vmask.append(self.visual_mask[b, text])
+            labels.append(self.labels[b, text] if self.labels is not None else None)
+            role.append(self.role[b, text] if self.role is not None else None)
+            if i == len(spans):
+                break
+            n = sizes[i]
+            hidden.append(news[i].to(self.hidden.dtype))
+            pos.append(given[i] if not isinstance(positions, str) or positions == "average" else None)
+            vmask.append(torch.ones(n, dtype=torch.bool, device=device))
+            if self.labels is not None:
+                labels.append(torch.full((n,), IGNORE_INDEX, dtype=self.labels.dtype, device=device))
+            if self.role is not None:
+                role.append(torch.full((n,), VISUAL, dtype=self.role.dtype, device=device))
+        hidden = torch.cat(hidden)
+        if isinstance(positions, str) and positions == "renumber":
+            positions = torch.arange(hidden.shape[0], device=device, dtype=self.position_ids.dtype)
+        else:
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p in pos])
+            positions = torch.cat([p.to(dtype) for p in pos])
+        return (
+            hidden,
+            positions,
+            torch.cat(vmask),
+            torch.cat(labels) if self.labels is not None else None,
+            torch.cat(role) if self.role is not None else None,
         )
-        labels = role = None
-        if self.labels is not None:
-            ign = torch.full((n,), IGNORE_INDEX, dtype=self.labels.dtype, device=hidden.device)
-            labels = torch.cat([self.labels[b, before], ign, self.labels[b, after]])
-        if self.role is not None:
-            new = torch.full((n,), VISUAL, dtype=self.role.dtype, device=hidden.device)
-            role = torch.cat([self.role[b, before], new, self.role[b, after]])
-        return hidden, pos, vmask, labels, role
 
 
 def positions_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,12 @@ carries `image_grids` (I, 2) = (rows, cols) per image. The model then
    `output_grid`), the crops become one (rows·side) × (cols·side) map in raster order, as
    LLaVA-NeXT does; otherwise they follow crop by crop. With `newline`, a learned token ends each
    line of the map (each row of crops when there is no map), as LLaVA-NeXT's `image_newline`.
+   With `indicators` (FALCON's crop indicators), a few text tokens go before each view, naming
+   it: `<global_img>` before the thumbnail, `<crop_img_row{r}_col{c}>` before each crop, as the
+   authors' processor writes them. The crops then follow one by one (each crop's tokens after its
+   indicator, never interleaved into one map), the newline after each row of crops; the
+   indicators are text to every later step (`visual_mask` False, role CONTEXT), so one image
+   becomes several visual spans with text between them.
 """
 
 from __future__ import annotations
@@ -26,11 +32,37 @@ WHOLE = -1  # row / col of a view that shows the whole image (a single view or t
 
 
 @dataclass(frozen=True)
+class CropIndicators:
+    """The text written before each view (`model.views.indicators`); the defaults are FALCON's.
+    `crop` is formatted with the crop's `row` and `col` (from 0)."""
+
+    whole: str = "<global_img>"
+    crop: str = "<crop_img_row{row}_col{col}>"
+
+    def text(self, row: int, col: int) -> str:
+        """The indicator of the view at (row, col); WHOLE, WHOLE for the thumbnail."""
+        return self.whole if row == WHOLE else self.crop.format(row=row, col=col)
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.whole.strip():
+            problems.append(("indicators.whole", "give a non-empty text"))
+        try:
+            named = {self.crop.format(row=0, col=0), self.crop.format(row=1, col=0)}
+            if len(named | {self.crop.format(row=0, col=1)}) < 3:
+                problems.append(("indicators.crop", f"must name both {{row}} and {{col}}, got {self.crop!r}"))
+        except (KeyError, IndexError, ValueError) as err:
+            problems.append(("indicators.crop", f"a format with only {{row}} and {{col}}: {err!r}"))
+        return problems
+
+
+@dataclass(frozen=True)
 class MultiViewConfig:
     """`model.views` of a recipe."""
 
     grids: tuple[tuple[int, int], ...]  # candidate (rows, cols); each image takes the best fit
     newline: bool = True  # a learned token after each line of crop tokens
+    indicators: CropIndicators | None = None  # text naming each view (FALCON's), or none
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, message) for what is wrong with these settings."""
@@ -40,10 +72,23 @@ class MultiViewConfig:
             return [
                 ("grids", f"each grid is [rows, cols] with both ≥ 1, got {[list(g) for g in self.grids]}")
             ]
-        return []
+        return self.indicators.problems() if self.indicators else []
 
     def to_dict(self) -> dict:
-        return {"grids": [list(g) for g in self.grids], "newline": self.newline}
+        out = {"grids": [list(g) for g in self.grids], "newline": self.newline}
+        if self.indicators is not None:
+            out["indicators"] = {"whole": self.indicators.whole, "crop": self.indicators.crop}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MultiViewConfig:
+        """Inverse of `to_dict` (an export's `views`)."""
+        indicators = values.get("indicators")
+        return cls(
+            tuple(tuple(g) for g in values["grids"]),
+            values["newline"],
+            CropIndicators(**indicators) if indicators is not None else None,
+        )
 
 
 @dataclass
@@ -91,9 +136,24 @@ class ViewLayout:
         return torch.bincount(self.image).tolist()
 
 
+def view_places(grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """(row, col) of each view of an image of `grid` crops, in order: (WHOLE, WHOLE), (0, 0), ..."""
+    rows, cols = grid
+    return [(WHOLE, WHOLE)] + [(r, c) for r in range(rows) for c in range(cols)]
+
+
+@dataclass
+class ImageTokens:
+    """One image's tokens for the LLM when text lies between its views: embeddings (N, H) and
+    which of them are visual (N,) bool (False at the crop indicators)."""
+
+    embeds: torch.Tensor
+    is_visual: torch.Tensor
+
+
 class ViewArranger(nn.Module):
     """Lays the tokens of each image's views out as one sequence for the LLM; owns the learned
-    newline token (trained with the projector)."""
+    newline token (trained with the projector) and the ids of the crop indicators."""
 
     def __init__(self, config: MultiViewConfig, llm_width: int):
         super().__init__()
@@ -101,20 +161,72 @@ class ViewArranger(nn.Module):
         self.grids = [tuple(g) for g in config.grids]
         if config.newline:
             self.image_newline = nn.Parameter(torch.randn(llm_width) / llm_width**0.5)
+        self.indicator_ids: dict[tuple[int, int], list[int]] = {}  # (row, col) → token ids
+
+    def tokenize_indicators(self, tokenizer) -> None:
+        """Token ids of every view's indicator this model can meet (`config.grids`). A
+        ValueError when the tokenizer does not know a piece of one (a word-level tokenizer would
+        make every crop's indicator the same unknown token) or two views get the same ids."""
+        indicators = self.config.indicators
+        largest = (max(r for r, _ in self.grids), max(c for _, c in self.grids))
+        named: dict[tuple[int, ...], str] = {}
+        for row, col in view_places(largest):
+            text = indicators.text(row, col)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if not ids or tokenizer.unk_token_id in ids:
+                raise ValueError(f"the tokenizer does not know every piece of the indicator {text!r}")
+            if tuple(ids) in named:
+                raise ValueError(f"the indicators {named[tuple(ids)]!r} and {text!r} tokenize the same")
+            named[tuple(ids)] = text
+            self.indicator_ids[row, col] = ids
+
+    def text_tokens(self, grid: tuple[int, int]) -> int:
+        """Indicator (text) tokens one image of `grid` adds to the LLM's input."""
+        if self.config.indicators is None:
+            return 0
+        return sum(len(self._ids(row, col)) for row, col in view_places(grid))
+
+    def _ids(self, row: int, col: int) -> list[int]:
+        if (row, col) not in self.indicator_ids:
+            raise RuntimeError(f"no indicator ids for view {(row, col)}: call tokenize_indicators first")
+        return self.indicator_ids[row, col]
 
     def tokens(self, grid: tuple[int, int], per_view: int, side: int | None) -> int:
-        """Tokens of one image of `grid` = (rows, cols) crops, each view `per_view` tokens (a
-        side × side map when `side`)."""
+        """Visual tokens of one image of `grid` = (rows, cols) crops, each view `per_view` tokens
+        (a side × side map when `side`); the indicators are text, counted by `text_tokens`."""
         rows, cols = grid
-        lines = rows * side if side else rows  # newline after each line of the crop map
+        lines = rows * side if side and self.config.indicators is None else rows
         return per_view * (1 + rows * cols) + lines * self.config.newline
 
-    def arrange(self, tokens: torch.Tensor, layout: ViewLayout, side: int | None) -> list[torch.Tensor]:
-        """tokens (V, N, H) of every view in `layout` order → one (tokens(grid), H) per image."""
-        out = []
-        for views, grid in zip(tokens.split(layout.views_per_image()), layout.grids, strict=True):
-            out.append(torch.cat([views[0], self._crops(views[1:], grid, side)]))
-        return out
+    def arrange(
+        self, tokens: torch.Tensor, layout: ViewLayout, side: int | None, embed=None
+    ) -> list[torch.Tensor] | list[ImageTokens]:
+        """tokens (V, N, H) of every view in `layout` order → one (tokens(grid), H) per image;
+        with indicators, one `ImageTokens` per image, `embed` turning their ids (n,) into (n, H)."""
+        per_image = zip(tokens.split(layout.views_per_image()), layout.grids, strict=True)
+        if self.config.indicators is not None:
+            return [self._with_indicators(views, grid, embed) for views, grid in per_image]
+        return [torch.cat([views[0], self._crops(views[1:], grid, side)]) for views, grid in per_image]
+
+    def _with_indicators(self, views: torch.Tensor, grid: tuple[int, int], embed) -> ImageTokens:
+        """(1 + rows·cols, N, H) views → indicator, thumbnail, then per crop its indicator and
+        its tokens; the newline after each row of crops."""
+        cols = grid[1]
+        pieces, visual = [], []
+
+        def add(x: torch.Tensor, is_visual: bool) -> None:
+            pieces.append(x.to(views.dtype))
+            visual.append(torch.full((x.shape[0],), is_visual, dtype=torch.bool, device=views.device))
+
+        def indicator(row: int, col: int) -> torch.Tensor:
+            return embed(torch.tensor(self._ids(row, col), device=views.device))
+
+        for view, (row, col) in zip(views, view_places(grid), strict=True):
+            add(indicator(row, col), False)
+            add(view, True)
+            if self.config.newline and row != WHOLE and col == cols - 1:  # a row of crops ends
+                add(self.image_newline[None], True)
+        return ImageTokens(torch.cat(pieces), torch.cat(visual))
 
     def _crops(self, crops: torch.Tensor, grid: tuple[int, int], side: int | None) -> torch.Tensor:
         """(rows·cols, N, H) → the crop tokens in reading order, lines ended by the newline."""

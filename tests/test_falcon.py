@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.build import ComponentSpec, build
-from models.views import MultiViewConfig
+from models.views import CropIndicators, MultiViewConfig
 from tests.conftest import TEST_TINY
 
 M = 4
@@ -161,11 +161,13 @@ def test_another_tower_in_the_process_is_untouched():
 def test_falcon_on_the_7b_shapes_counts_its_parameters():
     from train.recipe import REPO_ROOT
 
-    built = build(
+    built = build(  # with FALCON's crop indicators: a meta build has no tokenizer and needs none
         str(REPO_ROOT / "models/configs/llava-1.5-7b-hf"),
         compressors=[ComponentSpec("falcon")],
         device="meta",
+        views=MultiViewConfig(((2, 2),), newline=False, indicators=CropIndicators()),
     )
+    assert built.model.visual_tokens((2, 2)) == 5 * 64
     summary = built.model.compressors[0].parameter_summary()
     assert summary["registers"] == 64 * 1024
     assert summary["reatten_per_layer"] == 4 * 1024 * 1024 + 4 * 1024 and summary["reatten_layers"] == 24

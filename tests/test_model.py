@@ -169,3 +169,22 @@ def test_replace_visual_average_positions():
     out = state.replace_visual(torch.ones(1, 2, 2), positions="average")
     assert out.position_ids.tolist() == [[0.0, 1.5, 3.5, 5.0]]
     assert out.visual_mask.tolist() == [[False, True, True, False]]
+
+
+def test_replace_visual_span_by_span_when_text_splits_the_image():
+    """[t v v t v v v t] (text inside the image, as crop indicators make): one replacement per
+    span of visual tokens, text kept in place."""
+    hidden = torch.arange(8.0)[None, :, None].expand(1, 8, 2)
+    vis = torch.tensor([[False, True, True, False, True, True, True, False]])
+    state = SequenceState(hidden, torch.ones(1, 8, dtype=torch.bool), torch.arange(8)[None], vis)
+    assert state.visual_spans(0) == [(1, 3), (4, 7)]
+    new = [[torch.full((1, 2), -1.0), torch.full((2, 2), -2.0)]]
+    out = state.replace_visual(new, positions="average")
+    assert out.hidden[0, :, 0].tolist() == [0.0, -1.0, 3.0, -2.0, -2.0, 7.0]
+    assert out.position_ids.tolist() == [[0.0, 1.5, 3.0, 4.5, 6.0, 7.0]]
+    assert out.visual_mask.tolist() == [[False, True, False, True, True, False]]
+    assert state.replace_visual(new).position_ids.tolist() == [list(range(6))]
+    given = state.replace_visual(new, positions=[torch.tensor([9, 8, 7])])
+    assert given.position_ids.tolist() == [[0, 9, 3, 8, 7, 7]]
+    with pytest.raises(ValueError, match="2 spans of visual tokens"):
+        state.replace_visual(torch.ones(1, 3, 2))

@@ -9,11 +9,13 @@ from PIL import Image
 
 import tests.components  # noqa: F401  (registers the test components)
 from data.dataset import collate, load_views
+from data.errors import UserError
 from data.subimages import select_grid, thumbnail_and_crops
 from data.synth import FAMILIES
 from models.build import ComponentSpec, build
 from models.export import export, load_pretrained
-from models.views import WHOLE, MultiViewConfig, ViewLayout
+from models.sequence import CONTEXT, PROMPT, VISUAL
+from models.views import WHOLE, CropIndicators, ImageTokens, MultiViewConfig, ViewLayout
 from tests.conftest import TEST_TINY
 
 GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]
@@ -37,15 +39,20 @@ def test_crops_tile_the_image_in_raster_order():
     assert views[0].getpixel((16, 16)) == (255, 0, 0) and views[0].getpixel((48, 48)) == (255, 255, 0)
 
 
-def views_model(projector="tokenpacker", compressors=(), seed=0, newline=True):
+# Crop indicators in words the tiny tokenizer knows (FALCON's own are `<global_img>`, ...).
+TINY_INDICATORS = CropIndicators(whole="objects :", crop="at {row} {col} :")
+
+
+def views_model(projector="tokenpacker", compressors=(), seed=0, newline=True, indicators=None):
     params = {"scale": 2} if projector == "tokenpacker" else {}
+    specs = [c if isinstance(c, ComponentSpec) else ComponentSpec(c) for c in compressors]
     return build(
         "tiny",
         projector=ComponentSpec(projector, params),
-        compressors=[ComponentSpec(c) for c in compressors],
+        compressors=specs,
         tiny=TEST_TINY,
         seed=seed,
-        views=MultiViewConfig(tuple(GRIDS), newline),
+        views=MultiViewConfig(tuple(GRIDS), newline, indicators),
     )
 
 
@@ -141,12 +148,23 @@ def ragged_view_items(model, tok) -> list[dict]:
     return items
 
 
-@pytest.mark.parametrize(
-    "projector,compressors",
-    [("tokenpacker", []), ("mlp2x_gelu", []), ("mlp2x_gelu", ["test_view_registers"])],
+LLAVOLTA = ComponentSpec(
+    "llavolta", {"schedule": [{"layer": 1, "stride": 3}], "inference": {"layer": 1, "stride": 3}}
 )
-def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compressors):
-    built = views_model(projector, compressors, seed=2)
+
+
+@pytest.mark.parametrize(
+    "projector,compressors,indicators",
+    [
+        ("tokenpacker", [], None),
+        ("mlp2x_gelu", [], None),
+        ("mlp2x_gelu", ["test_view_registers"], None),
+        ("tokenpacker", [], TINY_INDICATORS),
+        ("mlp2x_gelu", [LLAVOLTA], TINY_INDICATORS),
+    ],
+)
+def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compressors, indicators):
+    built = views_model(projector, compressors, seed=2, indicators=indicators)
     model, tok = built.model.eval(), built.tokenizer
     items = ragged_view_items(model, tok)
     batch = collate(items, tok.pad_token_id)
@@ -185,19 +203,26 @@ def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compre
 
 
 @pytest.mark.slow
-def test_export_keeps_the_views_and_their_newline(tmp_path):
-    built = views_model("mlp2x_gelu", seed=3)
+@pytest.mark.parametrize("indicators", [None, TINY_INDICATORS])
+def test_export_keeps_the_views_and_their_newline(tmp_path, indicators):
+    built = views_model("mlp2x_gelu", seed=3, indicators=indicators)
     with torch.no_grad():
         built.model.views.image_newline.add_(1.0)  # not the value a fresh build would draw
     export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [], "tiny")
     loaded = load_pretrained(tmp_path / "export").model
     assert loaded.view_grids == built.model.view_grids
+    assert loaded.views.config == built.model.views.config
     assert torch.equal(loaded.views.image_newline, built.model.views.image_newline)
     pixels, grids = torch.randn(5, 3, 64, 64), torch.tensor([[2, 2]])
     with torch.no_grad():
-        assert torch.equal(
-            loaded.encode_images(pixels, grids)[0], built.model.eval().encode_images(pixels, grids)[0]
+        (mine,), (theirs,) = (
+            loaded.encode_images(pixels, grids),
+            built.model.eval().encode_images(pixels, grids),
         )
+    if indicators is not None:
+        assert torch.equal(mine.is_visual, theirs.is_visual)
+        mine, theirs = mine.embeds, theirs.embeds
+    assert torch.equal(mine, theirs)
 
 
 def test_views_newline_trains_with_the_projector():
@@ -262,3 +287,109 @@ def test_recipe_errors_name_the_views_keys():
     recipe["stages"][0]["objective"] = "lm"
     with pytest.raises(RecipeError, match="model.views.grids"):
         recipe_from_dict(recipe)
+
+
+def test_crop_indicators_name_each_view_as_text_before_its_tokens():
+    model = views_model("mlp2x_gelu", ["test_view_registers"], indicators=TINY_INDICATORS).model
+    per_view = model.vision.num_patches + 1
+    views = numbered_views(1 + 4, per_view, TEST_TINY.llm_width)
+    (out,) = model.views.arrange(views, ViewLayout.from_grids(torch.tensor([[2, 2]])), None, model.llm.embed)
+    assert isinstance(out, ImageTokens)
+    text = {
+        (WHOLE, WHOLE): ["objects", ":"],
+        **{(r, c): ["at", str(r), str(c), ":"] for r in range(2) for c in range(2)},
+    }
+    expected_visual, expected = [], []
+    for i, (row, col) in enumerate([(WHOLE, WHOLE), (0, 0), (0, 1), (1, 0), (1, 1)]):
+        ids = model.views.indicator_ids[row, col]
+        assert len(ids) == len(text[row, col])
+        expected.append(model.llm.embed(torch.tensor(ids)))
+        expected.append(views[i])
+        expected_visual += [False] * len(ids) + [True] * per_view
+        if col == 1:  # the newline ends each row of crops
+            expected.append(model.views.image_newline[None])
+            expected_visual.append(True)
+    assert torch.equal(out.embeds, torch.cat(expected))
+    assert out.is_visual.tolist() == expected_visual
+    assert int(out.is_visual.sum()) == model.visual_tokens((2, 2)) == 5 * per_view + 2
+    assert model.views.text_tokens((2, 2)) == 2 + 4 * 4
+    assert model.image_sequence_tokens((2, 2)) == model.visual_tokens((2, 2)) + 18
+
+
+def test_crop_indicators_are_text_in_the_merged_sequence():
+    """Every view is its own span of visual tokens; the indicators are context, never prompt."""
+    built = views_model("mlp2x_gelu", indicators=TINY_INDICATORS, seed=1)
+    model, tok = built.model.eval(), built.tokenizer
+    items = ragged_view_items(model, tok)
+    batch = collate(items, tok.pad_token_id)
+    with torch.no_grad():
+        state = model.prepare(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            image_grids=batch["image_grids"],
+        )
+    for b, views in enumerate((5, 3)):
+        spans = state.visual_spans(b)
+        assert len(spans) == views
+        first, last = spans[0][0], spans[-1][1]
+        role = state.role[b]
+        inside = torch.arange(first, last)
+        between = inside[~state.visual_mask[b, first:last]]
+        assert len(between) == model.views.text_tokens(tuple(batch["image_grids"][b].tolist())) - 2
+        assert (role[between] == CONTEXT).all() and (role[state.visual_mask[b]] == VISUAL).all()
+        ids = batch["input_ids"][b][batch["attention_mask"][b]]
+        after_image = len(ids) - 2  # the text after <image>: the prompt
+        assert int((role == PROMPT).sum()) == after_image
+        assert int(state.attention_mask[b].sum()) == len(ids) - 1 + model.image_sequence_tokens(
+            tuple(batch["image_grids"][b].tolist())
+        )
+
+
+def test_llavolta_pools_each_span_of_a_split_image_on_its_own():
+    built = views_model("mlp2x_gelu", [LLAVOLTA], indicators=TINY_INDICATORS, seed=1)
+    model, tok = built.model.eval(), built.tokenizer
+    batch = collate(ragged_view_items(model, tok)[:1], tok.pad_token_id)
+    with torch.no_grad():
+        state = model.prepare(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            image_grids=batch["image_grids"],
+        )
+        pooled = model.compressors[0].before_layer(1, state)
+    spans = state.visual_spans(0)
+    assert len(pooled.visual_spans(0)) == len(spans) == 5
+    for (start, end), (new_start, new_end) in zip(spans, pooled.visual_spans(0), strict=True):
+        groups = torch.arange(start, end).split(3)
+        assert new_end - new_start == len(groups)
+        for g, column in zip(groups, range(new_start, new_end), strict=True):
+            assert torch.allclose(pooled.hidden[0, column], state.hidden[0, g].mean(0), atol=1e-6)
+            assert int(pooled.position_ids[0, column]) == int(state.position_ids[0, g].float().mean())
+    text = state.attention_mask[0] & ~state.visual_mask[0]
+    assert torch.equal(pooled.hidden[0][~pooled.visual_mask[0]], state.hidden[0][text])
+
+
+def test_crop_indicators_the_tokenizer_cannot_write_are_a_clear_error():
+    with pytest.raises(UserError, match="model.views.indicators.*<global_img>"):
+        views_model("mlp2x_gelu", indicators=CropIndicators())  # FALCON's own: unknown words here
+    with pytest.raises(UserError, match="tokenize the same"):
+        views_model("mlp2x_gelu", indicators=CropIndicators("at 0 0 :", "at {row} {col} :"))
+
+
+def test_recipe_errors_name_the_indicator_keys():
+    from train.recipe import RecipeError, recipe_from_dict
+
+    recipe = {
+        "description": "x",
+        "output": "o",
+        "model": {"views": {"grids": [[2, 2]], "indicators": {"crop": "crop {row}"}}},
+        "stages": [{"name": "v", "steps": 1}],
+    }
+    with pytest.raises(RecipeError, match="model.views.indicators.crop.*both"):
+        recipe_from_dict(recipe)
+    recipe["model"]["views"]["indicators"] = {"crop": "crop {row} {column}"}
+    with pytest.raises(RecipeError, match="model.views.indicators.crop"):
+        recipe_from_dict(recipe)
+    recipe["model"]["views"]["indicators"] = {}  # FALCON's own strings
+    assert recipe_from_dict(recipe).model.views.indicators == CropIndicators()

@@ -278,7 +278,7 @@ def train_stage(
         built.tokenizer,
         built.hf.config.vision_config.image_size,
         model.image_token_id,
-        model.visual_tokens if model.view_grids and stage.views else model.visual_tokens(),
+        model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
         view_grids=model.view_grids if stage.views else None,  # `views: false`: whole images only

@@ -16,6 +16,9 @@ Positions: a pooled token takes its group's mean position. `positions: float16` 
 authors' code does (the positions cast to float16, averaged, the mean rounded to float16 and
 truncated to an integer), `exact` keeps the float mean (RoPE takes fractional positions).
 
+An image split by text (FALCON's crop indicators between its views, models/views.py) is pooled
+span by span: a group never mixes two views.
+
 A span whose length is not a multiple of S: its last, shorter group is averaged on its own, so
 ⌈L/S⌉ tokens remain and no visual token is dropped (the authors' `avg_pool1d` would drop the
 remainder; with 576 tokens and S in {2, 4, 8, 16} there is none).
@@ -167,14 +170,17 @@ class LLaVolta(Compressor):
         layer = self.host_layer(phase.layer)
         if layer is None or layer_idx != max(layer, 0) or not bool(state.visual_mask.any()):
             return state
+        rounding = self.config.positions
         spans, positions = [], []
         for b in range(state.hidden.shape[0]):
-            where = state.visual_mask[b] & state.attention_mask[b]
-            pooled, pos = pool_span(
-                state.hidden[b, where], state.position_ids[b, where], phase.stride, self.config.positions
-            )
-            spans.append(pooled)
-            positions.append(pos)
+            pooled = [
+                pool_span(
+                    state.hidden[b, start:end], state.position_ids[b, start:end], phase.stride, rounding
+                )
+                for start, end in state.visual_spans(b)
+            ]
+            spans.append([tokens for tokens, _ in pooled])
+            positions.append(torch.cat([pos for _, pos in pooled]) if pooled else state.position_ids[b, :0])
         if layer < 0:  # before the LLM: as if the projector had emitted the pooled tokens
             return state.replace_visual(spans, positions="renumber")
         return state.replace_visual(spans, positions=positions)

@@ -105,9 +105,12 @@ def layer_tokens(built: Built, batch: dict) -> tuple[list[int], int]:
 
 
 def text_tokens(model, batch: dict) -> int:
-    """Text tokens of a 1-sample batch (its real tokens but the <image> placeholders)."""
+    """Text tokens of a 1-sample batch: its real tokens but the <image> placeholders, and the
+    crop indicators its images bring (models/views.py)."""
     ids = batch["input_ids"][batch["attention_mask"].bool()]
-    return int((ids != model.image_token_id).sum())
+    grids = batch.get("image_grids")
+    indicators = sum(model.views.text_tokens(tuple(g)) for g in grids.tolist()) if grids is not None else 0
+    return int((ids != model.image_token_id).sum()) + indicators
 
 
 def generate(built: Built, batch: dict, new_tokens: int):
