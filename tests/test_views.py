@@ -236,9 +236,14 @@ def test_views_newline_trains_with_the_projector():
     assert not model.views.image_newline.requires_grad
 
 
-def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path):
+@pytest.mark.parametrize("indicators", [False, True])
+def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path, indicators):
     from train.recipe import recipe_from_dict
     from train.run import run_recipe
+
+    views = {"grids": [[1, 1], [2, 2]]}
+    if indicators:
+        views["indicators"] = {"whole": TINY_INDICATORS.whole, "crop": TINY_INDICATORS.crop}
 
     recipe = recipe_from_dict(
         {
@@ -255,7 +260,7 @@ def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path):
                     "llm_heads": 2,
                 },
                 "projector": {"name": "tokenpacker", "scale": 2},
-                "views": {"grids": [[1, 1], [2, 2]]},
+                "views": views,
             },
             "data": {
                 "synthetic": {"train": 64, "test": 4, "image_size": 128},
@@ -268,7 +273,9 @@ def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path):
         }
     )
     metrics = run_recipe(recipe)
-    assert metrics["visual_tokens"] == 16 + 8 * 9  # thumbnail + 2×2 crops as 8 lines of 8 + newline
+    # thumbnail + 2×2 crops as 8 lines of 8 + newline; with indicators crop by crop, a newline
+    # after each row of crops
+    assert metrics["visual_tokens"] == (16 + 4 * 16 + 2 if indicators else 16 + 8 * 9)
     assert metrics["count"] == 4 * len(FAMILIES)
 
 
