@@ -237,7 +237,7 @@ class SequenceState:
         device = real.device
         index = torch.arange(real.shape[0], device=device)
         bounds = [0, *(column for span in spans for column in span), real.shape[0]]
-        texts = [
+        texts = [  # the real columns before, between and after the spans
             (real & (index >= lo) & (index < hi)).nonzero().flatten()
             for lo, hi in zip(bounds[::2], bounds[1::2], strict=True)
         ]
@@ -246,28 +246,39 @@ class SequenceState:
             given = [
                 torch.stack([g.mean() for g in self.position_ids[b, start:end].float().tensor_split(n)])
                 if n
-                else self.position_ids.new_zeros(0, dtype=torch.float32)
+                else torch.zeros(0, device=device)
                 for (start, end), n in zip(spans, sizes, strict=True)
             ]
-        elif not isinstance(positions, str):
+        elif isinstance(positions, str):  # "renumber": set below, once the row is laid out
+            given = [None] * len(spans)
+        else:
             given = list(positions[: sum(sizes)].to(device).split(sizes))
-        hidden, pos, vmask, labels, role = [], [], [], [], []
-        for i, text in enumerate(texts):
-            hidden.append(self.hidden[b, text])
-            pos.append(self.position_ids[b, text])
-            vmask.append(self.visual_mask[b, text])
-            labels.append(self.labels[b, text] if self.labels is not None else None)
-            role.append(self.role[b, text] if self.role is not None else None)
-            if i == len(spans):
-                break
+
+        def text(columns):
+            labels = self.labels[b, columns] if self.labels is not None else None
+            role = self.role[b, columns] if self.role is not None else None
+            return (
+                self.hidden[b, columns],
+                self.position_ids[b, columns],
+                self.visual_mask[b, columns],
+                labels,
+                role,
+            )
+
+        def new(i):
             n = sizes[i]
-            hidden.append(news[i].to(self.hidden.dtype))
-            pos.append(given[i] if not isinstance(positions, str) or positions == "average" else None)
-            vmask.append(torch.ones(n, dtype=torch.bool, device=device))
+            labels = role = None
             if self.labels is not None:
-                labels.append(torch.full((n,), IGNORE_INDEX, dtype=self.labels.dtype, device=device))
+                labels = torch.full((n,), IGNORE_INDEX, dtype=self.labels.dtype, device=device)
             if self.role is not None:
-                role.append(torch.full((n,), VISUAL, dtype=self.role.dtype, device=device))
+                role = torch.full((n,), VISUAL, dtype=self.role.dtype, device=device)
+            ones = torch.ones(n, dtype=torch.bool, device=device)
+            return news[i].to(self.hidden.dtype), given[i], ones, labels, role
+
+        parts = [text(texts[0])]
+        for i in range(len(spans)):
+            parts += [new(i), text(texts[i + 1])]
+        hidden, pos, vmask, labels, role = zip(*parts, strict=True)
         hidden = torch.cat(hidden)
         if isinstance(positions, str) and positions == "renumber":
             positions = torch.arange(hidden.shape[0], device=device, dtype=self.position_ids.dtype)
