@@ -323,19 +323,24 @@ def test_crop_indicators_name_each_view_as_text_before_its_tokens():
     assert model.image_sequence_tokens((2, 2)) == model.visual_tokens((2, 2)) + 18
 
 
+def prepared(model, batch):
+    """The model's sequence state for a collated multi-view batch, without gradients."""
+    with torch.no_grad():
+        return model.prepare(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            image_grids=batch["image_grids"],
+        )
+
+
 def test_crop_indicators_are_text_in_the_merged_sequence():
     """Every view is its own span of visual tokens; the indicators are context, never prompt."""
     built = views_model("mlp2x_gelu", indicators=TINY_INDICATORS, seed=1)
     model, tok = built.model.eval(), built.tokenizer
     items = ragged_view_items(model, tok)
     batch = collate(items, tok.pad_token_id)
-    with torch.no_grad():
-        state = model.prepare(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            image_grids=batch["image_grids"],
-        )
+    state = prepared(model, batch)
     for b, views in enumerate((5, 3)):
         spans = state.visual_spans(b)
         assert len(spans) == views
@@ -357,13 +362,8 @@ def test_llavolta_pools_each_span_of_a_split_image_on_its_own():
     built = views_model("mlp2x_gelu", [LLAVOLTA], indicators=TINY_INDICATORS, seed=1)
     model, tok = built.model.eval(), built.tokenizer
     batch = collate(ragged_view_items(model, tok)[:1], tok.pad_token_id)
+    state = prepared(model, batch)
     with torch.no_grad():
-        state = model.prepare(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["pixel_values"],
-            image_grids=batch["image_grids"],
-        )
         pooled = model.compressors[0].before_layer(1, state)
     spans = state.visual_spans(0)
     assert len(pooled.visual_spans(0)) == len(spans) == 5
