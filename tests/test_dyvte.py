@@ -1,6 +1,7 @@
 """DyVTE: per-layer routers that drop a sample's visual tokens, trained by the authors' rule."""
 
 import csv
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,6 +63,34 @@ def test_the_label_rule_on_a_hand_built_example():
     masked[1, :2] = torch.tensor([2.98, 0.0])  # loss 0.0495 vs 0.0486: within 3 %
     label, _ = exit_labels(state(normal), state(masked), head, 0.99, 1.03)
     assert label[1] == 1
+
+
+def test_the_router_feature_is_the_instruction_mean_and_the_last_prompt_token():
+    """By hand, per sample: the mean of the instruction tokens but the last (none for a one-token
+    instruction: zeros), then the last prompt token; again after an exit re-pads the batch (the
+    weights built for the first layout must not be reused)."""
+    built = dyvte()
+    component = built.model.compressors[0]
+    ids, mask, pixels, labels = inputs(built, prompts=((10, 11, 12), (10,), (12, 11)))
+    with torch.no_grad():
+        state = built.model.prepare(ids, mask, pixels, labels)
+    state.hidden = torch.randn(state.hidden.shape, generator=torch.Generator().manual_seed(0))
+
+    def by_hand(state):
+        rows = []
+        for b in range(state.hidden.shape[0]):
+            prompt = state.prompt_mask[b].nonzero()[:, 0]
+            hidden = state.hidden[b]
+            mean = hidden[prompt[:-1]].mean(0) if len(prompt) > 1 else torch.zeros(hidden.shape[1])
+            rows.append(torch.cat([mean, hidden[prompt[-1]]]))
+        return torch.stack(rows)
+
+    torch.testing.assert_close(component.feature(state), by_hand(state))
+    later = replace(state, hidden=state.hidden.flip(-1))  # the next layer: same layout
+    torch.testing.assert_close(component.feature(later), by_hand(later))
+    exited = state.keep(~(state.visual_mask & torch.tensor([True, False, False])[:, None]))
+    assert exited.hidden.shape[1] < state.hidden.shape[1]  # sample 0 was the longest
+    torch.testing.assert_close(component.feature(exited), by_hand(exited))
 
 
 def exit_by_prompt_length(self, layer, state):

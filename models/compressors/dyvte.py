@@ -103,6 +103,7 @@ class DyVTE(Compressor):
         )
         self.drawn: int | None = None  # the layer whose router learns this step
         self._pending = None  # (router logits, hidden-image final state) until after_llm
+        self._weights = None  # (layout, feature weights) of the last state seen
         self.reset_statistics()
 
     @classmethod
@@ -132,13 +133,26 @@ class DyVTE(Compressor):
 
     def feature(self, state: SequenceState) -> torch.Tensor:
         """(B, 2H): [mean of the instruction tokens but the last, the last prompt token]."""
+        batch = state.hidden.shape[0]
+        return torch.bmm(self.feature_weights(state), state.hidden).reshape(batch, -1)
+
+    def feature_weights(self, state: SequenceState) -> torch.Tensor:
+        """(B, 2, T) weights whose product with the hidden states (B, T, H) is the feature: row 0
+        averages the instruction tokens but the last (all zeros when there are none), row 1 picks
+        the last prompt token. They depend on the layout only, which stays the same from layer to
+        layer until a component re-pads the batch (new mask tensors), so a prefill builds them
+        once, not once per router: the routers' time is then mostly their MLPs."""
+        layout = (state.attention_mask, state.visual_mask, state.role, state.labels, state.hidden.dtype)
+        cached = self._weights
+        if cached is not None and all(a is b for a, b in zip(cached[0], layout, strict=True)):
+            return cached[1]
         last = state.last_prompt_index().clamp(min=0)  # -1: an answer from the first token on
         columns = torch.arange(state.hidden.shape[1], device=last.device)[None]
-        instruction = state.prompt_mask & (columns != last[:, None])
-        weights = instruction.to(state.hidden.dtype)
-        mean = (state.hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-        at_last = state.hidden.gather(1, last[:, None, None].expand(-1, 1, state.hidden.shape[-1]))[:, 0]
-        return torch.cat([mean, at_last], -1)
+        instruction = (state.prompt_mask & (columns != last[:, None])).to(state.hidden.dtype)
+        mean = instruction / instruction.sum(1, keepdim=True).clamp(min=1)
+        weights = torch.stack([mean, (columns == last[:, None]).to(mean.dtype)], 1)
+        self._weights = (layout, weights)
+        return weights
 
     def before_layer(self, layer_idx: int, state: SequenceState) -> SequenceState:
         layer = layer_idx - 1  # router `layer` reads that layer's output, the input of this one
