@@ -155,22 +155,31 @@ def real_width_towers(recipe_name: str, vision_layers: int | None) -> tuple:
     return model.eval(), model.compressors[0], config.vision_config.image_size
 
 
-def arithmetic_overhead(vision_config, views: int, registers: int) -> float:
-    """FALCON's FLOPs over the plain tower's for one image of `views` views, by vtc's counter
-    (models/flops.py), minus one: every layer runs `registers` more tokens per view, and ReAtten
-    adds Q/K/V/O projections and attention over the image's views × registers tokens."""
+def arithmetic_overhead(vision_config, views: int, registers: int) -> dict:
+    """FALCON's FLOPs over the plain tower's (all layers, as LLaVA runs it) for one image of
+    `views` views, by vtc's counter (models/flops.py), minus one. `registers_and_reatten`: what
+    the method adds — every layer runs `registers` more tokens per view, and ReAtten adds Q/K/V/O
+    projections and attention over the image's views × registers tokens. `net`: the tower as vtc
+    runs it, whose last layer computes the registers' rows only (the patches' outputs there are
+    never read), which pays for part of it."""
     d, layers = vision_config.hidden_size, vision_config.num_hidden_layers
     plain = views * vision_flops(vision_config)
     with_registers = views * vision_flops(vision_config, extra_tokens=registers)
+    rows_only = views * vision_flops(vision_config, extra_tokens=registers, last_layer_rows=registers)
     gathered = views * registers
     reatten = layers * 2.0 * (4 * gathered * d * d + 2 * gathered * gathered * d)
-    return (with_registers + reatten) / plain - 1
+    return {
+        "registers_and_reatten": round((with_registers + reatten) / plain - 1, 3),
+        "net": round((rows_only + reatten) / plain - 1, 3),
+    }
 
 
 def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> dict:
     """Median (and fastest) seconds of the vision tower on `images` images of a thumbnail + 2×2
-    crops each: as LLaVA runs it, and with FALCON's registers and ReAtten. Both calls go through the same
-    weights (the plain call passes no component), interleaved so drift hits both alike."""
+    crops each: as LLaVA runs it, with FALCON's registers and ReAtten as vtc runs them (the last
+    layer computes the registers' rows only), and the same with the whole last layer computed.
+    All calls go through the same weights (the plain call passes no component), interleaved so
+    drift hits them alike."""
     torch.set_num_threads(threads)
     model, component, size = towers
     layout = ViewLayout.from_grids(torch.tensor([[2, 2]] * images))
@@ -178,7 +187,18 @@ def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> di
     calls = {
         "tower_s": lambda: model.vision(pixels, views=layout),
         "with_falcon_s": lambda: model.vision(pixels, encoder=component, in_layers=[component], views=layout),
+        "with_falcon_whole_last_layer_s": lambda: whole_last_layer(
+            lambda: model.vision(pixels, encoder=component, in_layers=[component], views=layout)
+        ),
     }
+
+    def whole_last_layer(call):  # the tower's own forward, every row of its last layer computed
+        component.last_layer_rows = lambda: None
+        try:
+            return call()
+        finally:
+            del component.last_layer_rows
+
     times = defaultdict(list)
     with torch.no_grad():
         for i in range(repeats + 1):  # the first round warms up
@@ -195,11 +215,14 @@ def tower_cost(towers: tuple, images: int, repeats: int, threads: int = 2) -> di
         "vision_layers": len(model.vision.layers()),
         **{name: round(t, 4) for name, t in median.items()},
         "overhead": round(median["with_falcon_s"] / median["tower_s"] - 1, 3),
+        # what registers + ReAtten add when the last layer computes every row, as the tower would
+        "overhead_whole_last_layer": round(
+            median["with_falcon_whole_last_layer_s"] / median["tower_s"] - 1, 3
+        ),
         # a busy neighbour only ever slows a call down: the fastest calls are the least disturbed
         "overhead_of_fastest": round(fastest["with_falcon_s"] / fastest["tower_s"] - 1, 3),
-        "arithmetic_overhead": round(
-            arithmetic_overhead(model.vision.model.config, len(layout) // images, component.config.registers),
-            3,
+        "arithmetic_overhead": arithmetic_overhead(
+            model.vision.model.config, len(layout) // images, component.config.registers
         ),
     }
 

@@ -37,16 +37,24 @@ class PrefillFlops:
         return {"vision": self.vision, "projector": self.projector, "llm": self.llm, "total": self.total}
 
 
-def vision_flops(config, patches: int | None = None, extra_tokens: int = 0) -> float:
+def vision_flops(
+    config, patches: int | None = None, extra_tokens: int = 0, last_layer_rows: int | None = None
+) -> float:
     """One image through an HF CLIP/SigLIP vision config (all layers); `patches`: when the image
     enters at another size than the config's (default: (image_size / patch_size)²);
     `extra_tokens`: tokens appended after the embeddings (e.g. FALCON's registers), which run
-    through every layer but are not patch-embedded."""
+    through every layer but are not patch-embedded; `last_layer_rows`: the last layer computes
+    only this many rows' outputs (their Q, attention, O and MLP; K and V of every token), as
+    for a component that reads only its own tokens of that layer."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     patches = patches or (config.image_size // config.patch_size) ** 2
     n = patches + prefix_tokens(config) + extra_tokens  # + CLS (SigLIP has none)
+
+    def layer_macs(rows: int) -> int:
+        return 2 * n * d * d + 2 * rows * d * d + 2 * rows * n * d + 2 * rows * d * ff
+
     macs = patches * 3 * config.patch_size**2 * d  # patch embedding
-    macs += layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * ff)
+    macs += (layers - 1) * layer_macs(n) + layer_macs(n if last_layer_rows is None else last_layer_rows)
     return 2.0 * macs
 
 

@@ -2,7 +2,9 @@
 
 LLaVA-1.5 takes layer `feature_layer` (-2) of the tower and drops CLS ("default" strategy).
 An encoder-stage compressor may append tokens to the ViT input (a forward hook on the
-embeddings module, so the HF model runs unmodified) and choose which outputs to keep.
+embeddings module, so the HF modules run unmodified) and choose which outputs to keep; one that
+keeps only its own tokens of the last layer (`last_layer_rows`) gets that layer computed for
+those rows only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.compressors.base import Compressor, VisionFeatures
@@ -32,6 +35,37 @@ def _after_attention(
     for component in components:
         attention_output = component.after_vision_attention(layer_idx, layer_input, attention_output, views)
     return (attention_output, *rest)
+
+
+def layer_rows(
+    layer: nn.Module,
+    layer_idx: int,
+    hidden: torch.Tensor,
+    rows: int,
+    in_layers: list[Compressor],
+    views: ViewLayout,
+) -> torch.Tensor:
+    """An HF CLIP / SigLIP encoder layer's output at the final `rows` positions only: (V, T, Dv)
+    input → (V, rows, Dv). Those rows' queries attend to every key, as in the full layer; the
+    other rows' queries, attention outputs and MLP are never computed. The in-layer components
+    edit the attention output of these rows (`after_vision_attention` gets (V, rows, Dv))."""
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    batch, _, width = normed.shape
+    heads = attn.num_heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (V, n, Dv) → (V, heads, n, Dv / heads)
+        return t.view(batch, t.shape[1], heads, width // heads).transpose(1, 2)
+
+    query = split(attn.q_proj(normed[:, -rows:]))
+    key, value = split(attn.k_proj(normed)), split(attn.v_proj(normed))
+    dropout = attn.dropout if attn.training else 0.0
+    mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=attn.scale)
+    output = attn.out_proj(mixed.transpose(1, 2).reshape(batch, rows, width))
+    for component in in_layers:
+        output = component.after_vision_attention(layer_idx, normed, output, views)
+    tail = hidden[:, -rows:] + output
+    return tail + layer.mlp(layer.layer_norm2(tail))
 
 
 class VisionTower(nn.Module):
@@ -95,6 +129,32 @@ class VisionTower(nn.Module):
             hook.remove()
         self._kept_hooks = []
 
+    def _run_to_last_layer_rows(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate: bool,
+        rows: int,
+        in_layers: list[Compressor],
+        views: ViewLayout,
+    ) -> tuple[torch.Tensor, ...]:
+        """The tower's hidden states as HF's forward gives them, but the last layer computes only
+        the final `rows` rows: entry -1 is (V, rows, Dv). For an encoder component that reads
+        only the tokens it appended of the last layer (FALCON's registers), the patches' outputs
+        there would be thrown away: this saves most of one layer of the tower. The tower's own
+        modules run in HF's order (embeddings, CLIP's pre-norm, the layers) with this call's
+        hooks; only the last layer is taken apart (`layer_rows`)."""
+        tower = getattr(self.model, "vision_model", self.model)
+        hidden = tower.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+        if hasattr(tower, "pre_layrnorm"):  # CLIP; SigLIP has none
+            hidden = tower.pre_layrnorm(hidden)
+        states = [hidden]
+        *body, last = self.layers()
+        for layer in body:
+            hidden = layer(hidden, None)  # no attention mask in a vision tower
+            states.append(hidden)
+        states.append(layer_rows(last, len(body), hidden, rows, in_layers, views))
+        return tuple(states)
+
     def layers(self) -> list[nn.Module]:
         """The encoder's layers (HF CLIP / SigLIP `EncoderLayer`s), in order."""
         return list(getattr(self.model, "vision_model", self.model).encoder.layers)
@@ -128,10 +188,17 @@ class VisionTower(nn.Module):
         for idx, layer in enumerate(self.layers() if in_layers else []):
             hook = partial(_after_attention, idx, list(in_layers), views)
             hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+        rows = encoder.last_layer_rows() if encoder is not None else None
         try:
             dtype = next(self.model.parameters()).dtype
-            resized = {"interpolate_pos_encoding": True} if grid != self.grid else {}
-            out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **resized)
+            if rows:
+                hidden_states = self._run_to_last_layer_rows(
+                    pixel_values.to(dtype), grid != self.grid, rows, list(in_layers), views
+                )
+            else:
+                resized = {"interpolate_pos_encoding": True} if grid != self.grid else {}
+                out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **resized)
+                hidden_states = out.hidden_states
         finally:
             if torch.is_grad_enabled() and self.model.is_activation_checkpointing:
                 # checkpointed layers run their forward again in backward, hooks and all: keep
@@ -140,7 +207,6 @@ class VisionTower(nn.Module):
             else:
                 for hook in hooks:
                     hook.remove()
-        hidden_states = out.hidden_states
         if encoder is not None:
             extra = {"plain": plain} if plain is not None else {}
             if encoder.uses_cls_attention:

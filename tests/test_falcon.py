@@ -69,6 +69,44 @@ def test_registers_enter_without_position_embedding_and_only_they_leave(kind):
     assert model.visual_tokens() == M
 
 
+@pytest.mark.parametrize("kind", TOWERS)
+def test_the_last_layer_computes_only_the_registers_and_they_equal_the_full_layers(kind, monkeypatch):
+    """Only the registers leave the tower, so its last layer runs their rows only (each against
+    every key): the same outputs and gradients as the whole layer of HF's own forward, in
+    training (ReAtten on, a ragged batch of views), and the last MLP sees V × M rows."""
+    from models.compressors.falcon import Falcon
+    from models.views import ViewLayout
+
+    pixels, grids = two_images()
+    layout = ViewLayout.from_grids(grids)
+
+    def run(rows_only: bool):
+        if not rows_only:
+            monkeypatch.setattr(Falcon, "last_layer_rows", lambda self: None)
+        model = falcon_model(kind, seed=2).model.train()
+        falcon = model.compressors[0]
+        shapes = []
+        hook = model.vision.layers()[-1].mlp.register_forward_pre_hook(
+            lambda _m, a: shapes.append(a[0].shape)
+        )
+        features = model.vision(pixels, encoder=falcon, in_layers=[falcon], views=layout)
+        hook.remove()
+        features.selected.square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        monkeypatch.undo()
+        return features, shapes, grads
+
+    (fast, fast_shapes, fast_grads), (full, full_shapes, full_grads) = run(True), run(False)
+    torch.testing.assert_close(fast.selected, full.selected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast.hidden_states[:-1], full.hidden_states[:-1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the layers before run as HF runs them
+    assert fast.hidden_states[-1].shape == (8, M, full.hidden_states[-1].shape[-1])
+    assert fast_shapes == [(8, M, fast.hidden_states[-1].shape[-1])] and full_shapes[0][1] > M
+    assert "compressors.0.reatten.1.q_proj.weight" in fast_grads and fast_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_reatten_starts_as_a_copy_of_each_layers_attention():
     model = falcon_model().model
     for reatten, layer in zip(model.compressors[0].reatten, model.vision.layers(), strict=True):

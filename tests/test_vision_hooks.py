@@ -98,3 +98,10 @@ def test_where_the_patches_sit_is_recorded_once():
     # appended tokens (registers) run every layer but, unlike patches, are not patch-embedded
     patches = (clip.image_size // clip.patch_size) ** 2
     assert vision_flops(clip) < vision_flops(clip, extra_tokens=4) < vision_flops(clip, patches + 4)
+    # a last layer that computes 4 rows only skips, for every other row, its query and output
+    # projections, its attention row and its MLP: 2 FLOPs per multiply-add
+    n, d, ff = patches + 1 + 4, clip.hidden_size, clip.intermediate_size
+    skipped = 2.0 * (n - 4) * (2 * d * d + 2 * n * d + 2 * d * ff)
+    assert (
+        vision_flops(clip, extra_tokens=4, last_layer_rows=4) == vision_flops(clip, extra_tokens=4) - skipped
+    )

@@ -217,6 +217,13 @@ class Compressor(nn.Module):
     # encoder layer then trains when the tower does
     reads_last_vision_layer: ClassVar[bool] = False
 
+    def last_layer_rows(self) -> int | None:
+        """How many final rows of the tower's last layer select() reads, when that is all it
+        reads of that layer (e.g. the tokens it appended), else None. The tower then computes
+        only those rows of its last layer, each row's query against every key, and hidden state
+        -1 holds just them."""
+        return None
+
     def wants_plain_features(self) -> bool:
         """True when select() should also get `plain=` (V, N, Dv): the tower's own features of
         these views (LLaVA's feature layer and selection, no component, LoRA adapters off, no

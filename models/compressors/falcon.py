@@ -6,7 +6,9 @@ registers get none; each view's registers add a crop embedding 0.5·(E_row[r] + 
 `Embedding(anchor_max + 1, Dv)`; a whole image or thumbnail uses index anchor_max). The tower
 runs as usual and only the M register outputs of its **last** layer leave it (after
 `post_layernorm` on SigLIP, raw on CLIP): 576 → 64 tokens per view at M = 64 (9×), M = 36 gives
-16×. The projector (LLaVA's MLP) maps them to the LLM.
+16×. The projector (LLaVA's MLP) maps them to the LLM. As nothing reads the patches' outputs of
+the last layer, that layer computes the registers' rows only (`last_layer_rows`; each register
+still attends to every token), which saves most of one layer of the tower.
 
 **ReAtten.** In every encoder layer, after self-attention and before the residual add, the
 register outputs of all views of one image are gathered (padded, with a key-padding mask, so a
@@ -189,6 +191,9 @@ class Falcon(Compressor):
         padded[image, slot] = registers
         mixed = self.reatten[layer_idx](padded.flatten(1, 2), valid).view_as(padded)[image, slot]
         return torch.cat([attention_output[:, :-m], registers + mixed], dim=1)
+
+    def last_layer_rows(self) -> int:
+        return self.config.registers  # only the registers leave the tower
 
     def wants_plain_features(self) -> bool:
         return "register_distill" in self.training_terms() and torch.is_grad_enabled()
