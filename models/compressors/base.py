@@ -248,7 +248,8 @@ class Compressor(nn.Module):
         """Encoder layer `layer_idx`'s self-attention output (B, T, Dv), before it is added to
         the residual stream; `layer_input` (B, T, Dv) is what the attention read (after the
         layer's first norm); B counts views, laid out by `views`. Returns the output to add
-        instead."""
+        instead. In a last layer run for an encoder component's `last_layer_rows` only, the
+        output holds those final rows only (B, rows, Dv)."""
         return attention_output
 
     def start_from_base_projector(self, projector: nn.Module) -> bool:
