@@ -5,6 +5,11 @@ Conventions (papers differ; these are vtc's):
 - Vision tower: patch embedding + every encoder layer the HF tower runs (all of them, although
   LLaVA reads layer -2): Q/K/V/O projections, attention's quadratic terms (QKᵀ and AV over the
   full n×n map), 2-matrix MLP. Norms, softmax, activations and biases are not counted.
+  `vtc evaluate` counts the tower it runs with torch's counter instead (`counted_flops`), which
+  gives the same figure for a plain CLIP tower (tests/test_flops.py) and also counts what runs
+  beyond it: an encoder component's additions and savings (FALCON's registers, ReAtten and
+  register-only last layer) and SigLIP's pooling head, which HF's forward computes although
+  LLaVA reads a hidden state.
 - Projector / compressor modules: counted by `torch.utils.flop_counter` on meta tensors (exact
   for whatever the component computes, no weights needed).
 - LLM: per layer with that layer's own token count (in-LLM compressors shorten later layers):
@@ -18,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from models.vision import prefix_tokens
 
@@ -74,11 +79,26 @@ def llm_flops(config, layer_tokens: list[int]) -> float:
     return 2.0 * macs
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)  # shapes: the counter passes shapes, not tensors
+
+
+# torch's counter knows the CUDA attention kernels but not the one sdpa picks on CPU, which it
+# would otherwise count as zero
+_UNREGISTERED = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def counted_flops(fn, *inputs) -> float:
+    """FLOPs of fn(*inputs) counted by torch's FlopCounterMode (2 per multiply-add): matmuls,
+    convolutions and attention kernels, as the analytic counter."""
+    with FlopCounterMode(display=False, custom_mapping=_UNREGISTERED) as counter, torch.no_grad():
+        fn(*inputs)
+    return float(counter.get_total_flops())
+
+
 def module_flops(module: torch.nn.Module, *inputs) -> float:
     """FLOPs of module(*inputs) counted by torch's FlopCounterMode (2 per multiply-add)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*inputs)
-    return float(counter.get_total_flops())
+    return counted_flops(module, *inputs)
 
 
 def prefill_flops(
@@ -89,17 +109,21 @@ def prefill_flops(
     projector_flops: float = 0.0,
     images: int = 1,
     vision_patches: int | None = None,
+    vision: float | None = None,
 ) -> PrefillFlops:
     """Prefill FLOPs of one sample: `images` images, `visual_tokens` entering the LLM, `text_tokens`
     of text. `layer_tokens` overrides the per-layer sequence length (in-LLM compressors);
-    `vision_patches` the patches per image of a tower fed a smaller image (down-sampling)."""
+    `vision_patches` the patches per image of a tower fed a smaller image (down-sampling);
+    `vision` the tower's FLOPs for all images, counted elsewhere, instead of the analytic ones."""
     text = llava_config.text_config
     if layer_tokens is None:
         layer_tokens = [text_tokens + visual_tokens] * text.num_hidden_layers
     if len(layer_tokens) != text.num_hidden_layers:
         raise ValueError(f"layer_tokens has {len(layer_tokens)} entries for {text.num_hidden_layers} layers")
+    if vision is None:
+        vision = images * vision_flops(llava_config.vision_config, vision_patches)
     return PrefillFlops(
-        images * vision_flops(llava_config.vision_config, vision_patches),
+        vision,
         images * projector_flops,
         llm_flops(text, layer_tokens),
     )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE_INDEX
-from models.compressors.base import Compressor, ModelDims, Progress
+from models.compressors.base import Compressor, ModelDims, Progress, VisionFeatures
 from models.llm import LanguageModel, next_positions
 from models.sequence import RESPONSE, SequenceState, pad_rows, roles_of
 from models.views import ImageTokens, MultiViewConfig, ViewArranger, ViewLayout
@@ -166,6 +166,17 @@ class VtcLlava(nn.Module):
         is one view; with `image_grids` (I, 2) = (rows, cols) per image, `pixel_values` holds each
         image's thumbnail then its rows·cols crops and the result is a list of I (N_i, H), or
         of I `ImageTokens` when crop indicators lie between the views."""
+        features, layout = self.vision_features(pixel_values, image_grids)
+        tokens = self.projector(features)
+        if image_grids is None:
+            return tokens
+        return self.views.arrange(tokens, layout, self._view_side(), self.llm.embed)
+
+    def vision_features(
+        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None
+    ) -> tuple[VisionFeatures, ViewLayout]:
+        """The vision tower's features of (V, 3, S, S) views, with the encoder components acting
+        in it, and the views' layout (`encode_images` takes the same arguments)."""
         if image_grids is not None and self.views is None:
             raise ValueError("image_grids given but this model was built without views")
         layout = (
@@ -181,10 +192,7 @@ class VtcLlava(nn.Module):
             in_layers=in_layers,
             views=layout,
         )
-        tokens = self.projector(features)
-        if image_grids is None:
-            return tokens
-        return self.views.arrange(tokens, layout, self._view_side(), self.llm.embed)
+        return features, layout
 
     def merge(
         self,

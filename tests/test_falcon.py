@@ -107,6 +107,25 @@ def test_the_last_layer_computes_only_the_registers_and_they_equal_the_full_laye
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", TOWERS)
+def test_the_flops_vtc_evaluate_counts_include_registers_reatten_and_the_last_layers_saving(kind):
+    """The tower as it runs: per view the plain tower with M more tokens in every layer and a
+    last layer of M rows; with ReAtten, in every layer its projections and attention over the
+    registers of the image's V views (V·M rows), 2 FLOPs per multiply-add."""
+    from models.flops import counted_flops, vision_flops
+
+    pixels, grids = torch.randn(5, 3, 64, 64), torch.tensor([[2, 2]])
+    counted = {}
+    for reatten in (False, True):
+        built = falcon_model(kind, reatten=reatten)
+        counted[reatten] = counted_flops(built.model.eval().vision_features, pixels, grids)
+    config = built.hf.config.vision_config
+    assert counted[False] == 5 * vision_flops(config, extra_tokens=M, last_layer_rows=M)
+    rows, d = 5 * M, config.hidden_size
+    per_layer = 2 * (4 * rows * d * d + 2 * rows * rows * d)  # Q, K, V, O; QKᵀ and AV
+    assert counted[True] - counted[False] == config.num_hidden_layers * per_layer
+
+
 def test_reatten_starts_as_a_copy_of_each_layers_attention():
     model = falcon_model().model
     for reatten, layer in zip(model.compressors[0].reatten, model.vision.layers(), strict=True):

@@ -45,3 +45,25 @@ def test_per_layer_tokens_count_in_llm_shortening(config):
     assert full - llm_flops(config.text_config, [0] * layers) == pytest.approx(layers * one_layer)
     with pytest.raises(ValueError, match="layer_tokens"):
         prefill_flops(config, 60, 576, layer_tokens=[1, 2])
+
+
+@pytest.mark.parametrize("vision_type", ["clip", "siglip"])
+def test_the_counted_tower_equals_the_analytic_count(vision_type):
+    """`vtc evaluate` counts the tower it runs (attention on CPU included); on a plain tower that
+    is the analytic figure per view, plus SigLIP's pooling head, which HF's forward computes
+    although LLaVA reads a hidden state."""
+    import dataclasses
+
+    from models.flops import counted_flops, vision_flops
+    from tests.conftest import TEST_TINY
+
+    built = build("tiny", tiny=dataclasses.replace(TEST_TINY, vision_type=vision_type))
+    config = built.hf.config.vision_config
+    pixels = torch.randn(3, 3, config.image_size, config.image_size)
+    hf_tower = built.model.vision.model
+    head = getattr(getattr(hf_tower, "vision_model", hf_tower), "head", None)
+    tokens = torch.randn(1, (config.image_size // config.patch_size) ** 2, config.hidden_size)
+    pooling = module_flops(head, tokens) if head is not None else 0.0
+    assert (head is not None) == (vision_type == "siglip")
+    expected = 3 * (vision_flops(config) + pooling)
+    assert counted_flops(built.model.eval().vision_features, pixels) == expected
