@@ -98,7 +98,14 @@ def step_times(repeats: int = 12, batch_size: int = 32) -> dict:
     built = build_from_recipe(recipe)  # step time does not depend on the weights
     model, data = built.model.train(), split_shards(recipe.data, "train")
     dataset = ConversationDataset(
-        data, built.tokenizer, "vicuna_v1", 64, model.image_token_id, 512, model.visual_tokens()
+        data,
+        built.tokenizer,
+        "vicuna_v1",
+        64,
+        model.image_token_id,
+        512,
+        model.visual_tokens(),
+        turns=recipe.data.turns,
     )
     batch = collate([dataset[i] for i in range(batch_size)], built.tokenizer.pad_token_id)
     for p in model.vision.parameters():
