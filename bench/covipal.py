@@ -67,6 +67,7 @@ def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
     }
 
 
+@torch.no_grad()
 def time_tiny(run_dir: Path, repeats: int = 20) -> dict:
     """Measured prefill (batch 8, one generated token) of the frozen base and of the trained
     scorer at its recipe's reserve, and the scorer's own time, on the tiny model."""
