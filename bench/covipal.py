@@ -3,14 +3,16 @@ and the scorer's cost against the prefill it saves.
 
     python bench/covipal.py [--seeds 0,1,2] [--keep DIR] [--e2e]
     python bench/covipal.py --cost          # only the scorer's cost (seconds)
+    python bench/covipal.py --time-7b       # only its time at the 7B shapes (20 s, 1.5 GB)
 
 For each seed, `tiny/covipal` (stage 1; with --e2e also `tiny/covipal-e2e`, stage 1 then the
 soft-mask stage) trains the scorer on the frozen shipped base; `vtc evaluate` then measures the
 trained scorer at 32, 16 and 8 of the 64 visual tokens next to the uncompressed base and the
 training-free baselines at the same counts (the baselines once: they do not depend on the seed).
 Cost: the scorer's FLOPs on the LLaVA-1.5-7B shapes (576 visual + 60 text tokens, 144 kept)
-against the LLM FLOPs its pruning saves, and on the tiny model its measured time against the
-measured prefill time saved. Prints measured figures only; the README quotes them.
+against the LLM FLOPs its pruning saves, and its measured time against the measured prefill
+time saved, on the tiny model and (one decoder layer timed, times 32) at the 7B shapes. Prints
+measured figures only; the README quotes them.
 """
 
 import argparse
@@ -48,9 +50,13 @@ def one_prompt_state(width: int, visual: int, text: int) -> SequenceState:
     )
 
 
+def llava_7b_config():
+    return build(resolve_base("models/configs/llava-1.5-7b-hf"), device="meta").hf.config
+
+
 def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
     """Scorer FLOPs (counted by torch on real tensors) vs the LLM FLOPs pruning saves on 7B."""
-    config = build(resolve_base("models/configs/llava-1.5-7b-hf"), device="meta").hf.config
+    config = llava_7b_config()
     dims = dims_of(config)
     scorer = build_component("covipal", {"guidance_layer": 16}, dims)
     state = one_prompt_state(dims.llm_width, visual, text)
@@ -64,6 +70,37 @@ def flops_7b(text: int = 60, visual: int = 576, kept: int = 144) -> dict:
         "scorer_gflops": round(counter.get_total_flops() / 1e9, 2),
         "llm_tflops_saved": round(saved / 1e12, 2),
         "scorer_share_of_saved": round(counter.get_total_flops() / saved, 4),
+    }
+
+
+@torch.no_grad()
+def time_7b_shapes(text: int = 60, visual: int = 576, kept: int = 144, repeats: int = 3) -> dict:
+    """Measured at the LLaVA-1.5-7B shapes on this machine (random weights: the time does not
+    depend on them; batch 1, fp32): one decoder layer of the 7B LLM (HF's LlamaDecoderLayer) at
+    the uncompressed and the pruned length, times the LLM's layers (L_p = 0: every layer runs
+    pruned), against the scorer at the 7B width on the same prompt. The LLM is run one layer at
+    a time because 7B fp32 weights do not fit this machine's memory."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    llava = llava_7b_config()
+    config = llava.text_config
+    layer, rotary = LlamaDecoderLayer(config, layer_idx=0).eval(), LlamaRotaryEmbedding(config)
+
+    def one_layer(length: int) -> float:
+        hidden = torch.randn(1, length, config.hidden_size)
+        position = rotary(hidden, torch.arange(length)[None])
+        return timed(lambda: layer(hidden, position_embeddings=position), repeats)
+
+    full, pruned = one_layer(1 + visual + text), one_layer(1 + kept + text)
+    scorer = build_component("covipal", {"guidance_layer": 16}, dims_of(llava)).eval()
+    state = one_prompt_state(config.hidden_size, visual, text)
+    seconds = timed(lambda: scorer.score(state), repeats)
+    saved = config.num_hidden_layers * (full - pruned)
+    return {
+        "layer_seconds": {"uncompressed": round(full, 3), "pruned": round(pruned, 3)},
+        "llm_seconds_saved": round(saved, 2),
+        "scorer_seconds": round(seconds, 4),
+        "scorer_share_of_saved": round(seconds / saved, 4),
     }
 
 
@@ -152,6 +189,11 @@ def main() -> None:
     parser.add_argument(
         "--cost", action="store_true", help="only the scorer's cost (with --keep: also on tiny)"
     )
+    parser.add_argument(
+        "--time-7b",
+        action="store_true",
+        help="only: the scorer's time against the prefill time it saves at the 7B shapes (one layer timed)",
+    )
     parser.add_argument("--tokens", default="32,16,8", help="visual-token counts to compare at")
     parser.add_argument(
         "--oracle", action="store_true", help="only: prune by the teacher's targets, per (L_p, L_g)"
@@ -167,6 +209,9 @@ def main() -> None:
     if args.oracle:
         with torch.no_grad():
             print(json.dumps({"oracle_at_16": oracle(args.limit, queries=args.guidance_queries)}, indent=1))
+        return
+    if args.time_7b:
+        print(json.dumps({"time_7b_shapes": time_7b_shapes()}, indent=1))
         return
     results = {"cost_7b": flops_7b()}
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="covipal-bench-"))
