@@ -5,7 +5,7 @@ Conventions (papers differ; these are vtc's):
 - Vision tower: patch embedding + every encoder layer the HF tower runs (all of them, although
   LLaVA reads layer -2): Q/K/V/O projections, attention's quadratic terms (QKᵀ and AV over the
   full n×n map), 2-matrix MLP. Norms, softmax, activations and biases are not counted.
-  `vtc evaluate` counts the tower it runs with torch's counter instead (`counted_flops`), which
+  `vtc evaluate` counts the tower it runs with torch's counter instead (`counted_run`), which
   gives the same figure for a plain CLIP tower (tests/test_flops.py) and also counts what runs
   beyond it: an encoder component's additions and savings (FALCON's registers, ReAtten and
   register-only last layer) and SigLIP's pooling head, which HF's forward computes although
@@ -21,6 +21,7 @@ Conventions (papers differ; these are vtc's):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -88,17 +89,17 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
 _UNREGISTERED = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
-def counted_flops(fn, *inputs) -> float:
-    """FLOPs of fn(*inputs) counted by torch's FlopCounterMode (2 per multiply-add): matmuls,
-    convolutions and attention kernels, as the analytic counter."""
+def counted_run(fn, *inputs) -> tuple[float, Any]:
+    """fn(*inputs) without gradients, and its FLOPs counted by torch's FlopCounterMode (2 per
+    multiply-add): matmuls, convolutions and attention kernels, as the analytic counter."""
     with FlopCounterMode(display=False, custom_mapping=_UNREGISTERED) as counter, torch.no_grad():
-        fn(*inputs)
-    return float(counter.get_total_flops())
+        output = fn(*inputs)
+    return float(counter.get_total_flops()), output
 
 
-def module_flops(module: torch.nn.Module, *inputs) -> float:
-    """FLOPs of module(*inputs) counted by torch's FlopCounterMode (2 per multiply-add)."""
-    return counted_flops(module, *inputs)
+def module_flops(fn, *inputs) -> float:
+    """FLOPs of fn(*inputs) (a module or any callable) counted by torch's FlopCounterMode."""
+    return counted_run(fn, *inputs)[0]
 
 
 def prefill_flops(

@@ -112,13 +112,13 @@ def test_the_flops_vtc_evaluate_counts_include_registers_reatten_and_the_last_la
     """The tower as it runs: per view the plain tower with M more tokens in every layer and a
     last layer of M rows; with ReAtten, in every layer its projections and attention over the
     registers of the image's V views (V·M rows), 2 FLOPs per multiply-add."""
-    from models.flops import counted_flops, vision_flops
+    from models.flops import module_flops, vision_flops
 
     pixels, grids = torch.randn(5, 3, 64, 64), torch.tensor([[2, 2]])
     counted = {}
     for reatten in (False, True):
         built = falcon_model(kind, reatten=reatten)
-        counted[reatten] = counted_flops(built.model.eval().vision_features, pixels, grids)
+        counted[reatten] = module_flops(built.model.eval().vision_features, pixels, grids)
     config = built.hf.config.vision_config
     assert counted[False] == 5 * vision_flops(config, extra_tokens=M, last_layer_rows=M)
     rows, d = 5 * M, config.hidden_size

@@ -54,7 +54,7 @@ def test_the_counted_tower_equals_the_analytic_count(vision_type):
     although LLaVA reads a hidden state."""
     import dataclasses
 
-    from models.flops import counted_flops, vision_flops
+    from models.flops import vision_flops
     from tests.conftest import TEST_TINY
 
     built = build("tiny", tiny=dataclasses.replace(TEST_TINY, vision_type=vision_type))
@@ -66,4 +66,4 @@ def test_the_counted_tower_equals_the_analytic_count(vision_type):
     pooling = module_flops(head, tokens) if head is not None else 0.0
     assert (head is not None) == (vision_type == "siglip")
     expected = 3 * (vision_flops(config) + pooling)
-    assert counted_flops(built.model.eval().vision_features, pixels) == expected
+    assert module_flops(built.model.eval().vision_features, pixels) == expected

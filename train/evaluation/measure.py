@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from data.dataset import collate
 from models.build import Built
-from models.flops import counted_flops, module_flops, prefill_flops
+from models.flops import counted_run, module_flops, prefill_flops
 from train.accuracy import QuestionSet, _prompt_item
 
 
@@ -131,12 +131,9 @@ def cost(built: Built, questions: QuestionSet, size: int, settings: Settings) ->
     one = prompt_batch(built, questions, size, 1)
     per_layer, visual = layer_tokens(built, one)
     text = text_tokens(model, one)  # not per_layer[0] - visual: a pruner may act before layer 0
-    views = (one["pixel_values"], one.get("image_grids"))
     # counted on the tower as it runs, so an encoder component's own work (FALCON's registers and
     # ReAtten) and savings count; the projector on every view's features
-    vision = counted_flops(model.vision_features, *views)
-    with torch.no_grad():
-        features, _ = model.vision_features(*views)
+    vision, (features, _) = counted_run(model.vision_features, one["pixel_values"], one.get("image_grids"))
     flops = prefill_flops(
         built.hf.config, text, visual, per_layer, module_flops(model.projector, features), vision=vision
     )
