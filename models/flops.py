@@ -8,8 +8,8 @@ Conventions (papers differ; these are vtc's):
   `vtc evaluate` counts the tower it runs with torch's counter instead (`counted_run`), which
   gives the same figure for a plain CLIP tower (tests/test_flops.py) and also counts what runs
   beyond it: an encoder component's additions and savings (FALCON's registers, ReAtten and
-  register-only last layer) and SigLIP's pooling head, which HF's forward computes although
-  LLaVA reads a hidden state.
+  register-only last layer). SigLIP's pooling head is not run (`VisionTower` skips it: LLaVA
+  reads a hidden state), so it is not counted.
 - Projector / compressor modules: counted by `torch.utils.flop_counter` on meta tensors (exact
   for whatever the component computes, no weights needed).
 - LLM: per layer with that layer's own token count (in-LLM compressors shorten later layers):

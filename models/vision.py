@@ -82,6 +82,11 @@ class VisionTower(nn.Module):
         self.grid = config.image_size // config.patch_size
         self.patch_size = config.patch_size
         self.prefix_tokens = prefix_tokens(config)
+        tower = getattr(model, "vision_model", model)
+        if getattr(tower, "use_head", False):
+            # SigLIP's attention-pooling head: HF's forward computes it, LLaVA reads a hidden
+            # state. Its weights stay (loaded and saved as they are); only the call is skipped.
+            tower.use_head = False
         self._kept_hooks = []  # a checkpointed training call's hooks, until the next call
 
     def unused_prefixes(self, through_last_layer: bool = False) -> tuple[str, ...]:
