@@ -4,6 +4,7 @@ and the heavy scheme's prefill FLOPs on the LLaVA-1.5-7B shapes.
     python bench/llavolta.py [--seeds 0,1,2] [--schemes none,4stage,heavy] [--keep DIR]
     python bench/llavolta.py --flops-7b      # only the 7B FLOPs (meta device, seconds)
     python bench/llavolta.py --step-time     # training-step time of each phase (a minute)
+    python bench/llavolta.py --schemes none,heavy --set stages.0.steps=600   # recipes overridden
 
 Each `tiny/llavolta-<scheme>` recipe fine-tunes the shipped tiny base (projector + LLM) with
 `seed=S`; `none` is the same fine-tune without compression. For every run: the instruct stage's
@@ -154,6 +155,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="test images per accuracy figure")
     parser.add_argument("--flops-7b", action="store_true", help="only the 7B FLOPs")
     parser.add_argument("--step-time", action="store_true", help="only the training-step times")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run (repeatable), e.g. stages.0.steps=600",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = {"flops_7b": flops_7b()}
@@ -167,7 +175,9 @@ def main() -> None:
         for seed in seeds:
             for scheme in schemes:
                 run_dir = root / f"{scheme}-s{seed}"
-                recipe = load_recipe(f"tiny/llavolta-{scheme}", [f"seed={seed}", f"output={run_dir}"])
+                recipe = load_recipe(
+                    f"tiny/llavolta-{scheme}", [f"seed={seed}", f"output={run_dir}", *args.set]
+                )
                 if (run_dir / "metrics.json").is_file():  # a kept run: measure it again, do not retrain
                     metrics = json.loads((run_dir / "metrics.json").read_text())
                 else:

@@ -197,6 +197,89 @@ class SequenceState:
         ends = (edges == -1).nonzero().flatten().tolist()
         return list(zip(starts, ends, strict=True))
 
+    def pool_visual(self, stride: int, positions: str = "exact") -> SequenceState:
+        """Each run of real visual tokens (`visual_spans`) average-pooled in order with kernel =
+        stride = S: a run of L tokens becomes ⌈L/S⌉, the last one the mean of the L mod S left
+        over when S does not divide L; text is untouched and the batch re-padded. One batched
+        pass over (B, T), whatever the runs' lengths and the padding side (a per-sample loop of
+        small operations would cost a visible share of a small model's step).
+
+        positions: "exact" — a pooled token's position is its group's float mean (positions
+        become float32); "float16" — that mean computed on positions cast to float16, then cast
+        to float16 and truncated to an integer (LLaVolta's authors); "renumber" — the real
+        tokens are numbered 0..n-1 again, as if the image had produced fewer tokens."""
+        if positions not in ("exact", "float16", "renumber"):
+            raise ValueError(f"positions must be 'exact', 'float16' or 'renumber', not {positions!r}")
+        if self.key_mask is not None or self.key_bias is not None:
+            raise ValueError("pool_visual on a state with hidden or biased keys: pool first")
+        real = self.attention_mask
+        visual = self.visual_mask & real
+        batch, length = real.shape
+        device = real.device
+        column = torch.arange(length, device=device).expand(batch, length)
+        run_starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0))
+        offset = column - torch.where(run_starts, column, 0).cummax(1).values  # within the run
+        opens = real & (~visual | (offset % stride == 0))  # the first member of each new token
+        counts = opens.sum(1)  # (B,) new lengths
+        width = int(counts.max())
+        slot = opens.cumsum(1) - 1  # each real token's new column
+        if self.padding_side == "left":
+            slot = slot + (width - counts)[:, None]
+        trash = batch * width  # padding goes to one extra row, dropped
+        target = torch.where(real, slot + width * torch.arange(batch, device=device)[:, None], trash)
+        target = target.flatten()
+        size = torch.zeros(trash + 1, device=device).index_add(0, target, real.flatten().float())[:-1]
+        hidden = self.hidden.new_zeros(trash + 1, self.hidden.shape[-1]).index_add(
+            0, target, self.hidden.flatten(0, 1)
+        )[:-1] / size.clamp_min(1)[:, None].to(self.hidden.dtype)
+        new_columns = torch.arange(width, device=device)[None]
+        valid = (
+            new_columns >= (width - counts)[:, None]
+            if self.padding_side == "left"
+            else new_columns < counts[:, None]
+        )
+        first = torch.zeros(trash + 1, dtype=torch.long, device=device)  # flat (B·T) source of each
+        first[target[opens.flatten()]] = torch.arange(batch * length, device=device)[opens.flatten()]
+        first = first[:-1].view(batch, width)
+
+        def take(x):
+            return x.flatten()[first]
+
+        new_visual = take(self.visual_mask) & valid
+        position_ids = self._pooled_positions(positions, target, size, take, valid, new_visual)
+        labels = None
+        if self.labels is not None:
+            labels = take(self.labels).masked_fill(~valid, IGNORE_INDEX)  # a group's first member's
+        role = None
+        if self.role is not None:
+            role = take(self.role).masked_fill(~valid, CONTEXT)
+        return replace(
+            self,
+            attention=None,  # describes the old sequence
+            hidden=hidden.view(batch, width, -1).masked_fill(~valid[..., None], 0.0),
+            attention_mask=valid,
+            position_ids=position_ids,
+            visual_mask=new_visual,
+            labels=labels,
+            role=role,
+        )
+
+    def _pooled_positions(self, mode, target, size, take, valid, new_visual) -> torch.Tensor:
+        """`pool_visual`'s new position ids (B, W): text keeps its own; see `positions` there."""
+        old = self.position_ids
+        if mode == "renumber":
+            return ((valid.cumsum(1) - 1) * valid).to(old.dtype)
+        summed = old.flatten().half().float() if mode == "float16" else old.flatten().float()
+        trash = size.shape[0]
+        mean = torch.zeros(trash + 1, device=old.device).index_add(0, target, summed)[:-1]
+        mean = (mean / size.clamp_min(1)).view(valid.shape)
+        if mode == "exact":
+            pooled, dtype = mean, torch.float32
+        else:
+            dtype = torch.float32 if old.is_floating_point() else torch.long
+            pooled = mean.half().long().to(dtype)
+        return torch.where(new_visual, pooled, take(old).to(dtype)).masked_fill(~valid, 0)
+
     def replace_visual(self, visual, positions="renumber") -> SequenceState:
         """Replace each sample's visual tokens by `visual`: (B, N', H), or a list of B (N'_b, H)
         when samples get different numbers of tokens — each replacing the sample's one span of

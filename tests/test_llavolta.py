@@ -87,13 +87,17 @@ def test_pooled_states_equal_a_hand_computation(positions):
 
 def test_float16_positions_follow_the_authors_rounding():
     """Past 2048, float16 holds only even integers: the cast loses what the exact mean keeps."""
-    hidden, positions = torch.zeros(4, 1), torch.tensor([3001, 3002, 3003, 3004])
-    from models.compressors.llavolta import pool_span
-
-    _, rounded = pool_span(hidden, positions, 4, "float16")
-    _, exact = pool_span(hidden, positions, 4, "exact")
-    assert exact.tolist() == [3002.5]
-    assert rounded.tolist() == [int(torch.tensor([3000, 3002, 3004, 3004]).float().mean().half())]
+    positions = torch.tensor([[3000, 3001, 3002, 3003, 3004, 3005]])  # text, 4 visual, text
+    state = SequenceState(
+        torch.zeros(1, 6, 1),
+        torch.ones(1, 6, dtype=torch.bool),
+        positions,
+        torch.tensor([[False, True, True, True, True, False]]),
+    )
+    rounded = state.pool_visual(4, "float16").position_ids[0].tolist()
+    exact = state.pool_visual(4, "exact").position_ids[0].tolist()
+    assert exact == [3000, 3002.5, 3005]
+    assert rounded == [3000, int(torch.tensor([3000, 3002, 3004, 3004]).float().mean().half()), 3005]
 
 
 @pytest.mark.parametrize("layer,side", [(1, "right"), (-1, "left"), (0, "right")])

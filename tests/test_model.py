@@ -188,3 +188,69 @@ def test_replace_visual_span_by_span_when_text_splits_the_image():
     assert given.position_ids.tolist() == [[0, 9, 3, 8, 7, 7]]
     with pytest.raises(ValueError, match="2 spans of visual tokens"):
         state.replace_visual(torch.ones(1, 3, 2))
+
+
+def per_span_pooling(state: SequenceState, stride: int, positions: str) -> SequenceState:
+    """`pool_visual` spelled out sample by sample through `replace_visual` (the reference)."""
+    spans, given = [], []
+    for b in range(state.hidden.shape[0]):
+        pooled, where = [], []
+        for start, end in state.visual_spans(b):
+            tokens, pos = state.hidden[b, start:end], state.position_ids[b, start:end]
+            groups = torch.arange(end - start) // stride
+            size = torch.bincount(groups).float()
+            pooled.append(
+                torch.zeros(len(size), tokens.shape[1]).index_add(0, groups, tokens) / size[:, None]
+            )
+            source = pos.half().float() if positions == "float16" else pos.float()
+            mean = torch.zeros(len(size)).index_add(0, groups, source) / size
+            where.append(mean.half().long() if positions == "float16" else mean)
+        spans.append(pooled)
+        given.append(torch.cat(where) if where else state.position_ids[b, :0])
+    return state.replace_visual(spans, positions="renumber" if positions == "renumber" else given)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("positions", ["exact", "float16", "renumber"])
+def test_pool_visual_equals_pooling_each_span_on_its_own(side, positions):
+    """Ragged samples with one image, an image split by text (crop indicators), and none;
+    spans the stride does not divide; labels and roles carried along. Equal to the bit."""
+    from data import IGNORE_INDEX
+    from models.sequence import roles_of
+
+    generator = torch.Generator().manual_seed(0)
+    layouts = [  # per sample: visual mask of its real tokens
+        [0, 0] + [1] * 9 + [0, 0, 0],
+        [0] + [1] * 4 + [0] + [1] * 7 + [0],
+        [0, 0, 0],
+        [1] * 8 + [0, 0],
+    ]
+    length = max(map(len, layouts))
+    state = SequenceState(
+        torch.zeros(4, length, 3),
+        torch.zeros(4, length, dtype=torch.bool),
+        torch.zeros(4, length, dtype=torch.long),
+        torch.zeros(4, length, dtype=torch.bool),
+        torch.full((4, length), IGNORE_INDEX),
+        padding_side=side,
+        role=torch.zeros(4, length, dtype=torch.int8),
+    )
+    for b, layout in enumerate(layouts):
+        n = len(layout)
+        cols = slice(length - n, length) if side == "left" else slice(0, n)
+        visual = torch.tensor(layout, dtype=torch.bool)
+        labels = torch.where(visual, IGNORE_INDEX, torch.randint(5, 50, (n,), generator=generator))
+        labels[: n // 2] = IGNORE_INDEX
+        state.hidden[b, cols] = torch.randn(n, 3, generator=generator)
+        state.attention_mask[b, cols] = True
+        state.position_ids[b, cols] = torch.arange(n) + 2040  # float16 rounds past 2048
+        state.visual_mask[b, cols] = visual
+        state.labels[b, cols] = labels
+        state.role[b, cols] = roles_of(visual, labels)
+    for stride in (1, 3, 4):
+        fast, reference = state.pool_visual(stride, positions), per_span_pooling(state, stride, positions)
+        for name in ("hidden", "attention_mask", "position_ids", "visual_mask", "labels", "role"):
+            got, want = getattr(fast, name), getattr(reference, name)
+            assert got.dtype == want.dtype and torch.equal(got, want), (stride, name)
+    with pytest.raises(ValueError, match="positions"):
+        state.pool_visual(2, "mean")

@@ -29,11 +29,8 @@ on 32 layers gives 557 %.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 from models.compressors import register
 from models.compressors.base import Compressor, ModelDims, Progress
@@ -66,23 +63,6 @@ def compression_ratio(layers: int, layer: int | None, stride: int) -> float:
         return 1.0
     kept = max(layer, 0)
     return layers / ((layers - kept) / stride + kept)
-
-
-def pool_span(hidden: torch.Tensor, positions: torch.Tensor, stride: int, rounding: str):
-    """One image span (L, H) with positions (L,) → (⌈L/S⌉, H) group means and their positions
-    ((⌈L/S⌉,) long for `float16` rounding, float32 for `exact`)."""
-    length = hidden.shape[0]
-    group = torch.arange(length, device=hidden.device) // stride
-    groups = math.ceil(length / stride)
-    size = torch.bincount(group, minlength=groups)
-    pooled = hidden.new_zeros(groups, hidden.shape[1]).index_add(0, group, hidden) / size[:, None].to(
-        hidden.dtype
-    )
-    if rounding == "float16":
-        sums = torch.zeros(groups, device=hidden.device).index_add(0, group, positions.half().float())
-        return pooled, (sums / size).half().long()
-    sums = torch.zeros(groups, device=hidden.device).index_add(0, group, positions.float())
-    return pooled, sums / size
 
 
 @register("llavolta")
@@ -170,17 +150,5 @@ class LLaVolta(Compressor):
         layer = self.host_layer(phase.layer)
         if layer is None or layer_idx != max(layer, 0) or not bool(state.visual_mask.any()):
             return state
-        rounding = self.config.positions
-        spans, positions = [], []
-        for b in range(state.hidden.shape[0]):
-            pooled = [
-                pool_span(
-                    state.hidden[b, start:end], state.position_ids[b, start:end], phase.stride, rounding
-                )
-                for start, end in state.visual_spans(b)
-            ]
-            spans.append([tokens for tokens, _ in pooled])
-            positions.append(torch.cat([pos for _, pos in pooled]) if pooled else state.position_ids[b, :0])
-        if layer < 0:  # before the LLM: as if the projector had emitted the pooled tokens
-            return state.replace_visual(spans, positions="renumber")
-        return state.replace_visual(spans, positions=positions)
+        # K = -1: before the LLM, as if the projector had emitted the pooled tokens
+        return state.pool_visual(phase.stride, "renumber" if layer < 0 else self.config.positions)
