@@ -1,14 +1,16 @@
 """FALCON on the tiny base: registers with ReAtten on and off against the MLP projector on the
 same views (9× the tokens), on high-resolution scenes; and what registers + ReAtten cost.
 
-    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains five runs per seed
+    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains six runs per seed
     python bench/falcon.py --runs distill,mlp                         # only the runs named so
+    python bench/falcon.py --runs distill --set trainer.threads=1     # one core per bench
     python bench/falcon.py --runs distillation --indicators           # ... with crop indicators
     python bench/falcon.py --cost                                     # only the vision-tower timing
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
 
 Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
-register distillation as the first stage (`tiny/falcon-distill`), and `tiny/falcon-mlp`, each
+register distillation as the first stage (`tiny/falcon-distill`, whose ReAtten starts with its
+output zeroed; a third run starts it as the authors do, a full copy), and `tiny/falcon-mlp`, each
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
@@ -49,7 +51,12 @@ REAL_WIDTH_RECIPE = "llava-1.5-7b/falcon/finetune"
 RUNS = {
     "FALCON, ReAtten on": ("tiny/falcon", []),
     "FALCON, ReAtten off": ("tiny/falcon", ["model.compressors.0.reatten=false"]),
+    # the recipe's ReAtten starts with its output projection zeroed (`reatten_init: copy-zero-out`)
     "FALCON + register distillation, ReAtten on": ("tiny/falcon-distill", []),
+    "FALCON + register distillation, ReAtten on, copy-initialised (the authors')": (
+        "tiny/falcon-distill",
+        ["model.compressors.0.reatten_init=copy"],
+    ),
     "FALCON + register distillation, ReAtten off": (
         "tiny/falcon-distill",
         ["model.compressors.0.reatten=false"],
@@ -107,7 +114,13 @@ def score_run(run_dir: Path, limit: int) -> dict:
 
 
 def train_and_score(
-    seed: int, limit: int, steps: int | None, keep: str | None, runs: list[str], indicators: bool = False
+    seed: int,
+    limit: int,
+    steps: int | None,
+    keep: str | None,
+    runs: list[str],
+    indicators: bool = False,
+    extra: list[str] = (),
 ) -> dict:
     out = {}
     for label in runs:
@@ -121,7 +134,9 @@ def train_and_score(
             more = [f"stages.{len(shipped.stages) - 1}.steps={steps}"] if steps else []
             if limit > shipped.data.synthetic.test:  # more test images: the first ones stay the same
                 more.append(f"data.synthetic.test={limit}")
-            recipe = load_recipe(name, [f"output={root}", f"seed={seed}", "eval.limit=1", *overrides, *more])
+            recipe = load_recipe(
+                name, [f"output={root}", f"seed={seed}", "eval.limit=1", *overrides, *more, *extra]
+            )
             started = time.time()
             run_recipe(recipe, restart=True)
             out[label] = score_run(root, limit) | {"train_seconds": round(time.time() - started)}
@@ -260,6 +275,13 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timings")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every run (repeatable), e.g. trainer.threads=1 beside another job",
+    )
     args = parser.parse_args()
     words = args.runs.lower().split(",") if args.runs else [""]
     runs = [label for label in RUNS if any(word in label.lower() for word in words)]
@@ -273,7 +295,7 @@ def main() -> None:
     if args.cost:
         return
     results = {
-        seed: train_and_score(int(seed), args.limit, args.steps, args.keep, runs, args.indicators)
+        seed: train_and_score(int(seed), args.limit, args.steps, args.keep, runs, args.indicators, args.set)
         for seed in args.seeds.split(",")
     }
     print_table(results)

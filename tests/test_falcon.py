@@ -15,11 +15,11 @@ GRIDS = ((1, 1), (1, 2), (2, 1), (2, 2))
 TOWERS = ("clip", "siglip")
 
 
-def falcon_model(vision_type="clip", reatten=True, seed=0, newline=True):
+def falcon_model(vision_type="clip", reatten=True, seed=0, newline=True, **options):
     tiny = dataclasses.replace(TEST_TINY, vision_type=vision_type)
     return build(
         "tiny",
-        compressors=[ComponentSpec("falcon", {"registers": M, "reatten": reatten})],
+        compressors=[ComponentSpec("falcon", {"registers": M, "reatten": reatten, **options})],
         tiny=tiny,
         seed=seed,
         views=MultiViewConfig(GRIDS, newline),
@@ -133,6 +133,36 @@ def test_reatten_starts_as_a_copy_of_each_layers_attention():
             source = getattr(layer.self_attn, name)
             assert torch.equal(getattr(reatten, name).weight, source.weight)
             assert torch.equal(getattr(reatten, name).bias, source.bias)
+
+
+@pytest.mark.parametrize("kind", TOWERS)
+def test_reatten_with_a_zeroed_output_starts_as_no_reatten_and_learns(kind):
+    """`reatten_init: copy-zero-out`: switching ReAtten on changes no output until its output
+    projection has learned, and that projection gets a gradient from the first step."""
+    model = falcon_model(kind, reatten_init="copy-zero-out").model
+    falcon = model.compressors[0]
+    for reatten, layer in zip(falcon.reatten, model.vision.layers(), strict=True):
+        assert torch.equal(reatten.q_proj.weight, layer.self_attn.q_proj.weight)
+        assert not reatten.out_proj.weight.any() and not reatten.out_proj.bias.any()
+    pixels, grids = two_images()
+    with torch.no_grad():
+        on = model.eval().encode_images(pixels, grids)
+    plain = falcon_model(kind, reatten=False).model.eval()  # same seed: same registers and tower
+    with torch.no_grad():
+        off = plain.encode_images(pixels, grids)
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.cat(model.train().encode_images(pixels, grids)).square().mean().backward()
+    assert all(r.out_proj.weight.grad.abs().sum() > 0 for r in falcon.reatten)
+
+
+def test_an_unknown_reatten_init_names_the_file_and_key():
+    from train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(
+        RecipeError, match=r"falcon\.yaml(.|\n)*compressors\[0\]\.reatten_init: must be one of"
+    ):
+        load_recipe("tiny/falcon", ["model.compressors.0.reatten_init=zeros"])
 
 
 @pytest.mark.parametrize("kind", TOWERS)

@@ -36,6 +36,10 @@ trains the tower with LoRA, and the plain pass with the adapters off stays a fix
 (with `vision: full` the teacher would move with the tower: measured on the tiny base, the
 targets' variance went from 3.7 to 30.7 in 50 steps).
 
+`reatten_init: copy-zero-out` (vtc's option) zeroes the copy's output projection: a stage that
+switches ReAtten on after one without it then starts from the same outputs, instead of adding a
+second attention update of full size to every layer's registers.
+
 `reatten` can be switched per training stage (`stages[i].components: {falcon: {reatten:
 false}}`), as the authors train stage 1 without it; outside training the recipe's value holds.
 """
@@ -60,6 +64,13 @@ class FalconConfig:
     registers: int = 64  # M per view: 576 → 64 on CLIP-L/336 (9×); 36 → 16×
     anchor_max: int = 16  # crop rows/columns 0..anchor_max-1 get their own embedding
     reatten: bool = True  # register interactive attention across the views of an image
+    # "copy": each layer's ReAtten starts as a copy of its self-attention (the authors');
+    # "copy-zero-out": the same with the output projection zeroed, so switching ReAtten on
+    # changes nothing until it has learned something (vtc's option, not in the paper)
+    reatten_init: str = "copy"
+
+
+REATTEN_INITS = ("copy", "copy-zero-out")
 
 
 class RegisterAttention(nn.Module):
@@ -128,6 +139,8 @@ class Falcon(Compressor):
             problems.append(("registers", f"must be at least 1, got {config.registers}"))
         if config.anchor_max < 1:
             problems.append(("anchor_max", f"must be at least 1, got {config.anchor_max}"))
+        if config.reatten_init not in REATTEN_INITS:
+            problems.append(("reatten_init", f"must be one of {REATTEN_INITS}, got {config.reatten_init!r}"))
         return problems
 
     def output_tokens(self, input_tokens: int) -> int:
@@ -137,7 +150,8 @@ class Falcon(Compressor):
         return None  # registers are a set, not a map: views are laid out one after another
 
     def attach(self, host) -> None:
-        """Start every layer's ReAtten as a copy of that layer's self-attention."""
+        """Start every layer's ReAtten as a copy of that layer's self-attention (with
+        `reatten_init: copy-zero-out`, its output projection then zeroed)."""
         super().attach(host)
         layers = host.vision.layers()
         with torch.no_grad():
@@ -147,6 +161,11 @@ class Falcon(Compressor):
                 with gathered(params + list(reatten.parameters()), modify=True):
                     for source, name in zip(sources, ("q_proj", "k_proj", "v_proj", "out_proj"), strict=True):
                         getattr(reatten, name).load_state_dict(source.state_dict())
+                    if self.config.reatten_init == "copy-zero-out":
+                        # the registers' stream is unchanged when ReAtten switches on (a stage
+                        # after one without it) and the output learns from there, as LoRA's B
+                        nn.init.zeros_(reatten.out_proj.weight)
+                        nn.init.zeros_(reatten.out_proj.bias)
 
     def reatten_on(self) -> bool:
         return bool(self.setting("reatten"))
