@@ -205,9 +205,10 @@ class SequenceState:
         small operations would cost a visible share of a small model's step).
 
         positions: "exact" — a pooled token's position is its group's float mean (positions
-        become float32); "float16" — that mean computed on positions cast to float16, then cast
-        to float16 and truncated to an integer (LLaVolta's authors); "renumber" — the real
-        tokens are numbered 0..n-1 again, as if the image had produced fewer tokens."""
+        become float32); "float16" — the mean of its group's positions cast to float16, itself
+        cast to float16 and truncated to an integer (LLaVolta's authors); "renumber" — the real
+        tokens are numbered 0..n-1 again, as if the image had produced fewer tokens. Padding
+        gets zeros, label IGNORE_INDEX and role CONTEXT, as `pad_rows` gives it."""
         if positions not in ("exact", "float16", "renumber"):
             raise ValueError(f"positions must be 'exact', 'float16' or 'renumber', not {positions!r}")
         if self.key_mask is not None or self.key_bias is not None:
@@ -256,7 +257,7 @@ class SequenceState:
         return replace(
             self,
             attention=None,  # describes the old sequence
-            hidden=hidden.view(batch, width, -1).masked_fill(~valid[..., None], 0.0),
+            hidden=hidden.view(batch, width, -1),  # padding columns summed nothing: zeros
             attention_mask=valid,
             position_ids=position_ids,
             visual_mask=new_visual,
@@ -270,8 +271,8 @@ class SequenceState:
         if mode == "renumber":
             return ((valid.cumsum(1) - 1) * valid).to(old.dtype)
         summed = old.flatten().half().float() if mode == "float16" else old.flatten().float()
-        trash = size.shape[0]
-        mean = torch.zeros(trash + 1, device=old.device).index_add(0, target, summed)[:-1]
+        rows = size.shape[0]  # B·W; `target` sends padding to row B·W, dropped
+        mean = torch.zeros(rows + 1, device=old.device).index_add(0, target, summed)[:-1]
         mean = (mean / size.clamp_min(1)).view(valid.shape)
         if mode == "exact":
             pooled, dtype = mean, torch.float32
