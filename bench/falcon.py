@@ -260,7 +260,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--runs",
-        help="comma-separated words; only the runs whose label contains one (e.g. distill,mlp)",
+        help="comma-separated words; only the runs whose label contains one (e.g. distill,mlp); "
+        "parts joined by + must all be in it (distill+off)",
     )
     parser.add_argument(
         "--cost", action="store_true", help="only time the vision tower with and without FALCON"
@@ -284,7 +285,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     words = args.runs.lower().split(",") if args.runs else [""]
-    runs = [label for label in RUNS if any(word in label.lower() for word in words)]
+    runs = [label for label in RUNS if any(all(p in label.lower() for p in w.split("+")) for w in words)]
     if not runs:
         parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
     if args.cost_real:
