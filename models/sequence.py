@@ -167,11 +167,17 @@ class SequenceState:
         keep = torch.zeros_like(visual).scatter_(1, top, within) & visual
         return self.keep(~visual | keep)
 
-    def _gather(self, index: torch.Tensor, valid: torch.Tensor) -> SequenceState:
+    def _gather(
+        self, index: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> SequenceState:
+        """The state at columns `index` (B, W) of each row, `valid` (B, W) marking the real ones;
+        `hidden` (B, W, H): the new rows' hidden states when the caller computed them."""
+
         def take(x):
             return x.gather(1, index)
 
-        hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        if hidden is None:
+            hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
         labels = None
         if self.labels is not None:
             labels = take(self.labels).masked_fill(~valid, IGNORE_INDEX)
@@ -239,35 +245,15 @@ class SequenceState:
             if self.padding_side == "left"
             else new_columns < counts[:, None]
         )
-        first = torch.zeros(trash + 1, dtype=torch.long, device=device)  # flat (B·T) source of each
-        first[target[opens.flatten()]] = torch.arange(batch * length, device=device)[opens.flatten()]
-        first = first[:-1].view(batch, width)
+        first = torch.zeros(trash + 1, dtype=torch.long, device=device)  # each new token's first
+        first[target[opens.flatten()]] = column[opens]  # member: its text, label, role, masks
+        pooled = self._gather(first[:-1].view(batch, width), valid, hidden.view(batch, width, -1))
+        return replace(pooled, position_ids=self._pooled_positions(positions, target, size, pooled))
 
-        def take(x):
-            return x.flatten()[first]
-
-        new_visual = take(self.visual_mask) & valid
-        position_ids = self._pooled_positions(positions, target, size, take, valid, new_visual)
-        labels = None
-        if self.labels is not None:
-            labels = take(self.labels).masked_fill(~valid, IGNORE_INDEX)  # a group's first member's
-        role = None
-        if self.role is not None:
-            role = take(self.role).masked_fill(~valid, CONTEXT)
-        return replace(
-            self,
-            attention=None,  # describes the old sequence
-            hidden=hidden.view(batch, width, -1),  # padding columns summed nothing: zeros
-            attention_mask=valid,
-            position_ids=position_ids,
-            visual_mask=new_visual,
-            labels=labels,
-            role=role,
-        )
-
-    def _pooled_positions(self, mode, target, size, take, valid, new_visual) -> torch.Tensor:
-        """`pool_visual`'s new position ids (B, W): text keeps its own; see `positions` there."""
-        old = self.position_ids
+    def _pooled_positions(self, mode, target, size, pooled: SequenceState) -> torch.Tensor:
+        """`pool_visual`'s new position ids (B, W): text keeps its own (`pooled` holds each new
+        token's first member's); see `positions` there."""
+        old, valid = self.position_ids, pooled.attention_mask
         if mode == "renumber":
             return ((valid.cumsum(1) - 1) * valid).to(old.dtype)
         summed = old.flatten().half().float() if mode == "float16" else old.flatten().float()
@@ -275,11 +261,12 @@ class SequenceState:
         mean = torch.zeros(rows + 1, device=old.device).index_add(0, target, summed)[:-1]
         mean = (mean / size.clamp_min(1)).view(valid.shape)
         if mode == "exact":
-            pooled, dtype = mean, torch.float32
+            means, dtype = mean, torch.float32
         else:
             dtype = torch.float32 if old.is_floating_point() else torch.long
-            pooled = mean.half().long().to(dtype)
-        return torch.where(new_visual, pooled, take(old).to(dtype)).masked_fill(~valid, 0)
+            means = mean.half().long().to(dtype)
+        text = pooled.position_ids.to(dtype)
+        return torch.where(pooled.visual_mask, means, text).masked_fill(~valid, 0)
 
     def replace_visual(self, visual, positions="renumber") -> SequenceState:
         """Replace each sample's visual tokens by `visual`: (B, N', H), or a list of B (N'_b, H)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +68,7 @@ class FalconConfig:
     # "copy": each layer's ReAtten starts as a copy of its self-attention (the authors');
     # "copy-zero-out": the same with the output projection zeroed, so switching ReAtten on
     # changes nothing until it has learned something (vtc's option, not in the paper)
-    reatten_init: str = "copy"
-
-
-REATTEN_INITS = ("copy", "copy-zero-out")
+    reatten_init: Literal["copy", "copy-zero-out"] = "copy"
 
 
 class RegisterAttention(nn.Module):
@@ -139,8 +137,6 @@ class Falcon(Compressor):
             problems.append(("registers", f"must be at least 1, got {config.registers}"))
         if config.anchor_max < 1:
             problems.append(("anchor_max", f"must be at least 1, got {config.anchor_max}"))
-        if config.reatten_init not in REATTEN_INITS:
-            problems.append(("reatten_init", f"must be one of {REATTEN_INITS}, got {config.reatten_init!r}"))
         return problems
 
     def output_tokens(self, input_tokens: int) -> int:
