@@ -156,13 +156,16 @@ def test_reatten_with_a_zeroed_output_starts_as_no_reatten_and_learns(kind):
     assert all(r.out_proj.weight.grad.abs().sum() > 0 for r in falcon.reatten)
 
 
-def test_an_unknown_reatten_init_names_the_file_and_key():
+def test_an_unknown_reatten_init_names_the_file_and_key_only():
+    """The bad value is the one problem: the component stays in the model (with its default), so
+    the stage that sets its `reatten` is not reported as naming a missing component."""
     from train.recipe import RecipeError, load_recipe
 
     with pytest.raises(
         RecipeError, match=r"falcon\.yaml(.|\n)*compressors\[0\]\.reatten_init: must be one of"
-    ):
+    ) as err:
         load_recipe("tiny/falcon", ["model.compressors.0.reatten_init=zeros"])
+    assert [p.key for p in err.value.problems] == ["model.compressors[0].reatten_init"]
 
 
 @pytest.mark.parametrize("kind", TOWERS)

@@ -387,11 +387,12 @@ def _component(entry, key: str, problems: list[Problem]) -> ComponentSpec | None
     except KeyError:
         problems.append(Problem(f"{key}.name", unknown_name_message(entry["name"])))
         return None
-    before = len(problems)
     config = parse_dataclass(cls.Config, params, key, problems)
-    if len(problems) > before or config is None:
+    if config is None:
         return None
-    # Keep the params as validated plain values (typed config is rebuilt by the registry).
+    # Keep the params as validated plain values (typed config is rebuilt by the registry); a
+    # reported bad value is its default here, as anywhere in a recipe, so the component stays
+    # in the model and the checks of combinations (a stage's settings of it) still see it.
     return ComponentSpec(
         entry["name"], {f: to_plain(getattr(config, f)) for f in config_fields(entry["name"]) if f in params}
     )
