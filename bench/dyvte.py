@@ -4,10 +4,11 @@ PyramidDrop at the same mean number of visual tokens over the LLM's layers.
     python bench/dyvte.py [--seeds 0,1,2] [--keep DIR] [--limit 500]
     python bench/dyvte.py --labels      # only the exit-label rate per layer (a minute)
     python bench/dyvte.py --labels --set data.turns=null   # ... on the full conversations
+    python bench/dyvte.py --set model.base=run:tiny-base-8l  # on another base (a trained run)
 
 Labels: on 8 training batches of the shipped base, the share of samples the authors' rule labels
-"exit" at each router layer (it should rise with depth on a base that uses the image), and the
-share of layers that would see the image if every sample exited at its first layer labelled
+"exit" at each router layer (it should rise with depth on a base that uses the image), overall
+and by the family of the sample's question, and the share of layers that would see the image if every sample exited at its first layer labelled
 "exit" — the most routers trained on these labels can save. Then, per
 seed, `tiny/dyvte` trains the routers and `vtc evaluate` measures the routed model (exit-layer
 histogram, accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
@@ -55,9 +56,11 @@ def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) ->
         64,
         turns=recipe.data.turns,
     )
+    # the family of each sample's (only) question, to see which answers can leave the image early
+    families = [data.shards.record(j)["families"][0] for j in range(batches * batch_size)]
     rates, agreements, ratios, per_layer = [], [], [], []
     for layer in range(len(component.routers)):
-        labels, agree, ratio = [], [], []
+        labels, agree, ratio, answered = [], [], [], []
         for i in range(batches):
             items = [data[j] for j in range(i * batch_size, (i + 1) * batch_size)]
             batch = collate(items, built.tokenizer.pad_token_id)
@@ -70,6 +73,7 @@ def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) ->
                 normal, masked, model.llm.lm_head, component.config.agreement, component.config.loss_ratio
             )
             labels.append(label[has_answer].float())
+            answered.append(has_answer)
             normal_loss, normal_top, where = answer_scores(normal, model.llm.lm_head)
             masked_loss, masked_top, _ = answer_scores(masked, model.llm.lm_head)
             rows = where.nonzero()[:, 0]
@@ -80,15 +84,25 @@ def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) ->
 
             agree.append(per_sample(normal_top == masked_top)[has_answer])
             ratio.append((per_sample(masked_loss) / per_sample(normal_loss))[has_answer])
+        if layer == 0:  # which samples have answer tokens does not depend on the layer
+            families = [f for f, a in zip(families, torch.cat(answered).tolist(), strict=True) if a]
         per_layer.append(torch.cat(labels).bool())
         rates.append(round(float(per_layer[-1].float().mean()), 4))
         agreements.append(round(float(torch.cat(agree).mean()), 4))
         ratios.append(round(float(torch.cat(ratio).median()), 3))
+    labels = torch.stack(per_layer, 1)  # (samples, routers)
+    by_family = {
+        family: [round(float(labels[rows, k].float().mean()), 4) for k in range(labels.shape[1])]
+        for family in sorted(set(families))
+        for rows in [torch.tensor([f == family for f in families])]
+    }
     return {
         "exit_label_rate": rates,
+        "exit_label_rate_by_family": by_family,
+        "samples_by_family": {family: families.count(family) for family in sorted(set(families))},
         "answer_agreement_mean": agreements,
         "loss_ratio_median": ratios,
-        "oracle_visual_layer_share": round(oracle_share(torch.stack(per_layer, 1), model.llm.num_layers), 4),
+        "oracle_visual_layer_share": round(oracle_share(labels, model.llm.num_layers), 4),
     }
 
 
@@ -180,13 +194,12 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="with --labels: a recipe override, e.g. data.turns=null for the full conversations",
+        help="a recipe override for every run, repeatable: e.g. data.turns=null (the full "
+        "conversations, with --labels) or model.base=run:tiny-base-8l (another base)",
     )
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    if args.set and not args.labels:
-        parser.error("--set applies to --labels only")
     results = {"labels_per_layer": label_rates(args.set)}
     print(json.dumps(results), flush=True)
     if not args.labels:
@@ -196,13 +209,13 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             run_dir = root / f"dyvte-s{seed}"
             if not (run_dir / "metrics.json").is_file():
-                run_recipe(load_recipe("tiny/dyvte", [f"seed={seed}", f"output={run_dir}"]))
+                run_recipe(load_recipe("tiny/dyvte", [*args.set, f"seed={seed}", f"output={run_dir}"]))
             report = evaluate(str(run_dir), [], None, settings=settings)
             rows = {r["method"]: r for r in report["rows"]}
             base, model = rows["baseline"], rows["model"]
             counted = model["statistics"]["dyvte"]
             share = counted["visual_layer_share"]
-            config = build_from_recipe(load_recipe("tiny/dyvte")).hf.config
+            config = build_from_recipe(load_recipe("tiny/dyvte", args.set)).hf.config
             text = base["layer_tokens"][0] - 64
             saved = 1 - routed_flops(config, text, 64, share) / base["flops"]["llm"]
             oracle = results["labels_per_layer"]["oracle_visual_layer_share"]

@@ -12,7 +12,7 @@ EPILOG = """examples:
   vtc train                                   the main job: TokenPacker on the shipped tiny base,
                                               then compared with training-free baselines
   vtc train tiny/mlp stages.1.steps=50        a shipped recipe with an override
-  vtc train tiny/base                         reproduce the shipped tiny base from scratch (~30 min)
+  vtc train tiny/base                         reproduce the shipped tiny base from scratch (~50 min)
   vtc validate recipes/tiny/tokenpacker.yaml  check a recipe without building anything heavy
   vtc plan llava-1.5-7b/tokenpacker/finetune --samples 665298 --gpu-mem 80GB
                                               memory, steps, FLOPs and time before renting GPUs
