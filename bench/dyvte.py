@@ -6,12 +6,13 @@ PyramidDrop at the same mean number of visual tokens over the LLM's layers.
     python bench/dyvte.py --labels --set data.turns=null   # ... on the full conversations
     python bench/dyvte.py --set model.base=run:tiny-base-8l  # on another base (a trained run)
 
-Labels: on 8 training batches of the shipped base, the share of samples the authors' rule labels
-"exit" at each router layer (it should rise with depth on a base that uses the image), overall
-and by the family of the sample's question, and the share of layers that would see the image if every sample exited at its first layer labelled
-"exit" — the most routers trained on these labels can save. Then, per
-seed, `tiny/dyvte` trains the routers and `vtc evaluate` measures the routed model (exit-layer
-histogram, accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
+Labels: on 8 training batches of the shipped base (or the one `--set model.base=...` names),
+the share of samples the authors' rule labels "exit" at each router layer (it should rise with
+depth on a base that uses the image), overall and by the family of the sample's question, and
+the share of layers that would see the image if every sample exited at its first layer labelled
+"exit" — the most routers trained on these labels can save. Then, per seed, `tiny/dyvte`
+trains the routers and `vtc evaluate` measures the routed model (exit-layer histogram,
+accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
 tokens over layers, rounded. Prefill FLOPs saved are computed from the exit histogram (the
 per-layer counts of one prompt would not describe a dynamic method), and the routers' measured
 time against the prefill's (and, on the LLaVA-1.5-7B shapes, their FLOPs against the prefill's).
