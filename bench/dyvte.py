@@ -85,18 +85,17 @@ def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) ->
 
             agree.append(per_sample(normal_top == masked_top)[has_answer])
             ratio.append((per_sample(masked_loss) / per_sample(normal_loss))[has_answer])
-        if layer == 0:  # which samples have answer tokens does not depend on the layer
-            families = [f for f, a in zip(families, torch.cat(answered).tolist(), strict=True) if a]
         per_layer.append(torch.cat(labels).bool())
         rates.append(round(float(per_layer[-1].float().mean()), 4))
         agreements.append(round(float(torch.cat(agree).mean()), 4))
         ratios.append(round(float(torch.cat(ratio).median()), 3))
-    labels = torch.stack(per_layer, 1)  # (samples, routers)
-    by_family = {
-        family: [round(float(labels[rows, k].float().mean()), 4) for k in range(labels.shape[1])]
-        for family in sorted(set(families))
-        for rows in [torch.tensor([f == family for f in families])]
-    }
+    labels = torch.stack(per_layer, 1)  # (samples with answer tokens, routers)
+    # which samples have answer tokens does not depend on the layer: the last layer's say
+    families = [f for f, a in zip(families, torch.cat(answered).tolist(), strict=True) if a]
+    by_family = {}
+    for family in sorted(set(families)):
+        rows = torch.tensor([f == family for f in families])
+        by_family[family] = [round(float(rate), 4) for rate in labels[rows].float().mean(0)]
     return {
         "exit_label_rate": rates,
         "exit_label_rate_by_family": by_family,
