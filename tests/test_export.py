@@ -98,3 +98,48 @@ def test_load_pretrained_refuses_other_folders(tmp_path):
     (tmp_path / "vtc.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(UserError, match="format"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_step_checkpoint_rebuilds_and_exports_the_model_at_that_step(lora_run):
+    from safetensors.torch import load_file
+
+    from train.checkpoint import list_checkpoints
+
+    tmp, _, _ = lora_run
+    first, last = list_checkpoints(tmp / "run")  # the end of each stage (its 2 stages are short)
+    assert (first.stage, last.stage) == ("vision", "instruct")
+    after_instruct = rebuild_run(last.path)[0]
+    torch.testing.assert_close(logits(after_instruct), logits(rebuild_run(tmp / "run")[0]), rtol=0, atol=0)
+
+    after_vision = rebuild_run(first.path)[0]
+    # the stage that injects LoRA into the LLM comes later; the tower has its first stage's weights
+    assert not any("lora_" in n for n, _ in after_vision.model.named_parameters())
+    saved = load_file(str(first.path / "trainable.safetensors"))
+    assert any(k.startswith("region_head.") for k in saved)  # a training-only head, left out
+    state = after_vision.model.state_dict()
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert model_keys and all(torch.equal(state[k.removeprefix("model.")], saved[k]) for k in model_keys)
+    assert not torch.equal(logits(after_vision), logits(after_instruct))
+
+    out = export_run(first.path, tmp / "from-checkpoint")
+    torch.testing.assert_close(logits(load_pretrained(out)), logits(after_vision), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_its_weights_file_is_refused_by_name(lora_run, tmp_path):
+    from train.checkpoint import list_checkpoints
+    from train.evaluation.sources import resolve_source
+
+    tmp, _, _ = lora_run
+    last = list_checkpoints(tmp / "run")[-1]
+    # evaluating a checkpoint compares it with its base, which this run builds from configs
+    with pytest.raises(UserError, match=f"vtc export {last.path}"):
+        resolve_source(str(last.path))
+    # DeepSpeed writes its own sharded layout in place of trainable.safetensors
+    sharded = tmp_path / "run" / "ckpt" / last.path.name
+    sharded.mkdir(parents=True)
+    (sharded / "info.json").write_text((last.path / "info.json").read_text())
+    (tmp_path / "run" / "recipe.yaml").write_text((tmp / "run" / "recipe.yaml").read_text())
+    with pytest.raises(UserError, match="DeepSpeed's sharded layout"):
+        rebuild_run(sharded)

@@ -72,6 +72,15 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     return sorted(found, key=lambda c: c.order)
 
 
+def checkpoint_at(path: Path) -> CheckpointInfo | None:
+    """The complete checkpoint whose folder is `path` (`RUN_DIR/ckpt/stage<i>-<name>-step<N>/`);
+    None for any other folder."""
+    path = Path(path).absolute()
+    if path.parent.name != CKPT_DIR or not (path / "info.json").is_file():
+        return None
+    return next((c for c in list_checkpoints(path.parent.parent) if c.path.absolute() == path), None)
+
+
 def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

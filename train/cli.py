@@ -349,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("export", help="write a trained run as a folder that loads back with one call")
-    p.add_argument("run_dir", help="a run directory (the recipe's output)")
+    p.add_argument(
+        "run_dir",
+        help="a run directory (the recipe's output), or one of its step checkpoints "
+        "(RUN_DIR/ckpt/stage<i>-<name>-step<N>: the model at that step)",
+    )
     p.add_argument("out", help="folder to write")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the LLM weights (peft)")
     p.add_argument(
@@ -388,7 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained run (or export, or llava-hf model) next to its uncompressed "
         "baseline and training-free baselines at each token budget; writes eval.json, eval.md, eval.png.",
     )
-    p.add_argument("source", help="a run directory, a recipe (its run), a vtc export or a llava-hf folder")
+    p.add_argument(
+        "source",
+        help="a run directory or one of its step checkpoints (RUN_DIR/ckpt/...), a recipe (its run), "
+        "a vtc export or a llava-hf folder",
+    )
     p.add_argument(
         "--baselines",
         default="all",

@@ -10,6 +10,7 @@ from data.errors import UserError
 from models.build import ComponentSpec
 from models.compressors import component_class
 from models.export import export, merge_lora
+from train.checkpoint import checkpoint_at
 from train.freeze import apply_stage
 from train.recipe import load_recipe, resolve_base
 from train.run import build_from_recipe, load_trainables
@@ -17,23 +18,35 @@ from train.run import build_from_recipe, load_trainables
 
 def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
     """The run's model as training left it: base + components, LoRA injected as its stages did,
-    trained weights loaded from trainable.safetensors. `compressors`: the run's own with other
-    settings (e.g. another token budget), same names and weights; [] leaves them out (the
-    trained model without compression)."""
-    if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "trainable.safetensors").is_file():
+    trained weights loaded from trainable.safetensors. `run_dir` may also be one of the run's step
+    checkpoints (`RUN_DIR/ckpt/stage<i>-<name>-step<N>/`): the model at that step, LoRA injected as
+    the stages up to that one did. `compressors`: the run's own with other settings (e.g. another
+    token budget), same names and weights; [] leaves them out (the trained model without
+    compression)."""
+    checkpoint = checkpoint_at(run_dir)
+    root = checkpoint.path.parent.parent if checkpoint else run_dir
+    weights = run_dir / "trainable.safetensors"
+    if not (root / "recipe.yaml").is_file() or not weights.is_file():
+        if checkpoint:  # DeepSpeed writes its own sharded layout in place of trainable.safetensors
+            raise UserError(
+                f"{run_dir}: a checkpoint without trainable.safetensors (DeepSpeed's sharded layout); "
+                f"resume the run to its end (vtc resume {root}) and export that"
+            )
         what = (
             "no such folder"
             if not run_dir.is_dir()
-            else "not a finished run (no recipe.yaml and trainable.safetensors)"
+            else "not a finished run (no recipe.yaml and trainable.safetensors) nor one of its checkpoints"
         )
         raise FileNotFoundError(f"{run_dir}: {what}")
-    recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
+    recipe = load_recipe(root / "recipe.yaml", check_machine=False)
     if compressors is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, compressors=compressors))
     built = build_from_recipe(recipe)
-    for stage in recipe.stages:
+    for stage in recipe.stages[: checkpoint.stage_index + 1] if checkpoint else recipe.stages:
         apply_stage(built.model, stage)  # injects LoRA where a stage trained with it
-    load_trainables(built.model, str(run_dir), skip=("compressors.",) if compressors == [] else ())
+    skip = ("compressors.",) if compressors == [] else ()
+    # a checkpoint keys weights as the LightningModule does (`model.` + the model's names)
+    load_trainables(built.model, str(weights), skip=skip, prefix="model." if checkpoint else "")
     return built, recipe.model.projector, recipe.model.compressors, resolve_base(recipe.model.base)
 
 

@@ -415,14 +415,17 @@ def continue_csv_log(logger: CSVLogger, up_to_step: int, pending_row: dict | Non
     writer.save()
 
 
-def load_trainables(model, source: str, skip: tuple[str, ...] = ()) -> int:
+def load_trainables(model, source: str, skip: tuple[str, ...] = (), prefix: str = "") -> int:
     """Load `part.name` tensors saved by `save_trainables` (a run dir or the file itself), but
-    those whose names start with one of `skip`."""
+    those whose names start with one of `skip`. `prefix`: the saved names carry it and only those
+    are read (a step checkpoint keys them as the LightningModule does, `model.part.name`, beside
+    training-only heads)."""
     path = Path(source)
     path = path / "trainable.safetensors" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"model.init: no trainable weights at {path}")
-    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(skip)}
+    saved = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    tensors = {k: v for k, v in saved.items() if not k.startswith(skip)}
     try:
         load_state(model, tensors)  # gathers ZeRO-3 partitions, if the model has them
     except ValueError as err:

@@ -50,7 +50,9 @@ def _names_a_recipe(target: str) -> bool:
 
 
 def resolve_source(target: str) -> Source:
-    """A run directory, a recipe (its run), a `vtc export` folder or a llava-hf folder."""
+    """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder
+    or a llava-hf folder."""
+    from train.checkpoint import checkpoint_at
     from train.recipe import DataRecipe, load_recipe, resolve_base
     from train.run import is_run_dir, run_dir_of
 
@@ -65,17 +67,20 @@ def resolve_source(target: str) -> Source:
         path = run_dir_of(recipe)
         if not (path / "trainable.safetensors").is_file():
             raise FileNotFoundError(f"{target}: its run {path} is not trained yet (vtc train {target})")
-    if is_run_dir(path):
+    checkpoint = checkpoint_at(path)
+    if is_run_dir(path) or checkpoint:
         from train.export import at_budget, rebuild_run
 
-        recipe = load_recipe(path / "recipe.yaml", check_machine=False)
+        root = checkpoint.path.parent.parent if checkpoint else path
+        recipe = load_recipe(root / "recipe.yaml", check_machine=False)
         own_base = path / "hf"
         if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
             return Source(None, str(own_base), path, recipe.data, f"run {path} (its llava-hf model)")
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
+            hint = f"; export the checkpoint (vtc export {path} OUT) and evaluate OUT" if checkpoint else ""
             raise UserError(
-                f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against"
+                f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against{hint}"
             )
 
         def model_at(budget: int, visual: int, dims) -> Callable[[], Built] | None:
@@ -84,7 +89,13 @@ def resolve_source(target: str) -> Source:
 
         uncompressed = (lambda: rebuild_run(path, [])[0]) if recipe.model.compressors else None
         return Source(
-            lambda: rebuild_run(path)[0], base, path, recipe.data, f"run {path}", model_at, uncompressed
+            lambda: rebuild_run(path)[0],
+            base,
+            path,
+            recipe.data,
+            f"{'checkpoint' if checkpoint else 'run'} {path}",
+            model_at,
+            uncompressed,
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
