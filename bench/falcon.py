@@ -69,15 +69,34 @@ RUNS = {
 INDICATORS = 'model.views.indicators={whole: "objects :", crop: "at {row} {col} :"}'
 
 
+def crops_of_cell(row: int, col: int, grid: int, crops: int = 2) -> set[tuple[int, int]]:
+    """The (row, col) crops of a `crops`×`crops` split that a scene cell overlaps: one, or two to
+    four when the grid does not divide evenly and a crop edge cuts the cell (a 7×7 grid under 2×2
+    crops cuts its middle row and column in half)."""
+
+    def spans(index: int) -> list[int]:  # crops j whose [j/crops, (j+1)/crops) meets the cell's span
+        return [j for j in range(crops) if j * grid < (index + 1) * crops and (j + 1) * grid > index * crops]
+
+    return {(r, c) for r in spans(row) for c in spans(col)}
+
+
+def cells_named(reference: str) -> list[tuple[int, int]]:
+    """The (row, col) cells a grounded answer names before its ` . `."""
+    return [
+        (int(word[1]) - 1, ord(word[0]) - ord("a"))
+        for word in reference.rsplit(" . ", 1)[0].split()
+        if len(word) == 2 and word[0].isalpha() and word[1].isdigit()
+    ]
+
+
 def crops_named(reference: str, grid: int, crops: int = 2) -> set[tuple[int, int]]:
     """The (row, col) crops of a `crops`×`crops` split that hold the cells a grounded answer names."""
-    per_crop = grid // crops
-    out = set()
-    for word in reference.rsplit(" . ", 1)[0].split():
-        if len(word) == 2 and word[0].isalpha() and word[1].isdigit():
-            col, row = ord(word[0]) - ord("a"), int(word[1]) - 1
-            out.add((row // per_crop, col // per_crop))
-    return out
+    return {crop for cell in cells_named(reference) for crop in crops_of_cell(*cell, grid, crops)}
+
+
+def names_a_cut_cell(reference: str, grid: int, crops: int = 2) -> bool:
+    """Whether a cell the answer names is cut in two by a crop edge (never on an 8×8 grid)."""
+    return any(len(crops_of_cell(*cell, grid, crops)) > 1 for cell in cells_named(reference))
 
 
 def score_run(run_dir: Path, limit: int) -> dict:
@@ -95,13 +114,13 @@ def score_run(run_dir: Path, limit: int) -> dict:
     right, total = defaultdict(int), defaultdict(int)
     for q in questions.questions:
         ok = normalize_answer(final_answer(answers[q.id]["text"])) == normalize_answer(q.answers[0])
-        groups = [q.family] + (
-            ["across crops"] if len(crops_named(references[q.id], recipe.data.synthetic.grid)) > 1 else []
-        )
+        grid = recipe.data.synthetic.grid
+        groups = [q.family] + (["across crops"] if len(crops_named(references[q.id], grid)) > 1 else [])
+        groups += ["cut cells"] if names_a_cut_cell(references[q.id], grid) else []
         for group in groups:
             right[group] += ok
             total[group] += 1
-    families = {g: right[g] / total[g] for g in sorted(total) if g != "across crops"}
+    families = {g: right[g] / total[g] for g in sorted(total) if g not in ("across crops", "cut cells")}
     prior = answer_prior(questions)
     return {
         "prior": {"mean": mean_prior(prior), "per_family": prior},
@@ -109,6 +128,9 @@ def score_run(run_dir: Path, limit: int) -> dict:
         "per_family": families,
         "across_crops": right["across crops"] / max(total["across crops"], 1),
         "across_crops_count": total["across crops"],
+        # answers resting on a cell a crop edge cuts in two: where ReAtten's continuity should help
+        "cut_cells": right["cut cells"] / max(total["cut cells"], 1),
+        "cut_cells_count": total["cut cells"],
         "visual_tokens": built.model.visual_tokens((2, 2)),
     }
 
@@ -264,6 +286,9 @@ def main() -> None:
         "parts joined by + must all be in it (distill+off)",
     )
     parser.add_argument(
+        "--skip", help="comma-separated words; leave out the runs whose label contains one (e.g. copy)"
+    )
+    parser.add_argument(
         "--cost", action="store_true", help="only time the vision tower with and without FALCON"
     )
     parser.add_argument(
@@ -286,6 +311,8 @@ def main() -> None:
     args = parser.parse_args()
     words = args.runs.lower().split(",") if args.runs else [""]
     runs = [label for label in RUNS if any(all(p in label.lower() for p in w.split("+")) for w in words)]
+    skips = args.skip.lower().split(",") if args.skip else []
+    runs = [label for label in runs if not any(word in label.lower() for word in skips)]
     if not runs:
         parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
     if args.cost_real:
@@ -312,10 +339,14 @@ def mean_and_range(rows: list[dict], key: str) -> str:
 def print_table(results: dict) -> None:
     first = next(iter(next(iter(results.values())).values()))
     families = list(first["per_family"])
-    print("| run | visual tokens / image | mean | across crops | " + " | ".join(families) + " | train s |")
+    print(
+        "| run | visual tokens / image | mean | across crops | cut cells | "
+        + " | ".join(families)
+        + " | train s |"
+    )
     prior = first["prior"]
     print(
-        f"| answer prior (the most common answer) | | {prior['mean']:.1%} | | "
+        f"| answer prior (the most common answer) | | {prior['mean']:.1%} | | | "
         + " | ".join(f"{prior['per_family'][f]:.1%}" for f in families)
         + " | |"
     )
@@ -325,7 +356,8 @@ def print_table(results: dict) -> None:
         seconds = statistics.mean(r["train_seconds"] for r in rows)
         print(
             f"| {label} | {rows[0]['visual_tokens']} | {mean_and_range(rows, 'mean')} | "
-            f"{mean_and_range(rows, 'across_crops')} (n={rows[0]['across_crops_count']}) | {per_family} | {seconds:.0f} |"
+            f"{mean_and_range(rows, 'across_crops')} (n={rows[0]['across_crops_count']}) | "
+            f"{mean_and_range(rows, 'cut_cells')} (n={rows[0]['cut_cells_count']}) | {per_family} | {seconds:.0f} |"
         )
 
 
