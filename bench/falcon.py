@@ -4,6 +4,7 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
     python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains six runs per seed
     python bench/falcon.py --runs distill,mlp                         # only the runs named so
     python bench/falcon.py --runs distill --set trainer.threads=1     # one core per bench
+    python bench/falcon.py --runs distill --skip copy                 # ... without the copy-initialised run
     python bench/falcon.py --runs distillation --indicators           # ... with crop indicators
     python bench/falcon.py --cost                                     # only the vision-tower timing
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
@@ -14,7 +15,9 @@ output zeroed; a third run starts it as the authors do, a full copy), and `tiny/
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
-crops, which no single crop shows. With `--indicators` every run writes FALCON's text crop
+crops, which no single crop shows — and **cut cells**, those resting on a cell a crop edge cuts in
+two (none on this grid; `--set data.synthetic.grid=7` or 3×3 crops of a 192 px image make some,
+README: FALCON). The crops are the run's one square grid of views (`model.views.grids`). With `--indicators` every run writes FALCON's text crop
 indicators before each view (in words the tiny tokenizer has: INDICATORS). Prints measured
 figures only; the README quotes them.
 """
@@ -110,13 +113,19 @@ def score_run(run_dir: Path, limit: int) -> dict:
         for turn, (_, _, answer) in enumerate(questions_of(shards.record(index)))
     }
     size = built.hf.config.vision_config.image_size
+    grid = recipe.data.synthetic.grid
+    (crops, cols), *others = recipe.model.views.grids  # this family has one square grid of crops
+    if others or crops != cols:
+        raise SystemExit(
+            f"{run_dir}: the bench scores one square grid of crops, not {recipe.model.views.grids}"
+        )
     answers = answer_questions(built.model, built.tokenizer, questions, size, progress=False)
     right, total = defaultdict(int), defaultdict(int)
     for q in questions.questions:
         ok = normalize_answer(final_answer(answers[q.id]["text"])) == normalize_answer(q.answers[0])
-        grid = recipe.data.synthetic.grid
-        groups = [q.family] + (["across crops"] if len(crops_named(references[q.id], grid)) > 1 else [])
-        groups += ["cut cells"] if names_a_cut_cell(references[q.id], grid) else []
+        reference = references[q.id]
+        groups = [q.family] + (["across crops"] if len(crops_named(reference, grid, crops)) > 1 else [])
+        groups += ["cut cells"] if names_a_cut_cell(reference, grid, crops) else []
         for group in groups:
             right[group] += ok
             total[group] += 1
@@ -131,7 +140,7 @@ def score_run(run_dir: Path, limit: int) -> dict:
         # answers resting on a cell a crop edge cuts in two: where ReAtten's continuity should help
         "cut_cells": right["cut cells"] / max(total["cut cells"], 1),
         "cut_cells_count": total["cut cells"],
-        "visual_tokens": built.model.visual_tokens((2, 2)),
+        "visual_tokens": built.model.visual_tokens((crops, crops)),
     }
 
 
