@@ -17,9 +17,9 @@ fine-tuning the shipped base into a temporary folder, then scored on the held-ou
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
 crops, which no single crop shows — and **cut cells**, those resting on a cell a crop edge cuts in
 two (none on this grid; `--set data.synthetic.grid=7` or 3×3 crops of a 192 px image make some,
-README: FALCON). The crops are the run's one square grid of views (`model.views.grids`). With `--indicators` every run writes FALCON's text crop
-indicators before each view (in words the tiny tokenizer has: INDICATORS). Prints measured
-figures only; the README quotes them.
+README: FALCON). The crops are the run's one square grid of views (`model.views.grids`). With
+`--indicators` every run writes FALCON's text crop indicators before each view (in words the
+tiny tokenizer has: INDICATORS). Prints measured figures only; the README quotes them.
 """
 
 import argparse
