@@ -48,6 +48,11 @@ class CheckpointInfo:
     def order(self) -> tuple[int, int]:
         return (self.stage_index, self.step)
 
+    @property
+    def run_dir(self) -> Path:
+        """The run this checkpoint belongs to (`RUN_DIR/ckpt/<this>`)."""
+        return self.path.parent.parent
+
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints of a run, oldest first by (stage, step)."""

@@ -24,7 +24,7 @@ def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
     token budget), same names and weights; [] leaves them out (the trained model without
     compression)."""
     checkpoint = checkpoint_at(run_dir)
-    root = checkpoint.path.parent.parent if checkpoint else run_dir
+    root = checkpoint.run_dir if checkpoint else run_dir
     weights = run_dir / "trainable.safetensors"
     if not (root / "recipe.yaml").is_file() or not weights.is_file():
         if checkpoint:  # DeepSpeed writes its own sharded layout in place of trainable.safetensors

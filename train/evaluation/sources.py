@@ -71,7 +71,7 @@ def resolve_source(target: str) -> Source:
     if is_run_dir(path) or checkpoint:
         from train.export import at_budget, rebuild_run
 
-        root = checkpoint.path.parent.parent if checkpoint else path
+        root = checkpoint.run_dir if checkpoint else path
         recipe = load_recipe(root / "recipe.yaml", check_machine=False)
         own_base = path / "hf"
         if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
