@@ -143,3 +143,32 @@ def test_a_checkpoint_without_its_weights_file_is_refused_by_name(lora_run, tmp_
     (tmp_path / "run" / "recipe.yaml").write_text((tmp / "run" / "recipe.yaml").read_text())
     with pytest.raises(UserError, match="DeepSpeed's sharded layout"):
         rebuild_run(sharded)
+
+
+@pytest.mark.slow
+def test_evaluating_a_checkpoint_writes_the_report_beside_the_checkpoints(lora_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from models.build import build, save_as_llava_hf
+    from models.tiny import TinyConfig
+    from train.checkpoint import list_checkpoints
+    from train.cli import main
+
+    tmp, recipe, _ = lora_run
+    # the same run on a base that is a llava-hf folder (a trained LLaVA to compare against)
+    run = shutil.copytree(tmp / "run", tmp_path / "run")
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    save_as_llava_hf(build("tiny", tiny=TinyConfig(**saved["model"].pop("tiny"))), tmp_path / "base")
+    saved["model"]["base"] = str(tmp_path / "base")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    checkpoint = list_checkpoints(run)[-1].path
+    before = sorted(p.name for p in checkpoint.iterdir())
+    args = ["evaluate", str(checkpoint), "--limit", "2", "--baselines", "", "--no-timing"]
+    assert main(args) == 0
+    # checkpoint rotation deletes whole checkpoint folders, so the report must not go in one
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    report = json.loads((run / "eval" / checkpoint.name / "eval.json").read_text())
+    assert {r["method"] for r in report["rows"]} == {"baseline", "model"}
+    assert report["source"] == f"checkpoint {checkpoint}"

@@ -408,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=token_budgets,
         help="visual-token budgets, e.g. 144,64,36 (default: 1/4 and 1/16 of the baseline's)",
     )
-    p.add_argument("--out", help="report folder (default: the source's folder)")
+    p.add_argument(
+        "--out",
+        help="report folder (default: the source's folder; for a step checkpoint RUN/eval/<checkpoint>)",
+    )
     p.add_argument("--questions", help="LLaVA question file (JSON lines: question_id, image, text[, answer])")
     p.add_argument("--images", help="folder the question file's image paths are relative to")
     p.add_argument(

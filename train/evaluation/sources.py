@@ -25,7 +25,8 @@ class Method:
 @dataclass
 class Source:
     """What `vtc evaluate` was pointed at: the model under test (None when it is the baseline
-    itself), the baseline's llava-hf folder, and where the report goes by default."""
+    itself), the baseline's llava-hf folder, and where the report goes by default (the source's
+    folder; for a step checkpoint RUN/eval/<checkpoint>, which checkpoint rotation leaves alone)."""
 
     model: Callable[[], Built] | None
     base_dir: str
@@ -73,9 +74,11 @@ def resolve_source(target: str) -> Source:
 
         root = checkpoint.run_dir if checkpoint else path
         recipe = load_recipe(root / "recipe.yaml", check_machine=False)
+        # `keep_last` deletes old checkpoint folders, so a report inside one would go with it
+        report_dir = root / "eval" / path.name if checkpoint else path
         own_base = path / "hf"
         if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
-            return Source(None, str(own_base), path, recipe.data, f"run {path} (its llava-hf model)")
+            return Source(None, str(own_base), report_dir, recipe.data, f"run {path} (its llava-hf model)")
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
             hint = f"; export the checkpoint (vtc export {path} OUT) and evaluate OUT" if checkpoint else ""
@@ -91,7 +94,7 @@ def resolve_source(target: str) -> Source:
         return Source(
             lambda: rebuild_run(path)[0],
             base,
-            path,
+            report_dir,
             recipe.data,
             f"{'checkpoint' if checkpoint else 'run'} {path}",
             model_at,
