@@ -8,6 +8,7 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
     python bench/falcon.py --runs distillation --indicators           # ... with crop indicators
     python bench/falcon.py --cost                                     # only the vision-tower timing
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
+    python bench/falcon.py --rescore RUN [RUN ...] --limit 1000       # score kept runs, ReAtten on and off
 
 Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
 register distillation as the first stage (`tiny/falcon-distill`, whose ReAtten starts with its
@@ -23,6 +24,7 @@ tiny tokenizer has: INDICATORS). Prints measured figures only; the README quotes
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -35,6 +37,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from data.synth import final_answer
 from models.build import ComponentSpec, assemble, build
+from models.compressors.falcon import FalconConfig
 from models.flops import vision_flops
 from models.views import ViewLayout
 from train.accuracy import (
@@ -102,8 +105,15 @@ def names_a_cut_cell(reference: str, grid: int, crops: int = 2) -> bool:
     return any(len(crops_of_cell(*cell, grid, crops)) > 1 for cell in cells_named(reference))
 
 
-def score_run(run_dir: Path, limit: int) -> dict:
+def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
+    """Accuracy of a trained run on the first `limit` test images. `reatten=False` switches the
+    run's ReAtten off for this scoring only (ablation: does the trained model use it?); with
+    ReAtten on, `reatten_share` says how much it adds to the registers, layer by layer."""
     built = rebuild_run(run_dir)[0]
+    falcon = next((c for c in built.model.compressors if isinstance(c.config, FalconConfig)), None)
+    if reatten is not None and falcon is not None:
+        falcon.config = dataclasses.replace(falcon.config, reatten=reatten)
+    measured = ReattenShare(falcon) if falcon is not None and falcon.config.reatten else None
     recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
     shards = split_shards(recipe.data, "test")
     questions = synthetic_questions(shards, limit)
@@ -120,6 +130,7 @@ def score_run(run_dir: Path, limit: int) -> dict:
             f"{run_dir}: the bench scores one square grid of crops, not {recipe.model.views.grids}"
         )
     answers = answer_questions(built.model, built.tokenizer, questions, size, progress=False)
+    share = measured.close() if measured else None
     right, total = defaultdict(int), defaultdict(int)
     for q in questions.questions:
         ok = normalize_answer(final_answer(answers[q.id]["text"])) == normalize_answer(q.answers[0])
@@ -141,7 +152,32 @@ def score_run(run_dir: Path, limit: int) -> dict:
         "cut_cells": right["cut cells"] / max(total["cut cells"], 1),
         "cut_cells_count": total["cut cells"],
         "visual_tokens": built.model.visual_tokens((crops, crops)),
-    }
+    } | ({"reatten_share": share} if share else {})
+
+
+class ReattenShare:
+    """Hooks on every layer's ReAtten, for one scoring: per layer, Σ‖what ReAtten adds‖ /
+    Σ‖what that layer's self-attention adds‖ over the valid registers (ReAtten reads the
+    self-attention's output at the registers and is added to it; 0 where it adds nothing)."""
+
+    def __init__(self, falcon) -> None:
+        self.added = defaultdict(float)
+        self.read = defaultdict(float)
+        self.handles = [
+            module.register_forward_hook(lambda m, args, out, i=i: self.record(i, *args, out))
+            for i, module in enumerate(falcon.reatten)
+        ]
+
+    def record(self, layer: int, x: torch.Tensor, valid: torch.Tensor, out: torch.Tensor) -> None:
+        # x: the self-attention's output at the registers, out: ReAtten's, both (images, views·M,
+        # Dv); valid (images, views·M): padding rows are left out
+        self.added[layer] += float(out.float().norm(dim=-1)[valid].sum())
+        self.read[layer] += float(x.float().norm(dim=-1)[valid].sum())
+
+    def close(self) -> list[float]:
+        for handle in self.handles:
+            handle.remove()
+        return [round(self.added[i] / max(self.read[i], 1e-12), 4) for i in sorted(self.read)]
 
 
 def train_and_score(
@@ -308,6 +344,13 @@ def main() -> None:
     parser.add_argument(
         "--vision-layers", type=int, help="with --cost-real: time only this many tower layers"
     )
+    parser.add_argument(
+        "--rescore",
+        nargs="+",
+        metavar="RUN",
+        help="only score these kept runs (from --keep) on --limit test images: as trained and, "
+        "where ReAtten was on, again with it switched off at test; prints ReAtten's share per layer",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timings")
     parser.add_argument(
@@ -324,6 +367,9 @@ def main() -> None:
     runs = [label for label in runs if not any(word in label.lower() for word in skips)]
     if not runs:
         parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
+    if args.rescore:
+        rescore(args.rescore, args.limit)
+        return
     if args.cost_real:
         towers = real_width_towers(REAL_WIDTH_RECIPE, args.vision_layers)
         print("cost", json.dumps(tower_cost(towers, 1, args.repeats, args.threads)), flush=True)
@@ -336,6 +382,25 @@ def main() -> None:
         for seed in args.seeds.split(",")
     }
     print_table(results)
+
+
+def rescore(run_dirs: list[str], limit: int) -> None:
+    """Score kept runs again; a run trained with ReAtten on also with it switched off at test,
+    which says whether the trained model uses what ReAtten adds."""
+    print("| run | ReAtten at test | mean | across crops | cut cells | ReAtten adds (per layer) |")
+    for run_dir in map(Path, run_dirs):
+        trained = score_run(run_dir, limit)
+        rows = [("as trained", trained)]
+        if "reatten_share" in trained:
+            rows.append(("switched off", score_run(run_dir, limit, reatten=False)))
+        for how, r in rows:
+            print(json.dumps({"run": str(run_dir), "reatten_at_test": how} | r), flush=True)
+            share = ", ".join(f"{x:.1%}" for x in r.get("reatten_share", [])) or "-"
+            print(
+                f"| {run_dir.name} | {how} | {r['mean']:.1%} | {r['across_crops']:.1%} "
+                f"(n={r['across_crops_count']}) | {r['cut_cells']:.1%} (n={r['cut_cells_count']}) | {share} |",
+                flush=True,
+            )
 
 
 def mean_and_range(rows: list[dict], key: str) -> str:
