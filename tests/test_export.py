@@ -156,7 +156,7 @@ def test_evaluating_a_checkpoint_writes_the_report_beside_the_checkpoints(lora_r
     from train.checkpoint import list_checkpoints
     from train.cli import main
 
-    tmp, recipe, _ = lora_run
+    tmp, _, _ = lora_run
     # the same run on a base that is a llava-hf folder (a trained LLaVA to compare against)
     run = shutil.copytree(tmp / "run", tmp_path / "run")
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
