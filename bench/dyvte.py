@@ -5,6 +5,7 @@ PyramidDrop at the same mean number of visual tokens over the LLM's layers.
     python bench/dyvte.py --labels      # only the exit-label rate per layer (a minute)
     python bench/dyvte.py --labels --set data.turns=null   # ... on the full conversations
     python bench/dyvte.py --set model.base=run:tiny-base-8l  # on another base (a trained run)
+    python bench/dyvte.py --bound --limit 500  # the most any exit policy can save (a minute)
 
 Labels: on 8 training batches of the shipped base (or the one `--set model.base=...` names),
 the share of samples the authors' rule labels "exit" at each router layer (it should rise with
@@ -16,6 +17,9 @@ accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean 
 tokens over layers, rounded. Prefill FLOPs saved are computed from the exit histogram (the
 per-layer counts of one prompt would not describe a dynamic method), and the routers' measured
 time against the prefill's (and, on the LLaVA-1.5-7B shapes, their FLOPs against the prefill's).
+`--bound` needs no routers and no label rule: it forces every sample to exit after each layer in
+turn and lets each test question take its earliest exit that keeps its answer (`exit_bound`),
+which bounds what any router can save at a given accuracy kept.
 Prints measured figures only; the README quotes them.
 """
 
@@ -116,6 +120,102 @@ def oracle_share(labels: torch.Tensor, layers: int) -> float:
     return float(seen.float().mean() / layers)
 
 
+@torch.no_grad()
+def exit_bound(overrides: list[str], limit: int) -> dict:
+    """The most any exit policy can save on the test questions, whatever its routers or label
+    rule: every question is answered with all samples forced to exit after layer k, for each
+    router layer k, and once without exits; then each question takes the earliest exit at which
+    its final answer is the same as without exits (`same_answers`: accuracy kept 100 % by
+    construction), or at which a question answered right stays right (`right_stays_right`: a
+    wrong answer may exit after the first layer, so accuracy kept is ≥ 100 %), and the same
+    spending accuracy down to 99 % kept (`accuracy_kept_99`, `spend_slack`). Also the accuracy
+    kept and the FLOPs saved when every sample exits after layer k."""
+    from train.accuracy import (
+        answer_questions,
+        normalize_answer,
+        right_answers,
+        score,
+        synthetic_questions,
+    )
+    from train.evaluation.measure import prompt_batch, text_tokens
+
+    recipe = load_recipe("tiny/dyvte", overrides)
+    built = build_from_recipe(recipe)
+    model = built.model.eval()
+    component = model.compressors[0]
+    questions = synthetic_questions(split_shards(recipe.data, "test"), limit)
+    size = built.hf.config.vision_config.image_size
+    layers, routers = model.llm.num_layers, len(component.routers)
+    finals, right, accuracy = [], [], []
+    for exit_after in [None, *range(routers)]:  # None: no sample exits (the base)
+        # an instance attribute shadows the routers' decision for these answers only
+        component.wants_exit = lambda layer, state, k=exit_after: torch.full(
+            state.attention_mask.shape[:1], layer == k, device=state.attention_mask.device
+        )
+        answers = answer_questions(model, built.tokenizer, questions, size, progress=False)
+        finals.append(
+            {q: normalize_answer(questions.answer_of(a["text"])) for q, a in answers.items() if "text" in a}
+        )
+        right.append(right_answers(questions, answers))
+        accuracy.append(score(questions, answers)["accuracy"])
+    del component.wants_exit
+    ids = list(right[0])
+
+    def seen(keep) -> float:  # mean share of layers that see the image, earliest exit `keep` allows
+        first = [next((k for k in range(routers) if keep(q, k)), None) for q in ids]
+        return sum(layers if k is None else k + 1 for k in first) / (len(first) * layers)
+
+    config, visual = built.hf.config, model.visual_tokens()
+    text = text_tokens(model, prompt_batch(built, questions, size, 1))
+
+    def saved(share: float) -> float:  # LLM prefill FLOPs saved at that mean share of layers
+        full = routed_flops(config, text, visual, 1.0)
+        return round(1 - routed_flops(config, text, visual, share) / full, 4)
+
+    policies = {
+        "same_answers": seen(lambda q, k: finals[k + 1][q] == finals[0][q]),
+        "right_stays_right": seen(lambda q, k: right[k + 1][q] or not right[0][q]),
+        "accuracy_kept_99": spend_slack(questions, ids, right, layers, 0.99),
+    }
+    return {
+        "questions": len(ids),
+        "accuracy_kept_if_all_exit_after_layer": [round(a / accuracy[0], 4) for a in accuracy[1:]],
+        "llm_flops_saved_if_all_exit_after_layer": [saved((k + 1) / layers) for k in range(routers)],
+        **{
+            name: {"visual_layer_share": round(share, 4), "llm_flops_saved": saved(share)}
+            for name, share in policies.items()
+        },
+        "text_tokens": text,
+    }
+
+
+def spend_slack(questions, ids: list[str], right: list[dict], layers: int, kept: float) -> float:
+    """Mean share of layers that see the image under the best exit policy whose accuracy (mean over
+    families, as `vtc evaluate` scores it) stays ≥ `kept` × the base's: start from the earliest
+    exits that keep every right answer right (a wrong one exits after the first layer, and may
+    turn right), then send right answers to the first exit, most layers saved per accuracy lost
+    first, while the accuracy allows. `right[0]` are the base's answers, `right[k + 1]` those
+    with every sample exiting after layer k."""
+    family = {q.id: q.family for q in questions.questions}
+    sizes = {f: sum(family[q] == f for q in ids) for f in set(family[q] for q in ids)}
+    weight = {q: 1 / (sizes[family[q]] * len(sizes)) for q in ids}  # one answer's share of accuracy
+    routers = len(right) - 1
+    first, score = {}, 0.0
+    for q in ids:
+        k = next((k for k in range(routers) if right[k + 1][q] or not right[0][q]), routers)
+        first[q] = k
+        score += weight[q] * (right[k + 1][q] if k < routers else right[0][q])
+    base = sum(weight[q] * right[0][q] for q in ids)
+    slack = score - kept * base
+    moves = sorted((q for q in ids if first[q] > 0 and not right[1][q]), key=lambda q: -first[q] / weight[q])
+    for q in moves:  # each costs its weight and saves `first[q]` layers
+        if weight[q] > slack:
+            continue
+        slack -= weight[q]
+        first[q] = 0
+    return sum(first[q] + 1 if first[q] < routers else layers for q in ids) / (len(ids) * layers)
+
+
 def routed_flops(config, text: int, visual: int, share: float) -> float:
     """LLM prefill FLOPs when the visual tokens are seen by `share` of the layers on average
     (linear in the per-layer token count, up to the attention's quadratic term)."""
@@ -190,6 +290,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="test images per accuracy figure")
     parser.add_argument("--labels", action="store_true", help="only the exit-label rate per layer")
     parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="only the most any exit policy can save on --limit test images (forced exits)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -200,6 +305,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
+    if args.bound:
+        print(json.dumps({"exit_bound": exit_bound(args.set, args.limit)}, indent=1))
+        return
     results = {"labels_per_layer": label_rates(args.set)}
     print(json.dumps(results), flush=True)
     if not args.labels:
