@@ -416,13 +416,13 @@ def print_table(results: dict) -> None:
     print(
         "| run | visual tokens / image | mean | across crops | cut cells | "
         + " | ".join(families)
-        + " | train s |"
+        + " | ReAtten adds, by layer | train s |"
     )
     prior = first["prior"]
     print(
         f"| answer prior (the most common answer) | | {prior['mean']:.1%} | | | "
         + " | ".join(f"{prior['per_family'][f]:.1%}" for f in families)
-        + " | |"
+        + " | | |"
     )
     for label in next(iter(results.values())):
         rows = [results[seed][label] for seed in results]
@@ -431,8 +431,18 @@ def print_table(results: dict) -> None:
         print(
             f"| {label} | {rows[0]['visual_tokens']} | {mean_and_range(rows, 'mean')} | "
             f"{mean_and_range(rows, 'across_crops')} (n={rows[0]['across_crops_count']}) | "
-            f"{mean_and_range(rows, 'cut_cells')} (n={rows[0]['cut_cells_count']}) | {per_family} | {seconds:.0f} |"
+            f"{mean_and_range(rows, 'cut_cells')} (n={rows[0]['cut_cells_count']}) | {per_family} | "
+            f"{reatten_shares(rows)} | {seconds:.0f} |"
         )
+
+
+def reatten_shares(rows: list[dict]) -> str:
+    """ReAtten's share of the registers' attention update per tower layer, mean over the seeds'
+    runs (`ReattenShare`); '-' for runs without ReAtten."""
+    shares = [r["reatten_share"] for r in rows if r.get("reatten_share")]
+    if not shares:
+        return "-"
+    return ", ".join(f"{100 * statistics.mean(layer):.1f}" for layer in zip(*shares, strict=True)) + " %"
 
 
 if __name__ == "__main__":
