@@ -185,3 +185,32 @@ def test_a_killed_router_run_resumes_to_bit_identical_weights(tmp_path, monkeypa
     a, b = (load_file(str(d / "trainable.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
     assert any(k.startswith("compressors.0.routers.") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_exit_bound_spends_accuracy_where_it_saves_most_layers():
+    """bench/dyvte.py's bound at a given accuracy kept, on hand-built answers: 3 layers, routers
+    after layers 0 and 1; accuracy is the mean over families, as `vtc evaluate` scores it."""
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, "bench")
+    from dyvte import spend_slack
+
+    questions = SimpleNamespace(
+        questions=[
+            SimpleNamespace(id=q, family=f) for q, f in [("q1", "a"), ("q2", "a"), ("q3", "b"), ("q4", "b")]
+        ]
+    )
+    ids = ["q1", "q2", "q3", "q4"]
+    base = {"q1": True, "q2": True, "q3": True, "q4": False}
+    after_0 = {"q1": True, "q2": False, "q3": False, "q4": False}
+    after_1 = {"q1": True, "q2": True, "q3": False, "q4": True}
+    right = [base, after_0, after_1]
+    # keeping every right answer: q1 exits after layer 0 (1 layer sees the image), q2 after
+    # layer 1 (2), q3 never (3), q4 (wrong anyway) after layer 0 (1)
+    assert spend_slack(questions, ids, right, 3, 1.0) == pytest.approx(7 / 12)
+    # base accuracy (1 + 1/2) / 2 = 0.75; at half of it, 0.375 to spend, one answer weighs 0.25:
+    # q3, which saves two layers, goes first; q2 (one layer) no longer fits
+    assert spend_slack(questions, ids, right, 3, 0.5) == pytest.approx(5 / 12)
+    # nothing to spend: the same as keeping every right answer
+    assert spend_slack(questions, ids, right, 3, 0.99) == pytest.approx(7 / 12)
