@@ -190,23 +190,24 @@ def exit_bound(overrides: list[str], limit: int) -> dict:
 
 
 def spend_slack(questions, ids: list[str], right: list[dict], layers: int, kept: float) -> float:
-    """Mean share of layers that see the image under the best exit policy whose accuracy (mean over
-    families, as `vtc evaluate` scores it) stays ≥ `kept` × the base's: start from the earliest
-    exits that keep every right answer right (a wrong one exits after the first layer, and may
-    turn right), then send right answers to the first exit, most layers saved per accuracy lost
-    first, while the accuracy allows. `right[0]` are the base's answers, `right[k + 1]` those
+    """Mean share of layers that see the image under an exit policy that knows every answer and
+    keeps the accuracy (mean over families, as `vtc evaluate` scores it) ≥ `kept` × the base's:
+    start from the earliest exits that keep every right answer right (a wrong one exits after the
+    first layer, and may turn right), then send right answers to the first exit, most layers
+    saved per accuracy lost first, while the accuracy allows (greedy: the best such policy up to
+    one answer's weight, as the families' sizes differ little). `right[0]` are the base's answers, `right[k + 1]` those
     with every sample exiting after layer k."""
     family = {q.id: q.family for q in questions.questions}
     sizes = {f: sum(family[q] == f for q in ids) for f in set(family[q] for q in ids)}
     weight = {q: 1 / (sizes[family[q]] * len(sizes)) for q in ids}  # one answer's share of accuracy
     routers = len(right) - 1
-    first, score = {}, 0.0
+    first, accuracy = {}, 0.0
     for q in ids:
         k = next((k for k in range(routers) if right[k + 1][q] or not right[0][q]), routers)
         first[q] = k
-        score += weight[q] * (right[k + 1][q] if k < routers else right[0][q])
+        accuracy += weight[q] * (right[k + 1][q] if k < routers else right[0][q])
     base = sum(weight[q] * right[0][q] for q in ids)
-    slack = score - kept * base
+    slack = accuracy - kept * base
     moves = sorted((q for q in ids if first[q] > 0 and not right[1][q]), key=lambda q: -first[q] / weight[q])
     for q in moves:  # each costs its weight and saves `first[q]` layers
         if weight[q] > slack:
