@@ -162,14 +162,14 @@ def exit_bound(overrides: list[str], limit: int) -> dict:
     ids = list(right[0])
 
     def seen(keep) -> float:  # mean share of layers that see the image, earliest exit `keep` allows
-        first = [next((k for k in range(routers) if keep(q, k)), None) for q in ids]
-        return sum(layers if k is None else k + 1 for k in first) / (len(first) * layers)
+        first = [next((k for k in range(routers) if keep(q, k)), routers) for q in ids]
+        return layer_share(first, routers, layers)
 
     config, visual = built.hf.config, model.visual_tokens()
     text = text_tokens(model, prompt_batch(built, questions, size, 1))
+    full = routed_flops(config, text, visual, 1.0)
 
     def saved(share: float) -> float:  # LLM prefill FLOPs saved at that mean share of layers
-        full = routed_flops(config, text, visual, 1.0)
         return round(1 - routed_flops(config, text, visual, share) / full, 4)
 
     policies = {
@@ -195,8 +195,8 @@ def spend_slack(questions, ids: list[str], right: list[dict], layers: int, kept:
     start from the earliest exits that keep every right answer right (a wrong one exits after the
     first layer, and may turn right), then send right answers to the first exit, most layers
     saved per accuracy lost first, while the accuracy allows (greedy: the best such policy up to
-    one answer's weight, as the families' sizes differ little). `right[0]` are the base's answers, `right[k + 1]` those
-    with every sample exiting after layer k."""
+    one answer's weight, as the families' sizes differ little). `right[0]` are the base's
+    answers, `right[k + 1]` those with every sample exiting after layer k."""
     family = {q.id: q.family for q in questions.questions}
     sizes = {f: sum(family[q] == f for q in ids) for f in set(family[q] for q in ids)}
     weight = {q: 1 / (sizes[family[q]] * len(sizes)) for q in ids}  # one answer's share of accuracy
@@ -214,7 +214,13 @@ def spend_slack(questions, ids: list[str], right: list[dict], layers: int, kept:
             continue
         slack -= weight[q]
         first[q] = 0
-    return sum(first[q] + 1 if first[q] < routers else layers for q in ids) / (len(ids) * layers)
+    return layer_share(list(first.values()), routers, layers)
+
+
+def layer_share(first: list[int], routers: int, layers: int) -> float:
+    """Mean share of the LLM's layers that see the image when each sample exits at its router
+    `first` (router k exits before layer k + 1; `routers`: never exits)."""
+    return sum(k + 1 if k < routers else layers for k in first) / (len(first) * layers)
 
 
 def routed_flops(config, text: int, visual: int, share: float) -> float:
