@@ -1,5 +1,6 @@
-"""The shipped tiny base (models/pretrained/tiny-llava): its files are the ones its training run
-wrote, it loads with no training, and it answers from the image, as its recorded metrics say."""
+"""The shipped tiny bases (models/pretrained/tiny-llava, and tiny-llava-8l with an 8-layer LLM):
+their files are the ones their training runs wrote, they load with no training, and they answer
+from the image, as their recorded metrics say."""
 
 import io
 import json
@@ -17,10 +18,13 @@ from train.datamodule import split_shards
 from train.recipe import load_recipe, resolve_base
 
 BASE = shipped_path("tiny-llava")
+BASES = ["tiny-llava", "tiny-llava-8l"]
 
 
-def test_the_tiny_base_is_shipped_with_its_record():
-    assert "tiny-llava" in shipped_names()
+@pytest.mark.parametrize("base", BASES)
+def test_the_tiny_base_is_shipped_with_its_record(base):
+    assert base in shipped_names()
+    path = shipped_path(base)
     for name in (
         "config.json",
         "model.safetensors",
@@ -30,11 +34,11 @@ def test_the_tiny_base_is_shipped_with_its_record():
         "train-log.csv",
         "provenance.json",
     ):
-        assert (BASE / name).is_file(), name
-    assert (BASE / "model.safetensors").stat().st_size <= 10 * 2**20
-    provenance = json.loads((BASE / "provenance.json").read_text())
+        assert (path / name).is_file(), name
+    assert (path / "model.safetensors").stat().st_size <= 10 * 2**20
+    provenance = json.loads((path / "provenance.json").read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(provenance["sha256"])
-    verify(BASE)  # the files are the run's (raises otherwise)
+    verify(path)  # the files are the run's (raises otherwise)
 
 
 def test_a_changed_weight_file_is_refused(tmp_path):
@@ -68,9 +72,10 @@ def accuracy_of(built, questions):
     return score(questions, answers)
 
 
-def test_the_base_answers_as_recorded_and_from_the_image(sample):
-    built = build(resolve_base("tiny-llava"))
-    recorded = json.loads((BASE / "metrics.json").read_text())
+@pytest.mark.parametrize("base", BASES)
+def test_the_base_answers_as_recorded_and_from_the_image(sample, base):
+    built = build(resolve_base(base))
+    recorded = json.loads((shipped_path(base) / "metrics.json").read_text())
     got = accuracy_of(built, sample)
     # The recorded figure was measured on 500 test images; 40 of them agree within sampling error.
     assert abs(got["accuracy"] - recorded["accuracy"]) < 0.06, (got["accuracy"], recorded["accuracy"])
@@ -90,3 +95,23 @@ def test_the_base_answers_as_recorded_and_from_the_image(sample):
     Image.new("RGB", (64, 64)).save(buffer, format="PNG")
     blank = QuestionSet(sample.questions, lambda key: buffer.getvalue(), answer_of=sample.answer_of)
     assert accuracy_of(built, blank)["accuracy"] < chance + 0.15
+
+
+def test_shipping_records_the_command_that_trained_the_run(tmp_path):
+    """meta.json keeps no command line: `train.ship` recovers the overrides by comparing the run's
+    recipe.yaml with the recipe it names, and that command rebuilds the run's recipe."""
+    from train.recipe import RECIPES_DIR, recipe_to_yaml
+    from train.ship import trained_by
+
+    source = str(RECIPES_DIR / "tiny" / "base.yaml")
+    overrides = ["model.tiny.llm_layers=8", "stages.2.optim.lr=0.0005", "stages.1.train.vision=lora"]
+    cache = f"data.cache_dir={tmp_path / 'data'}"  # where the data cache lived is not part of it
+    run = load_recipe(source, [*overrides, cache], check_machine=False)
+    (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(run))
+    command = trained_by(source, tmp_path / "recipe.yaml")
+    assert command.startswith("vtc train tiny/base ")
+    recovered = command.split()[3:]
+    assert sorted(recovered) == sorted(overrides)
+    assert load_recipe(source, [*recovered, cache], check_machine=False) == run
+    (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(load_recipe(source, [cache], check_machine=False)))
+    assert trained_by(source, tmp_path / "recipe.yaml") == "vtc train tiny/base"

@@ -18,8 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from models.pretrained import SHIPPED_DIR, sha256, verify
 from train.outputs import run_metadata
+from train.recipe import RECIPES_DIR, load_recipe, recipe_to_yaml
 
 SAMPLE_IMAGES = 40  # the test checks the shipped base's accuracy on this many test images
 
@@ -45,7 +48,6 @@ def sample_check(model_dir: Path, recipe_path: Path) -> dict:
     from models.build import build
     from train.accuracy import answer_questions, score, synthetic_questions
     from train.datamodule import split_shards
-    from train.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, check_machine=False)
     built = build(str(model_dir))
@@ -55,20 +57,43 @@ def sample_check(model_dir: Path, recipe_path: Path) -> dict:
     return {"images": SAMPLE_IMAGES, "accuracy": result["accuracy"], "per_family": result["per_family"]}
 
 
-def trained_by(recipe_source: str) -> str:
-    """The command that trained the run, with a shipped recipe named as `vtc train` names it."""
-    from train.recipe import RECIPES_DIR
+def flat_items(node, prefix: str = "") -> dict:
+    """{"a.b.0.c": value} for every leaf of nested dicts and lists (override paths)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and node:
+        items = enumerate(node)
+    else:
+        return {prefix: node}
+    out = {}
+    for key, value in items:
+        out.update(flat_items(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
+
+def trained_by(recipe_source: str, run_recipe: Path) -> str:
+    """The command that trained the run: its recipe as `vtc train` names it, plus the overrides
+    that make that recipe the run's own recipe.yaml (meta.json does not record the command line,
+    so they are recovered by difference; where the data cache lived is left out)."""
     path = Path(recipe_source)
-    if path.is_relative_to(RECIPES_DIR):
-        return "vtc train " + str(path.relative_to(RECIPES_DIR).with_suffix(""))
-    return f"vtc train {recipe_source}"
+    name = (
+        str(path.relative_to(RECIPES_DIR).with_suffix(""))
+        if path.is_relative_to(RECIPES_DIR)
+        else recipe_source
+    )
+    ran = flat_items(yaml.safe_load(run_recipe.read_text()))
+    named = flat_items(yaml.safe_load(recipe_to_yaml(load_recipe(recipe_source, check_machine=False))))
+    overrides = [
+        f"{key}={value if isinstance(value, str) else json.dumps(value)}"  # YAML reads JSON back
+        for key, value in ran.items()
+        if key != "data.cache_dir" and named.get(key) != value
+    ]
+    return " ".join(["vtc train", name, *overrides])
 
 
 def ship(run_dir: Path, name: str) -> Path:
     from train.accuracy import answer_prior, synthetic_questions
     from train.datamodule import split_shards
-    from train.recipe import load_recipe
 
     hf = run_dir / "hf"
     if not (hf / "config.json").is_file():
@@ -90,7 +115,7 @@ def ship(run_dir: Path, name: str) -> Path:
     meta = json.loads((run_dir / "meta.json").read_text())
     provenance = {
         "name": name,
-        "trained_by": trained_by(meta["recipe"]),
+        "trained_by": trained_by(meta["recipe"], run_dir / "recipe.yaml"),
         "run": str(run_dir),
         "stages": meta["stages"],
         "versions": meta.get("versions"),
