@@ -4,14 +4,16 @@ PyramidDrop at the same mean number of visual tokens over the LLM's layers.
     python bench/dyvte.py [--seeds 0,1,2] [--keep DIR] [--limit 500]
     python bench/dyvte.py --labels      # only the exit-label rate per layer (a minute)
     python bench/dyvte.py --labels --set data.turns=null   # ... on the full conversations
-    python bench/dyvte.py --set model.base=run:tiny-base-8l  # on another base (a trained run)
+    python bench/dyvte.py --recipe tiny/dyvte-deep  # the 8-layer shipped base, loss threshold 2x
+    python bench/dyvte.py --set model.base=run:NAME   # on another base (a base run, checkpoints/NAME)
     python bench/dyvte.py --bound --limit 500  # the most any exit policy can save (a minute)
 
-Labels: on 8 training batches of the shipped base (or the one `--set model.base=...` names),
+Labels: on 8 training batches of the recipe's base (`--recipe`, default `tiny/dyvte` on the
+shipped 4-layer base; or the one `--set model.base=...` names),
 the share of samples the authors' rule labels "exit" at each router layer (it should rise with
 depth on a base that uses the image), overall and by the family of the sample's question, and
 the share of layers that would see the image if every sample exited at its first layer labelled
-"exit" — the most routers trained on these labels can save. Then, per seed, `tiny/dyvte`
+"exit" — the most routers trained on these labels can save. Then, per seed, the recipe
 trains the routers and `vtc evaluate` measures the routed model (exit-layer histogram,
 accuracy, FLOPs); FastV and PyramidDrop are measured at the routed model's mean visual
 tokens over layers, rounded. Prefill FLOPs saved are computed from the exit histogram (the
@@ -43,11 +45,11 @@ from train.run import build_from_recipe, run_recipe
 
 
 @torch.no_grad()
-def label_rates(overrides: list[str], batches: int = 8, batch_size: int = 32) -> dict:
-    """Per router layer on training batches of the frozen shipped base (`tiny/dyvte` with
+def label_rates(name: str, overrides: list[str], batches: int = 8, batch_size: int = 32) -> dict:
+    """Per router layer on training batches of the frozen base of recipe `name` (with
     `overrides`): the share of 'exit' labels, the mean argmax agreement of the two
     continuations' answers, and the median ratio of the hidden-image loss to the normal one."""
-    recipe = load_recipe("tiny/dyvte", overrides)
+    recipe = load_recipe(name, overrides)
     built = build_from_recipe(recipe)
     model = built.model.eval()
     component = model.compressors[0]
@@ -121,9 +123,9 @@ def oracle_share(labels: torch.Tensor, layers: int) -> float:
 
 
 @torch.no_grad()
-def exit_bound(overrides: list[str], limit: int) -> dict:
-    """The most any exit policy can save on the test questions, whatever its routers or label
-    rule: every question is answered with all samples forced to exit after layer k, for each
+def exit_bound(name: str, overrides: list[str], limit: int) -> dict:
+    """The most any exit policy can save on the test questions of recipe `name`'s base, whatever
+    its routers or label rule: every question is answered with all samples forced to exit after layer k, for each
     router layer k, and once without exits; then each question takes the earliest exit at which
     its final answer is the same as without exits (`same_answers`: accuracy kept 100 % by
     construction), or at which a question answered right stays right (`right_stays_right`: a
@@ -139,7 +141,7 @@ def exit_bound(overrides: list[str], limit: int) -> dict:
     )
     from train.evaluation.measure import prompt_batch, text_tokens
 
-    recipe = load_recipe("tiny/dyvte", overrides)
+    recipe = load_recipe(name, overrides)
     built = build_from_recipe(recipe)
     model = built.model.eval()
     component = model.compressors[0]
@@ -187,6 +189,55 @@ def exit_bound(overrides: list[str], limit: int) -> dict:
         },
         "text_tokens": text,
     }
+
+
+@torch.no_grad()
+def confidence_sweep(run_dir: Path, confidences: list[float], limit: int) -> dict:
+    """A kept run's routers at each exit confidence (`exit_confidence`: exit iff P(exit) is above
+    it; 0.5 is the authors' argmax), on two disjoint halves of the test split: `choose`, test
+    images limit..2·limit−1, where a confidence may be picked, and `report`, images 0..limit−1,
+    where it is then measured. Per half and confidence: accuracy kept (of the routers' own frozen
+    base) and LLM prefill FLOPs saved (`routed_flops` at the mean share of layers that saw the
+    image, the first report prompt's text tokens)."""
+    from models.build import ComponentSpec
+    from train.accuracy import QuestionSet, answer_questions, score, synthetic_questions
+    from train.evaluation.measure import prompt_batch, text_tokens
+    from train.export import rebuild_run
+
+    recipe = load_recipe(run_dir / "recipe.yaml", [f"data.synthetic.test={2 * limit}"], check_machine=False)
+    every = synthetic_questions(split_shards(recipe.data, "test"), 2 * limit)
+    halves = {
+        name: QuestionSet(
+            [q for q in every.questions if keep(int(q.image))], every.read_image, answer_of=every.answer_of
+        )
+        for name, keep in (("choose", lambda i: i >= limit), ("report", lambda i: i < limit))
+    }
+    base = rebuild_run(run_dir, [])[0]
+    size = base.hf.config.vision_config.image_size
+    base_accuracy = {
+        name: score(qs, answer_questions(base.model, base.tokenizer, qs, size, progress=False))["accuracy"]
+        for name, qs in halves.items()
+    }
+    spec = recipe.model.compressors[0]
+    text = text_tokens(base.model, prompt_batch(base, halves["report"], size, 1))
+    visual = base.model.visual_tokens()
+    full = routed_flops(base.hf.config, text, visual, 1.0)
+    out = {}
+    for confidence in confidences:
+        built = rebuild_run(
+            run_dir, [ComponentSpec(spec.name, {**spec.params, "exit_confidence": confidence})]
+        )[0]
+        component, row = built.model.compressors[0].eval(), {}
+        for name, qs in halves.items():
+            component.reset_statistics()
+            answers = answer_questions(built.model, built.tokenizer, qs, size, progress=False)
+            share = component.statistics()["visual_layer_share"]
+            row[name] = {
+                "accuracy_kept": round(score(qs, answers)["accuracy"] / base_accuracy[name], 4),
+                "llm_flops_saved": round(1 - routed_flops(base.hf.config, text, visual, share) / full, 4),
+            }
+        out[str(confidence)] = row
+    return out
 
 
 def spend_slack(questions, ids: list[str], right: list[dict], layers: int, kept: float) -> float:
@@ -288,9 +339,44 @@ def router_seconds(run_dir: Path, repeats: int = 20) -> dict:
     }
 
 
+def sweep(args) -> None:
+    """`--confidence`: the exit-confidence sweep of every seed's run, then the smallest confidence
+    at which every seed keeps ≥ 99 % of the accuracy on the `choose` half, reported on the other."""
+    if not args.keep:
+        raise SystemExit("--confidence sweeps kept runs: name their folder with --keep")
+    confidences = sorted(float(c) for c in args.confidence.split(","))
+    sweeps = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        run_dir = Path(args.keep) / f"dyvte-s{seed}"
+        if not (run_dir / "metrics.json").is_file():
+            run_recipe(load_recipe(args.recipe, [*args.set, f"seed={seed}", f"output={run_dir}"]))
+        sweeps[seed] = confidence_sweep(run_dir, confidences, args.limit)
+        print(json.dumps({"seed": seed, "sweep": sweeps[seed]}), flush=True)
+    for confidence in map(str, confidences):
+        for half in ("choose", "report"):
+            rows = [sweeps[seed][confidence][half] for seed in sweeps]
+            kept, saved = ([r[key] for r in rows] for key in ("accuracy_kept", "llm_flops_saved"))
+            print(
+                f"confidence {confidence} {half:6}: accuracy kept {100 * min(kept):.1f}–{100 * max(kept):.1f} %, "
+                f"LLM prefill FLOPs saved {100 * min(saved):.1f}–{100 * max(saved):.1f} % (seeds {list(sweeps)})"
+            )
+    chosen = next(
+        (
+            c
+            for c in map(str, confidences)
+            if all(sweeps[s][c]["choose"]["accuracy_kept"] >= 0.99 for s in sweeps)
+        ),
+        None,
+    )
+    print(f"smallest confidence keeping >= 99 % on every seed's choose half: {chosen}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--recipe", default="tiny/dyvte", help="the DyVTE recipe (default tiny/dyvte; tiny/dyvte-deep)"
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--keep", help="keep the runs in this folder (default: a temporary one)")
@@ -302,23 +388,31 @@ def main() -> None:
         help="only the most any exit policy can save on --limit test images (forced exits)",
     )
     parser.add_argument(
+        "--confidence",
+        help="only sweep the exit confidence of the --keep runs (trained first where missing), "
+        "comma-separated, e.g. 0.5,0.7,0.9: picked on test images limit..2*limit-1, reported on 0..limit-1",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="a recipe override for every run, repeatable: e.g. data.turns=null (the full "
-        "conversations, with --labels) or model.base=run:tiny-base-8l (another base)",
+        "conversations, with --labels) or model.base=tiny-llava-8l (another base)",
     )
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
-    if args.limit > load_recipe("tiny/dyvte", args.set).data.synthetic.test:
+    if args.limit > load_recipe(args.recipe, args.set).data.synthetic.test:
         # more test images than the recipe makes: make more (the first ones stay the same)
         args.set.append(f"data.synthetic.test={args.limit}")
     if args.bound:
-        print(json.dumps({"exit_bound": exit_bound(args.set, args.limit)}, indent=1))
+        print(json.dumps({"exit_bound": exit_bound(args.recipe, args.set, args.limit)}, indent=1))
         return
-    results = {"labels_per_layer": label_rates(args.set)}
+    if args.confidence:
+        sweep(args)
+        return
+    results = {"labels_per_layer": label_rates(args.recipe, args.set)}
     print(json.dumps(results), flush=True)
     if not args.labels:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dyvte-bench-"))
@@ -327,13 +421,13 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             run_dir = root / f"dyvte-s{seed}"
             if not (run_dir / "metrics.json").is_file():
-                run_recipe(load_recipe("tiny/dyvte", [*args.set, f"seed={seed}", f"output={run_dir}"]))
+                run_recipe(load_recipe(args.recipe, [*args.set, f"seed={seed}", f"output={run_dir}"]))
             report = evaluate(str(run_dir), [], None, settings=settings)
             rows = {r["method"]: r for r in report["rows"]}
             base, model = rows["baseline"], rows["model"]
             counted = model["statistics"]["dyvte"]
             share = counted["visual_layer_share"]
-            config = build_from_recipe(load_recipe("tiny/dyvte", args.set)).hf.config
+            config = build_from_recipe(load_recipe(args.recipe, args.set)).hf.config
             text = base["layer_tokens"][0] - 64
             saved = 1 - routed_flops(config, text, 64, share) / base["flops"]["llm"]
             oracle = results["labels_per_layer"]["oracle_visual_layer_share"]

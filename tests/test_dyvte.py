@@ -214,3 +214,47 @@ def test_the_exit_bound_spends_accuracy_where_it_saves_most_layers():
     assert spend_slack(questions, ids, right, 3, 0.5) == pytest.approx(5 / 12)
     # nothing to spend: the same as keeping every right answer
     assert spend_slack(questions, ids, right, 3, 0.99) == pytest.approx(7 / 12)
+
+
+def test_the_deep_recipe_labels_more_exits_deeper_on_its_shipped_base(tmp_path):
+    """`tiny/dyvte-deep` on the shipped 8-layer base: the labels its routers learn from are not
+    trivial — after the first layer few samples can lose the image, after the last nearly all."""
+    import sys
+
+    sys.path.insert(0, "bench")
+    from dyvte import label_rates
+
+    overrides = [f"data.cache_dir={tmp_path}", "data.synthetic.train=64", "data.synthetic.test=8"]
+    rates = label_rates("tiny/dyvte-deep", overrides, batches=2)["exit_label_rate"]
+    assert len(rates) == 7  # a router after every layer but the last
+    assert rates[0] < 0.3 and rates[-1] > 0.8, rates
+    assert rates[-1] == max(rates)
+
+
+def test_the_exit_confidence_is_the_argmax_at_one_half_and_exits_fewer_above():
+    """`exit_confidence` c: exit iff the router's P(exit) > c. At 0.5 that is the authors' argmax;
+    a higher c exits exactly the samples whose P(exit) clears it; a bad value is refused."""
+    built = build(
+        "tiny",
+        compressors=[ComponentSpec("dyvte", {"hidden": 32, "exit_confidence": 0.5})],
+        tiny=TEST_TINY,
+        seed=0,
+    )
+    component = built.model.compressors[0]
+    ids, mask, pixels, labels = inputs(built, prompts=[(10 + i % 3,) * (1 + i % 4) for i in range(16)])
+    with torch.no_grad():
+        state = built.model.prepare(ids, mask, pixels, labels)
+    state.hidden = torch.randn(state.hidden.shape, generator=torch.Generator().manual_seed(0))
+    for router in component.routers:  # spread the decisions: some exit, some stay, at any c
+        nn.init.normal_(router[-1].weight, std=3.0)
+    with torch.no_grad():
+        p_exit = component.routers[0](component.feature(state)).softmax(-1)[:, 1]
+        argmax = component.routers[0](component.feature(state)).argmax(-1) == 1
+    assert torch.equal(component.wants_exit(0, state), argmax)
+    assert 0 < int(argmax.sum()) < 16
+    for confidence in (0.2, 0.8, 0.95):
+        component.config = replace(component.config, exit_confidence=confidence)
+        assert torch.equal(component.wants_exit(0, state), p_exit > confidence)
+    assert int((p_exit > 0.95).sum()) < int(argmax.sum())  # the same routers exit fewer samples
+    problems = DyVTE.check_config(replace(component.config, exit_confidence=1.0), component.dims)
+    assert [key for key, _ in problems] == ["exit_confidence"]

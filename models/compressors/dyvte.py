@@ -10,7 +10,9 @@ layer (and so in their KV cache). The LLM stays frozen; only the routers learn.
   when the instruction is that one token). Routers read layers 0..N−2: an exit after the last
   layer would save nothing.
 - Inference (prefill): after layer k, every sample still holding visual tokens asks router k and
-  drops them all if it says exit — at most one exit per sample, each sample at its own layer,
+  drops them all if it says exit (its probability of exit above `exit_confidence`; 0.5, the
+  default, is the authors' argmax; higher trades FLOPs for accuracy with the same routers) —
+  at most one exit per sample, each sample at its own layer,
   re-padded, so a batch answers as its samples do one by one. Decoding steps carry no visual
   token and never ask a router. `statistics()` counts the exit layers (`none`: never exited).
 - Training (objective `aux`, LLM frozen), the authors' rule: each step draws one layer k
@@ -27,6 +29,7 @@ layer (and so in their KV cache). The LLM stays frozen; only the routers learn.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +47,7 @@ class DyVTEConfig:
     hidden: int = 2048  # router width, as published
     agreement: float = 0.99  # exit label: argmax answers agree on more than this share ...
     loss_ratio: float = 1.03  # ... and the hidden-image loss is below this × the normal loss
+    exit_confidence: float = 0.5  # inference: exit iff the router's P(exit) is above this (argmax)
     seed: int = 0  # of the per-step layer draw
 
 
@@ -117,6 +121,8 @@ class DyVTE(Compressor):
             problems.append(("agreement", f"must be in (0, 1], got {config.agreement}"))
         if config.loss_ratio <= 0:
             problems.append(("loss_ratio", f"must be > 0, got {config.loss_ratio}"))
+        if not 0 < config.exit_confidence < 1:
+            problems.append(("exit_confidence", f"must be in (0, 1), got {config.exit_confidence}"))
         return problems
 
     def output_tokens(self, input_tokens: int) -> int:
@@ -176,7 +182,10 @@ class DyVTE(Compressor):
     def wants_exit(self, layer: int, state: SequenceState) -> torch.Tensor:
         """(B,) router `layer`'s decision on the output of that layer: True = exit."""
         with torch.no_grad():
-            return self.routers[layer](self.feature(state)).argmax(-1) == 1
+            logits = self.routers[layer](self.feature(state)).float()
+        # P(exit) > c  ⇔  logit margin > log(c / (1 − c)); at c = 0.5 exactly the argmax (ties stay)
+        confidence = self.config.exit_confidence
+        return logits[:, 1] - logits[:, 0] > math.log(confidence / (1 - confidence))
 
     def after_llm(self, state: SequenceState) -> None:
         if self._pending is None:
