@@ -125,10 +125,10 @@ def oracle_share(labels: torch.Tensor, layers: int) -> float:
 @torch.no_grad()
 def exit_bound(name: str, overrides: list[str], limit: int) -> dict:
     """The most any exit policy can save on the test questions of recipe `name`'s base, whatever
-    its routers or label rule: every question is answered with all samples forced to exit after layer k, for each
-    router layer k, and once without exits; then each question takes the earliest exit at which
-    its final answer is the same as without exits (`same_answers`: accuracy kept 100 % by
-    construction), or at which a question answered right stays right (`right_stays_right`: a
+    its routers or label rule: every question is answered with all samples forced to exit after
+    layer k, for each router layer k, and once without exits; then each question takes the
+    earliest exit at which its final answer is the same as without exits (`same_answers`:
+    accuracy kept 100 % by construction), or at which a question answered right stays right (`right_stays_right`: a
     wrong answer may exit after the first layer, so accuracy kept is ≥ 100 %), and the same
     spending accuracy down to 99 % kept (`accuracy_kept_99`, `spend_slack`). Also the accuracy
     kept and the FLOPs saved when every sample exits after layer k."""

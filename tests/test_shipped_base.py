@@ -115,3 +115,5 @@ def test_shipping_records_the_command_that_trained_the_run(tmp_path):
     assert load_recipe(source, [*recovered, cache], check_machine=False) == run
     (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(load_recipe(source, [cache], check_machine=False)))
     assert trained_by(source, tmp_path / "recipe.yaml") == "vtc train tiny/base"
+    gone = str(tmp_path / "deleted.yaml")  # a recipe file that no longer exists: the run's own copy
+    assert trained_by(gone, tmp_path / "recipe.yaml") == f"vtc train {tmp_path / 'recipe.yaml'}"

@@ -76,6 +76,8 @@ def trained_by(recipe_source: str, run_recipe: Path) -> str:
     that make that recipe the run's own recipe.yaml (meta.json does not record the command line,
     so they are recovered by difference; where the data cache lived is left out)."""
     path = Path(recipe_source)
+    if not path.is_file():  # trained from a recipe that is gone: its copy in the run is the recipe
+        return f"vtc train {run_recipe}"
     name = (
         str(path.relative_to(RECIPES_DIR).with_suffix(""))
         if path.is_relative_to(RECIPES_DIR)
