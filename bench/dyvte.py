@@ -401,7 +401,8 @@ def main() -> None:
         "conversations, with --labels) or model.base=tiny-llava-8l (another base)",
     )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # the recipe's threads (`--set trainer.threads=1` beside another job), else the machine's 2
+    torch.set_num_threads(load_recipe(args.recipe, args.set).trainer.threads or 2)
     started = time.time()
     if args.limit > load_recipe(args.recipe, args.set).data.synthetic.test:
         # more test images than the recipe makes: make more (the first ones stay the same)
