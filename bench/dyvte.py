@@ -118,8 +118,7 @@ def oracle_share(labels: torch.Tensor, layers: int) -> float:
     exits before layer k + 1): what perfect routers could save under the authors' label rule."""
     routers = labels.shape[1]
     first = torch.where(labels.any(1), labels.float().argmax(1), torch.full((len(labels),), routers))
-    seen = torch.where(first < routers, first + 1, torch.full_like(first, layers))
-    return float(seen.float().mean() / layers)
+    return layer_share(first.tolist(), routers, layers)
 
 
 @torch.no_grad()
@@ -128,8 +127,9 @@ def exit_bound(name: str, overrides: list[str], limit: int) -> dict:
     its routers or label rule: every question is answered with all samples forced to exit after
     layer k, for each router layer k, and once without exits; then each question takes the
     earliest exit at which its final answer is the same as without exits (`same_answers`:
-    accuracy kept 100 % by construction), or at which a question answered right stays right (`right_stays_right`: a
-    wrong answer may exit after the first layer, so accuracy kept is ≥ 100 %), and the same
+    accuracy kept 100 % by construction), or at which a question answered right stays right
+    (`right_stays_right`: a wrong answer may exit after the first layer, so accuracy kept is
+    ≥ 100 %), and the same
     spending accuracy down to 99 % kept (`accuracy_kept_99`, `spend_slack`). Also the accuracy
     kept and the FLOPs saved when every sample exits after layer k."""
     from train.accuracy import (
