@@ -57,10 +57,10 @@ def label_rates(name: str, overrides: list[str], batches: int = 8, batch_size: i
         split_shards(recipe.data, "train"),
         built.tokenizer,
         "vicuna_v1",
-        64,
+        built.hf.config.vision_config.image_size,
         model.image_token_id,
         512,
-        64,
+        model.visual_tokens(),
         turns=recipe.data.turns,
     )
     # the family of each sample's (only) question, to see which answers can leave the image early
@@ -429,11 +429,12 @@ def main() -> None:
             counted = model["statistics"]["dyvte"]
             share = counted["visual_layer_share"]
             config = build_from_recipe(load_recipe(args.recipe, args.set)).hf.config
-            text = base["layer_tokens"][0] - 64
-            saved = 1 - routed_flops(config, text, 64, share) / base["flops"]["llm"]
+            visual = round(base["visual_tokens"])  # the uncompressed prompt's image tokens
+            text = base["layer_tokens"][0] - visual
+            saved = 1 - routed_flops(config, text, visual, share) / base["flops"]["llm"]
             oracle = results["labels_per_layer"]["oracle_visual_layer_share"]
-            oracle_saved = 1 - routed_flops(config, text, 64, oracle) / base["flops"]["llm"]
-            budget = max(1, round(64 * share))
+            oracle_saved = 1 - routed_flops(config, text, visual, oracle) / base["flops"]["llm"]
+            budget = max(1, round(visual * share))
             others = evaluate(
                 str(run_dir),
                 ["fastv", "pdrop"],
@@ -449,7 +450,7 @@ def main() -> None:
                     # perfect routers under the label rule (labels of training samples)
                     "llm_flops_saved_by_oracle_routers": round(oracle_saved, 4),
                     "exit_layers": counted["exit_layers"],
-                    "mean_visual_tokens_over_layers": round(64 * share, 2),
+                    "mean_visual_tokens_over_layers": round(visual * share, 2),
                     "baselines_at_that_mean": {
                         f"{r['method']}@{r['budget']}": round(r["accuracy"] / base["accuracy"], 4)
                         for r in others["rows"]

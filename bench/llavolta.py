@@ -163,7 +163,8 @@ def main() -> None:
         help="a recipe override for every run (repeatable), e.g. stages.0.steps=600",
     )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # the recipes' threads (`--set trainer.threads=1` beside another job), else the machine's 2
+    torch.set_num_threads(load_recipe("tiny/llavolta-none", args.set).trainer.threads or 2)
     results = {"flops_7b": flops_7b()}
     if args.step_time:
         results["step_time"] = step_times()
