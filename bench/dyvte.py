@@ -339,6 +339,14 @@ def router_seconds(run_dir: Path, repeats: int = 20) -> dict:
     }
 
 
+def trained_run(args, root: Path, seed: int) -> Path:
+    """The run of `args.recipe` for `seed` in `root`: a kept one as it is, else trained now."""
+    run_dir = root / f"dyvte-s{seed}"
+    if not (run_dir / "metrics.json").is_file():
+        run_recipe(load_recipe(args.recipe, [*args.set, f"seed={seed}", f"output={run_dir}"]))
+    return run_dir
+
+
 def sweep(args) -> None:
     """`--confidence`: the exit-confidence sweep of every seed's run, then the smallest confidence
     at which every seed keeps ≥ 99 % of the accuracy on the `choose` half, reported on the other."""
@@ -347,10 +355,7 @@ def sweep(args) -> None:
     confidences = sorted(float(c) for c in args.confidence.split(","))
     sweeps = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        run_dir = Path(args.keep) / f"dyvte-s{seed}"
-        if not (run_dir / "metrics.json").is_file():
-            run_recipe(load_recipe(args.recipe, [*args.set, f"seed={seed}", f"output={run_dir}"]))
-        sweeps[seed] = confidence_sweep(run_dir, confidences, args.limit)
+        sweeps[seed] = confidence_sweep(trained_run(args, Path(args.keep), seed), confidences, args.limit)
         print(json.dumps({"seed": seed, "sweep": sweeps[seed]}), flush=True)
     for confidence in map(str, confidences):
         for half in ("choose", "report"):
@@ -402,9 +407,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     # the recipe's threads (`--set trainer.threads=1` beside another job), else the machine's 2
-    torch.set_num_threads(load_recipe(args.recipe, args.set).trainer.threads or 2)
+    recipe = load_recipe(args.recipe, args.set)
+    torch.set_num_threads(recipe.trainer.threads or 2)
     started = time.time()
-    if args.limit > load_recipe(args.recipe, args.set).data.synthetic.test:
+    if args.limit > recipe.data.synthetic.test:
         # more test images than the recipe makes: make more (the first ones stay the same)
         args.set.append(f"data.synthetic.test={args.limit}")
     if args.bound:
@@ -418,17 +424,15 @@ def main() -> None:
     if not args.labels:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dyvte-bench-"))
         settings = Settings(limit=args.limit, timing=False)
+        config = build_from_recipe(load_recipe(args.recipe, args.set)).hf.config
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_dir = root / f"dyvte-s{seed}"
-            if not (run_dir / "metrics.json").is_file():
-                run_recipe(load_recipe(args.recipe, [*args.set, f"seed={seed}", f"output={run_dir}"]))
+            run_dir = trained_run(args, root, seed)
             report = evaluate(str(run_dir), [], None, settings=settings)
             rows = {r["method"]: r for r in report["rows"]}
             base, model = rows["baseline"], rows["model"]
             counted = model["statistics"]["dyvte"]
             share = counted["visual_layer_share"]
-            config = build_from_recipe(load_recipe(args.recipe, args.set)).hf.config
             visual = round(base["visual_tokens"])  # the uncompressed prompt's image tokens
             text = base["layer_tokens"][0] - visual
             saved = 1 - routed_flops(config, text, visual, share) / base["flops"]["llm"]
