@@ -1,7 +1,7 @@
 """FALCON on the tiny base: registers with ReAtten on and off against the MLP projector on the
 same views (9× the tokens), on high-resolution scenes; and what registers + ReAtten cost.
 
-    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains six runs per seed
+    python bench/falcon.py [--seeds 0] [--limit 200] [--steps 300]   # trains seven runs per seed
     python bench/falcon.py --runs distill,mlp                         # only the runs named so
     python bench/falcon.py --runs distill --set trainer.threads=1     # one core per bench
     python bench/falcon.py --runs distill --skip copy                 # ... without the copy-initialised run
@@ -12,7 +12,8 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
 
 Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
 register distillation as the first stage (`tiny/falcon-distill`, whose ReAtten starts with its
-output zeroed; a third run starts it as the authors do, a full copy), and `tiny/falcon-mlp`, each
+output zeroed; a third run starts it as the authors do, a full copy), `tiny/falcon-mlp`, and the
+same MLP on the thumbnail alone (`model.views=null`: what the crops add; `--runs thumbnail`), each
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
@@ -68,6 +69,9 @@ RUNS = {
         ["model.compressors.0.reatten=false"],
     ),
     "MLP projector, same views": ("tiny/falcon-mlp", []),
+    # what the crops add: the same MLP run on the whole image only, resized to the tower's input
+    # (the thumbnail), 64 tokens per image; scored on the same questions, "across crops" included
+    "Thumbnail only, no crops": ("tiny/falcon-mlp", ["model.views=null"]),
 }
 
 
@@ -124,7 +128,11 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
     }
     size = built.hf.config.vision_config.image_size
     grid = recipe.data.synthetic.grid
-    (crops, cols), *others = recipe.model.views.grids  # this family has one square grid of crops
+    if recipe.model.views is None:  # thumbnail only: label questions by the crops the others see,
+        crops = cols = recipe.data.synthetic.image_size // size  # one per tower input side
+        others = []
+    else:
+        (crops, cols), *others = recipe.model.views.grids  # this family has one square grid of crops
     if others or crops != cols:
         raise SystemExit(
             f"{run_dir}: the bench scores one square grid of crops, not {recipe.model.views.grids}"
@@ -151,7 +159,7 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
         # answers resting on a cell a crop edge cuts in two: where ReAtten's continuity should help
         "cut_cells": right["cut cells"] / max(total["cut cells"], 1),
         "cut_cells_count": total["cut cells"],
-        "visual_tokens": built.model.visual_tokens((crops, crops)),
+        "visual_tokens": built.model.visual_tokens((crops, crops) if built.model.views is not None else None),
     } | ({"reatten_share": share} if share else {})
 
 
