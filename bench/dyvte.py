@@ -424,7 +424,8 @@ def main() -> None:
     if not args.labels:
         root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dyvte-bench-"))
         settings = Settings(limit=args.limit, timing=False)
-        config = build_from_recipe(load_recipe(args.recipe, args.set)).hf.config
+        # the model's shape, for the FLOPs; the test images added to args.set above do not change it
+        config = build_from_recipe(recipe).hf.config
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
             run_dir = trained_run(args, root, seed)

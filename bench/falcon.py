@@ -129,14 +129,15 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
     size = built.hf.config.vision_config.image_size
     grid = recipe.data.synthetic.grid
     if recipe.model.views is None:  # thumbnail only: label questions by the crops the others see,
-        crops = cols = recipe.data.synthetic.image_size // size  # one per tower input side
-        others = []
+        crops = recipe.data.synthetic.image_size // size  # one per tower input side
+        view_grid = None
     else:
         (crops, cols), *others = recipe.model.views.grids  # this family has one square grid of crops
-    if others or crops != cols:
-        raise SystemExit(
-            f"{run_dir}: the bench scores one square grid of crops, not {recipe.model.views.grids}"
-        )
+        if others or crops != cols:
+            raise SystemExit(
+                f"{run_dir}: the bench scores one square grid of crops, not {recipe.model.views.grids}"
+            )
+        view_grid = (crops, crops)
     answers = answer_questions(built.model, built.tokenizer, questions, size, progress=False)
     share = measured.close() if measured else None
     right, total = defaultdict(int), defaultdict(int)
@@ -159,7 +160,7 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
         # answers resting on a cell a crop edge cuts in two: where ReAtten's continuity should help
         "cut_cells": right["cut cells"] / max(total["cut cells"], 1),
         "cut_cells_count": total["cut cells"],
-        "visual_tokens": built.model.visual_tokens((crops, crops) if built.model.views is not None else None),
+        "visual_tokens": built.model.visual_tokens(view_grid),
     } | ({"reatten_share": share} if share else {})
 
 
