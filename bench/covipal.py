@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from recipe_overrides import add_set_option  # a sibling bench module
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.build import ComponentSpec, build, dims_of
@@ -204,6 +205,7 @@ def main() -> None:
         default="instruction",
         help="with --oracle: whose attention is the target (all instruction tokens, or the last prompt token)",
     )
+    add_set_option(parser, "stages.0.steps=600")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.oracle:
@@ -226,7 +228,7 @@ def main() -> None:
             for name in recipes:
                 run_dir = root / f"{name.split('/')[1]}-s{seed}"
                 if not (run_dir / "metrics.json").is_file():
-                    run_recipe(load_recipe(name, [f"seed={seed}", f"output={run_dir}"]))
+                    run_recipe(load_recipe(name, [f"seed={seed}", f"output={run_dir}", *args.set]))
                 baselines = BASELINES if i == 0 and name == recipes[0] else []
                 budgets = [int(t) for t in args.tokens.split(",")]
                 report = evaluate(str(run_dir), baselines, budgets, settings=settings)

@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from recipe_overrides import add_set_option  # a sibling bench module
 
 from data.dataset import ConversationDataset, collate
 from models.compressors.dyvte import answer_scores, exit_labels
@@ -172,7 +173,7 @@ def exit_bound(name: str, overrides: list[str], limit: int) -> dict:
     full = routed_flops(config, text, visual, 1.0)
 
     def saved(share: float) -> float:  # LLM prefill FLOPs saved at that mean share of layers
-        return round(1 - routed_flops(config, text, visual, share) / full, 4)
+        return flops_saved(config, text, visual, share, full)
 
     policies = {
         "same_answers": seen(lambda q, k: finals[k + 1][q] == finals[0][q]),
@@ -234,7 +235,7 @@ def confidence_sweep(run_dir: Path, confidences: list[float], limit: int) -> dic
             share = component.statistics()["visual_layer_share"]
             row[name] = {
                 "accuracy_kept": round(score(qs, answers)["accuracy"] / base_accuracy[name], 4),
-                "llm_flops_saved": round(1 - routed_flops(base.hf.config, text, visual, share) / full, 4),
+                "llm_flops_saved": flops_saved(base.hf.config, text, visual, share, full),
             }
         out[str(confidence)] = row
     return out
@@ -281,6 +282,12 @@ def routed_flops(config, text: int, visual: int, share: float) -> float:
     full = prefill_flops(config, text, visual).as_dict()["llm"]
     none = prefill_flops(config, text, visual, [text] * layers).as_dict()["llm"]
     return none + share * (full - none)
+
+
+def flops_saved(config, text: int, visual: int, share: float, full: float) -> float:
+    """The share of `full` LLM prefill FLOPs saved when the visual tokens are seen by `share` of
+    the layers on average (`routed_flops`), rounded to 4 places as the bench prints it."""
+    return round(1 - routed_flops(config, text, visual, share) / full, 4)
 
 
 def router_flops_7b(text: int = 60, visual: int = 576) -> dict:
@@ -397,13 +404,8 @@ def main() -> None:
         help="only sweep the exit confidence of the --keep runs (trained first where missing), "
         "comma-separated, e.g. 0.5,0.7,0.9: picked on test images limit..2*limit-1, reported on 0..limit-1",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a recipe override for every run, repeatable: e.g. data.turns=null (the full "
-        "conversations, with --labels) or model.base=tiny-llava-8l (another base)",
+    add_set_option(
+        parser, "data.turns=null (the full conversations, with --labels) or model.base=tiny-llava-8l"
     )
     args = parser.parse_args()
     # the recipe's threads (`--set trainer.threads=1` beside another job), else the machine's 2
@@ -436,9 +438,9 @@ def main() -> None:
             share = counted["visual_layer_share"]
             visual = round(base["visual_tokens"])  # the uncompressed prompt's image tokens
             text = base["layer_tokens"][0] - visual
-            saved = 1 - routed_flops(config, text, visual, share) / base["flops"]["llm"]
+            saved = flops_saved(config, text, visual, share, base["flops"]["llm"])
             oracle = results["labels_per_layer"]["oracle_visual_layer_share"]
-            oracle_saved = 1 - routed_flops(config, text, visual, oracle) / base["flops"]["llm"]
+            oracle_saved = flops_saved(config, text, visual, oracle, base["flops"]["llm"])
             budget = max(1, round(visual * share))
             others = evaluate(
                 str(run_dir),
@@ -451,9 +453,9 @@ def main() -> None:
                 {
                     "seed": seed,
                     "accuracy_kept": round(model["accuracy"] / base["accuracy"], 4),
-                    "llm_flops_saved": round(saved, 4),
+                    "llm_flops_saved": saved,
                     # perfect routers under the label rule (labels of training samples)
-                    "llm_flops_saved_by_oracle_routers": round(oracle_saved, 4),
+                    "llm_flops_saved_by_oracle_routers": oracle_saved,
                     "exit_layers": counted["exit_layers"],
                     "mean_visual_tokens_over_layers": round(visual * share, 2),
                     "baselines_at_that_mean": {

@@ -34,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from recipe_overrides import add_set_option  # a sibling bench module
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from data.synth import final_answer
@@ -362,13 +363,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timings")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a recipe override for every run (repeatable), e.g. trainer.threads=1 beside another job",
-    )
+    add_set_option(parser, "trainer.threads=1 beside another job")
     args = parser.parse_args()
     words = args.runs.lower().split(",") if args.runs else [""]
     runs = [label for label in RUNS if any(all(p in label.lower() for p in w.split("+")) for w in words)]

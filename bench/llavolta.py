@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipe_overrides import add_set_option  # a sibling bench module
 
 from data.dataset import ConversationDataset, collate
 from models.build import build
@@ -155,13 +156,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="test images per accuracy figure")
     parser.add_argument("--flops-7b", action="store_true", help="only the 7B FLOPs")
     parser.add_argument("--step-time", action="store_true", help="only the training-step times")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a recipe override for every run (repeatable), e.g. stages.0.steps=600",
-    )
+    add_set_option(parser, "stages.0.steps=600")
     args = parser.parse_args()
     # the recipes' threads (`--set trainer.threads=1` beside another job), else the machine's 2
     torch.set_num_threads(load_recipe("tiny/llavolta-none", args.set).trainer.threads or 2)

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import torch
+from recipe_overrides import add_set_option  # a sibling bench module
 
 from data.dataset import ConversationDataset, collate
 from data.shards import ShardIndex
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-time", action="store_true")
     parser.add_argument("--seeds", default="0,1,2")
+    add_set_option(parser, "eval.limit=100")
     args = parser.parse_args()
     results = {}
     # step times first: after a training run its data-loader worker can linger and share the CPU
@@ -92,6 +94,7 @@ def main() -> None:
                         f"seed={seed}",
                         f"output={tmp}/{name.replace('/', '-')}-s{seed}",
                         "eval.baselines=[]",
+                        *args.set,
                     ]
                     metrics = run_recipe(load_recipe(name, overrides))
                     runs[name].append(metrics)

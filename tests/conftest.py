@@ -10,21 +10,28 @@ from models.tiny import TinyConfig, tiny_tokenizer
 torch.set_num_threads(2)
 
 
+# Opt-in groups of long checks: each runs only with its flag (`.ci/run` passes both).
+OPT_IN = {
+    "families": "each GPU recipe family under 2-process DDP on CPU, ~2 min each",
+    "benches": "the README's bench scripts end to end at two steps a stage, ~1 min each",
+}
+
+
 def pytest_addoption(parser):
-    parser.addoption(
-        "--families",
-        action="store_true",
-        help="also run the tests marked `families` (each GPU recipe family under 2-process DDP on CPU, ~2 min each)",
-    )
+    for marker, what in OPT_IN.items():
+        parser.addoption(
+            f"--{marker}", action="store_true", help=f"also run the tests marked `{marker}` ({what})"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--families"):
-        return
-    skip = pytest.mark.skip(reason="a recipe-family check: run with --families")
-    for item in items:
-        if "families" in item.keywords:
-            item.add_marker(skip)
+    for marker in OPT_IN:
+        if config.getoption(f"--{marker}"):
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in: run with --{marker}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 # Smaller than the default tiny model: the same classes, quicker tests.

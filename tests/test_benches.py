@@ -1,0 +1,134 @@
+"""The bench scripts whose figures the README quotes, run end to end at the smallest size (two
+training steps a stage, a few test images): each still trains its recipes, scores them and prints
+the figures its tables are made of. A figure measured this way means nothing; what is checked is
+that the commands the README gives still run and that their figures hang together (token counts
+the recipes imply, ratios of the printed accuracies). Opt-in: `--benches` (~6 min on 2 cores);
+`.ci/run` runs them after the default suite."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.benches
+
+QUICK = ["--set", "stages.0.steps=2"]  # every bench recipe below has one or two stages
+
+
+def run_bench(script: str, *args: str) -> str:
+    """`python bench/SCRIPT ARGS` from the repository root; its stdout (stderr shown on failure)."""
+    done = subprocess.run([sys.executable, f"bench/{script}", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def last_json(stdout: str) -> dict:
+    """The indented JSON object a bench prints last (`json.dumps(results, indent=1)`)."""
+    return json.loads(stdout[stdout.rindex("\n{\n") :])
+
+
+def json_lines(stdout: str, prefix: str = "") -> list[dict]:
+    """Every one-line JSON object of stdout, after `prefix` where one is given."""
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith(prefix) and line[len(prefix) :].lstrip().startswith("{") and line.endswith("}"):
+            rows.append(json.loads(line[len(prefix) :]))
+    return rows
+
+
+def test_tokenpacker_bench(tmp_path):
+    results = last_json(run_bench("tokenpacker.py", "--seeds", "0", *QUICK, "--set", "eval.limit=4"))
+    # tiny/mlp keeps the base's 8×8 patches; TokenPacker and 2-D pooling at scale/stride 2 keep 4×4
+    tokens = {
+        name: results[name]["visual_tokens"] for name in ("tiny/mlp", "tiny/tokenpacker", "tiny/avgpool")
+    }
+    assert tokens == {"tiny/mlp": 64, "tiny/tokenpacker": 16, "tiny/avgpool": 16}
+    mlp = results["tiny/mlp"]["accuracy"][0]
+    for name in ("tiny/tokenpacker", "tiny/avgpool"):
+        accuracy, kept = results[name]["accuracy"][0], results[name]["accuracy_kept_vs_mlp"][0]
+        assert kept == pytest.approx(accuracy / mlp, abs=1e-4)
+    assert all(seconds > 0 for seconds in results["step_seconds"].values())
+
+
+def test_llavolta_bench(tmp_path):
+    stdout = run_bench(
+        "llavolta.py", "--seeds", "0", "--schemes", "heavy", "--limit", "4", "--keep", str(tmp_path), *QUICK
+    )
+    results = last_json(stdout)
+    run = results["tiny"]["heavy"][0]
+    # the same trained run, scored uncompressed and with its own schedule's pooling (stride 8 from layer 1)
+    assert run["none"]["visual_tokens_per_layer"] == [64, 64, 64, 64]
+    assert run["heavy"]["visual_tokens_per_layer"] == [64, 8, 8, 8]
+    assert run["heavy"]["llm_gflops"] < run["none"]["llm_gflops"]
+    flops = results["flops_7b"]
+    assert flops["heavy K=2 S=8"]["llm_tflops"] < flops["uncompressed"]["llm_tflops"]
+    assert flops["heavy K=2 S=8"]["vision_tflops"] == flops["uncompressed"]["vision_tflops"]
+
+
+def test_covipal_bench(tmp_path):
+    stdout = run_bench(
+        "covipal.py", "--seeds", "0", "--limit", "4", "--tokens", "16", "--keep", str(tmp_path), *QUICK
+    )
+    results = last_json(stdout)
+    accuracy = results["accuracy"]
+    # the trained scorer at its own count, and every training-free baseline at the one budget asked
+    assert "tiny/covipal" in accuracy
+    baselines = [key for key in accuracy if key.endswith(" @16")]
+    assert {"fastv @16", "pdrop @16", "random @16", "pooling @16"} <= set(baselines)
+    assert all(len(values) == 1 and 0 <= values[0] <= 1 for values in accuracy.values())
+    cost = results["cost_tiny"]  # the scorer's time against the prefill time pruning saves besides it
+    saved = cost["base_prefill"] - (cost["pruned_prefill"] - cost["scorer"])
+    share = cost["scorer_share_of_saved"]
+    assert share == pytest.approx(cost["scorer"] / saved, abs=0.01) if saved > 0 else share is None
+    assert (tmp_path / "covipal-s0" / "metrics.json").is_file()
+
+
+def test_dyvte_bench(tmp_path):
+    stdout = run_bench("dyvte.py", "--seeds", "0", "--limit", "4", "--keep", str(tmp_path), *QUICK)
+    results = last_json(stdout)
+    (run,) = results["runs"]
+    assert 0 <= run["llm_flops_saved"] < 1 and 0 <= run["llm_flops_saved_by_oracle_routers"] < 1
+    # FastV and PyramidDrop are measured at the routed model's mean visual tokens, rounded
+    budget = max(1, round(run["mean_visual_tokens_over_layers"]))
+    assert set(run["baselines_at_that_mean"]) == {f"fastv@{budget}", f"pdrop@{budget}"}
+    assert 0 < results["router_time"]["share"] < 1
+    assert 0 < results["router_flops_7b"]["share"] < 0.01  # routers are tiny next to a 7B prefill
+
+
+def test_falcon_bench(tmp_path):
+    stdout = run_bench(
+        "falcon.py",
+        "--runs",
+        "distill,thumbnail",
+        "--skip",
+        "copy",
+        "--seeds",
+        "0",
+        "--limit",
+        "8",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--keep",
+        str(tmp_path),
+        *QUICK,
+    )
+    on = "FALCON + register distillation, ReAtten on"
+    off = "FALCON + register distillation, ReAtten off"
+    thumbnail = "Thumbnail only, no crops"
+    runs = {label: json_lines(stdout, label)[0] for label in (on, off, thumbnail)}
+    # 7 registers for each of 5 views (thumbnail + 2×2 crops); the thumbnail alone is 8×8 patches
+    assert [runs[label]["visual_tokens"] for label in (on, off, thumbnail)] == [35, 35, 64]
+    # scored on the same questions: the same prior and the same questions across crops
+    assert runs[on]["prior"] == runs[off]["prior"] == runs[thumbnail]["prior"]
+    assert runs[on]["across_crops_count"] == runs[thumbnail]["across_crops_count"] > 0
+    assert len(runs[on]["reatten_share"]) == 4 and "reatten_share" not in runs[off]  # one per tower layer
+    cost = json_lines(stdout, "cost")[0]
+    assert cost and all(value is not None for value in cost.values())
+
+    kept = tmp_path / "falcon---register-distillation--reatten-on-s0"
+    rows = json_lines(run_bench("falcon.py", "--rescore", str(kept), "--limit", "4"))
+    assert [row["reatten_at_test"] for row in rows] == ["as trained", "switched off"]
+    assert "reatten_share" not in rows[1]
