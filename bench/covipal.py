@@ -207,7 +207,8 @@ def main() -> None:
     )
     add_set_option(parser, "stages.0.steps=600")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # the recipe's threads (`--set trainer.threads=1` beside another job), else the machine's 2
+    torch.set_num_threads(load_recipe("tiny/covipal", args.set).trainer.threads or 2)
     if args.oracle:
         with torch.no_grad():
             print(json.dumps({"oracle_at_16": oracle(args.limit, queries=args.guidance_queries)}, indent=1))

@@ -30,11 +30,12 @@ from train.run import run_recipe
 RECIPES = ("tiny/mlp", "tiny/tokenpacker", "tiny/avgpool")
 
 
-def step_times(batch_size: int = 32, repeats: int = 10) -> dict:
+def step_times(overrides: list[str] = (), batch_size: int = 32, repeats: int = 10) -> dict:
     """Median forward+backward seconds of one instruction-tuning step, per projector, on the tiny
-    architecture (step time does not depend on the weights, so no trained base is needed)."""
+    architecture (step time does not depend on the weights, so no trained base is needed); the
+    batch comes from `tiny/tokenpacker`'s training data, with `overrides`."""
     torch.set_num_threads(2)
-    recipe = load_recipe("tiny/tokenpacker")
+    recipe = load_recipe("tiny/tokenpacker", list(overrides))
     out = {}
     for name, projector, compressors in (
         ("mlp2x_gelu (64 tokens)", ComponentSpec("mlp2x_gelu"), []),
@@ -80,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     # step times first: after a training run its data-loader worker can linger and share the CPU
-    times = step_times()
+    times = step_times(args.set)
     mlp_time = times["mlp2x_gelu (64 tokens)"]
     results["step_seconds"] = times
     results["step_time_ratio_vs_mlp"] = {k: round(v / mlp_time, 3) for k, v in times.items()}

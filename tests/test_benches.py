@@ -13,7 +13,13 @@ import pytest
 
 pytestmark = pytest.mark.benches
 
-QUICK = ["--set", "stages.0.steps=2"]  # every bench recipe below has one or two stages
+
+def quick(tmp_path) -> list[str]:
+    """Two steps in the first stage (every bench recipe below has one or two), and a small
+    synthetic data set of the recipe's kind in tmp_path, so a fresh clone generates it in seconds."""
+    overrides = ["stages.0.steps=2", f"data.cache_dir={tmp_path / 'data'}"]
+    overrides += ["data.synthetic.train=512", "data.synthetic.test=16"]
+    return [arg for override in overrides for arg in ("--set", override)]
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -38,7 +44,9 @@ def json_lines(stdout: str, prefix: str = "") -> list[dict]:
 
 
 def test_tokenpacker_bench(tmp_path):
-    results = last_json(run_bench("tokenpacker.py", "--seeds", "0", *QUICK, "--set", "eval.limit=4"))
+    results = last_json(
+        run_bench("tokenpacker.py", "--seeds", "0", *quick(tmp_path), "--set", "eval.limit=4")
+    )
     # tiny/mlp keeps the base's 8×8 patches; TokenPacker and 2-D pooling at scale/stride 2 keep 4×4
     tokens = {
         name: results[name]["visual_tokens"] for name in ("tiny/mlp", "tiny/tokenpacker", "tiny/avgpool")
@@ -53,7 +61,16 @@ def test_tokenpacker_bench(tmp_path):
 
 def test_llavolta_bench(tmp_path):
     stdout = run_bench(
-        "llavolta.py", "--seeds", "0", "--schemes", "heavy", "--limit", "4", "--keep", str(tmp_path), *QUICK
+        "llavolta.py",
+        "--seeds",
+        "0",
+        "--schemes",
+        "heavy",
+        "--limit",
+        "4",
+        "--keep",
+        str(tmp_path),
+        *quick(tmp_path),
     )
     results = last_json(stdout)
     run = results["tiny"]["heavy"][0]
@@ -68,7 +85,16 @@ def test_llavolta_bench(tmp_path):
 
 def test_covipal_bench(tmp_path):
     stdout = run_bench(
-        "covipal.py", "--seeds", "0", "--limit", "4", "--tokens", "16", "--keep", str(tmp_path), *QUICK
+        "covipal.py",
+        "--seeds",
+        "0",
+        "--limit",
+        "4",
+        "--tokens",
+        "16",
+        "--keep",
+        str(tmp_path),
+        *quick(tmp_path),
     )
     results = last_json(stdout)
     accuracy = results["accuracy"]
@@ -85,7 +111,7 @@ def test_covipal_bench(tmp_path):
 
 
 def test_dyvte_bench(tmp_path):
-    stdout = run_bench("dyvte.py", "--seeds", "0", "--limit", "4", "--keep", str(tmp_path), *QUICK)
+    stdout = run_bench("dyvte.py", "--seeds", "0", "--limit", "4", "--keep", str(tmp_path), *quick(tmp_path))
     results = last_json(stdout)
     (run,) = results["runs"]
     assert 0 <= run["llm_flops_saved"] < 1 and 0 <= run["llm_flops_saved_by_oracle_routers"] < 1
@@ -113,7 +139,7 @@ def test_falcon_bench(tmp_path):
         "1",
         "--keep",
         str(tmp_path),
-        *QUICK,
+        *quick(tmp_path),
     )
     on = "FALCON + register distillation, ReAtten on"
     off = "FALCON + register distillation, ReAtten off"
