@@ -16,6 +16,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 
 import torch
 from recipe_overrides import add_set_option  # a sibling bench module
@@ -30,7 +31,7 @@ from train.run import run_recipe
 RECIPES = ("tiny/mlp", "tiny/tokenpacker", "tiny/avgpool")
 
 
-def step_times(overrides: list[str] = (), batch_size: int = 32, repeats: int = 10) -> dict:
+def step_times(overrides: Sequence[str] = (), batch_size: int = 32, repeats: int = 10) -> dict:
     """Median forward+backward seconds of one instruction-tuning step, per projector, on the tiny
     architecture (step time does not depend on the weights, so no trained base is needed); the
     batch comes from `tiny/tokenpacker`'s training data, with `overrides`."""

@@ -2,7 +2,7 @@
 training steps a stage, a few test images): each still trains its recipes, scores them and prints
 the figures its tables are made of. A figure measured this way means nothing; what is checked is
 that the commands the README gives still run and that their figures hang together (token counts
-the recipes imply, ratios of the printed accuracies). Opt-in: `--benches` (~6 min on 2 cores);
+the recipes imply, ratios of the printed accuracies). Opt-in: `--benches` (~5 min);
 `.ci/run` runs them after the default suite."""
 
 import json
