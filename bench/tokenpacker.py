@@ -4,6 +4,7 @@ stage from the shipped base; TokenPacker warm-started from the base's projector)
 
     python bench/tokenpacker.py [--seeds 0,1,2]  # accuracy over seeds (trains the three recipes) + step time
     python bench/tokenpacker.py --step-time      # only the training-step time ratio (seconds)
+    python bench/tokenpacker.py --repeats 1      # ... one timed step per projector (quick check)
 
 Each recipe trains on the shipped tiny base with `seed=S` (the new projector's initial weights and
 the batch order), into a temporary folder; the table gives the mean and the range over seeds.
@@ -78,11 +79,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-time", action="store_true")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed steps per projector, after 2 warm-up (median printed)"
+    )
     add_set_option(parser, "eval.limit=100")
     args = parser.parse_args()
     results = {}
     # step times first: after a training run its data-loader worker can linger and share the CPU
-    times = step_times(args.set)
+    times = step_times(args.set, repeats=args.repeats)
     mlp_time = times["mlp2x_gelu (64 tokens)"]
     results["step_seconds"] = times
     results["step_time_ratio_vs_mlp"] = {k: round(v / mlp_time, 3) for k, v in times.items()}

@@ -45,7 +45,9 @@ def json_lines(stdout: str, prefix: str = "") -> list[dict]:
 
 def test_tokenpacker_bench(tmp_path):
     results = last_json(
-        run_bench("tokenpacker.py", "--seeds", "0", *quick(tmp_path), "--set", "eval.limit=4")
+        run_bench(
+            "tokenpacker.py", "--seeds", "0", "--repeats", "1", *quick(tmp_path), "--set", "eval.limit=4"
+        )
     )
     # tiny/mlp keeps the base's 8×8 patches; TokenPacker and 2-D pooling at scale/stride 2 keep 4×4
     tokens = {
