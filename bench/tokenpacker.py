@@ -36,8 +36,9 @@ def step_times(overrides: Sequence[str] = (), batch_size: int = 32, repeats: int
     """Median forward+backward seconds of one instruction-tuning step, per projector, on the tiny
     architecture (step time does not depend on the weights, so no trained base is needed); the
     batch comes from `tiny/tokenpacker`'s training data, with `overrides`."""
-    torch.set_num_threads(2)
     recipe = load_recipe("tiny/tokenpacker", list(overrides))
+    # the recipe's threads (`--set trainer.threads=1` beside another job), as the other benches
+    torch.set_num_threads(recipe.trainer.threads or 2)
     out = {}
     for name, projector, compressors in (
         ("mlp2x_gelu (64 tokens)", ComponentSpec("mlp2x_gelu"), []),
