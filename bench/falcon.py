@@ -221,9 +221,10 @@ def train_and_score(
     return out
 
 
-def tiny_towers() -> tuple:
-    """The shipped base with `tiny/falcon`'s FALCON: (model, component, image side in pixels)."""
-    spec = load_recipe("tiny/falcon").model.compressors[0]
+def tiny_towers(overrides: list[str] = ()) -> tuple:
+    """The shipped base with `tiny/falcon`'s FALCON after the bench's `--set` overrides (so the
+    timing has the registers the runs train with): (model, component, image side in pixels)."""
+    spec = load_recipe("tiny/falcon", overrides).model.compressors[0]
     model = build(resolve_base("tiny-llava"), compressors=[ComponentSpec(spec.name, spec.params)]).model
     return model.eval(), model.compressors[0], 64
 
@@ -378,7 +379,7 @@ def main() -> None:
         towers = real_width_towers(REAL_WIDTH_RECIPE, args.vision_layers)
         print("cost", json.dumps(tower_cost(towers, 1, args.repeats, args.threads)), flush=True)
         return
-    print("cost", json.dumps(tower_cost(tiny_towers(), 8, args.repeats, args.threads)), flush=True)
+    print("cost", json.dumps(tower_cost(tiny_towers(args.set), 8, args.repeats, args.threads)), flush=True)
     if args.cost:
         return
     results = {

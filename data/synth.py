@@ -301,15 +301,18 @@ def vocabulary_corpus() -> list[str]:
     return words
 
 
-def make_sample(split: str, index: int, seed: int, image_size: int, grid: int) -> dict:
-    """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}.
-    Training samples ask about every object; val/test ask one question per family."""
+def make_sample(
+    split: str, index: int, seed: int, image_size: int, grid: int, objects: tuple[int, int] = (3, 5)
+) -> dict:
+    """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}, its
+    scene holding `objects` = (fewest, most) shapes. Training samples ask about every object;
+    val/test ask one question per family."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{index}")
-    scene = random_scene(rng, grid)
+    scene = random_scene(rng, grid, *objects)
     while scene.split() != split or not askable(scene):
-        scene = random_scene(rng, grid)
+        scene = random_scene(rng, grid, *objects)
     qa = questions(scene, rng, every_object=split == "train")
     rng.shuffle(qa)
     qa.sort(key=lambda triple: triple[0] in TRAINING_ONLY)  # stable: scored turns first, shuffled
@@ -373,15 +376,17 @@ def write_synthetic(
     grid: int = 4,
     samples_per_shard: int = 5000,
     progress: bool = True,
+    objects: tuple[int, int] = (3, 5),
 ) -> int:
-    """Generate `samples` samples of `split` into webdataset shards under `out_dir`."""
+    """Generate `samples` samples of `split` into webdataset shards under `out_dir`; each scene
+    holds `objects` = (fewest, most) shapes."""
     from tqdm import tqdm
 
     from data.shards import ShardWriter, encode_png
 
     with ShardWriter(out_dir, samples_per_shard) as writer:
         for index in tqdm(range(samples), desc=f"synth {split}", disable=not progress, unit="img"):
-            sample = make_sample(split, index, seed, image_size, grid)
+            sample = make_sample(split, index, seed, image_size, grid, objects)
             image = sample.pop("image")
             writer.write(sample, encode_png(image))
     return samples

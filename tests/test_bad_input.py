@@ -249,6 +249,7 @@ def test_cli_options_are_checked_by_name(argv, message, capsys):
         (["export", "/nonexistent", "/tmp/vtc-never"], "/nonexistent: no such folder"),
         (["validate", "tiny/smoke", "stages.0.steps=[10"], "not valid YAML"),
         (["validate", "tiny/smoke", "stages.0.batch_size=0"], "stages[0].batch_size: must be ≥ 1"),
+        (["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--objects", "3", "16"], "17 cells"),
     ],
 )
 def test_cli_misuse_is_one_clear_line(argv, message, capsys):
@@ -265,6 +266,13 @@ def test_relative_outputs_and_the_data_cache_follow_the_working_directory(tmp_pa
     recipe = load_recipe("tiny/smoke", ["data.synthetic.train=4", "data.synthetic.test=2"])
     assert run_dir_of(recipe) == tmp_path / recipe.output
     assert synthetic_shards(recipe.data, "test").is_relative_to(tmp_path / "checkpoints" / "data")
+    # scenes of another size of crowd are another cache, never the default's shards reused
+    crowded = load_recipe(
+        "tiny/smoke", ["data.synthetic.train=4", "data.synthetic.test=2", "data.synthetic.objects=[6, 8]"]
+    )
+    assert synthetic_shards(crowded.data, "test").parent != synthetic_shards(recipe.data, "test").parent
+    index = ShardIndex(synthetic_shards(crowded.data, "test"))
+    assert all(6 <= len(index.record(i)["scene"]["objects"]) <= 8 for i in range(len(index)))
 
 
 def test_validate_in_a_fresh_process_prints_no_traceback_for_a_recipe_with_many_problems(tmp_path):

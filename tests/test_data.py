@@ -97,6 +97,22 @@ def test_answers_follow_the_scene():
     assert {("exist", "yes"), ("exist", "no"), "where", "count", "detail", "cell"} <= seen
 
 
+def test_crowded_scenes_hold_the_objects_asked_for_and_stay_askable():
+    """`objects` = (fewest, most) shapes per scene; each scene still has an object that is the only
+    one of its shape and one that is the only one of its colour, which colour and shape ask about."""
+    counts = set()
+    for index in range(40):
+        sample = make_sample("test", index, 0, 128, 8, objects=(12, 16))
+        scene = Scene.from_json(sample["scene"])
+        counts.add(len(scene.objects))
+        assert (
+            askable(scene)
+            and len({(o.row, o.col) for o in scene.objects} | {scene.dot[:2]}) == len(scene.objects) + 1
+        )
+    assert min(counts) >= 12 and max(counts) <= 16 and len(counts) > 2
+    assert {len(make_sample("test", i, 0, 64, 4)["scene"]["objects"]) for i in range(40)} == {3, 4, 5}
+
+
 def test_side_of_an_odd_grid_has_a_middle():
     assert [side_of(i, 3, "col") for i in range(3)] == ["left", "middle", "right"]
     assert [side_of(i, 4, "row") for i in range(4)] == ["top", "top", "bottom", "bottom"]

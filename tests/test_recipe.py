@@ -169,6 +169,18 @@ BAD = [
         "data.synthetic.image_size",
         "4 px per cell",
     ),
+    (
+        "fewest objects above most",
+        with_change("data.synthetic", {"objects": [6, 4]}),
+        "data.synthetic.objects",
+        "fewest 6 is more than most 4",
+    ),
+    (
+        "more objects than cells",
+        with_change("data.synthetic", {"grid": 4, "objects": [3, 16]}),
+        "data.synthetic.objects",
+        "need 17 cells; a 4×4 grid has 16",
+    ),
     ("all weights 0", with_change("stages.0.loss_weights", {"lm": 0}), "stages[0].loss_weights", "weight 0"),
     (
         "region grid",

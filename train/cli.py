@@ -144,12 +144,22 @@ def cmd_data_synth(args) -> int:
     from data.shards import existing_shards, staged
     from data.synth import write_synthetic
 
+    fewest, most = args.objects
+    if fewest > most:
+        raise UserError(f"--objects {fewest} {most}: fewest {fewest} is more than most {most}")
+    if most + 1 > args.grid**2:  # every shape and the dot take a cell of their own
+        raise UserError(
+            f"--objects {fewest} {most}: {most} shapes and the dot need {most + 1} cells; "
+            f"a {args.grid}×{args.grid} grid (--grid) has {args.grid**2}"
+        )
     out = Path(args.out)
     old = existing_shards(out)
     if old and not args.overwrite:
         raise UserError(f"{out} already holds {len(old)} shard(s): choose another --out, or --overwrite")
     with staged(out, "overwrite" if old else "new") as tmp:  # never half a split in --out
-        write_synthetic(tmp, args.split, args.samples, args.seed, args.image_size, args.grid)
+        write_synthetic(
+            tmp, args.split, args.samples, args.seed, args.image_size, args.grid, objects=tuple(args.objects)
+        )
     print(f"wrote {args.samples} {args.split} samples to {args.out}")
     return 0
 
@@ -445,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--grid", type=positive_int, default=4)
+    p.add_argument(
+        "--objects",
+        type=positive_int,
+        nargs=2,
+        default=(3, 5),
+        metavar=("FEWEST", "MOST"),
+        help="shapes per scene",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser(

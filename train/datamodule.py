@@ -26,12 +26,17 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
     syn = data.synthetic
     count = {"train": syn.train, "val": syn.val, "test": syn.test}[split]
     root = Path(data.cache_dir).absolute()  # a relative cache is from the working directory
-    target = root / f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}" / f"{split}-{count}"
+    crowd = (
+        "" if tuple(syn.objects) == (3, 5) else f"-o{syn.objects[0]}-{syn.objects[1]}"
+    )  # default: the old name
+    target = root / f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}{crowd}" / f"{split}-{count}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
         show = os.environ.get("LOCAL_RANK", "0") == "0"
-        write_synthetic(tmp, split, count, syn.seed, syn.image_size, syn.grid, progress=show)
+        write_synthetic(
+            tmp, split, count, syn.seed, syn.image_size, syn.grid, progress=show, objects=tuple(syn.objects)
+        )
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
