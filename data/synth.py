@@ -90,7 +90,22 @@ class Scene:
         return next(name for name, r in _SPLIT_BUCKETS.items() if bucket in r)
 
 
-def random_scene(rng: random.Random, grid: int, min_objects: int = 3, max_objects: int = 5) -> Scene:
+OBJECTS = (3, 5)  # fewest and most shapes per scene, by default
+
+
+def crowd_problem(objects: tuple[int, int], grid: int) -> str | None:
+    """Why a `grid`×`grid` scene cannot hold `objects` = (fewest, most) shapes, or None."""
+    fewest, most = objects
+    if fewest > most:
+        return f"fewest {fewest} is more than most {most}"
+    if most + 1 > grid * grid:  # every shape and the dot take a cell of their own
+        return f"{most} shapes and the dot need {most + 1} cells; a {grid}×{grid} grid has {grid * grid}"
+    return None
+
+
+def random_scene(
+    rng: random.Random, grid: int, min_objects: int = OBJECTS[0], max_objects: int = OBJECTS[1]
+) -> Scene:
     cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], max_objects + 1)
     count = rng.randint(min_objects, max_objects)
     objects = tuple(
@@ -302,7 +317,7 @@ def vocabulary_corpus() -> list[str]:
 
 
 def make_sample(
-    split: str, index: int, seed: int, image_size: int, grid: int, objects: tuple[int, int] = (3, 5)
+    split: str, index: int, seed: int, image_size: int, grid: int, objects: tuple[int, int] = OBJECTS
 ) -> dict:
     """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}, its
     scene holding `objects` = (fewest, most) shapes. Training samples ask about every object;
@@ -376,7 +391,7 @@ def write_synthetic(
     grid: int = 4,
     samples_per_shard: int = 5000,
     progress: bool = True,
-    objects: tuple[int, int] = (3, 5),
+    objects: tuple[int, int] = OBJECTS,
 ) -> int:
     """Generate `samples` samples of `split` into webdataset shards under `out_dir`; each scene
     holds `objects` = (fewest, most) shapes."""

@@ -142,24 +142,17 @@ def cmd_evaluate(args) -> int:
 def cmd_data_synth(args) -> int:
     from data.errors import UserError
     from data.shards import existing_shards, staged
-    from data.synth import write_synthetic
+    from data.synth import OBJECTS, crowd_problem, write_synthetic
 
-    fewest, most = args.objects
-    if fewest > most:
-        raise UserError(f"--objects {fewest} {most}: fewest {fewest} is more than most {most}")
-    if most + 1 > args.grid**2:  # every shape and the dot take a cell of their own
-        raise UserError(
-            f"--objects {fewest} {most}: {most} shapes and the dot need {most + 1} cells; "
-            f"a {args.grid}×{args.grid} grid (--grid) has {args.grid**2}"
-        )
+    objects = tuple(args.objects) if args.objects else OBJECTS
+    if problem := crowd_problem(objects, args.grid):
+        raise UserError(f"--objects {objects[0]} {objects[1]}: {problem} (--grid {args.grid})")
     out = Path(args.out)
     old = existing_shards(out)
     if old and not args.overwrite:
         raise UserError(f"{out} already holds {len(old)} shard(s): choose another --out, or --overwrite")
     with staged(out, "overwrite" if old else "new") as tmp:  # never half a split in --out
-        write_synthetic(
-            tmp, args.split, args.samples, args.seed, args.image_size, args.grid, objects=tuple(args.objects)
-        )
+        write_synthetic(tmp, args.split, args.samples, args.seed, args.image_size, args.grid, objects=objects)
     print(f"wrote {args.samples} {args.split} samples to {args.out}")
     return 0
 
@@ -459,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--objects",
         type=positive_int,
         nargs=2,
-        default=(3, 5),
+        default=None,
         metavar=("FEWEST", "MOST"),
-        help="shapes per scene",
+        help="fewest and most shapes per scene (default: as a recipe's data.synthetic.objects)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     p.set_defaults(func=cmd_data_synth)

@@ -15,7 +15,7 @@ import torch
 from data.dataset import ConversationDataset, collate
 from data.loader import ResumableLoader
 from data.shards import ShardIndex
-from data.synth import VERSION, write_synthetic
+from data.synth import OBJECTS, VERSION, write_synthetic
 from train.objectives import OBJECTIVES
 from train.recipe import DataRecipe, Stage
 
@@ -26,9 +26,8 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
     syn = data.synthetic
     count = {"train": syn.train, "val": syn.val, "test": syn.test}[split]
     root = Path(data.cache_dir).absolute()  # a relative cache is from the working directory
-    crowd = (
-        "" if tuple(syn.objects) == (3, 5) else f"-o{syn.objects[0]}-{syn.objects[1]}"
-    )  # default: the old name
+    # the default crowd keeps the cache's old folder name; another gets a folder of its own
+    crowd = "" if tuple(syn.objects) == OBJECTS else f"-o{syn.objects[0]}-{syn.objects[1]}"
     target = root / f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}{crowd}" / f"{split}-{count}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)

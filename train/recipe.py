@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from data.errors import UserError
+from data.synth import OBJECTS, crowd_problem
 from models.build import ComponentSpec
 from models.compressors import available, baselines, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
@@ -76,7 +77,7 @@ class SyntheticData:
     grid: Annotated[int, Range(1, 8)] = 4  # cells per side: names a1..h8
     # Fewest and most shapes per scene (besides the dot): more crowd each crop of a multi-view
     # image, so a compressor that keeps few tokens per view must choose what to keep.
-    objects: tuple[AtLeast1, AtLeast1] = (3, 5)
+    objects: tuple[AtLeast1, AtLeast1] = OBJECTS
 
 
 @dataclass(frozen=True)
@@ -563,16 +564,8 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             "data.synthetic.image_size",
             f"must be at least 4 px per cell (4 × grid {data.synthetic.grid}), got {data.synthetic.image_size}",
         )
-    if data.synthetic is not None:
-        fewest, most = data.synthetic.objects
-        if fewest > most:
-            add("data.synthetic.objects", f"fewest {fewest} is more than most {most}")
-        if most + 1 > data.synthetic.grid**2:  # every shape and the dot take a cell of their own
-            add(
-                "data.synthetic.objects",
-                f"{most} shapes and the dot need {most + 1} cells; a {data.synthetic.grid}×"
-                f"{data.synthetic.grid} grid has {data.synthetic.grid**2}",
-            )
+    if data.synthetic is not None and (problem := crowd_problem(data.synthetic.objects, data.synthetic.grid)):
+        add("data.synthetic.objects", problem)
     if data.synthetic is None and not data.train_shards:
         add("data", "give either data.synthetic or data.train_shards")
     if not recipe.stages:
