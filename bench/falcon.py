@@ -100,14 +100,23 @@ def cells_named(reference: str) -> list[tuple[int, int]]:
     ]
 
 
-def crops_named(reference: str, grid: int, crops: int = 2) -> set[tuple[int, int]]:
-    """The (row, col) crops of a `crops`×`crops` split that hold the cells a grounded answer names."""
-    return {crop for cell in cells_named(reference) for crop in crops_of_cell(*cell, grid, crops)}
+def cells_of_answer(family: str, reference: str, scene: dict) -> list[tuple[int, int]]:
+    """The (row, col) cells an answer rests on: those a grounded answer names; for `match` (the
+    shape of the object of the dot's colour, a plain answer), the dot's and that object's."""
+    if family != "match":
+        return cells_named(reference)
+    row, col, colour = scene["dot"]
+    return [(row, col)] + [(o["row"], o["col"]) for o in scene["objects"] if o["colour"] == colour]
 
 
-def names_a_cut_cell(reference: str, grid: int, crops: int = 2) -> bool:
-    """Whether a cell the answer names is cut in two by a crop edge (never on an 8×8 grid)."""
-    return any(len(crops_of_cell(*cell, grid, crops)) > 1 for cell in cells_named(reference))
+def crops_holding(cells: list[tuple[int, int]], grid: int, crops: int = 2) -> set[tuple[int, int]]:
+    """The (row, col) crops of a `crops`×`crops` split that hold `cells`."""
+    return {crop for cell in cells for crop in crops_of_cell(*cell, grid, crops)}
+
+
+def cuts_a_cell(cells: list[tuple[int, int]], grid: int, crops: int = 2) -> bool:
+    """Whether a crop edge cuts one of `cells` in two (never on an 8×8 grid)."""
+    return any(len(crops_of_cell(*cell, grid, crops)) > 1 for cell in cells)
 
 
 def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
@@ -122,10 +131,11 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
     recipe = load_recipe(run_dir / "recipe.yaml", check_machine=False)
     shards = split_shards(recipe.data, "test")
     questions = synthetic_questions(shards, limit)
-    references = {
-        f"{index}-{turn}": answer
+    resting_on = {  # question id → the cells its answer rests on
+        f"{index}-{turn}": cells_of_answer(family, answer, record["scene"])
         for index in range(min(limit, len(shards)))
-        for turn, (_, _, answer) in enumerate(questions_of(shards.record(index)))
+        for record in [shards.record(index)]
+        for turn, (family, _, answer) in enumerate(questions_of(record))
     }
     size = built.hf.config.vision_config.image_size
     grid = recipe.data.synthetic.grid
@@ -144,9 +154,9 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
     right, total = defaultdict(int), defaultdict(int)
     for q in questions.questions:
         ok = normalize_answer(final_answer(answers[q.id]["text"])) == normalize_answer(q.answers[0])
-        reference = references[q.id]
-        groups = [q.family] + (["across crops"] if len(crops_named(reference, grid, crops)) > 1 else [])
-        groups += ["cut cells"] if names_a_cut_cell(reference, grid, crops) else []
+        cells = resting_on[q.id]
+        groups = [q.family] + (["across crops"] if len(crops_holding(cells, grid, crops)) > 1 else [])
+        groups += ["cut cells"] if cuts_a_cell(cells, grid, crops) else []
         for group in groups:
             right[group] += ok
             total[group] += 1

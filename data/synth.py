@@ -11,6 +11,14 @@ caption that lists every object (dense supervision for alignment) and questions 
 - `exist`:   whether an object of a colour (or a shape) is present (half yes, half no)
 - `detail`:  the colour of the small dot, which pooling several patches together blurs
 
+and, only where a recipe asks for it (`data.synthetic.families`), a sixth:
+
+- `match`: the shape of the one object that has the dot's colour (`What shape is the dot
+  object?` → `red . circle`: the dot's colour first, as grounded answers name their cells first),
+  which rests on two places at once, the dot and that object; on a multi-view image they are
+  mostly in different crops, so a crop that keeps few tokens must know what another crop shows to
+  know which of its objects to keep
+
 Count is the family that relates objects to each other. An earlier `spatial` family (which half
 of the image an object is in, or whether one object is left of another) is gone: in every form
 tried the tiny base stayed near 70 % held out, 54 % with a black image (bench/README.md).
@@ -49,6 +57,9 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("large", "small")
 FAMILIES = ("colour", "shape", "count", "exist", "detail")
+EXTRA_FAMILIES = ("match",)  # scored, but asked only where a recipe names them
+TRAINING_ONLY = ("where", "cell")  # lookups asked of training images only, never scored
+ASKED = FAMILIES + TRAINING_ONLY  # what a sample asks unless a recipe names its families
 SPLITS = ("train", "val", "test")
 _SPLIT_BUCKETS = {"test": range(0, 1), "val": range(1, 2), "train": range(2, 20)}
 # Bumped whenever the generator's output changes, so caches of an older language are not reused.
@@ -196,33 +207,50 @@ def _only_one(scene: Scene, attribute: str) -> list[SceneObject]:
     return [o for o in scene.objects if values.count(getattr(o, attribute)) == 1]
 
 
-def askable(scene: Scene) -> bool:
-    """Colour questions name an object by its shape and shape questions by its colour, so a
-    scene needs an object that is the only one of its shape and one that is the only one of its
-    colour."""
-    return bool(_only_one(scene, "shape")) and bool(_only_one(scene, "colour"))
+def _dot_match(scene: Scene) -> list[SceneObject]:
+    """The objects that have the dot's colour."""
+    return [o for o in scene.objects if o.colour == scene.dot[2]]
 
 
-def questions(scene: Scene, rng: random.Random, every_object: bool = False) -> list[tuple[str, str, str]]:
-    """(family, question, answer) triples: one per family, or with `every_object` (dense
-    supervision for training) the colour of every object that is the only one of its shape, the
-    shape of every object that is the only one of its colour, `TRAIN_REPEATS` distinct questions
-    of count and exist, one detail, and `cell` questions (`What is at b3?` → `large red
-    circle`, training only) for every object, the dot and two empty cells."""
+def askable(scene: Scene, families: tuple[str, ...] = ASKED) -> bool:
+    """Whether every family of `families` has a question about `scene`. Colour questions name an
+    object by its shape and shape questions by its colour (and `where` either way), so they need
+    an object that is the only one of its shape and one that is the only one of its colour;
+    `match` needs exactly one object of the dot's colour."""
+    if {"colour", "shape", "where"} & set(families) and not (
+        _only_one(scene, "shape") and _only_one(scene, "colour")
+    ):
+        return False
+    return "match" not in families or len(_dot_match(scene)) == 1
+
+
+def questions(
+    scene: Scene, rng: random.Random, every_object: bool = False, families: tuple[str, ...] = ASKED
+) -> list[tuple[str, str, str]]:
+    """(family, question, answer) triples of the families in `families`: one per scored family,
+    or with `every_object` (dense supervision for training) the colour of every object that is
+    the only one of its shape, the shape of every object that is the only one of its colour,
+    `TRAIN_REPEATS` distinct questions of count and exist, one detail, one match, and `cell`
+    questions (`What is at b3?` → `large red circle`, training only) for every object, the dot
+    and two empty cells."""
     out = []
     by_shape, by_colour = _only_one(scene, "shape"), _only_one(scene, "colour")
-    for target in by_shape if every_object else [rng.choice(by_shape)]:
-        out.append(("colour", f"What colour is the {target.shape}?", target.colour))
-    for target in by_colour if every_object else [rng.choice(by_colour)]:
-        out.append(("shape", f"What shape is the {target.colour} object?", target.shape))
-    if every_object:  # training only: name → cell lookups teach which cell each word names
+    if "colour" in families:
+        for target in by_shape if every_object else [rng.choice(by_shape)]:
+            out.append(("colour", f"What colour is the {target.shape}?", target.colour))
+    if "shape" in families:
+        for target in by_colour if every_object else [rng.choice(by_colour)]:
+            out.append(("shape", f"What shape is the {target.colour} object?", target.shape))
+    if every_object and "cell" in families:  # training only: which cell each word names
         for cell, what in _cell_contents(scene, rng):
             out.append(("cell", f"What is at {cell}?", what))
-        # training only: both sides of every object a question can name
+    if every_object and "where" in families:  # training only: both sides of every named object
         for phrase, target in _referents(scene):
             sides = [side_of(getattr(target, axis), scene.grid, axis) for axis in SIDES]
             out.append(("where", f"Where is {phrase}?", " ".join(sides)))
     for family in ("count", "exist"):
+        if family not in families:
+            continue
         asked: set[str] = set()
         wanted = TRAIN_REPEATS if every_object else 1
         for _ in range(3 * wanted):  # draws until `wanted` distinct questions (or give up)
@@ -233,7 +261,17 @@ def questions(scene: Scene, rng: random.Random, every_object: bool = False) -> l
             if len(asked) == wanted:
                 break
     row, col, colour = scene.dot
-    out.append(("detail", "What colour is the dot?", grounded([where(row, col)], colour)))
+    if "detail" in families:
+        out.append(("detail", "What colour is the dot?", grounded([where(row, col)], colour)))
+    if "match" in families:  # "the dot object": the object of the dot's colour, one by askable
+        # (the plain answer, its shape alone, stayed at chance for 300 steps: bench/README.md)
+        out.append(
+            (
+                "match",
+                "What shape is the dot object?",
+                f"{colour}{ANSWER_SEPARATOR}{_dot_match(scene)[0].shape}",
+            )
+        )
     return out
 
 
@@ -244,7 +282,6 @@ TRAIN_REPEATS = 4
 # circles are there?` → `b3 . 1`) teaches reading the conversation instead of the image; the
 # lookups name every object's cell and side. (Scored families in a fixed order instead would teach the
 # first turn's format: a first question is then always of one family.)
-TRAINING_ONLY = ("where", "cell")
 NAME_CELLS = ("count", "detail")  # grounded answers: they name cells
 
 
@@ -317,18 +354,24 @@ def vocabulary_corpus() -> list[str]:
 
 
 def make_sample(
-    split: str, index: int, seed: int, image_size: int, grid: int, objects: tuple[int, int] = OBJECTS
+    split: str,
+    index: int,
+    seed: int,
+    image_size: int,
+    grid: int,
+    objects: tuple[int, int] = OBJECTS,
+    families: tuple[str, ...] = ASKED,
 ) -> dict:
     """Sample `index` of `split`: {id, image (PIL), conversations, scene, families, caption}, its
-    scene holding `objects` = (fewest, most) shapes. Training samples ask about every object;
-    val/test ask one question per family."""
+    scene holding `objects` = (fewest, most) shapes, asked the question kinds in `families`.
+    Training samples ask about every object; val/test ask one question per scored family."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     rng = random.Random(f"{seed}/{split}/{index}")
     scene = random_scene(rng, grid, *objects)
-    while scene.split() != split or not askable(scene):
+    while scene.split() != split or not askable(scene, families):
         scene = random_scene(rng, grid, *objects)
-    qa = questions(scene, rng, every_object=split == "train")
+    qa = questions(scene, rng, every_object=split == "train", families=families)
     rng.shuffle(qa)
     qa.sort(key=lambda triple: triple[0] in TRAINING_ONLY)  # stable: scored turns first, shuffled
     # after the first turn (any family, as held-out questions are), questions that name cells
@@ -392,16 +435,17 @@ def write_synthetic(
     samples_per_shard: int = 5000,
     progress: bool = True,
     objects: tuple[int, int] = OBJECTS,
+    families: tuple[str, ...] = ASKED,
 ) -> int:
     """Generate `samples` samples of `split` into webdataset shards under `out_dir`; each scene
-    holds `objects` = (fewest, most) shapes."""
+    holds `objects` = (fewest, most) shapes and is asked the question kinds in `families`."""
     from tqdm import tqdm
 
     from data.shards import ShardWriter, encode_png
 
     with ShardWriter(out_dir, samples_per_shard) as writer:
         for index in tqdm(range(samples), desc=f"synth {split}", disable=not progress, unit="img"):
-            sample = make_sample(split, index, seed, image_size, grid, objects)
+            sample = make_sample(split, index, seed, image_size, grid, objects, families)
             image = sample.pop("image")
             writer.write(sample, encode_png(image))
     return samples

@@ -250,6 +250,7 @@ def test_cli_options_are_checked_by_name(argv, message, capsys):
         (["validate", "tiny/smoke", "stages.0.steps=[10"], "not valid YAML"),
         (["validate", "tiny/smoke", "stages.0.batch_size=0"], "stages[0].batch_size: must be ≥ 1"),
         (["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--objects", "3", "16"], "17 cells"),
+        (["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--families", "cell"], "scored family"),
     ],
 )
 def test_cli_misuse_is_one_clear_line(argv, message, capsys):
@@ -273,6 +274,13 @@ def test_relative_outputs_and_the_data_cache_follow_the_working_directory(tmp_pa
     assert synthetic_shards(crowded.data, "test").parent != synthetic_shards(recipe.data, "test").parent
     index = ShardIndex(synthetic_shards(crowded.data, "test"))
     assert all(6 <= len(index.record(i)["scene"]["objects"]) <= 8 for i in range(len(index)))
+    # so are scenes asked other questions (their scenes are drawn to suit them)
+    match = load_recipe(
+        "tiny/smoke", ["data.synthetic.train=4", "data.synthetic.test=2", "data.synthetic.families=[match]"]
+    )
+    index = ShardIndex(synthetic_shards(match.data, "test"))
+    assert synthetic_shards(match.data, "test").parent != synthetic_shards(recipe.data, "test").parent
+    assert all(index.record(i)["families"] == ["match"] for i in range(len(index)))
 
 
 def test_validate_in_a_fresh_process_prints_no_traceback_for_a_recipe_with_many_problems(tmp_path):

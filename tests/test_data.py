@@ -11,6 +11,7 @@ from data.convert import convert_llava_json
 from data.dataset import ConversationDataset, Skipped, collate
 from data.shards import ShardIndex
 from data.synth import (
+    ASKED,
     COLOURS,
     Scene,
     askable,
@@ -111,6 +112,29 @@ def test_crowded_scenes_hold_the_objects_asked_for_and_stay_askable():
         )
     assert min(counts) >= 12 and max(counts) <= 16 and len(counts) > 2
     assert {len(make_sample("test", i, 0, 64, 4)["scene"]["objects"]) for i in range(40)} == {3, 4, 5}
+
+
+def test_match_asks_the_shape_of_the_one_object_of_the_dots_colour():
+    """`match` is asked only where named; its scene has exactly one object of the dot's colour and
+    the answer is the dot's colour, then that object's shape; the families not named are not asked,
+    in training too."""
+    shapes_answered = set()
+    for split in ("train", "test"):
+        for index in range(30):
+            sample = make_sample(split, index, 0, 128, 8, objects=(12, 16), families=("match", "count"))
+            scene = Scene.from_json(sample["scene"])
+            same_colour = [o for o in scene.objects if o.colour == scene.dot[2]]
+            assert len(same_colour) == 1
+            turns = dict(zip(sample["families"], sample["conversations"][1::2], strict=True))
+            assert set(sample["families"]) == {"match", "count"}
+            assert turns["match"]["value"] == f"{scene.dot[2]} . {same_colour[0].shape}"
+            shapes_answered.add(same_colour[0].shape)
+    assert len(shapes_answered) == 3
+    # not named, never asked: the default samples have no match question and the same scenes
+    default = make_sample("test", 3, 0, 128, 8, families=ASKED)
+    assert "match" not in default["families"] and default == make_sample("test", 3, 0, 128, 8) | {
+        "image": default["image"]
+    }
 
 
 def test_side_of_an_odd_grid_has_a_middle():

@@ -394,3 +394,23 @@ def test_tiny_distill_recipe_distils_the_registers_then_instructs(tmp_path):
     for row in distill:
         assert float(row["train/loss"]) == float(row["train/register_distill"]) > 0
     assert all(not row.get("train/register_distill") for row in instruct)
+
+
+def test_bench_places_each_answer_on_the_cells_it_rests_on(monkeypatch):
+    """bench/falcon.py's "across crops" group: a grounded answer rests on the cells it names; a
+    `match` answer (a plain shape) on the dot and the one object of the dot's colour."""
+    monkeypatch.syspath_prepend("bench")
+    from falcon import cells_of_answer, crops_holding  # bench/falcon.py
+
+    scene = {
+        "grid": 8,
+        "dot": [0, 1, "red"],
+        "objects": [
+            {"row": 6, "col": 7, "colour": "red", "shape": "circle", "size": "large"},
+            {"row": 1, "col": 1, "colour": "blue", "shape": "square", "size": "small"},
+        ],
+    }
+    match = cells_of_answer("match", "circle", scene)
+    assert match == [(0, 1), (6, 7)] and crops_holding(match, grid=8) == {(0, 0), (1, 1)}
+    count = cells_of_answer("count", "b2 . 1", scene)
+    assert count == [(1, 1)] and crops_holding(count, grid=8) == {(0, 0)}

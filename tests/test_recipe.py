@@ -181,6 +181,18 @@ BAD = [
         "data.synthetic.objects",
         "need 17 cells; a 4×4 grid has 16",
     ),
+    (
+        "only training lookups asked",
+        with_change("data.synthetic", {"families": ["cell", "where"]}),
+        "data.synthetic.families",
+        "name at least one scored family",
+    ),
+    (
+        "unknown family",
+        with_change("data.synthetic", {"families": ["matches"]}),
+        "data.synthetic.families[0]",
+        "did you mean 'match'",
+    ),
     ("all weights 0", with_change("stages.0.loss_weights", {"lm": 0}), "stages[0].loss_weights", "weight 0"),
     (
         "region grid",

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data.synth import ASKED, EXTRA_FAMILIES, TRAINING_ONLY
 from train.schema import Range
 
 EPILOG = """examples:
@@ -145,6 +146,8 @@ def cmd_data_synth(args) -> int:
     from data.synth import OBJECTS, crowd_problem, write_synthetic
 
     objects = tuple(args.objects) if args.objects else OBJECTS
+    if not set(args.families) - set(TRAINING_ONLY):
+        raise UserError(f"--families {' '.join(args.families)}: name at least one scored family")
     if problem := crowd_problem(objects, args.grid):
         raise UserError(f"--objects {objects[0]} {objects[1]}: {problem} (--grid {args.grid})")
     out = Path(args.out)
@@ -152,7 +155,16 @@ def cmd_data_synth(args) -> int:
     if old and not args.overwrite:
         raise UserError(f"{out} already holds {len(old)} shard(s): choose another --out, or --overwrite")
     with staged(out, "overwrite" if old else "new") as tmp:  # never half a split in --out
-        write_synthetic(tmp, args.split, args.samples, args.seed, args.image_size, args.grid, objects=objects)
+        write_synthetic(
+            tmp,
+            args.split,
+            args.samples,
+            args.seed,
+            args.image_size,
+            args.grid,
+            objects=objects,
+            families=tuple(args.families),
+        )
     print(f"wrote {args.samples} {args.split} samples to {args.out}")
     return 0
 
@@ -455,6 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar=("FEWEST", "MOST"),
         help="fewest and most shapes per scene (default: as a recipe's data.synthetic.objects)",
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=ASKED + EXTRA_FAMILIES,
+        default=ASKED,
+        metavar="FAMILY",
+        help="the kinds of question each image is asked, as a recipe's data.synthetic.families "
+        f"(default: {' '.join(ASKED)}; also: {' '.join(EXTRA_FAMILIES)})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     p.set_defaults(func=cmd_data_synth)

@@ -15,7 +15,7 @@ import torch
 from data.dataset import ConversationDataset, collate
 from data.loader import ResumableLoader
 from data.shards import ShardIndex
-from data.synth import OBJECTS, VERSION, write_synthetic
+from data.synth import ASKED, OBJECTS, VERSION, write_synthetic
 from train.objectives import OBJECTIVES
 from train.recipe import DataRecipe, Stage
 
@@ -26,15 +26,25 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
     syn = data.synthetic
     count = {"train": syn.train, "val": syn.val, "test": syn.test}[split]
     root = Path(data.cache_dir).absolute()  # a relative cache is from the working directory
-    # the default crowd keeps the cache's old folder name; another gets a folder of its own
+    # the default crowd and questions keep the cache's old folder name; others get folders of their own
     crowd = "" if tuple(syn.objects) == OBJECTS else f"-o{syn.objects[0]}-{syn.objects[1]}"
-    target = root / f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}{crowd}" / f"{split}-{count}"
+    asked = "" if set(syn.families) == set(ASKED) else "-q" + "+".join(sorted(set(syn.families)))
+    name = f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}{crowd}{asked}"
+    target = root / name / f"{split}-{count}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
         show = os.environ.get("LOCAL_RANK", "0") == "0"
         write_synthetic(
-            tmp, split, count, syn.seed, syn.image_size, syn.grid, progress=show, objects=tuple(syn.objects)
+            tmp,
+            split,
+            count,
+            syn.seed,
+            syn.image_size,
+            syn.grid,
+            progress=show,
+            objects=tuple(syn.objects),
+            families=tuple(syn.families),
         )
         try:
             tmp.rename(target)

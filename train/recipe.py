@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from data.errors import UserError
-from data.synth import OBJECTS, crowd_problem
+from data.synth import ASKED, EXTRA_FAMILIES, FAMILIES, OBJECTS, TRAINING_ONLY, crowd_problem
 from models.build import ComponentSpec
 from models.compressors import available, baselines, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
@@ -78,6 +78,9 @@ class SyntheticData:
     # Fewest and most shapes per scene (besides the dot): more crowd each crop of a multi-view
     # image, so a compressor that keeps few tokens per view must choose what to keep.
     objects: tuple[AtLeast1, AtLeast1] = OBJECTS
+    # The kinds of question each image is asked: scored families and the training-only lookups
+    # (data/synth.py). `match` (the shape of the object of the dot's colour) is asked only here.
+    families: tuple[Literal[FAMILIES + EXTRA_FAMILIES + TRAINING_ONLY], ...] = ASKED
 
 
 @dataclass(frozen=True)
@@ -566,6 +569,12 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         )
     if data.synthetic is not None and (problem := crowd_problem(data.synthetic.objects, data.synthetic.grid)):
         add("data.synthetic.objects", problem)
+    if data.synthetic is not None and not set(data.synthetic.families) - set(TRAINING_ONLY):
+        scored = ", ".join(FAMILIES + EXTRA_FAMILIES)
+        add(
+            "data.synthetic.families",
+            f"name at least one scored family ({scored}); test images ask only those",
+        )
     if data.synthetic is None and not data.train_shards:
         add("data", "give either data.synthetic or data.train_shards")
     if not recipe.stages:
