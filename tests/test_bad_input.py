@@ -250,7 +250,10 @@ def test_cli_options_are_checked_by_name(argv, message, capsys):
         (["validate", "tiny/smoke", "stages.0.steps=[10"], "not valid YAML"),
         (["validate", "tiny/smoke", "stages.0.batch_size=0"], "stages[0].batch_size: must be ≥ 1"),
         (["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--objects", "3", "16"], "17 cells"),
-        (["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--families", "cell"], "scored family"),
+        (
+            ["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--families", "cell"],
+            "scored family",
+        ),
     ],
 )
 def test_cli_misuse_is_one_clear_line(argv, message, capsys):
