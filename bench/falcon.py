@@ -17,7 +17,8 @@ same MLP on the thumbnail alone (`model.views=null`: what the crops add; `--runs
 fine-tuning the shipped base into a temporary folder, then scored on the held-out test images
 (128 px, an 8×8 scene grid, a thumbnail + 2×2 crops): mean over families, per family, and
 **across crops** — the questions whose grounded answer names cells in two or more of the 2×2
-crops, which no single crop shows — and **cut cells**, those resting on a cell a crop edge cuts in
+crops, which no single crop shows (for `match`, `data.synthetic.families`, the dot and the object
+of its colour) — and **cut cells**, those resting on a cell a crop edge cuts in
 two (none on this grid; `--set data.synthetic.grid=7` or 3×3 crops of a 192 px image make some,
 README: FALCON). The crops are the run's one square grid of views (`model.views.grids`). With
 `--indicators` every run writes FALCON's text crop indicators before each view (in words the
