@@ -264,7 +264,7 @@ def questions(
     if "detail" in families:
         out.append(("detail", "What colour is the dot?", grounded([where(row, col)], colour)))
     if "match" in families:  # "the dot object": the object of the dot's colour, one by askable
-        # (the plain answer, its shape alone, stayed at chance for 300 steps: bench/README.md)
+        # (the plain answer, its shape alone, stayed at chance for 450 steps: bench/README.md)
         out.append(
             (
                 "match",
