@@ -38,7 +38,7 @@ import torch
 from recipe_overrides import add_set_option  # a sibling bench module
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from data.synth import final_answer
+from data.synth import Scene, dot_match, final_answer
 from models.build import ComponentSpec, assemble, build
 from models.compressors.falcon import FalconConfig
 from models.flops import vision_flops
@@ -103,11 +103,12 @@ def cells_named(reference: str) -> list[tuple[int, int]]:
 
 def cells_of_answer(family: str, reference: str, scene: dict) -> list[tuple[int, int]]:
     """The (row, col) cells an answer rests on: those a grounded answer names; for `match` (the
-    shape of the object of the dot's colour, a plain answer), the dot's and that object's."""
+    shape of the object of the dot's colour, whose answer names the colour, no cell), the dot's
+    and that object's. `scene` is `Scene.to_json()`."""
     if family != "match":
         return cells_named(reference)
-    row, col, colour = scene["dot"]
-    return [(row, col)] + [(o["row"], o["col"]) for o in scene["objects"] if o["colour"] == colour]
+    parsed = Scene.from_json(scene)
+    return [parsed.dot[:2]] + [(o.row, o.col) for o in dot_match(parsed)]
 
 
 def crops_holding(cells: list[tuple[int, int]], grid: int, crops: int = 2) -> set[tuple[int, int]]:

@@ -114,6 +114,14 @@ def crowd_problem(objects: tuple[int, int], grid: int) -> str | None:
     return None
 
 
+def families_problem(families: tuple[str, ...]) -> str | None:
+    """Why samples asked `families` cannot be scored (no scored family: test images ask only
+    those), or None."""
+    if set(families) - set(TRAINING_ONLY):
+        return None
+    return f"name at least one scored family ({', '.join(FAMILIES + EXTRA_FAMILIES)}); test images ask only those"
+
+
 def random_scene(
     rng: random.Random, grid: int, min_objects: int = OBJECTS[0], max_objects: int = OBJECTS[1]
 ) -> Scene:
@@ -207,7 +215,7 @@ def _only_one(scene: Scene, attribute: str) -> list[SceneObject]:
     return [o for o in scene.objects if values.count(getattr(o, attribute)) == 1]
 
 
-def _dot_match(scene: Scene) -> list[SceneObject]:
+def dot_match(scene: Scene) -> list[SceneObject]:
     """The objects that have the dot's colour."""
     return [o for o in scene.objects if o.colour == scene.dot[2]]
 
@@ -221,7 +229,7 @@ def askable(scene: Scene, families: tuple[str, ...] = ASKED) -> bool:
         _only_one(scene, "shape") and _only_one(scene, "colour")
     ):
         return False
-    return "match" not in families or len(_dot_match(scene)) == 1
+    return "match" not in families or len(dot_match(scene)) == 1
 
 
 def questions(
@@ -269,7 +277,7 @@ def questions(
             (
                 "match",
                 "What shape is the dot object?",
-                f"{colour}{ANSWER_SEPARATOR}{_dot_match(scene)[0].shape}",
+                f"{colour}{ANSWER_SEPARATOR}{dot_match(scene)[0].shape}",
             )
         )
     return out

@@ -398,7 +398,7 @@ def test_tiny_distill_recipe_distils_the_registers_then_instructs(tmp_path):
 
 def test_bench_places_each_answer_on_the_cells_it_rests_on(monkeypatch):
     """bench/falcon.py's "across crops" group: a grounded answer rests on the cells it names; a
-    `match` answer (a plain shape) on the dot and the one object of the dot's colour."""
+    `match` answer (the dot's colour, then a shape) on the dot and the one object of that colour."""
     monkeypatch.syspath_prepend("bench")
     from falcon import cells_of_answer, crops_holding  # bench/falcon.py
 
@@ -410,7 +410,7 @@ def test_bench_places_each_answer_on_the_cells_it_rests_on(monkeypatch):
             {"row": 1, "col": 1, "colour": "blue", "shape": "square", "size": "small"},
         ],
     }
-    match = cells_of_answer("match", "circle", scene)
+    match = cells_of_answer("match", "red . circle", scene)
     assert match == [(0, 1), (6, 7)] and crops_holding(match, grid=8) == {(0, 0), (1, 1)}
     count = cells_of_answer("count", "b2 . 1", scene)
     assert count == [(1, 1)] and crops_holding(count, grid=8) == {(0, 0)}

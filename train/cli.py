@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.synth import ASKED, EXTRA_FAMILIES, TRAINING_ONLY
+from data.synth import ASKED, EXTRA_FAMILIES
 from train.schema import Range
 
 EPILOG = """examples:
@@ -143,11 +143,11 @@ def cmd_evaluate(args) -> int:
 def cmd_data_synth(args) -> int:
     from data.errors import UserError
     from data.shards import existing_shards, staged
-    from data.synth import OBJECTS, crowd_problem, write_synthetic
+    from data.synth import OBJECTS, crowd_problem, families_problem, write_synthetic
 
     objects = tuple(args.objects) if args.objects else OBJECTS
-    if not set(args.families) - set(TRAINING_ONLY):
-        raise UserError(f"--families {' '.join(args.families)}: name at least one scored family")
+    if problem := families_problem(tuple(args.families)):
+        raise UserError(f"--families {' '.join(args.families)}: {problem}")
     if problem := crowd_problem(objects, args.grid):
         raise UserError(f"--objects {objects[0]} {objects[1]}: {problem} (--grid {args.grid})")
     out = Path(args.out)

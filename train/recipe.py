@@ -20,7 +20,15 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from data.errors import UserError
-from data.synth import ASKED, EXTRA_FAMILIES, FAMILIES, OBJECTS, TRAINING_ONLY, crowd_problem
+from data.synth import (
+    ASKED,
+    EXTRA_FAMILIES,
+    FAMILIES,
+    OBJECTS,
+    TRAINING_ONLY,
+    crowd_problem,
+    families_problem,
+)
 from models.build import ComponentSpec
 from models.compressors import available, baselines, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
@@ -569,12 +577,8 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         )
     if data.synthetic is not None and (problem := crowd_problem(data.synthetic.objects, data.synthetic.grid)):
         add("data.synthetic.objects", problem)
-    if data.synthetic is not None and not set(data.synthetic.families) - set(TRAINING_ONLY):
-        scored = ", ".join(FAMILIES + EXTRA_FAMILIES)
-        add(
-            "data.synthetic.families",
-            f"name at least one scored family ({scored}); test images ask only those",
-        )
+    if data.synthetic is not None and (problem := families_problem(data.synthetic.families)):
+        add("data.synthetic.families", problem)
     if data.synthetic is None and not data.train_shards:
         add("data", "give either data.synthetic or data.train_shards")
     if not recipe.stages:
