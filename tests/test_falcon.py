@@ -235,6 +235,61 @@ def test_a_stage_switches_reatten_off_for_its_duration_only():
     assert falcon.reatten_on()
 
 
+def test_a_stage_ramps_reatten_in_over_its_steps():
+    """`reatten_ramp: [start, end]`: before `start` the stage's outputs are those without
+    ReAtten (and ReAtten gets no gradient), half-way up the ramp ReAtten adds half its output,
+    from `end` on and outside training all of it; the scale is logged as a schedule."""
+    from models.compressors.base import Progress
+
+    model = falcon_model().model.train()
+    falcon = model.compressors[0]
+    pixels, grids = two_images()
+    stage = {"falcon": {"reatten_ramp": [0.5, 0.7]}}
+
+    def registers_at(step: int | None) -> torch.Tensor:
+        states = model.set_progress(None if step is None else Progress(step, 10, ("lm",), stage))
+        with torch.no_grad():
+            return torch.cat(model.encode_images(pixels, grids)), states
+
+    off = falcon_model(reatten=False).model.train()  # same seed: same registers and tower
+    with torch.no_grad():
+        without = torch.cat(off.encode_images(pixels, grids))
+    before, states = registers_at(4)
+    assert states == {"falcon.reatten_scale": 0.0}
+    torch.testing.assert_close(before, without, rtol=0, atol=0)
+    model.zero_grad()
+    model.set_progress(Progress(4, 10, ("lm",), stage))
+    torch.cat(model.encode_images(pixels, grids)).square().mean().backward()
+    assert all(p.grad is None for p in falcon.reatten.parameters())
+    assert falcon.registers.grad.abs().sum() > 0
+
+    full, states = registers_at(7)
+    assert states == {"falcon.reatten_scale": 1.0}
+    assert not torch.allclose(full, without)
+    assert registers_at(6)[1] == {"falcon.reatten_scale": pytest.approx(0.5)}
+    torch.testing.assert_close(registers_at(None)[0], full)  # outside training: in full
+    # a switch (start = end) and an unset ramp
+    assert falcon_model(reatten_ramp=[0.3, 0.3]).model.compressors[0].config.reatten_ramp == (0.3, 0.3)
+    from models.compressors.falcon import ramp_value
+
+    assert [ramp_value(f, 0.3, 0.3) for f in (0.0, 0.29, 0.3, 1.0)] == [0, 0, 1, 1]
+    assert [ramp_value(f, 0.2, 0.6) for f in (0.2, 0.4, 0.6)] == [0, pytest.approx(0.5), 1]
+    assert falcon_model().model.set_progress(Progress(0, 10, ("lm",), {})) == {}
+
+
+def test_a_stages_reatten_ramp_is_checked_where_it_is_set():
+    from train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(
+        RecipeError, match=r"stages\[1\]\.components\.falcon\.reatten_ramp: give \[start, end\]"
+    ):
+        load_recipe("tiny/falcon-distill", ["stages.1.components={falcon: {reatten_ramp: [0.7, 0.6]}}"])
+    with pytest.raises(RecipeError, match=r"model\.compressors\[0\]\.reatten_ramp: give") as err:
+        load_recipe("tiny/falcon-distill", ["model.compressors.0.reatten_ramp=[0.2, 1.5]"])
+    assert len(err.value.problems) == 1  # not again for each stage that sets other settings
+    load_recipe("tiny/falcon-distill", ["stages.1.components={falcon: {reatten_ramp: [0.5, 0.6]}}"])
+
+
 def test_another_tower_in_the_process_is_untouched():
     model = falcon_model().model.eval()
     other = build("tiny", tiny=TEST_TINY, seed=0).model.eval()

@@ -523,6 +523,22 @@ def stage_setting_problems(key: str, stage: Stage, model: ModelRecipe) -> list[P
     return problems
 
 
+def staged_configs(recipe: Recipe) -> list[tuple[str, dict, type, object]]:
+    """(key, settings, component class, its config as the stage sets it) for every stage setting
+    a component's settings, where those parse (what does not is reported on its own)."""
+    specs = {c.name: c for c in [recipe.model.projector, *recipe.model.compressors]}
+    out = []
+    for i, stage in enumerate(recipe.stages):
+        for name, settings in stage.components.items():
+            cls = component_class(name) if name in specs else None
+            if cls is not None and all(s in cls.stage_settings for s in settings):
+                key, unparsed = f"stages[{i}].components.{name}", []
+                config = parse_dataclass(cls.Config, {**specs[name].params, **settings}, key, unparsed)
+                if not unparsed:
+                    out.append((key, dict(settings), cls, config))
+    return out
+
+
 def check_recipe(recipe: Recipe) -> list[Problem]:
     problems: list[Problem] = []
     add = lambda key, msg: problems.append(Problem(key, msg))  # noqa: E731
@@ -569,6 +585,10 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             cls = component_class(comp.name)
             for sub, msg in cls.check_config(cls.Config(**comp.params), dims):
                 add(f"{key}.{sub}", msg)
+        for key, settings, cls, config in staged_configs(recipe):  # what a stage sets is checked alike
+            for sub, msg in cls.check_config(config, dims):
+                if sub in settings:  # the model's own values were reported above
+                    add(f"{key}.{sub}", msg)
     data = recipe.data
     if data.synthetic is not None and data.synthetic.image_size < 4 * data.synthetic.grid:
         add(

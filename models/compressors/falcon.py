@@ -42,6 +42,11 @@ second attention update of full size to every layer's registers.
 
 `reatten` can be switched per training stage (`stages[i].components: {falcon: {reatten:
 false}}`), as the authors train stage 1 without it; outside training the recipe's value holds.
+`reatten_ramp: [start, end]` (vtc's option, per stage too) phases ReAtten in within a stage: its
+added output is scaled by 0 before `start` (a fraction of the stage's optimizer steps), rising
+linearly to 1 at `end` (start = end switches it on at once). The stage then trains without
+ReAtten until the other weights have learnt what they can alone, with the same learning-rate
+schedule and data order as a stage without it; outside training ReAtten counts in full.
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ class FalconConfig:
     # "copy-zero-out": the same with the output projection zeroed, so switching ReAtten on
     # changes nothing until it has learned something (vtc's option, not in the paper)
     reatten_init: Literal["copy", "copy-zero-out"] = "copy"
+    # (start, end) fractions of a training stage's optimizer steps: ReAtten's output is scaled
+    # from 0 before `start` to 1 at `end`, linearly; None = in full from the first step
+    reatten_ramp: tuple[float, float] | None = None
+
+    def __post_init__(self):  # params read back from JSON (an export) are plain lists
+        if self.reatten_ramp is not None:
+            object.__setattr__(self, "reatten_ramp", tuple(self.reatten_ramp))
 
 
 class RegisterAttention(nn.Module):
@@ -87,6 +99,15 @@ class RegisterAttention(nn.Module):
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+def ramp_value(fraction: float, start: float, end: float) -> float:
+    """0 before `start`, 1 from `end` on, linear between (a step at start = end)."""
+    if fraction >= end:
+        return 1.0
+    if fraction < start:
+        return 0.0
+    return (fraction - start) / (end - start)
 
 
 def distill_map(registers: int) -> tuple[int, int]:
@@ -114,7 +135,7 @@ class Falcon(Compressor):
     Config = FalconConfig
     acts_in_vision_layers = True
     reads_last_vision_layer = True
-    stage_settings = ("reatten",)  # behaviour a stage may switch (no weight changes shape)
+    stage_settings = ("reatten", "reatten_ramp")  # behaviour a stage may set (no weight changes shape)
     aux_losses = ("register_distill",)  # vtc's warm start, in stages whose objective has `aux`
     sparse_gradients = True  # a stage without ReAtten leaves its modules without gradient
 
@@ -137,6 +158,9 @@ class Falcon(Compressor):
             problems.append(("registers", f"must be at least 1, got {config.registers}"))
         if config.anchor_max < 1:
             problems.append(("anchor_max", f"must be at least 1, got {config.anchor_max}"))
+        ramp = config.reatten_ramp
+        if ramp is not None and not (len(ramp) == 2 and 0 <= ramp[0] <= ramp[1] <= 1):
+            problems.append(("reatten_ramp", f"give [start, end] with 0 ≤ start ≤ end ≤ 1, got {list(ramp)}"))
         return problems
 
     def output_tokens(self, input_tokens: int) -> int:
@@ -165,6 +189,22 @@ class Falcon(Compressor):
 
     def reatten_on(self) -> bool:
         return bool(self.setting("reatten"))
+
+    def reatten_scale(self) -> float:
+        """What ReAtten's output is multiplied by now: 0 when off, 1 outside training or without
+        a ramp, else where the stage's progress stands on `reatten_ramp`."""
+        if not self.reatten_on():
+            return 0.0
+        ramp, progress = self.setting("reatten_ramp"), getattr(self, "progress", None)
+        if ramp is None or progress is None:
+            return 1.0
+        return ramp_value(progress.fraction, *ramp)
+
+    def set_progress(self, progress):
+        super().set_progress(progress)
+        if progress is None or self.setting("reatten_ramp") is None:
+            return {}
+        return {"reatten_scale": self.reatten_scale()}
 
     def crop_embedding(self, views: ViewLayout) -> torch.Tensor:
         """(V, Dv): 0.5·(E_row[r] + E_col[c]); a whole image or thumbnail uses anchor_max."""
@@ -197,7 +237,8 @@ class Falcon(Compressor):
 
     def after_vision_attention(self, layer_idx, layer_input, attention_output, views):
         """Registers of one image's views attend to each other; (V, T, Dv) → (V, T, Dv)."""
-        if not self.reatten_on():
+        scale = self.reatten_scale()
+        if scale == 0.0:  # off, or not yet ramped in: nothing to compute (and no gradient)
             return attention_output
         m = self.config.registers
         image, slot, most, valid = self._groups
@@ -205,7 +246,7 @@ class Falcon(Compressor):
         padded = registers.new_zeros(valid.shape[0], most, m, registers.shape[-1])
         padded[image, slot] = registers
         mixed = self.reatten[layer_idx](padded.flatten(1, 2), valid).view_as(padded)[image, slot]
-        return torch.cat([attention_output[:, :-m], registers + mixed], dim=1)
+        return torch.cat([attention_output[:, :-m], registers + scale * mixed], dim=1)
 
     def last_layer_rows(self) -> int:
         return self.config.registers  # only the registers leave the tower
