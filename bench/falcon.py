@@ -6,6 +6,8 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
     python bench/falcon.py --runs distill --set trainer.threads=1     # one core per bench
     python bench/falcon.py --runs distill --skip copy                 # ... without the copy-initialised run
     python bench/falcon.py --runs distillation --indicators           # ... with crop indicators
+    python bench/falcon.py --runs distill+copy --set "stages.1.components={falcon: {reatten_ramp: [0.5, 0.6]}}"
+                                                 # ... ReAtten off until half-way, in full from 60 %
     python bench/falcon.py --cost                                     # only the vision-tower timing
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
     python bench/falcon.py --rescore RUN [RUN ...] --limit 1000       # score kept runs, ReAtten on and off
