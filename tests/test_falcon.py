@@ -237,8 +237,8 @@ def test_a_stage_switches_reatten_off_for_its_duration_only():
 
 def test_a_stage_ramps_reatten_in_over_its_steps():
     """`reatten_ramp: [start, end]`: before `start` the stage's outputs are those without
-    ReAtten (and ReAtten gets no gradient), half-way up the ramp ReAtten adds half its output,
-    from `end` on and outside training all of it; the scale is logged as a schedule."""
+    ReAtten (and ReAtten gets no gradient), half-way up the ramp its output is scaled by one
+    half, from `end` on and outside training it counts in full; the scale is logged."""
     from models.compressors.base import Progress
 
     model = falcon_model().model.train()
@@ -246,7 +246,7 @@ def test_a_stage_ramps_reatten_in_over_its_steps():
     pixels, grids = two_images()
     stage = {"falcon": {"reatten_ramp": [0.5, 0.7]}}
 
-    def registers_at(step: int | None) -> torch.Tensor:
+    def registers_at(step: int | None) -> tuple[torch.Tensor, dict]:
         states = model.set_progress(None if step is None else Progress(step, 10, ("lm",), stage))
         with torch.no_grad():
             return torch.cat(model.encode_images(pixels, grids)), states
