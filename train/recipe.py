@@ -495,9 +495,12 @@ def objective_problems(key: str, stage: Stage, model: ModelRecipe) -> list[Probl
     return problems
 
 
-def stage_setting_problems(key: str, stage: Stage, model: ModelRecipe) -> list[Problem]:
+def stage_setting_problems(
+    key: str, stage: Stage, model: ModelRecipe, dims: ModelDims | None = None
+) -> list[Problem]:
     """`stages[i].components`: each names a component of the model and sets only what that
-    component lets a stage set (its `stage_settings`), with values its Config accepts."""
+    component lets a stage set (its `stage_settings`), with values its Config accepts and, given
+    the model's `dims`, its `check_config` too (the model's own values are checked on their own)."""
     problems = []
     specs = {c.name: c for c in [model.projector, *model.compressors]}
     for name, settings in stage.components.items():
@@ -515,28 +518,17 @@ def stage_setting_problems(key: str, stage: Stage, model: ModelRecipe) -> list[P
                     )
                 )
         if all(s in cls.stage_settings for s in settings):
-            parse_dataclass(cls.Config, {**specs[name].params, **settings}, where, problems)
+            unparsed = []
+            config = parse_dataclass(cls.Config, {**specs[name].params, **settings}, where, unparsed)
+            problems += unparsed
+            if dims is not None and not unparsed:
+                checked = cls.check_config(config, dims)
+                problems += [Problem(f"{where}.{sub}", msg) for sub, msg in checked if sub in settings]
     if not stage.views and model.views is None:
         problems.append(
             Problem(f"{key}.views", "'views: false' needs model.views (images are single views already)")
         )
     return problems
-
-
-def staged_configs(recipe: Recipe) -> list[tuple[str, dict, type, object]]:
-    """(key, settings, component class, its config as the stage sets it) for every stage setting
-    a component's settings, where those parse (what does not is reported on its own)."""
-    specs = {c.name: c for c in [recipe.model.projector, *recipe.model.compressors]}
-    out = []
-    for i, stage in enumerate(recipe.stages):
-        for name, settings in stage.components.items():
-            cls = component_class(name) if name in specs else None
-            if cls is not None and all(s in cls.stage_settings for s in settings):
-                key, unparsed = f"stages[{i}].components.{name}", []
-                config = parse_dataclass(cls.Config, {**specs[name].params, **settings}, key, unparsed)
-                if not unparsed:
-                    out.append((key, dict(settings), cls, config))
-    return out
 
 
 def check_recipe(recipe: Recipe) -> list[Problem]:
@@ -585,10 +577,6 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             cls = component_class(comp.name)
             for sub, msg in cls.check_config(cls.Config(**comp.params), dims):
                 add(f"{key}.{sub}", msg)
-        for key, settings, cls, config in staged_configs(recipe):  # what a stage sets is checked alike
-            for sub, msg in cls.check_config(config, dims):
-                if sub in settings:  # the model's own values were reported above
-                    add(f"{key}.{sub}", msg)
     data = recipe.data
     if data.synthetic is not None and data.synthetic.image_size < 4 * data.synthetic.grid:
         add(
@@ -622,7 +610,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         if (stage.steps is None) == (stage.epochs is None):
             add(key, "give exactly one of steps or epochs")
         problems += objective_problems(key, stage, model)
-        problems += stage_setting_problems(key, stage, model)
+        problems += stage_setting_problems(key, stage, model, dims)
         objective = OBJECTIVES.get(stage.objective)
         if stage.loss_weights and stage.objective in OBJECTIVES:
             terms = loss_terms(
