@@ -268,6 +268,13 @@ def test_a_stage_ramps_reatten_in_over_its_steps():
     assert not torch.allclose(full, without)
     assert registers_at(6)[1] == {"falcon.reatten_scale": pytest.approx(0.5)}
     torch.testing.assert_close(registers_at(None)[0], full)  # outside training: in full
+    # the line printed when the stage starts names the steps where the logged scale leaves 0 and reaches 1
+    (line,) = falcon.describe(Progress(0, 10, ("lm",), stage))
+    assert line == "ReAtten ramped in: 0 until step 5, linear to full at step 7 (of 10)"
+    scales = [registers_at(step)[1]["falcon.reatten_scale"] for step in (5, 6, 7)]
+    assert scales[0] == 0.0 and 0 < scales[1] < 1 and scales[2] == 1.0
+    assert falcon.describe(Progress(0, 10, ("lm",), {"falcon": {"reatten": False}})) == ["ReAtten off"]
+    assert falcon.describe(Progress(0, 10, ("lm",), {})) == ["ReAtten on"]
     # a switch (start = end) and an unset ramp
     assert falcon_model(reatten_ramp=[0.3, 0.3]).model.compressors[0].config.reatten_ramp == (0.3, 0.3)
     from models.compressors.falcon import ramp_value

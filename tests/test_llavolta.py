@@ -39,7 +39,10 @@ def test_compression_ratio_is_the_papers():
     assert f"{compression_ratio(32, 2, 8):.0%}" == "557%"  # the paper's K=2, S=8 on LLaVA-1.5-7B
     assert compression_ratio(32, None, 8) == 1.0 and compression_ratio(32, -1, 4) == 4.0
     component = volta(2, 8).model.compressors[0]
-    assert component.describe(100)[0] == f"phase 0: steps 0..99  K=2 S=8  CR {compression_ratio(3, 2, 8):.0%}"
+    assert (
+        component.describe(Progress(0, 100))[0]
+        == f"phase 0: steps 0..99  K=2 S=8  CR {compression_ratio(3, 2, 8):.0%}"
+    )
 
 
 @pytest.mark.parametrize("layer", [-1, 0, 2])

@@ -59,10 +59,13 @@ class VtcModule(L.LightningModule):
         # as it finds it: without this, dropout (LoRA's included) would be off while training.
         self.train()
 
+    def stage_progress(self, step: int) -> Progress:
+        """Where this stage stands at optimizer step `step`, as its components see it."""
+        return Progress(step, self.total_steps, self.terms, self.stage.components)
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # From the global step, which a resumed run restores: schedules continue exactly.
-        progress = Progress(self.global_step, self.total_steps, self.terms, self.stage.components)
-        states = self.model.set_progress(progress)
+        states = self.model.set_progress(self.stage_progress(self.global_step))
         for name, value in states.items():
             self.log(f"schedule/{name}", float(value))
 

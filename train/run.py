@@ -285,10 +285,6 @@ def train_stage(
     )
     check_stage_data(data.dataset, stage, index, world)
     steps = stage_steps_for(stage, len(data.dataset), world)
-    if is_zero:
-        for component in model.components():  # e.g. a compression schedule over the stage's steps
-            for line in component.describe(steps):
-                print(f"  {component.registry_name}: {line}", flush=True)
     module = VtcModule(
         model,
         stage,
@@ -299,6 +295,10 @@ def train_stage(
         saved_weights=saved,
         nonfinite_loss=recipe.trainer.nonfinite_loss,
     )
+    if is_zero:
+        for component in model.components():  # e.g. a compression schedule over the stage's steps
+            for line in component.describe(module.stage_progress(0)):
+                print(f"  {component.registry_name}: {line}", flush=True)
     checkpoints = PeriodicCheckpoint(
         run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, records
     )

@@ -170,10 +170,11 @@ class Compressor(nn.Module):
     # behaviour only, never the shape of a weight
     stage_settings: ClassVar[tuple[str, ...]] = ()
 
-    def setting(self, name: str):
-        """The config value `name` as the current training stage sets it, else the config's
-        own (outside training, in evaluation and export, the config's value holds)."""
-        progress = getattr(self, "progress", None)
+    def setting(self, name: str, progress: Progress | None = None):
+        """The config value `name` as the current training stage sets it (or the stage of
+        `progress`, where given), else the config's own (outside training, in evaluation and
+        export, the config's value holds)."""
+        progress = progress if progress is not None else getattr(self, "progress", None)
         staged = progress.settings.get(getattr(self, "registry_name", ""), {}) if progress else {}
         return staged.get(name, getattr(self.config, name))
 
@@ -188,9 +189,10 @@ class Compressor(nn.Module):
         self.progress = progress
         return {}
 
-    def describe(self, total_steps: int) -> list[str]:
-        """Lines printed when a training stage of `total_steps` optimizer steps starts (e.g. the
-        phases of a schedule); the default prints nothing."""
+    def describe(self, progress: Progress) -> list[str]:
+        """Lines printed when a training stage starts, given its progress at its first step (its
+        `total` optimizer steps, the settings it gives; e.g. the phases of a schedule); the
+        default prints nothing."""
         return []
 
     def output_tokens(self, input_tokens: int) -> int:

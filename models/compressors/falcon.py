@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.compressors import register
-from models.compressors.base import Compressor, ModelDims
+from models.compressors.base import Compressor, ModelDims, Progress
 from models.gather import gathered
 from models.views import ViewLayout
 
@@ -199,6 +199,19 @@ class Falcon(Compressor):
         if ramp is None or progress is None:
             return 1.0
         return ramp_value(progress.fraction, *ramp)
+
+    def describe(self, progress: Progress) -> list[str]:
+        """The stage's ReAtten: off, on, or the optimizer steps its ramp covers."""
+        if not self.setting("reatten", progress):
+            return ["ReAtten off"]
+        ramp = self.setting("reatten_ramp", progress)
+        if ramp is None:
+            return ["ReAtten on"]
+        # the first steps whose fraction (step / total) reaches the ramp's start and end
+        start, end = (math.ceil(f * progress.total - 1e-9) for f in ramp)
+        return [
+            f"ReAtten ramped in: 0 until step {start}, linear to full at step {end} (of {progress.total})"
+        ]
 
     def set_progress(self, progress):
         super().set_progress(progress)

@@ -127,9 +127,9 @@ class LLaVolta(Compressor):
             "compression_ratio": compression_ratio(self.dims.llm_layers, layer, phase.stride),
         }
 
-    def describe(self, total_steps: int) -> list[str]:
+    def describe(self, progress: Progress) -> list[str]:
         """One line per training phase: the steps it covers, K, S and its compression ratio."""
-        lines, start = [], 0
+        lines, start, total_steps = [], 0, progress.total
         for i, phase in enumerate(self.config.schedule):
             end = round(phase.until * total_steps)
             layer = self.host_layer(phase.layer)
