@@ -2,7 +2,7 @@
 training steps a stage, a few test images): each still trains its recipes, scores them and prints
 the figures its tables are made of. A figure measured this way means nothing; what is checked is
 that the commands the README gives still run and that their figures hang together (token counts
-the recipes imply, ratios of the printed accuracies). Opt-in: `--benches` (~5 min);
+the recipes imply, ratios of the printed accuracies). Opt-in: `--benches` (~3–5 min);
 `.ci/run` runs them after the default suite."""
 
 import json
@@ -160,3 +160,23 @@ def test_falcon_bench(tmp_path):
     rows = json_lines(run_bench("falcon.py", "--rescore", str(kept), "--limit", "4"))
     assert [row["reatten_at_test"] for row in rows] == ["as trained", "switched off"]
     assert "reatten_share" not in rows[1]
+
+
+def test_falcon_bench_sixteen_crops_with_a_ramp(tmp_path):
+    """The 4×4-crop and ramp commands of bench/README.md: 17 views of 7 registers reach the LLM,
+    and the instruction stage prints the steps its ReAtten ramp covers."""
+    sixteen = [
+        "data.synthetic.image_size=256",
+        "model.views.grids=[[4, 4]]",
+        "model.compressors.0.anchor_max=4",
+    ]
+    ramp = ["stages.1.components={falcon: {reatten_ramp: [0.5, 0.6]}}"]
+    stdout = run_bench(
+        "falcon.py",
+        *("--runs", "distill+copy", "--seeds", "0", "--limit", "8", "--steps", "4", "--repeats", "1"),
+        *(arg for override in sixteen + ramp for arg in ("--set", override)),
+        *quick(tmp_path),
+    )
+    (run,) = json_lines(stdout, "FALCON + register distillation, ReAtten on, copy-initialised (the authors')")
+    assert run["visual_tokens"] == 17 * 7
+    assert "falcon: ReAtten ramped in: 0 until step 2, linear to full at step 3 (of 4)" in stdout
