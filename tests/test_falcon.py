@@ -294,6 +294,9 @@ def test_a_stages_reatten_ramp_is_checked_where_it_is_set():
     with pytest.raises(RecipeError, match=r"model\.compressors\[0\]\.reatten_ramp: give") as err:
         load_recipe("tiny/falcon-distill", ["model.compressors.0.reatten_ramp=[0.2, 1.5]"])
     assert len(err.value.problems) == 1  # not again for each stage that sets other settings
+    with pytest.raises(RecipeError, match=r"reatten_ramp: give \[start, end\] with 0 ≤ start < 1"):
+        # ReAtten would stay at 0 for the whole stage, then count in full at test, untrained
+        load_recipe("tiny/falcon-distill", ["stages.1.components={falcon: {reatten_ramp: [1.0, 1.0]}}"])
     load_recipe("tiny/falcon-distill", ["stages.1.components={falcon: {reatten_ramp: [0.5, 0.6]}}"])
 
 

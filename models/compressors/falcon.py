@@ -44,7 +44,8 @@ second attention update of full size to every layer's registers.
 false}}`), as the authors train stage 1 without it; outside training the recipe's value holds.
 `reatten_ramp: [start, end]` (vtc's option, per stage too) phases ReAtten in within a stage: its
 added output is scaled by 0 before `start` (a fraction of the stage's optimizer steps), rising
-linearly to 1 at `end` (start = end switches it on at once). The stage then trains without
+linearly to 1 at `end` (start = end switches it on at once; start < 1, since a ramp from 1
+would never train the ReAtten it then tests with). The stage then trains without
 ReAtten until the other weights have learnt what they can alone, with the same learning-rate
 schedule and data order as a stage without it; outside training ReAtten counts in full.
 """
@@ -159,8 +160,11 @@ class Falcon(Compressor):
         if config.anchor_max < 1:
             problems.append(("anchor_max", f"must be at least 1, got {config.anchor_max}"))
         ramp = config.reatten_ramp
-        if ramp is not None and not (len(ramp) == 2 and 0 <= ramp[0] <= ramp[1] <= 1):
-            problems.append(("reatten_ramp", f"give [start, end] with 0 ≤ start ≤ end ≤ 1, got {list(ramp)}"))
+        if ramp is not None and not (len(ramp) == 2 and 0 <= ramp[0] <= ramp[1] <= 1 and ramp[0] < 1):
+            # a ramp from 1 would train without ReAtten, yet test with it untrained at full scale
+            problems.append(
+                ("reatten_ramp", f"give [start, end] with 0 ≤ start < 1, start ≤ end ≤ 1, got {list(ramp)}")
+            )
         return problems
 
     def output_tokens(self, input_tokens: int) -> int:
