@@ -180,3 +180,26 @@ def test_falcon_bench_sixteen_crops_with_a_ramp(tmp_path):
     (run,) = json_lines(stdout, "FALCON + register distillation, ReAtten on, copy-initialised (the authors')")
     assert run["visual_tokens"] == 17 * 7
     assert "falcon: ReAtten ramped in: 0 until step 2, linear to full at step 3 (of 4)" in stdout
+
+
+def test_falcon_bench_dot_object(tmp_path):
+    """The `match` command of bench/README.md (the shape of the object of the dot's colour, among
+    `shape` and `detail`, crowded crops of 2 registers): scored per family, with the questions
+    whose dot and object lie in different crops counted across crops."""
+    dot_object = [
+        "data.synthetic.objects=[12, 16]",
+        "data.synthetic.families=[shape, detail, match]",
+        "model.compressors.0.registers=2",
+    ]
+    stdout = run_bench(
+        "falcon.py",
+        *("--runs", "distill+copy", "--seeds", "0", "--limit", "16", "--steps", "2", "--repeats", "1"),
+        *(arg for override in dot_object for arg in ("--set", override)),
+        *quick(tmp_path),
+    )
+    (run,) = json_lines(stdout, "FALCON + register distillation, ReAtten on, copy-initialised (the authors')")
+    assert run["visual_tokens"] == 5 * 2
+    assert set(run["per_family"]) == {"shape", "detail", "match"}
+    # a `shape` or `detail` answer names one cell, so one crop; only `match` (16 questions, one an
+    # image) can rest on two, and most of its dots lie in another crop than their object
+    assert 0 < run["across_crops_count"] <= 16
