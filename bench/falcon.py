@@ -11,6 +11,7 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
     python bench/falcon.py --cost                                     # only the vision-tower timing
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
     python bench/falcon.py --rescore RUN [RUN ...] --limit 1000       # score kept runs, ReAtten on and off
+    python bench/falcon.py --paired RUN_A RUN_B                      # two kept runs, question by question
 
 Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
 register distillation as the first stage (`tiny/falcon-distill`, whose ReAtten starts with its
@@ -30,6 +31,7 @@ tiny tokenizer has: INDICATORS). Prints measured figures only; the README quotes
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -79,6 +81,10 @@ RUNS = {
 }
 
 
+# where a kept run's scored answers go (`--keep`, `--rescore`), one JSON line per question
+ANSWERS = "answers.jsonl"
+ANSWERS_REATTEN_OFF = "answers-reatten-off.jsonl"
+
 # FALCON's `<global_img>` / `<crop_img_row{r}_col{c}>` in words the tiny tokenizer knows.
 INDICATORS = 'model.views.indicators={whole: "objects :", crop: "at {row} {col} :"}'
 
@@ -123,10 +129,13 @@ def cuts_a_cell(cells: list[tuple[int, int]], grid: int, crops: int = 2) -> bool
     return any(len(crops_of_cell(*cell, grid, crops)) > 1 for cell in cells)
 
 
-def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
+def score_run(
+    run_dir: Path, limit: int, reatten: bool | None = None, answers_file: Path | None = None
+) -> dict:
     """Accuracy of a trained run on the first `limit` test images. `reatten=False` switches the
     run's ReAtten off for this scoring only (ablation: does the trained model use it?); with
-    ReAtten on, `reatten_share` says how much it adds to the registers, layer by layer."""
+    ReAtten on, `reatten_share` says how much it adds to the registers, layer by layer.
+    `answers_file` keeps every question's answer, scored, as JSON lines (for `--paired`)."""
     built = rebuild_run(run_dir)[0]
     falcon = next((c for c in built.model.compressors if isinstance(c.config, FalconConfig)), None)
     if reatten is not None and falcon is not None:
@@ -155,7 +164,7 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
         view_grid = (crops, crops)
     answers = answer_questions(built.model, built.tokenizer, questions, size, progress=False)
     share = measured.close() if measured else None
-    right, total = defaultdict(int), defaultdict(int)
+    right, total, kept = defaultdict(int), defaultdict(int), []
     for q in questions.questions:
         ok = normalize_answer(final_answer(answers[q.id]["text"])) == normalize_answer(q.answers[0])
         cells = resting_on[q.id]
@@ -164,6 +173,12 @@ def score_run(run_dir: Path, limit: int, reatten: bool | None = None) -> dict:
         for group in groups:
             right[group] += ok
             total[group] += 1
+        kept.append(
+            {"id": q.id, "question": q.text, "reference": q.answers[0], "groups": groups}
+            | {"answer": answers[q.id]["text"], "right": ok}
+        )
+    if answers_file is not None:
+        answers_file.write_text("".join(json.dumps(row) + "\n" for row in kept))
     families = {g: right[g] / total[g] for g in sorted(total) if g not in ("across crops", "cut cells")}
     prior = answer_prior(questions)
     return {
@@ -230,7 +245,10 @@ def train_and_score(
             )
             started = time.time()
             run_recipe(recipe, restart=True)
-            out[label] = score_run(root, limit) | {"train_seconds": round(time.time() - started)}
+            answers_file = root / ANSWERS if keep else None
+            out[label] = score_run(root, limit, answers_file=answers_file) | {
+                "train_seconds": round(time.time() - started)
+            }
             print(label, json.dumps(out[label]), flush=True)
     return out
 
@@ -376,6 +394,13 @@ def main() -> None:
         help="only score these kept runs (from --keep) on --limit test images: as trained and, "
         "where ReAtten was on, again with it switched off at test; prints ReAtten's share per layer",
     )
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        metavar=("A", "B"),
+        help="only compare two kept runs' scored answers (a run folder, or a file from --rescore "
+        "such as RUN/answers-reatten-off.jsonl) question by question, with the exact McNemar test",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timings")
     add_set_option(parser, "trainer.threads=1 beside another job")
@@ -388,6 +413,9 @@ def main() -> None:
         parser.error(f"--runs {args.runs!r} names none of: {' | '.join(RUNS)}")
     if args.rescore:
         rescore(args.rescore, args.limit)
+        return
+    if args.paired:
+        print_paired(*args.paired)
         return
     if args.cost_real:
         towers = real_width_towers(REAL_WIDTH_RECIPE, args.vision_layers)
@@ -408,10 +436,11 @@ def rescore(run_dirs: list[str], limit: int) -> None:
     which says whether the trained model uses what ReAtten adds."""
     print("| run | ReAtten at test | mean | across crops | cut cells | ReAtten adds (per layer) |")
     for run_dir in map(Path, run_dirs):
-        trained = score_run(run_dir, limit)
+        trained = score_run(run_dir, limit, answers_file=run_dir / ANSWERS)
         rows = [("as trained", trained)]
         if "reatten_share" in trained:
-            rows.append(("switched off", score_run(run_dir, limit, reatten=False)))
+            off = score_run(run_dir, limit, reatten=False, answers_file=run_dir / ANSWERS_REATTEN_OFF)
+            rows.append(("switched off", off))
         for how, r in rows:
             print(json.dumps({"run": str(run_dir), "reatten_at_test": how} | r), flush=True)
             share = ", ".join(f"{x:.1%}" for x in r.get("reatten_share", [])) or "-"
@@ -420,6 +449,60 @@ def rescore(run_dirs: list[str], limit: int) -> None:
                 f"(n={r['across_crops_count']}) | {r['cut_cells']:.1%} (n={r['cut_cells_count']}) | {share} |",
                 flush=True,
             )
+
+
+def read_answers(path: str) -> dict[str, dict]:
+    """A kept run's scored answers, {question id: row}: from its folder (`answers.jsonl`) or a file."""
+    path = Path(path)
+    path = path / ANSWERS if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"{path}: no scored answers (score the run with --rescore to keep them)")
+    return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def exact_mcnemar(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: the chance, were A and B equally good on these
+    questions, of a split of the discordant questions (one right, the other wrong) at least this
+    uneven (a binomial test at 1/2 on only_a + only_b questions)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired(path_a: str, path_b: str) -> list[dict]:
+    """Two runs scored on the same questions, compared question by question, per group (family,
+    across crops, cut cells, all): right by each, right by one only, and the exact McNemar p.
+    It says whether the two models differ on these questions, not whether another seed would
+    differ the same way."""
+    a, b = read_answers(path_a), read_answers(path_b)
+    asked = ("question", "reference")  # the same id on other data asks or expects otherwise
+    if a.keys() != b.keys() or any(a[i][k] != b[i][k] for i in a for k in asked):
+        raise SystemExit(f"{path_a} and {path_b} were not scored on the same questions")
+    rows = []
+    for group in ["all", *sorted({g for row in a.values() for g in row["groups"]})]:
+        ids = [i for i in a if group == "all" or group in a[i]["groups"]]
+        only_a = sum(a[i]["right"] and not b[i]["right"] for i in ids)
+        only_b = sum(b[i]["right"] and not a[i]["right"] for i in ids)
+        rows.append(
+            {"group": group, "n": len(ids)}
+            | {
+                "a": sum(a[i]["right"] for i in ids) / len(ids),
+                "b": sum(b[i]["right"] for i in ids) / len(ids),
+            }
+            | {"only_a": only_a, "only_b": only_b, "p": round(exact_mcnemar(only_a, only_b), 4)}
+        )
+    return rows
+
+
+def print_paired(path_a: str, path_b: str) -> None:
+    print(f"A = {path_a}\nB = {path_b}")
+    print("| questions | n | A | B | B − A | right by A only | by B only | exact McNemar p |")
+    for r in paired(path_a, path_b):
+        print(json.dumps(r), flush=True)
+        print(
+            f"| {r['group']} | {r['n']} | {r['a']:.1%} | {r['b']:.1%} | {100 * (r['b'] - r['a']):+.1f} | "
+            f"{r['only_a']} | {r['only_b']} | {r['p']:.3g} |",
+            flush=True,
+        )
 
 
 def mean_and_range(rows: list[dict], key: str) -> str:

@@ -157,9 +157,21 @@ def test_falcon_bench(tmp_path):
     assert cost and all(value is not None for value in cost.values())
 
     kept = tmp_path / "falcon---register-distillation--reatten-on-s0"
+    trained = [json.loads(line) for line in (kept / "answers.jsonl").read_text().splitlines()]
+    assert {row["id"].split("-")[0] for row in trained} == {str(i) for i in range(8)}  # --limit 8
     rows = json_lines(run_bench("falcon.py", "--rescore", str(kept), "--limit", "4"))
     assert [row["reatten_at_test"] for row in rows] == ["as trained", "switched off"]
     assert "reatten_share" not in rows[1]
+
+    # each scoring kept its answers: the run as trained against itself with ReAtten off at test,
+    # question by question, agrees with the two scorings above
+    stdout = run_bench("falcon.py", "--paired", str(kept), str(kept / "answers-reatten-off.jsonl"))
+    compared = {row["group"]: row for row in json_lines(stdout)}
+    assert compared["across crops"]["n"] == rows[0]["across_crops_count"]
+    assert compared["across crops"]["a"] == rows[0]["across_crops"]
+    assert compared["across crops"]["b"] == rows[1]["across_crops"]
+    assert compared["all"]["n"] == sum(compared[family]["n"] for family in rows[0]["per_family"])
+    assert 0 < compared["all"]["p"] <= 1
 
 
 def test_falcon_bench_sixteen_crops_with_a_ramp(tmp_path):

@@ -2,6 +2,7 @@
 attention across the views of one image, on CLIP and SigLIP towers."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -479,3 +480,44 @@ def test_bench_places_each_answer_on_the_cells_it_rests_on(monkeypatch):
     assert match == [(0, 1), (6, 7)] and crops_holding(match, grid=8) == {(0, 0), (1, 1)}
     count = cells_of_answer("count", "b2 . 1", scene)
     assert count == [(1, 1)] and crops_holding(count, grid=8) == {(0, 0)}
+
+
+def test_bench_pairs_two_runs_question_by_question(monkeypatch, tmp_path):
+    """bench/falcon.py --paired: per group, the questions only one run gets right, and the exact
+    McNemar p (a two-sided binomial test at 1/2 on those); runs scored on other questions are
+    refused."""
+    monkeypatch.syspath_prepend("bench")
+    from falcon import exact_mcnemar, paired  # bench/falcon.py
+
+    assert exact_mcnemar(0, 6) == 2 / 2**6  # all six discordant one way: 2 · (1/2)^6
+    assert exact_mcnemar(9, 1) == exact_mcnemar(1, 9) == 2 * (1 + 10) / 2**10
+    assert exact_mcnemar(5, 5) == exact_mcnemar(0, 0) == 1.0
+
+    def write(name, rights, questions=("q0", "q1", "q2", "q3")):
+        groups = [["count", "across crops"], ["count"], ["shape", "across crops"], ["shape"]]
+        rows = [
+            {"id": f"{i}-0", "question": q, "reference": "yes", "groups": g, "right": r}
+            for i, (q, g, r) in enumerate(zip(questions, groups, rights, strict=True))
+        ]
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(tmp_path / name)
+
+    a, b = write("a.jsonl", [True, True, False, True]), write("b.jsonl", [False, True, True, True])
+    rows = {r["group"]: r for r in paired(a, b)}
+    assert list(rows) == ["all", "across crops", "count", "shape"]
+    assert (rows["all"]["n"], rows["all"]["only_a"], rows["all"]["only_b"]) == (4, 1, 1)
+    assert rows["across crops"] | {"p": None} == {
+        "group": "across crops",
+        "n": 2,
+        "a": 0.5,
+        "b": 0.5,
+        "only_a": 1,
+        "only_b": 1,
+        "p": None,
+    }
+    assert (rows["count"]["a"], rows["count"]["b"], rows["count"]["p"]) == (1.0, 0.5, 1.0)
+    other = write("c.jsonl", [True] * 4, questions=("q0", "q1", "q2", "another"))
+    with pytest.raises(SystemExit, match="not scored on the same questions"):
+        paired(a, other)
+    with pytest.raises(SystemExit, match="no scored answers"):
+        paired(str(tmp_path), b)
