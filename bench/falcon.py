@@ -488,7 +488,7 @@ def paired(path_a: str, path_b: str) -> list[dict]:
                 "a": sum(a[i]["right"] for i in ids) / len(ids),
                 "b": sum(b[i]["right"] for i in ids) / len(ids),
             }
-            | {"only_a": only_a, "only_b": only_b, "p": round(exact_mcnemar(only_a, only_b), 4)}
+            | {"only_a": only_a, "only_b": only_b, "p": exact_mcnemar(only_a, only_b)}
         )
     return rows
 
@@ -500,7 +500,7 @@ def print_paired(path_a: str, path_b: str) -> None:
         print(json.dumps(r), flush=True)
         print(
             f"| {r['group']} | {r['n']} | {r['a']:.1%} | {r['b']:.1%} | {100 * (r['b'] - r['a']):+.1f} | "
-            f"{r['only_a']} | {r['only_b']} | {r['p']:.3g} |",
+            f"{r['only_a']} | {r['only_b']} | {r['p']:.2g} |",
             flush=True,
         )
 
