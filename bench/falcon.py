@@ -12,6 +12,7 @@ same views (9× the tokens), on high-resolution scenes; and what registers + ReA
     python bench/falcon.py --cost-real                                # ... at CLIP-L/336's widths
     python bench/falcon.py --rescore RUN [RUN ...] --limit 1000       # score kept runs, ReAtten on and off
     python bench/falcon.py --paired RUN_A RUN_B                      # two kept runs, question by question
+    python bench/falcon.py --paired A0 B0 A1 B1 ...                  # ... one pair per seed, then over seeds
 
 Per seed: `tiny/falcon` (ReAtten on), the same with `reatten: false`, both again with vtc's
 register distillation as the first stage (`tiny/falcon-distill`, whose ReAtten starts with its
@@ -30,6 +31,7 @@ tiny tokenizer has: INDICATORS). Prints measured figures only; the README quotes
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -396,10 +398,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--paired",
-        nargs=2,
-        metavar=("A", "B"),
+        nargs="+",
+        metavar="A B",
         help="only compare two kept runs' scored answers (a run folder, or a file from --rescore "
-        "such as RUN/answers-reatten-off.jsonl) question by question, with the exact McNemar test",
+        "such as RUN/answers-reatten-off.jsonl) question by question, with the exact McNemar test; "
+        "several pairs (one per seed: A0 B0 A1 B1 ...) also get B − A over the pairs: mean, "
+        "spread and an exact sign-flip test",
     )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each (the median is printed)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timings")
@@ -415,7 +419,9 @@ def main() -> None:
         rescore(args.rescore, args.limit)
         return
     if args.paired:
-        print_paired(*args.paired)
+        if len(args.paired) % 2:
+            parser.error(f"--paired takes runs two by two (A B, one pair per seed); got {len(args.paired)}")
+        print_paired(args.paired)
         return
     if args.cost_real:
         towers = real_width_towers(REAL_WIDTH_RECIPE, args.vision_layers)
@@ -493,14 +499,60 @@ def paired(path_a: str, path_b: str) -> list[dict]:
     return rows
 
 
-def print_paired(path_a: str, path_b: str) -> None:
-    print(f"A = {path_a}\nB = {path_b}")
-    print("| questions | n | A | B | B − A | right by A only | by B only | exact McNemar p |")
-    for r in paired(path_a, path_b):
-        print(json.dumps(r), flush=True)
+def sign_flip_p(differences: list[float]) -> float:
+    """Two-sided exact sign-flip (randomisation) p-value of a mean difference over pairs: the
+    share of the 2^n ways of flipping the pairs' signs whose sum is at least as far from 0, were
+    A and B equally good whatever the seed. With n pairs it is never below 2 / 2^n."""
+    observed = abs(sum(differences)) - 1e-9  # a flipped sum equal to it counts, whatever the rounding
+    sums = [
+        sum(s * d for s, d in zip(signs, differences, strict=True))
+        for signs in itertools.product((1, -1), repeat=len(differences))
+    ]
+    return sum(abs(total) >= observed for total in sums) / len(sums)
+
+
+def over_pairs(pairs: list[list[dict]]) -> list[dict]:
+    """`paired` rows of several pairs (one per seed), per group: B − A of each pair in points,
+    their mean, standard deviation and standard error, how many pairs B leads, and the sign-flip
+    p. Unlike McNemar's p this asks whether another seed would differ the same way."""
+    groups = [r["group"] for r in pairs[0]]
+    if any([r["group"] for r in rows] != groups for rows in pairs):
+        raise SystemExit("the pairs were not scored on the same groups of questions")
+    summary = []
+    for i, group in enumerate(groups):
+        differences = [100 * (rows[i]["b"] - rows[i]["a"]) for rows in pairs]
+        sd = statistics.stdev(differences)
+        summary.append(
+            {"group": group, "n": [rows[i]["n"] for rows in pairs], "b_minus_a": differences}
+            | {"mean": statistics.mean(differences), "sd": sd, "se": sd / math.sqrt(len(differences))}
+            | {"b_ahead": sum(d > 0 for d in differences), "p": sign_flip_p(differences)}
+        )
+    return summary
+
+
+def print_paired(paths: list[str]) -> None:
+    """Each pair question by question; with several pairs, B − A over them."""
+    pairs = []
+    for path_a, path_b in zip(paths[::2], paths[1::2], strict=True):
+        print(f"A = {path_a}\nB = {path_b}")
+        print("| questions | n | A | B | B − A | right by A only | by B only | exact McNemar p |")
+        pairs.append(paired(path_a, path_b))
+        for r in pairs[-1]:
+            print(json.dumps(r), flush=True)
+            print(
+                f"| {r['group']} | {r['n']} | {r['a']:.1%} | {r['b']:.1%} | {100 * (r['b'] - r['a']):+.1f} | "
+                f"{r['only_a']} | {r['only_b']} | {r['p']:.2g} |",
+                flush=True,
+            )
+    if len(pairs) < 2:
+        return
+    print(f"over the {len(pairs)} pairs (B − A in points, one pair per seed)")
+    print("| questions | B − A, pair by pair | mean | sd | se | B ahead in | sign-flip p |")
+    for r in over_pairs(pairs):
+        print(json.dumps({"over_pairs": True} | r), flush=True)
         print(
-            f"| {r['group']} | {r['n']} | {r['a']:.1%} | {r['b']:.1%} | {100 * (r['b'] - r['a']):+.1f} | "
-            f"{r['only_a']} | {r['only_b']} | {r['p']:.2g} |",
+            f"| {r['group']} | {', '.join(f'{d:+.1f}' for d in r['b_minus_a'])} | {r['mean']:+.1f} | "
+            f"{r['sd']:.1f} | {r['se']:.1f} | {r['b_ahead']} of {len(pairs)} | {r['p']:.2g} |",
             flush=True,
         )
 

@@ -172,6 +172,12 @@ def test_falcon_bench(tmp_path):
     assert compared["across crops"]["b"] == rows[1]["across_crops"]
     assert compared["all"]["n"] == sum(compared[family]["n"] for family in rows[0]["per_family"])
     assert 0 < compared["all"]["p"] <= 1
+    # the same pair given twice, as if two seeds: B − A over the pairs is that pair's, twice
+    stdout = run_bench("falcon.py", "--paired", *[str(kept), str(kept / "answers-reatten-off.jsonl")] * 2)
+    over = {row["group"]: row for row in json_lines(stdout) if row.get("over_pairs")}
+    difference = 100 * (compared["across crops"]["b"] - compared["across crops"]["a"])
+    assert over["across crops"]["b_minus_a"] == [pytest.approx(difference)] * 2
+    assert over["across crops"]["sd"] == 0 and over["across crops"]["p"] == (1.0 if difference == 0 else 0.5)
 
 
 def test_falcon_bench_sixteen_crops_with_a_ramp(tmp_path):

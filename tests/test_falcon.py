@@ -521,3 +521,54 @@ def test_bench_pairs_two_runs_question_by_question(monkeypatch, tmp_path):
         paired(a, other)
     with pytest.raises(SystemExit, match="no scored answers"):
         paired(str(tmp_path), b)
+
+
+def test_bench_summarises_pairs_over_seeds(monkeypatch, tmp_path, capsys):
+    """bench/falcon.py --paired with one pair per seed: B − A of each pair, their mean and
+    spread, and the exact sign-flip p, which 2^n sign flips bound below by 2 / 2^n."""
+    monkeypatch.syspath_prepend("bench")
+    from falcon import over_pairs, paired, print_paired, sign_flip_p  # bench/falcon.py
+
+    assert sign_flip_p([3.0, 1.0, 2.0]) == 2 / 8  # only all-plus and all-minus reach |6|
+    assert sign_flip_p([50.0, 25.0, -25.0]) == 6 / 8  # ±50 ±25 ±25: only the two sums of 0 stay below 50
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+
+    def write(name, rights):
+        groups = [["count", "across crops"], ["count"], ["shape", "across crops"], ["shape"]]
+        rows = [
+            {"id": f"{i}-0", "question": f"q{i}", "reference": "yes", "groups": g, "right": r}
+            for i, (g, r) in enumerate(zip(groups, rights, strict=True))
+        ]
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(tmp_path / name)
+
+    # seed by seed, B − A on all four questions: +50, +25, −25 points
+    paths = [
+        write("a0.jsonl", [False, False, True, True]),
+        write("b0.jsonl", [True, True, True, True]),
+        write("a1.jsonl", [False, True, False, True]),
+        write("b1.jsonl", [True, True, False, True]),
+        write("a2.jsonl", [True, True, True, False]),
+        write("b2.jsonl", [True, False, True, False]),
+    ]
+    summary = {
+        r["group"]: r
+        for r in over_pairs([paired(a, b) for a, b in zip(paths[::2], paths[1::2], strict=True)])
+    }
+    everything = summary["all"]
+    assert everything["b_minus_a"] == [50.0, 25.0, -25.0]
+    assert everything["mean"] == pytest.approx(50 / 3)
+    assert everything["sd"] == pytest.approx(38.188, abs=1e-3)  # sample sd of 50, 25, −25
+    assert everything["se"] == pytest.approx(everything["sd"] / 3**0.5)
+    assert (everything["b_ahead"], everything["p"], everything["n"]) == (2, 6 / 8, [4, 4, 4])
+    assert summary["across crops"]["b_minus_a"] == [50.0, 50.0, 0.0]  # questions 0 and 2
+    assert summary["count"]["b_minus_a"] == [100.0, 50.0, -50.0]
+
+    print_paired(paths)
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("A = ") for line in lines) == 3
+    assert "| all | +50.0, +25.0, -25.0 | +16.7 | 38.2 | 22.0 | 2 of 3 | 0.75 |" in lines
+    other = tmp_path / "other.jsonl"  # the same questions, none of them across crops
+    other.write_text((tmp_path / "a0.jsonl").read_text().replace('"across crops"', '"detail"'))
+    with pytest.raises(SystemExit, match="same groups"):
+        over_pairs([paired(paths[0], paths[1]), paired(str(other), str(other))])
