@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from data.synth import final_answer
+from data.synth import FAMILIES, final_answer
 from models.build import ComponentSpec, build
 from train.accuracy import (
     QuestionSet,
@@ -116,7 +116,12 @@ def main() -> None:
     )
     parser.add_argument("source", nargs="?", default=resolve_base("tiny-llava"))
     parser.add_argument("--checkpoint", help="a periodic checkpoint folder of the run (RUN/ckpt/...)")
-    parser.add_argument("--images", type=int, default=500, help="test images (6 questions each)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=500,
+        help=f"test images ({len(FAMILIES)} questions each, one per family)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cells", action="store_true", help="score the named cells too (with the image)")

@@ -4,13 +4,13 @@ held-out questions of each family.
 
 Each item is the scene's caption, then one of its questions (`<s>{caption} {question}` → answer):
 
-    <s>row one column two large red circle ; row three column one small blue square ;
-       row two column four green dot . Is there a red square?  →  no
+    <s>a1 empty ; b1 large red circle ; ... ; d2 green dot ; ... ; h8 empty . red b1 ; ... ;
+       circle b1 ; square a3 . Is there a red square?  →  no
 
 No vision tower and no projector: the question's words and the scene's words are the same
 tokens, so whatever the LLM must learn is the matching itself (a cell's name for colour and
-shape, a colour *and* a shape for exist, a number of matches for count, two positions for
-spatial). A step is cheap (no visual tokens), so this runs many more steps than the image benches.
+shape, a colour *and* a shape for exist, a number of matches for count). A step is cheap (no
+visual tokens), so this runs many more steps than the image benches.
 
 The samples are vtc's own (`data.synth.make_sample` with the default recipe's `data.synthetic`:
 the same images, splits and wording as `vtc train`). Batches are drawn from every question of the
@@ -19,7 +19,7 @@ one question of each other family: the instruction stage's mixture); the held-ou
 test image its question of each family (first answer token). `--llm-width/--llm-heads/--llm-layers`
 change the fresh LLM's shape (default: the tiny base's).
 
-    python bench/text_scene.py [--families colour,shape,count,exist,spatial,detail] [--steps 1500]
+    python bench/text_scene.py [--families colour,shape,count,exist,detail] [--steps 1500]
 """
 
 from __future__ import annotations

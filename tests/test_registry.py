@@ -1,6 +1,7 @@
 """One contract test over every registered component, plus registry errors."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,14 @@ def test_double_registration_is_refused():
 
     with pytest.raises(ValueError, match="registered twice"):
         register("mlp2x_gelu")(MlpProjector)
+
+
+def test_readme_lists_every_shipped_component_with_its_stage():
+    """The README's "Registered now" table is the user's list of components: every shipped one
+    (the test-only `test_*` components aside) is a row, with the stage it really runs at."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("Registered now:", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    documented = {name.strip().strip("`"): stage.strip() for name, stage in rows}
+    shipped = {n: component_class(n).stage for n in available() if not n.startswith("test_")}
+    assert documented == shipped
