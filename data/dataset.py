@@ -19,7 +19,7 @@ from PIL import Image
 from data import IGNORE_INDEX
 from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
-from data.subimages import thumbnail_and_crops
+from data.subimages import Tiling, thumbnail_and_crops
 from data.synth import region_targets
 from data.templates import ConversationError, conversation_turns, get_template, placeholder_problem
 
@@ -30,21 +30,23 @@ class Skipped:
     reason: str
 
 
-def load_views(data: bytes, image_size: int, view_grids=None) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """Decode an image: (3, S, S) and None, or with `view_grids` the thumbnail + crops
+def load_views(
+    data: bytes, image_size: int, tiling: Tiling | None = None
+) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Decode an image: (3, S, S) and None, or with a `tiling` the thumbnail + crops
     (1 + rows·cols, 3, S, S) and the chosen (rows, cols)."""
     with Image.open(io.BytesIO(data)) as image:
-        if not view_grids:
+        if tiling is None:
             return preprocess_image(image, image_size), None
         image.load()
         fill = tuple(int(255 * m) for m in CLIP_MEAN)
-        views, grid = thumbnail_and_crops(image, view_grids, image_size, fill)
+        views, grid = thumbnail_and_crops(image, tiling, image_size, fill)
     return torch.stack([preprocess_image(v, image_size) for v in views]), grid
 
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Items: {id, input_ids, labels, pixel_values (3,S,S) or None, region_targets or None}
-    (with `view_grids`: pixel_values (1 + rows·cols, 3, S, S) and image_grid (rows, cols)).
+    (with a `tiling`: pixel_values (1 + rows·cols, 3, S, S) and image_grid (rows, cols)).
 
     `max_length` bounds the LLM sequence *including* the visual tokens each image expands to:
     `visual_tokens` per image, as the model's compressors emit them — a number, or for multi-view images a
@@ -62,7 +64,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_length: int,
         visual_tokens,
         with_regions: int | None = None,
-        view_grids=None,
+        tiling: Tiling | None = None,
         turns: int | None = None,
     ):
         self.shards = shards
@@ -73,7 +75,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.visual_tokens = visual_tokens
         self.with_regions = with_regions  # patch grid size, for the dense vision objective
-        self.view_grids = view_grids
+        self.tiling = tiling
         self.turns = turns
 
     def __len__(self) -> int:
@@ -143,7 +145,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         data = self.shards.image_bytes(index)
         if data is None:
             return None, None
-        return load_views(data, self.image_size, self.view_grids)
+        return load_views(data, self.image_size, self.tiling)
 
 
 def collate(items: list, pad_token_id: int) -> dict:

@@ -1,16 +1,27 @@
 """High-resolution views: split an image into a grid of base-resolution sub-images + a thumbnail.
 
 The data side of a model built with `views` (models/views.py): every component then sees the
-views and which crop each is. The grid is chosen from a list of candidates (rows, cols) the way LLaVA-NeXT's
-"anyres" does: the candidate canvas that keeps the most of the image's pixels after an
-aspect-preserving resize, ties broken by the least padding.
+views and which crop each is. The grid comes from a list of candidates (rows, cols), by one of two
+rules (`model.views.fit`):
+
+- `anyres` (LLaVA-NeXT's): the candidate canvas that keeps the most of the image's pixels after an
+  aspect-preserving resize, ties broken by the least padding; the image is resized into it and
+  padded, the thumbnail padded to a square first.
+- `shape_match` (FALCON's, from mPLUG-DocOwl 1.5): the candidate whose shape is closest to the
+  image's, then whose size is; the image is stretched to that canvas and to the thumbnail, with
+  no padding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, get_args
+
 from PIL import Image
 
 from data.images import expand_to_square
+
+Fit = Literal["anyres", "shape_match"]
 
 
 def select_grid(width: int, height: int, grids: list[tuple[int, int]], base: int) -> tuple[int, int]:
@@ -29,6 +40,27 @@ def select_grid(width: int, height: int, grids: list[tuple[int, int]], base: int
     return best
 
 
+def corner_iou(w1: float, h1: float, w2: float, h2: float) -> float:
+    """IoU of two boxes that share their top-left corner."""
+    inter = min(w1, w2) * min(h1, h2)
+    return inter / (w1 * h1 + w2 * h2 - inter)
+
+
+def select_grid_by_shape(width: int, height: int, grids: list[tuple[int, int]], base: int) -> tuple[int, int]:
+    """The (rows, cols) of `grids` whose canvas (cols·base × rows·base) matches the image's shape
+    best (IoU with the image's box scaled to the canvas's width), then its size (IoU with the image's
+    own box); the shape term weighs 100 times the size term, and the first of equals wins."""
+    if not grids:
+        raise ValueError("select_grid_by_shape needs at least one candidate grid")
+
+    def score(grid: tuple[int, int]) -> float:
+        canvas_w, canvas_h = grid[1] * base, grid[0] * base
+        shape = corner_iou(canvas_w, canvas_h, canvas_w, canvas_w * height / width)
+        return 100 * shape + corner_iou(canvas_w, canvas_h, width, height)
+
+    return tuple(max(grids, key=score))
+
+
 def fit_to_canvas(
     image: Image.Image, canvas_w: int, canvas_h: int, fill: tuple[int, int, int]
 ) -> Image.Image:
@@ -41,14 +73,33 @@ def fit_to_canvas(
     return canvas
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """How images become views: the candidate grids and the rule that picks one and fits the
+    image to it (`model.views.grids` and `model.views.fit`)."""
+
+    grids: tuple[tuple[int, int], ...]
+    fit: Fit = "anyres"
+
+    def __post_init__(self):
+        if self.fit not in get_args(Fit):
+            raise ValueError(f"fit must be one of {', '.join(get_args(Fit))}, got {self.fit!r}")
+
+
 def thumbnail_and_crops(
-    image: Image.Image, grids: list[tuple[int, int]], base: int, fill: tuple[int, int, int]
+    image: Image.Image, tiling: Tiling, base: int, fill: tuple[int, int, int]
 ) -> tuple[list[Image.Image], tuple[int, int]]:
     """[thumbnail, crop(0,0), crop(0,1), ...] (each base×base, crops in raster order) and the grid."""
     image = image.convert("RGB")
-    rows, cols = select_grid(image.width, image.height, grids, base)
-    thumbnail = expand_to_square(image, fill).resize((base, base), Image.BICUBIC)
-    canvas = fit_to_canvas(image, cols * base, rows * base, fill)
+    grids = list(tiling.grids)
+    if tiling.fit == "shape_match":
+        rows, cols = select_grid_by_shape(image.width, image.height, grids, base)
+        thumbnail = image.resize((base, base), Image.BICUBIC)
+        canvas = image.resize((cols * base, rows * base), Image.BICUBIC)
+    else:
+        rows, cols = select_grid(image.width, image.height, grids, base)
+        thumbnail = expand_to_square(image, fill).resize((base, base), Image.BICUBIC)
+        canvas = fit_to_canvas(image, cols * base, rows * base, fill)
     crops = [
         canvas.crop((c * base, r * base, (c + 1) * base, (r + 1) * base))
         for r in range(rows)

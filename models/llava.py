@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE_INDEX
+from data.subimages import Tiling
 from models.compressors.base import Compressor, ModelDims, Progress, VisionFeatures
 from models.llm import LanguageModel, next_positions
 from models.sequence import RESPONSE, SequenceState, pad_rows, roles_of
@@ -141,6 +142,11 @@ class VtcLlava(nn.Module):
     def view_grids(self) -> list[tuple[int, int]] | None:
         """Candidate crop grids when images enter as several views, else None."""
         return self.views.grids if self.views is not None else None
+
+    @property
+    def view_tiling(self) -> Tiling | None:
+        """How images become views (grids + fit, for `data.dataset.load_views`), else None."""
+        return self.views.config.tiling if self.views is not None else None
 
     def vision_patches(self) -> int:
         """Patches per view the vision tower emits (fewer than its own when a `pixels`

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from data.subimages import Fit, Tiling
+
 WHOLE = -1  # row / col of a view that shows the whole image (a single view or the thumbnail)
 
 
@@ -63,6 +65,13 @@ class MultiViewConfig:
     grids: tuple[tuple[int, int], ...]  # candidate (rows, cols); each image takes the best fit
     newline: bool = True  # a learned token after each line of crop tokens
     indicators: CropIndicators | None = None  # text naming each view (FALCON's), or none
+    # how an image picks its grid and fits it (data/subimages.py): "anyres", LLaVA-NeXT's (most
+    # pixels kept, padded), or "shape_match", FALCON's (closest shape then size, stretched)
+    fit: Fit = "anyres"
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(tuple(tuple(g) for g in self.grids), self.fit)
 
     def problems(self) -> list[tuple[str, str]]:
         """(key, message) for what is wrong with these settings."""
@@ -75,7 +84,7 @@ class MultiViewConfig:
         return self.indicators.problems() if self.indicators else []
 
     def to_dict(self) -> dict:
-        out = {"grids": [list(g) for g in self.grids], "newline": self.newline}
+        out = {"grids": [list(g) for g in self.grids], "newline": self.newline, "fit": self.fit}
         if self.indicators is not None:
             out["indicators"] = {"whole": self.indicators.whole, "crop": self.indicators.crop}
         return out
@@ -88,6 +97,7 @@ class MultiViewConfig:
             tuple(tuple(g) for g in values["grids"]),
             values["newline"],
             CropIndicators(**indicators) if indicators is not None else None,
+            values.get("fit", "anyres"),  # exports written before `fit` existed used anyres
         )
 
 

@@ -263,7 +263,7 @@ def test_images_of_different_token_counts_pool_and_answer_as_one_by_one(tokenize
 
     model = built.model.eval()
     pixels, grids = zip(
-        *(load_views(png(size), 64, model.view_grids) for size in ((128, 128), (128, 64))), strict=True
+        *(load_views(png(size), 64, model.view_tiling) for size in ((128, 128), (128, 64))), strict=True
     )
     ids, mask = ragged_prompts(model, tokenizer)
     grids = torch.tensor(grids)

@@ -10,7 +10,7 @@ from PIL import Image
 import tests.components  # noqa: F401  (registers the test components)
 from data.dataset import collate, load_views
 from data.errors import UserError
-from data.subimages import select_grid, thumbnail_and_crops
+from data.subimages import Tiling, select_grid, select_grid_by_shape, thumbnail_and_crops
 from data.synth import FAMILIES
 from models.build import ComponentSpec, build
 from models.export import export, load_pretrained
@@ -33,17 +33,59 @@ def test_crops_tile_the_image_in_raster_order():
     image = Image.new("RGB", (128, 128))
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
         image.paste(colour, ((i % 2) * 64, (i // 2) * 64, (i % 2) * 64 + 64, (i // 2) * 64 + 64))
-    views, grid = thumbnail_and_crops(image, GRIDS, 64, (0, 0, 0))
-    assert grid == (2, 2) and len(views) == 5 and all(v.size == (64, 64) for v in views)
-    assert [v.getpixel((32, 32)) for v in views[1:]] == [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
-    assert views[0].getpixel((16, 16)) == (255, 0, 0) and views[0].getpixel((48, 48)) == (255, 255, 0)
+    for fit in ("anyres", "shape_match"):
+        views, grid = thumbnail_and_crops(image, Tiling(tuple(GRIDS), fit), 64, (0, 0, 0))
+        assert grid == (2, 2) and len(views) == 5 and all(v.size == (64, 64) for v in views)
+        assert [v.getpixel((32, 32)) for v in views[1:]] == [
+            (255, 0, 0),
+            (0, 255, 0),
+            (0, 0, 255),
+            (255, 255, 0),
+        ]
+        assert views[0].getpixel((16, 16)) == (255, 0, 0) and views[0].getpixel((48, 48)) == (255, 255, 0)
+
+
+@pytest.mark.parametrize(
+    "size,grids,expected",
+    [
+        ((128, 64), GRIDS, (1, 2)),  # the shape matches exactly
+        ((64, 200), GRIDS, (3, 1)),
+        ((256, 256), GRIDS, (2, 2)),  # (1, 1) and (2, 2) share the shape: the closer size wins
+        ((300, 150), [(1, 2), (3, 3)], (1, 2)),  # anyres takes (3, 3): it keeps more pixels
+        ((128, 128), [(2, 2), (1, 1), (2, 2)], (2, 2)),
+    ],
+)
+def test_select_grid_by_shape_matches_shape_then_size(size, grids, expected):
+    assert select_grid_by_shape(*size, grids, 64) == expected
+
+
+def test_shape_match_stretches_the_image_where_anyres_pads_it():
+    """A 2:1 red image on grids whose best canvas is square: anyres pads it (the fill shows in the
+    thumbnail and in the crops), shape_match stretches it (red everywhere)."""
+    image = Image.new("RGB", (256, 128), (255, 0, 0))
+    grids = ((2, 2),)
+    padded, grid = thumbnail_and_crops(image, Tiling(grids, "anyres"), 64, (0, 0, 255))
+    stretched, same = thumbnail_and_crops(image, Tiling(grids, "shape_match"), 64, (0, 0, 255))
+    assert grid == same == (2, 2)
+    assert padded[0].getpixel((32, 2)) == (0, 0, 255) and padded[1].getpixel((32, 2)) == (0, 0, 255)
+    assert all(v.getpixel((x, y)) == (255, 0, 0) for v in stretched for x in (0, 63) for y in (0, 63))
+
+
+def test_square_images_on_square_grids_split_the_same_either_way():
+    """Why switching the tiny FALCON recipes to shape_match changed no figure: their scenes are
+    square and their grids square, so both fits give the same pixels."""
+    for side, grids in ((128, ((2, 2),)), (192, ((3, 3),)), (256, ((4, 4),))):  # the benches' settings
+        data = png((side, side))
+        anyres = load_views(data, 64, Tiling(grids, "anyres"))
+        shape_match = load_views(data, 64, Tiling(grids, "shape_match"))
+        assert anyres[1] == shape_match[1] and torch.equal(anyres[0], shape_match[0])
 
 
 # Crop indicators in words the tiny tokenizer knows (FALCON's own are `<global_img>`, ...).
 TINY_INDICATORS = CropIndicators(whole="objects :", crop="at {row} {col} :")
 
 
-def views_model(projector="tokenpacker", compressors=(), seed=0, newline=True, indicators=None):
+def views_model(projector="tokenpacker", compressors=(), seed=0, newline=True, indicators=None, fit="anyres"):
     params = {"scale": 2} if projector == "tokenpacker" else {}
     specs = [c if isinstance(c, ComponentSpec) else ComponentSpec(c) for c in compressors]
     return build(
@@ -52,7 +94,7 @@ def views_model(projector="tokenpacker", compressors=(), seed=0, newline=True, i
         compressors=specs,
         tiny=TEST_TINY,
         seed=seed,
-        views=MultiViewConfig(tuple(GRIDS), newline, indicators),
+        views=MultiViewConfig(tuple(GRIDS), newline, indicators, fit),
     )
 
 
@@ -137,7 +179,7 @@ def ragged_view_items(model, tok) -> list[dict]:
     """Dataset items of a 2×2-crop image and a 1×2-crop image with prompts of 9 and 5 tokens."""
     items = []
     for size in ((128, 128), (128, 64)):
-        pixels, grid = load_views(png(size), 64, model.view_grids)
+        pixels, grid = load_views(png(size), 64, model.view_tiling)
         ids = [tok.bos_token_id, model.image_token_id] + tok(
             "What colour is the dot ?", add_special_tokens=False
         ).input_ids
@@ -203,15 +245,15 @@ def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compre
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("indicators", [None, TINY_INDICATORS])
-def test_export_keeps_the_views_and_their_newline(tmp_path, indicators):
-    built = views_model("mlp2x_gelu", seed=3, indicators=indicators)
+@pytest.mark.parametrize("indicators,fit", [(None, "anyres"), (TINY_INDICATORS, "shape_match")])
+def test_export_keeps_the_views_and_their_newline(tmp_path, indicators, fit):
+    built = views_model("mlp2x_gelu", seed=3, indicators=indicators, fit=fit)
     with torch.no_grad():
         built.model.views.image_newline.add_(1.0)  # not the value a fresh build would draw
     export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [], "tiny")
     loaded = load_pretrained(tmp_path / "export").model
     assert loaded.view_grids == built.model.view_grids
-    assert loaded.views.config == built.model.views.config
+    assert loaded.views.config == built.model.views.config and loaded.view_tiling.fit == fit
     assert torch.equal(loaded.views.image_newline, built.model.views.image_newline)
     pixels, grids = torch.randn(5, 3, 64, 64), torch.tensor([[2, 2]])
     with torch.no_grad():
@@ -400,3 +442,13 @@ def test_recipe_errors_name_the_indicator_keys():
         recipe_from_dict(recipe)
     recipe["model"]["views"]["indicators"] = {}  # FALCON's own strings
     assert recipe_from_dict(recipe).model.views.indicators == CropIndicators()
+
+
+def test_views_written_before_fit_existed_read_as_anyres():
+    old = {"grids": [[1, 2], [2, 2]], "newline": True}  # an export's `views` before 2026-12-06
+    assert MultiViewConfig.from_dict(old).tiling == Tiling(((1, 2), (2, 2)), "anyres")
+
+
+def test_an_unknown_fit_is_refused():
+    with pytest.raises(ValueError, match="shape_match"):
+        Tiling(((2, 2),), "stretch")

@@ -120,7 +120,7 @@ def answer_questions(
     for q in questions.questions:
         if q.image not in views:
             try:
-                views[q.image] = load_views(questions.read_image(q.image), image_size, model.view_grids)
+                views[q.image] = load_views(questions.read_image(q.image), image_size, model.view_tiling)
             except Exception as err:  # missing or corrupt image: skip its questions, say why
                 views[q.image] = f"image {q.image!r}: {type(err).__name__}: {err}"
         if isinstance(views[q.image], str):

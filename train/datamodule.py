@@ -74,7 +74,7 @@ class VtcDataModule(L.LightningDataModule):
         visual_tokens,
         patch_grid: int,
         seed: int,
-        view_grids=None,
+        tiling=None,
     ):
         super().__init__()
         self.data, self.stage, self.seed = data, stage, seed
@@ -91,7 +91,7 @@ class VtcDataModule(L.LightningDataModule):
                 data.max_length,
                 visual_tokens,
                 with_regions=regions,
-                view_grids=view_grids,
+                tiling=tiling,
                 turns=data.turns,
             )
             for t in templates

@@ -281,7 +281,7 @@ def train_stage(
         model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
-        view_grids=model.view_grids if stage.views else None,  # `views: false`: whole images only
+        tiling=model.view_tiling if stage.views else None,  # `views: false`: whole images only
     )
     check_stage_data(data.dataset, stage, index, world)
     steps = stage_steps_for(stage, len(data.dataset), world)

@@ -79,7 +79,7 @@ def prompt_batch(built: Built, questions: QuestionSet, size: int, count: int) ->
     tmpl = get_template("vicuna_v1")
     model, items = built.model, []
     for q in questions.questions[:count]:
-        views = load_views(questions.read_image(q.image), size, model.view_grids)
+        views = load_views(questions.read_image(q.image), size, model.view_tiling)
         prompt = tmpl.prompt("<image>\n" + q.text, built.tokenizer, model.image_token_id)
         items.append(_prompt_item(q, prompt, views))
     return collate(items, built.tokenizer.pad_token_id)
