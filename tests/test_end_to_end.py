@@ -67,6 +67,12 @@ def test_cli_help_and_recipes():
     assert out.returncode == 0 and "validate" in out.stdout and "examples:" in out.stdout
     out = subprocess.run([sys.executable, "-m", "train.cli", "recipes"], capture_output=True, text=True)
     assert "tiny/base" in out.stdout and "tiny/smoke" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "train.cli", "--version"], capture_output=True, text=True)
+    import torch
+
+    assert (
+        out.returncode == 0 and out.stdout.startswith("vtc ") and f"torch {torch.__version__}" in out.stdout
+    )
 
 
 def test_cli_validate_reports_bad_key(tmp_path):

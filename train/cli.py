@@ -279,6 +279,23 @@ def number_in(allowed):
     return parse
 
 
+def version_line() -> str:
+    """`vtc 0.1.0 (torch ..., transformers ..., ...)`: what a bug report needs. Read from the
+    installed packages' metadata, so `--help` and `--version` import none of them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    others = ", ".join(
+        f"{name} {installed(name)}" for name in ("torch", "transformers", "lightning", "deepspeed", "peft")
+    )
+    return f"vtc {installed('vtc')} ({others})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vtc",
@@ -286,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)
