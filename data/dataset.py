@@ -19,7 +19,7 @@ from PIL import Image
 from data import IGNORE_INDEX
 from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
-from data.subimages import Tiling, thumbnail_and_crops
+from data.subimages import Tiling, thumbnail, thumbnail_and_crops
 from data.synth import region_targets
 from data.templates import ConversationError, conversation_turns, get_template, placeholder_problem
 
@@ -34,12 +34,17 @@ def load_views(
     data: bytes, image_size: int, tiling: Tiling | None = None
 ) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """Decode an image: (3, S, S) and None, or with a `tiling` the thumbnail + crops
-    (1 + rows·cols, 3, S, S) and the chosen (rows, cols)."""
+    (1 + rows·cols, 3, S, S) and the chosen (rows, cols); with a tiling without crops, the
+    thumbnail alone (3, S, S) and None."""
     with Image.open(io.BytesIO(data)) as image:
         if tiling is None:
             return preprocess_image(image, image_size), None
         image.load()
         fill = tuple(int(255 * m) for m in CLIP_MEAN)
+        if not tiling.crops:
+            return preprocess_image(
+                thumbnail(image.convert("RGB"), tiling.fit, image_size, fill), image_size
+            ), None
         views, grid = thumbnail_and_crops(image, tiling, image_size, fill)
     return torch.stack([preprocess_image(v, image_size) for v in views]), grid
 

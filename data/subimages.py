@@ -14,7 +14,7 @@ rules (`model.views.fit`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from PIL import Image
@@ -80,10 +80,22 @@ class Tiling:
 
     grids: tuple[tuple[int, int], ...]
     fit: Fit = "anyres"
+    crops: bool = True  # False: each image is one view, its thumbnail (a `views: false` stage)
 
     def __post_init__(self):
         if self.fit not in get_args(Fit):
             raise ValueError(f"fit must be one of {', '.join(get_args(Fit))}, got {self.fit!r}")
+
+    def whole_images(self) -> Tiling:
+        """The same fit without crops: what a stage trained on whole images sees."""
+        return replace(self, crops=False)
+
+
+def thumbnail(image: Image.Image, fit: Fit, base: int, fill: tuple[int, int, int]) -> Image.Image:
+    """The whole image at base×base: padded to a square first (anyres) or stretched (shape_match)."""
+    if fit == "anyres":
+        image = expand_to_square(image, fill)
+    return image.resize((base, base), Image.BICUBIC)
 
 
 def thumbnail_and_crops(
@@ -94,15 +106,13 @@ def thumbnail_and_crops(
     grids = list(tiling.grids)
     if tiling.fit == "shape_match":
         rows, cols = select_grid_by_shape(image.width, image.height, grids, base)
-        thumbnail = image.resize((base, base), Image.BICUBIC)
         canvas = image.resize((cols * base, rows * base), Image.BICUBIC)
     else:
         rows, cols = select_grid(image.width, image.height, grids, base)
-        thumbnail = expand_to_square(image, fill).resize((base, base), Image.BICUBIC)
         canvas = fit_to_canvas(image, cols * base, rows * base, fill)
     crops = [
         canvas.crop((c * base, r * base, (c + 1) * base, (r + 1) * base))
         for r in range(rows)
         for c in range(cols)
     ]
-    return [thumbnail] + crops, (rows, cols)
+    return [thumbnail(image, tiling.fit, base, fill)] + crops, (rows, cols)

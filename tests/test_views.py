@@ -71,6 +71,20 @@ def test_shape_match_stretches_the_image_where_anyres_pads_it():
     assert all(v.getpixel((x, y)) == (255, 0, 0) for v in stretched for x in (0, 63) for y in (0, 63))
 
 
+@pytest.mark.parametrize("fit", ["anyres", "shape_match"])
+def test_a_stage_on_whole_images_sees_the_thumbnail_of_its_fit(fit):
+    """`views: false` (FALCON's first stage): each image is one view, fitted as the model's
+    thumbnail is; with anyres that is LLaVA's padded whole image, as before `fit` existed."""
+    data = png((128, 64))
+    whole, grid = load_views(data, 64, Tiling(((2, 2),), fit).whole_images())
+    views, _ = load_views(data, 64, Tiling(((2, 2),), fit))
+    assert grid is None and whole.shape == (3, 64, 64) and torch.equal(whole, views[0])
+    if fit == "anyres":
+        assert torch.equal(whole, load_views(data, 64)[0])
+    else:
+        assert not torch.equal(whole, load_views(data, 64)[0])
+
+
 def test_square_images_on_square_grids_split_the_same_either_way():
     """Why switching the tiny FALCON recipes to shape_match changed no figure: their scenes are
     square and their grids square, so both fits give the same pixels."""
@@ -79,6 +93,10 @@ def test_square_images_on_square_grids_split_the_same_either_way():
         anyres = load_views(data, 64, Tiling(grids, "anyres"))
         shape_match = load_views(data, 64, Tiling(grids, "shape_match"))
         assert anyres[1] == shape_match[1] and torch.equal(anyres[0], shape_match[0])
+        whole = [
+            load_views(data, 64, Tiling(grids, fit).whole_images())[0] for fit in ("anyres", "shape_match")
+        ]
+        assert torch.equal(*whole)  # FALCON's first stage (`views: false`) too
 
 
 # Crop indicators in words the tiny tokenizer knows (FALCON's own are `<global_img>`, ...).

@@ -143,8 +143,8 @@ class Stage:
     # Settings of the model's components for this stage only, by component name (e.g.
     # `falcon: {reatten: false}`): the fields a component lists in `stage_settings`.
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # With model.views: false trains this stage on whole images (one view each), as FALCON's
-    # first stage trains on the global view only.
+    # With model.views: false trains this stage on whole images (one view each: the thumbnail,
+    # fitted by model.views.fit), as FALCON's first stage trains on the global view only.
     views: bool = True
     steps: AtLeast1 | None = None
     epochs: Positive | None = None

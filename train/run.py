@@ -272,6 +272,9 @@ def train_stage(
     if OBJECTIVES[stage.objective].region_targets:
         region_head = RegionHead(model.dims.vision_width, region_classes(recipe.data.synthetic.grid))
         region_head.to(next(model.vision.parameters()).dtype)  # the features' dtype (model.dtype)
+    tiling = model.view_tiling
+    if tiling is not None and not stage.views:  # each image its thumbnail alone, fitted the same way
+        tiling = tiling.whole_images()
     data = VtcDataModule(
         recipe.data,
         stage,
@@ -281,7 +284,7 @@ def train_stage(
         model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
-        tiling=model.view_tiling if stage.views else None,  # `views: false`: whole images only
+        tiling=tiling,
     )
     check_stage_data(data.dataset, stage, index, world)
     steps = stage_steps_for(stage, len(data.dataset), world)
