@@ -314,6 +314,20 @@ def test_another_tower_in_the_process_is_untouched():
     torch.testing.assert_close(plain, reference)
 
 
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_registers_and_crop_embeddings_start_at_init_std(std):
+    falcon = falcon_model(init_std=std).model.compressors[0]
+    for start in (falcon.registers, falcon.crop_row.weight, falcon.crop_col.weight):
+        assert abs(start.std().item() / std - 1) < 0.25  # over a hundred draws each
+
+
+def test_a_non_positive_init_std_is_refused():
+    from train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"compressors\[0\]\.init_std: must be > 0"):
+        load_recipe("tiny/falcon", ["model.compressors.0.init_std=0"])
+
+
 def test_falcon_on_the_7b_shapes_counts_its_parameters():
     from train.recipe import REPO_ROOT
 

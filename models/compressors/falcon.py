@@ -78,6 +78,9 @@ class FalconConfig:
     # (start, end) fractions of a training stage's optimizer steps: ReAtten's output is scaled
     # from 0 before `start` to 1 at `end`, linearly; None = in full from the first step
     reatten_ramp: tuple[float, float] | None = None
+    # std of the registers' and crop embeddings' normal start; the authors' code draws both from
+    # N(0, 1) (`torch.randn`, an `Embedding`'s default), vtc's tiny recipes from N(0, 0.02)
+    init_std: float = 0.02
 
     def __post_init__(self):  # params read back from JSON (an export) are plain lists
         if self.reatten_ramp is not None:
@@ -143,11 +146,11 @@ class Falcon(Compressor):
     def __init__(self, config: FalconConfig, dims: ModelDims):
         super().__init__(config, dims)
         width = dims.vision_width
-        self.registers = nn.Parameter(torch.randn(1, config.registers, width) * 0.02)
+        self.registers = nn.Parameter(torch.randn(1, config.registers, width) * config.init_std)
         self.crop_row = nn.Embedding(config.anchor_max + 1, width)
         self.crop_col = nn.Embedding(config.anchor_max + 1, width)
         for embedding in (self.crop_row, self.crop_col):
-            nn.init.normal_(embedding.weight, std=0.02)
+            nn.init.normal_(embedding.weight, std=config.init_std)
         self.reatten = nn.ModuleList(
             RegisterAttention(width, dims.vision_heads) for _ in range(dims.vision_layers)
         )
@@ -159,6 +162,8 @@ class Falcon(Compressor):
             problems.append(("registers", f"must be at least 1, got {config.registers}"))
         if config.anchor_max < 1:
             problems.append(("anchor_max", f"must be at least 1, got {config.anchor_max}"))
+        if not config.init_std > 0:
+            problems.append(("init_std", f"must be > 0, got {config.init_std}"))
         ramp = config.reatten_ramp
         if ramp is not None and not (len(ramp) == 2 and 0 <= ramp[0] <= ramp[1] <= 1 and ramp[0] < 1):
             # a ramp from 1 would train without ReAtten, yet test with it untrained at full scale
