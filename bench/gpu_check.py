@@ -1,9 +1,10 @@
 """The first thing to run on a rented GPU node (and what the project runs whenever a GPU is
 lent): every family of shipped GPU recipes, with its real component settings, on a reduced base
 of the real widths — 2 vision layers, 2 decoder layers (or as many as a component's setting
-names: LLaVolta's K = 16, CoViPAL's guidance layer 16), random weights, the tiny tokenizer —
-through Lightning's DeepSpeedStrategy at ZeRO-2 and ZeRO-3, a few steps each, stage 2 started
-from stage 1's run as the shipped recipes chain them. For each recipe: train until the first
+names: LLaVolta's K = 16, CoViPAL's guidance layer 16), random weights, the tiny tokenizer
+(with a Llama-3-shaped chat template, for recipes with `template: chat`) — through Lightning's
+DeepSpeedStrategy at ZeRO-2 and ZeRO-3, a few steps each, stage 2 started from stage 1's run
+as the shipped recipes chain them. For each recipe: train until the first
 checkpoint, kill the process (SIGKILL), resume to the end, export, load the export back,
 evaluate a few questions. One line per check; exit status 1 if any failed.
 
@@ -61,6 +62,14 @@ def deepest_layer(params) -> int:
     return max(found)
 
 
+STAND_IN_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+STAND_IN_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
 def reduced_base(config_dir: Path, out: Path, llm_layers: int, cpu: bool) -> Path:
     """A llava-hf folder: the real config with 2 vision layers and `llm_layers` decoder layers
     (small widths with `cpu`), random weights, the tiny tokenizer (its ids fit the real vocab)."""
@@ -79,6 +88,10 @@ def reduced_base(config_dir: Path, out: Path, llm_layers: int, cpu: bool) -> Pat
         text.head_dim = text.hidden_size // text.num_attention_heads
         (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) = CPU_WIDTHS["vision"]
     tokenizer = tiny_tokenizer()
+    # recipes with `template: chat` prompt through the tokenizer's chat template: the stand-in
+    # gets one shaped like Llama-3's (header tokens, an end of turn other than eos)
+    tokenizer.add_tokens(list(STAND_IN_CHAT_TOKENS), special_tokens=True)
+    tokenizer.chat_template = STAND_IN_CHAT
     config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     text.pad_token_id, text.bos_token_id, text.eos_token_id = (
         tokenizer.pad_token_id,

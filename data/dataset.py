@@ -21,7 +21,13 @@ from data.images import CLIP_MEAN, preprocess_image
 from data.shards import ShardIndex
 from data.subimages import Tiling, thumbnail, thumbnail_and_crops
 from data.synth import region_targets
-from data.templates import ConversationError, conversation_turns, get_template, placeholder_problem
+from data.templates import (
+    ConversationError,
+    Template,
+    conversation_turns,
+    get_template,
+    placeholder_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self,
         shards: ShardIndex,
         tokenizer,
-        template: str,
+        template: str | Template,
         image_size: int,
         image_token_id: int,
         max_length: int,
@@ -74,7 +80,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     ):
         self.shards = shards
         self.tokenizer = tokenizer
-        self.template = get_template(template)
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.template.check(tokenizer)  # a template the tokenizer cannot serve fails here, not per sample
         self.image_size = image_size
         self.image_token_id = image_token_id
         self.max_length = max_length

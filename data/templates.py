@@ -1,4 +1,5 @@
-"""Conversation templates with per-turn label masking (LLaVA-1.5 `plain` and `vicuna_v1`).
+"""Conversation templates with per-turn label masking: LLaVA-1.5's `plain` and `vicuna_v1`, and
+`chat`, the tokenizer's own chat template (Llama-3, Qwen2 and other chat LLMs ship one).
 
 Each turn is tokenized on its own and the ids concatenated, so the label mask is exact by
 construction: there is no "render the whole string, split on separators, re-tokenize" step that
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from data.errors import UserError
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -88,6 +90,18 @@ class Template:
     """Turns conversations into (input_ids, labels) and questions into generation prompts."""
 
     name: str
+    system: str | None = None  # a system prompt (only `chat` takes one)
+
+    def to_dict(self) -> dict:
+        """What `template_from_dict` rebuilds this template from (recorded with exported models)."""
+        return {"name": self.name, "system": self.system}
+
+    def check(self, tokenizer) -> None:
+        """Raise UserError if `tokenizer` cannot serve this template (before any sample is read)."""
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """Token ids that end a generated answer."""
+        return [tokenizer.eos_token_id]
 
     def segments(self, conversations: list[dict], tokenizer, image_token_id: int):
         """Yields (ids, supervised) pieces in order; subclasses define the layout."""
@@ -150,10 +164,104 @@ class VicunaTemplate(Template):
         return [tokenizer.bos_token_id] + self._question(0, question, tokenizer, image_token_id)
 
 
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+class ChatTemplate(Template):
+    """The tokenizer's chat template (`tokenizer.apply_chat_template`), with an optional system
+    prompt first. LLaVA's `human`/`gpt` turns become `user`/`assistant` messages; `<image>` stays
+    in the user's text, where `text_to_ids` finds it.
+
+    Masking stays turn by turn: the conversation is rendered up to each question (with the
+    template's generation prompt) and up to each answer, and each piece is what a rendering adds
+    to the one before. The supervised piece is thus the answer plus whatever the template closes
+    an assistant turn with (e.g. Llama-3's `<|eot_id|>`), which is also where generation stops.
+    A template whose rendering of a longer conversation does not extend the shorter one's (one
+    that rewrites earlier turns) cannot be masked this way and is refused."""
+
+    name = "chat"
+
+    def __init__(self, system: str | None = None, jinja: str | None = None):
+        self.system = system
+        self.jinja = jinja  # a Jinja template replacing the tokenizer's (None: the tokenizer's)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "jinja": self.jinja}
+
+    def _start(self) -> list[dict]:
+        return [] if self.system is None else [{"role": "system", "content": self.system}]
+
+    def _render(self, tokenizer, messages: list[dict], ask: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=self.jinja, tokenize=False, add_generation_prompt=ask
+        )
+
+    @staticmethod
+    def _added(before: str, after: str) -> str:
+        if not after.startswith(before):
+            raise ConversationError(
+                "the tokenizer's chat template rewrites earlier turns when one is added, so its "
+                "labels cannot be masked turn by turn"
+            )
+        return after[len(before) :]
+
+    def texts(self, pairs: list[tuple[str, str]], tokenizer):
+        """Yields (text, supervised) pieces whose concatenation is the whole rendering."""
+        messages, rendered = self._start(), ""
+        for question, answer in pairs:
+            messages.append({"role": "user", "content": question})
+            asked = self._render(tokenizer, messages, ask=True)
+            yield self._added(rendered, asked), False
+            messages.append({"role": "assistant", "content": answer})
+            rendered = self._render(tokenizer, messages, ask=False)
+            yield self._added(asked, rendered), True
+
+    def check(self, tokenizer) -> None:
+        if self.jinja is None and not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "template chat: the model's tokenizer has no chat template (tokenizer_config.json "
+                "`chat_template` or chat_template.jinja); give model.chat_template or use vicuna_v1"
+            )
+        probe = [("Is this a question?", "Yes."), ("And this?", "No.")]
+        try:
+            list(self.texts(probe, tokenizer))
+        except ConversationError as err:
+            raise UserError(f"template chat: {err}") from None
+        except Exception as err:  # e.g. a template that refuses a system message
+            raise UserError(f"template chat: the tokenizer's chat template failed: {err}") from None
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """eos and the first token the template closes an answer with."""
+        _, (answered, _) = self.texts([("Is this a question?", "Yes.")], tokenizer)
+        closing = answered[answered.rfind("Yes.") + len("Yes.") :]
+        first = tokenizer(closing, add_special_tokens=False).input_ids[:1] if closing.strip() else []
+        return list(dict.fromkeys([tokenizer.eos_token_id, *first]))
+
+    def segments(self, conversations, tokenizer, image_token_id):
+        for text, supervised in self.texts(conversation_turns(conversations), tokenizer):
+            yield text_to_ids(text, tokenizer, image_token_id), supervised
+
+    def prompt_segments(self, question, tokenizer, image_token_id):
+        messages = [*self._start(), {"role": "user", "content": question}]
+        return text_to_ids(self._render(tokenizer, messages, ask=True), tokenizer, image_token_id)
+
+
 TEMPLATES: dict[str, Template] = {t.name: t for t in (PlainTemplate(), VicunaTemplate())}
+TEMPLATE_NAMES = (*TEMPLATES, ChatTemplate.name)
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, system: str | None = None, jinja: str | None = None) -> Template:
+    """The template `name`; `system` and `jinja` (a replacement chat template) are `chat`'s."""
+    if name == ChatTemplate.name:
+        return ChatTemplate(system, jinja)
     if name not in TEMPLATES:
-        raise KeyError(f"unknown template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+        raise KeyError(f"unknown template {name!r}; known: {', '.join(sorted(TEMPLATE_NAMES))}")
+    if system is not None or jinja is not None:
+        raise ValueError(f"template {name!r} takes no system prompt or Jinja (only chat does)")
     return TEMPLATES[name]
+
+
+def template_from_dict(spec: dict | None) -> Template:
+    """The template `Template.to_dict` recorded; vicuna_v1 where nothing was (older exports)."""
+    spec = spec or {"name": VicunaTemplate.name}
+    return get_template(spec["name"], spec.get("system"), spec.get("jinja"))

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
 from data.errors import UserError
+from data.templates import Template, get_template
 from models.compressors import build_component
 from models.compressors.base import ModelDims
 from models.llava import VtcLlava
@@ -36,6 +37,8 @@ class Built:
     model: VtcLlava
     hf: LlavaForConditionalGeneration  # owns the wrapped vision tower / LLM modules
     tokenizer: object
+    # the format the model was instruction-tuned with, which its evaluation prompts it in
+    template: Template = field(default_factory=lambda: get_template("vicuna_v1"))
 
 
 def dims_of(config: LlavaConfig) -> ModelDims:

@@ -6,7 +6,7 @@
                                                           (+ the views' newline token)
     OUT/lora.safetensors                                  unmerged LoRA adapters (if any)
     OUT/vtc.json                                          format, projector/compressor specs,
-                                                          multi-view settings,
+                                                          multi-view settings, prompt template,
                                                           LoRA settings per part, base (for
                                                           compressor_only), versions, tensor
                                                           names and shapes
@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
+from data.templates import template_from_dict
 from models.build import Built, ComponentSpec, build, save_hf
 from models.lora import inject_lora, lora_settings, remove_lora
 from models.views import MultiViewConfig
@@ -72,6 +73,7 @@ def export(
         "projector": {"name": projector.name, "params": projector.params},
         "compressors": [{"name": c.name, "params": c.params} for c in compressors],
         "views": model.views.config.to_dict() if model.views is not None else None,
+        "template": built.template.to_dict(),
         "lora": lora,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "tensors": {k: list(v.shape) for k, v in components.items()},
@@ -94,6 +96,7 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     views = meta.get("views")
     views = MultiViewConfig.from_dict(views) if views else None
     built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype, views=views)
+    built.template = template_from_dict(meta.get("template"))  # vicuna_v1 in exports made before
     tensors = load_file(str(path / "components.safetensors"))
     model = built.model
     parts = [("projector.", model.projector), ("compressors.", model.compressors)]

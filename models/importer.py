@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from data.errors import UserError
+from data.templates import Template, get_template
 from models.build import Built, ComponentSpec, assemble
 from models.export import export
 
@@ -154,8 +155,11 @@ def import_llava(
     out: str | Path,
     vision_tower: str | Path | None = None,
     llavolta: tuple[int, int] | None = None,
+    template: Template | None = None,
 ) -> tuple[Path, list[str]]:
-    """Convert `source` (original LLaVA layout) into a vtc export at `out`; returns (out, notes)."""
+    """Convert `source` (original LLaVA layout) into a vtc export at `out`; returns (out, notes).
+    `template`: the prompt format the checkpoint was tuned with (default vicuna_v1, LLaVA-1.5's),
+    recorded in the export for its evaluation."""
     source = Path(source)
     config_path = source / "config.json"
     if not config_path.is_file():
@@ -167,6 +171,8 @@ def import_llava(
     notes = []
     hf_weights, projector, routers, tower, dropped = split_weights(read_weights(source))
     tokenizer = AutoTokenizer.from_pretrained(source)
+    template = template or get_template("vicuna_v1")
+    template.check(tokenizer)  # e.g. `chat` with a tokenizer that has no chat template
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_tokens(["<image>"], special_tokens=True)
     if tokenizer.pad_token is None:
@@ -240,5 +246,5 @@ def import_llava(
                 f"{source}: the imported weights do not fit vtc's components: unexpected "
                 f"{result.unexpected_keys[:3]}, missing {unset[:3]}"
             )
-    built = Built(model, hf, tokenizer)
+    built = Built(model, hf, tokenizer, template)
     return export(built, out, projector_spec, compressors, base=None), notes

@@ -12,6 +12,7 @@ The merge, padding, masks, positions, labels and KV cache are handled here and i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -302,12 +303,14 @@ class VtcLlava(nn.Module):
         attention_mask,
         pixel_values=None,
         max_new_tokens: int = 8,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         image_grids=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding with KV cache. Prompts may be right- or left-padded (they are re-padded
-        on the left). Returns (B, max_new_tokens) new token ids (eos_token_id after a stop) and
-        the (B,) number of visual tokens that entered the LLM."""
+        on the left). `eos_token_id`: the id, or ids (e.g. eos and a chat template's end of turn),
+        that end an answer. Returns (B, max_new_tokens) new token ids (after a stop, the first
+        stop id) and the (B,) number of visual tokens that entered the LLM."""
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         state = self.prepare(
             input_ids, attention_mask, pixel_values, padding_side="left", image_grids=image_grids
         )
@@ -323,9 +326,9 @@ class VtcLlava(nn.Module):
             logits = self.llm.lm_head(state.hidden[:, -1])
             logits[:, self.image_token_id] = float("-inf")  # a generated <image> would have no image
             next_token = logits.argmax(-1)
-            if eos_token_id is not None:
-                next_token = next_token.masked_fill(done, eos_token_id)
-                done |= next_token == eos_token_id
+            if stops:
+                next_token = next_token.masked_fill(done, stops[0])
+                done |= torch.isin(next_token, next_token.new_tensor(stops))
             tokens.append(next_token)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
@@ -341,7 +344,7 @@ class VtcLlava(nn.Module):
             state = self.llm.run(state, in_llm, kv)
         out = torch.stack(tokens, 1)
         if out.shape[1] < max_new_tokens:
-            fill = eos_token_id if eos_token_id is not None else 0
+            fill = stops[0] if stops else 0
             out = F.pad(out, (0, max_new_tokens - out.shape[1]), value=fill)
         return out, visual_in
 

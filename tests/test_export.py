@@ -172,3 +172,55 @@ def test_evaluating_a_checkpoint_writes_the_report_beside_the_checkpoints(lora_r
     report = json.loads((run / "eval" / checkpoint.name / "eval.json").read_text())
     assert {r["method"] for r in report["rows"]} == {"baseline", "model"}
     assert report["source"] == f"checkpoint {checkpoint}"
+
+
+CHAT = (
+    "{% for m in messages %}{{ m.role }} : {{ m.content }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_a_chat_template_run_is_trained_evaluated_and_exported_in_its_template(tmp_path):
+    """`template: chat` with a given Jinja and system prompt: the stage's samples are rendered
+    with it, the held-out evaluation prompts with it, and the export records it, so reloading
+    and evaluating the export prompts the model as it was trained."""
+    from data.dataset import ConversationDataset
+    from train.evaluation.sources import resolve_source
+    from train.recipe import model_template, stage_templates
+
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text(CHAT)
+    recipe = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'data'}",
+            "stages.0.steps=1",
+            "stages.1.steps=6",
+            "stages.1.template=chat",
+            f"model.chat_template={jinja}",
+            "model.system_prompt=user",
+        ],
+    )
+    (template,) = stage_templates(recipe.stages[1], recipe.model)
+    metrics = run_recipe(recipe)
+    built, *_ = rebuild_run(tmp_path / "run")
+    assert built.template.to_dict() == {"name": "chat", "system": "user", "jinja": CHAT}
+    sample = ConversationDataset(
+        split_shards(recipe.data, "train"), built.tokenizer, template, 64, 4, 512, 64
+    )[0]
+    text = built.tokenizer.decode(sample["input_ids"])
+    # ("system" is not a word of the tiny vocabulary)
+    assert text.startswith("<unk> : user </s> user : <image>") and "</s> assistant :" in text
+    test = split_shards(recipe.data, "test")
+    again = evaluate_accuracy(
+        built.model, built.tokenizer, test, 64, template=model_template(recipe), limit=recipe.eval.limit
+    )
+    assert again["per_family"] == metrics["per_family"]
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    assert json.loads((out / "vtc.json").read_text())["template"] == built.template.to_dict()
+    loaded = load_pretrained(out)
+    assert loaded.template.to_dict() == built.template.to_dict()
+    assert resolve_source(str(out)).template.to_dict() == built.template.to_dict()
+    assert resolve_source(str(tmp_path / "run")).template.to_dict() == built.template.to_dict()

@@ -134,6 +134,31 @@ def test_llavolta_setting_is_given_on_the_command_line(tmp_path):
     assert llavolta.registry_name == "llavolta" and llavolta.config.inference.stride == 4
 
 
+def test_the_prompt_template_is_given_on_the_command_line(tmp_path):
+    """A checkpoint tuned with its tokenizer's chat template is imported as such (the export
+    records it, so its evaluation prompts through it); a tokenizer without one is refused."""
+    from data.templates import get_template
+    from tests.test_templates import LLAMA3_LIKE
+
+    built = build("tiny", tiny=TEST_TINY, seed=0)
+    tower = original_layout(built, tmp_path / "llava", original_mlp(built))
+    with pytest.raises(UserError, match="no chat template"):
+        import_llava(
+            tmp_path / "llava", tmp_path / "refused", vision_tower=tower, template=get_template("chat")
+        )
+    built.tokenizer.chat_template = LLAMA3_LIKE
+    built.tokenizer.save_pretrained(tmp_path / "llava")
+    chat = get_template("chat", "Be brief.")
+    out, _ = import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower, template=chat)
+    assert load_pretrained(out).template.to_dict() == chat.to_dict()
+    plain, _ = import_llava(tmp_path / "llava", tmp_path / "default", vision_tower=tower)
+    assert load_pretrained(plain).template.name == "vicuna_v1"
+    from train.cli import main
+
+    lone = ["import", str(tmp_path / "llava"), str(tmp_path / "x"), "--system-prompt", "Be brief."]
+    assert main(lone) == 2 and not (tmp_path / "x").exists()  # a system prompt needs --template chat
+
+
 def test_refuses_what_it_cannot_read_safely(tmp_path):
     built = build("tiny", tiny=TEST_TINY, seed=0)
     projector = original_mlp(built)

@@ -124,6 +124,25 @@ def test_hook_points_generation_matches_full_forward(tiny, name, components, vis
         )
 
 
+def test_generation_stops_at_any_of_several_stop_ids(tiny):
+    """A chat template ends answers with its own end-of-turn token besides eos: each row stops
+    at the first of either, and the rest of the row is the first stop id."""
+    model = build("tiny", tiny=TEST_TINY).model.eval()
+    tok, img = tiny.tokenizer, model.image_token_id
+    rows = [prompt(tok, img, "What colour is the dot ?"), prompt(tok, img, "Is there a red circle ?")]
+    ids, mask = pad(rows)
+    pixels = torch.randn(2, 3, 64, 64)
+    free, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
+    second = int(free[0, 1])  # row 0's second token becomes a stop id: row 0 stops there
+    stops = [tok.eos_token_id, second]
+    stopped, _ = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=stops)
+    for row in range(2):
+        cut = next((i for i, t in enumerate(free[row].tolist()) if t in stops), 3)
+        assert stopped[row, : cut + 1].tolist() == free[row, : cut + 1].tolist()
+        assert set(stopped[row, cut + 1 :].tolist()) <= {tok.eos_token_id}
+    assert stopped[0, 1] == second
+
+
 def test_in_llm_drop_removes_the_image_from_later_layers(tiny):
     """Dropping every visual token before layer 0 makes the answer independent of the image;
     dropping before layer 1 does not (layer 0 has already mixed the image into the text)."""

@@ -207,6 +207,25 @@ BAD = [
         "stages[1].name",
         "also the name of stages[0]",
     ),
+    (
+        "chat without a chat template",
+        with_change("stages.0.template", "chat"),
+        "stages[0].template",
+        "has no chat template; give model.chat_template",
+    ),
+    (
+        "system prompt without a chat stage",
+        with_change("model.system_prompt", "Be brief."),
+        "model.system_prompt",
+        "only stages with template: chat use it",
+    ),
+    (
+        "chat template file missing",
+        with_change("model.chat_template", "no/such.jinja")
+        | {"stages": [dict(GOOD["stages"][0], template="chat")]},
+        "model.chat_template",
+        "no such Jinja file",
+    ),
 ]
 
 
@@ -335,3 +354,25 @@ def test_resolved_recipe_yaml_loads_back_equal(path, tmp_path):
     (tmp_path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     again = load_recipe(tmp_path / "recipe.yaml", check_machine=False)
     assert dataclasses.replace(again, source=recipe.source) == recipe
+
+
+def test_the_model_answers_in_its_last_instruction_template(tmp_path):
+    """Evaluation and export prompt a model in the last non-plain template its stages trained."""
+    from train.recipe import model_template, stage_templates
+
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text("{% for m in messages %}{{ m.content }}</s>{% endfor %}")
+    raw = copy.deepcopy(GOOD)
+    raw["model"] |= {"system_prompt": "Be brief.", "chat_template": str(jinja)}
+    raw["stages"] = [
+        {"name": "align", "steps": 1, "template": "plain", "train": {"projector": "full"}},
+        {"name": "tune", "steps": 1, "template": ["plain", "chat"], "train": {"llm": "full"}},
+    ]
+    recipe = recipe_from_dict(raw, "chat.yaml")
+    made = model_template(recipe)
+    assert (made.name, made.system, made.jinja) == ("chat", "Be brief.", jinja.read_text())
+    assert [t.name for t in stage_templates(recipe.stages[1], recipe.model)] == ["plain", "chat"]
+    plain_only = recipe_from_dict(
+        {**GOOD, "stages": [dict(GOOD["stages"][0], template="plain")]}, "plain.yaml"
+    )
+    assert model_template(plain_only).name == "vicuna_v1"  # as every evaluation prompted before

@@ -71,3 +71,88 @@ def test_bad_conversations_raise(tokenizer, conv):
 def test_unknown_template_lists_known():
     with pytest.raises(KeyError, match="plain, vicuna_v1"):
         get_template("llama3")
+
+
+# A Llama-3-shaped chat template (header tokens, end of turn distinct from eos), written for
+# these tests, on the tiny tokenizer with those tokens added.
+HEADERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer():
+    from models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(HEADERS, special_tokens=True)
+    tok.chat_template = LLAMA3_LIKE
+    return tok
+
+
+def header(tok, role):
+    return ids(tok, f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+
+
+def test_chat_template_layout_and_labels(chat_tokenizer):
+    tok = chat_tokenizer
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    enc = get_template("chat", "Answer in one word.").encode(CONV, tok, IMG, max_length=1000)
+    system = header(tok, "system") + ids(tok, "Answer in one word.") + [eot]
+    q1 = (
+        header(tok, "user") + [IMG] + ids(tok, "\nWhat colour is the dot?") + [eot] + header(tok, "assistant")
+    )
+    a1 = ids(tok, "red") + [eot]
+    q2 = header(tok, "user") + ids(tok, "Is there a blue square?") + [eot] + header(tok, "assistant")
+    a2 = ids(tok, "no") + [eot]
+    assert enc.input_ids == [tok.bos_token_id] + system + q1 + a1 + q2 + a2
+    ignore = lambda n: [IGNORE_INDEX] * n  # noqa: E731
+    assert enc.labels == ignore(1 + len(system) + len(q1)) + a1 + ignore(len(q2)) + a2
+    # generation stops at the template's end of turn as well as at eos
+    assert get_template("chat").stop_ids(tok) == [tok.eos_token_id, eot]
+
+
+def test_chat_prompt_is_the_encoding_up_to_the_answer(chat_tokenizer):
+    tmpl = get_template("chat", "Answer in one word.")
+    enc = tmpl.encode(CONV[:2], chat_tokenizer, IMG, max_length=1000)
+    prompt = tmpl.prompt(CONV[0]["value"], chat_tokenizer, IMG)
+    assert enc.input_ids[: len(prompt)] == prompt
+    assert enc.labels[len(prompt)] != IGNORE_INDEX and enc.labels[len(prompt) - 1] == IGNORE_INDEX
+    # without a system prompt there is no system turn
+    bare = get_template("chat").prompt(CONV[0]["value"], chat_tokenizer, IMG)
+    assert bare == [chat_tokenizer.bos_token_id] + prompt[len(prompt) - len(bare) + 1 :]
+
+
+def test_chat_template_given_as_jinja_replaces_the_tokenizers(tokenizer, chat_tokenizer):
+    """The tiny tokenizer has no chat template: a given Jinja serves it, and the result equals
+    the tokenizer's own template when they are the same text."""
+    from data.errors import UserError
+
+    with pytest.raises(UserError, match="no chat template"):
+        get_template("chat").check(tokenizer)
+    given = get_template("chat", "Answer in one word.", jinja=LLAMA3_LIKE)
+    given.check(tokenizer)
+    own = get_template("chat", "Answer in one word.")
+    assert given.encode(CONV, chat_tokenizer, IMG, 1000) == own.encode(CONV, chat_tokenizer, IMG, 1000)
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
+    from data.errors import UserError
+
+    chat_tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.raises(UserError, match="rewrites earlier turns"):
+        get_template("chat").check(chat_tokenizer)
+
+
+def test_templates_round_trip_through_their_records():
+    from data.templates import template_from_dict
+
+    chat = get_template("chat", "Be brief.", jinja=LLAMA3_LIKE)
+    again = template_from_dict(chat.to_dict())
+    assert (again.name, again.system, again.jinja) == ("chat", "Be brief.", LLAMA3_LIKE)
+    assert template_from_dict(None).name == "vicuna_v1"  # exports written before templates were recorded
+    with pytest.raises(ValueError, match="only chat"):
+        get_template("vicuna_v1", system="Be brief.")

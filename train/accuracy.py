@@ -22,7 +22,7 @@ from data.dataset import collate, load_views
 from data.errors import UserError
 from data.shards import ShardIndex
 from data.synth import final_answer
-from data.templates import get_template
+from data.templates import Template, get_template
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def answer_questions(
     tokenizer,
     questions: QuestionSet,
     image_size: int,
-    template: str = "vicuna_v1",
+    template: str | Template = "vicuna_v1",
     batch_size: int = 64,
     max_new_tokens: int = 8,
     progress: bool = True,
@@ -109,8 +109,11 @@ def answer_questions(
     desc: str = "evaluate",
 ) -> dict[str, dict]:
     """Greedy answers: {question id: {"text", "visual_tokens"}}; a question whose image cannot be
-    read gets {"skipped": reason} instead (never a crash half way)."""
-    tmpl = get_template(template)
+    read gets {"skipped": reason} instead (never a crash half way). `template`: the format the
+    model was instruction-tuned with (a name or a Template, e.g. a `chat` one)."""
+    tmpl = get_template(template) if isinstance(template, str) else template
+    tmpl.check(tokenizer)
+    stops = tmpl.stop_ids(tokenizer)
     was_training = model.training
     model.eval()
     views: dict[str, tuple | str] = {}
@@ -141,12 +144,11 @@ def answer_questions(
             batch["attention_mask"].to(device),
             batch["pixel_values"].to(device),
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             image_grids=batch.get("image_grids"),
         )
         for (q, _), ids, visual in zip(chunk, tokens.tolist(), visual_in.tolist(), strict=True):
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            ids = ids[: next((i for i, token in enumerate(ids) if token in stops), len(ids))]
             out[q.id] = {
                 "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 "visual_tokens": visual,
@@ -243,7 +245,7 @@ def evaluate_accuracy(
     tokenizer,
     shards: ShardIndex,
     image_size: int,
-    template: str = "vicuna_v1",
+    template: str | Template = "vicuna_v1",
     limit: int | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 8,

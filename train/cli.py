@@ -205,9 +205,14 @@ def cmd_data_convert(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from data.errors import UserError
+    from data.templates import get_template
     from models.importer import import_llava
 
-    out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta)
+    if args.system_prompt is not None and args.template != "chat":
+        raise UserError("--system-prompt goes with --template chat")
+    template = get_template(args.template, args.system_prompt) if args.template == "chat" else None
+    out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta, template)
     for note in notes:
         print(f"[vtc] {note}")
     print(
@@ -416,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=layer_and_stride,
         metavar="LAYER,STRIDE",
         help="LLaVolta's inference setting, which its checkpoints do not record (heavy: 2,8; light: 16,8)",
+    )
+    p.add_argument(
+        "--template",
+        choices=["vicuna_v1", "chat"],
+        default="vicuna_v1",
+        help="the prompt format the checkpoint was tuned with, recorded for its evaluation: vicuna_v1 "
+        "(LLaVA-1.5, the default) or chat (the tokenizer's own chat template, e.g. a Llama-3 LLaVA)",
+    )
+    p.add_argument(
+        "--system-prompt", metavar="TEXT", help="with --template chat: the system prompt it was tuned with"
     )
     p.set_defaults(func=cmd_import)
 

@@ -16,6 +16,7 @@ from data.dataset import ConversationDataset, collate
 from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import ASKED, OBJECTS, VERSION, write_synthetic
+from data.templates import Template
 from train.objectives import OBJECTIVES
 from train.recipe import DataRecipe, Stage
 
@@ -74,12 +75,14 @@ class VtcDataModule(L.LightningDataModule):
         visual_tokens,
         patch_grid: int,
         seed: int,
+        templates: list[Template],
         tiling=None,
     ):
+        """`templates`: what the stage's samples are encoded with (train.recipe.stage_templates):
+        every sample once per template."""
         super().__init__()
         self.data, self.stage, self.seed = data, stage, seed
         shards = split_shards(data, "train")
-        templates = [stage.template] if isinstance(stage.template, str) else stage.template
         regions = patch_grid if OBJECTIVES[stage.objective].region_targets else None
         parts = [
             ConversationDataset(

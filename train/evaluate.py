@@ -73,6 +73,7 @@ def evaluate(
     rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
+        built.template = source.template  # every row prompted as the model under test was tuned
         for component in built.model.components():
             component.reset_statistics()
         answers = answer_questions(
@@ -80,6 +81,7 @@ def evaluate(
             built.tokenizer,
             questions,
             size,
+            built.template,
             batch_size=settings.batch_size,
             max_new_tokens=settings.max_new_tokens,
             desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",

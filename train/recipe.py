@@ -29,6 +29,7 @@ from data.synth import (
     crowd_problem,
     families_problem,
 )
+from data.templates import Template, get_template
 from models.build import ComponentSpec
 from models.compressors import available, baselines, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
@@ -55,6 +56,7 @@ DEFAULT_RECIPE = RECIPES_DIR / "tiny" / "tokenpacker.yaml"  # the main job: `vtc
 BASE_RECIPE = RECIPES_DIR / "tiny" / "base.yaml"  # trained the shipped base, tiny-llava
 
 Mode = Literal["frozen", "full", "lora"]
+TemplateName = Literal["plain", "vicuna_v1", "chat"]
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 Seed = Annotated[int, Range(0, 2**32 - 1)]  # what numpy's and Lightning's seeding accept
 
@@ -73,6 +75,11 @@ class ModelRecipe:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Images as a thumbnail + a grid of crops, for any projector and compressors (models/views.py).
     views: MultiViewConfig | None = None
+    # For stages with `template: chat` (the tokenizer's own chat template): the system prompt
+    # every conversation starts with (None: none, or whatever the template adds itself), and a
+    # Jinja file that replaces the tokenizer's template (None: the tokenizer's).
+    system_prompt: str | None = None
+    chat_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,8 @@ class Stage:
     loss_weights: dict[str, NonNegative] = field(default_factory=dict)  # per term; 1.0 if not named
     # One template, or a list: every sample once per template, shuffled together (e.g. dense
     # captions mixed into instruction tuning).
-    template: Literal["plain", "vicuna_v1"] | list[Literal["plain", "vicuna_v1"]] = "vicuna_v1"
+    # `chat` is the tokenizer's chat template, with model.system_prompt and model.chat_template.
+    template: TemplateName | list[TemplateName] = "vicuna_v1"
     train: Freeze = field(default_factory=Freeze)
     lora: LoraRecipe = field(default_factory=LoraRecipe)
     optim: Optim = field(default_factory=Optim)
@@ -450,6 +458,75 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def stage_templates(stage: Stage, model: ModelRecipe) -> list[Template]:
+    """The templates a stage's samples are encoded with, one per name in `stage.template`."""
+    names = [stage.template] if isinstance(stage.template, str) else stage.template
+    return [_template(name, model) for name in names]
+
+
+def model_template(recipe: Recipe) -> Template:
+    """The format the trained model answers in: the last template of the last stage that is not
+    `plain` (vicuna_v1 when every stage is plain). Its evaluation and export prompt it so."""
+    for stage in reversed(recipe.stages):
+        names = [stage.template] if isinstance(stage.template, str) else stage.template
+        for name in reversed(names):
+            if name != "plain":
+                return _template(name, recipe.model)
+    return get_template("vicuna_v1")
+
+
+def _template(name: str, model: ModelRecipe) -> Template:
+    if name != "chat":
+        return get_template(name)
+    jinja = Path(model.chat_template).read_text() if model.chat_template else None
+    return get_template(name, model.system_prompt, jinja)
+
+
+def base_has_chat_template(base: str) -> bool | None:
+    """Whether the base's tokenizer carries a chat template; None where that cannot be known
+    here (a run not trained yet, a shapes-only config folder without tokenizer files)."""
+    if base == "tiny":
+        return False
+    folder = Path(resolve_base(base))
+    tokenizer_config = folder / "tokenizer_config.json"
+    if not tokenizer_config.is_file():
+        return None
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return None
+
+
+def template_problems(recipe: Recipe) -> list[Problem]:
+    """`chat` stages need a chat template; the chat settings need a `chat` stage."""
+    model, problems = recipe.model, []
+    chat_stages = [
+        i
+        for i, stage in enumerate(recipe.stages)
+        if "chat" in ([stage.template] if isinstance(stage.template, str) else stage.template)
+    ]
+    if not chat_stages:
+        for key in ("system_prompt", "chat_template"):
+            if getattr(model, key) is not None:
+                problems.append(
+                    Problem(f"model.{key}", "only stages with template: chat use it, and none has")
+                )
+    elif model.chat_template is not None:
+        if not Path(model.chat_template).is_file():
+            problems.append(Problem("model.chat_template", f"{model.chat_template!r}: no such Jinja file"))
+    elif base_has_chat_template(model.base) is False:
+        problems.append(
+            Problem(
+                f"stages[{chat_stages[0]}].template",
+                f"chat: the tokenizer of base {model.base!r} has no chat template; give "
+                "model.chat_template (a Jinja file) or use vicuna_v1",
+            )
+        )
+    return problems
+
+
 def objective_problems(key: str, stage: Stage, model: ModelRecipe) -> list[Problem]:
     """An unknown objective, a weight for a term it does not have, or an objective that cannot
     reach a trainable parameter (component losses while the components that own them are frozen)."""
@@ -662,6 +739,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             f"{recipe.trainer.strategy} cannot run with accelerator 'cpu': Lightning's "
             "DeepSpeedStrategy needs CUDA GPUs",
         )
+    problems += template_problems(recipe)
     known = baselines()  # the names `vtc evaluate --baselines` takes
 
     for i, name in enumerate(recipe.eval.baselines):

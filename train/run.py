@@ -45,7 +45,16 @@ from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
 from train.progress import StageProgressBar
-from train.recipe import Recipe, Stage, accumulation, recipe_to_yaml, resolve_base, stage_steps_for
+from train.recipe import (
+    Recipe,
+    Stage,
+    accumulation,
+    model_template,
+    recipe_to_yaml,
+    resolve_base,
+    stage_steps_for,
+    stage_templates,
+)
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
 
@@ -80,9 +89,10 @@ def ensure_base(recipe: Recipe) -> None:
 
 
 def build_from_recipe(recipe: Recipe):
-    """The recipe's model before training: its base with its projector and compressors."""
+    """The recipe's model before training: its base with its projector and compressors, and the
+    prompt template its stages tune it to answer in."""
     model = recipe.model
-    return build(
+    built = build(
         resolve_base(model.base),
         model.projector,
         model.compressors,
@@ -92,6 +102,8 @@ def build_from_recipe(recipe: Recipe):
         reinit_projector=model.reinit_projector,
         views=model.views,
     )
+    built.template = model_template(recipe)
+    return built
 
 
 def resume_point(
@@ -190,6 +202,7 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
         built.tokenizer,
         test,
         size,
+        template=built.template,
         limit=recipe.eval.limit,
         batch_size=recipe.eval.batch_size,
         max_new_tokens=recipe.eval.max_new_tokens,
@@ -284,6 +297,7 @@ def train_stage(
         model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
         model.vision.grid,
         recipe.seed,
+        stage_templates(stage, recipe.model),
         tiling=tiling,
     )
     check_stage_data(data.dataset, stage, index, world)

@@ -10,7 +10,8 @@ model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat1
 default float32); the batch is lmms-eval's `--batch_size` (its default 1 is slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:
-the same image preprocessing, `vicuna_v1` prompt with the image first and greedy decoding, so the
+the same image preprocessing, the model's prompt template (`vicuna_v1`, or the `chat` template
+recorded with a run or export) with the image first, and greedy decoding, so the
 two give identical answers on the same questions (tests/test_lmms.py). lmms-eval's `until` stop
 strings cut the greedy answer; sampling settings (`temperature`, `do_sample`) are ignored, with a
 warning. One image per question (LLaVA-1.5's setting); loglikelihood (multiple-choice by
@@ -129,6 +130,7 @@ class VtcLmms(lmms):
                 self.built.tokenizer,
                 QuestionSet(questions, images.__getitem__, name="lmms-eval"),
                 self.image_size,
+                self.built.template,
                 batch_size=self.batch_size_per_gpu,
                 max_new_tokens=new_tokens,
                 desc="vtc",

@@ -72,11 +72,11 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def prompt_batch(built: Built, questions: QuestionSet, size: int, count: int) -> dict:
-    """The first `count` questions as one padded batch (the latency workload)."""
+    """The first `count` questions as one padded batch (the latency workload), prompted in the
+    model's template (`built.template`)."""
     from data.dataset import load_views
-    from data.templates import get_template
 
-    tmpl = get_template("vicuna_v1")
+    tmpl = built.template
     model, items = built.model, []
     for q in questions.questions[:count]:
         views = load_views(questions.read_image(q.image), size, model.view_tiling)

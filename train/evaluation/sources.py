@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import UserError
+from data.templates import Template, get_template, template_from_dict
 from models.build import Built, ComponentSpec, build
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
@@ -38,6 +39,8 @@ class Source:
     model_at: Callable[[int, int, object], Callable[[], Built] | None] | None = None
     # the model under test with its compressors left out (a run with compressors), else None
     uncompressed: Callable[[], Built] | None = None
+    # the format the model under test was instruction-tuned with; every row is prompted in it
+    template: Template = field(default_factory=lambda: get_template("vicuna_v1"))
 
 
 def _names_a_recipe(target: str) -> bool:
@@ -54,7 +57,7 @@ def resolve_source(target: str) -> Source:
     """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder
     or a llava-hf folder."""
     from train.checkpoint import checkpoint_at
-    from train.recipe import DataRecipe, load_recipe, resolve_base
+    from train.recipe import DataRecipe, load_recipe, model_template, resolve_base
     from train.run import is_run_dir, run_dir_of
 
     path = Path(target)
@@ -77,8 +80,10 @@ def resolve_source(target: str) -> Source:
         # `keep_last` deletes old checkpoint folders, so a report inside one would go with it
         report_dir = root / "eval" / path.name if checkpoint else path
         own_base = path / "hf"
+        template = model_template(recipe)
         if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
-            return Source(None, str(own_base), report_dir, recipe.data, f"run {path} (its llava-hf model)")
+            description = f"run {path} (its llava-hf model)"
+            return Source(None, str(own_base), report_dir, recipe.data, description, template=template)
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
             hint = f"; export the checkpoint (vtc export {path} OUT) and evaluate OUT" if checkpoint else ""
@@ -99,6 +104,7 @@ def resolve_source(target: str) -> Source:
             f"{'checkpoint' if checkpoint else 'run'} {path}",
             model_at,
             uncompressed,
+            template,
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -108,7 +114,8 @@ def resolve_source(target: str) -> Source:
         plain = meta["projector"]["name"] == "mlp2x_gelu" and not meta["compressors"] and not meta.get("lora")
         base = meta["base"] or str(path)  # an export's llava-hf part holds the base weights
         model = None if plain else (lambda: load_pretrained(path))
-        return Source(model, base, path, DataRecipe(), f"export {path}")
+        template = template_from_dict(meta.get("template"))
+        return Source(model, base, path, DataRecipe(), f"export {path}", template=template)
     if (path / "config.json").is_file():
         return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}")
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
@@ -172,11 +179,17 @@ def model_for(target: str, compressor: str | None = None, tokens: int | None = N
     the lmms-eval plugin): `target` itself (a run, recipe, vtc export or llava-hf folder); with
     `tokens`, a trained pruner set to keep that many; with `compressor` (a `--baselines` label
     or a component name), the uncompressed baseline with that training-free method at `tokens`."""
+    source = resolve_source(target)
+    built = _model_of(source, target, compressor, tokens)
+    built.template = source.template  # prompted as `vtc evaluate` prompts every row of this source
+    return built
+
+
+def _model_of(source: Source, target: str, compressor: str | None, tokens: int | None) -> Built:
     from transformers import AutoConfig
 
     from models.build import dims_of
 
-    source = resolve_source(target)
     if compressor is None and tokens is None:
         return (source.model or (lambda: build(source.base_dir)))()
     dims = dims_of(AutoConfig.from_pretrained(source.base_dir))
