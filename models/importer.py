@@ -18,6 +18,14 @@ What is read besides the LLaVA-1.5 MLP (`mm_projector_type: mlp2x_gelu`):
   last router is left out, and said so.
 - LLaVolta keeps its setting in the command line of the authors' scripts, not in the
   checkpoint: give it as `llavolta=(layer, stride)` (e.g. (2, 8) for the heavy scheme).
+- FALCON's released code (JiuTian-VL/FALCON, `model_type: jiutian`): `visual_config` (registers
+  `num_vision_queries`, `anchor_max`, `enable_interactive_attn`, `feature_type` 'query'),
+  `projector_config` and `processor_config` (`anchors: grid_N`, the thumbnail, the text crop
+  indicators); weights `model.vision_model.{vision_queries, crop_embedding_h/w}`, each tower
+  layer's `interact_attn` (ReAtten), the tower under `model.vision_model.vision_tower.`, the
+  projector as `model.vision2text.*`. They become vtc's `falcon` with its grids (every
+  rows × cols of at most N crops, in their order, fitted by shape match) and FALCON's crop
+  indicators. FALCON-8B's prompt is its tokenizer's chat template: pass `template`.
 
 `.bin` files are read with `torch.load(weights_only=True)` only (tensors, no code); any other
 weight format is refused.
@@ -37,9 +45,18 @@ from data.errors import UserError
 from data.templates import Template, get_template
 from models.build import Built, ComponentSpec, assemble
 from models.export import export
+from models.views import CropIndicators, MultiViewConfig
 
 CLIP_L_336 = "clip-vit-large-patch14-336"  # LLaVA-1.5's tower: its shape ships with vtc
 SHIPPED_CLIP_CONFIG = Path(__file__).parent / "configs" / "llava-1.5-7b-hf" / "config.json"
+JIUTIAN = "jiutian"  # the model_type of FALCON's released code (github JiuTian-VL/FALCON)
+SIGLIP_L_384 = "siglip-large-patch16-384"  # FALCON-8B's tower: its shape ships with vtc too
+SHIPPED_SIGLIP_CONFIG = Path(__file__).parent / "configs" / "siglip-l-384-llama-3.1-8b" / "config.json"
+FALCON_NAMES = {  # FALCON's released code (model_type "jiutian") → vtc's `falcon`
+    "model.vision_model.vision_queries": "registers",
+    "model.vision_model.crop_embedding_h.weight": "crop_row.weight",
+    "model.vision_model.crop_embedding_w.weight": "crop_col.weight",
+}
 TOKENPACKER_NAMES = {  # the authors' projector → vtc's tokenpacker
     "q_proj_1.": "query_proj.0.",
     "ln_q_1.": "query_proj.1.",
@@ -86,16 +103,19 @@ def vision_config(original: dict, vision_tower: Path | None):
         config = AutoConfig.from_pretrained(vision_tower)
         return getattr(config, "vision_config", config)
     name = str(original.get("mm_vision_tower", ""))
-    if name.rstrip("/").endswith(CLIP_L_336):
-        return LlavaConfig.from_pretrained(SHIPPED_CLIP_CONFIG.parent).vision_config
+    for known, shipped in ((CLIP_L_336, SHIPPED_CLIP_CONFIG), (SIGLIP_L_384, SHIPPED_SIGLIP_CONFIG)):
+        if name.rstrip("/").endswith(known):
+            return LlavaConfig.from_pretrained(shipped.parent).vision_config
     raise UserError(
         f"the checkpoint's vision tower is {name!r}: give its local folder with --vision-tower DIR "
-        "(vtc knows the shape of CLIP-L/336 only)"
+        "(vtc knows the shapes of CLIP-L/336 and SigLIP-L/384 only)"
     )
 
 
 def llava_config(original: dict, vision, image_token: int, vocab: int) -> LlavaConfig:
-    text_keys = set(LlamaConfig().to_dict())
+    # rope_theta and rope_scaling (Llama-3's) are read by LlamaConfig into its rope_parameters,
+    # which is the only rope key of its own to_dict: without them the LLM would get the default
+    text_keys = set(LlamaConfig().to_dict()) | {"rope_theta", "rope_scaling"}
     text = LlamaConfig(**{k: v for k, v in original.items() if k in text_keys and not k.startswith("mm_")})
     text.vocab_size = vocab
     select = original.get("mm_vision_select_feature", "patch")
@@ -107,6 +127,87 @@ def llava_config(original: dict, vision, image_token: int, vocab: int) -> LlavaC
         vision_feature_select_strategy="default" if select == "patch" else "full",
         projector_hidden_act="gelu",
     )
+
+
+def falcon_layout(original: dict, tensors: dict[str, torch.Tensor]):
+    """A checkpoint of FALCON's released code (`model_type: jiutian`) in the original LLaVA
+    names: (config with LLaVA's mm_* keys, tensors renamed, FALCON's own weights under vtc's
+    `compressors.0.` names, the `falcon` spec, the views). Its config's `visual_config`,
+    `projector_config` and `processor_config` give the registers, the grids and the indicators."""
+    visual = original.get("visual_config") or {}
+    processor = original.get("processor_config") or {}
+    projector = (original.get("projector_config") or {}).get("projector_type", "linear")
+    if visual.get("feature_type", "patch") != "query":
+        raise UserError(
+            f"visual_config.feature_type {visual.get('feature_type', 'patch')!r}: a FALCON checkpoint "
+            "passes its registers to the LLM ('query')"
+        )
+    if not processor.get("add_global_img", True):
+        raise UserError("processor_config.add_global_img false: vtc's views always start with the thumbnail")
+    anchors = str(processor.get("anchors", "grid_9"))
+    if not (match := re.fullmatch(r"grid_(\d+)", anchors)):
+        raise UserError(f"processor_config.anchors {anchors!r}: vtc reads FALCON's grid_N anchors")
+    most = int(match.group(1))
+    # the authors' candidate order (the first of equal scores wins, in their code and in vtc's)
+    grids = tuple((rows, n // rows) for n in range(1, most + 1) for rows in range(1, n + 1) if n % rows == 0)
+    anchor_max = int(visual.get("anchor_max", 9))
+    if anchor_max != max(max(g) for g in grids):
+        raise UserError(
+            f"visual_config.anchor_max {anchor_max} is not the largest side of {anchors} "
+            f"({max(max(g) for g in grids)}): the thumbnail's crop embedding would differ"
+        )
+    rename, falcon = {}, {}
+    for key, value in tensors.items():
+        if key in FALCON_NAMES:
+            falcon[FALCON_NAMES[key]] = value
+        elif match := re.fullmatch(
+            r"model\.vision_model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.interact_attn\.(.+)",
+            key,
+        ):
+            falcon[f"reatten.{match.group(1)}.{match.group(2)}"] = value
+        elif key.startswith("model.vision_model.vision_tower."):
+            rename["model.vision_tower.vision_tower." + key[len("model.vision_model.vision_tower.") :]] = (
+                value
+            )
+        elif key.startswith("model.vision2text."):
+            rename["model.mm_projector." + key[len("model.vision2text.") :]] = value
+        elif key.startswith("model.vision_model."):
+            raise UserError(f"unexpected weight {key!r}: not in FALCON's released layout")
+        else:
+            rename[key] = value
+    if "registers" not in falcon:
+        raise UserError("no model.vision_model.vision_queries: not a FALCON checkpoint with its registers")
+    reatten = bool(visual.get("enable_interactive_attn", True))
+    registers = falcon["registers"].shape[1]
+    spec = ComponentSpec("falcon", {"registers": registers, "anchor_max": anchor_max, "reatten": reatten})
+    siglip = "siglip" in str(visual.get("model_name_or_path", "")).lower()
+    config = original | {
+        "mm_vision_tower": visual.get("model_name_or_path", ""),
+        "mm_projector_type": projector,
+        # what the uncompressed rows read: SigLIP's last layer, every token (it has no CLS)
+        "mm_vision_select_layer": -1 if siglip else -2,
+        "mm_vision_select_feature": "cls_patch" if siglip else "patch",
+    }
+    views = MultiViewConfig(
+        grids,
+        newline=False,
+        indicators=CropIndicators() if processor.get("add_textual_crop_indicator", True) else None,
+        fit="shape_match",
+    )
+    weights = {f"compressors.0.{k}": v for k, v in falcon.items()}
+    return config, rename, weights, spec, views
+
+
+def tower_names(tower: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """The tower's weights under the llava-hf model's names: `model.vision_tower.` + their own,
+    without the `vision_model.` level where this transformers' tower has none (SigLIP)."""
+    out = {}
+    for key, value in tower.items():
+        name = f"model.vision_tower.{key}"
+        if name not in expected and key.startswith("vision_model."):
+            name = f"model.vision_tower.{key[len('vision_model.') :]}"
+        out[name] = value
+    return out
 
 
 def split_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict, list[str]]:
@@ -165,11 +266,19 @@ def import_llava(
     if not config_path.is_file():
         raise UserError(f"{source}: no config.json")
     original = json.loads(config_path.read_text())
+    tensors = read_weights(source)
+    falcon_weights, compressors, views = {}, [], None
+    if original.get("model_type") == JIUTIAN:
+        try:
+            original, tensors, falcon_weights, spec, views = falcon_layout(original, tensors)
+        except UserError as err:
+            raise UserError(f"{config_path}: {err}") from None
+        compressors.append(spec)
     if "mm_projector_type" not in original and "mm_vision_tower" not in original:
         hint = " (it is already llava-hf: use it as model.base)" if "text_config" in original else ""
         raise UserError(f"{config_path}: no mm_* keys, not a checkpoint in the original LLaVA layout{hint}")
     notes = []
-    hf_weights, projector, routers, tower, dropped = split_weights(read_weights(source))
+    hf_weights, projector, routers, tower, dropped = split_weights(tensors)
     tokenizer = AutoTokenizer.from_pretrained(source)
     template = template or get_template("vicuna_v1")
     template.check(tokenizer)  # e.g. `chat` with a tokenizer that has no chat template
@@ -180,16 +289,22 @@ def import_llava(
     vocab = -(-len(tokenizer) // 64) * 64  # as transformers' conversion pads it
     vocab = max(vocab, hf_weights["model.language_model.embed_tokens.weight"].shape[0])
     vision = vision_config(original, Path(vision_tower) if vision_tower else None)
-    config = llava_config(original, vision, tokenizer.convert_tokens_to_ids("<image>"), vocab)
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    grow_embeddings(hf_weights, vocab)
     if not tower:
         if vision_tower is None:
             raise UserError(
                 "the checkpoint holds no vision tower weights: give the tower's local folder with --vision-tower DIR"
             )
         tower = {k: v for k, v in read_weights(Path(vision_tower)).items() if k.startswith("vision_model.")}
-    hf_weights.update({f"model.vision_tower.{k}": v for k, v in tower.items()})
+    size = (original.get("processor_config") or {}).get("image_size", vision.image_size)
+    if falcon_weights and size != vision.image_size:
+        raise UserError(
+            f"{config_path}: processor_config.image_size {size}, but the tower takes {vision.image_size}"
+        )
+    if vision.model_type == "siglip_vision_model":  # its pooling head (never read) only if saved
+        vision.vision_use_head = any(".head." in f".{k}" for k in tower)
+    config = llava_config(original, vision, tokenizer.convert_tokens_to_ids("<image>"), vocab)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    grow_embeddings(hf_weights, vocab)
 
     kind = original.get("mm_projector_type", "linear")
     if kind == "mlp2x_gelu":
@@ -206,7 +321,7 @@ def import_llava(
         component_weights = {f"projector.{k}": v for k, v in tokenpacker_weights(projector).items()}
     else:
         raise UserError(f"mm_projector_type {kind!r}: vtc imports mlp2x_gelu and tokenpacker")
-    compressors = []
+    component_weights |= falcon_weights
     if routers:
         layers = 1 + max(i for i, _ in routers)
         hidden = routers[(0, "w1")].shape[0]
@@ -226,6 +341,7 @@ def import_llava(
     dtype = hf_weights["model.language_model.embed_tokens.weight"].dtype
     hf = LlavaForConditionalGeneration._from_config(config, torch_dtype=dtype)
     expected = set(hf.state_dict())
+    hf_weights.update(tower_names(tower, expected))
     if kind != "mlp2x_gelu":  # the llava-hf part's own projector is not used: it stays fresh
         expected -= {k for k in expected if k.startswith("model.multi_modal_projector.")}
     missing, unexpected = expected - set(hf_weights), set(hf_weights) - set(hf.state_dict())
@@ -235,12 +351,21 @@ def import_llava(
             f"unexpected {sorted(unexpected)[:3]}"
         )
     hf.load_state_dict(hf_weights, strict=False)
-    model = assemble(hf, projector_spec, compressors, reinit_projector=kind != "mlp2x_gelu")
+    model = assemble(
+        hf,
+        projector_spec,
+        compressors,
+        reinit_projector=kind != "mlp2x_gelu",
+        views=views,
+        tokenizer=tokenizer,
+    )
     if component_weights:
         result = model.load_state_dict(component_weights, strict=False)
         unset = [k for k in result.missing_keys if k.startswith(("projector.", "compressors."))]
         if kind == "mlp2x_gelu":
             unset = [k for k in unset if not k.startswith("projector.")]  # taken from the base
+        if falcon_weights and not compressors[0].params["reatten"]:  # stays the copy `attach` made
+            unset = [k for k in unset if not k.startswith("compressors.0.reatten.")]
         if result.unexpected_keys or unset:
             raise UserError(
                 f"{source}: the imported weights do not fit vtc's components: unexpected "

@@ -13,6 +13,7 @@ from data.errors import UserError
 from models.build import ComponentSpec, build
 from models.export import load_pretrained
 from models.importer import TOKENPACKER_NAMES, import_llava
+from models.views import CropIndicators, MultiViewConfig
 from tests.conftest import TEST_TINY
 
 
@@ -175,3 +176,149 @@ def test_refuses_what_it_cannot_read_safely(tmp_path):
     built.hf.save_pretrained(hf_dir)
     with pytest.raises(UserError, match="already llava-hf"):
         import_llava(hf_dir, tmp_path / "export")
+
+
+def falcon_layout(built, out: Path, anchors: int, indicators: bool) -> Path:
+    """Write a vtc FALCON model as FALCON's released code (JiuTian-VL/FALCON, model_type
+    `jiutian`) saves one: a Llama config with `visual_config`, `projector_config` and
+    `processor_config`; the tower as transformers 4's SigLIP names it, ReAtten as each layer's
+    `interact_attn`, the registers and crop embeddings under `model.vision_model.`, the
+    projector as `model.vision2text.{0,2}`. Returns the tower's config folder."""
+    out.mkdir(parents=True)
+    model, falcon = built.model, built.model.compressors[0]
+    tower_root = "model.vision_model.vision_tower.vision_model."
+    tensors = {}
+    for key, value in built.hf.state_dict().items():
+        if key.startswith("model.language_model."):
+            tensors["model." + key[len("model.language_model.") :]] = value
+        elif key.startswith("model.vision_tower."):
+            tensors[tower_root + key[len("model.vision_tower.") :]] = value
+        elif key.startswith("lm_head."):
+            tensors[key] = value
+    for key, value in falcon.reatten.state_dict().items():
+        layer, name = key.split(".", 1)
+        tensors[f"{tower_root}encoder.layers.{layer}.interact_attn.{name}"] = value
+    tensors["model.vision_model.vision_queries"] = falcon.registers.data
+    tensors["model.vision_model.crop_embedding_h.weight"] = falcon.crop_row.weight.data
+    tensors["model.vision_model.crop_embedding_w.weight"] = falcon.crop_col.weight.data
+    for key, value in model.projector.state_dict().items():
+        tensors["model.vision2text." + key.replace("linear_1.", "0.").replace("linear_2.", "2.")] = value
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    text = built.hf.config.text_config.to_dict()
+    config = {k: v for k, v in text.items() if not isinstance(v, dict)} | {
+        "architectures": ["JiutianLlamaForCausalLM"],
+        "model_type": "jiutian",
+        "mm_load": True,
+        "visual_config": {
+            "model_name_or_path": "tiny-siglip",
+            "feature_type": "query",
+            "num_vision_queries": falcon.config.registers,
+            "anchor_max": anchors,
+            "enable_interactive_attn": True,
+        },
+        "projector_config": {"projector_type": "mlp2x_gelu"},
+        "processor_config": {
+            "image_size": 64,
+            "anchors": f"grid_{anchors}",
+            "add_global_img": True,
+            "add_textual_crop_indicator": indicators,
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    built.tokenizer.save_pretrained(out)
+    tower = out.parent / "tower"
+    built.hf.config.vision_config.save_pretrained(tower)
+    return tower
+
+
+def falcon_grids(most: int) -> tuple:
+    """FALCON's `grid_N` candidates in their order: n = 1..N, each (rows, n / rows)."""
+    return tuple((r, n // r) for n in range(1, most + 1) for r in range(1, n + 1) if n % r == 0)
+
+
+def tiny_falcon(**spec):
+    import dataclasses
+
+    return build(
+        "tiny",
+        compressors=[ComponentSpec("falcon", {"registers": 4, "anchor_max": 4, **spec})],
+        tiny=dataclasses.replace(TEST_TINY, vision_type="siglip"),
+        seed=0,
+        views=MultiViewConfig(falcon_grids(4), newline=False, fit="shape_match"),
+    )
+
+
+def test_falcon_checkpoint_in_its_released_layout(tmp_path):
+    """A FALCON checkpoint as the authors' code saves it comes back as vtc's `falcon` with the
+    same registers, crop embeddings and ReAtten, their grids (grid_N, shape match), and the
+    same logits on a multi-view image; its crop indicators are recorded when it writes them."""
+    built = tiny_falcon(init_std=1.0)
+    with torch.no_grad():  # as training leaves ReAtten: not the copy a fresh attach makes
+        for p in built.model.compressors[0].reatten.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tower = falcon_layout(built, tmp_path / "falcon", anchors=4, indicators=False)
+    out, _ = import_llava(tmp_path / "falcon", tmp_path / "export", vision_tower=tower)
+    meta = json.loads((out / "vtc.json").read_text())
+    falcon = {"registers": 4, "anchor_max": 4, "reatten": True}
+    assert meta["compressors"] == [{"name": "falcon", "params": falcon}]
+    grids = [list(g) for g in falcon_grids(4)]
+    assert meta["views"] == {"grids": grids, "newline": False, "fit": "shape_match"}
+    assert len(grids) == 8 and [1, 4] in grids and [4, 1] in grids
+    model, original = load_pretrained(out).model.eval(), built.model.eval()
+    mine, theirs = model.compressors[0].state_dict(), original.compressors[0].state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    tok = built.tokenizer
+    ids = torch.tensor([[tok.bos_token_id, model.image_token_id, 10, 11, 12]])
+    pixels = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # thumbnail + 2×2
+    args = (ids, torch.ones_like(ids, dtype=torch.bool), pixels)
+    with torch.no_grad():
+        expected = original(*args, return_logits=True, image_grids=torch.tensor([[2, 2]])).logits
+        got = model(*args, return_logits=True, image_grids=torch.tensor([[2, 2]])).logits
+    torch.testing.assert_close(got[..., : expected.shape[-1]], expected)
+
+    # with FALCON's text crop indicators (the tokenizer knows their pieces, as Llama-3.1's does)
+    indicated = tmp_path / "indicated"
+    falcon_layout(built, indicated, anchors=4, indicators=True)
+    tok.add_tokens(
+        [CropIndicators().text(r, c) for r in range(-1, 4) for c in range(-1, 4) if (r < 0) == (c < 0)]
+    )
+    tok.save_pretrained(indicated)
+    out, _ = import_llava(indicated, tmp_path / "export-indicated", vision_tower=tower)
+    recorded = json.loads((out / "vtc.json").read_text())["views"]["indicators"]
+    assert recorded == {"whole": "<global_img>", "crop": "<crop_img_row{row}_col{col}>"}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"visual_config": {"feature_type": "patch"}}, "feature_type 'patch'"),
+        ({"processor_config": {"add_global_img": False}}, "add_global_img"),
+        ({"visual_config": {"anchor_max": 9}}, "anchor_max 9 is not the largest side"),
+        ({"processor_config": {"anchors": "docowl"}}, "grid_N anchors"),
+        ({"projector_config": {"projector_type": "linear"}}, "'linear'"),
+        ({"processor_config": {"image_size": 384}}, "image_size 384, but the tower takes 64"),
+    ],
+)
+def test_falcon_checkpoints_vtc_cannot_read_are_refused_by_key(tmp_path, change, message):
+    tower = falcon_layout(tiny_falcon(), tmp_path / "falcon", anchors=4, indicators=False)
+    config = json.loads((tmp_path / "falcon" / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = config[key] | value
+    (tmp_path / "falcon" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        import_llava(tmp_path / "falcon", tmp_path / "export", vision_tower=tower)
+
+
+def test_llama3_rope_settings_reach_the_imported_config():
+    """A Llama-3.1 config's rope_theta and rope_scaling (which transformers 5 keeps as
+    rope_parameters) are not lost on the way to llava-hf's text config."""
+    from transformers import SiglipVisionConfig
+
+    from models.importer import llava_config
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    original = {"hidden_size": 64, "max_position_embeddings": 131072, "rope_theta": 500000.0}
+    original["rope_scaling"] = scaling | {"original_max_position_embeddings": 8192}
+    config = llava_config(original, SiglipVisionConfig(), image_token=5, vocab=128)
+    rope = config.text_config.rope_parameters
+    assert rope["rope_theta"] == 500000.0 and rope["rope_type"] == "llama3" and rope["factor"] == 8.0

@@ -403,11 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="convert a checkpoint in the original LLaVA layout (LLaVA-1.5, TokenPacker, DyVTE) into a vtc export",
+        help="convert a checkpoint in the original LLaVA layout (LLaVA-1.5, TokenPacker, DyVTE) or FALCON's into a vtc export",
         description="Convert a checkpoint in the original LLaVA layout (config.json with mm_* keys; "
         "model.mm_projector.*, model.layers.*, model.vision_tower.* in *.safetensors or *.bin, the latter "
         "read with torch.load(weights_only=True)) into a vtc export: the LLaVA-1.5 MLP, TokenPacker's "
-        "projector, DyVTE's routers. See models/importer.py.",
+        "projector, DyVTE's routers; or one of FALCON's released code (model_type jiutian): registers, "
+        "crop embeddings, ReAtten, grids and crop indicators. See models/importer.py.",
     )
     p.add_argument("source", help="the checkpoint folder (config.json, weights, tokenizer files)")
     p.add_argument("out", help="the export folder to write")
