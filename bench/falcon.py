@@ -52,6 +52,7 @@ from models.views import ViewLayout
 from train.accuracy import (
     answer_prior,
     answer_questions,
+    exact_mcnemar,
     mean_prior,
     normalize_answer,
     questions_of,
@@ -464,14 +465,6 @@ def read_answers(path: str) -> dict[str, dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no scored answers (score the run with --rescore to keep them)")
     return {row["id"]: row for row in map(json.loads, path.read_text().splitlines())}
-
-
-def exact_mcnemar(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value: the chance, were A and B equally good on these
-    questions, of a split of the discordant questions (one right, the other wrong) at least this
-    uneven (a binomial test at 1/2 on only_a + only_b questions)."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def paired(path_a: str, path_b: str) -> list[dict]:

@@ -266,3 +266,57 @@ def test_hard_subset_is_what_the_downsampled_image_gets_wrong():
     }
     table = markdown({**report, "rows": rows})
     assert "hard @16 (3 q)" in table and "| pooling | 16 |" in table
+
+
+def test_a_setting_changed_at_test_time_is_a_row_compared_question_by_question(tmp_path):
+    """`--setting falcon.reatten=false`: the model under test again with ReAtten switched off
+    (its weights kept), scored beside it and compared with it question by question."""
+    from models.export import export, load_pretrained
+    from models.pretrained import shipped_path
+    from models.views import MultiViewConfig
+    from train.evaluate import Settings, evaluate
+    from train.evaluation.sources import SettingAtTest
+
+    base = str(shipped_path("tiny-llava"))
+    spec = ComponentSpec("falcon", {"registers": 4})
+    built = build(base, compressors=[spec], views=MultiViewConfig(((1, 1), (2, 2)), newline=False))
+    with torch.no_grad():  # a ReAtten that is not its layer's copy, as after training
+        for p in built.model.compressors[0].reatten.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    out = export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    off = SettingAtTest.parse("falcon.reatten=false").applied(lambda: load_pretrained(out))()
+    assert off.model.compressors[0].config.reatten is False
+    report = evaluate(
+        str(out), [], [16], settings=Settings(limit=4, timing=False), test_settings=["falcon.reatten=false"]
+    )
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"baseline", "model", "model[falcon.reatten=false]"}
+    model, changed = rows["model"], rows["model[falcon.reatten=false]"]
+    pair = changed["vs_model"]
+    assert pair["questions"] == model["count"] == changed["count"] == 4 * len(FAMILIES)
+    right = lambda row: round(row["per_question"] * row["count"])  # noqa: E731
+    assert right(model) - right(changed) == pair["right_by_model_only"] - pair["right_by_this_only"]
+    assert 0 < pair["p"] <= 1 and "exact McNemar p" in (tmp_path / "export" / "eval.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("falcon.reatten", "give COMPONENT.KEY=VALUE"),
+        ("falcn.reatten=false", "unknown"),
+        ("falcon.registers=8", "can change at test time: reatten, reatten_ramp"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_model_loads(text, message):
+    from train.evaluation.sources import SettingAtTest
+
+    with pytest.raises(UserError, match=message):
+        SettingAtTest.parse(text)
+
+
+def test_a_setting_value_the_component_refuses_is_named():
+    from train.evaluation.sources import SettingAtTest
+
+    dims = build("tiny", tiny=TEST_TINY).model.dims
+    with pytest.raises(UserError, match="reatten_ramp"):
+        SettingAtTest.parse("falcon.reatten_ramp=[2, 3]").check(dims)

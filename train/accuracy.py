@@ -9,6 +9,7 @@ LLaVA-style question file (`{"question_id", "image", "text"}` per line, optional
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -164,6 +165,23 @@ def _judge(questions: QuestionSet, q: Question, answers: dict[str, dict]) -> tup
     if not q.answers or "text" not in got:
         return None
     return normalize_answer(questions.answer_of(got["text"])), [normalize_answer(a) for a in q.answers]
+
+
+def exact_mcnemar(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: the chance, were A and B equally good on these
+    questions, of a split of the discordant questions (one right, the other wrong) at least this
+    uneven (a binomial test at 1/2 on only_a + only_b questions)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired(right_a: dict[str, bool], right_b: dict[str, bool]) -> dict:
+    """Two models on the questions both answered (`right_answers` of each), question by
+    question: how many each alone got right, and the exact McNemar p of that split."""
+    both = right_a.keys() & right_b.keys()
+    only_a = sum(right_a[q] and not right_b[q] for q in both)
+    only_b = sum(right_b[q] and not right_a[q] for q in both)
+    return {"questions": len(both), "only_a": only_a, "only_b": only_b, "p": exact_mcnemar(only_a, only_b)}
 
 
 def right_answers(questions: QuestionSet, answers: dict[str, dict]) -> dict[str, bool]:

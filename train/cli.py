@@ -133,6 +133,7 @@ def cmd_evaluate(args) -> int:
         settings,
         compare,
         args.uncompressed,
+        args.setting or [],
     )
     from train.evaluation.report import markdown
 
@@ -481,6 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--uncompressed",
         action="store_true",
         help="also measure the trained model with its compressors left out (a run with compressors)",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        metavar="COMPONENT.KEY=VALUE",
+        help="also measure the model with a component's behaviour changed at test time (a key it may "
+        "set per stage, e.g. falcon.reatten=false), compared with it question by question "
+        "(exact McNemar p); repeatable",
     )
     p.set_defaults(func=cmd_evaluate)
 

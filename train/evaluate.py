@@ -31,13 +31,14 @@ from train.accuracy import (
     answer_prior,
     answer_questions,
     file_questions,
+    paired,
     right_answers,
     score,
     synthetic_questions,
 )
 from train.evaluation.measure import Settings, cost
 from train.evaluation.report import add_hard_subsets, add_relative, write_answers, write_report
-from train.evaluation.sources import methods_for, resolve_source
+from train.evaluation.sources import SettingAtTest, methods_for, resolve_source
 
 
 def evaluate(
@@ -50,13 +51,16 @@ def evaluate(
     settings: Settings | None = None,
     compare: list[str] = (),
     uncompressed: bool = False,
+    test_settings: list[str] = (),
 ) -> dict:
-    """Evaluate `target` and the baselines (and the `compare` sources, and `target` without its
-    compressors); write eval.json, eval.md, eval.png to `out_dir` (default: the target's folder)
-    and return the report."""
+    """Evaluate `target` and the baselines (and the `compare` sources, `target` without its
+    compressors, and `target` with each of `test_settings`, "NAME.KEY=VALUE", compared with it
+    question by question); write eval.json, eval.md, eval.png to `out_dir` (default: the
+    target's folder) and return the report."""
     from train.datamodule import split_shards
 
     settings = settings or Settings()
+    changed = [SettingAtTest.parse(text) for text in test_settings]  # before any weights load
     source = resolve_source(target)
     out = Path(out_dir) if out_dir else source.out_dir
     reference = build(source.base_dir)
@@ -69,7 +73,9 @@ def evaluate(
         questions = file_questions(questions_file, images_dir)
     else:
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
-    methods = methods_for(source, baselines, budgets, dims, visual, reference, compare, uncompressed)
+    for setting in changed:
+        setting.check(dims)
+    methods = methods_for(source, baselines, budgets, dims, visual, reference, compare, uncompressed, changed)
     rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
@@ -104,6 +110,17 @@ def evaluate(
             )
     add_relative(rows)
     add_hard_subsets(rows, right)
+    if changed:  # each setting against the model as trained, question by question
+        model = right[[r["method"] for r in rows].index("model")]
+        for row, judged in zip(rows, right, strict=True):
+            if row["method"].startswith("model["):
+                pair = paired(model, judged)
+                row["vs_model"] = {
+                    "questions": pair["questions"],
+                    "right_by_model_only": pair["only_a"],
+                    "right_by_this_only": pair["only_b"],
+                    "p": pair["p"],
+                }
     report = {
         "source": source.description,
         "questions": questions.name,

@@ -96,6 +96,13 @@ def summary(report: dict) -> str:
             f"{'prior':<12}{'':>7}{mean:>8.1%}{'':>8}{'':>7}"
             + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
         )
+    for r in rows:
+        if "vs_model" in r:
+            pair = r["vs_model"]
+            lines.append(
+                f"{r['method']}: right by the model only {pair['right_by_model_only']}, by this only "
+                f"{pair['right_by_this_only']} (exact McNemar p {pair['p']:.3g})"
+            )
     return "\n".join(lines)
 
 
@@ -179,7 +186,31 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
     if timing:
         lines += ["", f"Batch N = {rows[0]['batch_n']}. Peak memory: {rows[0]['memory_measure']}."]
+    lines += paired_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    """The `--setting` rows against the model as trained, question by question (markdown)."""
+    changed = [r for r in rows if "vs_model" in r]
+    if not changed:
+        return []
+    lines = [
+        "",
+        "The model with a setting changed at test time against the model as trained, on the "
+        "questions both answered: right by one only, and the exact McNemar p of that split.",
+        "",
+        "| row | questions | accuracy − model's | right by the model only | right by this only | exact McNemar p |",
+        "|---|---|---|---|---|---|",
+    ]
+    model = next(r for r in rows if r["method"] == "model")
+    for r in changed:
+        pair = r["vs_model"]
+        lines.append(
+            f"| {r['method']} | {pair['questions']} | {100 * (r['accuracy'] - model['accuracy']):+.1f} points | "
+            f"{pair['right_by_model_only']} | {pair['right_by_this_only']} | {pair['p']:.3g} |"
+        )
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

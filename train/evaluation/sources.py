@@ -4,6 +4,7 @@ uncompressed baseline, the model at each budget, other runs, training-free basel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,57 @@ def resolve_source(target: str) -> Source:
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
 
 
+@dataclass(frozen=True)
+class SettingAtTest:
+    """`--setting NAME.KEY=VALUE`: the model under test with one behaviour of its component
+    NAME changed at test time (a key the component lists in `stage_settings`, which changes no
+    weight), e.g. `falcon.reatten=false`: what ReAtten adds to a model trained with it."""
+
+    component: str
+    key: str
+    value: object
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> SettingAtTest:
+        import yaml
+
+        name_key, sep, raw = text.partition("=")
+        name, dot, key = name_key.strip().partition(".")
+        if not (sep and dot and name and key):
+            raise UserError(f"--setting {text!r}: give COMPONENT.KEY=VALUE, e.g. falcon.reatten=false")
+        try:
+            component = component_class(name)
+        except KeyError as err:
+            raise UserError(f"--setting {text!r}: {err.args[0]}") from None
+        if key not in component.stage_settings:
+            settable = ", ".join(component.stage_settings) or "none"
+            raise UserError(f"--setting {text!r}: {name} can change at test time: {settable}")
+        return cls(name, key, yaml.safe_load(raw), f"{name}.{key}={raw.strip()}")
+
+    def check(self, dims) -> None:
+        """UserError if the component's own checks refuse the value (on the model's `dims`)."""
+        component = component_class(self.component)
+        config = dataclasses.replace(component.Config(), **{self.key: self.value})
+        problems = [msg for sub, msg in component.check_config(config, dims) if sub == self.key]
+        if problems:
+            raise UserError(f"--setting {self.text}: {problems[0]}")
+
+    def applied(self, make: Callable[[], Built]) -> Callable[[], Built]:
+        """`make` with this setting applied to each of its components of that name."""
+
+        def build_with() -> Built:
+            built = make()
+            found = [c for c in built.model.compressors if c.registry_name == self.component]
+            if not found:
+                raise UserError(f"--setting {self.text}: the model under test has no {self.component}")
+            for component in found:
+                component.config = dataclasses.replace(component.config, **{self.key: self.value})
+            return built
+
+        return build_with
+
+
 def baseline_at(name: str, budget: int, visual: int, dims) -> ComponentSpec | None:
     """Registered baseline component `name` set to keep exactly `budget` of `visual` visual
     tokens, or None when it cannot."""
@@ -137,10 +189,12 @@ def methods_for(
     reference: Built | None = None,
     compare: list[str] = (),
     uncompressed: bool = False,
+    test_settings: list[SettingAtTest] = (),
 ) -> list[Method]:
     """The rows to measure; `reference` is the baseline model if it is already built; `compare`:
     other runs or exports measured beside it (labelled by their folder names); `uncompressed`:
-    the model under test also with its compressors left out."""
+    the model under test also with its compressors left out; `test_settings`: the model under
+    test again with each setting (a row `model[NAME.KEY=VALUE]`)."""
     methods = [
         Method("baseline", None, (lambda: reference) if reference else (lambda: build(source.base_dir)))
     ]
@@ -154,6 +208,10 @@ def methods_for(
         if source.uncompressed is None:
             raise UserError("--uncompressed needs a run whose recipe has compressors")
         methods.append(Method("model-uncompressed", None, source.uncompressed))
+    for setting in test_settings:
+        if source.model is None:
+            raise UserError(f"--setting {setting.text}: {source.description} has no components to set")
+        methods.append(Method(f"model[{setting.text}]", None, setting.applied(source.model)))
     for other in compare:
         found = resolve_source(other)
         make = found.model or (lambda found=found: build(found.base_dir))
