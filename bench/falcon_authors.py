@@ -1,0 +1,316 @@
+"""vtc's FALCON against the authors' released code on the same weights (CPU, tiny random model).
+
+The authors' code (github.com/JiuTian-VL/FALCON) builds a tiny FALCON-Llama (SigLIP tower of 2
+layers, 4 registers, `grid_4`, ReAtten on, an MLP projector), every weight perturbed (registers
+and crop embeddings drawn from N(0, 1), each layer's ReAtten moved away from its
+self-attention copy), saves it with its own `save_pretrained` and answers two inputs: one image
+as a thumbnail + 2 × 2 crops, and two images (2 × 2 and 1 × 3) with text between them. vtc then
+imports that checkpoint (`vtc import`), runs the same pixels and tokens, and this prints the
+largest difference at each step: the tower's input (patches + registers + crop embedding), each
+layer's register rows, the registers after the post-norm, the visual tokens entering the LLM,
+and the logits (also with FALCON's text crop indicators before each view, as their processor
+writes them); then two controls that must differ (ReAtten's output zeroed; the thumbnail's
+crop embedding swapped with crop (0, 0)'s). Exit status 1 if the logits differ by more than
+1e-4.
+
+Their code needs transformers 4.45 and vtc needs 5, so their side runs in its own environment:
+
+    git clone https://github.com/JiuTian-VL/FALCON /tmp/falcon-code     # any copy of their code
+    python -m venv /tmp/falcon-env
+    /tmp/falcon-env/bin/pip install torch==2.13.0 transformers==4.45.2 safetensors einops icecream shortuuid
+    python bench/falcon_authors.py --authors-code /tmp/falcon-code --authors-python /tmp/falcon-env/bin/python
+
+Their code is imported, never copied. Not covered: their image processor (both sides get the
+same pixels), the CLIP branch, half precision and generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REGISTERS, ANCHOR_MAX = 4, 4
+# their SigLIP branch asserts 576 + M tokens per view (vision_encoder.py), so the tiny tower
+# keeps 24 × 24 patches: 48 px images in 2 px patches
+IMAGE, PATCH = 48, 2
+TEXT = [102, 5, 11, 101, 113, 102, 114]  # words of vtc's tiny vocabulary
+ONE = {"views": 5, "grids": [[2, 2]], "positions": [[4, 4], [0, 0], [0, 1], [1, 0], [1, 1]], "seed": 2}
+TWO = {
+    "views": 9,
+    "grids": [[2, 2], [1, 3]],
+    "positions": [[4, 4], [0, 0], [0, 1], [1, 0], [1, 1], [4, 4], [0, 0], [0, 1], [0, 2]],
+    "seed": 3,
+    "texts": [[10, 11, 12], [13, 14, 15, 16]],
+}
+TOLERANCE = 1e-4
+
+
+def authors_side(work: Path) -> None:
+    """In the authors' environment: build, perturb, save and run their FALCON (fp32, eval)."""
+    import torch
+    from jiutian.constants import IMAGE_TOKEN_INDEX
+    from jiutian.model.modeling_jiutian import JiutianConfig, JiutianLlamaForCausalLM
+    from transformers import SiglipVisionConfig
+
+    torch.manual_seed(0)
+    tower_dir = work / "tiny-siglip-tower"  # a name with "siglip" takes their SigLIP branch
+    SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE,
+        patch_size=PATCH,
+    ).save_pretrained(tower_dir)
+    tokens = json.loads((work / "tokens.json").read_text())  # vtc's tokenizer, described
+    config = JiutianConfig(
+        vocab_size=tokens["vocab"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokens["bos"],
+        eos_token_id=tokens["eos"],
+        pad_token_id=tokens["pad"],
+        tie_word_embeddings=False,
+        mm_load=True,
+        vision_delay_load=False,
+        visual_config={
+            "model_name_or_path": str(tower_dir),
+            "feature_type": "query",
+            "num_vision_queries": REGISTERS,
+            "anchor_max": ANCHOR_MAX,
+            "enable_interactive_attn": True,
+        },
+        projector_config={
+            "projector_type": "mlp2x_gelu",
+            "input_dim": 32,
+            "hidden_size": 64,
+            "output_dim": 64,
+        },
+        processor_config={
+            "image_size": IMAGE,
+            "anchors": f"grid_{ANCHOR_MAX}",
+            "add_global_img": True,
+            "add_textual_crop_indicator": False,
+        },
+    )
+    config.architectures = ["JiutianLlamaForCausalLM"]
+    model = JiutianLlamaForCausalLM(config).float().eval()
+    noise = torch.Generator().manual_seed(1)
+    vision = model.model.vision_model
+    with torch.no_grad():  # every weight moved; FALCON's own parts far from their start
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+        for p in (vision.vision_queries, vision.crop_embedding_h.weight, vision.crop_embedding_w.weight):
+            p.copy_(torch.randn(p.shape, generator=noise))
+        for layer in vision.vision_tower.vision_model.encoder.layers:
+            for p in layer.interact_attn.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=noise))
+    model.save_pretrained(work / "ckpt", safe_serialization=True)
+
+    captured = {}
+    hooks = [
+        vision.vision_tower.register_forward_hook(
+            lambda _m, _a, out: captured.update(hidden=[h.clone() for h in out.hidden_states])
+        ),
+        vision.register_forward_hook(lambda _m, _a, out: captured.update(selected=out.clone())),
+        model.model.vision2text.register_forward_hook(
+            lambda _m, _a, out: captured.update(visual=out.clone())
+        ),
+    ]
+    results = {}
+    # with text crop indicators their processor writes `<global_img><image><crop_img_row0_col0>
+    # <image>...` and their tokenizer_image_token tokenizes the text between the images
+    indicated = [tokens["bos"]]
+    for row, col in ONE["positions"]:
+        indicated += tokens["indicators"][f"{row},{col}"] + [IMAGE_TOKEN_INDEX]
+    for name, case in (("one", ONE), ("two", TWO), ("indicated", ONE)):
+        pixels = torch.randn(
+            case["views"], 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(case["seed"])
+        )
+        if name == "one":
+            ids = [tokens["bos"]] + [IMAGE_TOKEN_INDEX] * 5 + TEXT
+        elif name == "indicated":
+            ids = indicated + TEXT
+        else:
+            first, second = case["texts"]
+            ids = [tokens["bos"]] + [IMAGE_TOKEN_INDEX] * 5 + first + [IMAGE_TOKEN_INDEX] * 4 + second
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                images=pixels,
+                patch_positions=torch.tensor(case["positions"]),
+                num_images=[5, 4] if name == "two" else [5],
+                use_cache=False,
+            ).logits[0]
+        results[name] = {"pixels": pixels, "logits": logits, **captured}
+    for hook in hooks:
+        hook.remove()
+    torch.save(results, work / "theirs.pt")
+
+
+def vtc_side(work: Path) -> int:
+    """In vtc's environment: import their checkpoint, run the same inputs, print the differences."""
+    import torch
+
+    from models.export import load_pretrained
+    from models.importer import import_llava
+
+    out, notes = import_llava(work / "ckpt", work / "export", vision_tower=work / "tiny-siglip-tower")
+    model = load_pretrained(out).model.eval()
+    theirs = torch.load(work / "theirs.pt")
+    image, bos = model.image_token_id, model_bos(out)
+    rows = []
+
+    def compare(what: str, mine, reference) -> float:
+        diff = (mine - reference).abs().max().item()
+        rows.append((what, diff, reference.abs().max().item()))
+        return diff
+
+    one, two = theirs["one"], theirs["two"]
+    vocab = one["logits"].shape[-1]
+    ids = torch.tensor([[bos, image, *TEXT]])
+    grids = torch.tensor(ONE["grids"])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        features, _ = model.vision_features(one["pixels"], grids)
+        visual = model.encode_images(one["pixels"], grids)[0]
+        logits = model(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[0, :, :vocab]
+    compare("tower input: patches + registers + crop embedding", features.hidden_states[0], one["hidden"][0])
+    for layer in range(1, len(one["hidden"])):
+        compare(
+            f"layer {layer - 1} output, register rows",
+            features.hidden_states[layer][:, -REGISTERS:],
+            one["hidden"][layer][:, -REGISTERS:],
+        )
+    compare("registers after the post-norm", features.selected, one["selected"])
+    compare("visual tokens into the LLM", visual, one["visual"].flatten(0, 1))
+    worst = compare("logits, one image (thumbnail + 2 × 2)", logits, one["logits"])
+    first, second = TWO["texts"]
+    ids_two = torch.tensor([[bos, image, *first, image, *second]])
+    grids_two = torch.tensor(TWO["grids"])
+    with torch.no_grad():
+        visual_two = torch.cat(list(model.encode_images(two["pixels"], grids_two)))
+        logits_two = model(
+            ids_two,
+            torch.ones_like(ids_two, dtype=torch.bool),
+            two["pixels"],
+            return_logits=True,
+            image_grids=grids_two,
+        ).logits[0, :, :vocab]
+    compare("visual tokens, two images (2 × 2 and 1 × 3)", visual_two, two["visual"].flatten(0, 1))
+    worst = max(worst, compare("logits, two images with text between", logits_two, two["logits"]))
+
+    # the same checkpoint with their text crop indicators switched on (a processor setting)
+    indicated = work / "ckpt-indicated"
+    indicated.mkdir(exist_ok=True)
+    for file in (work / "ckpt").iterdir():
+        if file.name != "config.json" and not (indicated / file.name).exists():
+            (indicated / file.name).symlink_to(file.resolve())
+    config = json.loads((work / "ckpt" / "config.json").read_text())
+    config["processor_config"]["add_textual_crop_indicator"] = True
+    (indicated / "config.json").write_text(json.dumps(config))
+    with_names, _ = import_llava(
+        indicated, work / "export-indicated", vision_tower=work / "tiny-siglip-tower"
+    )
+    named = load_pretrained(with_names).model.eval()
+    with torch.no_grad():
+        logits_named = named(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[
+            0, :, :vocab
+        ]
+    worst = max(
+        worst,
+        compare("logits, one image with text crop indicators", logits_named, theirs["indicated"]["logits"]),
+    )
+
+    falcon = model.compressors[0]
+    kept = {k: v.clone() for k, v in falcon.state_dict().items()}
+    controls = []
+    with torch.no_grad():
+        for reatten in falcon.reatten:
+            reatten.out_proj.weight.zero_()
+            reatten.out_proj.bias.zero_()
+        changed = model(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[0, :, :vocab]
+        controls.append(
+            ("control, must differ: ReAtten's output zeroed", (changed - one["logits"]).abs().max().item())
+        )
+        falcon.load_state_dict(kept)
+        for embedding in (falcon.crop_row, falcon.crop_col):
+            embedding.weight[[0, ANCHOR_MAX]] = embedding.weight[[ANCHOR_MAX, 0]].clone()
+        changed = model(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[0, :, :vocab]
+        controls.append(
+            (
+                "control, must differ: thumbnail's crop embedding swapped",
+                (changed - one["logits"]).abs().max().item(),
+            )
+        )
+    print("| compared | largest difference | largest value (theirs) |")
+    print("|---|---|---|")
+    for what, diff, size in rows:
+        print(f"| {what} | {diff:.1e} | {size:.2f} |")
+    for what, diff in controls:
+        print(f"| {what} | {diff:.2f} | |")
+    ok = worst <= TOLERANCE and all(diff > 100 * TOLERANCE for _, diff in controls)
+    print(
+        f"{'same' if ok else 'DIFFERENT'}: logits within {worst:.1e} (tolerance {TOLERANCE:g}); import notes: {notes or 'none'}"
+    )
+    return 0 if ok else 1
+
+
+def model_bos(export: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(export).bos_token_id
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--authors-code", help="a copy of github.com/JiuTian-VL/FALCON")
+    parser.add_argument("--authors-python", help="the python of an environment with transformers 4.45")
+    parser.add_argument("--work", help="folder for the checkpoint and outputs (default: a temporary one)")
+    parser.add_argument("--side", choices=["authors"], help=argparse.SUPPRESS)  # the subprocess
+    args = parser.parse_args()
+    if args.side == "authors":
+        authors_side(Path(args.work))
+        return 0
+    if not (args.authors_code and args.authors_python):
+        parser.error("give --authors-code and --authors-python (see the module docstring)")
+    from models.tiny import tiny_tokenizer
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="falcon-authors-"))
+    from models.views import CropIndicators
+
+    # the checkpoint's tokenizer (their transformers cannot read its files, so its ids go to their
+    # side as JSON), knowing FALCON's indicators as Llama-3.1's BPE does
+    tokenizer, names = tiny_tokenizer(), CropIndicators()
+    places = [(-1, -1)] + [(r, c) for r in range(ANCHOR_MAX) for c in range(ANCHOR_MAX)]
+    tokenizer.add_tokens([names.text(r, c) for r, c in places])
+    tokenizer.save_pretrained(work / "ckpt")
+    indicators = {  # their patch position of the thumbnail is (anchor_max, anchor_max)
+        f"{ANCHOR_MAX if r < 0 else r},{ANCHOR_MAX if c < 0 else c}": tokenizer(
+            names.text(r, c), add_special_tokens=False
+        ).input_ids
+        for r, c in places
+    }
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    (work / "tokens.json").write_text(json.dumps({"vocab": len(tokenizer), "indicators": indicators, **ids}))
+    env = {**os.environ, "PYTHONPATH": str(Path(args.authors_code).resolve())}
+    command = [args.authors_python, __file__, "--side", "authors", "--work", str(work)]
+    if subprocess.run(command, env=env).returncode:
+        print("the authors' side failed (see above)")
+        return 1
+    return vtc_side(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
