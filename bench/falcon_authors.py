@@ -10,18 +10,21 @@ largest difference at each step: the tower's input (patches + registers + crop e
 layer's register rows, the registers after the post-norm, the visual tokens entering the LLM,
 and the logits (also with FALCON's text crop indicators before each view, as their processor
 writes them); then two controls that must differ (ReAtten's output zeroed; the thumbnail's
-crop embedding swapped with crop (0, 0)'s). Exit status 1 if the logits differ by more than
-1e-4.
+crop embedding swapped with crop (0, 0)'s). Their processor's grid choice (`anchor_rank` over
+`grid_4` and `grid_9`) is compared with vtc's `shape_match` on 3,528 image sizes. Exit status 1
+if the logits differ by more than 1e-4 or any grid does.
 
 Their code needs transformers 4.45 and vtc needs 5, so their side runs in its own environment:
 
     git clone https://github.com/JiuTian-VL/FALCON /tmp/falcon-code     # any copy of their code
     python -m venv /tmp/falcon-env
-    /tmp/falcon-env/bin/pip install torch==2.13.0 transformers==4.45.2 safetensors einops icecream shortuuid
+    /tmp/falcon-env/bin/pip install torch==2.13.0 transformers==4.45.2 safetensors einops icecream shortuuid pillow
     python bench/falcon_authors.py --authors-code /tmp/falcon-code --authors-python /tmp/falcon-env/bin/python
 
-Their code is imported, never copied. Not covered: their image processor (both sides get the
-same pixels), the CLIP branch, half precision and generation.
+Their code is imported, never copied. Where torchvision is missing (it does not install beside a
+CPU torch), a stand-in gives their processor module the names it imports and `box_area`, the
+only part of torchvision their grid choice uses. Not covered: their resize and normalisation
+(both sides get the same pixels), the CLIP branch, half precision and generation.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ TWO = {
     "texts": [[10, 11, 12], [13, 14, 15, 16]],
 }
 TOLERANCE = 1e-4
+# image sizes (width, height) on which both pick a grid among grid_4 and grid_9, 384 px crops
+SIZES = [(w, h) for w in range(40, 3000, 53) for h in range(40, 3000, 47)]
+GRID_SETS, CROP = (4, 9), 384
 
 
 def authors_side(work: Path) -> None:
@@ -156,7 +162,49 @@ def authors_side(work: Path) -> None:
         results[name] = {"pixels": pixels, "logits": logits, **captured}
     for hook in hooks:
         hook.remove()
+    results["grids"] = their_grids()
     torch.save(results, work / "theirs.pt")
+
+
+def their_grids() -> dict:
+    """Their processor's grid for every size of SIZES (its `anchor_rank` over `grid_N`)."""
+    import torch
+
+    stub_torchvision()
+    from jiutian.processor import anchor_rank, box_area, grid_dict
+
+    chosen = {}
+    for most in GRID_SETS:
+        grids = grid_dict[f"grid_{most}"]
+        anchors = torch.tensor([[0, 0, cols * CROP, rows * CROP] for rows, cols in grids])  # as AnchorResize
+        areas = box_area(anchors)
+        chosen[most] = [tuple(grids[int(anchor_rank(anchors, areas, (h, w)))]) for w, h in SIZES]
+    return chosen
+
+
+def stub_torchvision() -> None:
+    """Their processor module imports torchvision, which does not install beside a CPU torch
+    here; of it, their grid choice uses only `box_area` ((x2 - x1) · (y2 - y1)), so where it is
+    missing a stand-in module gives that and the names the module reads when imported."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    vision, transforms, functional, ops, boxes = (
+        types.ModuleType(name)
+        for name in (
+            "torchvision",
+            "torchvision.transforms",
+            "torchvision.transforms.functional",
+            "torchvision.ops",
+            "torchvision.ops.boxes",
+        )
+    )
+    functional.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear", BICUBIC="bicubic")
+    transforms.functional, vision.transforms, vision.ops, ops.boxes = functional, transforms, ops, boxes
+    boxes.box_area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    sys.modules.update({m.__name__: m for m in (vision, transforms, functional, ops, boxes)})
 
 
 def vtc_side(work: Path) -> int:
@@ -254,17 +302,45 @@ def vtc_side(work: Path) -> int:
                 (changed - one["logits"]).abs().max().item(),
             )
         )
+    from data.subimages import select_grid_by_shape
+
+    grid_lines, grids_differ = [], 0
+    for most, chosen in theirs["grids"].items():
+        grids = [tuple(g) for g in chosen_candidates(most)]
+        ours = [select_grid_by_shape(w, h, grids, CROP) for w, h in SIZES]
+        differ = [(size, a, b) for size, a, b in zip(SIZES, ours, chosen, strict=True) if a != tuple(b)]
+        grid_lines.append(
+            f"grid_{most}: the same grid for {len(SIZES) - len(differ)} of {len(SIZES)} image sizes"
+        )
+        grid_lines += [f"  {w}×{h}: vtc {a}, theirs {tuple(b)}" for (w, h), a, b in differ[:5]]
+        grids_differ += len(differ)
     print("| compared | largest difference | largest value (theirs) |")
     print("|---|---|---|")
     for what, diff, size in rows:
         print(f"| {what} | {diff:.1e} | {size:.2f} |")
     for what, diff in controls:
         print(f"| {what} | {diff:.2f} | |")
-    ok = worst <= TOLERANCE and all(diff > 100 * TOLERANCE for _, diff in controls)
+    print("\n".join(grid_lines))
+    ok = worst <= TOLERANCE and all(diff > 100 * TOLERANCE for _, diff in controls) and not grids_differ
     print(
-        f"{'same' if ok else 'DIFFERENT'}: logits within {worst:.1e} (tolerance {TOLERANCE:g}); import notes: {notes or 'none'}"
+        f"{'same' if ok else 'DIFFERENT'}: logits within {worst:.1e} (tolerance {TOLERANCE:g}), "
+        f"{grids_differ} grid choices differ; import notes: {notes or 'none'}"
     )
     return 0 if ok else 1
+
+
+def chosen_candidates(most: int) -> list[tuple[int, int]]:
+    """FALCON's `grid_N` candidates in their order, as `vtc import` reads them (its views)."""
+    from models.importer import falcon_layout
+
+    config = {
+        "visual_config": {"feature_type": "query", "anchor_max": most},
+        "processor_config": {"anchors": f"grid_{most}"},
+    }
+    import torch
+
+    registers = {"model.vision_model.vision_queries": torch.zeros(1, 1, 1)}
+    return list(falcon_layout(config, registers)[4].grids)
 
 
 def model_bos(export: Path) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
+import numpy as np
 from PIL import Image
 
 from data.images import expand_to_square
@@ -40,23 +41,28 @@ def select_grid(width: int, height: int, grids: list[tuple[int, int]], base: int
     return best
 
 
-def corner_iou(w1: float, h1: float, w2: float, h2: float) -> float:
-    """IoU of two boxes that share their top-left corner."""
+def corner_iou(w1: int, h1: int, w2: int, h2: int) -> np.float32:
+    """IoU of two boxes of whole pixels that share their top-left corner, in float32 with 1e-5
+    added to the union, as FALCON's processor computes it (torchvision's box areas)."""
     inter = min(w1, w2) * min(h1, h2)
-    return inter / (w1 * h1 + w2 * h2 - inter)
+    return np.float32(inter) / (np.float32(w1 * h1 + w2 * h2 - inter) + np.float32(1e-5))
 
 
 def select_grid_by_shape(width: int, height: int, grids: list[tuple[int, int]], base: int) -> tuple[int, int]:
     """The (rows, cols) of `grids` whose canvas (cols·base × rows·base) matches the image's shape
-    best (IoU with the image's box scaled to the canvas's width), then its size (IoU with the image's
-    own box); the shape term weighs 100 times the size term, and the first of equals wins."""
+    best (IoU with a box of the canvas's width and the image's aspect), then its size (IoU with
+    the image's own box); the shape term weighs 100 times the size term, and the first of equals
+    wins. As in FALCON's code, the aspect box's height is cut to whole pixels (it is written
+    into an integer tensor) and the scores are float32: near ties fall as they do there (a
+    square image of 517 × 510 px takes 2 × 2 crops of 384 px, not one)."""
     if not grids:
         raise ValueError("select_grid_by_shape needs at least one candidate grid")
 
-    def score(grid: tuple[int, int]) -> float:
+    def score(grid: tuple[int, int]) -> np.float32:
         canvas_w, canvas_h = grid[1] * base, grid[0] * base
-        shape = corner_iou(canvas_w, canvas_h, canvas_w, canvas_w * height / width)
-        return 100 * shape + corner_iou(canvas_w, canvas_h, width, height)
+        aspect_h = int(np.float32(height / width) * np.float32(canvas_w))
+        shape = corner_iou(canvas_w, canvas_h, canvas_w, aspect_h)
+        return shape * np.float32(100) + corner_iou(canvas_w, canvas_h, width, height)
 
     return tuple(max(grids, key=score))
 

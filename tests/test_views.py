@@ -59,6 +59,20 @@ def test_select_grid_by_shape_matches_shape_then_size(size, grids, expected):
     assert select_grid_by_shape(*size, grids, 64) == expected
 
 
+GRID_4 = [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (2, 2), (4, 1)]  # FALCON's grid_4, in order
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [((517, 510), (2, 2)), ((464, 651), (1, 1)), ((464, 134), (1, 4)), ((570, 463), (2, 2))],
+)
+def test_shape_match_breaks_near_ties_as_falcons_code_does(size, expected):
+    """Sizes where exact arithmetic picks another grid (517 × 510: one 384 px crop, whose size is
+    closer) than FALCON's processor, which cuts the aspect box's height to whole pixels; these
+    are its choices (`bench/falcon_authors.py` compares 3,528 sizes with its code)."""
+    assert select_grid_by_shape(*size, GRID_4, 384) == expected
+
+
 def test_shape_match_stretches_the_image_where_anyres_pads_it():
     """A 2:1 red image on grids whose best canvas is square: anyres pads it (the fill shows in the
     thumbnail and in the crops), shape_match stretches it (red everywhere)."""
