@@ -164,9 +164,6 @@ class VicunaTemplate(Template):
         return [tokenizer.bos_token_id] + self._question(0, question, tokenizer, image_token_id)
 
 
-ROLES = {"human": "user", "gpt": "assistant"}
-
-
 class ChatTemplate(Template):
     """The tokenizer's chat template (`tokenizer.apply_chat_template`), with an optional system
     prompt first. LLaVA's `human`/`gpt` turns become `user`/`assistant` messages; `<image>` stays
@@ -192,9 +189,14 @@ class ChatTemplate(Template):
         return [] if self.system is None else [{"role": "system", "content": self.system}]
 
     def _render(self, tokenizer, messages: list[dict], ask: bool) -> str:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=self.jinja, tokenize=False, add_generation_prompt=ask
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(
+                messages, chat_template=self.jinja, tokenize=False, add_generation_prompt=ask
+            )
+        except TemplateError as err:  # the template refused these messages (`raise_exception`)
+            raise ConversationError(f"the chat template refused the conversation: {err}") from None
 
     @staticmethod
     def _added(before: str, after: str) -> str:
@@ -223,12 +225,10 @@ class ChatTemplate(Template):
                 "`chat_template` or chat_template.jinja); give model.chat_template or use vicuna_v1"
             )
         probe = [("Is this a question?", "Yes."), ("And this?", "No.")]
-        try:
+        try:  # e.g. a template that refuses a system message, or rewrites earlier turns
             list(self.texts(probe, tokenizer))
         except ConversationError as err:
             raise UserError(f"template chat: {err}") from None
-        except Exception as err:  # e.g. a template that refuses a system message
-            raise UserError(f"template chat: the tokenizer's chat template failed: {err}") from None
 
     def stop_ids(self, tokenizer) -> list[int]:
         """eos and the first token the template closes an answer with."""

@@ -159,6 +159,9 @@ class Stage:
     batch_size: AtLeast1 = 16  # per device
     global_batch_size: AtLeast1 | None = None  # batch_size × devices × nodes × accumulation
 
+    def template_names(self) -> list[str]:
+        return [self.template] if isinstance(self.template, str) else list(self.template)
+
 
 @dataclass(frozen=True)
 class GradientCheckpointing:
@@ -460,16 +463,14 @@ def resolve_base(base: str) -> str:
 
 def stage_templates(stage: Stage, model: ModelRecipe) -> list[Template]:
     """The templates a stage's samples are encoded with, one per name in `stage.template`."""
-    names = [stage.template] if isinstance(stage.template, str) else stage.template
-    return [_template(name, model) for name in names]
+    return [_template(name, model) for name in stage.template_names()]
 
 
 def model_template(recipe: Recipe) -> Template:
     """The format the trained model answers in: the last template of the last stage that is not
     `plain` (vicuna_v1 when every stage is plain). Its evaluation and export prompt it so."""
     for stage in reversed(recipe.stages):
-        names = [stage.template] if isinstance(stage.template, str) else stage.template
-        for name in reversed(names):
+        for name in reversed(stage.template_names()):
             if name != "plain":
                 return _template(name, recipe.model)
     return get_template("vicuna_v1")
@@ -478,7 +479,12 @@ def model_template(recipe: Recipe) -> Template:
 def _template(name: str, model: ModelRecipe) -> Template:
     if name != "chat":
         return get_template(name)
-    jinja = Path(model.chat_template).read_text() if model.chat_template else None
+    jinja = None
+    if model.chat_template:
+        try:
+            jinja = Path(model.chat_template).read_text()
+        except OSError as err:  # e.g. a run evaluated from another folder than it trained in
+            raise UserError(f"model.chat_template: cannot read {model.chat_template!r}: {err}") from None
     return get_template(name, model.system_prompt, jinja)
 
 
@@ -502,11 +508,7 @@ def base_has_chat_template(base: str) -> bool | None:
 def template_problems(recipe: Recipe) -> list[Problem]:
     """`chat` stages need a chat template; the chat settings need a `chat` stage."""
     model, problems = recipe.model, []
-    chat_stages = [
-        i
-        for i, stage in enumerate(recipe.stages)
-        if "chat" in ([stage.template] if isinstance(stage.template, str) else stage.template)
-    ]
+    chat_stages = [i for i, stage in enumerate(recipe.stages) if "chat" in stage.template_names()]
     if not chat_stages:
         for key in ("system_prompt", "chat_template"):
             if getattr(model, key) is not None:
