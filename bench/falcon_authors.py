@@ -14,17 +14,22 @@ crop embedding swapped with crop (0, 0)'s). Their processor's grid choice (`anch
 `grid_4` and `grid_9`) is compared with vtc's `shape_match` on 3,528 image sizes. Exit status 1
 if the logits differ by more than 1e-4 or any grid does.
 
+With torchvision in their environment, their processor's thumbnail and crops of 40 images
+(24-400 px a side, `grid_9`, 64 px crops) are compared with vtc's `load_views`, pixel by pixel.
+
 Their code needs transformers 4.45 and vtc needs 5, so their side runs in its own environment:
 
     git clone https://github.com/JiuTian-VL/FALCON /tmp/falcon-code     # any copy of their code
     python -m venv /tmp/falcon-env
-    /tmp/falcon-env/bin/pip install torch==2.13.0 transformers==4.45.2 safetensors einops icecream shortuuid pillow
+    /tmp/falcon-env/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.45.2 \
+        safetensors einops icecream shortuuid pillow
     python bench/falcon_authors.py --authors-code /tmp/falcon-code --authors-python /tmp/falcon-env/bin/python
 
-Their code is imported, never copied. Where torchvision is missing (it does not install beside a
-CPU torch), a stand-in gives their processor module the names it imports and `box_area`, the
-only part of torchvision their grid choice uses. Not covered: their resize and normalisation
-(both sides get the same pixels), the CLIP branch, half precision and generation.
+Their code is imported, never copied. torchvision does not install beside the CPU build of torch
+(`torch==2.13.0` alone makes a 1.2 GB environment; with torchvision it is a 5.6 GB CUDA build):
+without it, a stand-in gives their processor module the names it imports and `box_area`, the
+only part of torchvision their grid choice uses, and the pixels are not compared. Not covered:
+the CLIP branch, half precision and generation.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ TOLERANCE = 1e-4
 # image sizes (width, height) on which both pick a grid among grid_4 and grid_9, 384 px crops
 SIZES = [(w, h) for w in range(40, 3000, 53) for h in range(40, 3000, 47)]
 GRID_SETS, CROP = (4, 9), 384
+PICTURES, PICTURE_CROP = 40, 64  # images of 24-400 px a side through both processors (grid_9)
 
 
 def authors_side(work: Path) -> None:
@@ -163,7 +169,38 @@ def authors_side(work: Path) -> None:
     for hook in hooks:
         hook.remove()
     results["grids"] = their_grids()
+    results["pixels"] = their_pixels(work)
     torch.save(results, work / "theirs.pt")
+
+
+def their_pixels(work: Path) -> list | None:
+    """Their processor's views of PICTURES images (written to work/pictures as PNG), as
+    (pixels (1 + rows·cols, 3, S, S), patch positions); None without a real torchvision."""
+    stub_torchvision()
+    import torchvision
+
+    if getattr(torchvision, "stand_in", False):
+        return None
+    import numpy as np
+    from jiutian.processor import AdaptiveCropProcessor
+    from PIL import Image
+
+    processor = AdaptiveCropProcessor(image_size=PICTURE_CROP, anchors="grid_9", add_global_img=True)
+    folder = work / "pictures"
+    folder.mkdir(exist_ok=True)
+    rng, out = np.random.default_rng(0), []
+    for index in range(PICTURES):
+        width, height = (int(v) for v in rng.integers(24, 400, size=2))
+        ramp = (
+            np.linspace(0, 255, width)[None, :, None] * rng.random(3)
+            + np.linspace(0, 255, height)[:, None, None]
+        )
+        noisy = (ramp / 2 + rng.normal(0, 40, (height, width, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"{index}.png")
+        with Image.open(folder / f"{index}.png") as image:
+            pixels, positions, _ = processor._process_image([image.convert("RGB")])
+        out.append((pixels, positions))
+    return out
 
 
 def their_grids() -> dict:
@@ -189,7 +226,7 @@ def stub_torchvision() -> None:
     import importlib.util
     import types
 
-    if importlib.util.find_spec("torchvision") is not None:
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
         return
     vision, transforms, functional, ops, boxes = (
         types.ModuleType(name)
@@ -201,6 +238,7 @@ def stub_torchvision() -> None:
             "torchvision.ops.boxes",
         )
     )
+    vision.stand_in = True
     functional.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear", BICUBIC="bicubic")
     transforms.functional, vision.transforms, vision.ops, ops.boxes = functional, transforms, ops, boxes
     boxes.box_area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
@@ -314,6 +352,31 @@ def vtc_side(work: Path) -> int:
         )
         grid_lines += [f"  {w}×{h}: vtc {a}, theirs {tuple(b)}" for (w, h), a, b in differ[:5]]
         grids_differ += len(differ)
+    pixel_line, pixels_differ = (
+        "their processor's pixels: not compared (their environment has no torchvision)",
+        0,
+    )
+    if theirs["pixels"] is not None:
+        from data.dataset import load_views
+        from data.subimages import Tiling
+
+        tiling = Tiling(tuple(chosen_candidates(9)), "shape_match")
+        largest, grids_apart = 0.0, 0
+        for index, (pixels, positions) in enumerate(theirs["pixels"]):
+            picture = (work / "pictures" / f"{index}.png").read_bytes()
+            views, grid = load_views(picture, PICTURE_CROP, tiling)
+            crops = positions[1:]
+            if grid != (int(crops[:, 0].max()) + 1, int(crops[:, 1].max()) + 1):
+                grids_apart += 1
+                continue
+            largest = max(largest, (views - pixels).abs().max().item())
+        pixels_differ = grids_apart + (largest > TOLERANCE)
+        kinds = {tuple(int(v) + 1 for v in positions[1:].max(0).values) for _, positions in theirs["pixels"]}
+        pixel_line = (
+            f"their processor's pixels ({len(theirs['pixels'])} images of 24-400 px, grid_9, {PICTURE_CROP} px "
+            f"crops, {len(kinds)} different grids): {grids_apart} grids differ, thumbnail and crops within "
+            f"{largest:.1e}"
+        )
     print("| compared | largest difference | largest value (theirs) |")
     print("|---|---|---|")
     for what, diff, size in rows:
@@ -321,7 +384,9 @@ def vtc_side(work: Path) -> int:
     for what, diff in controls:
         print(f"| {what} | {diff:.2f} | |")
     print("\n".join(grid_lines))
-    ok = worst <= TOLERANCE and all(diff > 100 * TOLERANCE for _, diff in controls) and not grids_differ
+    print(pixel_line)
+    controls_seen = all(diff > 100 * TOLERANCE for _, diff in controls)
+    ok = worst <= TOLERANCE and controls_seen and not grids_differ and not pixels_differ
     print(
         f"{'same' if ok else 'DIFFERENT'}: logits within {worst:.1e} (tolerance {TOLERANCE:g}), "
         f"{grids_differ} grid choices differ; import notes: {notes or 'none'}"
