@@ -1,16 +1,17 @@
 """vtc's FALCON against the authors' released code on the same weights (CPU, tiny random model).
 
-The authors' code (github.com/JiuTian-VL/FALCON) builds a tiny FALCON-Llama (SigLIP tower of 2
-layers, 4 registers, `grid_4`, ReAtten on, an MLP projector), every weight perturbed (registers
-and crop embeddings drawn from N(0, 1), each layer's ReAtten moved away from its
-self-attention copy), saves it with its own `save_pretrained` and answers two inputs: one image
-as a thumbnail + 2 × 2 crops, and two images (2 × 2 and 1 × 3) with text between them. vtc then
-imports that checkpoint (`vtc import`), runs the same pixels and tokens, and this prints the
-largest difference at each step: the tower's input (patches + registers + crop embedding), each
-layer's register rows, the registers after the post-norm, the visual tokens entering the LLM,
-and the logits (also with FALCON's text crop indicators before each view, as their processor
-writes them); then two controls that must differ (ReAtten's output zeroed; the thumbnail's
-crop embedding swapped with crop (0, 0)'s). Their processor's grid choice (`anchor_rank` over
+For each tower, SigLIP (FALCON-8B's) and CLIP (their other branch, LLaVA-1.5's tower), the
+authors' code (github.com/JiuTian-VL/FALCON) builds a tiny FALCON-Llama (a tower of 2 layers, 4
+registers, `grid_4`, ReAtten on, an MLP projector), every weight perturbed (registers and crop
+embeddings drawn from N(0, 1), each layer's ReAtten moved away from its self-attention copy),
+saves it with its own `save_pretrained` and answers two inputs: one image as a thumbnail + 2 × 2
+crops, and two images (2 × 2 and 1 × 3) with text between them. vtc then imports that checkpoint
+(`vtc import`), runs the same pixels and tokens, and this prints the largest difference at each
+step: the tower's input (patches + registers + crop embedding), each layer's register rows, the
+registers leaving the tower, the visual tokens entering the LLM, and the logits (on SigLIP also
+with FALCON's text crop indicators before each view, as their processor writes them); then two
+controls that must differ (ReAtten's output zeroed; the thumbnail's crop embedding swapped with
+crop (0, 0)'s). Their processor's grid choice (`anchor_rank` over
 `grid_4` and `grid_9`) is compared with vtc's `shape_match` on 3,528 image sizes. Exit status 1
 if the logits differ by more than 1e-4 or any grid does.
 
@@ -29,7 +30,7 @@ Their code is imported, never copied. torchvision does not install beside the CP
 (`torch==2.13.0` alone makes a 1.2 GB environment; with torchvision it is a 5.6 GB CUDA build):
 without it, a stand-in gives their processor module the names it imports and `box_area`, the
 only part of torchvision their grid choice uses, and the pixels are not compared. Not covered:
-the CLIP branch, half precision and generation.
+half precision and generation.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ import tempfile
 from pathlib import Path
 
 REGISTERS, ANCHOR_MAX = 4, 4
-# their SigLIP branch asserts 576 + M tokens per view (vision_encoder.py), so the tiny tower
-# keeps 24 × 24 patches: 48 px images in 2 px patches
+# their code asserts 576 + M tokens per view (577 + M with CLIP's CLS; vision_encoder.py), so
+# the tiny towers keep 24 × 24 patches: 48 px images in 2 px patches
 IMAGE, PATCH = 48, 2
+TOWERS = ("siglip", "clip")  # their branch is chosen by the tower's name
 TEXT = [102, 5, 11, 101, 113, 102, 114]  # words of vtc's tiny vocabulary
 ONE = {"views": 5, "grids": [[2, 2]], "positions": [[4, 4], [0, 0], [0, 1], [1, 0], [1, 1]], "seed": 2}
 TWO = {
@@ -63,15 +65,31 @@ PICTURES, PICTURE_CROP = 40, 64  # images of 24-400 px a side through both proce
 
 
 def authors_side(work: Path) -> None:
-    """In the authors' environment: build, perturb, save and run their FALCON (fp32, eval)."""
+    """In the authors' environment: build, perturb, save and run their FALCON on each tower."""
+    import torch
+
+    tokens = json.loads((work / "tokens.json").read_text())  # vtc's tokenizer, described
+    results = {tower: their_answers(work, tower, tokens) for tower in TOWERS}
+    results["grids"] = their_grids()
+    results["pixels"] = their_pixels(work)
+    torch.save(results, work / "theirs.pt")
+
+
+def their_answers(work: Path, tower: str, tokens: dict) -> dict:
+    """Their FALCON-Llama on `tower`, saved to work/ckpt-<tower> (with vtc's tokenizer files),
+    and what it computes on each case (fp32, eval): logits, the tower's hidden states, the
+    registers leaving the tower and the visual tokens entering the LLM."""
+    import shutil
+
     import torch
     from jiutian.constants import IMAGE_TOKEN_INDEX
     from jiutian.model.modeling_jiutian import JiutianConfig, JiutianLlamaForCausalLM
-    from transformers import SiglipVisionConfig
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     torch.manual_seed(0)
-    tower_dir = work / "tiny-siglip-tower"  # a name with "siglip" takes their SigLIP branch
-    SiglipVisionConfig(
+    tower_dir = work / f"tiny-{tower}-tower"
+    vision_config = SiglipVisionConfig if tower == "siglip" else CLIPVisionConfig
+    vision_config(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -79,7 +97,6 @@ def authors_side(work: Path) -> None:
         image_size=IMAGE,
         patch_size=PATCH,
     ).save_pretrained(tower_dir)
-    tokens = json.loads((work / "tokens.json").read_text())  # vtc's tokenizer, described
     config = JiutianConfig(
         vocab_size=tokens["vocab"],
         hidden_size=64,
@@ -126,7 +143,10 @@ def authors_side(work: Path) -> None:
         for layer in vision.vision_tower.vision_model.encoder.layers:
             for p in layer.interact_attn.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=noise))
-    model.save_pretrained(work / "ckpt", safe_serialization=True)
+    checkpoint = work / f"ckpt-{tower}"
+    model.save_pretrained(checkpoint, safe_serialization=True)
+    for file in (work / "tokenizer").iterdir():
+        shutil.copy(file, checkpoint / file.name)
 
     captured = {}
     hooks = [
@@ -138,23 +158,22 @@ def authors_side(work: Path) -> None:
             lambda _m, _a, out: captured.update(visual=out.clone())
         ),
     ]
-    results = {}
     # with text crop indicators their processor writes `<global_img><image><crop_img_row0_col0>
     # <image>...` and their tokenizer_image_token tokenizes the text between the images
     indicated = [tokens["bos"]]
     for row, col in ONE["positions"]:
         indicated += tokens["indicators"][f"{row},{col}"] + [IMAGE_TOKEN_INDEX]
-    for name, case in (("one", ONE), ("two", TWO), ("indicated", ONE)):
+    first, second = TWO["texts"]
+    cases = {
+        "one": (ONE, [tokens["bos"]] + [IMAGE_TOKEN_INDEX] * 5 + TEXT),
+        "two": (TWO, [tokens["bos"]] + [IMAGE_TOKEN_INDEX] * 5 + first + [IMAGE_TOKEN_INDEX] * 4 + second),
+        "indicated": (ONE, indicated + TEXT),
+    }
+    results = {}
+    for name, (case, ids) in cases.items():
         pixels = torch.randn(
             case["views"], 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(case["seed"])
         )
-        if name == "one":
-            ids = [tokens["bos"]] + [IMAGE_TOKEN_INDEX] * 5 + TEXT
-        elif name == "indicated":
-            ids = indicated + TEXT
-        else:
-            first, second = case["texts"]
-            ids = [tokens["bos"]] + [IMAGE_TOKEN_INDEX] * 5 + first + [IMAGE_TOKEN_INDEX] * 4 + second
         ids = torch.tensor([ids])
         with torch.no_grad():
             logits = model(
@@ -168,9 +187,7 @@ def authors_side(work: Path) -> None:
         results[name] = {"pixels": pixels, "logits": logits, **captured}
     for hook in hooks:
         hook.remove()
-    results["grids"] = their_grids()
-    results["pixels"] = their_pixels(work)
-    torch.save(results, work / "theirs.pt")
+    return results
 
 
 def their_pixels(work: Path) -> list | None:
@@ -246,137 +263,15 @@ def stub_torchvision() -> None:
 
 
 def vtc_side(work: Path) -> int:
-    """In vtc's environment: import their checkpoint, run the same inputs, print the differences."""
+    """In vtc's environment: import their checkpoints, run the same inputs, print the differences."""
     import torch
 
-    from models.export import load_pretrained
-    from models.importer import import_llava
-
-    out, notes = import_llava(work / "ckpt", work / "export", vision_tower=work / "tiny-siglip-tower")
-    model = load_pretrained(out).model.eval()
     theirs = torch.load(work / "theirs.pt")
-    image, bos = model.image_token_id, model_bos(out)
-    rows = []
-
-    def compare(what: str, mine, reference) -> float:
-        diff = (mine - reference).abs().max().item()
-        rows.append((what, diff, reference.abs().max().item()))
-        return diff
-
-    one, two = theirs["one"], theirs["two"]
-    vocab = one["logits"].shape[-1]
-    ids = torch.tensor([[bos, image, *TEXT]])
-    grids = torch.tensor(ONE["grids"])
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    with torch.no_grad():
-        features, _ = model.vision_features(one["pixels"], grids)
-        visual = model.encode_images(one["pixels"], grids)[0]
-        logits = model(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[0, :, :vocab]
-    compare("tower input: patches + registers + crop embedding", features.hidden_states[0], one["hidden"][0])
-    for layer in range(1, len(one["hidden"])):
-        compare(
-            f"layer {layer - 1} output, register rows",
-            features.hidden_states[layer][:, -REGISTERS:],
-            one["hidden"][layer][:, -REGISTERS:],
-        )
-    compare("registers after the post-norm", features.selected, one["selected"])
-    compare("visual tokens into the LLM", visual, one["visual"].flatten(0, 1))
-    worst = compare("logits, one image (thumbnail + 2 × 2)", logits, one["logits"])
-    first, second = TWO["texts"]
-    ids_two = torch.tensor([[bos, image, *first, image, *second]])
-    grids_two = torch.tensor(TWO["grids"])
-    with torch.no_grad():
-        visual_two = torch.cat(list(model.encode_images(two["pixels"], grids_two)))
-        logits_two = model(
-            ids_two,
-            torch.ones_like(ids_two, dtype=torch.bool),
-            two["pixels"],
-            return_logits=True,
-            image_grids=grids_two,
-        ).logits[0, :, :vocab]
-    compare("visual tokens, two images (2 × 2 and 1 × 3)", visual_two, two["visual"].flatten(0, 1))
-    worst = max(worst, compare("logits, two images with text between", logits_two, two["logits"]))
-
-    # the same checkpoint with their text crop indicators switched on (a processor setting)
-    indicated = work / "ckpt-indicated"
-    indicated.mkdir(exist_ok=True)
-    for file in (work / "ckpt").iterdir():
-        if file.name != "config.json" and not (indicated / file.name).exists():
-            (indicated / file.name).symlink_to(file.resolve())
-    config = json.loads((work / "ckpt" / "config.json").read_text())
-    config["processor_config"]["add_textual_crop_indicator"] = True
-    (indicated / "config.json").write_text(json.dumps(config))
-    with_names, _ = import_llava(
-        indicated, work / "export-indicated", vision_tower=work / "tiny-siglip-tower"
-    )
-    named = load_pretrained(with_names).model.eval()
-    with torch.no_grad():
-        logits_named = named(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[
-            0, :, :vocab
-        ]
-    worst = max(
-        worst,
-        compare("logits, one image with text crop indicators", logits_named, theirs["indicated"]["logits"]),
-    )
-
-    falcon = model.compressors[0]
-    kept = {k: v.clone() for k, v in falcon.state_dict().items()}
-    controls = []
-    with torch.no_grad():
-        for reatten in falcon.reatten:
-            reatten.out_proj.weight.zero_()
-            reatten.out_proj.bias.zero_()
-        changed = model(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[0, :, :vocab]
-        controls.append(
-            ("control, must differ: ReAtten's output zeroed", (changed - one["logits"]).abs().max().item())
-        )
-        falcon.load_state_dict(kept)
-        for embedding in (falcon.crop_row, falcon.crop_col):
-            embedding.weight[[0, ANCHOR_MAX]] = embedding.weight[[ANCHOR_MAX, 0]].clone()
-        changed = model(ids, mask, one["pixels"], return_logits=True, image_grids=grids).logits[0, :, :vocab]
-        controls.append(
-            (
-                "control, must differ: thumbnail's crop embedding swapped",
-                (changed - one["logits"]).abs().max().item(),
-            )
-        )
-    from data.subimages import select_grid_by_shape
-
-    grid_lines, grids_differ = [], 0
-    for most, chosen in theirs["grids"].items():
-        grids = [tuple(g) for g in chosen_candidates(most)]
-        ours = [select_grid_by_shape(w, h, grids, CROP) for w, h in SIZES]
-        differ = [(size, a, b) for size, a, b in zip(SIZES, ours, chosen, strict=True) if a != tuple(b)]
-        grid_lines.append(
-            f"grid_{most}: the same grid for {len(SIZES) - len(differ)} of {len(SIZES)} image sizes"
-        )
-        grid_lines += [f"  {w}×{h}: vtc {a}, theirs {tuple(b)}" for (w, h), a, b in differ[:5]]
-        grids_differ += len(differ)
-    pixel_line, pixels_differ = (
-        "their processor's pixels: not compared (their environment has no torchvision)",
-        0,
-    )
-    if theirs["pixels"] is not None:
-        from data.dataset import load_views
-        from data.subimages import Tiling
-
-        tiling = Tiling(tuple(chosen_candidates(9)), "shape_match")
-        largest, grids_apart = 0.0, 0
-        for index, (pixels, positions) in enumerate(theirs["pixels"]):
-            picture = (work / "pictures" / f"{index}.png").read_bytes()
-            views, grid = load_views(picture, PICTURE_CROP, tiling)
-            crops = positions[1:]
-            if grid != (int(crops[:, 0].max()) + 1, int(crops[:, 1].max()) + 1):
-                grids_apart += 1
-                continue
-            largest = max(largest, (views - pixels).abs().max().item())
-        pixels_differ = grids_apart + (largest > TOLERANCE)
-        kinds = {tuple(int(v) + 1 for v in positions[1:].max(0).values) for _, positions in theirs["pixels"]}
-        pixel_line = (
-            f"their processor's pixels ({len(theirs['pixels'])} images of 24-400 px, grid_9, {PICTURE_CROP} px "
-            f"crops, {len(kinds)} different grids): {grids_apart} grids differ, thumbnail and crops within "
-            f"{largest:.1e}"
-        )
+    rows, controls, worst = [], [], 0.0
+    for tower in TOWERS:
+        worst = max(worst, compare_tower(work, tower, theirs[tower], rows, controls))
+    grid_lines, grids_differ = compare_grids(theirs["grids"])
+    pixel_line, pixels_differ = compare_pixels(work, theirs["pixels"])
     print("| compared | largest difference | largest value (theirs) |")
     print("|---|---|---|")
     for what, diff, size in rows:
@@ -389,9 +284,157 @@ def vtc_side(work: Path) -> int:
     ok = worst <= TOLERANCE and controls_seen and not grids_differ and not pixels_differ
     print(
         f"{'same' if ok else 'DIFFERENT'}: logits within {worst:.1e} (tolerance {TOLERANCE:g}), "
-        f"{grids_differ} grid choices differ; import notes: {notes or 'none'}"
+        f"{grids_differ} grid choices differ"
     )
     return 0 if ok else 1
+
+
+def compare_tower(work: Path, tower: str, theirs: dict, rows: list, controls: list) -> float:
+    """Import their checkpoint on `tower`, run each case, add (what, difference, size) to `rows`
+    (and on SigLIP the controls to `controls`); returns the largest logits difference."""
+    import torch
+
+    from models.export import load_pretrained
+    from models.importer import import_llava
+
+    name = {"siglip": "SigLIP", "clip": "CLIP"}[tower]
+    tower_dir = work / f"tiny-{tower}-tower"
+    out, notes = import_llava(work / f"ckpt-{tower}", work / f"export-{tower}", vision_tower=tower_dir)
+    if notes:
+        print(f"{name}: import notes: {notes}")
+    model = load_pretrained(out).model.eval()
+    one, two = theirs["one"], theirs["two"]
+    vocab = one["logits"].shape[-1]
+
+    def compare(what: str, mine, reference) -> float:
+        diff = (mine - reference).abs().max().item()
+        rows.append((f"{name}: {what}", diff, reference.abs().max().item()))
+        return diff
+
+    def logits_of(built_model, case: dict, ids: list[int], grids: list) -> torch.Tensor:
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            return built_model(
+                ids,
+                torch.ones_like(ids, dtype=torch.bool),
+                case["pixels"],
+                return_logits=True,
+                image_grids=torch.tensor(grids),
+            ).logits[0, :, :vocab]
+
+    bos, image = model_bos(out), model.image_token_id
+    grids = torch.tensor(ONE["grids"])
+    with torch.no_grad():
+        features, _ = model.vision_features(one["pixels"], grids)
+        visual = model.encode_images(one["pixels"], grids)[0]
+        visual_two = torch.cat(list(model.encode_images(two["pixels"], torch.tensor(TWO["grids"]))))
+    compare("tower input: patches + registers + crop embedding", features.hidden_states[0], one["hidden"][0])
+    for layer in range(1, len(one["hidden"])):
+        mine, reference = features.hidden_states[layer][:, -REGISTERS:], one["hidden"][layer][:, -REGISTERS:]
+        compare(f"layer {layer - 1} output, register rows", mine, reference)
+    compare("registers leaving the tower", features.selected, one["selected"])
+    compare("visual tokens into the LLM", visual, one["visual"].flatten(0, 1))
+    worst = compare(
+        "logits, one image (thumbnail + 2 × 2)",
+        logits_of(model, one, [bos, image, *TEXT], ONE["grids"]),
+        one["logits"],
+    )
+    compare("visual tokens, two images (2 × 2 and 1 × 3)", visual_two, two["visual"].flatten(0, 1))
+    first, second = TWO["texts"]
+    ids_two = [bos, image, *first, image, *second]
+    worst = max(
+        worst,
+        compare(
+            "logits, two images with text between",
+            logits_of(model, two, ids_two, TWO["grids"]),
+            two["logits"],
+        ),
+    )
+    if tower != "siglip":
+        return worst
+
+    # the same checkpoint with their text crop indicators switched on (a processor setting)
+    indicated = work / "ckpt-siglip-indicated"
+    indicated.mkdir(exist_ok=True)
+    for file in (work / "ckpt-siglip").iterdir():
+        if file.name != "config.json" and not (indicated / file.name).exists():
+            (indicated / file.name).symlink_to(file.resolve())
+    config = json.loads((work / "ckpt-siglip" / "config.json").read_text())
+    config["processor_config"]["add_textual_crop_indicator"] = True
+    (indicated / "config.json").write_text(json.dumps(config))
+    named, _ = import_llava(indicated, work / "export-siglip-indicated", vision_tower=tower_dir)
+    logits_named = logits_of(load_pretrained(named).model.eval(), one, [bos, image, *TEXT], ONE["grids"])
+    worst = max(
+        worst,
+        compare("logits, one image with text crop indicators", logits_named, theirs["indicated"]["logits"]),
+    )
+
+    falcon = model.compressors[0]
+    with torch.no_grad():
+        for reatten in falcon.reatten:
+            reatten.out_proj.weight.zero_()
+            reatten.out_proj.bias.zero_()
+        changed = logits_of(model, one, [bos, image, *TEXT], ONE["grids"])
+        controls.append(
+            (
+                f"{name}: control, must differ: ReAtten's output zeroed",
+                (changed - one["logits"]).abs().max().item(),
+            )
+        )
+    model = load_pretrained(out).model.eval()
+    falcon = model.compressors[0]
+    with torch.no_grad():
+        for embedding in (falcon.crop_row, falcon.crop_col):
+            embedding.weight[[0, ANCHOR_MAX]] = embedding.weight[[ANCHOR_MAX, 0]].clone()
+        changed = logits_of(model, one, [bos, image, *TEXT], ONE["grids"])
+        controls.append(
+            (
+                f"{name}: control, must differ: thumbnail's crop embedding swapped",
+                (changed - one["logits"]).abs().max().item(),
+            )
+        )
+    return worst
+
+
+def compare_grids(chosen_by_them: dict) -> tuple[list[str], int]:
+    """Lines saying where vtc's `shape_match` picks their processor's grid, and how many differ."""
+    from data.subimages import select_grid_by_shape
+
+    lines, differ_total = [], 0
+    for most, chosen in chosen_by_them.items():
+        grids = [tuple(g) for g in chosen_candidates(most)]
+        ours = [select_grid_by_shape(w, h, grids, CROP) for w, h in SIZES]
+        differ = [(size, a, b) for size, a, b in zip(SIZES, ours, chosen, strict=True) if a != tuple(b)]
+        lines.append(f"grid_{most}: the same grid for {len(SIZES) - len(differ)} of {len(SIZES)} image sizes")
+        lines += [f"  {w}×{h}: vtc {a}, theirs {tuple(b)}" for (w, h), a, b in differ[:5]]
+        differ_total += len(differ)
+    return lines, differ_total
+
+
+def compare_pixels(work: Path, theirs: list | None) -> tuple[str, int]:
+    """A line comparing their processor's views with vtc's `load_views`, and a count of
+    differences (grids apart, plus 1 if any pixel is off by more than the tolerance)."""
+    if theirs is None:
+        return "their processor's pixels: not compared (their environment has no torchvision)", 0
+    from data.dataset import load_views
+    from data.subimages import Tiling
+
+    tiling = Tiling(tuple(chosen_candidates(9)), "shape_match")
+    largest, grids_apart, kinds = 0.0, 0, set()
+    for index, (pixels, positions) in enumerate(theirs):
+        picture = (work / "pictures" / f"{index}.png").read_bytes()
+        views, grid = load_views(picture, PICTURE_CROP, tiling)
+        their_grid = tuple(int(v) + 1 for v in positions[1:].max(0).values)
+        kinds.add(their_grid)
+        if grid != their_grid:
+            grids_apart += 1
+            continue
+        largest = max(largest, (views - pixels).abs().max().item())
+    line = (
+        f"their processor's pixels ({len(theirs)} images of 24-400 px, grid_9, {PICTURE_CROP} px crops, "
+        f"{len(kinds)} different grids): {grids_apart} grids differ, thumbnail and crops within {largest:.1e}"
+    )
+    return line, grids_apart + (largest > TOLERANCE)
 
 
 def chosen_candidates(most: int) -> list[tuple[int, int]]:
@@ -436,7 +479,7 @@ def main() -> int:
     tokenizer, names = tiny_tokenizer(), CropIndicators()
     places = [(-1, -1)] + [(r, c) for r in range(ANCHOR_MAX) for c in range(ANCHOR_MAX)]
     tokenizer.add_tokens([names.text(r, c) for r, c in places])
-    tokenizer.save_pretrained(work / "ckpt")
+    tokenizer.save_pretrained(work / "tokenizer")
     indicators = {  # their patch position of the thumbnail is (anchor_max, anchor_max)
         f"{ANCHOR_MAX if r < 0 else r},{ANCHOR_MAX if c < 0 else c}": tokenizer(
             names.text(r, c), add_special_tokens=False

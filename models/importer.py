@@ -116,7 +116,9 @@ def llava_config(original: dict, vision, image_token: int, vocab: int) -> LlavaC
     # rope_theta and rope_scaling (Llama-3's) are read by LlamaConfig into its rope_parameters,
     # which is the only rope key of its own to_dict: without them the LLM would get the default
     text_keys = set(LlamaConfig().to_dict()) | {"rope_theta", "rope_scaling"}
-    text = LlamaConfig(**{k: v for k, v in original.items() if k in text_keys and not k.startswith("mm_")})
+    text = LlamaConfig(
+        **{k: v for k, v in original.items() if k in text_keys and not k.startswith("mm_") and v is not None}
+    )
     text.vocab_size = vocab
     select = original.get("mm_vision_select_feature", "patch")
     return LlavaConfig(
@@ -279,7 +281,9 @@ def import_llava(
         raise UserError(f"{config_path}: no mm_* keys, not a checkpoint in the original LLaVA layout{hint}")
     notes = []
     hf_weights, projector, routers, tower, dropped = split_weights(tensors)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    # a Llama config, so the tokenizer is not looked up through config.json's model_type, which
+    # transformers does not know (llava_llama, jiutian)
+    tokenizer = AutoTokenizer.from_pretrained(source, config=LlamaConfig())
     template = template or get_template("vicuna_v1")
     template.check(tokenizer)  # e.g. `chat` with a tokenizer that has no chat template
     if "<image>" not in tokenizer.get_vocab():
@@ -339,7 +343,7 @@ def import_llava(
     notes += [f"left out {key}" for key in dropped if not key.endswith(".inv_freq")]
 
     dtype = hf_weights["model.language_model.embed_tokens.weight"].dtype
-    hf = LlavaForConditionalGeneration._from_config(config, torch_dtype=dtype)
+    hf = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     expected = set(hf.state_dict())
     hf_weights.update(tower_names(tower, expected))
     if kind != "mlp2x_gelu":  # the llava-hf part's own projector is not used: it stays fresh
