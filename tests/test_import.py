@@ -322,3 +322,60 @@ def test_llama3_rope_settings_reach_the_imported_config():
     config = llava_config(original, SiglipVisionConfig(), image_token=5, vocab=128)
     rope = config.text_config.rope_parameters
     assert rope["rope_theta"] == 500000.0 and rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+
+
+def test_the_readme_commands_for_falcon_8b_run_end_to_end(tmp_path):
+    """The README's two commands for FALCON-8B, on a tiny checkpoint in its layout whose
+    tokenizer has a Llama-3-shaped chat template: `vtc import --template chat --system-prompt`,
+    then `vtc evaluate` on a question file (images of other shapes than square) with ReAtten
+    switched off at test as a second row, compared with the model question by question."""
+    import io
+
+    from PIL import Image
+
+    from tests.test_templates import HEADERS, LLAMA3_LIKE
+    from train.cli import main
+
+    built = tiny_falcon(init_std=1.0)
+    tower = falcon_layout(built, tmp_path / "falcon", anchors=4, indicators=False)
+    tokenizer = built.tokenizer
+    tokenizer.add_tokens(HEADERS, special_tokens=True)
+    tokenizer.chat_template = LLAMA3_LIKE
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    export = tmp_path / "falcon-export"
+    command = ["import", str(tmp_path / "falcon"), str(export), "--vision-tower", str(tower)]
+    assert main([*command, "--template", "chat", "--system-prompt", "Be brief ."]) == 0
+    assert json.loads((export / "vtc.json").read_text())["template"]["system"] == "Be brief ."
+    (tmp_path / "images").mkdir()
+    lines = []
+    for index, (width, height) in enumerate([(200, 64), (64, 150), (130, 120)]):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (40 * index, 200, 90)).save(buffer, "PNG")
+        (tmp_path / "images" / f"{index}.png").write_bytes(buffer.getvalue())
+        lines.append(
+            {"question_id": index, "image": f"{index}.png", "text": "What colour ?", "answer": "green"}
+        )
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    report_dir = tmp_path / "report"
+    evaluate = [
+        "evaluate",
+        str(export),
+        "--questions",
+        str(tmp_path / "q.jsonl"),
+        "--images",
+        str(tmp_path / "images"),
+    ]
+    options = [
+        "--baselines",
+        "",
+        "--no-timing",
+        "--setting",
+        "falcon.reatten=false",
+        "--out",
+        str(report_dir),
+    ]
+    assert main([*evaluate, *options]) == 0
+    rows = {r["method"]: r for r in json.loads((report_dir / "eval.json").read_text())["rows"]}
+    assert set(rows) == {"baseline", "model", "model[falcon.reatten=false]"}
+    assert rows["model[falcon.reatten=false]"]["vs_model"]["questions"] == 3 == rows["model"]["count"]
+    assert (report_dir / "answers-model[falcon.reatten=false].jsonl").is_file()
