@@ -100,8 +100,8 @@ class Template:
         """Raise UserError if `tokenizer` cannot serve this template (before any sample is read)."""
 
     def stop_ids(self, tokenizer) -> list[int]:
-        """Token ids that end a generated answer."""
-        return [tokenizer.eos_token_id]
+        """Token ids that end a generated answer (none for a tokenizer without eos)."""
+        return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def segments(self, conversations: list[dict], tokenizer, image_token_id: int):
         """Yields (ids, supervised) pieces in order; subclasses define the layout."""
@@ -235,7 +235,7 @@ class ChatTemplate(Template):
         _, (answered, _) = self.texts([("Is this a question?", "Yes.")], tokenizer)
         closing = answered[answered.rfind("Yes.") + len("Yes.") :]
         first = tokenizer(closing, add_special_tokens=False).input_ids[:1] if closing.strip() else []
-        return list(dict.fromkeys([tokenizer.eos_token_id, *first]))
+        return list(dict.fromkeys([*super().stop_ids(tokenizer), *first]))
 
     def segments(self, conversations, tokenizer, image_token_id):
         for text, supervised in self.texts(conversation_turns(conversations), tokenizer):
