@@ -320,3 +320,26 @@ def test_a_setting_value_the_component_refuses_is_named():
     dims = build("tiny", tiny=TEST_TINY).model.dims
     with pytest.raises(UserError, match="reatten_ramp"):
         SettingAtTest.parse("falcon.reatten_ramp=[2, 3]").check(dims)
+
+
+def test_a_llava_hf_folder_is_prompted_in_the_template_given(tmp_path):
+    """A llava-hf folder records no template: vicuna_v1 unless `--template chat` (with its
+    system prompt) says how it was tuned; every row is then prompted so, and the report says it."""
+    from models.build import save_as_llava_hf
+    from tests.test_templates import LLAMA3_LIKE
+    from train.cli import main
+
+    built = build("tiny", tiny=TEST_TINY)
+    built.tokenizer.chat_template = LLAMA3_LIKE
+    save_as_llava_hf(built, tmp_path / "llava")
+    common = ["evaluate", str(tmp_path / "llava"), "--limit", "2", "--no-timing", "--baselines", "pooling"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain" / "eval.json").read_text())["template"]["name"] == "vicuna_v1"
+    chat = ["--template", "chat", "--system-prompt", "Be brief .", "--out", str(tmp_path / "chat")]
+    assert main([*common, *chat]) == 0
+    report = json.loads((tmp_path / "chat" / "eval.json").read_text())
+    assert report["template"] == {"name": "chat", "system": "Be brief .", "jinja": None}
+    assert "prompted in the `chat` template" in (tmp_path / "chat" / "eval.md").read_text()
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    assert [r["method"] for r in report["rows"]] == [r["method"] for r in plain["rows"]]  # same rows
+    assert main([*common, "--system-prompt", "Be brief .", "--out", str(tmp_path / "x")]) == 2

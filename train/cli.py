@@ -134,6 +134,7 @@ def cmd_evaluate(args) -> int:
         compare,
         args.uncompressed,
         args.setting or [],
+        prompt_template(args.template, args.system_prompt),
     )
     from train.evaluation.report import markdown
 
@@ -205,14 +206,30 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
-def cmd_import(args) -> int:
+def prompt_template(name: str | None, system_prompt: str | None):
+    """The Template of `--template NAME [--system-prompt TEXT]`; None when not given."""
     from data.errors import UserError
     from data.templates import get_template
+
+    if system_prompt is not None and name != "chat":
+        raise UserError("--system-prompt goes with --template chat")
+    return None if name is None else get_template(name, system_prompt)
+
+
+def add_template_options(parser, what: str) -> None:
+    parser.add_argument(
+        "--template",
+        choices=["vicuna_v1", "chat"],
+        help=f"{what}: vicuna_v1 (LLaVA-1.5's) or chat (the tokenizer's own chat template, e.g. a "
+        "Llama-3 LLaVA)",
+    )
+    parser.add_argument("--system-prompt", metavar="TEXT", help="with --template chat: its system prompt")
+
+
+def cmd_import(args) -> int:
     from models.importer import import_llava
 
-    if args.system_prompt is not None and args.template != "chat":
-        raise UserError("--system-prompt goes with --template chat")
-    template = get_template(args.template, args.system_prompt) if args.template == "chat" else None
+    template = prompt_template(args.template, args.system_prompt)
     out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta, template)
     for note in notes:
         print(f"[vtc] {note}")
@@ -424,15 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LAYER,STRIDE",
         help="LLaVolta's inference setting, which its checkpoints do not record (heavy: 2,8; light: 16,8)",
     )
-    p.add_argument(
-        "--template",
-        choices=["vicuna_v1", "chat"],
-        default="vicuna_v1",
-        help="the prompt format the checkpoint was tuned with, recorded for its evaluation: vicuna_v1 "
-        "(LLaVA-1.5, the default) or chat (the tokenizer's own chat template, e.g. a Llama-3 LLaVA)",
-    )
-    p.add_argument(
-        "--system-prompt", metavar="TEXT", help="with --template chat: the system prompt it was tuned with"
+    add_template_options(
+        p, "the prompt format it was tuned with, recorded for its evaluation (default vicuna_v1)"
     )
     p.set_defaults(func=cmd_import)
 
@@ -491,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set per stage, e.g. falcon.reatten=false), compared with it question by question "
         "(exact McNemar p); repeatable",
     )
+    add_template_options(p, "prompt every row so, not as the source records (a llava-hf folder records none)")
     p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="make or convert training data").add_subparsers(

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data.errors import UserError
+from data.templates import Template
 from models.build import build
 from train.accuracy import (
     agreement,
@@ -52,16 +53,20 @@ def evaluate(
     compare: list[str] = (),
     uncompressed: bool = False,
     test_settings: list[str] = (),
+    template: Template | None = None,
 ) -> dict:
     """Evaluate `target` and the baselines (and the `compare` sources, `target` without its
     compressors, and `target` with each of `test_settings`, "NAME.KEY=VALUE", compared with it
     question by question); write eval.json, eval.md, eval.png to `out_dir` (default: the
-    target's folder) and return the report."""
+    target's folder) and return the report. `template`: prompt every row so instead of in the
+    template the source records (e.g. a llava-hf folder of a chat LLaVA, which records none)."""
     from train.datamodule import split_shards
 
     settings = settings or Settings()
     changed = [SettingAtTest.parse(text) for text in test_settings]  # before any weights load
     source = resolve_source(target)
+    if template is not None:
+        source.template = template
     out = Path(out_dir) if out_dir else source.out_dir
     reference = build(source.base_dir)
     dims, visual = reference.model.dims, reference.model.visual_tokens()
@@ -123,6 +128,7 @@ def evaluate(
                 }
     report = {
         "source": source.description,
+        "template": source.template.to_dict(),
         "questions": questions.name,
         "question_count": len(questions.questions),
         "settings": settings.__dict__,

@@ -137,7 +137,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# vtc evaluate — {report['source']}",
         "",
-        f"{report['question_count']} questions ({report['questions']}); "
+        f"{report['question_count']} questions ({report['questions']}), prompted in the "
+        f"`{report.get('template', {}).get('name', 'vicuna_v1')}` template; "
         f"{report['machine']['device']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}. "
         "Accuracy = mean over question families; kept = vs. the baseline; same answers = share of "
         "answers identical to the baseline's; hard @b = share right of the questions the image "
