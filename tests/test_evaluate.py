@@ -320,6 +320,9 @@ def test_a_setting_value_the_component_refuses_is_named():
     dims = build("tiny", tiny=TEST_TINY).model.dims
     with pytest.raises(UserError, match="reatten_ramp"):
         SettingAtTest.parse("falcon.reatten_ramp=[2, 3]").check(dims)
+    with pytest.raises(UserError, match="expected bool"):
+        SettingAtTest.parse("falcon.reatten=maybe").check(dims)
+    SettingAtTest.parse("falcon.reatten=false").check(dims)  # a good one passes
 
 
 def test_a_llava_hf_folder_is_prompted_in_the_template_given(tmp_path):

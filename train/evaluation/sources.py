@@ -151,10 +151,15 @@ class SettingAtTest:
         return cls(name, key, yaml.safe_load(raw), f"{name}.{key}={raw.strip()}")
 
     def check(self, dims) -> None:
-        """UserError if the component's own checks refuse the value (on the model's `dims`)."""
-        component = component_class(self.component)
-        config = dataclasses.replace(component.Config(), **{self.key: self.value})
-        problems = [msg for sub, msg in component.check_config(config, dims) if sub == self.key]
+        """UserError if the value has the wrong type, or the component's own checks refuse it
+        (on the model's `dims`)."""
+        from train.schema import parse_dataclass
+
+        component, typed = component_class(self.component), []
+        config = parse_dataclass(component.Config, {self.key: self.value}, self.key, typed)
+        problems = [p.message for p in typed]
+        if config is not None and not problems:
+            problems = [msg for sub, msg in component.check_config(config, dims) if sub == self.key]
         if problems:
             raise UserError(f"--setting {self.text}: {problems[0]}")
 
