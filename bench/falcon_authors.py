@@ -305,24 +305,15 @@ def compare_tower(work: Path, tower: str, theirs: dict, rows: list, controls: li
     model = load_pretrained(out).model.eval()
     one, two = theirs["one"], theirs["two"]
     vocab = one["logits"].shape[-1]
+    bos, image = model_bos(out), model.image_token_id
+    first, second = TWO["texts"]
+    ids_one, ids_two = [bos, image, *TEXT], [bos, image, *first, image, *second]
 
     def compare(what: str, mine, reference) -> float:
         diff = (mine - reference).abs().max().item()
         rows.append((f"{name}: {what}", diff, reference.abs().max().item()))
         return diff
 
-    def logits_of(built_model, case: dict, ids: list[int], grids: list) -> torch.Tensor:
-        ids = torch.tensor([ids])
-        with torch.no_grad():
-            return built_model(
-                ids,
-                torch.ones_like(ids, dtype=torch.bool),
-                case["pixels"],
-                return_logits=True,
-                image_grids=torch.tensor(grids),
-            ).logits[0, :, :vocab]
-
-    bos, image = model_bos(out), model.image_token_id
     grids = torch.tensor(ONE["grids"])
     with torch.no_grad():
         features, _ = model.vision_features(one["pixels"], grids)
@@ -334,66 +325,80 @@ def compare_tower(work: Path, tower: str, theirs: dict, rows: list, controls: li
         compare(f"layer {layer - 1} output, register rows", mine, reference)
     compare("registers leaving the tower", features.selected, one["selected"])
     compare("visual tokens into the LLM", visual, one["visual"].flatten(0, 1))
-    worst = compare(
-        "logits, one image (thumbnail + 2 × 2)",
-        logits_of(model, one, [bos, image, *TEXT], ONE["grids"]),
-        one["logits"],
-    )
+    mine = logits_of(model, one["pixels"], ids_one, ONE["grids"], vocab)
+    worst = compare("logits, one image (thumbnail + 2 × 2)", mine, one["logits"])
     compare("visual tokens, two images (2 × 2 and 1 × 3)", visual_two, two["visual"].flatten(0, 1))
-    first, second = TWO["texts"]
-    ids_two = [bos, image, *first, image, *second]
-    worst = max(
-        worst,
-        compare(
-            "logits, two images with text between",
-            logits_of(model, two, ids_two, TWO["grids"]),
-            two["logits"],
-        ),
-    )
+    mine = logits_of(model, two["pixels"], ids_two, TWO["grids"], vocab)
+    worst = max(worst, compare("logits, two images with text between", mine, two["logits"]))
     if tower != "siglip":
         return worst
 
-    # the same checkpoint with their text crop indicators switched on (a processor setting)
-    indicated = work / "ckpt-siglip-indicated"
+    named, _ = import_llava(
+        with_indicators(work / "ckpt-siglip"), work / "export-siglip-indicated", vision_tower=tower_dir
+    )
+    mine = logits_of(load_pretrained(named).model.eval(), one["pixels"], ids_one, ONE["grids"], vocab)
+    worst = max(
+        worst, compare("logits, one image with text crop indicators", mine, theirs["indicated"]["logits"])
+    )
+    for what, spoil in (
+        ("ReAtten's output zeroed", zero_reatten),
+        ("thumbnail's crop embedding swapped", swap_thumbnail),
+    ):
+        spoilt = load_pretrained(out).model.eval()
+        spoil(spoilt.compressors[0])
+        changed = logits_of(spoilt, one["pixels"], ids_one, ONE["grids"], vocab)
+        controls.append(
+            (f"{name}: control, must differ: {what}", (changed - one["logits"]).abs().max().item())
+        )
+    return worst
+
+
+def logits_of(model, pixels, ids: list[int], grids: list, vocab: int):
+    """vtc's logits (T, vocab) for one sequence with its images' views."""
+    import torch
+
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model(
+            ids,
+            torch.ones_like(ids, dtype=torch.bool),
+            pixels,
+            return_logits=True,
+            image_grids=torch.tensor(grids),
+        )
+    return out.logits[0, :, :vocab]
+
+
+def with_indicators(checkpoint: Path) -> Path:
+    """A copy of `checkpoint` (its files linked) whose config switches on their text crop
+    indicators, a processor setting."""
+    indicated = checkpoint.with_name(checkpoint.name + "-indicated")
     indicated.mkdir(exist_ok=True)
-    for file in (work / "ckpt-siglip").iterdir():
+    for file in checkpoint.iterdir():
         if file.name != "config.json" and not (indicated / file.name).exists():
             (indicated / file.name).symlink_to(file.resolve())
-    config = json.loads((work / "ckpt-siglip" / "config.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
     config["processor_config"]["add_textual_crop_indicator"] = True
     (indicated / "config.json").write_text(json.dumps(config))
-    named, _ = import_llava(indicated, work / "export-siglip-indicated", vision_tower=tower_dir)
-    logits_named = logits_of(load_pretrained(named).model.eval(), one, [bos, image, *TEXT], ONE["grids"])
-    worst = max(
-        worst,
-        compare("logits, one image with text crop indicators", logits_named, theirs["indicated"]["logits"]),
-    )
+    return indicated
 
-    falcon = model.compressors[0]
+
+def zero_reatten(falcon) -> None:
+    import torch
+
     with torch.no_grad():
         for reatten in falcon.reatten:
             reatten.out_proj.weight.zero_()
             reatten.out_proj.bias.zero_()
-        changed = logits_of(model, one, [bos, image, *TEXT], ONE["grids"])
-        controls.append(
-            (
-                f"{name}: control, must differ: ReAtten's output zeroed",
-                (changed - one["logits"]).abs().max().item(),
-            )
-        )
-    model = load_pretrained(out).model.eval()
-    falcon = model.compressors[0]
+
+
+def swap_thumbnail(falcon) -> None:
+    """The thumbnail's crop embedding (index anchor_max) swapped with crop row/column 0's."""
+    import torch
+
     with torch.no_grad():
         for embedding in (falcon.crop_row, falcon.crop_col):
             embedding.weight[[0, ANCHOR_MAX]] = embedding.weight[[ANCHOR_MAX, 0]].clone()
-        changed = logits_of(model, one, [bos, image, *TEXT], ONE["grids"])
-        controls.append(
-            (
-                f"{name}: control, must differ: thumbnail's crop embedding swapped",
-                (changed - one["logits"]).abs().max().item(),
-            )
-        )
-    return worst
 
 
 def compare_grids(chosen_by_them: dict) -> tuple[list[str], int]:
