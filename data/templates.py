@@ -265,3 +265,11 @@ def template_from_dict(spec: dict | None) -> Template:
     """The template `Template.to_dict` recorded; vicuna_v1 where nothing was (older exports)."""
     spec = spec or {"name": VicunaTemplate.name}
     return get_template(spec["name"], spec.get("system"), spec.get("jinja"))
+
+
+def chosen_template(name: str | None, system: str | None = None) -> Template | None:
+    """The template a user named (`vtc evaluate/import --template`, lmms-eval's `template`), with
+    its system prompt; None when none was named. A system prompt without `chat` is refused."""
+    if system is not None and name != ChatTemplate.name:
+        raise UserError("a system prompt goes with the chat template (--template chat)")
+    return None if name is None else get_template(name, system)

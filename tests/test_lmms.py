@@ -137,3 +137,8 @@ def test_plugin_refuses_what_it_cannot_answer():
         VtcLmms(pretrained=base, compressor="tokenpacker", tokens=16)
     with pytest.raises(NotImplementedError, match="loglikelihood"):
         VtcLmms(pretrained=base).loglikelihood([])
+    with pytest.raises(UserError, match="a system prompt goes with the chat template"):
+        VtcLmms(pretrained=base, system_prompt="Be brief .")
+    assert VtcLmms(pretrained=base).built.template.name == "vicuna_v1"
+    chat = VtcLmms(pretrained=base, template="chat", system_prompt="Be brief .").built.template
+    assert (chat.name, chat.system) == ("chat", "Be brief .")

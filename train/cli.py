@@ -104,6 +104,7 @@ def report(recipe, metrics: dict) -> None:
 
 def cmd_evaluate(args) -> int:
     from data.errors import UserError
+    from data.templates import chosen_template
     from models.compressors import baselines as known_baselines
     from train.evaluate import Settings, evaluate
 
@@ -134,7 +135,7 @@ def cmd_evaluate(args) -> int:
         compare,
         args.uncompressed,
         args.setting or [],
-        prompt_template(args.template, args.system_prompt),
+        chosen_template(args.template, args.system_prompt),
     )
     from train.evaluation.report import markdown
 
@@ -206,16 +207,6 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
-def prompt_template(name: str | None, system_prompt: str | None):
-    """The Template of `--template NAME [--system-prompt TEXT]`; None when not given."""
-    from data.errors import UserError
-    from data.templates import get_template
-
-    if system_prompt is not None and name != "chat":
-        raise UserError("--system-prompt goes with --template chat")
-    return None if name is None else get_template(name, system_prompt)
-
-
 def add_template_options(parser, what: str) -> None:
     parser.add_argument(
         "--template",
@@ -227,9 +218,10 @@ def add_template_options(parser, what: str) -> None:
 
 
 def cmd_import(args) -> int:
+    from data.templates import chosen_template
     from models.importer import import_llava
 
-    template = prompt_template(args.template, args.system_prompt)
+    template = chosen_template(args.template, args.system_prompt)
     out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta, template)
     for note in notes:
         print(f"[vtc] {note}")

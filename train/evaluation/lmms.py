@@ -7,7 +7,10 @@
 `compressor` a training-free baseline (`pooling`, `fastv`, ... or a component name) added to
 that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's budget. Other
 model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16 or float16;
-default float32); the batch is lmms-eval's `--batch_size` (its default 1 is slow: pass 16).
+default float32), `template` and `system_prompt` (as `vtc evaluate --template`, e.g.
+`template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval splits model_args at commas,
+so the system prompt can hold none); the batch is lmms-eval's `--batch_size` (its default 1 is
+slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:
 the same image preprocessing, the model's prompt template (`vicuna_v1`, or the `chat` template
@@ -30,6 +33,7 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from data.templates import chosen_template
 from train.accuracy import Question, QuestionSet, answer_questions
 from train.evaluation.sources import model_for
 
@@ -70,6 +74,8 @@ class VtcLmms(lmms):
         batch_size: int | str = 16,
         device: str | None = None,
         dtype: str = "float32",
+        template: str | None = None,
+        system_prompt: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval's `--max_batch_size` (for "auto"); unused
         **unknown,
     ) -> None:
@@ -77,11 +83,13 @@ class VtcLmms(lmms):
         if unknown:
             raise ValueError(
                 f"vtc: unknown model_args {', '.join(sorted(unknown))}; known: pretrained, compressor, "
-                "tokens, batch_size, device, dtype"
+                "tokens, batch_size, device, dtype, template, system_prompt"
             )
         if dtype not in DTYPES:
             raise ValueError(f"vtc: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.built = model_for(pretrained, compressor, int(tokens) if tokens not in (None, "") else None)
+        if template or system_prompt:  # as `vtc evaluate --template`: e.g. a llava-hf chat LLaVA
+            self.built.template = chosen_template(template, system_prompt)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.built.model.to(self._device, DTYPES[dtype]).eval()
         self.image_size = self.built.hf.config.vision_config.image_size
