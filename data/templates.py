@@ -222,7 +222,8 @@ class ChatTemplate(Template):
         if self.jinja is None and not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 "template chat: the model's tokenizer has no chat template (tokenizer_config.json "
-                "`chat_template` or chat_template.jinja); give model.chat_template or use vicuna_v1"
+                "`chat_template` or chat_template.jinja); give one (in a recipe, model.chat_template) or "
+                "use vicuna_v1"
             )
         probe = [("Is this a question?", "Yes."), ("And this?", "No.")]
         try:  # e.g. a template that refuses a system message, or rewrites earlier turns
