@@ -52,11 +52,13 @@ from models.views import ViewLayout
 from train.accuracy import (
     answer_prior,
     answer_questions,
-    exact_mcnemar,
     mean_prior,
     normalize_answer,
     questions_of,
     synthetic_questions,
+)
+from train.accuracy import (
+    paired as paired_right,
 )
 from train.datamodule import split_shards
 from train.export import rebuild_run
@@ -479,15 +481,14 @@ def paired(path_a: str, path_b: str) -> list[dict]:
     rows = []
     for group in ["all", *sorted({g for row in a.values() for g in row["groups"]})]:
         ids = [i for i in a if group == "all" or group in a[i]["groups"]]
-        only_a = sum(a[i]["right"] and not b[i]["right"] for i in ids)
-        only_b = sum(b[i]["right"] and not a[i]["right"] for i in ids)
+        split = paired_right({i: a[i]["right"] for i in ids}, {i: b[i]["right"] for i in ids})
         rows.append(
             {"group": group, "n": len(ids)}
             | {
                 "a": sum(a[i]["right"] for i in ids) / len(ids),
                 "b": sum(b[i]["right"] for i in ids) / len(ids),
             }
-            | {"only_a": only_a, "only_b": only_b, "p": exact_mcnemar(only_a, only_b)}
+            | {"only_a": split["only_a"], "only_b": split["only_b"], "p": split["p"]}
         )
     return rows
 

@@ -501,7 +501,9 @@ def test_bench_pairs_two_runs_question_by_question(monkeypatch, tmp_path):
     McNemar p (a two-sided binomial test at 1/2 on those); runs scored on other questions are
     refused."""
     monkeypatch.syspath_prepend("bench")
-    from falcon import exact_mcnemar, paired  # bench/falcon.py
+    from falcon import paired  # bench/falcon.py
+
+    from train.accuracy import exact_mcnemar  # the one `vtc evaluate --setting` uses too
 
     assert exact_mcnemar(0, 6) == 2 / 2**6  # all six discordant one way: 2 · (1/2)^6
     assert exact_mcnemar(9, 1) == exact_mcnemar(1, 9) == 2 * (1 + 10) / 2**10
