@@ -164,6 +164,10 @@ class VicunaTemplate(Template):
         return [tokenizer.bos_token_id] + self._question(0, question, tokenizer, image_token_id)
 
 
+# a two-turn conversation rendered to probe a chat template (and where it closes an answer)
+PROBE = [("Is this a question?", "Yes."), ("And this?", "No.")]
+
+
 class ChatTemplate(Template):
     """The tokenizer's chat template (`tokenizer.apply_chat_template`), with an optional system
     prompt first. LLaVA's `human`/`gpt` turns become `user`/`assistant` messages; `<image>` stays
@@ -225,16 +229,16 @@ class ChatTemplate(Template):
                 "`chat_template` or chat_template.jinja); give one (in a recipe, model.chat_template) or "
                 "use vicuna_v1"
             )
-        probe = [("Is this a question?", "Yes."), ("And this?", "No.")]
         try:  # e.g. a template that refuses a system message, or rewrites earlier turns
-            list(self.texts(probe, tokenizer))
+            list(self.texts(PROBE, tokenizer))
         except ConversationError as err:
             raise UserError(f"template chat: {err}") from None
 
     def stop_ids(self, tokenizer) -> list[int]:
         """eos and the first token the template closes an answer with."""
-        _, (answered, _) = self.texts([("Is this a question?", "Yes.")], tokenizer)
-        closing = answered[answered.rfind("Yes.") + len("Yes.") :]
+        (question, answer), *_ = PROBE
+        _, (answered, _) = self.texts([(question, answer)], tokenizer)
+        closing = answered[answered.rfind(answer) + len(answer) :]
         first = tokenizer(closing, add_special_tokens=False).input_ids[:1] if closing.strip() else []
         return list(dict.fromkeys([*super().stop_ids(tokenizer), *first]))
 

@@ -152,11 +152,11 @@ def falcon_layout(original: dict, tensors: dict[str, torch.Tensor]):
     most = int(match.group(1))
     # the authors' candidate order (the first of equal scores wins, in their code and in vtc's)
     grids = tuple((rows, n // rows) for n in range(1, most + 1) for rows in range(1, n + 1) if n % rows == 0)
-    anchor_max = int(visual.get("anchor_max", 9))
-    if anchor_max != max(max(g) for g in grids):
+    anchor_max, largest_side = int(visual.get("anchor_max", 9)), max(max(g) for g in grids)
+    if anchor_max != largest_side:
         raise UserError(
             f"visual_config.anchor_max {anchor_max} is not the largest side of {anchors} "
-            f"({max(max(g) for g in grids)}): the thumbnail's crop embedding would differ"
+            f"({largest_side}): the thumbnail's crop embedding would differ"
         )
     rename, falcon = {}, {}
     for key, value in tensors.items():
