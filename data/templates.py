@@ -11,6 +11,7 @@ which the model later replaces by however many visual embeddings the compressor 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from data import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from data.errors import UserError
@@ -272,9 +273,21 @@ def template_from_dict(spec: dict | None) -> Template:
     return get_template(spec["name"], spec.get("system"), spec.get("jinja"))
 
 
-def chosen_template(name: str | None, system: str | None = None) -> Template | None:
+def chosen_template(
+    name: str | None, system: str | None = None, jinja_file: str | None = None
+) -> Template | None:
     """The template a user named (`vtc evaluate/import --template`, lmms-eval's `template`), with
-    its system prompt; None when none was named. A system prompt without `chat` is refused."""
+    its system prompt and a Jinja file replacing the tokenizer's chat template; None when none
+    was named. A system prompt or Jinja file without `chat` is refused, as is a file that cannot
+    be read."""
     if system is not None and name != ChatTemplate.name:
         raise UserError("a system prompt goes with the chat template (--template chat)")
-    return None if name is None else get_template(name, system)
+    if jinja_file is not None and name != ChatTemplate.name:
+        raise UserError("a chat template file goes with the chat template (--template chat)")
+    jinja = None
+    if jinja_file is not None:
+        try:
+            jinja = Path(jinja_file).read_text()
+        except OSError as err:
+            raise UserError(f"chat template {jinja_file!r}: cannot read it: {err}") from None
+    return None if name is None else get_template(name, system, jinja)

@@ -346,3 +346,11 @@ def test_a_llava_hf_folder_is_prompted_in_the_template_given(tmp_path):
     plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
     assert [r["method"] for r in report["rows"]] == [r["method"] for r in plain["rows"]]  # same rows
     assert main([*common, "--system-prompt", "Be brief .", "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "given.jinja").write_text("{{ bos_token }}" + LLAMA3_LIKE)
+    given = ["--template", "chat", "--chat-template", str(tmp_path / "given.jinja")]
+    assert main([*common, *given, "--out", str(tmp_path / "given")]) == 0
+    recorded = json.loads((tmp_path / "given" / "eval.json").read_text())["template"]
+    assert recorded == {"name": "chat", "system": None, "jinja": "{{ bos_token }}" + LLAMA3_LIKE}
+    assert (
+        main([*common, "--chat-template", str(tmp_path / "given.jinja"), "--out", str(tmp_path / "y")]) == 2
+    )

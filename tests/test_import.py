@@ -379,3 +379,29 @@ def test_the_readme_commands_for_falcon_8b_run_end_to_end(tmp_path):
     assert set(rows) == {"baseline", "model", "model[falcon.reatten=false]"}
     assert rows["model[falcon.reatten=false]"]["vs_model"]["questions"] == 3 == rows["model"]["count"]
     assert (report_dir / "answers-model[falcon.reatten=false].jsonl").is_file()
+
+    # the README's way to prompt as their evaluation does: one more BOS before the template
+    from transformers import AutoTokenizer
+
+    from models.export import load_pretrained
+
+    own = AutoTokenizer.from_pretrained(tmp_path / "falcon").chat_template
+    (tmp_path / "twice.jinja").write_text("{{ bos_token }}" + own)
+    twice = tmp_path / "falcon-twice"
+    given = [
+        "--template",
+        "chat",
+        "--system-prompt",
+        "Be brief .",
+        "--chat-template",
+        str(tmp_path / "twice.jinja"),
+    ]
+    assert main(["import", str(tmp_path / "falcon"), str(twice), "--vision-tower", str(tower), *given]) == 0
+    prompts = []
+    for out in (export, twice):
+        loaded = load_pretrained(out)
+        prompts.append(
+            loaded.template.prompt("<image>\nWhat colour ?", loaded.tokenizer, loaded.model.image_token_id)
+        )
+    bos = tokenizer.bos_token_id
+    assert prompts[0][0] == bos and prompts[1] == [bos] + prompts[0]

@@ -142,3 +142,5 @@ def test_plugin_refuses_what_it_cannot_answer():
     assert VtcLmms(pretrained=base).built.template.name == "vicuna_v1"
     chat = VtcLmms(pretrained=base, template="chat", system_prompt="Be brief .").built.template
     assert (chat.name, chat.system) == ("chat", "Be brief .")
+    with pytest.raises(UserError, match="cannot read"):
+        VtcLmms(pretrained=base, template="chat", chat_template="/no/such.jinja")

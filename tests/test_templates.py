@@ -139,6 +139,26 @@ def test_chat_template_given_as_jinja_replaces_the_tokenizers(tokenizer, chat_to
     assert given.encode(CONV, chat_tokenizer, IMG, 1000) == own.encode(CONV, chat_tokenizer, IMG, 1000)
 
 
+def test_a_chat_template_file_named_by_the_user(tmp_path, chat_tokenizer):
+    """`--chat-template FILE` (evaluate, import, lmms-eval): the file's Jinja prompts instead of
+    the tokenizer's; e.g. a BOS before Llama-3's template gives the two BOS tokens of codebases
+    that tokenize the rendered chat with special tokens on (FALCON-8B's evaluation)."""
+    from data.errors import UserError
+    from data.templates import chosen_template
+
+    (tmp_path / "twice.jinja").write_text("{{ bos_token }}" + LLAMA3_LIKE)
+    question = CONV[0]["value"]
+    twice = chosen_template("chat", "Be brief.", str(tmp_path / "twice.jinja"))
+    own = chosen_template("chat", "Be brief.")
+    bos = chat_tokenizer.bos_token_id
+    assert twice.prompt(question, chat_tokenizer, IMG) == [bos] + own.prompt(question, chat_tokenizer, IMG)
+    assert own.prompt(question, chat_tokenizer, IMG)[:2] == [bos] + header(chat_tokenizer, "system")[:1]
+    with pytest.raises(UserError, match="goes with the chat template"):
+        chosen_template("vicuna_v1", None, str(tmp_path / "twice.jinja"))
+    with pytest.raises(UserError, match="missing.jinja.*cannot read"):
+        chosen_template("chat", None, str(tmp_path / "missing.jinja"))
+
+
 def test_chat_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
     from data.errors import UserError
 

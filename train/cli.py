@@ -135,7 +135,7 @@ def cmd_evaluate(args) -> int:
         compare,
         args.uncompressed,
         args.setting or [],
-        chosen_template(args.template, args.system_prompt),
+        chosen_template(args.template, args.system_prompt, args.chat_template),
     )
     from train.evaluation.report import markdown
 
@@ -215,13 +215,18 @@ def add_template_options(parser, what: str) -> None:
         "Llama-3 LLaVA)",
     )
     parser.add_argument("--system-prompt", metavar="TEXT", help="with --template chat: its system prompt")
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="with --template chat: a Jinja file used instead of the tokenizer's chat template",
+    )
 
 
 def cmd_import(args) -> int:
     from data.templates import chosen_template
     from models.importer import import_llava
 
-    template = chosen_template(args.template, args.system_prompt)
+    template = chosen_template(args.template, args.system_prompt, args.chat_template)
     out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta, template)
     for note in notes:
         print(f"[vtc] {note}")

@@ -7,9 +7,9 @@
 `compressor` a training-free baseline (`pooling`, `fastv`, ... or a component name) added to
 that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's budget. Other
 model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16 or float16;
-default float32), `template` and `system_prompt` (as `vtc evaluate --template`, e.g.
-`template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval splits model_args at commas,
-so the system prompt can hold none); the batch is lmms-eval's `--batch_size` (its default 1 is
+default float32), `template`, `system_prompt` and `chat_template` (a Jinja file) (as `vtc
+evaluate --template`, e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval
+splits model_args at commas, so the system prompt can hold none); the batch is lmms-eval's `--batch_size` (its default 1 is
 slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:
@@ -76,6 +76,7 @@ class VtcLmms(lmms):
         dtype: str = "float32",
         template: str | None = None,
         system_prompt: str | None = None,
+        chat_template: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval's `--max_batch_size` (for "auto"); unused
         **unknown,
     ) -> None:
@@ -83,13 +84,15 @@ class VtcLmms(lmms):
         if unknown:
             raise ValueError(
                 f"vtc: unknown model_args {', '.join(sorted(unknown))}; known: pretrained, compressor, "
-                "tokens, batch_size, device, dtype, template, system_prompt"
+                "tokens, batch_size, device, dtype, template, system_prompt, chat_template"
             )
         if dtype not in DTYPES:
             raise ValueError(f"vtc: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.built = model_for(pretrained, compressor, int(tokens) if tokens not in (None, "") else None)
-        if template or system_prompt:  # as `vtc evaluate --template`: e.g. a llava-hf chat LLaVA
-            self.built.template = chosen_template(template, system_prompt)
+        if (
+            template or system_prompt or chat_template
+        ):  # as `vtc evaluate --template`: e.g. a llava-hf chat LLaVA
+            self.built.template = chosen_template(template, system_prompt, chat_template)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.built.model.to(self._device, DTYPES[dtype]).eval()
         self.image_size = self.built.hf.config.vision_config.image_size
