@@ -16,9 +16,13 @@ HF `generate`; up to 12 tokens, stopping at eos): the answers must be the same t
 and vtc's logits without a cache, fed their answer, are compared with each of their cached
 steps'. In half precision (float16, as their inference runs, and bfloat16) vtc's logits and
 theirs are compared with their fp32 logits: vtc may lose at most twice what their model does.
-Their processor's grid choice (`anchor_rank` over `grid_4` and `grid_9`) is compared with vtc's
+FALCON-8B's prompt as their inference writes it (the `llama_3_1` conversation with its system
+prompt, rendered by the tokenizer's chat template, then `tokenizer_image_token`), on vtc's tiny
+tokenizer with a Llama-3-shaped template and, like Llama-3.1's, a BOS of its own, is compared id
+for id with vtc's chat prompt given the recipe's system prompt and that template with one more
+BOS in front (`--chat-template`). Their processor's grid choice (`anchor_rank` over `grid_4` and `grid_9`) is compared with vtc's
 `shape_match` on 3,528 image sizes. Exit status 1 if the fp32 logits differ by more than 1e-4,
-an answer or a grid differs, or vtc's half precision loses more than twice theirs.
+an answer, the prompt or a grid differs, or vtc's half precision loses more than twice theirs.
 
 With torchvision in their environment, their processor's thumbnail and crops of 40 images
 (24-400 px a side, `grid_9`, 64 px crops) are compared with vtc's `load_views`, pixel by pixel.
@@ -74,7 +78,10 @@ HALF = ("float16", "bfloat16")
 # image sizes (width, height) on which both pick a grid among grid_4 and grid_9, 384 px crops
 SIZES = [(w, h) for w in range(40, 3000, 53) for h in range(40, 3000, 47)]
 GRID_SETS, CROP = (4, 9), 384
-PICTURES, PICTURE_CROP = 40, 64  # images of 24-400 px a side through both processors (grid_9)
+PICTURES, PICTURE_CROP = 40, 64
+# FALCON-8B's prompt: the recipe of the authors' setting whose system prompt it carries, and a question
+FALCON_8B_RECIPE = "siglip-l-384-llama-3.1-8b/falcon/stage2"
+QUESTION = "<image>\nWhat colour is the dot ?"  # images of 24-400 px a side through both processors (grid_9)
 
 
 def authors_side(work: Path) -> None:
@@ -85,6 +92,7 @@ def authors_side(work: Path) -> None:
     results = {tower: their_answers(work, tower, tokens) for tower in TOWERS}
     results["grids"] = their_grids()
     results["pixels"] = their_pixels(work)
+    results["prompt"] = their_prompt(work)
     torch.save(results, work / "theirs.pt")
 
 
@@ -248,6 +256,27 @@ def their_answer(model, case: dict, ids: list[int], tokens: dict) -> dict:
     return {"tokens": out.sequences[0, -len(out.logits) :], "logits": torch.cat(out.logits).float()}
 
 
+def their_prompt(work: Path) -> dict:
+    """FALCON-8B's prompt as their inference writes it (jiutian/eval/model_infer.py: the
+    `llama_3_1` conversation with the model's tokenizer, rendered by its chat template, then
+    `tokenizer_image_token`), on vtc's tiny chat tokenizer made to add a BOS of its own as
+    Llama-3.1's does: the ids (their image placeholder kept), and their system prompt."""
+    from jiutian.constants import IMAGE_TOKEN_INDEX
+    from jiutian.conversation import conv_templates
+    from jiutian.mm_utils import tokenizer_image_token
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((work / "chat.json").read_text())
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(work / "chat-tokenizer.json"), **spec["special"])
+    tokenizer.chat_template = spec["template"]
+    conversation = conv_templates["llama_3_1"].copy()
+    conversation.tokenizer = tokenizer
+    conversation.append_message(conversation.roles[0], QUESTION)
+    conversation.append_message(conversation.roles[1], None)
+    ids = tokenizer_image_token(conversation.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX)
+    return {"ids": ids, "image": IMAGE_TOKEN_INDEX, "system": conversation.system}
+
+
 def their_pixels(work: Path) -> list | None:
     """Their processor's views of PICTURES images (written to work/pictures as PNG), as
     (pixels (1 + rows·cols, 3, S, S), patch positions); None without a real torchvision."""
@@ -346,6 +375,7 @@ def vtc_side(work: Path) -> int:
         compare_tower(work, tower, theirs[tower], found)
     grid_lines, grids_differ = compare_grids(theirs["grids"])
     pixel_line, pixels_differ = compare_pixels(work, theirs["pixels"])
+    compare_prompt(work, theirs["prompt"], found)
     print("| compared | largest difference | largest value (theirs) |")
     print("|---|---|---|")
     for what, diff, size in found.rows:
@@ -540,6 +570,53 @@ def swap_thumbnail(falcon) -> None:
             embedding.weight[[0, ANCHOR_MAX]] = embedding.weight[[ANCHOR_MAX, 0]].clone()
 
 
+def compare_prompt(work: Path, theirs: dict, found: Findings) -> None:
+    """FALCON-8B's prompt: vtc's chat template with the recipe's system prompt, through the
+    tokenizer's template with one more BOS in front (`--chat-template`), against theirs, id for
+    id; and vtc's default (the template as it is), which should be theirs less one BOS."""
+    from data import IMAGE_PLACEHOLDER
+    from data.templates import chosen_template
+
+    system = falcon_8b_system()
+    tokenizer = chat_tokenizer(system)
+    image = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    twice = work / "twice.jinja"
+    twice.write_text("{{ bos_token }}" + tokenizer.chat_template)
+    given = chosen_template("chat", system, str(twice)).prompt(QUESTION, tokenizer, image)
+    own = chosen_template("chat", system).prompt(QUESTION, tokenizer, image)
+    their_ids = [image if i == theirs["image"] else i for i in theirs["ids"]]
+    bos = tokenizer.bos_token_id
+    leading = next(i for i, token in enumerate(their_ids) if token != bos)
+    found.lines.append(
+        f"FALCON-8B's prompt (their llama_3_1 conversation, a tokenizer that adds its own BOS as "
+        f"Llama-3.1's does): {len(their_ids)} tokens, {leading} BOS first; "
+        f"vtc with --chat-template (one more BOS): {'the same' if given == their_ids else 'DIFFERENT'}; "
+        f"vtc's default: {'theirs less one BOS' if [bos] + own == their_ids else 'other'}; "
+        f"the recipe's system prompt: {'theirs' if system == theirs['system'] else 'DIFFERENT'}"
+    )
+    if tokenizer.unk_token_id in their_ids:
+        found.problems.append("FALCON-8B's prompt: the tokenizer lacks some of its words")
+    if given != their_ids:
+        found.problems.append(f"FALCON-8B's prompt: vtc {given}, theirs {their_ids}")
+    if system != theirs["system"]:
+        found.problems.append(f"{FALCON_8B_RECIPE}'s system prompt is not theirs: {theirs['system']!r}")
+
+
+def falcon_8b_system() -> str:
+    """The system prompt vtc's recipe of the authors' setting gives FALCON-8B."""
+    from train.recipe import load_recipe
+
+    return load_recipe(FALCON_8B_RECIPE, check_machine=False).model.system_prompt
+
+
+def chat_tokenizer(system: str):
+    """vtc's tiny tokenizer, knowing the words of `system` and the roles, with a Llama-3-shaped
+    chat template."""
+    from models.tiny import tiny_chat_tokenizer, tiny_tokenizer
+
+    return tiny_chat_tokenizer(tiny_tokenizer([system, "system user assistant"]))
+
+
 def compare_grids(chosen_by_them: dict) -> tuple[list[str], int]:
     """Lines saying where vtc's `shape_match` picks their processor's grid, and how many differ."""
     from data.subimages import select_grid_by_shape
@@ -603,6 +680,23 @@ def special_ids(export: Path) -> tuple[int, int]:
     return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
+def write_chat_tokenizer(work: Path) -> None:
+    """For their side (whose transformers cannot read vtc's tokenizer files): the tiny chat
+    tokenizer as a `tokenizers` file that, like Llama-3.1's, adds a BOS when asked for special
+    tokens, with its special tokens and chat template beside it."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = chat_tokenizer(falcon_8b_system())
+    backend = tokenizer.backend_tokenizer
+    bos = tokenizer.bos_token
+    backend.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    backend.save(str(work / "chat-tokenizer.json"))
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    (work / "chat.json").write_text(json.dumps({"special": special, "template": tokenizer.chat_template}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--authors-code", help="a copy of github.com/JiuTian-VL/FALCON")
@@ -634,6 +728,7 @@ def main() -> int:
     }
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
     (work / "tokens.json").write_text(json.dumps({"vocab": len(tokenizer), "indicators": indicators, **ids}))
+    write_chat_tokenizer(work)
     env = {**os.environ, "PYTHONPATH": str(Path(args.authors_code).resolve())}
     command = [args.authors_python, __file__, "--side", "authors", "--work", str(work)]
     if subprocess.run(command, env=env).returncode:

@@ -62,20 +62,12 @@ def deepest_layer(params) -> int:
     return max(found)
 
 
-STAND_IN_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-STAND_IN_CHAT = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-    "{{ m.content | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
 def reduced_base(config_dir: Path, out: Path, llm_layers: int, cpu: bool) -> Path:
     """A llava-hf folder: the real config with 2 vision layers and `llm_layers` decoder layers
     (small widths with `cpu`), random weights, the tiny tokenizer (its ids fit the real vocab)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from models.tiny import IMAGE_PLACEHOLDER, tiny_tokenizer
+    from models.tiny import IMAGE_PLACEHOLDER, tiny_chat_tokenizer
 
     if (out / "config.json").is_file():
         return out
@@ -87,11 +79,9 @@ def reduced_base(config_dir: Path, out: Path, llm_layers: int, cpu: bool) -> Pat
         text.num_key_value_heads, text.head_dim = text.num_attention_heads, None
         text.head_dim = text.hidden_size // text.num_attention_heads
         (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) = CPU_WIDTHS["vision"]
-    tokenizer = tiny_tokenizer()
     # recipes with `template: chat` prompt through the tokenizer's chat template: the stand-in
     # gets one shaped like Llama-3's (header tokens, an end of turn other than eos)
-    tokenizer.add_tokens(list(STAND_IN_CHAT_TOKENS), special_tokens=True)
-    tokenizer.chat_template = STAND_IN_CHAT
+    tokenizer = tiny_chat_tokenizer()
     config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     text.pad_token_id, text.bos_token_id, text.eos_token_id = (
         tokenizer.pad_token_id,

@@ -36,6 +36,26 @@ def tiny_tokenizer(extra_words: Iterable[str] = ()):
     return build_word_tokenizer(corpus)
 
 
+# A chat template shaped like Llama-3's (header tokens around each role, an end of turn other
+# than eos, the BOS written by the template), for the tiny tokenizer with those tokens added:
+# what checks of `template: chat` run on, where no real Llama-3 tokenizer can be downloaded.
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_SHAPED_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(tokenizer=None):
+    """`tokenizer` (default: a new tiny one) with CHAT_TOKENS added and LLAMA3_SHAPED_CHAT as its
+    chat template."""
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    tokenizer.add_tokens(list(CHAT_TOKENS), special_tokens=True)
+    tokenizer.chat_template = LLAMA3_SHAPED_CHAT
+    return tokenizer
+
+
 def tiny_llava_config(tiny: TinyConfig, tokenizer) -> LlavaConfig:
     shape = dict(
         hidden_size=tiny.vision_width,

@@ -333,14 +333,12 @@ def test_the_readme_commands_for_falcon_8b_run_end_to_end(tmp_path):
 
     from PIL import Image
 
-    from tests.test_templates import HEADERS, LLAMA3_LIKE
+    from models.tiny import tiny_chat_tokenizer
     from train.cli import main
 
     built = tiny_falcon(init_std=1.0)
     tower = falcon_layout(built, tmp_path / "falcon", anchors=4, indicators=False)
-    tokenizer = built.tokenizer
-    tokenizer.add_tokens(HEADERS, special_tokens=True)
-    tokenizer.chat_template = LLAMA3_LIKE
+    tokenizer = tiny_chat_tokenizer(built.tokenizer)
     tokenizer.save_pretrained(tmp_path / "falcon")
     export = tmp_path / "falcon-export"
     command = ["import", str(tmp_path / "falcon"), str(export), "--vision-tower", str(tower)]

@@ -4,6 +4,7 @@ import pytest
 
 from data import IGNORE_INDEX
 from data.templates import VICUNA_SYSTEM, ConversationError, get_template
+from models.tiny import CHAT_TOKENS, LLAMA3_SHAPED_CHAT, tiny_chat_tokenizer
 
 IMG = 4  # the tiny tokenizer's <image> id
 
@@ -73,24 +74,14 @@ def test_unknown_template_lists_known():
         get_template("llama3")
 
 
-# A Llama-3-shaped chat template (header tokens, end of turn distinct from eos), written for
-# these tests, on the tiny tokenizer with those tokens added.
-HEADERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-LLAMA3_LIKE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-    "{{ m.content | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+# A Llama-3-shaped chat template (header tokens, end of turn distinct from eos) on the tiny
+# tokenizer with those tokens added.
+HEADERS, LLAMA3_LIKE = list(CHAT_TOKENS), LLAMA3_SHAPED_CHAT
 
 
 @pytest.fixture
 def chat_tokenizer():
-    from models.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    tok.add_tokens(HEADERS, special_tokens=True)
-    tok.chat_template = LLAMA3_LIKE
-    return tok
+    return tiny_chat_tokenizer()
 
 
 def header(tok, role):
