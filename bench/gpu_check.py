@@ -6,7 +6,8 @@ names: LLaVolta's K = 16, CoViPAL's guidance layer 16), random weights, the tiny
 DeepSpeedStrategy at ZeRO-2 and ZeRO-3, a few steps each, stage 2 started from stage 1's run
 as the shipped recipes chain them. For each recipe: train until the first
 checkpoint, kill the process (SIGKILL), resume to the end, export, load the export back,
-evaluate a few questions. One line per check; exit status 1 if any failed.
+evaluate a few questions (`vtc evaluate --device cuda --dtype bfloat16`; with `--cpu` on cpu),
+checking the report says where they ran. One line per check; exit status 1 if any failed.
 
     python bench/gpu_check.py [--only tokenpacker,falcon] [--zero 2,3] [--out DIR] [--cpu]
 
@@ -183,7 +184,7 @@ def train_kill_resume(name: str, args: list[str], run: Path, checks: Checks, wha
     )
 
 
-def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str) -> None:
+def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str, cpu: bool) -> None:
     exported = vtc("export", str(run), str(out))
     if not checks.line(
         exported.returncode == 0, f"{what} export", tail(exported.stderr) if exported.returncode else ""
@@ -200,11 +201,30 @@ def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str) -> None
         f"{what} load the export back",
         tail(loaded.stderr) if loaded.returncode else "",
     )
-    evaluated = vtc(
-        "evaluate", str(run), "--limit", "4", "--baselines", "", "--no-timing", "--batch-size", "4"
+    # on the GPU, in the precision the GPU recipes train in
+    device, placement = (
+        ("cpu", ["--device", "cpu"]) if cpu else ("cuda", ["--device", "cuda", "--dtype", "bfloat16"])
     )
-    detail = tail(evaluated.stderr) if evaluated.returncode else "4 test images"
-    checks.line(evaluated.returncode == 0 and (run / "eval.json").is_file(), f"{what} evaluate", detail)
+    evaluated = vtc(
+        "evaluate",
+        str(run),
+        "--limit",
+        "4",
+        "--baselines",
+        "",
+        "--no-timing",
+        "--batch-size",
+        "4",
+        *placement,
+    )
+    report = run / "eval.json"
+    ran_on = (
+        json.loads(report.read_text())["machine"]["device"]
+        if evaluated.returncode == 0 and report.is_file()
+        else None
+    )
+    detail = tail(evaluated.stderr) if evaluated.returncode else f"4 test images on {ran_on}"
+    checks.line(ran_on is not None and ran_on.startswith(device), f"{what} evaluate", detail)
 
 
 def main() -> int:
@@ -247,7 +267,9 @@ def main() -> int:
                 recipe_args = overrides(recipe, base, init, run, work / "data", zero, args.cpu)
                 if not train_kill_resume(name, recipe_args, run, checks, what):
                     break
-                export_and_evaluate(run, work / f"z{zero}" / f"{name.replace('/', '-')}-export", checks, what)
+                export_and_evaluate(
+                    run, work / f"z{zero}" / f"{name.replace('/', '-')}-export", checks, what, args.cpu
+                )
                 init = run
     print(f"{checks.failed} check(s) failed; {time.time() - started:.0f} s; work folder {work}")
     return 1 if checks.failed else 0

@@ -25,6 +25,9 @@ from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
 from models.views import MultiViewConfig
 from models.vision import VisionTower, prefix_tokens
 
+# the precisions models are built and run in, by the names recipes and commands use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass(frozen=True)
 class ComponentSpec:

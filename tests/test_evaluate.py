@@ -354,3 +354,29 @@ def test_a_llava_hf_folder_is_prompted_in_the_template_given(tmp_path):
     assert (
         main([*common, "--chat-template", str(tmp_path / "given.jinja"), "--out", str(tmp_path / "y")]) == 2
     )
+
+
+def test_rows_run_in_the_precision_and_on_the_device_given(tmp_path):
+    """`--dtype bfloat16`: every row runs in bfloat16 (its prefill's tensors take about half the
+    memory they take in float32) and the report says so; a device this machine lacks, or an
+    unknown one, is refused before any weights load."""
+    from models.build import save_as_llava_hf
+    from train.cli import main
+
+    save_as_llava_hf(build("tiny", tiny=TEST_TINY), tmp_path / "llava")
+    common = ["evaluate", str(tmp_path / "llava"), "--limit", "2", "--baselines", "pooling", "--tokens", "16"]
+    common += ["--repeats", "1", "--latency-batch", "2"]
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main([*common, "--dtype", dtype, "--device", "cpu", "--out", str(tmp_path / dtype)]) == 0
+        reports[dtype] = json.loads((tmp_path / dtype / "eval.json").read_text())
+    half, full = reports["bfloat16"], reports["float32"]
+    assert half["settings"]["dtype"] == "bfloat16" and half["machine"]["device"] == "cpu"
+    assert "cpu in bfloat16" in (tmp_path / "bfloat16" / "eval.md").read_text()
+    for half_row, full_row in zip(half["rows"], full["rows"], strict=True):
+        assert half_row["peak_memory_mb"] < 0.7 * full_row["peak_memory_mb"]
+    for device in ("cuda:7", "tpu"):
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        assert main([*common, "--device", device, "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

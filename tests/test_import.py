@@ -369,6 +369,8 @@ def test_the_readme_commands_for_falcon_8b_run_end_to_end(tmp_path):
         "--no-timing",
         "--setting",
         "falcon.reatten=false",
+        "--dtype",
+        "float16",
         "--out",
         str(report_dir),
     ]
@@ -377,6 +379,7 @@ def test_the_readme_commands_for_falcon_8b_run_end_to_end(tmp_path):
     assert set(rows) == {"baseline", "model", "model[falcon.reatten=false]"}
     assert rows["model[falcon.reatten=false]"]["vs_model"]["questions"] == 3 == rows["model"]["count"]
     assert (report_dir / "answers-model[falcon.reatten=false].jsonl").is_file()
+    assert json.loads((report_dir / "eval.json").read_text())["settings"]["dtype"] == "float16"
 
     # the README's way to prompt as their evaluation does: one more BOS before the template
     from transformers import AutoTokenizer

@@ -122,6 +122,8 @@ def cmd_evaluate(args) -> int:
         latency_batch=args.latency_batch,
         repeats=args.repeats,
         timing=not args.no_timing,
+        device=args.device,
+        dtype=args.dtype,
     )
     compare = [c for c in (args.compare or "").split(",") if c]
     report = evaluate(
@@ -480,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=positive_int, default=5, help="timed repeats per figure (median reported)"
     )
     p.add_argument("--no-timing", action="store_true", help="accuracy, tokens and FLOPs only")
+    p.add_argument(
+        "--device", help="where every row runs: cpu, cuda, cuda:1 ... (default: cuda when there is one)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="precision of every row (default float32; LLaVA's own evaluation runs float16)",
+    )
     p.add_argument(
         "--compare",
         help="other runs or exports to measure beside it, comma-separated (e.g. the same recipe "

@@ -63,7 +63,8 @@ def evaluate(
     from train.datamodule import split_shards
 
     settings = settings or Settings()
-    changed = [SettingAtTest.parse(text) for text in test_settings]  # before any weights load
+    device, dtype = settings.placement()  # before any weights load
+    changed = [SettingAtTest.parse(text) for text in test_settings]
     source = resolve_source(target)
     if template is not None:
         source.template = template
@@ -84,6 +85,7 @@ def evaluate(
     rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
+        built.model.to(device, dtype)
         built.template = source.template  # every row prompted as the model under test was tuned
         for component in built.model.components():
             component.reset_statistics()
@@ -106,6 +108,8 @@ def evaluate(
             row["statistics"] = counted
         row.update(cost(built, questions, size, settings))
         rows.append(row)
+        if built is reference:  # kept for the budgets' checks only: off the device for the next rows
+            built.model.to("cpu")
         if questions_file:
             write_answers(
                 out / f"answers-{method.label}{'' if method.budget is None else f'-{method.budget}'}.jsonl",
@@ -136,7 +140,7 @@ def evaluate(
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": str(device),
         },
         "rows": rows,
         "answer_prior": answer_prior(questions),

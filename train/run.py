@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
 from data.synth import region_classes
-from models.build import build, save_as_llava_hf
+from models.build import DTYPES, build, save_as_llava_hf
 from models.lora import has_lora
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
@@ -57,8 +57,6 @@ from train.recipe import (
 )
 from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Lightning starts every stage's Trainer with a cloud-logger advertisement and a list of the
 # accelerators it did not find, and torch's pytree warns about a call inside Lightning: none of

@@ -35,9 +35,9 @@ from lmms_eval.api.model import lmms
 
 from data.templates import chosen_template
 from train.accuracy import Question, QuestionSet, answer_questions
+from train.evaluation.measure import placement
 from train.evaluation.sources import model_for
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
@@ -86,15 +86,13 @@ class VtcLmms(lmms):
                 f"vtc: unknown model_args {', '.join(sorted(unknown))}; known: pretrained, compressor, "
                 "tokens, batch_size, device, dtype, template, system_prompt, chat_template"
             )
-        if dtype not in DTYPES:
-            raise ValueError(f"vtc: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self._device, dtype = placement(device, dtype)  # before any weights load
         self.built = model_for(pretrained, compressor, int(tokens) if tokens not in (None, "") else None)
         if (
             template or system_prompt or chat_template
         ):  # as `vtc evaluate --template`: e.g. a llava-hf chat LLaVA
             self.built.template = chosen_template(template, system_prompt, chat_template)
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.built.model.to(self._device, DTYPES[dtype]).eval()
+        self.built.model.to(self._device, dtype).eval()
         self.image_size = self.built.hf.config.vision_config.image_size
         # lmms-eval's `--batch_size` (default 1) overrides model_args; "auto" → vtc's default 16
         self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)

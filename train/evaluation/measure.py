@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from data.dataset import collate
-from models.build import Built
+from data.errors import UserError
+from models.build import DTYPES, Built
 from models.flops import counted_run, module_flops, prefill_flops
 from train.accuracy import QuestionSet, _prompt_item
 
@@ -28,6 +29,29 @@ class Settings:
     decode_tokens: int = 16
     repeats: int = 5
     timing: bool = True
+    device: str | None = None  # where every row runs; None: cuda when there is one, else cpu
+    dtype: str = "float32"  # a DTYPES name: the precision every row runs in
+
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        return placement(self.device, self.dtype)
+
+
+def placement(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The device (None: cuda when there is one, else cpu) and precision (a DTYPES name) models
+    are evaluated on; a name this machine cannot run is refused before any weights load."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), DTYPES[dtype]
+    try:
+        place = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"device {device!r}: {err}") from None
+    if place.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: this machine has no CUDA device")
+    if place.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r}: vtc evaluates on cpu or cuda")
+    return place, DTYPES[dtype]
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -82,7 +106,11 @@ def prompt_batch(built: Built, questions: QuestionSet, size: int, count: int) ->
         views = load_views(questions.read_image(q.image), size, model.view_tiling)
         prompt = tmpl.prompt("<image>\n" + q.text, built.tokenizer, model.image_token_id)
         items.append(_prompt_item(q, prompt, views))
-    return collate(items, built.tokenizer.pad_token_id)
+    batch = collate(items, built.tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    for key in ("input_ids", "attention_mask", "pixel_values"):  # image_grids stay: read as lists
+        batch[key] = batch[key].to(device)
+    return batch
 
 
 def layer_tokens(built: Built, batch: dict) -> tuple[list[int], int]:

@@ -139,7 +139,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['question_count']} questions ({report['questions']}), prompted in the "
         f"`{report.get('template', {}).get('name', 'vicuna_v1')}` template; "
-        f"{report['machine']['device']}, {report['machine']['threads']} threads, torch {report['machine']['torch']}. "
+        f"{report['machine']['device']} in {report.get('settings', {}).get('dtype', 'float32')}, "
+        f"{report['machine']['threads']} threads, torch {report['machine']['torch']}. "
         "Accuracy = mean over question families; kept = vs. the baseline; same answers = share of "
         "answers identical to the baseline's; hard @b = share right of the questions the image "
         "down-sampled to b tokens gets wrong; GFLOPs = analytic prefill "
