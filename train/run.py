@@ -244,6 +244,8 @@ def compare(run_dir: Path, recipe: Recipe, visual_tokens: int) -> None:
         batch_size=recipe.eval.batch_size,
         max_new_tokens=recipe.eval.max_new_tokens,
         timing=recipe.eval.compare_timing,
+        # where the recipe trained: a run kept off the GPU (accelerator cpu) is evaluated off it too
+        device="cpu" if recipe.trainer.accelerator == "cpu" else None,
     )
     report = evaluate(str(run_dir), list(recipe.eval.baselines), [visual_tokens], settings=settings)
     print(summary(report))
