@@ -7,10 +7,10 @@
 `compressor` a training-free baseline (`pooling`, `fastv`, ... or a component name) added to
 that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's budget. Other
 model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16 or float16;
-default float32), `template`, `system_prompt` and `chat_template` (a Jinja file) (as `vtc
-evaluate --template`, e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval
-splits model_args at commas, so the system prompt can hold none); the batch is lmms-eval's `--batch_size` (its default 1 is
-slow: pass 16).
+default float32), `template`, `system_prompt` and `chat_template` (a Jinja file), as `vtc
+evaluate --template` (e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval
+splits model_args at commas, so the system prompt can hold none); the batch is lmms-eval's
+`--batch_size` (its default 1 is slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:
 the same image preprocessing, the model's prompt template (`vicuna_v1`, or the `chat` template
@@ -88,9 +88,8 @@ class VtcLmms(lmms):
             )
         self._device, dtype = placement(device, dtype)  # before any weights load
         self.built = model_for(pretrained, compressor, int(tokens) if tokens not in (None, "") else None)
-        if (
-            template or system_prompt or chat_template
-        ):  # as `vtc evaluate --template`: e.g. a llava-hf chat LLaVA
+        # as `vtc evaluate --template`: e.g. a llava-hf folder of a chat LLaVA
+        if template or system_prompt or chat_template:
             self.built.template = chosen_template(template, system_prompt, chat_template)
         self.built.model.to(self._device, dtype).eval()
         self.image_size = self.built.hf.config.vision_config.image_size

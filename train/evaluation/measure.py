@@ -49,6 +49,8 @@ def placement(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype
         raise UserError(f"device {device!r}: {err}") from None
     if place.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r}: this machine has no CUDA device")
+    if place.type == "cuda" and place.index is not None and place.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if place.type not in ("cpu", "cuda"):
         raise UserError(f"device {device!r}: vtc evaluates on cpu or cuda")
     return place, DTYPES[dtype]
