@@ -137,7 +137,8 @@ def test_llavolta_setting_is_given_on_the_command_line(tmp_path):
 
 def test_the_prompt_template_is_given_on_the_command_line(tmp_path):
     """A checkpoint tuned with its tokenizer's chat template is imported as such (the export
-    records it, so its evaluation prompts through it); a tokenizer without one is refused."""
+    records it, so its evaluation prompts through it); a tokenizer without one is refused, unless
+    a template is given."""
     from data.templates import get_template
     from tests.test_templates import LLAMA3_LIKE
 
@@ -147,6 +148,9 @@ def test_the_prompt_template_is_given_on_the_command_line(tmp_path):
         import_llava(
             tmp_path / "llava", tmp_path / "refused", vision_tower=tower, template=get_template("chat")
         )
+    given = get_template("chat", jinja=LLAMA3_LIKE)  # `--chat-template FILE` serves such a tokenizer
+    out, _ = import_llava(tmp_path / "llava", tmp_path / "given", vision_tower=tower, template=given)
+    assert load_pretrained(out).template.to_dict() == given.to_dict()
     built.tokenizer.chat_template = LLAMA3_LIKE
     built.tokenizer.save_pretrained(tmp_path / "llava")
     chat = get_template("chat", "Be brief.")
