@@ -20,9 +20,10 @@ FALCON-8B's prompt as their inference writes it (the `llama_3_1` conversation wi
 prompt, rendered by the tokenizer's chat template, then `tokenizer_image_token`), on vtc's tiny
 tokenizer with a Llama-3-shaped template and, like Llama-3.1's, a BOS of its own, is compared id
 for id with vtc's chat prompt given the recipe's system prompt and that template with one more
-BOS in front (`--chat-template`). Their processor's grid choice (`anchor_rank` over `grid_4` and `grid_9`) is compared with vtc's
-`shape_match` on 3,528 image sizes. Exit status 1 if the fp32 logits differ by more than 1e-4,
-an answer, the prompt or a grid differs, or vtc's half precision loses more than twice theirs.
+BOS in front (`--chat-template`). Their processor's grid choice (`anchor_rank` over `grid_4`
+and `grid_9`) is compared with vtc's `shape_match` on 3,528 image sizes. Exit status 1 if the
+fp32 logits differ by more than 1e-4, an answer, the prompt or a grid differs, or vtc's half
+precision loses more than twice theirs.
 
 With torchvision in their environment, their processor's thumbnail and crops of 40 images
 (24-400 px a side, `grid_9`, 64 px crops) are compared with vtc's `load_views`, pixel by pixel.
@@ -78,10 +79,10 @@ HALF = ("float16", "bfloat16")
 # image sizes (width, height) on which both pick a grid among grid_4 and grid_9, 384 px crops
 SIZES = [(w, h) for w in range(40, 3000, 53) for h in range(40, 3000, 47)]
 GRID_SETS, CROP = (4, 9), 384
-PICTURES, PICTURE_CROP = 40, 64
+PICTURES, PICTURE_CROP = 40, 64  # images of 24-400 px a side through both processors (grid_9)
 # FALCON-8B's prompt: the recipe of the authors' setting whose system prompt it carries, and a question
 FALCON_8B_RECIPE = "siglip-l-384-llama-3.1-8b/falcon/stage2"
-QUESTION = "<image>\nWhat colour is the dot ?"  # images of 24-400 px a side through both processors (grid_9)
+QUESTION = "<image>\nWhat colour is the dot ?"
 
 
 def authors_side(work: Path) -> None:
