@@ -284,10 +284,14 @@ def chosen_template(
         raise UserError("a system prompt goes with the chat template (--template chat)")
     if jinja_file is not None and name != ChatTemplate.name:
         raise UserError("a chat template file goes with the chat template (--template chat)")
-    jinja = None
-    if jinja_file is not None:
-        try:
-            jinja = Path(jinja_file).read_text()
-        except OSError as err:
-            raise UserError(f"chat template {jinja_file!r}: cannot read it: {err}") from None
+    jinja = None if jinja_file is None else read_jinja(jinja_file, "chat template")
     return None if name is None else get_template(name, system, jinja)
+
+
+def read_jinja(path: str, label: str) -> str:
+    """The text of a Jinja chat-template file; a UserError naming `label` (the key or option
+    that gave it) when it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"{label}: cannot read {path!r}: {err}") from None

@@ -146,7 +146,7 @@ def test_a_chat_template_file_named_by_the_user(tmp_path, chat_tokenizer):
     assert own.prompt(question, chat_tokenizer, IMG)[:2] == [bos] + header(chat_tokenizer, "system")[:1]
     with pytest.raises(UserError, match="goes with the chat template"):
         chosen_template("vicuna_v1", None, str(tmp_path / "twice.jinja"))
-    with pytest.raises(UserError, match="missing.jinja.*cannot read"):
+    with pytest.raises(UserError, match="chat template: cannot read .*missing.jinja"):
         chosen_template("chat", None, str(tmp_path / "missing.jinja"))
 
 

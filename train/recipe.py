@@ -29,7 +29,7 @@ from data.synth import (
     crowd_problem,
     families_problem,
 )
-from data.templates import Template, get_template
+from data.templates import Template, get_template, read_jinja
 from models.build import ComponentSpec
 from models.compressors import available, baselines, component_class, config_fields, unknown_name_message
 from models.compressors.base import ModelDims
@@ -479,12 +479,8 @@ def model_template(recipe: Recipe) -> Template:
 def _template(name: str, model: ModelRecipe) -> Template:
     if name != "chat":
         return get_template(name)
-    jinja = None
-    if model.chat_template:
-        try:
-            jinja = Path(model.chat_template).read_text()
-        except OSError as err:  # e.g. a run evaluated from another folder than it trained in
-            raise UserError(f"model.chat_template: cannot read {model.chat_template!r}: {err}") from None
+    # unreadable e.g. when a run is evaluated from another folder than it trained in
+    jinja = read_jinja(model.chat_template, "model.chat_template") if model.chat_template else None
     return get_template(name, model.system_prompt, jinja)
 
 
