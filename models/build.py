@@ -29,6 +29,35 @@ from models.vision import VisionTower, prefix_tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def floating_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's floating-point buffers by name (e.g. a Llama's rotary `inv_freq`)."""
+    return {
+        name: buffer
+        for name, buffer in module.named_buffers(remove_duplicate=False)
+        if buffer.is_floating_point()
+    }
+
+
+def restore_buffers(module: torch.nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    """Put `kept` (`floating_buffers` taken earlier) back in their own precision, each on the
+    device its buffer is on now."""
+    for name, buffer in kept.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        setattr(owner, attribute, buffer.to(getattr(owner, attribute).device))
+
+
+def to_precision(module: torch.nn.Module, dtype: torch.dtype, device=None) -> torch.nn.Module:
+    """`module.to(device, dtype)` for the parameters only: floating buffers move but keep their
+    precision, as `from_pretrained(dtype=...)` and DeepSpeed leave them. A rotary `inv_freq`
+    rounded to bfloat16 (0.4 % at most) is multiplied by the position: by position 700 some of
+    LLaVA-1.5-7B's cos/sin would be out by 0.8 (`bench/half_precision.py`)."""
+    kept = floating_buffers(module)
+    module.to(device=device, dtype=dtype)
+    restore_buffers(module, kept)
+    return module
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
@@ -72,7 +101,7 @@ def load_base(
         torch.manual_seed(seed)
         with torch.device(device or "cpu"):
             hf = LlavaForConditionalGeneration(config)
-        return hf.to(dtype), tokenizer
+        return to_precision(hf, dtype), tokenizer
     path = Path(base)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model base {base!r}: no config.json there (expected a llava-hf directory)")
@@ -81,7 +110,7 @@ def load_base(
         config = LlavaConfig.from_pretrained(path)
         with torch.device("meta"):
             hf = LlavaForConditionalGeneration(config)
-        return hf.to(dtype), tokenizer
+        return to_precision(hf, dtype), tokenizer
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise FileNotFoundError(
             f"model base {base!r} has a config but no weights: point model.base at a "

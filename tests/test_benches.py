@@ -221,3 +221,23 @@ def test_falcon_bench_dot_object(tmp_path):
     # a `shape` or `detail` answer names one cell, so one crop; only `match` (16 questions, one an
     # image) can rest on two, and most of its dots lie in another crop than their object
     assert 0 < run["across_crops_count"] <= 16
+
+
+def test_half_precision_bench():
+    """`python bench/half_precision.py`: for every shipped config and half precision, the cos/sin
+    kept by `to_precision` are within that precision's rounding, and rounding `inv_freq` with the
+    weights is worse at each length and grows with it."""
+    rows = [
+        line.split("|")[1:-1]
+        for line in run_bench("half_precision.py", "--positions", "300", "700").splitlines()
+    ]
+    rows = [[cell.strip() for cell in row] for row in rows[2:]]
+    assert [(row[0], row[1]) for row in rows] == [
+        (config, dtype)
+        for config in ("llava-1.5-7b-hf", "siglip-l-384-llama-3.1-8b")
+        for dtype in ("float16", "bfloat16")
+    ]
+    for row in rows:
+        (cast_short, kept_short), (cast_long, kept_long) = (map(float, cell.split(" / ")) for cell in row[3:])
+        assert max(kept_short, kept_long) <= (0.001 if row[1] == "float16" else 0.004)
+        assert kept_short < cast_short < cast_long

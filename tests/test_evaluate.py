@@ -356,20 +356,35 @@ def test_a_llava_hf_folder_is_prompted_in_the_template_given(tmp_path):
     )
 
 
-def test_rows_run_in_the_precision_and_on_the_device_given(tmp_path):
+def test_rows_run_in_the_precision_and_on_the_device_given(tmp_path, monkeypatch):
     """`--dtype bfloat16`: every row runs in bfloat16 (its prefill's tensors take about half the
-    memory they take in float32) and the report says so; a device this machine lacks, or an
+    memory they take in float32), but for the rotary `inv_freq`, kept in float32 as
+    `from_pretrained` keeps it, and the report says so; a device this machine lacks, or an
     unknown one, is refused before any weights load."""
-    from models.build import save_as_llava_hf
+    import train.evaluate
+    from models.build import floating_buffers, save_as_llava_hf
     from train.cli import main
+
+    answering = train.evaluate.answer_questions
+    seen = []  # (parameter dtypes, floating buffer dtypes) of each row as it answers
+
+    def recording(model, *args, **kwargs):
+        buffers = floating_buffers(model).values()
+        seen.append(({p.dtype for p in model.parameters()}, {b.dtype for b in buffers}))
+        return answering(model, *args, **kwargs)
+
+    monkeypatch.setattr(train.evaluate, "answer_questions", recording)
 
     save_as_llava_hf(build("tiny", tiny=TEST_TINY), tmp_path / "llava")
     common = ["evaluate", str(tmp_path / "llava"), "--limit", "2", "--baselines", "pooling", "--tokens", "16"]
     common += ["--repeats", "1", "--latency-batch", "2"]
     reports = {}
     for dtype in ("float32", "bfloat16"):
+        seen.clear()
         assert main([*common, "--dtype", dtype, "--device", "cpu", "--out", str(tmp_path / dtype)]) == 0
         reports[dtype] = json.loads((tmp_path / dtype / "eval.json").read_text())
+        if dtype == "bfloat16":
+            assert seen and all(p == {torch.bfloat16} and b == {torch.float32} for p, b in seen)
     half, full = reports["bfloat16"], reports["float32"]
     assert half["settings"]["dtype"] == "bfloat16" and half["machine"]["device"] == "cpu"
     assert "cpu in bfloat16" in (tmp_path / "bfloat16" / "eval.md").read_text()

@@ -224,3 +224,29 @@ def test_a_chat_template_run_is_trained_evaluated_and_exported_in_its_template(t
     assert loaded.template.to_dict() == built.template.to_dict()
     assert resolve_source(str(out)).template.to_dict() == built.template.to_dict()
     assert resolve_source(str(tmp_path / "run")).template.to_dict() == built.template.to_dict()
+
+
+@pytest.mark.slow
+def test_evaluation_builds_a_run_and_its_export_straight_in_half_precision(lora_run):
+    """`vtc evaluate --dtype bfloat16` builds each row in bfloat16 (a 7B base is never read into
+    memory at its float32 size) and gets the float32 build's weights rounded, bit for bit: the run
+    (TokenPacker and LLM LoRA trained), its export and the export's base."""
+    from models.build import to_precision
+    from train.evaluation.sources import resolve_source
+
+    tmp, *_ = lora_run
+    export = resolve_source(str(export_run(tmp / "run", tmp / "export-for-half")), "bfloat16")
+    full = resolve_source(export.out_dir)
+    pairs = [
+        (rebuild_run(tmp / "run", dtype="bfloat16")[0], rebuild_run(tmp / "run")[0]),
+        (export.model(), full.model()),
+        (export.base(), full.base()),
+    ]
+    for built, reference in pairs:
+        base_weights = {p.dtype for name, p in built.hf.named_parameters() if "lora_" not in name}
+        assert base_weights == {torch.bfloat16}
+        got = to_precision(built.model, torch.bfloat16).state_dict()
+        want = to_precision(reference.model, torch.bfloat16).state_dict()
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)

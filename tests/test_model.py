@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import tests.components  # noqa: F401  (registers the test components)
-from models.build import ComponentSpec, build, save_as_llava_hf
+from models.build import ComponentSpec, build, floating_buffers, save_as_llava_hf, to_precision
 from models.sequence import SequenceState
 from tests.conftest import TEST_TINY, assert_generation_matches_forwards
+from train.recipe import REPO_ROOT
 
 torch.manual_seed(0)
 
@@ -273,3 +274,58 @@ def test_pool_visual_equals_pooling_each_span_on_its_own(side, positions):
             assert got.dtype == want.dtype and torch.equal(got, want), (stride, name)
     with pytest.raises(ValueError, match="positions"):
         state.pool_visual(2, "mean")
+
+
+def test_half_precision_keeps_rotary_buffers_in_float32(tmp_path):
+    """`to_precision` casts the weights and leaves floating buffers as `from_pretrained(dtype=)`
+    loads them. On LLaVA-1.5-7B's rotary embedding run in bfloat16, the cos/sin of the first 700
+    positions (576 image tokens and a question) then stay within bfloat16's rounding, where
+    `.to(bfloat16)`, which rounds `inv_freq` too, puts some out by more than 0.5. A tiny base
+    built in bfloat16 keeps the buffers as a llava-hf folder loaded in bfloat16 does."""
+    from transformers import LlavaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlavaConfig.from_pretrained(REPO_ROOT / "models/configs/llava-1.5-7b-hf").text_config
+    reference, positions = LlamaRotaryEmbedding(config), torch.arange(700)[None]
+
+    def worst(holder):  # the largest cos/sin error over those positions, run in bfloat16
+        x = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
+        pairs = zip(holder["rotary"](x, positions), reference(x.float(), positions), strict=True)
+        return max((got.float() - want).abs().max().item() for got, want in pairs)
+
+    kept = to_precision(torch.nn.ModuleDict({"rotary": LlamaRotaryEmbedding(config)}), torch.bfloat16)
+    cast = torch.nn.ModuleDict({"rotary": LlamaRotaryEmbedding(config)}).to(torch.bfloat16)
+    assert worst(kept) < 0.01 and worst(cast) > 0.5
+
+    full = build("tiny", tiny=TEST_TINY)
+    save_as_llava_hf(full, tmp_path)
+    for half in (
+        build("tiny", tiny=TEST_TINY, dtype=torch.bfloat16),
+        build(str(tmp_path), dtype=torch.bfloat16),
+    ):
+        assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+        buffers = floating_buffers(half.model)
+        assert buffers and {b.dtype for b in buffers.values()} == {torch.float32}
+        for name, buffer in floating_buffers(full.model).items():
+            torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0)
+
+
+def test_bf16_true_training_gets_its_float32_buffers_back_before_the_first_step():
+    """Lightning's `precision: bf16-true` casts the whole module, buffers too (DeepSpeed and
+    `from_pretrained` keep them float32); the LightningModule puts them back when fit starts."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from train.module import VtcModule
+    from train.recipe import load_recipe
+
+    built = build("tiny", tiny=TEST_TINY)
+    before = {name: buffer.clone() for name, buffer in floating_buffers(built.model).items()}
+    module = VtcModule(built.model, load_recipe("tiny/smoke").stages[0], total_steps=1)
+    module = HalfPrecision("bf16-true").convert_module(module)
+    assert {b.dtype for b in floating_buffers(module.model).values()} == {torch.bfloat16}
+    module.on_fit_start()
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    after = floating_buffers(module.model)
+    assert before and after.keys() == before.keys()
+    for name, buffer in before.items():
+        torch.testing.assert_close(after[name], buffer, rtol=0, atol=0)

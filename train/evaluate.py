@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data.errors import UserError
 from data.templates import Template
-from models.build import build
+from models.build import to_precision
 from train.accuracy import (
     agreement,
     answer_prior,
@@ -65,11 +65,11 @@ def evaluate(
     settings = settings or Settings()
     device, dtype = settings.placement()  # before any weights load
     changed = [SettingAtTest.parse(text) for text in test_settings]
-    source = resolve_source(target)
+    source = resolve_source(target, settings.dtype)
     if template is not None:
         source.template = template
     out = Path(out_dir) if out_dir else source.out_dir
-    reference = build(source.base_dir)
+    reference = source.base()
     dims, visual = reference.model.dims, reference.model.visual_tokens()
     size = reference.hf.config.vision_config.image_size
     budgets = budgets or [visual // 4, visual // 16]
@@ -85,7 +85,7 @@ def evaluate(
     rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
-        built.model.to(device, dtype)
+        to_precision(built.model, dtype, device)  # LoRA and components too; buffers kept
         built.template = source.template  # every row prompted as the model under test was tuned
         for component in built.model.components():
             component.reset_statistics()

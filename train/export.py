@@ -16,13 +16,14 @@ from train.recipe import load_recipe, resolve_base
 from train.run import build_from_recipe, load_trainables
 
 
-def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
+def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None, dtype: str | None = None):
     """The run's model as training left it: base + components, LoRA injected as its stages did,
     trained weights loaded from trainable.safetensors. `run_dir` may also be one of the run's step
     checkpoints (`RUN_DIR/ckpt/stage<i>-<name>-step<N>/`): the model at that step, LoRA injected as
     the stages up to that one did. `compressors`: the run's own with other settings (e.g. another
     token budget), same names and weights; [] leaves them out (the trained model without
-    compression)."""
+    compression). `dtype`: build it in that precision (a DTYPES name) instead of the recipe's
+    `model.dtype`; the trained weights are rounded to it as they load."""
     checkpoint = checkpoint_at(run_dir)
     root = checkpoint.run_dir if checkpoint else run_dir
     weights = run_dir / "trainable.safetensors"
@@ -41,6 +42,8 @@ def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None):
     recipe = load_recipe(root / "recipe.yaml", check_machine=False)
     if compressors is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, compressors=compressors))
+    if dtype is not None:
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype))
     built = build_from_recipe(recipe)
     for stage in recipe.stages[: checkpoint.stage_index + 1] if checkpoint else recipe.stages:
         apply_stage(built.model, stage)  # injects LoRA where a stage trained with it

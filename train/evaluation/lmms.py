@@ -34,6 +34,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from data.templates import chosen_template
+from models.build import to_precision
 from train.accuracy import Question, QuestionSet, answer_questions
 from train.evaluation.measure import placement
 from train.evaluation.sources import model_for
@@ -86,12 +87,13 @@ class VtcLmms(lmms):
                 f"vtc: unknown model_args {', '.join(sorted(unknown))}; known: pretrained, compressor, "
                 "tokens, batch_size, device, dtype, template, system_prompt, chat_template"
             )
-        self._device, dtype = placement(device, dtype)  # before any weights load
-        self.built = model_for(pretrained, compressor, int(tokens) if tokens not in (None, "") else None)
+        self._device, torch_dtype = placement(device, dtype)  # before any weights load
+        budget = int(tokens) if tokens not in (None, "") else None
+        self.built = model_for(pretrained, compressor, budget, dtype)
         # as `vtc evaluate --template`: e.g. a llava-hf folder of a chat LLaVA
         if template or system_prompt or chat_template:
             self.built.template = chosen_template(template, system_prompt, chat_template)
-        self.built.model.to(self._device, dtype).eval()
+        to_precision(self.built.model, torch_dtype, self._device).eval()
         self.image_size = self.built.hf.config.vision_config.image_size
         # lmms-eval's `--batch_size` (default 1) overrides model_args; "auto" → vtc's default 16
         self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)

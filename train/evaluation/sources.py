@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data.errors import UserError
 from data.templates import Template, get_template, template_from_dict
-from models.build import Built, ComponentSpec, build
+from models.build import DTYPES, Built, ComponentSpec, build
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
 
@@ -42,6 +42,11 @@ class Source:
     uncompressed: Callable[[], Built] | None = None
     # the format the model under test was instruction-tuned with; every row is prompted in it
     template: Template = field(default_factory=lambda: get_template("vicuna_v1"))
+    dtype: str = "float32"  # the precision (a DTYPES name) every model of this source is built in
+
+    def base(self, compressors: list[ComponentSpec] = ()) -> Built:
+        """The baseline, the base's llava-hf model, with `compressors` (e.g. a training-free one)."""
+        return build(self.base_dir, compressors=list(compressors), dtype=DTYPES[self.dtype])
 
 
 def _names_a_recipe(target: str) -> bool:
@@ -54,9 +59,10 @@ def _names_a_recipe(target: str) -> bool:
     return True
 
 
-def resolve_source(target: str) -> Source:
+def resolve_source(target: str, dtype: str = "float32") -> Source:
     """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder
-    or a llava-hf folder."""
+    or a llava-hf folder, whose models are built in `dtype` (a DTYPES name): loaded straight in
+    half precision, a 7B model never takes its float32 size in memory."""
     from train.checkpoint import checkpoint_at
     from train.recipe import DataRecipe, load_recipe, model_template, resolve_base
     from train.run import is_run_dir, run_dir_of
@@ -84,7 +90,9 @@ def resolve_source(target: str) -> Source:
         template = model_template(recipe)
         if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
             description = f"run {path} (its llava-hf model)"
-            return Source(None, str(own_base), report_dir, recipe.data, description, template=template)
+            return Source(
+                None, str(own_base), report_dir, recipe.data, description, template=template, dtype=dtype
+            )
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
             hint = f"; export the checkpoint (vtc export {path} OUT) and evaluate OUT" if checkpoint else ""
@@ -94,11 +102,11 @@ def resolve_source(target: str) -> Source:
 
         def model_at(budget: int, visual: int, dims) -> Callable[[], Built] | None:
             compressors = at_budget(recipe.model.compressors, budget, visual, dims)
-            return None if compressors is None else (lambda: rebuild_run(path, compressors)[0])
+            return None if compressors is None else (lambda: rebuild_run(path, compressors, dtype)[0])
 
-        uncompressed = (lambda: rebuild_run(path, [])[0]) if recipe.model.compressors else None
+        uncompressed = (lambda: rebuild_run(path, [], dtype)[0]) if recipe.model.compressors else None
         return Source(
-            lambda: rebuild_run(path)[0],
+            lambda: rebuild_run(path, dtype=dtype)[0],
             base,
             report_dir,
             recipe.data,
@@ -106,6 +114,7 @@ def resolve_source(target: str) -> Source:
             model_at,
             uncompressed,
             template,
+            dtype,
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -114,11 +123,11 @@ def resolve_source(target: str) -> Source:
 
         plain = meta["projector"]["name"] == "mlp2x_gelu" and not meta["compressors"] and not meta.get("lora")
         base = meta["base"] or str(path)  # an export's llava-hf part holds the base weights
-        model = None if plain else (lambda: load_pretrained(path))
+        model = None if plain else (lambda: load_pretrained(path, dtype=DTYPES[dtype]))
         template = template_from_dict(meta.get("template"))
-        return Source(model, base, path, DataRecipe(), f"export {path}", template=template)
+        return Source(model, base, path, DataRecipe(), f"export {path}", template=template, dtype=dtype)
     if (path / "config.json").is_file():
-        return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}")
+        return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}", dtype=dtype)
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
 
 
@@ -200,9 +209,7 @@ def methods_for(
     other runs or exports measured beside it (labelled by their folder names); `uncompressed`:
     the model under test also with its compressors left out; `test_settings`: the model under
     test again with each setting (a row `model[NAME.KEY=VALUE]`)."""
-    methods = [
-        Method("baseline", None, (lambda: reference) if reference else (lambda: build(source.base_dir)))
-    ]
+    methods = [Method("baseline", None, (lambda: reference) if reference else source.base)]
     if source.model is not None:
         methods.append(Method("model", None, source.model))
         for budget in budgets if source.model_at is not None else ():
@@ -218,8 +225,8 @@ def methods_for(
             raise UserError(f"--setting {setting.text}: {source.description} has no components to set")
         methods.append(Method(f"model[{setting.text}]", None, setting.applied(source.model)))
     for other in compare:
-        found = resolve_source(other)
-        make = found.model or (lambda found=found: build(found.base_dir))
+        found = resolve_source(other, source.dtype)
+        make = found.model or found.base
         methods.append(Method(Path(other).name or other, None, make))
     known = registered_baselines()
     for label in baselines:
@@ -231,18 +238,19 @@ def methods_for(
             if spec is None:
                 print(f"[vtc] {label}: cannot keep exactly {budget} of {visual} tokens; left out")
                 continue
-            methods.append(
-                Method(label, budget, lambda spec=spec: build(source.base_dir, compressors=[spec]))
-            )
+            methods.append(Method(label, budget, lambda spec=spec: source.base([spec])))
     return methods
 
 
-def model_for(target: str, compressor: str | None = None, tokens: int | None = None) -> Built:
+def model_for(
+    target: str, compressor: str | None = None, tokens: int | None = None, dtype: str = "float32"
+) -> Built:
     """One model as `vtc evaluate` builds its rows (for callers that evaluate one at a time, e.g.
     the lmms-eval plugin): `target` itself (a run, recipe, vtc export or llava-hf folder); with
     `tokens`, a trained pruner set to keep that many; with `compressor` (a `--baselines` label
-    or a component name), the uncompressed baseline with that training-free method at `tokens`."""
-    source = resolve_source(target)
+    or a component name), the uncompressed baseline with that training-free method at `tokens`;
+    built in `dtype` (a DTYPES name)."""
+    source = resolve_source(target, dtype)
     built = _model_of(source, target, compressor, tokens)
     built.template = source.template  # prompted as `vtc evaluate` prompts every row of this source
     return built
@@ -254,7 +262,7 @@ def _model_of(source: Source, target: str, compressor: str | None, tokens: int |
     from models.build import dims_of
 
     if compressor is None and tokens is None:
-        return (source.model or (lambda: build(source.base_dir)))()
+        return (source.model or source.base)()
     dims = dims_of(AutoConfig.from_pretrained(source.base_dir))
     visual = dims.grid**2  # the base's own count (LLaVA's MLP keeps every patch)
     if tokens is None:
@@ -278,4 +286,4 @@ def _model_of(source: Source, target: str, compressor: str | None, tokens: int |
     spec = baseline_at(name, tokens, visual, dims)
     if spec is None:
         raise UserError(f"compressor={compressor}: cannot keep exactly {tokens} of {visual} visual tokens")
-    return build(source.base_dir, compressors=[spec])
+    return source.base([spec])
