@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
+import torch  # noqa: E402
+
 from data.synth import final_answer, make_sample  # noqa: E402
 from models.pretrained import shipped_path  # noqa: E402
 
@@ -144,3 +146,21 @@ def test_plugin_refuses_what_it_cannot_answer():
     assert (chat.name, chat.system) == ("chat", "Be brief .")
     with pytest.raises(UserError, match="cannot read"):
         VtcLmms(pretrained=base, template="chat", chat_template="/no/such.jinja")
+
+
+def test_plugin_builds_in_the_precision_given_and_keeps_float32_buffers():
+    """`dtype=bfloat16`: the model is built in bfloat16 (the base is never read in at float32)
+    and placed, its floating buffers (the rotary `inv_freq`) left in float32 as
+    `from_pretrained` leaves them."""
+    from models.build import floating_buffers
+    from train.evaluation.lmms import VtcLmms
+
+    plugin = VtcLmms(
+        pretrained=str(shipped_path("tiny-llava")), compressor="pooling", tokens=16, dtype="bfloat16"
+    )
+    model = plugin.built.model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # the HF projector vtc's replaces is not in `model`: only the build could have cast it
+    assert {p.dtype for p in plugin.built.hf.parameters()} == {torch.bfloat16}
+    buffers = floating_buffers(model)
+    assert buffers and {b.dtype for b in buffers.values()} == {torch.float32}
