@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.initialization import no_init_weights
 
 from data.errors import UserError
 from data.templates import Template, get_template
@@ -343,11 +344,15 @@ def import_llava(
     notes += [f"left out {key}" for key in dropped if not key.endswith(".inv_freq")]
 
     dtype = hf_weights["model.language_model.embed_tokens.weight"].dtype
-    hf = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    # every weight is loaded from the checkpoint below (or the import fails): drawing a 7B
+    # model's random ones first would take minutes
+    with no_init_weights():
+        hf = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     expected = set(hf.state_dict())
     hf_weights.update(tower_names(tower, expected))
-    if kind != "mlp2x_gelu":  # the llava-hf part's own projector is not used: it stays fresh
+    if kind != "mlp2x_gelu":  # the llava-hf part's own projector is not used: it starts fresh
         expected -= {k for k in expected if k.startswith("model.multi_modal_projector.")}
+        hf.model.multi_modal_projector.apply(hf._init_weights)
     missing, unexpected = expected - set(hf_weights), set(hf_weights) - set(hf.state_dict())
     if missing or unexpected:
         raise UserError(

@@ -123,6 +123,10 @@ def test_tokenpacker_and_dyvte_checkpoint(tmp_path):
     ):
         torch.testing.assert_close(theirs[0].weight, mine[0].weight)
     same_logits(built, imported, built.tokenizer)
+    # the llava-hf part's own projector, which the checkpoint has no weights for, starts as
+    # transformers draws it (the rest is loaded without drawing random weights first)
+    fresh = imported.hf.model.multi_modal_projector.linear_1
+    assert 0.015 < fresh.weight.std().item() < 0.025 and not fresh.bias.any()
 
 
 def test_llavolta_setting_is_given_on_the_command_line(tmp_path):
