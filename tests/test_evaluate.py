@@ -395,3 +395,47 @@ def test_rows_run_in_the_precision_and_on_the_device_given(tmp_path, monkeypatch
             continue
         assert main([*common, "--device", device, "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
+    """`--baseline none`: no baseline row; the model is the reference (kept and same answers
+    100 %) and eval.md says so. `--baseline OTHER`: OTHER is the baseline row, answering as it
+    does when evaluated on its own, and the training-free baselines go on it; the model's
+    accuracy kept is then against it. A base has no model to stand without a baseline, and a
+    baseline that does not exist is named before any weights load."""
+    from models.export import export
+    from models.pretrained import shipped_path
+    from train.cli import main
+
+    base, other = str(shipped_path("tiny-llava")), str(shipped_path("tiny-llava-8l"))
+    spec = ComponentSpec("avgpool2d", {"stride": 2})
+    built = build(base, compressors=[spec])
+    out = export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    common = ["evaluate", str(out), "--limit", "2", "--no-timing", "--tokens", "16"]
+
+    def report(name: str, *args: str) -> dict:
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "eval.json").read_text())
+
+    alone = report("none", *common, "--baselines", "", "--baseline", "none")
+    assert alone["baseline"] == "none" and [r["method"] for r in alone["rows"]] == ["model"]
+    assert alone["rows"][0]["accuracy_kept"] == alone["rows"][0]["agreement"] == 1.0
+    assert "kept = vs. `model` (no baseline row)" in (tmp_path / "none" / "eval.md").read_text()
+
+    against = report("other", *common, "--baselines", "pooling", "--baseline", other)
+    own = report(
+        "own", "evaluate", other, "--limit", "2", "--no-timing", "--tokens", "16", "--baselines", "pooling"
+    )
+    rows, own_rows = ({r["method"]: r for r in r_["rows"]} for r_ in (against, own))
+    assert list(rows) == ["baseline", "model", "pooling"] and against["baseline"] == f"llava-hf model {other}"
+    for method in ("baseline", "pooling"):  # pooling on the source's own base answers otherwise
+        for key in ("per_family", "flops"):
+            assert rows[method][key] == own_rows[method][key]
+    model = rows["model"]
+    assert model["accuracy_kept"] == pytest.approx(model["accuracy"] / own_rows["baseline"]["accuracy"])
+    assert model["per_family"] == alone["rows"][0]["per_family"]
+
+    assert main(["evaluate", base, "--baseline", "none", "--out", str(tmp_path / "x")]) == 2
+    assert "is a base, with no model to measure" in capsys.readouterr().err
+    assert main([*common, "--baseline", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "--baseline: " in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -138,6 +138,7 @@ def cmd_evaluate(args) -> int:
         args.uncompressed,
         args.setting or [],
         chosen_template(args.template, args.system_prompt, args.chat_template),
+        args.baseline,
     )
     from train.evaluation.report import markdown
 
@@ -455,6 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         help="a run directory or one of its step checkpoints (RUN_DIR/ckpt/...), a recipe (its run), "
         "a vtc export or a llava-hf folder",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="SOURCE",
+        help="the row every other is measured against (default: the source's base, the LLaVA its "
+        "compressor was attached to): another run, export or llava-hf folder (its model; the "
+        "training-free baselines go on its base), or 'none' for no such row, the model then being "
+        "the reference (e.g. an imported checkpoint whose base is no uncompressed model of it)",
     )
     p.add_argument(
         "--baselines",

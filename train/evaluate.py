@@ -1,9 +1,9 @@
 """`vtc evaluate`: accuracy kept vs. visual tokens vs. FLOPs vs. measured speed.
 
 Every method runs through the same harness — same questions, template, preprocessing and greedy
-decoding — always next to the uncompressed baseline (the LLaVA model the compressor was attached
-to). Training-free baselines are registered components added to that baseline at each token
-budget. Per method and budget the report has: accuracy (mean over question families, and per
+decoding — next to the uncompressed baseline (the LLaVA model the compressor was attached to;
+`--baseline` names another, or none). Training-free baselines are registered components added
+to that baseline's base at each token budget. Per method and budget the report has: accuracy (mean over question families, and per
 family), accuracy kept vs. the baseline, the share of answers the same as the baseline's, the
 share right on the hard subset (the questions the down-sampled image gets wrong), visual tokens
 into the LLM (mean) and per layer, analytic prefill FLOPs (models/flops.py), measured prefill
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data.errors import UserError
 from data.templates import Template
-from models.build import to_precision
+from models.build import build, to_precision
 from train.accuracy import (
     agreement,
     answer_prior,
@@ -39,7 +39,7 @@ from train.accuracy import (
 )
 from train.evaluation.measure import Settings, cost
 from train.evaluation.report import add_hard_subsets, add_relative, write_answers, write_report
-from train.evaluation.sources import SettingAtTest, methods_for, resolve_source
+from train.evaluation.sources import SettingAtTest, baseline_row, methods_for, resolve_source
 
 
 def evaluate(
@@ -54,12 +54,16 @@ def evaluate(
     uncompressed: bool = False,
     test_settings: list[str] = (),
     template: Template | None = None,
+    baseline: str | None = None,
 ) -> dict:
     """Evaluate `target` and the baselines (and the `compare` sources, `target` without its
     compressors, and `target` with each of `test_settings`, "NAME.KEY=VALUE", compared with it
     question by question); write eval.json, eval.md, eval.png to `out_dir` (default: the
     target's folder) and return the report. `template`: prompt every row so instead of in the
-    template the source records (e.g. a llava-hf folder of a chat LLaVA, which records none)."""
+    template the source records (e.g. a llava-hf folder of a chat LLaVA, which records none).
+    `baseline`: the row every other is measured against: by default the target's base; another
+    source (its model, as this function measures it; the training-free baselines then go on
+    its base); or NO_BASELINE, no such row (the first row, the model, is the reference)."""
     from train.datamodule import split_shards
 
     settings = settings or Settings()
@@ -68,10 +72,11 @@ def evaluate(
     source = resolve_source(target, settings.dtype)
     if template is not None:
         source.template = template
+    against, make_baseline = baseline_row(source, baseline)
     out = Path(out_dir) if out_dir else source.out_dir
-    reference = source.base()
-    dims, visual = reference.model.dims, reference.model.visual_tokens()
-    size = reference.hf.config.vision_config.image_size
+    shape = build(against.base_dir, device="meta")  # the base's shapes, no weights read
+    dims, visual = shape.model.dims, shape.model.visual_tokens()
+    size = shape.hf.config.vision_config.image_size
     budgets = budgets or [visual // 4, visual // 16]
     if questions_file:
         if not images_dir:
@@ -81,7 +86,9 @@ def evaluate(
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
     for setting in changed:
         setting.check(dims)
-    methods = methods_for(source, baselines, budgets, dims, visual, reference, compare, uncompressed, changed)
+    methods = methods_for(
+        source, baselines, budgets, dims, visual, make_baseline, compare, uncompressed, changed, against
+    )
     rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()
@@ -100,7 +107,7 @@ def evaluate(
             desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
         )
         row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
-        reference_answers = reference_answers or answers  # the first row is the baseline
+        reference_answers = reference_answers or answers  # the first row: the baseline, or the model
         row["agreement"] = agreement(questions, answers, reference_answers)
         right.append(right_answers(questions, answers))
         counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
@@ -108,8 +115,6 @@ def evaluate(
             row["statistics"] = counted
         row.update(cost(built, questions, size, settings))
         rows.append(row)
-        if built is reference:  # kept for the budgets' checks only: off the device for the next rows
-            built.model.to("cpu")
         if questions_file:
             write_answers(
                 out / f"answers-{method.label}{'' if method.budget is None else f'-{method.budget}'}.jsonl",
@@ -117,6 +122,7 @@ def evaluate(
                 answers,
                 method.label,
             )
+        del built  # before the next row's model is built: one model in memory at a time
     add_relative(rows)
     add_hard_subsets(rows, right)
     if changed:  # each setting against the model as trained, question by question
@@ -132,6 +138,7 @@ def evaluate(
                 }
     report = {
         "source": source.description,
+        "baseline": "none" if make_baseline is None else against.description,
         "template": source.template.to_dict(),
         "questions": questions.name,
         "question_count": len(questions.questions),

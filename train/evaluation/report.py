@@ -10,7 +10,8 @@ from train.accuracy import QuestionSet, mean_prior
 
 
 def add_relative(rows: list[dict]) -> None:
-    """Accuracy kept, analytic speed-up ceiling and measured speed-ups vs. the baseline row."""
+    """Accuracy kept, analytic speed-up ceiling and measured speed-ups vs. the first row: the
+    baseline, or the model under test where there is none (`--baseline none`)."""
     base = rows[0]
     for row in rows:
         row["accuracy_kept"] = row["accuracy"] / base["accuracy"] if base["accuracy"] else None
@@ -120,6 +121,9 @@ def markdown(report: dict) -> str:
     timing = "prefill_ms_batch1" in rows[0]
     hard = hard_budgets(rows)
     hard_sizes = {b: next(r["hard"][b]["questions"] for r in rows if b in r.get("hard", {})) for b in hard}
+    reference = (
+        "the baseline" if rows[0]["method"] == "baseline" else f"`{rows[0]['method']}` (no baseline row)"
+    )
     head = [
         "method",
         "budget",
@@ -141,8 +145,9 @@ def markdown(report: dict) -> str:
         f"`{report.get('template', {}).get('name', 'vicuna_v1')}` template; "
         f"{report['machine']['device']} in {report.get('settings', {}).get('dtype', 'float32')}, "
         f"{report['machine']['threads']} threads, torch {report['machine']['torch']}. "
-        "Accuracy = mean over question families; kept = vs. the baseline; same answers = share of "
-        "answers identical to the baseline's; hard @b = share right of the questions the image "
+        + (f"Baseline: {report['baseline']}. " if report.get("baseline") else "")
+        + f"Accuracy = mean over question families; kept = vs. {reference}; same answers = share of "
+        "answers identical to that row's; hard @b = share right of the questions the image "
         "down-sampled to b tokens gets wrong; GFLOPs = analytic prefill "
         "(models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
         "",

@@ -131,6 +131,28 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
 
 
+NO_BASELINE = "none"  # `--baseline none`: the model under test is the reference row
+
+
+def baseline_row(source: Source, baseline: str | None) -> tuple[Source, Callable[[], Built] | None]:
+    """(the source whose base the training-free baselines go on, what makes the baseline row's
+    model or None for no such row) for `--baseline`: None, `source`'s base; NO_BASELINE, no
+    row; else another source, its model as `vtc evaluate` measures it (or itself, a base)."""
+    if baseline is None:
+        return source, source.base
+    if baseline == NO_BASELINE:
+        if source.model is None:
+            raise UserError(
+                f"--baseline {NO_BASELINE}: {source.description} is a base, with no model to measure"
+            )
+        return source, None
+    try:
+        other = resolve_source(baseline, source.dtype)
+    except FileNotFoundError as err:
+        raise UserError(f"--baseline: {err}") from None
+    return other, other.model or other.base
+
+
 @dataclass(frozen=True)
 class SettingAtTest:
     """`--setting NAME.KEY=VALUE`: the model under test with one behaviour of its component
@@ -200,16 +222,19 @@ def methods_for(
     budgets: list[int],
     dims,
     visual: int,
-    reference: Built | None = None,
+    baseline: Callable[[], Built] | None,
     compare: list[str] = (),
     uncompressed: bool = False,
     test_settings: list[SettingAtTest] = (),
+    baseline_source: Source | None = None,
 ) -> list[Method]:
-    """The rows to measure; `reference` is the baseline model if it is already built; `compare`:
-    other runs or exports measured beside it (labelled by their folder names); `uncompressed`:
-    the model under test also with its compressors left out; `test_settings`: the model under
-    test again with each setting (a row `model[NAME.KEY=VALUE]`)."""
-    methods = [Method("baseline", None, (lambda: reference) if reference else source.base)]
+    """The rows to measure; `baseline` makes the baseline row's model (None: no baseline row);
+    `compare`: other runs or exports measured beside it (labelled by their folder names);
+    `uncompressed`: the model under test also with its compressors left out; `test_settings`:
+    the model under test again with each setting (a row `model[NAME.KEY=VALUE]`);
+    `baseline_source`: the source whose base the training-free baselines go on (default `source`)."""
+    baseline_source = baseline_source or source
+    methods = [Method("baseline", None, baseline)] if baseline is not None else []
     if source.model is not None:
         methods.append(Method("model", None, source.model))
         for budget in budgets if source.model_at is not None else ():
@@ -238,7 +263,7 @@ def methods_for(
             if spec is None:
                 print(f"[vtc] {label}: cannot keep exactly {budget} of {visual} tokens; left out")
                 continue
-            methods.append(Method(label, budget, lambda spec=spec: source.base([spec])))
+            methods.append(Method(label, budget, lambda spec=spec: baseline_source.base([spec])))
     return methods
 
 
