@@ -15,15 +15,11 @@ registers, 1,088, and its prompt), both ways, against the float32 ones.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.build import to_precision  # noqa: E402
-from train.recipe import REPO_ROOT  # noqa: E402
+from models.build import to_precision
+from train.recipe import REPO_ROOT
 
 CONFIGS = ("llava-1.5-7b-hf", "siglip-l-384-llama-3.1-8b")
 
