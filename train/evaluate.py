@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data.errors import UserError
 from data.templates import Template
-from models.build import build, to_precision
+from models.build import to_precision
 from train.accuracy import (
     agreement,
     answer_prior,
@@ -74,9 +74,7 @@ def evaluate(
         source.template = template
     against, make_baseline = baseline_row(source, baseline)
     out = Path(out_dir) if out_dir else source.out_dir
-    shape = build(against.base_dir, device="meta")  # the base's shapes, no weights read
-    dims, visual = shape.model.dims, shape.model.visual_tokens()
-    size = shape.hf.config.vision_config.image_size
+    dims, visual, size = source.shape
     budgets = budgets or [visual // 4, visual // 16]
     if questions_file:
         if not images_dir:
@@ -86,9 +84,7 @@ def evaluate(
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
     for setting in changed:
         setting.check(dims)
-    methods = methods_for(
-        source, baselines, budgets, dims, visual, make_baseline, compare, uncompressed, changed, against
-    )
+    methods = methods_for(source, baselines, budgets, make_baseline, compare, uncompressed, changed, against)
     rows, right, reference_answers = [], [], None
     for method in tqdm(methods, desc="methods", unit="method"):
         built = method.make()

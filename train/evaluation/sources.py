@@ -8,6 +8,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from data.errors import UserError
@@ -15,6 +16,7 @@ from data.templates import Template, get_template, template_from_dict
 from models.build import DTYPES, Built, ComponentSpec, build
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
+from models.compressors.base import ModelDims
 
 
 @dataclass
@@ -47,6 +49,13 @@ class Source:
     def base(self, compressors: list[ComponentSpec] = ()) -> Built:
         """The baseline, the base's llava-hf model, with `compressors` (e.g. a training-free one)."""
         return build(self.base_dir, compressors=list(compressors), dtype=DTYPES[self.dtype])
+
+    @cached_property
+    def shape(self) -> tuple[ModelDims, int, int]:
+        """(dims, visual tokens per image, image size) of the base, from a meta-device build:
+        its config only, no weights read."""
+        built = build(self.base_dir, device="meta")
+        return built.model.dims, built.model.visual_tokens(), built.hf.config.vision_config.image_size
 
 
 def _names_a_recipe(target: str) -> bool:
@@ -150,6 +159,11 @@ def baseline_row(source: Source, baseline: str | None) -> tuple[Source, Callable
         other = resolve_source(baseline, source.dtype)
     except FileNotFoundError as err:
         raise UserError(f"--baseline: {err}") from None
+    size, own = other.shape[2], source.shape[2]
+    if size != own:  # every row is asked the same questions on the same pixels
+        raise UserError(
+            f"--baseline {baseline}: its tower takes {size} px images, {source.description}'s {own} px"
+        )
     return other, other.model or other.base
 
 
@@ -220,8 +234,6 @@ def methods_for(
     source: Source,
     baselines: list[str],
     budgets: list[int],
-    dims,
-    visual: int,
     baseline: Callable[[], Built] | None,
     compare: list[str] = (),
     uncompressed: bool = False,
@@ -238,7 +250,7 @@ def methods_for(
     if source.model is not None:
         methods.append(Method("model", None, source.model))
         for budget in budgets if source.model_at is not None else ():
-            make = source.model_at(budget, visual, dims)
+            make = source.model_at(budget, source.shape[1], source.shape[0])
             if make is not None:  # a trained pruner evaluated at every budget
                 methods.append(Method("model", budget, make))
     if uncompressed:
@@ -254,6 +266,7 @@ def methods_for(
         make = found.model or found.base
         methods.append(Method(Path(other).name or other, None, make))
     known = registered_baselines()
+    dims, visual, _ = baseline_source.shape
     for label in baselines:
         if label not in known:
             raise UserError(f"--baselines: unknown {label!r}; choose from {', '.join(known)}")
@@ -282,14 +295,9 @@ def model_for(
 
 
 def _model_of(source: Source, target: str, compressor: str | None, tokens: int | None) -> Built:
-    from transformers import AutoConfig
-
-    from models.build import dims_of
-
     if compressor is None and tokens is None:
         return (source.model or source.base)()
-    dims = dims_of(AutoConfig.from_pretrained(source.base_dir))
-    visual = dims.grid**2  # the base's own count (LLaVA's MLP keeps every patch)
+    dims, visual, _ = source.shape
     if tokens is None:
         raise UserError(f"compressor={compressor} needs tokens=N (the visual tokens to keep)")
     if compressor is None:
