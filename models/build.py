@@ -39,12 +39,14 @@ def floating_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def restore_buffers(module: torch.nn.Module, kept: dict[str, torch.Tensor]) -> None:
-    """Put `kept` (`floating_buffers` taken earlier) back in their own precision, each on the
-    device its buffer is on now."""
+    """Put back those of `kept` (`floating_buffers` taken earlier) whose precision has changed
+    since, each on the device its buffer is on now; the others stay the tensors they are."""
     for name, buffer in kept.items():
         owner_name, _, attribute = name.rpartition(".")
         owner = module.get_submodule(owner_name)
-        setattr(owner, attribute, buffer.to(getattr(owner, attribute).device))
+        now = getattr(owner, attribute)
+        if now.dtype != buffer.dtype:
+            setattr(owner, attribute, buffer.to(now.device))
 
 
 def to_precision(module: torch.nn.Module, dtype: torch.dtype, device=None) -> torch.nn.Module:
