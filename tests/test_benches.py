@@ -34,6 +34,13 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout[stdout.rindex("\n{\n") :])
 
 
+def table_rows(lines: list[str]) -> list[list[str]]:
+    """The body rows of the markdown table among `lines` (header and separator left out), as
+    stripped cells."""
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
+    return rows[2:]
+
+
 def json_lines(stdout: str, prefix: str = "") -> list[dict]:
     """Every one-line JSON object of stdout, after `prefix` where one is given."""
     rows = []
@@ -227,11 +234,7 @@ def test_half_precision_bench():
     """`python bench/half_precision.py`: for every shipped config and half precision, the cos/sin
     kept by `to_precision` are within that precision's rounding, and rounding `inv_freq` with the
     weights is worse at each length and grows with it."""
-    rows = [
-        line.split("|")[1:-1]
-        for line in run_bench("half_precision.py", "--positions", "300", "700").splitlines()
-    ]
-    rows = [[cell.strip() for cell in row] for row in rows[2:]]
+    rows = table_rows(run_bench("half_precision.py", "--positions", "300", "700").splitlines())
     assert [(row[0], row[1]) for row in rows] == [
         (config, dtype)
         for config in ("llava-1.5-7b-hf", "siglip-l-384-llama-3.1-8b")
@@ -241,3 +244,14 @@ def test_half_precision_bench():
         (cast_short, kept_short), (cast_long, kept_long) = (map(float, cell.split(" / ")) for cell in row[3:])
         assert max(kept_short, kept_long) <= (0.001 if row[1] == "float16" else 0.004)
         assert kept_short < cast_short < cast_long
+
+
+def test_evaluate_memory_bench():
+    """`python bench/evaluate_memory.py` at one tower and one LLM layer: each precision's row,
+    and the bfloat16 evaluation peaks lower than the float32 one by about the weights' difference."""
+    lines = run_bench("evaluate_memory.py", "--vision-layers", "1", "--llm-layers", "1").splitlines()
+    rows = {cells[0]: [float(c) for c in cells[1:]] for cells in table_rows(lines)}
+    assert list(rows) == ["bfloat16", "float32"]
+    (half_weights, half_peak, _), (full_weights, full_peak, _) = rows["bfloat16"], rows["float32"]
+    assert full_weights == pytest.approx(2 * half_weights, rel=0.02) and half_peak > half_weights
+    assert full_peak - half_peak > 0.5 * (full_weights - half_weights)
