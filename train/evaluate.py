@@ -3,12 +3,12 @@
 Every method runs through the same harness — same questions, template, preprocessing and greedy
 decoding — next to the uncompressed baseline (the LLaVA model the compressor was attached to;
 `--baseline` names another, or none). Training-free baselines are registered components added
-to that baseline's base at each token budget. Per method and budget the report has: accuracy (mean over question families, and per
-family), accuracy kept vs. the baseline, the share of answers the same as the baseline's, the
-share right on the hard subset (the questions the down-sampled image gets wrong), visual tokens
-into the LLM (mean) and per layer, analytic prefill FLOPs (models/flops.py), measured prefill
-latency at batch 1 and batch N and decode tokens/s (medians of repeats), and peak memory of a
-batch-N prefill.
+to that baseline's base at each token budget. Per method and budget the report has: accuracy
+(mean over question families, and per family), accuracy kept vs. the baseline, the share of
+answers the same as the baseline's, the share right on the hard subset (the questions the
+down-sampled image gets wrong), visual tokens into the LLM (mean) and per layer, analytic
+prefill FLOPs (models/flops.py), measured prefill latency at batch 1 and batch N and decode
+tokens/s (medians of repeats), and peak memory of a batch-N prefill.
 
 
 The work is split by job: `train/evaluation/sources.py` (what is measured),
