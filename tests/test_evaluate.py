@@ -404,6 +404,9 @@ def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
     accuracy kept is then against it. A base has no model to stand without a baseline, and a
     baseline that does not exist, or whose tower takes other images, is named before any
     weights load."""
+    from dataclasses import replace
+
+    from models.build import save_as_llava_hf
     from models.export import export
     from models.pretrained import shipped_path
     from train.cli import main
@@ -440,10 +443,6 @@ def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
     assert "is a base, with no model to measure" in capsys.readouterr().err
     assert main([*common, "--baseline", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "--baseline: " in capsys.readouterr().err and not (tmp_path / "x").exists()
-    from dataclasses import replace
-
-    from models.build import save_as_llava_hf
-
     save_as_llava_hf(build("tiny", tiny=replace(TEST_TINY, image_size=96)), tmp_path / "96px")
     assert main([*common, "--baseline", str(tmp_path / "96px"), "--out", str(tmp_path / "x")]) == 2
     assert "its tower takes 96 px images" in capsys.readouterr().err and not (tmp_path / "x").exists()
