@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from data.errors import UserError
 from data.templates import Template, get_template, template_from_dict
@@ -17,6 +18,14 @@ from models.build import DTYPES, Built, ComponentSpec, build
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
 from models.compressors.base import ModelDims
+
+
+class BaseShape(NamedTuple):
+    """What a source's base is shaped like, read without its weights."""
+
+    dims: ModelDims
+    visual: int  # visual tokens per image into the LLM
+    image_size: int  # the side of the images its tower takes
 
 
 @dataclass
@@ -51,11 +60,12 @@ class Source:
         return build(self.base_dir, compressors=list(compressors), dtype=DTYPES[self.dtype])
 
     @cached_property
-    def shape(self) -> tuple[ModelDims, int, int]:
-        """(dims, visual tokens per image, image size) of the base, from a meta-device build:
-        its config only, no weights read."""
+    def shape(self) -> BaseShape:
+        """The base's shape, from a meta-device build: its config only, no weights read."""
         built = build(self.base_dir, device="meta")
-        return built.model.dims, built.model.visual_tokens(), built.hf.config.vision_config.image_size
+        return BaseShape(
+            built.model.dims, built.model.visual_tokens(), built.hf.config.vision_config.image_size
+        )
 
 
 def _names_a_recipe(target: str) -> bool:
@@ -159,7 +169,7 @@ def baseline_row(source: Source, baseline: str | None) -> tuple[Source, Callable
         other = resolve_source(baseline, source.dtype)
     except FileNotFoundError as err:
         raise UserError(f"--baseline: {err}") from None
-    size, own = other.shape[2], source.shape[2]
+    size, own = other.shape.image_size, source.shape.image_size
     if size != own:  # every row is asked the same questions on the same pixels
         raise UserError(
             f"--baseline {baseline}: its tower takes {size} px images, {source.description}'s {own} px"
@@ -250,7 +260,7 @@ def methods_for(
     if source.model is not None:
         methods.append(Method("model", None, source.model))
         for budget in budgets if source.model_at is not None else ():
-            make = source.model_at(budget, source.shape[1], source.shape[0])
+            make = source.model_at(budget, source.shape.visual, source.shape.dims)
             if make is not None:  # a trained pruner evaluated at every budget
                 methods.append(Method("model", budget, make))
     if uncompressed:
