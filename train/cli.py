@@ -485,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit", type=positive_int, default=200, help="synthetic test images (each asked all its questions)"
     )
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="questions per forward pass (default 64)"
+    )
     p.add_argument("--latency-batch", type=positive_int, default=8, help="batch N of the latency figures")
     p.add_argument(
         "--repeats", type=positive_int, default=5, help="timed repeats per figure (median reported)"
@@ -525,12 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     p = data.add_parser("synth", help="write synthetic VQA shards")
-    p.add_argument("--out", required=True)
-    p.add_argument("--samples", type=positive_int, required=True)
-    p.add_argument("--split", choices=("train", "val", "test"), default="train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=positive_int, default=64)
-    p.add_argument("--grid", type=positive_int, default=4)
+    p.add_argument("--out", required=True, help="folder for the shards")
+    p.add_argument("--samples", type=positive_int, required=True, help="images to write")
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        default="train",
+        help="train images are asked about every object, val/test one question per family; the "
+        "splits never share a scene (default train)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the same seed and split, the same images (default 0)")
+    p.add_argument("--image-size", type=positive_int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--grid", type=positive_int, default=4, help="scene cells per side (default 4)")
     p.add_argument(
         "--objects",
         type=positive_int,
@@ -573,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="exit with status 1 when a larger share of the entries is skipped (default 0.5)",
     )
-    p.add_argument("--samples-per-shard", type=positive_int, default=2000)
+    p.add_argument(
+        "--samples-per-shard", type=positive_int, default=2000, help="samples per .tar shard (default 2000)"
+    )
     p.add_argument("--single-turn", action="store_true", help="only samples with one question and answer")
     p.add_argument("--with-image", action="store_true", help="only samples with an image")
     p.add_argument(

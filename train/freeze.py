@@ -38,7 +38,8 @@ def format_table(stage_name: str, rows) -> str:
         f"  {'part':<12}{'mode':<8}{'':>12}{'trainable':>12}{'frozen':>12}",
     ]
     for part, mode, trainable, frozen in rows:
-        tag = "[TRAINABLE]" if trainable else "[Frozen]"
+        # a part the model does not have (no compressor, say) is neither trainable nor frozen
+        tag = "[TRAINABLE]" if trainable else "[Frozen]" if frozen else "(none)"
         lines.append(f"  {part:<12}{mode:<8}{tag:>12}{_millions(trainable):>12}{_millions(frozen):>12}")
     return "\n".join(lines)
 
