@@ -75,6 +75,27 @@ def test_cli_help_and_recipes():
     )
 
 
+def test_every_cli_argument_has_help():
+    import argparse
+
+    from train.cli import build_parser
+
+    def commands(parser, path=("vtc",)):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*path, name))
+
+    bare = [
+        f"{' '.join(path)} {action.option_strings[-1] if action.option_strings else action.dest}"
+        for path, parser in commands(build_parser())
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert not bare, f"arguments without help: {bare}"
+
+
 def test_cli_validate_reports_bad_key(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "train.cli", "validate", "tiny/smoke", "stages.0.stepz=2"],

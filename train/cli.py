@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="parse and check a recipe (builds nothing heavy)")
     p.add_argument("recipe", help="recipe file or shipped name (e.g. tiny/base)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. stages.0.steps=10"
+    )
     p.add_argument(
         "--anywhere",
         action="store_true",
