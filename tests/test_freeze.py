@@ -24,7 +24,12 @@ def test_policy_sets_requires_grad_per_part():
     table = format_table("s", rows).splitlines()
     tags = {line.split()[0]: line.split()[2] for line in table[2:]}
     # the tiny model has no compressor: that part is shown as absent, not as frozen
-    assert tags == {"vision": "[Frozen]", "projector": "[TRAINABLE]", "compressors": "(none)", "llm": "[Frozen]"}
+    assert tags == {
+        "vision": "[Frozen]",
+        "projector": "[TRAINABLE]",
+        "compressors": "(none)",
+        "llm": "[Frozen]",
+    }
 
 
 def test_lora_trains_only_adapters_and_persists_across_stages():

@@ -1,6 +1,6 @@
 """One rank of the ZeRO test (tests/test_zero.py), launched by torch.distributed.run on CPU:
 
-    DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/zero_worker.py OUT 2 3
+    DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/zero_worker.py OUT 1 2 3
 
 Real DeepSpeed engines (gloo) over the tiny LLaVA with vtc's ZeRO settings train a few steps;
 vtc's gather/load code then saves the trainables, loads them into a freshly partitioned model,

@@ -1,5 +1,5 @@
 """Lightning strategy from the recipe: single device, DDP (gloo on CPU, NCCL on GPU) or DeepSpeed
-ZeRO-2/3 with the settings LLaVA's own `zero2.json` / `zero3.json` use."""
+ZeRO-1/2/3 with the settings LLaVA's own `zero2.json` / `zero3.json` use."""
 
 from __future__ import annotations
 
