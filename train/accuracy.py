@@ -73,6 +73,10 @@ def synthetic_questions(shards: ShardIndex, limit: int | None = None) -> Questio
 def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
     """A LLaVA question file (JSON lines) with images relative to `image_dir`. A line that is
     not a question is an error naming the file and line."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such question file")
+    if not Path(image_dir).is_dir():  # else every question would be skipped, one by one
+        raise UserError(f"{image_dir}: no such image folder (for {path})")
     out = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
