@@ -250,3 +250,42 @@ def test_evaluation_builds_a_run_and_its_export_straight_in_half_precision(lora_
         assert got.keys() == want.keys()
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_an_export_replaces_a_former_one_whole_and_a_crash_keeps_it(lora_run, monkeypatch):
+    tmp, _, _ = lora_run
+    out = export_run(tmp / "run", tmp / "again")
+    assert (out / "lora.safetensors").is_file()
+    merged = logits(rebuild_run(tmp / "run")[0])
+    export_run(tmp / "run", out, merge=True)  # the unmerged export's adapters do not linger
+    assert not (out / "lora.safetensors").exists()
+    torch.testing.assert_close(logits(load_pretrained(out)), merged, rtol=1e-4, atol=1e-5)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr("models.export.save_hf", crash)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        export_run(tmp / "run", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_export_refuses_the_run_itself_a_folder_above_it_a_file_and_other_files(tmp_path):
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    cases = {
+        run: "would replace",
+        tmp_path / "runs": "would replace",
+        tmp_path / "file": "is a file",
+        tmp_path / "other": "holds files other than a vtc export",
+    }
+    for out, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            export_run(run, out)  # refused before the run is read: it has no recipe.yaml
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -190,6 +190,31 @@ def test_refuses_what_it_cannot_read_safely(tmp_path):
         import_llava(hf_dir, tmp_path / "export")
 
 
+def test_vtc_import_refuses_to_write_over_its_source_or_other_files(tmp_path, capsys):
+    from train.cli import main
+
+    built = build("tiny", tiny=TEST_TINY, seed=0)
+    tower = original_layout(built, tmp_path / "llava", original_mlp(built), bin_file=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in (tmp_path / "llava").iterdir())
+    for out, message in [
+        ("llava", "would replace"),
+        (".", "would replace"),
+        ("mine", "other than a vtc export"),
+    ]:
+        assert (
+            main(["import", str(tmp_path / "llava"), str(tmp_path / out), "--vision-tower", str(tower)]) == 2
+        )
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "llava").iterdir()) == before
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    # into a former export: replaced whole, the same way `vtc export` does
+    command = ["import", str(tmp_path / "llava"), str(tmp_path / "export"), "--vision-tower", str(tower)]
+    assert main(command) == 0 and main([*command, "--llavolta", "1,4"]) == 0
+    assert json.loads((tmp_path / "export" / "vtc.json").read_text())["compressors"][0]["name"] == "llavolta"
+
+
 def falcon_layout(built, out: Path, anchors: int, indicators: bool) -> Path:
     """Write a vtc FALCON model as FALCON's released code (JiuTian-VL/FALCON, model_type
     `jiutian`) saves one: a Llama config with `visual_config`, `projector_config` and

@@ -228,9 +228,16 @@ def add_template_options(parser, what: str) -> None:
 def cmd_import(args) -> int:
     from data.templates import chosen_template
     from models.importer import import_llava
+    from train.export import export_target
+    from train.outputs import write_dir_atomic
 
     template = chosen_template(args.template, args.system_prompt, args.chat_template)
-    out, notes = import_llava(args.source, args.out, args.vision_tower, args.llavolta, template)
+    notes = []
+
+    def convert(folder):
+        notes.extend(import_llava(args.source, folder, args.vision_tower, args.llavolta, template)[1])
+
+    out = write_dir_atomic(export_target(args.out, args.source), convert)
     for note in notes:
         print(f"[vtc] {note}")
     print(

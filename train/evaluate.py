@@ -74,6 +74,8 @@ def evaluate(
         source.template = template
     against, make_baseline = baseline_row(source, baseline)
     out = Path(out_dir) if out_dir else source.out_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder for the report")
     dims, visual, size = source.shape
     budgets = budgets or [visual // 4, visual // 16]
     if questions_file:

@@ -4,14 +4,16 @@ loads with one call (see models/export.py for the layout)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from data.errors import UserError
 from models.build import ComponentSpec
 from models.compressors import component_class
-from models.export import export, merge_lora
+from models.export import FORMAT, export, merge_lora
 from train.checkpoint import checkpoint_at
 from train.freeze import apply_stage
+from train.outputs import write_dir_atomic
 from train.recipe import load_recipe, resolve_base
 from train.run import build_from_recipe, load_trainables
 
@@ -64,9 +66,35 @@ def at_budget(compressors: list[ComponentSpec], budget: int, visual: int, dims) 
     return out if out != list(compressors) else None  # None too when already at that budget
 
 
+def export_target(out_dir: str | Path, source: str | Path) -> Path:
+    """`out_dir` (absolute) after checking, before anything is built, that an export may be
+    swapped in there whole (`write_dir_atomic`: a crash leaves the folder as it was, and a former
+    export is replaced, not mixed with the new one). Refused: a file, the `source` (the run,
+    checkpoint or checkpoint being converted) or a folder holding it, a folder with other files."""
+    out = Path(out_dir).absolute()
+    source = Path(source).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder for the export")
+    if out.resolve() == source or out.resolve() in source.parents:
+        raise UserError(f"{out}: the export would replace {source}; give it a folder of its own")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise UserError(f"{out} holds files other than a vtc export: export into a new or empty folder")
+    return out
+
+
+def is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "vtc.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def export_run(
     run_dir: str | Path, out_dir: str | Path, merge: bool = False, compressor_only: bool = False
 ) -> Path:
+    """`vtc export`: the run (or step checkpoint) rebuilt and written to `out_dir` (see
+    `export_target` for what may be there already)."""
+    out = export_target(out_dir, run_dir)
     built, projector, compressors, base = rebuild_run(Path(run_dir))
     if merge:
         merged = merge_lora(built.model)
@@ -75,4 +103,6 @@ def export_run(
         raise UserError(
             "--compressor-only needs a base on disk; this run's base is built from the tiny configs"
         )
-    return export(built, out_dir, projector, compressors, base, compressor_only=compressor_only)
+    return write_dir_atomic(
+        out, lambda tmp: export(built, tmp, projector, compressors, base, compressor_only=compressor_only)
+    )
