@@ -315,6 +315,24 @@ def test_a_stage_that_would_train_on_nothing_or_diverges_stops_with_one_line(ove
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_samples_a_stage_cannot_train_on_are_listed_with_their_id_and_counted(tmp_path):
+    """At max_length 105 some of the tiny smoke run's samples keep no answer token: the stage
+    trains on the others and lists the ones it left out, per rank, with the reason."""
+    from tests.conftest import smoke_train_cmd
+
+    run = tmp_path / "run"
+    command = smoke_train_cmd(run, tmp_path / "data", "data.max_length=105", "stages.1.steps=4")
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = [json.loads(line) for line in (run / "skipped-instruct-rank0.jsonl").read_text().splitlines()]
+    assert listed and len({entry["id"] for entry in listed}) == len(listed)
+    assert all(e["reason"] == "no supervised tokens left within max_length=105" for e in listed)
+    stages = {s["name"]: s for s in json.loads((run / "meta.json").read_text())["stages"]}
+    assert stages["instruct"]["skipped_samples"] == len(listed) and stages["instruct"]["steps"] == 4
+    assert f"skipped {len(listed)} sample(s)" in result.stdout
+    assert not (run / "skipped-vision-rank0.jsonl").exists()  # the region stage reads no answers
+
+
 def test_synthetic_data_never_mixes_into_or_half_fills_a_folder(tmp_path, capsys):
     out = tmp_path / "synth"
     assert (

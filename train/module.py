@@ -18,6 +18,7 @@ from models.llava import VtcLlava
 from models.region_head import RegionHead
 from train.checkpoint import restore_rng, rng_state
 from train.objectives import OBJECTIVES, loss_terms, weighted_total
+from train.outputs import write_text_atomic
 from train.recipe import Stage
 
 NONFINITE_RUN = 10  # with nonfinite_loss: skip, this many non-finite losses in a row stop the run
@@ -160,8 +161,8 @@ class VtcModule(L.LightningModule):
         rank = self.global_rank
         if self.skipped:
             path = self.run_dir / f"skipped-{self.stage.name}-rank{rank}.jsonl"
-            path.write_text(
-                "".join(json.dumps({"id": i, "reason": r}) + "\n" for i, r in self.skipped.items())
+            write_text_atomic(
+                path, "".join(json.dumps({"id": i, "reason": r}) + "\n" for i, r in self.skipped.items())
             )
             print(
                 f"[vtc] stage {self.stage.name!r} rank {rank}: skipped {len(self.skipped)} sample(s), listed in {path}"
