@@ -240,6 +240,18 @@ def test_vtc_evaluate_sets_a_run_beside_its_uncompressed_twin(tmp_path):
     ]
     assert rows["model-uncompressed"]["layer_tokens"] == rows["none"]["layer_tokens"]
     assert rows["model"]["flops"]["llm"] < rows["model-uncompressed"]["flops"]["llm"]
+    # the two trained rows carry their runs' training speed; the base and the weights without
+    # their compression were not trained as such
+    for label, run in (("model", "heavy"), ("none", "none")):
+        (stage,) = json.loads((tmp_path / run / "meta.json").read_text())["stages"]
+        assert rows[label]["training"] == [
+            {key: stage[key] for key in ("name", "steps", "seconds", "samples_per_second")}
+        ]
+        assert stage["samples_per_second"] > 0
+    assert "training" not in rows["baseline"] and "training" not in rows["model-uncompressed"]
+    report = (tmp_path / "r" / "eval.md").read_text()
+    rate = rows["model"]["training"][0]["samples_per_second"]
+    assert f"| model | {stage['name']} | 2 | " in report and f" | {rate:.1f} |" in report
 
 
 def test_images_of_different_token_counts_pool_and_answer_as_one_by_one(tokenizer):

@@ -3,7 +3,7 @@
 import lightning as L
 import torch
 
-from train.progress import StageProgressBar
+from train.progress import StageProgressBar, StepClock
 
 
 class Linear(L.LightningModule):
@@ -36,13 +36,13 @@ class Recorded(StageProgressBar):
         self.shown.append((int(task.completed), int(task.total), task.description))
 
 
-def fit(max_steps, tmp_path, ckpt_path=None, accumulate=1, max_epochs=None) -> Recorded:
+def fit(max_steps, tmp_path, ckpt_path=None, accumulate=1, max_epochs=None, callbacks=()) -> Recorded:
     bar = Recorded("instruct")
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
-        callbacks=[bar],
+        callbacks=[bar, *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -79,3 +79,24 @@ def test_without_a_step_budget_the_bar_counts_each_epochs_batches(tmp_path):
     bar = fit(-1, tmp_path, max_epochs=2)
     assert [c for c, _, _ in bar.shown] == [1, 2, 3, 4, 1, 2, 3, 4]
     assert {t for _, t, _ in bar.shown} == {4}
+
+
+def test_the_step_clock_times_optimizer_steps_after_the_first(tmp_path):
+    """A fake clock that reads the batches done so far: 3 steps of 2 micro-batches end at batches
+    2, 4 and 6, so the 2 steps after the first take 4 batch-times (a clock started at the first
+    micro-batch would say 3 steps in 5)."""
+
+    class CountBatches(L.Callback):
+        count = 0
+
+        def on_train_batch_end(self, *args):
+            self.count += 1
+
+    counter = CountBatches()
+    clock = StepClock(clock=lambda: counter.count)  # after the counter: reads the batch just ended
+    fit(3, tmp_path, accumulate=2, callbacks=[counter, clock])
+    assert counter.count == 6 and clock.first == (1, 2) and clock.last == (3, 6)
+    assert clock.steps_per_second() == 0.5
+    one = StepClock(clock=lambda: 1.0)
+    fit(1, tmp_path, callbacks=[one])
+    assert one.steps_per_second() is None  # one step: nothing after it to time

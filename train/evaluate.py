@@ -105,6 +105,8 @@ def evaluate(
             desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
         )
         row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
+        if method.training:
+            row["training"] = method.training
         reference_answers = reference_answers or answers  # the first row: the baseline, or the model
         row["agreement"] = agreement(questions, answers, reference_answers)
         right.append(right_answers(questions, answers))

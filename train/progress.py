@@ -1,8 +1,12 @@
-"""The training progress bar: a stage's optimizer steps against its step budget."""
+"""The training progress bar (a stage's optimizer steps against its step budget) and the clock
+of its throughput."""
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import RichProgressBar
+import time
+
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 
 class StageProgressBar(RichProgressBar):
@@ -47,3 +51,34 @@ class StageProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the logger version is the stage name, already shown
         return metrics
+
+
+class StepClock(Callback):
+    """Times a stage's optimizer steps for its training throughput. The clock starts when the
+    first step ends, so setup and that step's warm-up (data workers starting, kernels chosen,
+    memory growing) do not dilute the figure; the periodic checkpoints saved in between count,
+    since a run pays for them. `clock`: seconds now (time.perf_counter)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.first: tuple[int, float] | None = None  # (global step, seconds) when the clock started
+        self.last: tuple[int, float | None] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last = (trainer.global_step, None)  # 0, or the step a resumed stage starts after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self.last[0]:
+            return  # a micro-batch that accumulated: no optimizer step ended
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels have run, not merely been queued
+        now = self.clock()
+        self.first = self.first or (step, now)
+        self.last = (step, now)
+
+    def steps_per_second(self) -> float | None:
+        """Optimizer steps a second after the first; None when fewer than two steps ran."""
+        if self.first is None or self.last[0] == self.first[0]:
+            return None
+        return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])

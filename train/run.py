@@ -44,7 +44,7 @@ from train.launch import global_rank
 from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
-from train.progress import StageProgressBar
+from train.progress import StageProgressBar, StepClock
 from train.recipe import (
     Recipe,
     Stage,
@@ -333,7 +333,7 @@ def train_stage(
         gradient_clip_val=stage.optim.grad_clip,
         log_every_n_steps=min(recipe.trainer.log_every, steps),  # a short stage still logs its last step
         logger=logs,
-        callbacks=[checkpoints, StageProgressBar(stage.name)],
+        callbacks=[checkpoints, StageProgressBar(stage.name), clock := StepClock()],
         plugins=[TrainablesCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule's loader shards by rank and resumes
         enable_checkpointing=False,  # vtc's PeriodicCheckpoint saves (atomically, trainables only)
@@ -353,12 +353,19 @@ def train_stage(
         "steps": trainer.global_step,
         "samples_seen": trainer.global_step * stage.batch_size * world * accumulate,
         "seconds": round(time.time() - started, 1),
+        "samples_per_second": throughput(clock, stage.batch_size * world * accumulate),
         "skipped_samples": len(module.skipped),
         "nonfinite_skipped_steps": module.nonfinite_skipped,
     }
     if resume_from is not None:
         record["resumed_from"] = resume_from.path.name
     return record
+
+
+def throughput(clock: StepClock, samples_per_step: int) -> float | None:
+    """Training samples a second over the stage's steps after its first (None: under two steps)."""
+    rate = clock.steps_per_second()
+    return None if rate is None else round(rate * samples_per_step, 3)
 
 
 def trainable_names(model) -> set[str]:

@@ -98,6 +98,9 @@ def summary(report: dict) -> str:
             + "".join(f"{prior.get(f, 0):>8.1%}" for f in families)
         )
     for r in rows:
+        for stage in r.get("training", ()):
+            lines.append(f"{r['method']} trained: {_stage_text(stage)}")
+    for r in rows:
         if "vs_model" in r:
             pair = r["vs_model"]
             lines.append(
@@ -193,8 +196,42 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
     if timing:
         lines += ["", f"Batch N = {rows[0]['batch_n']}. Peak memory: {rows[0]['memory_measure']}."]
+    lines += training_lines(rows)
     lines += paired_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def _samples_per_second(stage: dict) -> str:
+    rate = stage.get("samples_per_second")
+    return "-" if rate is None else f"{rate:.1f}"
+
+
+def _stage_text(stage: dict) -> str:
+    return (
+        f"stage {stage['name']!r}, {stage['steps']} steps in {stage['seconds']:.0f} s, "
+        f"{_samples_per_second(stage)} samples/s"
+    )
+
+
+def training_lines(rows: list[dict]) -> list[str]:
+    """The stages of each row a vtc run trained, from its meta.json: what compression does to
+    training speed, beside what it does to inference."""
+    trained = [r for r in rows if r.get("training")]
+    if not trained:
+        return []
+    lines = [
+        "",
+        "Training, as each run recorded it (samples/s: training samples a second over a stage's "
+        "optimizer steps after its first; seconds: the stage's wall time, setup included):",
+        "",
+        "| method | stage | steps | seconds | samples/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in trained:
+        for stage in r["training"]:
+            cells = [r["method"], stage["name"], str(stage["steps"]), f"{stage['seconds']:.1f}"]
+            lines.append("| " + " | ".join([*cells, _samples_per_second(stage)]) + " |")
+    return lines
 
 
 def paired_lines(rows: list[dict]) -> list[str]:

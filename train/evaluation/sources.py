@@ -33,6 +33,7 @@ class Method:
     label: str  # e.g. "baseline", "model", "fastv"
     budget: int | None  # visual tokens asked for (None: the method's own)
     make: Callable[[], Built]
+    training: list[dict] | None = None  # the stages of the run that trained this model, if one did
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Source:
     # the format the model under test was instruction-tuned with; every row is prompted in it
     template: Template = field(default_factory=lambda: get_template("vicuna_v1"))
     dtype: str = "float32"  # the precision (a DTYPES name) every model of this source is built in
+    # a run's stages as training recorded them (`training_stages`); None for anything else
+    training: list[dict] | None = None
 
     def base(self, compressors: list[ComponentSpec] = ()) -> Built:
         """The baseline, the base's llava-hf model, with `compressors` (e.g. a training-free one)."""
@@ -66,6 +69,17 @@ class Source:
         return BaseShape(
             built.model.dims, built.model.visual_tokens(), built.hf.config.vision_config.image_size
         )
+
+
+def training_stages(run_dir: Path) -> list[dict] | None:
+    """Per stage of a finished run, from its meta.json: name, optimizer steps, wall seconds and
+    training samples a second (None in runs trained before vtc measured it)."""
+    try:
+        stages = json.loads((run_dir / "meta.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return None
+    keys = ("name", "steps", "seconds", "samples_per_second")
+    return [{key: stage.get(key) for key in keys} for stage in stages]
 
 
 def _names_a_recipe(target: str) -> bool:
@@ -110,7 +124,14 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
         if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
             description = f"run {path} (its llava-hf model)"
             return Source(
-                None, str(own_base), report_dir, recipe.data, description, template=template, dtype=dtype
+                None,
+                str(own_base),
+                report_dir,
+                recipe.data,
+                description,
+                template=template,
+                dtype=dtype,
+                training=None if checkpoint else training_stages(path),
             )
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
@@ -134,6 +155,7 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
             uncompressed,
             template,
             dtype,
+            None if checkpoint else training_stages(path),  # a checkpoint's run trained on after it
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -256,9 +278,12 @@ def methods_for(
     the model under test again with each setting (a row `model[NAME.KEY=VALUE]`);
     `baseline_source`: the source whose base the training-free baselines go on (default `source`)."""
     baseline_source = baseline_source or source
-    methods = [Method("baseline", None, baseline)] if baseline is not None else []
+    # a vtc run trained the baseline row when `--baseline` names a run, or when the source is a
+    # run that trained a base (its own llava-hf model); not when it is the base a run started from
+    trained = baseline_source.training if baseline_source is not source or source.model is None else None
+    methods = [Method("baseline", None, baseline, trained)] if baseline is not None else []
     if source.model is not None:
-        methods.append(Method("model", None, source.model))
+        methods.append(Method("model", None, source.model, source.training))
         for budget in budgets if source.model_at is not None else ():
             make = source.model_at(budget, source.shape.visual, source.shape.dims)
             if make is not None:  # a trained pruner evaluated at every budget
@@ -274,7 +299,7 @@ def methods_for(
     for other in compare:
         found = resolve_source(other, source.dtype)
         make = found.model or found.base
-        methods.append(Method(Path(other).name or other, None, make))
+        methods.append(Method(Path(other).name or other, None, make, found.training))
     known = registered_baselines()
     dims, visual, _ = baseline_source.shape
     for label in baselines:
