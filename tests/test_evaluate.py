@@ -221,6 +221,18 @@ def test_vtc_evaluate_writes_the_report(tmp_path):
         assert row["decode_tokens_per_s_batch1"] > 0 and row["decode_tokens_per_s_batchN"] > 0
     assert "| pooling | 16 |" in (out / "eval.md").read_text()
     assert valid_png(out / "eval.png")
+    # accuracy against tokens, FLOPs and the measured latency; untimed rows have no latency axis
+    from train.evaluation.report import figure
+
+    labels = [ax.get_xlabel() for ax in figure(report).axes]
+    assert labels[2] == "prefill ms at batch 2 (measured)" and len(labels) == 3
+    line = next(ln for ln in figure(report).axes[2].lines if ln.get_label() == "baseline")
+    assert list(line.get_xdata()) == [base["prefill_ms_batchN"]]
+    untimed = {
+        **report,
+        "rows": [{k: v for k, v in r.items() if "prefill_ms" not in k} for r in report["rows"]],
+    }
+    assert len(figure(untimed).axes) == 2
 
 
 def test_sources_resolve_to_a_baseline(tmp_path):

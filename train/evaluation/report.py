@@ -258,13 +258,30 @@ def paired_lines(rows: list[dict]) -> list[str]:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Accuracy vs. visual tokens and vs. prefill FLOPs, one line per method."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def figure(report: dict):
+    """Accuracy vs. visual tokens, vs. prefill FLOPs and, when the rows were timed, vs. the
+    measured batch-N prefill latency: one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = "prefill_ms_batchN" in report["rows"][0]
+    axes_x = [
+        ("visual tokens (mean over LLM layers)", lambda r: r["visual_tokens_layer_mean"]),
+        ("prefill GFLOPs (analytic)", lambda r: r["flops"]["total"] / 1e9),
+    ]
+    if timed:
+        batch = report["rows"][0]["batch_n"]
+        axes_x.append((f"prefill ms at batch {batch} (measured)", lambda r: r["prefill_ms_batchN"]))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(5.5 * len(axes_x), 4.2))
     by_method: dict[str, list[dict]] = {}
     for row in report["rows"]:
         by_method.setdefault(row["method"], []).append(row)
@@ -272,8 +289,8 @@ def plot(report: dict, path: Path) -> None:
         rows = sorted(rows, key=lambda r: r["flops"]["total"])
         style = {"marker": "*", "markersize": 12} if method in ("baseline", "model") else {"marker": "o"}
         accuracy = [100 * r["accuracy"] for r in rows]
-        axes[0].plot([r["visual_tokens_layer_mean"] for r in rows], accuracy, label=method, **style)
-        axes[1].plot([r["flops"]["total"] / 1e9 for r in rows], accuracy, label=method, **style)
+        for ax, (_, x) in zip(axes, axes_x, strict=True):
+            ax.plot([x(r) for r in rows], accuracy, label=method, **style)
     prior = report.get("answer_prior")
     if prior:  # the accuracy of always giving each family's most common answer: chance level
         chance = 100 * mean_prior(prior)
@@ -287,13 +304,11 @@ def plot(report: dict, path: Path) -> None:
                 color="grey",
                 va="bottom",
             )
-    axes[0].set_xlabel("visual tokens (mean over LLM layers)")
-    axes[1].set_xlabel("prefill GFLOPs (analytic)")
-    for ax in axes:
+    for ax, (label, _) in zip(axes, axes_x, strict=True):
+        ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.suptitle(report["source"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
