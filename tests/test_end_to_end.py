@@ -67,6 +67,9 @@ def test_cli_help_and_recipes():
     assert out.returncode == 0 and "validate" in out.stdout and "examples:" in out.stdout
     out = subprocess.run([sys.executable, "-m", "train.cli", "recipes"], capture_output=True, text=True)
     assert "tiny/base" in out.stdout and "tiny/smoke" in out.stdout
+    # one column of descriptions, however long the longest name
+    lines = out.stdout.splitlines()
+    assert len({len(line) - len(line.split(maxsplit=1)[1]) for line in lines}) == 1
     out = subprocess.run([sys.executable, "-m", "train.cli", "--version"], capture_output=True, text=True)
     import torch
 

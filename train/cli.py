@@ -25,13 +25,15 @@ EPILOG = """examples:
 def cmd_recipes(args) -> int:
     from train.recipe import RECIPES_DIR, RecipeError, load_recipe
 
-    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
-        name = str(path.relative_to(RECIPES_DIR).with_suffix(""))
+    paths = sorted(RECIPES_DIR.rglob("*.yaml"))
+    names = [str(path.relative_to(RECIPES_DIR).with_suffix("")) for path in paths]
+    width = max(map(len, names), default=0)
+    for path, name in zip(paths, names, strict=True):
         try:
             description = load_recipe(path, check_machine=False).description
         except (RecipeError, FileNotFoundError) as err:
             description = f"(invalid: {str(err).splitlines()[0]})"
-        print(f"{name:<36} {description}")
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
