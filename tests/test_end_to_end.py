@@ -52,6 +52,17 @@ def test_vtc_train_smoke_recipe(tmp_path, capsys):
         ("vision", 4, 64),
         ("instruct", 30, 240),
     ]
+    for stage in meta["stages"]:  # each stage's throughput, recorded and printed
+        rate = stage["samples_per_second"]
+        # the 29 timed steps after the first fit in the stage's wall time
+        assert (
+            rate > 0
+            and (stage["steps"] - 1) * stage["samples_seen"] / stage["steps"] / rate <= stage["seconds"] + 0.1
+        )
+        assert (
+            f"[vtc] stage {stage['name']!r}: {stage['steps']} steps in" in out
+            and f"{rate:.1f} samples/s" in out
+        )
     assert meta["versions"]["torch"].startswith("2.13")
     assert (run_dir / "hf" / "config.json").is_file()  # the base is saved in llava-hf layout
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"

@@ -359,6 +359,10 @@ def train_stage(
     }
     if resume_from is not None:
         record["resumed_from"] = resume_from.path.name
+    if is_zero:
+        rate = record["samples_per_second"]
+        speed = "" if rate is None else f", {rate:.1f} samples/s after the first step"
+        print(f"[vtc] stage {stage.name!r}: {record['steps']} steps in {record['seconds']:.0f} s{speed}")
     return record
 
 
