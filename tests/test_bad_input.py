@@ -201,7 +201,7 @@ def test_a_typo_in_images_is_named_and_most_entries_failing_alike_exits_non_zero
 
 def test_the_loader_skips_what_the_converter_would_refuse_with_the_sample_id(tmp_path, tokenizer):
     """Shards from elsewhere (or an older vtc): two placeholders for one image, a placeholder
-    without an image, answers of unknown words only, a record that is not an object."""
+    without an image, answers of unknown words only, image bytes that do not decode."""
     png = encode_png(Image.new("RGB", (8, 8)))
     with ShardWriter(tmp_path / "shards") as writer:
         writer.write(
@@ -211,15 +211,22 @@ def test_the_loader_skips_what_the_converter_would_refuse_with_the_sample_id(tmp
         writer.write(
             {"id": "unknown", "conversations": [QUESTION, {"from": "gpt", "value": "zxqv blorft"}]}, png
         )
+        writer.write({"id": "corrupt", "conversations": CONV}, b"\x89PNG not really")
+        writer.write({"id": "truncated", "conversations": CONV}, encode_png(Image.new("RGB", (64, 64)))[:60])
         writer.write({"id": "ok", "conversations": CONV}, png)
     dataset = ConversationDataset(ShardIndex(tmp_path / "shards"), tokenizer, "vicuna_v1", 16, 4, 512, 4)
-    items = [dataset[i] for i in range(4)]
+    items = [dataset[i] for i in range(6)]
     assert [(item.id, item.reason.split(": ", 1)[1]) for item in items[:3]] == [
         ("two", "one image but 2 <image> placeholders in its questions (needs exactly 1)"),
         ("orphan", "an <image> placeholder but no image"),
         ("unknown", "every answer is empty or made only of unknown tokens"),
     ]
-    assert not isinstance(items[3], Skipped)
+    # image bytes that do not decode, whole or cut short, are skipped with PIL's reason
+    assert [(item.id, item.reason.split(":")[0]) for item in items[3:5]] == [
+        ("corrupt", "UnidentifiedImageError"),
+        ("truncated", "OSError"),
+    ]
+    assert not isinstance(items[5], Skipped)
 
 
 @pytest.mark.parametrize(
