@@ -83,6 +83,8 @@ def export_target(out_dir: str | Path, source: str | Path) -> Path:
 
 
 def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a vtc export (its vtc.json says so; a vtc-written llava-hf folder's
+    does not)."""
     try:
         return json.loads((folder / "vtc.json").read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):

@@ -18,6 +18,7 @@ from models.build import DTYPES, Built, ComponentSpec, build
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
 from models.compressors.base import ModelDims
+from models.export import FORMAT, load_pretrained
 
 
 class BaseShape(NamedTuple):
@@ -159,9 +160,7 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("format") == "vtc-export-1":
-        from models.export import load_pretrained
-
+    if meta.get("format") == FORMAT:
         plain = meta["projector"]["name"] == "mlp2x_gelu" and not meta["compressors"] and not meta.get("lora")
         base = meta["base"] or str(path)  # an export's llava-hf part holds the base weights
         model = None if plain else (lambda: load_pretrained(path, dtype=DTYPES[dtype]))
