@@ -45,8 +45,6 @@ class VtcModule(L.LightningModule):
         self.nonfinite_skipped: list[int] = []
         self.nonfinite_streak = 0  # non-finite losses (micro-batches) since the last finite one
         self.model = model
-        # held apart from the module, so `precision: bf16-true`'s cast of it cannot reach them
-        self.float_buffers = floating_buffers(model)
         self.stage = stage
         self.objective = OBJECTIVES[stage.objective]
         names = [getattr(c, "registry_name", type(c).__name__) for c in model.components()]
@@ -62,9 +60,17 @@ class VtcModule(L.LightningModule):
         # Models loaded with from_pretrained start in eval mode, and Lightning leaves the mode
         # as it finds it: without this, dropout (LoRA's included) would be off while training.
         self.train()
-        # `bf16-true` casts buffers with the weights (DeepSpeed and from_pretrained keep them
-        # float32): a rotary inv_freq in bfloat16 would put a Llama's positions out by radians.
-        restore_buffers(self.model, self.float_buffers)
+
+    def to(self, *args, **kwargs):
+        """`module.to(...)` that keeps the floating buffers' precision, as `from_pretrained` and
+        DeepSpeed keep them: Lightning's `bf16-true` casts the whole module with `.to(dtype)`
+        before DDP or DeepSpeed wrap it, and a rotary inv_freq in bfloat16 would put a Llama's
+        positions out by radians (`bench/half_precision.py`). Kept here, before the wrap, DDP
+        records and broadcasts the buffers the model reads."""
+        kept = floating_buffers(self.model)
+        moved = super().to(*args, **kwargs)
+        restore_buffers(self.model, kept)
+        return moved
 
     def stage_progress(self, step: int) -> Progress:
         """Where this stage stands at optimizer step `step`, as its components see it."""
