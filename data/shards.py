@@ -138,6 +138,11 @@ def existing_shards(out_dir: Path) -> list[Path]:
     return list_shards(out_dir) if out_dir.is_dir() and any(out_dir.glob("*.tar")) else []
 
 
+def is_shard_output(path: Path) -> bool:
+    """What vtc writes into a shard folder: the shards and the list of skipped entries."""
+    return path.is_file() and (path.suffix == ".tar" or path.name == "skipped.jsonl")
+
+
 @contextmanager
 def staged(out_dir: Path, mode: str):
     """A temporary folder beside `out_dir` to write shards into; when the block finishes it is
@@ -146,6 +151,12 @@ def staged(out_dir: Path, mode: str):
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder for shards")
+    others = sorted(p.name for p in out_dir.iterdir() if not is_shard_output(p)) if out_dir.is_dir() else []
+    if mode == "overwrite" and others:  # it is replaced whole: those would go with it
+        raise UserError(
+            f"--overwrite replaces {out_dir} whole, and it holds more than shards "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): give the shards a folder of their own"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:

@@ -184,6 +184,24 @@ def test_converting_into_a_folder_with_shards_is_refused_unless_overwrite_or_app
     assert [index.record(i)["id"] for i in range(len(index))] == ["a"] and len(list(out.glob("*.tar"))) == 1
 
 
+def test_overwrite_never_takes_the_source_data_with_the_old_shards(tmp_path, image_dir, capsys):
+    """Shards written beside their own JSON and images: `--overwrite` replaces the folder whole,
+    so it is refused there, before and after shards exist, and nothing is lost."""
+    source = write_entries(
+        image_dir / "llava.json", [{"id": "a", "image": "good.png", "conversations": CONV}]
+    )
+    before = sorted(p.name for p in image_dir.iterdir())
+    code, _, err = convert_cli(source, image_dir, image_dir, "--overwrite", capsys=capsys)
+    assert code == 2 and "holds more than shards (good.png, huge.png, llava.json, ...)" in err
+    assert convert_cli(source, image_dir, image_dir, capsys=capsys)[0] == 0  # beside them: allowed
+    assert sorted(p.name for p in image_dir.iterdir()) == sorted([*before, "shard-000000.tar", "skipped.jsonl"])
+    code, _, err = convert_cli(source, image_dir, image_dir, "--overwrite", capsys=capsys)
+    assert code == 2 and "give the shards a folder of their own" in err
+    assert sorted(p.name for p in image_dir.iterdir()) == sorted([*before, "shard-000000.tar", "skipped.jsonl"])
+    synth = ["data", "synth", "--out", str(image_dir), "--samples", "2", "--overwrite"]
+    assert run_cli(*synth, capsys=capsys)[0] == 2 and (image_dir / "llava.json").is_file()
+
+
 def test_a_typo_in_images_is_named_and_most_entries_failing_alike_exits_non_zero(tmp_path, image_dir, capsys):
     rows = [{"id": f"s{i}", "image": f"img{i}.png", "conversations": CONV} for i in range(4)]
     rows.append({"id": "ok", "image": "good.png", "conversations": CONV})
