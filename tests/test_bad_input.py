@@ -194,10 +194,14 @@ def test_overwrite_never_takes_the_source_data_with_the_old_shards(tmp_path, ima
     code, _, err = convert_cli(source, image_dir, image_dir, "--overwrite", capsys=capsys)
     assert code == 2 and "holds more than shards (good.png, huge.png, llava.json, ...)" in err
     assert convert_cli(source, image_dir, image_dir, capsys=capsys)[0] == 0  # beside them: allowed
-    assert sorted(p.name for p in image_dir.iterdir()) == sorted([*before, "shard-000000.tar", "skipped.jsonl"])
+    assert sorted(p.name for p in image_dir.iterdir()) == sorted(
+        [*before, "shard-000000.tar", "skipped.jsonl"]
+    )
     code, _, err = convert_cli(source, image_dir, image_dir, "--overwrite", capsys=capsys)
     assert code == 2 and "give the shards a folder of their own" in err
-    assert sorted(p.name for p in image_dir.iterdir()) == sorted([*before, "shard-000000.tar", "skipped.jsonl"])
+    assert sorted(p.name for p in image_dir.iterdir()) == sorted(
+        [*before, "shard-000000.tar", "skipped.jsonl"]
+    )
     synth = ["data", "synth", "--out", str(image_dir), "--samples", "2", "--overwrite"]
     assert run_cli(*synth, capsys=capsys)[0] == 2 and (image_dir / "llava.json").is_file()
 
@@ -386,3 +390,18 @@ def test_synthetic_data_never_mixes_into_or_half_fills_a_folder(tmp_path, capsys
     assert len(ShardIndex(out)) == 2 and [p.name for p in tmp_path.iterdir()] == [
         "synth"
     ]  # no temporary left
+
+
+def test_an_interrupted_synthetic_split_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    import train.datamodule
+    from train.recipe import load_recipe
+
+    def interrupted(out_dir, *args, **kwargs):
+        (out_dir / "shard-000000.tar").write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.datamodule, "write_synthetic", interrupted)
+    recipe = load_recipe("tiny/smoke", [f"data.cache_dir={tmp_path}", "data.synthetic.test=2"])
+    with pytest.raises(KeyboardInterrupt):
+        train.datamodule.synthetic_shards(recipe.data, "test")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # the next run starts clean

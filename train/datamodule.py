@@ -36,17 +36,21 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
         show = os.environ.get("LOCAL_RANK", "0") == "0"
-        write_synthetic(
-            tmp,
-            split,
-            count,
-            syn.seed,
-            syn.image_size,
-            syn.grid,
-            progress=show,
-            objects=tuple(syn.objects),
-            families=tuple(syn.families),
-        )
+        try:
+            write_synthetic(
+                tmp,
+                split,
+                count,
+                syn.seed,
+                syn.image_size,
+                syn.grid,
+                progress=show,
+                objects=tuple(syn.objects),
+                families=tuple(syn.families),
+            )
+        except BaseException:  # interrupted (Ctrl-C, a full disk): leave no half split behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
