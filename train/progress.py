@@ -71,8 +71,11 @@ class StepClock(Callback):
         step = trainer.global_step
         if step == self.last[0]:
             return  # a micro-batch that accumulated: no optimizer step ended
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()  # the step's kernels have run, not merely been queued
+        # only the first and the last reading enter the rate: only they wait for the GPU to
+        # finish the step's queued kernels (waiting at every step would stall the next one's)
+        ends = self.first is None or step == trainer.max_steps
+        if ends and trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
         now = self.clock()
         self.first = self.first or (step, now)
         self.last = (step, now)
