@@ -100,3 +100,8 @@ def test_the_step_clock_times_optimizer_steps_after_the_first(tmp_path):
     one = StepClock(clock=lambda: 1.0)
     fit(1, tmp_path, callbacks=[one])
     assert one.steps_per_second() is None  # one step: nothing after it to time
+    # a resumed stage carries on what the attempt before timed (from its checkpoint)
+    counter.count = 0
+    resumed = StepClock(clock=lambda: counter.count, before=(10, 6.0))
+    fit(3, tmp_path, callbacks=[counter, resumed])
+    assert resumed.timed() == (12, 8) and resumed.steps_per_second() == 12 / 8

@@ -132,6 +132,11 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
     meta = json.loads((run_dir / "meta.json").read_text())
     assert [s["name"] for s in meta["stages"]] == ["vision", "instruct"]
     assert meta["stages"][1]["resumed_from"] == newest.path.name
+    # the stage's wall time counts the training before the kill, which its checkpoint kept
+    assert newest.stage_seconds > 0 and meta["stages"][1]["seconds"] >= newest.stage_seconds
+    # and its throughput clock had timed every step after the first up to the saved one
+    assert newest.timed[0] == newest.step - 1 and newest.timed[1] > 0
+    assert meta["stages"][1]["samples_per_second"] > 0
     # the metrics file continues: one row per step, as in the uninterrupted run
     assert logged_steps(run_dir) == list(range(30))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class CheckpointInfo:
     stage_done: bool
     records: list[dict] = field(default_factory=list, compare=False)  # finished stages' meta.json records
     log_row: dict | None = field(default=None, compare=False)  # see pending_log_row
+    # wall seconds the stage had trained for when this was saved, over every earlier resume too
+    stage_seconds: float = field(default=0.0, compare=False)
+    # (optimizer steps, seconds) its throughput clock had timed (see train.progress.StepClock)
+    timed: tuple[int, float] = field(default=(0, 0.0), compare=False)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -72,6 +77,8 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
                 info["stage_done"],
                 info.get("records", []),
                 info.get("log_row"),
+                info.get("stage_seconds", 0.0),  # 0 in checkpoints saved before vtc kept it
+                tuple(info.get("timed", (0, 0.0))),
             )
         )
     return sorted(found, key=lambda c: c.order)
@@ -134,12 +141,24 @@ class PeriodicCheckpoint(L.Callback):
         every: int,
         keep_last: int,
         records: list[dict] = (),
+        seconds_before: float = 0.0,
+        clock=None,
     ):
         self.root = Path(run_dir) / CKPT_DIR
         self.stage_index, self.stage_name = stage_index, stage_name
         self.records = list(records)  # meta.json records of the stages before this one
         self.every, self.keep_last = every, keep_last
         self.last_saved = -1
+        # the stage's wall time: what the checkpoint it resumed from had, and this attempt's
+        self.seconds_before, self.started = seconds_before, time.time()
+        self.clock = clock  # the stage's StepClock, whose timing a resume carries on
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.started = time.time()
+
+    def stage_seconds(self) -> float:
+        """Wall seconds the stage has trained for, over every attempt (a crash's downtime aside)."""
+        return self.seconds_before + time.time() - self.started
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -169,6 +188,8 @@ class PeriodicCheckpoint(L.Callback):
                 "stage_done": stage_done,
                 "records": self.records,
                 "log_row": pending_log_row(trainer, step),
+                "stage_seconds": round(self.stage_seconds(), 1),
+                "timed": list(self.clock.timed()) if self.clock else [0, 0.0],
             }
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
             # the aside name starts with .tmp- too, so a resume clears it if a kill strands it

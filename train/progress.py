@@ -57,10 +57,12 @@ class StepClock(Callback):
     """Times a stage's optimizer steps for its training throughput. The clock starts when the
     first step ends, so setup and that step's warm-up (data workers starting, kernels chosen,
     memory growing) do not dilute the figure; the periodic checkpoints saved in between count,
-    since a run pays for them. `clock`: seconds now (time.perf_counter)."""
+    since a run pays for them. `clock`: seconds now (time.perf_counter); `before`: (steps,
+    seconds) an earlier attempt of the stage timed, from the checkpoint a resume starts at."""
 
-    def __init__(self, clock=time.perf_counter):
+    def __init__(self, clock=time.perf_counter, before: tuple[int, float] = (0, 0.0)):
         self.clock = clock
+        self.before = tuple(before)
         self.first: tuple[int, float] | None = None  # (global step, seconds) when the clock started
         self.last: tuple[int, float | None] | None = None
 
@@ -80,8 +82,14 @@ class StepClock(Callback):
         self.first = self.first or (step, now)
         self.last = (step, now)
 
+    def timed(self) -> tuple[int, float]:
+        """(optimizer steps, seconds) timed so far, an earlier attempt's included."""
+        steps, seconds = self.before
+        if self.first is not None:
+            steps, seconds = steps + self.last[0] - self.first[0], seconds + self.last[1] - self.first[1]
+        return steps, seconds
+
     def steps_per_second(self) -> float | None:
         """Optimizer steps a second after the first; None when fewer than two steps ran."""
-        if self.first is None or self.last[0] == self.first[0]:
-            return None
-        return (self.last[0] - self.first[0]) / (self.last[1] - self.first[1])
+        steps, seconds = self.timed()
+        return steps / seconds if steps else None

@@ -316,8 +316,16 @@ def train_stage(
         for component in model.components():  # e.g. a compression schedule over the stage's steps
             for line in component.describe(module.stage_progress(0)):
                 print(f"  {component.registry_name}: {line}", flush=True)
+    clock = StepClock(before=resume_from.timed if resume_from else (0, 0.0))
     checkpoints = PeriodicCheckpoint(
-        run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, records
+        run_dir,
+        index,
+        stage.name,
+        recipe.checkpoint.every,
+        recipe.checkpoint.keep_last,
+        records,
+        seconds_before=resume_from.stage_seconds if resume_from else 0.0,
+        clock=clock,
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
@@ -333,7 +341,8 @@ def train_stage(
         gradient_clip_val=stage.optim.grad_clip,
         log_every_n_steps=min(recipe.trainer.log_every, steps),  # a short stage still logs its last step
         logger=logs,
-        callbacks=[checkpoints, StageProgressBar(stage.name), clock := StepClock()],
+        # the clock reads a step's end before the checkpoint of that step saves its timing
+        callbacks=[clock, checkpoints, StageProgressBar(stage.name)],
         plugins=[TrainablesCheckpointIO()],
         use_distributed_sampler=False,  # the datamodule's loader shards by rank and resumes
         enable_checkpointing=False,  # vtc's PeriodicCheckpoint saves (atomically, trainables only)
@@ -342,7 +351,6 @@ def train_stage(
         limit_val_batches=0,
         default_root_dir=run_dir,
     )
-    started = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume_from.path if resume_from else None)
     if recipe.wandb.enabled and is_zero:  # one wandb run per stage: the next stage starts its own
         import wandb
@@ -352,7 +360,7 @@ def train_stage(
         "name": stage.name,
         "steps": trainer.global_step,
         "samples_seen": trainer.global_step * stage.batch_size * world * accumulate,
-        "seconds": round(time.time() - started, 1),
+        "seconds": round(checkpoints.stage_seconds(), 1),  # summed over a crash and its resume
         "samples_per_second": throughput(clock, stage.batch_size * world * accumulate),
         "skipped_samples": len(module.skipped),
         "nonfinite_skipped_steps": module.nonfinite_skipped,
