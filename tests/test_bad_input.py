@@ -405,3 +405,14 @@ def test_an_interrupted_synthetic_split_leaves_nothing_in_the_cache(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         train.datamodule.synthetic_shards(recipe.data, "test")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # the next run starts clean
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainable.safetensors").write_bytes(b"the finished run's weights")
+    command = ["train", "tiny/smoke", f"output={run}", f"data.cache_dir={tmp_path / 'data'}"]
+    for more in ([], ["--resume", "auto"]):
+        code, _, err = run_cli(*command, *more, capsys=capsys)
+        assert code == 2 and "holds a finished run and no checkpoint to resume from" in err
+    assert (run / "trainable.safetensors").read_bytes() == b"the finished run's weights"

@@ -112,6 +112,11 @@ def resume_point(
     existing = list_checkpoints(run_dir)
     if restart:
         return None
+    if not existing and (run_dir / "trainable.safetensors").is_file():  # its checkpoints deleted
+        raise UserError(
+            f"{run_dir} holds a finished run and no checkpoint to resume from: pass --restart to "
+            "train it again from scratch (replacing it), or give the recipe another output"
+        )
     if resume is None:
         if existing:
             raise UserError(
