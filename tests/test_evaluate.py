@@ -330,13 +330,15 @@ def test_bad_settings_are_refused_before_any_model_loads(text, message):
         SettingAtTest.parse(text)
 
 
-def test_a_report_folder_that_is_a_file_is_refused_before_any_row(tmp_path):
+def test_a_report_folder_that_cannot_be_written_is_refused_before_any_row(tmp_path):
     from models.pretrained import shipped_path
     from train.evaluate import evaluate
 
     (tmp_path / "eval.json").write_text("{}")
     with pytest.raises(UserError, match="eval.json is a file, not a folder for the report"):
         evaluate(shipped_path("tiny-llava"), [], out_dir=tmp_path / "eval.json")
+    with pytest.raises(UserError, match=r"cannot write the report there \(Not a directory\); give --out"):
+        evaluate(shipped_path("tiny-llava"), [], out_dir=tmp_path / "eval.json" / "report")
 
 
 def test_a_setting_value_the_component_refuses_is_named():

@@ -19,6 +19,7 @@ and plot); this module runs them in order.
 from __future__ import annotations
 
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -76,6 +77,11 @@ def evaluate(
     out = Path(out_dir) if out_dir else source.out_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder for the report")
+    try:  # before any row is measured: e.g. the default, a read-only model folder
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the report there ({err.strerror}); give --out DIR") from None
     dims, visual, size = source.shape
     budgets = budgets or [visual // 4, visual // 16]
     if questions_file:
