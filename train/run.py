@@ -114,8 +114,8 @@ def resume_point(
         return None
     if not existing and (run_dir / "trainable.safetensors").is_file():  # its checkpoints deleted
         raise UserError(
-            f"{run_dir} holds a finished run and no checkpoint to resume from: pass --restart to "
-            "train it again from scratch (replacing it), or give the recipe another output"
+            f"{run_dir} holds a finished run and no checkpoint to resume from: `vtc train ... "
+            "--restart` trains it again from scratch (replacing it); or give the recipe another output"
         )
     if resume is None:
         if existing:
