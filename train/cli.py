@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -610,9 +611,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that build, save or load models (transformers' save_pretrained goes through
+# accelerate, which imports DeepSpeed)
+MODEL_COMMANDS = ("train", "resume", "evaluate", "export", "import")
+
+
+def tell_deepspeed_without_cuda() -> None:
+    """On a machine without CUDA, set DS_ACCELERATOR=cpu before anything imports DeepSpeed: its
+    own detection comes to the same answer, with a warning at every model save. A machine with
+    CUDA, or a DS_ACCELERATOR the user set, is left alone."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data.errors import UserError
+
+    if args.command in MODEL_COMMANDS:
+        tell_deepspeed_without_cuda()
 
     try:
         return args.func(args)
