@@ -59,9 +59,16 @@ from train.strategy import build_strategy
 from train.zero import load_state, trainable_state
 
 # Lightning starts every stage's Trainer with a cloud-logger advertisement and a list of the
-# accelerators it did not find, and torch's pytree warns about a call inside Lightning: none of
-# it is about the user's run. Lightning's other messages (warnings included) stay.
-_LIGHTNING_CHATTER = ("litlogger", "GPU available:", "TPU available:", "HPU available:")
+# accelerators it did not find, and ends it saying max_steps was reached (vtc's own line after
+# each stage gives its steps, time and speed); torch's pytree warns about a call inside Lightning:
+# none of it is about the user's run. Lightning's other messages (warnings included) stay.
+_LIGHTNING_CHATTER = (
+    "litlogger",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "`Trainer.fit` stopped: `max_steps=",
+)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not any(text in record.getMessage() for text in _LIGHTNING_CHATTER)
 )
