@@ -73,8 +73,9 @@ class StepClock(Callback):
         step = trainer.global_step
         if step == self.last[0]:
             return  # a micro-batch that accumulated: no optimizer step ended
-        # only the first and the last reading enter the rate: only they wait for the GPU to
-        # finish the step's queued kernels (waiting at every step would stall the next one's)
+        # the rate reads the first and the last step: only they wait for the GPU to finish the
+        # step's queued kernels (waiting at every step would stall the next one's); a reading in
+        # between, which a checkpoint keeps for a resume, may be short by what is still queued
         ends = self.first is None or step == trainer.max_steps
         if ends and trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
