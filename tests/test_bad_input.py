@@ -365,7 +365,7 @@ def test_samples_a_stage_cannot_train_on_are_listed_with_their_id_and_counted(tm
     stages = {s["name"]: s for s in json.loads((run / "meta.json").read_text())["stages"]}
     assert stages["instruct"]["skipped_samples"] == len(listed) and stages["instruct"]["steps"] == 4
     assert f"skipped {len(listed)} sample(s)" in result.stdout
-    assert not (run / "skipped-vision-rank0.jsonl").exists()  # the region stage reads no answers
+    assert not (run / "skipped-vision-rank0.jsonl").exists()  # the region stage trains on cells, not answers
 
 
 def test_synthetic_data_never_mixes_into_or_half_fills_a_folder(tmp_path, capsys):

@@ -250,8 +250,9 @@ def test_vtc_evaluate_sets_a_run_beside_its_uncompressed_twin(tmp_path):
         assert stage["samples_per_second"] > 0
     assert "training" not in rows["baseline"] and "training" not in rows["model-uncompressed"]
     report = (tmp_path / "r" / "eval.md").read_text()
-    rate = rows["model"]["training"][0]["samples_per_second"]
-    assert f"| model | {stage['name']} | 2 | " in report and f" | {rate:.1f} |" in report
+    (trained,) = rows["model"]["training"]
+    assert f"| model | {trained['name']} | 2 | " in report
+    assert f" | {trained['samples_per_second']:.1f} |" in report
 
 
 def test_images_of_different_token_counts_pool_and_answer_as_one_by_one(tokenizer):
