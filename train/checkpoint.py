@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,25 +139,15 @@ class PeriodicCheckpoint(L.Callback):
         stage_name: str,
         every: int,
         keep_last: int,
+        clock,
         records: list[dict] = (),
-        seconds_before: float = 0.0,
-        clock=None,
     ):
         self.root = Path(run_dir) / CKPT_DIR
         self.stage_index, self.stage_name = stage_index, stage_name
         self.records = list(records)  # meta.json records of the stages before this one
         self.every, self.keep_last = every, keep_last
         self.last_saved = -1
-        # the stage's wall time: what the checkpoint it resumed from had, and this attempt's
-        self.seconds_before, self.started = seconds_before, time.time()
         self.clock = clock  # the stage's StepClock, whose timing a resume carries on
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.started = time.time()
-
-    def stage_seconds(self) -> float:
-        """Wall seconds the stage has trained for, over every attempt (a crash's downtime aside)."""
-        return self.seconds_before + time.time() - self.started
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -188,8 +177,8 @@ class PeriodicCheckpoint(L.Callback):
                 "stage_done": stage_done,
                 "records": self.records,
                 "log_row": pending_log_row(trainer, step),
-                "stage_seconds": round(self.stage_seconds(), 1),
-                "timed": list(self.clock.timed()) if self.clock else [0, 0.0],
+                "stage_seconds": round(self.clock.stage_seconds(), 1),
+                "timed": list(self.clock.timed()),
             }
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
             # the aside name starts with .tmp- too, so a resume clears it if a kill strands it

@@ -54,17 +54,29 @@ class StageProgressBar(RichProgressBar):
 
 
 class StepClock(Callback):
-    """Times a stage's optimizer steps for its training throughput. The clock starts when the
-    first step ends, so setup and that step's warm-up (data workers starting, kernels chosen,
-    memory growing) do not dilute the figure; the periodic checkpoints saved in between count,
-    since a run pays for them. `clock`: seconds now (time.perf_counter); `before`: (steps,
-    seconds) an earlier attempt of the stage timed, from the checkpoint a resume starts at."""
+    """Times a stage: its wall time, and its optimizer steps for its training throughput. The
+    step clock starts when the first step ends, so setup and that step's warm-up (data workers
+    starting, kernels chosen, memory growing) do not dilute the figure; the periodic checkpoints
+    saved in between count, since a run pays for them. `clock`: seconds now
+    (time.perf_counter); `before` (steps, seconds timed) and `seconds_before` (wall seconds):
+    what an earlier attempt of the stage had, from the checkpoint a resume starts at."""
 
-    def __init__(self, clock=time.perf_counter, before: tuple[int, float] = (0, 0.0)):
+    def __init__(
+        self, clock=time.perf_counter, before: tuple[int, float] = (0, 0.0), seconds_before: float = 0.0
+    ):
         self.clock = clock
         self.before = tuple(before)
+        self.seconds_before = seconds_before
+        self.started = clock()  # set again when fit starts
         self.first: tuple[int, float] | None = None  # (global step, seconds) when the clock started
         self.last: tuple[int, float | None] | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.started = self.clock()
+
+    def stage_seconds(self) -> float:
+        """Wall seconds the stage has trained for, over every attempt (a crash's downtime aside)."""
+        return self.seconds_before + self.clock() - self.started
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.last = (trainer.global_step, None)  # 0, or the step a resumed stage starts after

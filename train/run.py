@@ -328,16 +328,12 @@ def train_stage(
         for component in model.components():  # e.g. a compression schedule over the stage's steps
             for line in component.describe(module.stage_progress(0)):
                 print(f"  {component.registry_name}: {line}", flush=True)
-    clock = StepClock(before=resume_from.timed if resume_from else (0, 0.0))
-    checkpoints = PeriodicCheckpoint(
-        run_dir,
-        index,
-        stage.name,
-        recipe.checkpoint.every,
-        recipe.checkpoint.keep_last,
-        records,
+    clock = StepClock(
+        before=resume_from.timed if resume_from else (0, 0.0),
         seconds_before=resume_from.stage_seconds if resume_from else 0.0,
-        clock=clock,
+    )
+    checkpoints = PeriodicCheckpoint(
+        run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, clock, records
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
@@ -372,7 +368,7 @@ def train_stage(
         "name": stage.name,
         "steps": trainer.global_step,
         "samples_seen": trainer.global_step * stage.batch_size * world * accumulate,
-        "seconds": round(checkpoints.stage_seconds(), 1),  # summed over a crash and its resume
+        "seconds": round(clock.stage_seconds(), 1),  # summed over a crash and its resume
         "samples_per_second": throughput(clock, stage.batch_size * world * accumulate),
         "skipped_samples": len(module.skipped),
         "nonfinite_skipped_steps": module.nonfinite_skipped,
