@@ -422,3 +422,38 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_not_trained_over(tmp_p
         code, _, err = run_cli(*command, *more, capsys=capsys)
         assert code == 2 and "holds a finished run and no checkpoint to resume from" in err
     assert (run / "trainable.safetensors").read_bytes() == b"the finished run's weights"
+
+
+def test_a_folder_that_is_not_a_run_is_not_written_into(tmp_path, capsys):
+    """`output=` pointing at the user's own folder (here: the folder of their recipe.yaml, which
+    the run's resolved recipe would replace) is refused before anything is written; a run of
+    vtc's own, stopped before its first checkpoint, still starts in its folder."""
+    from train.recipe import RECIPES_DIR
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    mine = (RECIPES_DIR / "tiny" / "smoke.yaml").read_text() + "# my notes\n"
+    (folder / "recipe.yaml").write_text(mine)
+    before = sorted(path.name for path in folder.iterdir())
+    command = [
+        "train",
+        str(folder / "recipe.yaml"),
+        f"output={folder}",
+        f"data.cache_dir={tmp_path / 'data'}",
+    ]
+    for more in ([], ["--restart"], ["--resume", "auto"]):
+        code, _, err = run_cli(*command, *more, capsys=capsys)
+        assert code == 2 and "holds files that are not a vtc run (recipe.yaml)" in err
+    assert (folder / "recipe.yaml").read_text() == mine
+    assert sorted(path.name for path in folder.iterdir()) == before
+
+    from train.run import RUN_RECIPE_HEADER
+
+    stopped = tmp_path / "stopped"  # what a run killed during its first stage leaves
+    stopped.mkdir()
+    (stopped / "recipe.yaml").write_text(RUN_RECIPE_HEADER + mine)
+    code, _, err = run_cli(
+        "train", "tiny/smoke", f"output={stopped}", f"data.cache_dir={tmp_path / 'data'}", capsys=capsys
+    )
+    assert code == 0, err
+    assert (stopped / "trainable.safetensors").is_file()

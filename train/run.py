@@ -30,6 +30,7 @@ from models.lora import has_lora
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
 from train.checkpoint import (
+    CKPT_DIR,
     CheckpointInfo,
     PeriodicCheckpoint,
     TrainablesCheckpointIO,
@@ -79,6 +80,35 @@ def run_dir_of(recipe: Recipe) -> Path:
     return Path(recipe.output).absolute()  # a relative output is from the working directory
 
 
+# The first line of the recipe.yaml a run writes: it tells that file from a user's own recipe
+# of that name, which a run started in that folder would otherwise replace.
+RUN_RECIPE_HEADER = (
+    "# the resolved recipe of the run in this folder, written by `vtc train` (`vtc resume` reads it)\n"
+)
+# What a run writes besides recipe.yaml: a folder holding any of these already is a run.
+RUN_OUTPUTS = ("meta.json", "metrics.json", "trainable.safetensors", CKPT_DIR, "logs", "hf")
+
+
+def refuse_foreign_output(run_dir: Path) -> None:
+    """A run writes recipe.yaml, logs/, ckpt/, ... straight into its output folder. Refuse a
+    folder that holds files and is not a run already (`output=.` in a project folder, or the
+    folder of the user's own recipe.yaml, which would be replaced by the resolved one)."""
+    if not run_dir.is_dir():
+        return
+    entries = sorted(path.name for path in run_dir.iterdir())
+    if not entries or any((run_dir / name).exists() for name in RUN_OUTPUTS):
+        return
+    recipe = run_dir / "recipe.yaml"
+    if recipe.is_file() and recipe.read_text(errors="replace").startswith(RUN_RECIPE_HEADER):
+        return  # a run stopped before its first checkpoint
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise UserError(
+        f"output {run_dir} already holds files that are not a vtc run ({shown}); a run writes "
+        "recipe.yaml, ckpt/, logs/ and its weights into its output folder, so give the recipe a new "
+        "or empty one (output=PATH)"
+    )
+
+
 def is_run_dir(path: Path) -> bool:
     """A folder `run_recipe` wrote (a shipped base keeps a recipe.yaml too, but no meta.json)."""
     return (path / "recipe.yaml").is_file() and (path / "meta.json").is_file()
@@ -116,6 +146,7 @@ def resume_point(
 ) -> CheckpointInfo | None:
     """The checkpoint to continue from (None: start from scratch), after checking the recipe
     did not change in a way that matters. `resume` is "auto" (newest complete) or a folder."""
+    refuse_foreign_output(run_dir)
     existing = list_checkpoints(run_dir)
     if restart:
         return None
@@ -166,7 +197,7 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
             for old in list_checkpoints(run_dir):
                 if start is None or old.order > start.order:
                     shutil.rmtree(old.path)
-        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        write_text_atomic(run_dir / "recipe.yaml", RUN_RECIPE_HEADER + recipe_to_yaml(recipe))
     if start is not None:
         print(f"[vtc] resuming from {start.path} (stage {start.stage!r}, step {start.step})")
     if recipe.trainer.threads:
