@@ -424,6 +424,24 @@ def test_rows_run_in_the_precision_and_on_the_device_given(tmp_path, monkeypatch
     assert not (tmp_path / "x").exists()
 
 
+def test_the_default_precision_is_float16_on_a_gpu_and_float32_on_a_cpu(monkeypatch):
+    """`--dtype auto` (the default) names the precision LLaVA evaluates in on a GPU, float16, and
+    float32 on a CPU; the report records the name it chose; a named precision is kept as given."""
+    from train.evaluation.measure import Settings
+
+    assert Settings().dtype == "auto"
+    assert Settings(device="cpu").resolved().dtype == "float32"
+    assert Settings(device="cpu").placement() == (torch.device("cpu"), torch.float32)
+    assert Settings(device="cpu", dtype="bfloat16").resolved().dtype == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as torch sees it
+    assert Settings().resolved().dtype == "float16"
+    assert Settings().placement() == (torch.device("cuda"), torch.float16)
+    assert Settings(device="cpu").resolved().dtype == "float32"  # a GPU machine told to use its CPU
+    assert Settings(dtype="float32").resolved().dtype == "float32"
+    with pytest.raises(UserError, match="dtype must be auto or one of"):
+        Settings(dtype="fp8").resolved()
+
+
 def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
     """`--baseline none`: no baseline row; the model is the reference (kept and same answers
     100 %) and eval.md says so. `--baseline OTHER`: OTHER is the baseline row, answering as it

@@ -510,9 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="precision of every row (default float32; LLaVA's own evaluation runs float16)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="precision of every row (default auto: float16 on a GPU, LLaVA's own evaluation "
+        "precision; float32 on a CPU)",
     )
     p.add_argument(
         "--compare",

@@ -67,7 +67,7 @@ def evaluate(
     its base); or NO_BASELINE, no such row (the first row, the model, is the reference)."""
     from train.datamodule import split_shards
 
-    settings = settings or Settings()
+    settings = (settings or Settings()).resolved()
     device, dtype = settings.placement()  # before any weights load
     changed = [SettingAtTest.parse(text) for text in test_settings]
     source = resolve_source(target, settings.dtype)

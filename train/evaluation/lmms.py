@@ -6,8 +6,8 @@
 `pretrained` is what `vtc evaluate` accepts (a run, a vtc export, a llava-hf folder);
 `compressor` a training-free baseline (`pooling`, `fastv`, ... or a component name) added to
 that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's budget. Other
-model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16 or float16;
-default float32), `template`, `system_prompt` and `chat_template` (a Jinja file), as `vtc
+model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16, float16 or
+auto, the default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU), `template`, `system_prompt` and `chat_template` (a Jinja file), as `vtc
 evaluate --template` (e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval
 splits model_args at commas, so the system prompt can hold none); the batch is lmms-eval's
 `--batch_size` (its default 1 is slow: pass 16).
@@ -36,7 +36,7 @@ from lmms_eval.api.model import lmms
 from data.templates import chosen_template
 from models.build import to_precision
 from train.accuracy import Question, QuestionSet, answer_questions
-from train.evaluation.measure import placement
+from train.evaluation.measure import dtype_for, placement
 from train.evaluation.sources import model_for
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -74,7 +74,7 @@ class VtcLmms(lmms):
         tokens: int | str | None = None,
         batch_size: int | str = 16,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         template: str | None = None,
         system_prompt: str | None = None,
         chat_template: str | None = None,
@@ -88,6 +88,7 @@ class VtcLmms(lmms):
                 "tokens, batch_size, device, dtype, template, system_prompt, chat_template"
             )
         self._device, torch_dtype = placement(device, dtype)  # before any weights load
+        dtype = dtype_for(dtype, self._device)
         budget = int(tokens) if tokens not in (None, "") else None
         self.built = model_for(pretrained, compressor, budget, dtype)
         # as `vtc evaluate --template`: e.g. a llava-hf folder of a chat LLaVA

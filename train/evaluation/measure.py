@@ -7,7 +7,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,19 +30,38 @@ class Settings:
     repeats: int = 5
     timing: bool = True
     device: str | None = None  # where every row runs; None: cuda when there is one, else cpu
-    dtype: str = "float32"  # a DTYPES name: the precision every row runs in
+    dtype: str = "auto"  # a DTYPES name, or "auto" (see `dtype_for`): the precision every row runs in
 
     def placement(self) -> tuple[torch.device, torch.dtype]:
         return placement(self.device, self.dtype)
 
+    def resolved(self) -> Settings:
+        """These settings with "auto" precision named (what eval.json records)."""
+        device, _ = self.placement()
+        return replace(self, dtype=dtype_for(self.dtype, device))
+
+
+def dtype_for(dtype: str, device: torch.device) -> str:
+    """A DTYPES name for `dtype` on `device`. "auto" is LLaVA's own evaluation precision,
+    float16, on a GPU, and float32 on a CPU, where half precision is slow and some kernels lack it."""
+    if dtype == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dtype
+
 
 def placement(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """The device (None: cuda when there is one, else cpu) and precision (a DTYPES name) models
-    are evaluated on; a name this machine cannot run is refused before any weights load."""
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    """The device (None: cuda when there is one, else cpu) and precision (a DTYPES name or
+    "auto") models are evaluated on; a name this machine cannot run is refused before any
+    weights load."""
+    place = where(device)
+    return place, DTYPES[dtype_for(dtype, place)]
+
+
+def where(device: str | None) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), DTYPES[dtype]
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         place = torch.device(device)
     except RuntimeError as err:
@@ -53,7 +72,7 @@ def placement(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype
         raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if place.type not in ("cpu", "cuda"):
         raise UserError(f"device {device!r}: vtc evaluates on cpu or cuda")
-    return place, DTYPES[dtype]
+    return place
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
