@@ -141,6 +141,44 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
     assert logged_steps(run_dir) == list(range(30))
 
 
+def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_path):
+    """Ctrl-C (a real SIGINT) mid-stage: Lightning shuts down, vtc names the newest checkpoint
+    and the command that goes on from it, and that resume ends bit-identical to the run that
+    was never interrupted. Ctrl-C outside training is no traceback either."""
+    reference, data_dir = uninterrupted
+    run_dir = tmp_path / "interrupted"
+    patch = (
+        "end = checkpoint.PeriodicCheckpoint.on_train_batch_end\n"
+        "def ctrl_c_at_17(self, trainer, *args):\n"
+        "    end(self, trainer, *args)\n"
+        "    if self.stage_name == 'instruct' and trainer.global_step == 17:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "checkpoint.PeriodicCheckpoint.on_train_batch_end = ctrl_c_at_17\n"
+    )
+    out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=5", "checkpoint.keep_last=2")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (
+        "[vtc] interrupted at step 17 of stage 'instruct'; the newest checkpoint is "
+        f"stage1-instruct-step0000015 (stage 'instruct', step 15); `vtc resume {run_dir}` goes on"
+    ) in out.stderr
+    assert not (run_dir / "trainable.safetensors").exists()
+    resumed = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    assert "resuming from" in resumed.stdout and "stage1-instruct-step0000015" in resumed.stdout
+    assert weights_bytes(run_dir) == weights_bytes(reference)
+
+    patch = "from train import evaluate\nevaluate.evaluate = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
+    script = f"import os, signal, sys\nfrom train import cli\n{patch}sys.exit(cli.main(sys.argv[1:]))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script, "evaluate", str(run_dir), "--limit", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 130 and out.stderr.strip().endswith("vtc: interrupted"), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.slow
 def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp_path):
     """Lightning writes a step's metrics row after `on_train_batch_end`, where the checkpoint is

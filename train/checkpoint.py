@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,24 @@ class PeriodicCheckpoint(L.Callback):
         if step % self.every == 0 or step >= trainer.max_steps:
             check_finite(pl_module, step)
             self.save(trainer, step, stage_done=step >= trainer.max_steps)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """After Ctrl-C (Lightning then shuts down and exits with status 1): say what is kept
+        and how to go on, since the steps after the newest checkpoint are lost."""
+        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        run_dir = self.root.parent
+        newest = latest_checkpoint(run_dir)
+        kept = (
+            f"the newest checkpoint is {newest.path.name} (stage {newest.stage!r}, step {newest.step})"
+            if newest
+            else "no checkpoint was saved yet"
+        )
+        print(
+            f"[vtc] interrupted at step {trainer.global_step} of stage {self.stage_name!r}; {kept}; "
+            f"`vtc resume {run_dir}` goes on from there",
+            file=sys.stderr,
+        )
 
     def save(self, trainer: L.Trainer, step: int, stage_done: bool) -> Path:
         final = self.root / f"stage{self.stage_index}-{self.stage_name}-step{step:07d}"

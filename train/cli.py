@@ -639,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as err:  # anything else is a bug: keep its traceback
         print(f"vtc: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C is no bug: no traceback (training says how to resume)
+        print("vtc: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
