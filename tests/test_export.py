@@ -253,13 +253,18 @@ def test_evaluation_builds_a_run_and_its_export_straight_in_half_precision(lora_
 
 
 @pytest.mark.slow
-def test_an_export_replaces_a_former_one_whole_and_a_crash_keeps_it(lora_run, monkeypatch):
+def test_an_export_replaces_a_former_one_whole_and_a_crash_keeps_it(lora_run, monkeypatch, capsys):
     tmp, _, _ = lora_run
     out = export_run(tmp / "run", tmp / "again")
     assert (out / "lora.safetensors").is_file()
+    (out / "eval.md").write_text("a report on the former export")  # `vtc evaluate EXPORT` writes there
     merged = logits(rebuild_run(tmp / "run")[0])
+    capsys.readouterr()
     export_run(tmp / "run", out, merge=True)  # the unmerged export's adapters do not linger
-    assert not (out / "lora.safetensors").exists()
+    assert not (out / "lora.safetensors").exists() and not (out / "eval.md").exists()
+    assert (
+        "holds an earlier export: replacing it whole, with the evaluation report" in capsys.readouterr().out
+    )
     torch.testing.assert_close(logits(load_pretrained(out)), merged, rtol=1e-4, atol=1e-5)
 
     def crash(*args, **kwargs):

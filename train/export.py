@@ -79,6 +79,10 @@ def export_target(out_dir: str | Path, source: str | Path) -> Path:
         raise UserError(f"{out}: the export would replace {source}; give it a folder of its own")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
         raise UserError(f"{out} holds files other than a vtc export: export into a new or empty folder")
+    if is_export(out):  # e.g. a re-export after more training: say what goes with the old one
+        reports = sorted(path.name for path in out.glob("eval.*"))
+        also = f", with the evaluation report written into it ({', '.join(reports)})" if reports else ""
+        print(f"[vtc] {out} holds an earlier export: replacing it whole{also}")
     return out
 
 
