@@ -447,7 +447,12 @@ def test_a_folder_that_is_not_a_run_is_not_written_into(tmp_path, capsys):
     assert (folder / "recipe.yaml").read_text() == mine
     assert sorted(path.name for path in folder.iterdir()) == before
 
-    from train.run import RUN_RECIPE_HEADER
+    from train.run import RUN_RECIPE_HEADER, refuse_foreign_output
+
+    starting = tmp_path / "starting"  # under DDP: another rank is writing recipe.yaml right now
+    starting.mkdir()
+    (starting / ".recipe.yaml.x1y2").write_text("")
+    refuse_foreign_output(starting)
 
     stopped = tmp_path / "stopped"  # what a run killed during its first stage leaves
     stopped.mkdir()

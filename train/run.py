@@ -95,7 +95,9 @@ def refuse_foreign_output(run_dir: Path) -> None:
     folder of the user's own recipe.yaml, which would be replaced by the resolved one)."""
     if not run_dir.is_dir():
         return
-    entries = sorted(path.name for path in run_dir.iterdir())
+    # hidden names aside: a run never writes over one, and its own temporary files are hidden
+    # (another rank may be writing recipe.yaml through `.recipe.yaml.*` right now)
+    entries = sorted(path.name for path in run_dir.iterdir() if not path.name.startswith("."))
     if not entries or any((run_dir / name).exists() for name in RUN_OUTPUTS):
         return
     recipe = run_dir / "recipe.yaml"
