@@ -115,7 +115,7 @@ def test_two_nodes_under_torchrun(tmp_path):
     for name in LAUNCH_VARIABLES:
         env.pop(name, None)
     # make the data first, so that the two nodes do not race to write it
-    prepare = [*smoke_train_cmd(run_dir / "prep", tmp_path / "data", "stages.0.steps=1", "stages.1.steps=1")]
+    prepare = [*smoke_train_cmd(tmp_path / "prep", tmp_path / "data", "stages.0.steps=1", "stages.1.steps=1")]
     assert subprocess.run(prepare, capture_output=True, text=True, timeout=300, env=env).returncode == 0
     nodes = [
         subprocess.Popen(
