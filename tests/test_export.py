@@ -294,3 +294,42 @@ def test_export_refuses_the_run_itself_a_folder_above_it_a_file_and_other_files(
         with pytest.raises(UserError, match=message):
             export_run(run, out)  # refused before the run is read: it has no recipe.yaml
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_has_not_finished_points_to_its_newest_checkpoint(lora_run, tmp_path):
+    """`vtc export` / `vtc evaluate` on a run that stopped (or is still training) name its
+    newest checkpoint, which they take, and the command that finishes the run; a run with no
+    checkpoint yet is told to resume; a shipped base (recipe.yaml, no logs) is no unfinished run."""
+    import shutil
+
+    from train.checkpoint import latest_checkpoint
+    from train.evaluation.sources import resolve_source
+
+    tmp, _, _ = lora_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp / "run", stopped)
+    for name in ("trainable.safetensors", "meta.json", "metrics.json"):
+        (stopped / name).unlink()
+    newest = latest_checkpoint(stopped)
+    for call, command in (
+        (lambda: export_run(stopped, tmp_path / "out"), "export"),
+        (lambda: resolve_source(str(stopped)), "evaluate"),
+    ):
+        with pytest.raises(UserError) as refused:
+            call()
+        assert f"{stopped} is a run that has not finished; `vtc {command} {newest.path}" in str(refused.value)
+        assert f"(stage 'instruct', step {newest.step}), or `vtc resume {stopped}` finishes it" in str(
+            refused.value
+        )
+    assert not (tmp_path / "out").exists()
+    assert (export_run(newest.path, tmp_path / "out") / "vtc.json").is_file()  # what it points to
+    shutil.rmtree(tmp_path / "out")
+
+    shutil.rmtree(stopped / "ckpt")
+    with pytest.raises(UserError, match="has not finished and has no checkpoint yet; `vtc resume"):
+        export_run(stopped, tmp_path / "out")
+
+    from models.pretrained import shipped_path
+
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        export_run(shipped_path("tiny-llava"), tmp_path / "out")

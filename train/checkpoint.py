@@ -98,6 +98,27 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
+def unfinished_run(run_dir: Path, command: str) -> str | None:
+    """What to do with a run that has started and not finished (stopped, killed, or still
+    training: it has logs or checkpoints but no trainable.safetensors) instead of the `vtc`
+    command asked for on it; `command` is that command with `{}` for a folder, e.g.
+    "export {} OUT". None for any other folder."""
+    run_dir = Path(run_dir)
+    started = (run_dir / CKPT_DIR).is_dir() or (run_dir / "logs").is_dir()
+    if not started or not (run_dir / "recipe.yaml").is_file() or (run_dir / "trainable.safetensors").exists():
+        return None
+    newest = latest_checkpoint(run_dir)
+    finish = f"`vtc resume {run_dir}` finishes it"
+    if newest is None:
+        return f"{run_dir} is a run that has not finished and has no checkpoint yet; {finish}"
+    if not (newest.path / "trainable.safetensors").is_file():  # DeepSpeed's sharded layout
+        return f"{run_dir} is a run that has not finished; {finish}"
+    return (
+        f"{run_dir} is a run that has not finished; `vtc {command.format(newest.path)}` takes its newest "
+        f"checkpoint (stage {newest.stage!r}, step {newest.step}), or {finish}"
+    )
+
+
 def remove_partial_saves(run_dir: Path) -> list[Path]:
     """Delete `.tmp-…` folders left by saves that were killed; returns what was removed."""
     root = Path(run_dir) / CKPT_DIR

@@ -11,7 +11,7 @@ from data.errors import UserError
 from models.build import ComponentSpec
 from models.compressors import component_class
 from models.export import FORMAT, export, merge_lora
-from train.checkpoint import checkpoint_at
+from train.checkpoint import checkpoint_at, unfinished_run
 from train.freeze import apply_stage
 from train.outputs import write_dir_atomic
 from train.recipe import load_recipe, resolve_base
@@ -35,6 +35,9 @@ def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None, d
                 f"{run_dir}: a checkpoint without trainable.safetensors (DeepSpeed's sharded layout); "
                 f"resume the run to its end (vtc resume {root}) and export that"
             )
+        unfinished = unfinished_run(run_dir, "export {} OUT")
+        if unfinished:
+            raise UserError(unfinished)
         what = (
             "no such folder"
             if not run_dir.is_dir()

@@ -97,7 +97,7 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
     """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder
     or a llava-hf folder, whose models are built in `dtype` (a DTYPES name): loaded straight in
     half precision, a 7B model never takes its float32 size in memory."""
-    from train.checkpoint import checkpoint_at
+    from train.checkpoint import checkpoint_at, unfinished_run
     from train.recipe import DataRecipe, load_recipe, model_template, resolve_base
     from train.run import is_run_dir, run_dir_of
 
@@ -111,6 +111,9 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
         recipe = load_recipe(target, check_machine=False)
         path = run_dir_of(recipe)
         if not (path / "trainable.safetensors").is_file():
+            unfinished = unfinished_run(path, "evaluate {}")
+            if unfinished:
+                raise UserError(f"{target}: {unfinished}")
             raise FileNotFoundError(f"{target}: its run {path} is not trained yet (vtc train {target})")
     checkpoint = checkpoint_at(path)
     if is_run_dir(path) or checkpoint:
@@ -168,6 +171,9 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
         return Source(model, base, path, DataRecipe(), f"export {path}", template=template, dtype=dtype)
     if (path / "config.json").is_file():
         return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}", dtype=dtype)
+    unfinished = unfinished_run(path, "evaluate {}")
+    if unfinished:
+        raise UserError(unfinished)
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
 
 
