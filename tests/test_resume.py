@@ -166,6 +166,11 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
     resumed = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
     assert "resuming from" in resumed.stdout and "stage1-instruct-step0000015" in resumed.stdout
     assert weights_bytes(run_dir) == weights_bytes(reference)
+    again = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])  # a finished run
+    assert (
+        "finished training at stage1-instruct-step0000030: nothing left to train; evaluating" in again.stdout
+    )
+    assert weights_bytes(run_dir) == weights_bytes(reference)
 
     patch = "from train import evaluate\nevaluate.evaluate = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
     script = f"import os, signal, sys\nfrom train import cli\n{patch}sys.exit(cli.main(sys.argv[1:]))\n"

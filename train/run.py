@@ -200,7 +200,10 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
                 if start is None or old.order > start.order:
                     shutil.rmtree(old.path)
         write_text_atomic(run_dir / "recipe.yaml", RUN_RECIPE_HEADER + recipe_to_yaml(recipe))
-    if start is not None:
+    if start is not None and start.stage_done and start.stage_index == len(recipe.stages) - 1:
+        again = "; evaluating it again" if recipe.eval.after_training else ""
+        print(f"[vtc] {run_dir} finished training at {start.path.name}: nothing left to train{again}")
+    elif start is not None:
         print(f"[vtc] resuming from {start.path} (stage {start.stage!r}, step {start.step})")
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
