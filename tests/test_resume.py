@@ -127,6 +127,7 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(uninterrupted,
     assert weights_bytes(run_dir) == weights_bytes(reference)
     # the resumed stage logged into the same wandb run as before the kill
     assert json.loads((run_dir / "wandb-ids.json").read_text()) == ids
+    assert "`resume` will be ignored" not in out.stderr  # offline, the kept id alone does it
     instruct_runs = list((run_dir / "wandb").glob(f"offline-run-*-{ids['instruct']}"))
     assert len(instruct_runs) == 2, instruct_runs
     meta = json.loads((run_dir / "meta.json").read_text())

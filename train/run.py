@@ -439,9 +439,10 @@ def loggers(recipe: Recipe, run_dir: Path, stage_name: str, is_zero: bool = True
                 save_dir=str(run_dir),
                 group=run_dir.name,
                 job_type=stage_name,
-                # a resumed stage continues its wandb run (only rank 0 logs, and keeps the ids)
+                # a resumed stage continues its wandb run (only rank 0 logs, and keeps the ids);
+                # offline, wandb ignores `resume` with a warning per stage, and the kept id does it
                 id=wandb_run_id(run_dir, stage_name) if is_zero else None,
-                resume="allow",
+                resume="allow" if os.environ["WANDB_MODE"] != "offline" else None,
             )
         )
         if is_zero:
