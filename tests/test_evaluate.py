@@ -4,6 +4,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,6 +441,29 @@ def test_the_default_precision_is_float16_on_a_gpu_and_float32_on_a_cpu(monkeypa
     assert Settings(dtype="float32").resolved().dtype == "float32"
     with pytest.raises(UserError, match="dtype must be auto or one of"):
         Settings(dtype="fp8").resolved()
+
+
+def test_a_shipped_base_is_evaluated_by_name_and_its_report_stays_out_of_the_package(tmp_path, monkeypatch):
+    """`vtc evaluate tiny-llava` (the name a recipe's model.base takes) or its folder: the shipped
+    base, checked against its recorded hashes, reported under ./checkpoints/eval/NAME instead of
+    inside vtc's package; a copy of that folder elsewhere is an ordinary llava-hf folder."""
+    import shutil
+
+    from models.pretrained import shipped_path
+    from train.evaluation.sources import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    folder = shipped_path("tiny-llava")
+    for target in ("tiny-llava", str(folder)):
+        source = resolve_source(target)
+        assert source.model is None and Path(source.base_dir) == folder  # the base is the baseline
+        assert source.out_dir == tmp_path / "checkpoints" / "eval" / "tiny-llava"
+        assert source.description.startswith("shipped base tiny-llava")
+    copy = tmp_path / "mine" / "tiny-llava"
+    shutil.copytree(folder, copy)
+    assert resolve_source(str(copy)).out_dir == copy
+    with pytest.raises(FileNotFoundError, match="nor a recipe file, shipped recipe name or shipped base"):
+        resolve_source("tiny-llava-9l")
 
 
 def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):

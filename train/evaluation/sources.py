@@ -93,10 +93,39 @@ def _names_a_recipe(target: str) -> bool:
     return True
 
 
+def shipped_base_named(target: str) -> str | None:
+    """The name of the shipped base `target` names ("tiny-llava", as a recipe's `model.base`
+    takes it) or is the folder of; None for anything else (a folder of that name elsewhere)."""
+    from models.pretrained import shipped_path
+
+    path = Path(target)
+    name = path.name if path.is_dir() else target
+    folder = shipped_path(name) if "/" not in name else None
+    if folder is None or (path.is_dir() and folder.resolve() != path.resolve()):
+        return None
+    return name
+
+
 def resolve_source(target: str, dtype: str = "float32") -> Source:
-    """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder
-    or a llava-hf folder, whose models are built in `dtype` (a DTYPES name): loaded straight in
-    half precision, a 7B model never takes its float32 size in memory."""
+    """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder,
+    a llava-hf folder or a shipped base (by name or folder), whose models are built in `dtype` (a
+    DTYPES name): loaded straight in half precision, a 7B model never takes its float32 size in
+    memory."""
+    name = shipped_base_named(target)
+    if name is None:
+        return _resolve_source(target, dtype)
+    from models.pretrained import shipped_path, verify
+
+    folder = shipped_path(name)
+    verify(folder)  # as a recipe's model.base is: the files recorded when it was shipped
+    # its report goes where runs go, not into vtc's package
+    out_dir = Path("checkpoints", "eval", name).absolute()
+    return dataclasses.replace(
+        _resolve_source(str(folder), dtype), out_dir=out_dir, description=f"shipped base {name} ({folder})"
+    )
+
+
+def _resolve_source(target: str, dtype: str) -> Source:
     from train.checkpoint import checkpoint_at, unfinished_run
     from train.recipe import DataRecipe, load_recipe, model_template, resolve_base
     from train.run import is_run_dir, run_dir_of
@@ -105,8 +134,8 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
     if not path.is_dir():
         if not _names_a_recipe(target):
             raise FileNotFoundError(
-                f"{target}: no such run directory, vtc export or llava-hf folder (nor a recipe file "
-                "or shipped recipe name)"
+                f"{target}: no such run directory, vtc export or llava-hf folder (nor a recipe file, "
+                "shipped recipe name or shipped base name)"
             )
         recipe = load_recipe(target, check_machine=False)
         path = run_dir_of(recipe)
