@@ -353,7 +353,8 @@ def model_for(
     target: str, compressor: str | None = None, tokens: int | None = None, dtype: str = "float32"
 ) -> Built:
     """One model as `vtc evaluate` builds its rows (for callers that evaluate one at a time, e.g.
-    the lmms-eval plugin): `target` itself (a run, recipe, vtc export or llava-hf folder); with
+    the lmms-eval plugin): `target` itself (a run, recipe, vtc export, llava-hf folder or shipped
+    base); with
     `tokens`, a trained pruner set to keep that many; with `compressor` (a `--baselines` label
     or a component name), the uncompressed baseline with that training-free method at `tokens`;
     built in `dtype` (a DTYPES name)."""
