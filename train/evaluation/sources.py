@@ -354,10 +354,9 @@ def model_for(
 ) -> Built:
     """One model as `vtc evaluate` builds its rows (for callers that evaluate one at a time, e.g.
     the lmms-eval plugin): `target` itself (a run, recipe, vtc export, llava-hf folder or shipped
-    base); with
-    `tokens`, a trained pruner set to keep that many; with `compressor` (a `--baselines` label
-    or a component name), the uncompressed baseline with that training-free method at `tokens`;
-    built in `dtype` (a DTYPES name)."""
+    base); with `tokens`, a trained pruner set to keep that many; with `compressor` (a
+    `--baselines` label or a component name), the uncompressed baseline with that training-free
+    method at `tokens`; built in `dtype` (a DTYPES name)."""
     source = resolve_source(target, dtype)
     built = _model_of(source, target, compressor, tokens)
     built.template = source.template  # prompted as `vtc evaluate` prompts every row of this source
