@@ -500,7 +500,10 @@ def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
         "own", "evaluate", other, "--limit", "2", "--no-timing", "--tokens", "16", "--baselines", "pooling"
     )
     rows, own_rows = ({r["method"]: r for r in r_["rows"]} for r_ in (against, own))
-    assert list(rows) == ["baseline", "model", "pooling"] and against["baseline"] == f"llava-hf model {other}"
+    assert (
+        list(rows) == ["baseline", "model", "pooling"]
+        and against["baseline"] == f"shipped base tiny-llava-8l ({other})"
+    )
     for method in ("baseline", "pooling"):  # pooling on the source's own base answers otherwise
         for key in ("per_family", "flops"):
             assert rows[method][key] == own_rows[method][key]

@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint in the original LLaVA layout (config.json with mm_* keys; "
         "model.mm_projector.*, model.layers.*, model.vision_tower.* in *.safetensors or *.bin, the latter "
         "read with torch.load(weights_only=True)) into a vtc export: the LLaVA-1.5 MLP, TokenPacker's "
-        "projector, DyVTE's routers; or one of FALCON's released code (model_type jiutian): registers, "
+        "projector, DyVTE's routers; or a checkpoint of FALCON's released code (model_type jiutian): registers, "
         "crop embeddings, ReAtten, grids and crop indicators. See models/importer.py.",
     )
     p.add_argument("source", help="the checkpoint folder (config.json, weights, tokenizer files)")
