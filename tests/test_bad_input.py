@@ -462,3 +462,22 @@ def test_a_folder_that_is_not_a_run_is_not_written_into(tmp_path, capsys):
     )
     assert code == 0, err
     assert (stopped / "trainable.safetensors").is_file()
+
+
+def test_wandb_online_without_a_login_is_a_clear_error_before_training(tmp_path):
+    """`wandb.mode=online` on a machine with no wandb login stops at the first stage's start with
+    wandb's reason and the offline alternative, not a wandb traceback; nothing was trained."""
+    from tests.conftest import smoke_train_cmd
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc or wandb settings with a key
+    run = tmp_path / "run"
+    command = smoke_train_cmd(run, tmp_path / "data", "wandb.enabled=true", "wandb.mode=online")
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "vtc: error: wandb (mode online): No API key configured" in result.stderr
+    assert f"wandb.mode=offline, and upload later: wandb sync {run}/wandb/offline-run-*" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run / "ckpt").exists()

@@ -454,12 +454,21 @@ def loggers(recipe: Recipe, run_dir: Path, stage_name: str, is_zero: bool = True
 def start_wandb(logger: WandbLogger, wait_seconds: int = 60) -> None:
     """Open the wandb run now. Right after a run was killed, its wandb service process can still
     hold the run id for a moment (it exits once it sees its parent gone): wait for it."""
+    import wandb.errors
+
     for waited in range(wait_seconds + 1):
         try:
             logger.experiment  # noqa: B018  (the property starts the run)
             return
         except Exception as err:  # wandb raises its own ServerResponseError
-            if "in use" not in str(err) or waited == wait_seconds:
+            held = "in use" in str(err) and waited < wait_seconds
+            if not held and isinstance(err, (wandb.errors.UsageError, wandb.errors.CommError)):
+                # not logged in, a wrong key, no network: the setup's, before any step is trained
+                raise UserError(
+                    f"wandb (mode {os.environ.get('WANDB_MODE')}): {err}\n(or log offline: "
+                    f"wandb.mode=offline, and upload later: wandb sync {logger.save_dir}/wandb/offline-run-*)"
+                ) from err
+            if not held:
                 raise
             if waited == 0:
                 print("[vtc] wandb: the run id is still held by the killed run's service; waiting")
