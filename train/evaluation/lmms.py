@@ -5,11 +5,12 @@
 
 `pretrained` is what `vtc evaluate` accepts (a run, a vtc export, a llava-hf folder, a shipped
 base by name); `compressor` a training-free baseline (`pooling`, `fastv`, ... or a component
-name) added to that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's budget. Other
-model_args: `device` (default cuda when there is one), `dtype` (float32, bfloat16, float16 or
-auto, the default: float16 on a GPU, as LLaVA evaluates, float32 on a CPU), `template`, `system_prompt` and `chat_template` (a Jinja file), as `vtc
-evaluate --template` (e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval
-splits model_args at commas, so the system prompt can hold none); the batch is lmms-eval's
+name) added to that base at `tokens` visual tokens; `tokens` alone sets a trained pruner's
+budget. Other model_args: `device` (default cuda when there is one), `dtype` (float32,
+bfloat16, float16 or auto, the default: float16 on a GPU, as LLaVA evaluates, float32 on a
+CPU), `template`, `system_prompt` and `chat_template` (a Jinja file), as `vtc evaluate
+--template` (e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval splits
+model_args at commas, so the system prompt can hold none); the batch is lmms-eval's
 `--batch_size` (its default 1 is slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:

@@ -55,11 +55,12 @@ def placement(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype
     """The device (None: cuda when there is one, else cpu) and precision (a DTYPES name or
     "auto") models are evaluated on; a name this machine cannot run is refused before any
     weights load."""
-    place = where(device)
+    place = device_for(device)
     return place, DTYPES[dtype_for(dtype, place)]
 
 
-def where(device: str | None) -> torch.device:
+def device_for(device: str | None) -> torch.device:
+    """The torch device `device` names (None: cuda when there is one, else cpu), checked."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
