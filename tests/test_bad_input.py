@@ -481,3 +481,23 @@ def test_wandb_online_without_a_login_is_a_clear_error_before_training(tmp_path)
     assert f"wandb.mode=offline, and upload later: wandb sync {run}/wandb/offline-run-*" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (run / "ckpt").exists()
+
+
+def test_a_second_run_on_an_output_being_trained_is_refused(tmp_path, capsys):
+    """While one process trains a run (it holds the kernel lock on RUN_DIR/.vtc-lock), `vtc
+    train` or `vtc resume` on the same output is refused before it writes anything; once the
+    first lets go, the same command runs."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    command = ["train", "tiny/smoke", f"output={run}", f"data.cache_dir={tmp_path / 'data'}"]
+    with (run / ".vtc-lock").open("a") as first:  # what a running `vtc train` holds
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for more in ([], ["--restart"], ["--resume", "auto"]):
+            code, _, err = run_cli(*command, *more, capsys=capsys)
+            assert code == 2 and f"another vtc process is training {run} now" in err
+        assert sorted(path.name for path in run.iterdir()) == [".vtc-lock"]
+    code, _, err = run_cli(*command, capsys=capsys)
+    assert code == 0, err
+    assert (run / "trainable.safetensors").is_file()

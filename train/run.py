@@ -7,6 +7,7 @@ trainable weights (+ llava-hf base when the model is one)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -148,7 +149,6 @@ def resume_point(
 ) -> CheckpointInfo | None:
     """The checkpoint to continue from (None: start from scratch), after checking the recipe
     did not change in a way that matters. `resume` is "auto" (newest complete) or a folder."""
-    refuse_foreign_output(run_dir)
     existing = list_checkpoints(run_dir)
     if restart:
         return None
@@ -191,6 +191,37 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
     ensure_base(recipe)
     run_dir = run_dir_of(recipe)
     is_zero = global_rank(recipe.trainer.devices) == 0  # the one process that writes the run directory
+    refuse_foreign_output(run_dir)  # before the lock file goes in
+    with run_lock(run_dir) if is_zero else contextlib.nullcontext():
+        return _run(recipe, run_dir, is_zero, resume, force, restart)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Held by the process that writes a run while it runs: a second `vtc train` or `vtc resume`
+    on the same output (the same command started twice, a requeued job while the first still
+    runs) is refused instead of writing the same checkpoints and logs at once. A kernel lock
+    (flock), never a lock file's existence: a killed run leaves no stale lock, and on a
+    filesystem without flock the run goes on unlocked."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".vtc-lock"
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another vtc process is training {run_dir} now (it holds {path}); wait for it to "
+                "end, or give this run another output"
+            ) from None
+        except OSError as err:  # e.g. ENOSYS: a shared filesystem mounted without flock
+            print(f"[vtc] {run_dir} cannot be locked ({err}); nothing stops a second run writing it")
+        yield  # closing the file releases the lock
+
+
+def _run(recipe: Recipe, run_dir: Path, is_zero: bool, resume, force: bool, restart: bool) -> dict:
+    """`run_recipe` once the run's folder is checked (and locked by the process that writes it)."""
     start = resume_point(recipe, run_dir, resume, force, restart)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
