@@ -185,6 +185,29 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
     assert "Traceback" not in out.stderr
 
 
+def test_sigterm_is_a_failed_run_that_says_where_to_resume(uninterrupted, tmp_path):
+    """SIGTERM (a scheduler's time limit or preemption) mid-stage: Lightning ends the stage with
+    a SystemExit that carries no status, which would report success; vtc exits 143 and names
+    the newest checkpoint, and the run's final weights are not written."""
+    _, data_dir = uninterrupted
+    run_dir = tmp_path / "terminated"
+    patch = (
+        "end = checkpoint.PeriodicCheckpoint.on_train_batch_end\n"
+        "def sigterm_at_17(self, trainer, *args):\n"
+        "    end(self, trainer, *args)\n"
+        "    if self.stage_name == 'instruct' and trainer.global_step == 17:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "checkpoint.PeriodicCheckpoint.on_train_batch_end = sigterm_at_17\n"
+    )
+    out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=5")
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    assert (
+        "[vtc] terminated (SIGTERM) at step 17 of stage 'instruct'; the newest checkpoint is "
+        f"stage1-instruct-step0000015 (stage 'instruct', step 15); `vtc resume {run_dir}` goes on"
+    ) in out.stderr
+    assert not (run_dir / "trainable.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp_path):
     """Lightning writes a step's metrics row after `on_train_batch_end`, where the checkpoint is

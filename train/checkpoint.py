@@ -182,9 +182,18 @@ class PeriodicCheckpoint(L.Callback):
             self.save(trainer, step, stage_done=step >= trainer.max_steps)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """After Ctrl-C (Lightning then shuts down and exits with status 1): say what is kept
-        and how to go on, since the steps after the newest checkpoint are lost."""
-        if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+        """After Ctrl-C or a SIGTERM (a scheduler's time limit, preemption), which Lightning ends
+        the stage on: say what is kept and how to go on, since the steps after the newest
+        checkpoint are lost."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, KeyboardInterrupt):
+            how = "interrupted"
+        elif isinstance(exception, SIGTERMException):
+            how = "terminated (SIGTERM)"
+        else:
+            return
+        if not trainer.is_global_zero:
             return
         run_dir = self.root.parent
         newest = latest_checkpoint(run_dir)
@@ -194,7 +203,7 @@ class PeriodicCheckpoint(L.Callback):
             else "no checkpoint was saved yet"
         )
         print(
-            f"[vtc] interrupted at step {trainer.global_step} of stage {self.stage_name!r}; {kept}; "
+            f"[vtc] {how} at step {trainer.global_step} of stage {self.stage_name!r}; {kept}; "
             f"`vtc resume {run_dir}` goes on from there",
             file=sys.stderr,
         )

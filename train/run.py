@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
@@ -427,7 +429,10 @@ def train_stage(
         limit_val_batches=0,
         default_root_dir=run_dir,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from.path if resume_from else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from.path if resume_from else None)
+    except SIGTERMException:  # Lightning's SystemExit carries no status: a terminated run must not exit 0
+        raise SystemExit(128 + signal.SIGTERM) from None
     if recipe.wandb.enabled and is_zero:  # one wandb run per stage: the next stage starts its own
         import wandb
 
