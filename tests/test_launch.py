@@ -88,6 +88,38 @@ def test_recipe_must_match_the_launcher(clean_env):
     assert launch_problems(8, 2) == []
 
 
+def test_under_slurm_lightning_neither_requeues_nor_restores_its_own_checkpoints(clean_env, tmp_path):
+    """Under srun every stage's Trainer gets SLURMEnvironment(auto_requeue=False): Lightning
+    registers no handler for the requeue signal (so it never writes an hpc_ckpt), and vtc's
+    checkpoints stay the only resume path. Elsewhere no cluster environment is forced."""
+    import signal
+
+    import lightning as L
+
+    from train.checkpoint import TrainablesCheckpointIO
+    from train.launch import cluster_plugins
+
+    assert cluster_plugins() == []
+    slurm_env(clean_env, procid=0, tasks_per_node=1, nodes=1)
+    (environment,) = cluster_plugins()
+    assert environment.auto_requeue is False
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy="ddp",
+        plugins=[TrainablesCheckpointIO(), *cluster_plugins()],
+        default_root_dir=tmp_path,
+        logger=False,
+    )
+    assert trainer.strategy.cluster_environment.auto_requeue is False
+    trainer._signal_connector.register_signal_handlers()  # what fit does first
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is before  # no requeue handler
+    finally:
+        trainer._signal_connector.teardown()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

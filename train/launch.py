@@ -26,6 +26,15 @@ def launcher() -> str:
     return "vtc"
 
 
+def cluster_plugins() -> list:
+    """The cluster environment every stage's Trainer is given. Under SLURM, Lightning's own
+    auto-requeue is turned off: on the requeue signal (`sbatch --signal=USR1@90`) it would save an
+    `hpc_ckpt_N.ckpt` into the run and requeue the job, and each later stage, which starts with
+    no checkpoint, would then be restored from that one (another stage's state). vtc's own
+    checkpoints and `vtc train ... --resume auto` are the requeue path (README)."""
+    return [SLURMEnvironment(auto_requeue=False)] if launcher() == "slurm" else []
+
+
 def global_rank(devices: int) -> int:
     """This process's global rank: torchrun's RANK, SLURM's SLURM_PROCID, or under Lightning's
     own launcher NODE_RANK × devices + LOCAL_RANK (both unset in the process the user started)."""

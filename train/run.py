@@ -44,7 +44,7 @@ from train.checkpoint import (
 )
 from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table
-from train.launch import global_rank
+from train.launch import cluster_plugins, global_rank
 from train.module import VtcModule
 from train.objectives import OBJECTIVES
 from train.outputs import run_metadata, write_atomic, write_dir_atomic, write_json_atomic, write_text_atomic
@@ -421,7 +421,7 @@ def train_stage(
         logger=logs,
         # the clock reads a step's end before the checkpoint of that step saves its timing
         callbacks=[clock, checkpoints, StageProgressBar(stage.name)],
-        plugins=[TrainablesCheckpointIO()],
+        plugins=[TrainablesCheckpointIO(), *cluster_plugins()],
         use_distributed_sampler=False,  # the datamodule's loader shards by rank and resumes
         enable_checkpointing=False,  # vtc's PeriodicCheckpoint saves (atomically, trainables only)
         enable_model_summary=False,
