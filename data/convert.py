@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.errors import UserError
-from data.shards import ShardIndex, ShardWriter, existing_shards, staged
+from data.shards import ShardIndex, ShardWriter, existing_shards, next_shard_number, staged
 from data.templates import ConversationError, conversation_turns, placeholder_problem
 
 
@@ -221,7 +221,7 @@ def convert_llava_json(
     report = ConvertReport(source=str(json_path))
     start = len(ShardIndex(out_dir)) if old and mode == "append" else 0
     with staged(out_dir, mode) as tmp:
-        first_shard = len(old) if mode == "append" else 0
+        first_shard = next_shard_number(old) if mode == "append" else 0
         with ShardWriter(tmp, samples_per_shard, first_shard=first_shard, first_key=start) as writer:
             for position, record in enumerate(
                 tqdm(records, desc="convert", disable=not progress, unit="sample")

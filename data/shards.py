@@ -33,6 +33,9 @@ def safe_key(sample_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(sample_id))
 
 
+SHARD_NAME = re.compile(r"shard-(\d+)\.tar")  # what ShardWriter names its shards
+
+
 class ShardWriter:
     """Writes samples into `out_dir/shard-000000.tar`, ... (`samples_per_shard` each).
     `first_shard` and `first_key` continue the numbering of shards written before (appending)."""
@@ -138,6 +141,13 @@ def existing_shards(out_dir: Path) -> list[Path]:
     return list_shards(out_dir) if out_dir.is_dir() and any(out_dir.glob("*.tar")) else []
 
 
+def next_shard_number(shards: list[Path]) -> int:
+    """The number after the highest `shard-NNNNNN.tar` among `shards`: appended shards never reuse
+    a name, even when a shard in the middle was deleted (then fewer shards than that number)."""
+    numbers = [int(match.group(1)) for path in shards if (match := SHARD_NAME.fullmatch(path.name))]
+    return max(numbers, default=-1) + 1
+
+
 def is_shard_output(path: Path) -> bool:
     """What vtc writes into a shard folder: the shards and the list of skipped entries."""
     return path.is_file() and (path.suffix == ".tar" or path.name == "skipped.jsonl")
@@ -170,7 +180,11 @@ def publish(tmp: Path, out_dir: Path, mode: str) -> None:
     """Shards finished in the temporary folder `tmp` (beside `out_dir`) become `out_dir`
     ("new", "overwrite": replaced whole) or join it ("append": shards and skipped.jsonl added)."""
     if mode == "append" and out_dir.is_dir():
-        for shard in sorted(tmp.glob("*.tar")):
+        shards = sorted(tmp.glob("*.tar"))
+        taken = [shard.name for shard in shards if (out_dir / shard.name).exists()]
+        if taken:  # `next_shard_number` numbers new shards after the old: a bug if this happens
+            raise FileExistsError(f"appending would replace {out_dir}'s {', '.join(taken[:3])}")
+        for shard in shards:
             shard.rename(out_dir / shard.name)
         if (tmp / "skipped.jsonl").is_file():
             with open(out_dir / "skipped.jsonl", "a") as f:

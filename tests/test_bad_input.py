@@ -185,6 +185,30 @@ def test_converting_into_a_folder_with_shards_is_refused_unless_overwrite_or_app
     assert [index.record(i)["id"] for i in range(len(index))] == ["a"] and len(list(out.glob("*.tar"))) == 1
 
 
+def test_appending_after_a_deleted_shard_replaces_none(tmp_path, image_dir, capsys):
+    """A shard deleted from the middle of a folder (a corrupt one, say) leaves fewer shards than
+    the highest number: `--append` numbers after the highest, so no old shard is overwritten."""
+    rows = lambda prefix: [  # noqa: E731
+        {"id": f"{prefix}{i}", "image": "good.png", "conversations": CONV} for i in range(3)
+    ]
+    out = tmp_path / "out"
+    one = ("--samples-per-shard", "1")
+    assert (
+        convert_cli(write_entries(tmp_path / "a.json", rows("a")), image_dir, out, *one, capsys=capsys)[0]
+        == 0
+    )
+    (out / "shard-000001.tar").unlink()
+    assert (
+        convert_cli(
+            write_entries(tmp_path / "b.json", rows("b")), image_dir, out, *one, "--append", capsys=capsys
+        )[0]
+        == 0
+    )
+    index = ShardIndex(out)
+    assert [index.record(i)["id"] for i in range(len(index))] == ["a0", "a2", "b0", "b1", "b2"]
+    assert sorted(p.name for p in out.glob("*.tar"))[-1] == "shard-000005.tar"
+
+
 def test_overwrite_never_takes_the_source_data_with_the_old_shards(tmp_path, image_dir, capsys):
     """Shards written beside their own JSON and images: `--overwrite` replaces the folder whole,
     so it is refused there, before and after shards exist, and nothing is lost."""
