@@ -297,6 +297,68 @@ def test_finished_run_keeps_the_newest_checkpoints_and_refuses_silent_restart(un
     assert resume_point(changed, reference, "auto", force=True, restart=False) == kept[-1]
 
 
+def test_a_restart_or_an_earlier_resume_leaves_nothing_of_the_history_it_replaces(
+    tmp_path, monkeypatch, capsys
+):
+    """`--restart`, or `--resume` from a checkpoint older than the newest, replaces a history:
+    what that history left (newer checkpoints, the final weights, meta, metrics, reports; on a
+    restart the logs too) is removed first, so that when the new history crashes the folder is
+    an unfinished run, not the former run's weights beside the new checkpoints."""
+    from train import checkpoint
+    from train.checkpoint import unfinished_run
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(
+        "tiny/smoke",
+        [
+            f"output={run_dir}",
+            f"data.cache_dir={tmp_path / 'data'}",
+            "checkpoint.every=4",
+            "checkpoint.keep_last=10",
+        ],
+    )
+    run_recipe(recipe)
+    (run_dir / "eval").mkdir()  # a checkpoint's report (`vtc evaluate RUN/ckpt/...`)
+    saved = {(c.stage, c.step): c.path for c in list_checkpoints(run_dir)}
+    assert ("instruct", 16) in saved and (run_dir / "trainable.safetensors").is_file()
+
+    end = checkpoint.PeriodicCheckpoint.on_train_batch_end
+
+    def crash_at_10(self, trainer, *args):
+        end(self, trainer, *args)
+        if self.stage_name == "instruct" and trainer.global_step == 10:
+            raise RuntimeError("the new history crashed")
+
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "on_train_batch_end", crash_at_10)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_recipe(recipe, resume=str(saved[("instruct", 8)]))
+    removed = "stage1-instruct-step0000008: removed the former history's 2 checkpoint(s), trainable.safetensors, hf, meta.json, metrics.json"
+    assert removed in capsys.readouterr().out
+    assert [(c.stage, c.step) for c in list_checkpoints(run_dir)] == [
+        ("vision", 4),
+        ("instruct", 4),
+        ("instruct", 8),
+    ]
+    assert "has not finished" in unfinished_run(run_dir, "evaluate {}")
+    assert (run_dir / "logs" / "instruct").is_dir() and (run_dir / "eval").is_dir()  # kept: same history
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_recipe(recipe, restart=True)
+    assert "--restart: removed the former history's 3 checkpoint(s), logs, eval" in capsys.readouterr().out
+    assert [(c.stage, c.step) for c in list_checkpoints(run_dir)] == [
+        ("vision", 4),
+        ("instruct", 4),
+        ("instruct", 8),
+    ]
+    assert not (run_dir / "eval").exists() and not (run_dir / "trainable.safetensors").exists()
+    # the instruct log holds the new history's rows only (up to its crash), not the former 16
+    steps = logged_steps(run_dir)
+    assert steps == list(range(len(steps))) and 0 < len(steps) <= 10
+
+
 def test_newest_checkpoint_is_chosen_by_stage_and_step_not_name(tmp_path):
     def fake(name: str, stage_index: int, step: int, complete: bool = True):
         path = tmp_path / "ckpt" / name

@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="resume even though the recipe changed in a way that matters"
     )
     p.add_argument(
-        "--restart", action="store_true", help="discard the run's checkpoints and train from scratch"
+        "--restart",
+        action="store_true",
+        help="discard the run (checkpoints, weights, logs, reports) and train it again from scratch",
     )
     p.set_defaults(func=cmd_train)
 

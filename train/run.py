@@ -88,7 +88,18 @@ def run_dir_of(recipe: Recipe) -> Path:
 RUN_RECIPE_HEADER = (
     "# the resolved recipe of the run in this folder, written by `vtc train` (`vtc resume` reads it)\n"
 )
-# What a run writes besides recipe.yaml: a folder holding any of these already is a run.
+# What a finished run leaves besides its checkpoints, logs and recipe: the final weights, the
+# run's llava-hf model, its metadata and its evaluation report.
+FINAL_OUTPUTS = (
+    "trainable.safetensors",
+    "hf",
+    "meta.json",
+    "metrics.json",
+    "eval.json",
+    "eval.md",
+    "eval.png",
+)
+# What a run writes besides recipe.yaml and its report: a folder holding any of these is a run.
 RUN_OUTPUTS = ("meta.json", "metrics.json", "trainable.safetensors", CKPT_DIR, "logs", "hf")
 
 
@@ -228,10 +239,8 @@ def _run(recipe: Recipe, run_dir: Path, is_zero: bool, resume, force: bool, rest
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
         remove_partial_saves(run_dir)
-        if restart or start is not None:  # checkpoints newer than the start belong to another history
-            for old in list_checkpoints(run_dir):
-                if start is None or old.order > start.order:
-                    shutil.rmtree(old.path)
+        if restart or start is not None:
+            discard_former_history(run_dir, start)
         write_text_atomic(run_dir / "recipe.yaml", RUN_RECIPE_HEADER + recipe_to_yaml(recipe))
     if start is not None and start.stage_done and start.stage_index == len(recipe.stages) - 1:
         again = "; evaluating it again" if recipe.eval.after_training else ""
@@ -291,6 +300,28 @@ def _run(recipe: Recipe, run_dir: Path, is_zero: bool, resume, force: bool, rest
     if recipe.eval.baselines:
         compare(run_dir, recipe, built.model.visual_tokens())
     return metrics
+
+
+def discard_former_history(run_dir: Path, start: CheckpointInfo | None) -> None:
+    """Before a restart (`start` None) or a resume from an earlier checkpoint than the newest:
+    remove what the history being replaced left, so that a crash of the new one cannot leave it
+    beside the new checkpoints as if it were theirs (`vtc evaluate` would measure the former
+    weights): the newer checkpoints and the final outputs; on a restart also the logs, the
+    checkpoints' reports (RUN/eval/), the skipped-sample lists and the wandb ids (its stages log
+    to new wandb runs; wandb's own run folders, unsynced offline runs among them, stay)."""
+    newer = [c for c in list_checkpoints(run_dir) if start is None or c.order > start.order]
+    if start is not None and not newer:
+        return  # the newest checkpoint: nothing of another history to replace
+    names = FINAL_OUTPUTS + (("logs", "eval", "wandb-ids.json") if start is None else ())
+    paths = [c.path for c in newer] + [run_dir / name for name in names if (run_dir / name).exists()]
+    if start is None:
+        paths += sorted(run_dir.glob("skipped-*.jsonl"))
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if paths:
+        what = f"{len(newer)} checkpoint(s)" + "".join(f", {p.name}" for p in paths[len(newer) :])
+        why = "--restart" if start is None else f"resuming from the earlier {start.path.name}"
+        print(f"[vtc] {why}: removed the former history's {what}")
 
 
 def check_stage_data(dataset, stage: Stage, index: int, world: int, probe: int = 64) -> None:
