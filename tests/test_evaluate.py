@@ -466,6 +466,19 @@ def test_a_shipped_base_is_evaluated_by_name_and_its_report_stays_out_of_the_pac
         resolve_source("tiny-llava-9l")
 
 
+def test_a_budget_a_baseline_cannot_keep_is_left_out_with_the_reason(capsys):
+    """A training-free baseline at more tokens than the base has, or at a count it cannot keep
+    exactly (pooling to a non-square count), is left out, and the line says which."""
+    from train.evaluation.sources import methods_for, resolve_source
+
+    source = resolve_source("tiny-llava")
+    methods = methods_for(source, ["pooling"], [1000, 15, 16], baseline=None)
+    assert [(m.label, m.budget) for m in methods] == [("pooling", 16)]
+    out = capsys.readouterr().out
+    assert "pooling at 1000 of 64 visual tokens: the base has only 64; left out" in out
+    assert "pooling at 15 of 64 visual tokens: not a count it can keep exactly; left out" in out
+
+
 def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
     """`--baseline none`: no baseline row; the model is the reference (kept and same answers
     100 %) and eval.md says so. `--baseline OTHER`: OTHER is the baseline row, answering as it

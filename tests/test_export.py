@@ -333,3 +333,19 @@ def test_a_run_that_has_not_finished_points_to_its_newest_checkpoint(lora_run, t
 
     with pytest.raises(FileNotFoundError, match="not a finished run"):
         export_run(shipped_path("tiny-llava"), tmp_path / "out")
+
+
+def test_compressor_only_on_a_tiny_config_run_is_refused_before_the_model_is_rebuilt(tmp_path, monkeypatch):
+    """`--compressor-only` needs a base on disk; a run on the tiny configs is refused from its
+    recipe alone, before any weights are read (here there are none to read)."""
+    import train.export
+    from train.recipe import recipe_to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = load_recipe("tiny/smoke", [f"output={run}", f"data.cache_dir={tmp_path / 'data'}"])
+    (run / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    monkeypatch.setattr(train.export, "rebuild_run", lambda *a, **k: pytest.fail("rebuilt the model"))
+    with pytest.raises(UserError, match="--compressor-only needs a base on disk"):
+        export_run(run, tmp_path / "out", compressor_only=True)
+    assert not (tmp_path / "out").exists()

@@ -58,6 +58,16 @@ def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None, d
     return built, recipe.model.projector, recipe.model.compressors, resolve_base(recipe.model.base)
 
 
+def run_base(run_dir: Path) -> str | None:
+    """The `model.base` a run (or one of its checkpoints) was trained on, as `rebuild_run`
+    resolves it; None where `run_dir` holds no run's recipe (rebuild_run then says why)."""
+    checkpoint = checkpoint_at(run_dir)
+    recipe_file = (checkpoint.run_dir if checkpoint else run_dir) / "recipe.yaml"
+    if not recipe_file.is_file():
+        return None
+    return resolve_base(load_recipe(recipe_file, check_machine=False).model.base)
+
+
 def at_budget(compressors: list[ComponentSpec], budget: int, visual: int, dims) -> list[ComponentSpec] | None:
     """The run's compressors set to keep `budget` of `visual` tokens per image, through each
     class's `budget_params`; None when none of them can (the run has one token count) or the
@@ -104,14 +114,14 @@ def export_run(
     """`vtc export`: the run (or step checkpoint) rebuilt and written to `out_dir` (see
     `export_target` for what may be there already)."""
     out = export_target(out_dir, run_dir)
+    if compressor_only and run_base(Path(run_dir)) == "tiny":  # before the model is rebuilt
+        raise UserError(
+            "--compressor-only needs a base on disk; this run's base is built from the tiny configs"
+        )
     built, projector, compressors, base = rebuild_run(Path(run_dir))
     if merge:
         merged = merge_lora(built.model)
         print(f"[vtc] merged {merged} LoRA adapters into the base weights")
-    if compressor_only and base == "tiny":
-        raise UserError(
-            "--compressor-only needs a base on disk; this run's base is built from the tiny configs"
-        )
     return write_dir_atomic(
         out, lambda tmp: export(built, tmp, projector, compressors, base, compressor_only=compressor_only)
     )

@@ -343,7 +343,8 @@ def methods_for(
         for budget in budgets:
             spec = baseline_at(name, budget, visual, dims)
             if spec is None:
-                print(f"[vtc] {label}: cannot keep exactly {budget} of {visual} tokens; left out")
+                why = f"the base has only {visual}" if budget >= visual else "not a count it can keep exactly"
+                print(f"[vtc] {label} at {budget} of {visual} visual tokens: {why}; left out")
                 continue
             methods.append(Method(label, budget, lambda spec=spec: baseline_source.base([spec])))
     return methods
