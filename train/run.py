@@ -233,7 +233,9 @@ def run_lock(run_dir: Path):
         yield  # closing the file releases the lock
 
 
-def _run(recipe: Recipe, run_dir: Path, is_zero: bool, resume, force: bool, restart: bool) -> dict:
+def _run(
+    recipe: Recipe, run_dir: Path, is_zero: bool, resume: str | None, force: bool, restart: bool
+) -> dict:
     """`run_recipe` once the run's folder is checked (and locked by the process that writes it)."""
     start = resume_point(recipe, run_dir, resume, force, restart)
     run_dir.mkdir(parents=True, exist_ok=True)
