@@ -109,7 +109,8 @@ def test_the_step_clock_times_optimizer_steps_after_the_first(tmp_path):
 
 def test_the_step_clock_waits_for_the_gpu_only_at_the_readings_that_count(monkeypatch):
     """On a GPU a reading waits for the queued kernels only where it is kept: the first step, the
-    last, and every checkpoint's step (a resume carries that reading on); not at the others."""
+    last, and every checkpoint's step (the checkpoint rereads it: a resume carries that reading
+    on); not at the others."""
     from types import SimpleNamespace
 
     import torch
@@ -119,10 +120,12 @@ def test_the_step_clock_waits_for_the_gpu_only_at_the_readings_that_count(monkey
     trainer = SimpleNamespace(
         global_step=0, max_steps=12, strategy=SimpleNamespace(root_device=torch.device("cuda", 0))
     )
-    clock = StepClock(clock=lambda: float(trainer.global_step), checkpoint_every=5)
+    clock = StepClock(clock=lambda: float(trainer.global_step))
     clock.on_train_start(trainer, None)
     for step in range(1, 13):
         trainer.global_step = step
         clock.on_train_batch_end(trainer, None, None, None, step - 1)
+        if step % 5 == 0:  # a checkpoint every 5 steps, as PeriodicCheckpoint.save does
+            clock.reread(trainer)
     assert waited == [1, 5, 10, 12]
     assert clock.timed() == (11, 11.0)

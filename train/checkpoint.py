@@ -219,6 +219,7 @@ class PeriodicCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("vtc-checkpoint-written")
         if trainer.is_global_zero:
+            self.clock.reread(trainer)
             info = {
                 "stage_index": self.stage_index,
                 "stage": self.stage_name,

@@ -59,18 +59,15 @@ class StepClock(Callback):
     starting, kernels chosen, memory growing) do not dilute the figure; the periodic checkpoints
     saved in between count, since a run pays for them. `clock`: seconds now
     (time.perf_counter); `before` (steps, seconds timed) and `seconds_before` (wall seconds):
-    what an earlier attempt of the stage had, from the checkpoint a resume starts at;
-    `checkpoint_every`: the steps whose reading a checkpoint keeps."""
+    what an earlier attempt of the stage had, from the checkpoint a resume starts at."""
 
     def __init__(
         self,
         clock=time.perf_counter,
         before: tuple[int, float] = (0, 0.0),
         seconds_before: float = 0.0,
-        checkpoint_every: int | None = None,
     ):
         self.clock = clock
-        self.checkpoint_every = checkpoint_every
         self.before = tuple(before)
         self.seconds_before = seconds_before
         self.started = clock()  # set again when fit starts
@@ -91,16 +88,21 @@ class StepClock(Callback):
         step = trainer.global_step
         if step == self.last[0]:
             return  # a micro-batch that accumulated: no optimizer step ended
-        # the readings that count wait for the GPU to finish the step's queued kernels: the first
-        # and the last (the rate) and a checkpoint's (a resume carries it on); waiting at every
-        # step would stall the next one's
-        every = self.checkpoint_every
-        kept = self.first is None or step == trainer.max_steps or bool(every and step % every == 0)
-        if kept and trainer.strategy.root_device.type == "cuda":
+        # the rate reads the first and the last step: only they wait for the GPU to finish the
+        # step's queued kernels (waiting at every step would stall the next one's); a checkpoint
+        # settles the reading it keeps itself (`reread`)
+        if (self.first is None or step == trainer.max_steps) and trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         now = self.clock()
         self.first = self.first or (step, now)
         self.last = (step, now)
+
+    def reread(self, trainer) -> None:
+        """Read the step just ended again once the GPU has run its queued kernels: the reading a
+        checkpoint keeps, which a resume carries on, must not be short by them."""
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+            self.last = (self.last[0], self.clock())
 
     def timed(self) -> tuple[int, float]:
         """(optimizer steps, seconds) timed so far, an earlier attempt's included."""

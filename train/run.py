@@ -433,7 +433,6 @@ def train_stage(
     clock = StepClock(
         before=resume_from.timed if resume_from else (0, 0.0),
         seconds_before=resume_from.stage_seconds if resume_from else 0.0,
-        checkpoint_every=recipe.checkpoint.every,
     )
     checkpoints = PeriodicCheckpoint(
         run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, clock, records
