@@ -119,6 +119,22 @@ def test_cli_validate_reports_bad_key(tmp_path):
     assert out.returncode == 2 and "stages[0].stepz" in out.stderr and "smoke.yaml" in out.stderr
 
 
+def test_overrides_may_follow_a_flag(capsys):
+    from train.cli import parse_command_line
+
+    args = parse_command_line(["train", "tiny/smoke", "stages.0.steps=2", "--restart", "seed=3"])
+    assert args.restart and args.recipe == "tiny/smoke"
+    assert args.overrides == ["stages.0.steps=2", "seed=3"]
+    args = parse_command_line(["resume", "runs/x", "--force", "trainer.log_every=1"])
+    assert args.force and args.overrides == ["trainer.log_every=1"]
+    # anything else after a flag is still refused, and so is key=value where no overrides are taken
+    for argv in (["train", "tiny/smoke", "--restart", "--bogus"], ["recipes", "seed=3"]):
+        with pytest.raises(SystemExit) as stop:
+            parse_command_line(argv)
+        assert stop.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_models_do_not_import_the_training_stack():
     code = (
         "import sys, models, models.build, models.llava, models.compressors, models.region_head, models.export, models.flops;"

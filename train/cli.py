@@ -629,8 +629,20 @@ def tell_deepspeed_without_cuda() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """argparse gives `key=value` overrides to the positional list only before the first flag;
+    `vtc train RECIPE --restart key=value` puts them after one, so those join the list too."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     from data.errors import UserError
 
     if args.command in MODEL_COMMANDS:
