@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 from contextlib import contextmanager
@@ -91,12 +92,7 @@ class ShardIndex:
         self.paths = list_shards(shards)
         self.entries: list[_Entry] = []
         for shard_id, path in enumerate(self.paths):
-            grouped: dict[str, dict] = {}
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile():
-                        key, _, ext = member.name.partition(".")
-                        grouped.setdefault(key, {})[ext] = (member.offset_data, member.size)
+            grouped = index_shard(path)
             self.entries.extend(_Entry(shard_id, members) for members in grouped.values())
         self._handles: dict[int, object] = {}
 
@@ -122,6 +118,53 @@ class ShardIndex:
 
     def __getstate__(self):  # file handles do not cross process boundaries
         return {**self.__dict__, "_handles": {}}
+
+
+def index_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{sample key: {extension: (data offset, size)}} of one uncompressed tar shard.
+
+    A file that is not such a tar is refused by name. A shard that ends early (a copy cut short, a
+    damaged block) keeps the samples before the cut, and says so once per process: tarfile stops
+    without a word at a cut header, so the missing end-of-archive marker is what tells."""
+    if read_at(path, 0, 2) == b"\x1f\x8b":  # samples are read at offsets a compressed stream has not
+        raise UserError(f"{path} is a gzip-compressed tar; vtc reads shards uncompressed (gunzip it)")
+    try:
+        tar = tarfile.open(path, "r:")
+    except tarfile.ReadError as err:
+        raise UserError(
+            f"{path} is not a readable tar shard ({err}); remove it, or write it again with "
+            "`vtc data convert`"
+        ) from None
+    size = path.stat().st_size
+    grouped: dict[str, dict] = {}
+    with tar:
+        try:
+            for member in tar:
+                if member.isfile() and member.offset_data + member.size <= size:
+                    key, _, ext = member.name.partition(".")
+                    grouped.setdefault(key, {})[ext] = (member.offset_data, member.size)
+            end = tar.offset  # where the end-of-archive marker (a zero block) must begin
+        except tarfile.ReadError:  # the cut is inside a member's data
+            end = size
+    marker = read_at(path, end, tarfile.BLOCKSIZE)
+    if marker != bytes(tarfile.BLOCKSIZE) and path not in _REPORTED_CUTS:
+        _REPORTED_CUTS.add(path)
+        print(
+            f"[vtc] WARNING: {path} ends early (cut short or damaged, {size} bytes): its {len(grouped)} "
+            "samples before the cut are used, one the cut splits is skipped and listed when read, "
+            "and the rest of the shard is lost; copy it again",
+            file=sys.stderr,
+        )
+    return grouped
+
+
+def read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(size)
+
+
+_REPORTED_CUTS: set[Path] = set()
 
 
 def list_shards(shards: str | Path | list) -> list[Path]:

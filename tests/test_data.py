@@ -4,6 +4,7 @@ import io
 import json
 import random
 
+import pytest
 import torch
 from PIL import Image
 
@@ -168,6 +169,44 @@ def test_shard_round_trip(synth_dirs):
         assert record["id"] == expected["id"] and record["conversations"] == expected["conversations"]
         image = Image.open(io.BytesIO(index.image_bytes(i)))
         assert image.tobytes() == expected["image"].tobytes()
+
+
+def test_unreadable_shards_are_refused_by_name(synth_dirs, tmp_path):
+    import gzip
+
+    from data.errors import UserError
+
+    good = (synth_dirs / "train" / "shard-000000.tar").read_bytes()
+    bad = {"empty": b"", "not a tar": random.Random(0).randbytes(4096), "gzip": gzip.compress(good)}
+    for name, content in bad.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "shard-000000.tar").write_bytes(good)
+        (folder / "shard-000001.tar").write_bytes(content)
+        with pytest.raises(UserError, match="shard-000001.tar") as refused:
+            ShardIndex(folder)
+        # a gzip-compressed tar would index, but its offsets are not the file's: it must not
+        assert ("gzip" in str(refused.value)) == (name == "gzip")
+
+
+@pytest.mark.parametrize("into", [10, -100])  # into the image of sample 40, or into its tar header
+def test_a_shard_cut_short_keeps_the_samples_before_the_cut(synth_dirs, tokenizer, tmp_path, capsys, into):
+    whole = ShardIndex(synth_dirs / "train")
+    cut_at = whole.entries[40].members["png"][0] + into
+    (tmp_path / "shard-000000.tar").write_bytes(
+        (synth_dirs / "train" / "shard-000000.tar").read_bytes()[:cut_at]
+    )
+    cut = ShardIndex(tmp_path)
+    warned = capsys.readouterr().err
+    assert "ends early" in warned and "41 samples" in warned
+    assert len(cut) == 41 and cut.record(39) == whole.record(39)
+    dataset = ConversationDataset(cut, tokenizer, "vicuna_v1", 64, 4, 512, 64)
+    assert not isinstance(dataset[39], Skipped)
+    assert isinstance(dataset[40], Skipped) and dataset[40].id == whole.record(40)["id"]
+    ShardIndex(tmp_path)  # said once per process, not at every stage
+    assert "ends early" not in capsys.readouterr().err
+    ShardIndex(synth_dirs / "train")  # a whole shard ends with its end-of-archive marker
+    assert "ends early" not in capsys.readouterr().err
 
 
 def test_dataset_and_collate(synth_dirs, tokenizer):
