@@ -369,6 +369,20 @@ def test_a_stage_that_would_train_on_nothing_or_diverges_stops_with_one_line(ove
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_bad_test_shard_is_refused_before_training_not_after(tmp_path, synth_dirs):
+    from tests.conftest import smoke_train_cmd
+
+    test = tmp_path / "test"
+    test.mkdir()
+    (test / "shard-000000.tar").write_bytes(b"")  # e.g. a copy that failed
+    shards = [f"data.train_shards={synth_dirs / 'train'}", f"data.test_shards={test}"]
+    command = smoke_train_cmd(tmp_path / "run", tmp_path / "data", "data.synthetic=null", *shards)
+    result = subprocess.run([*command, "stages.0.objective=lm"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{test / 'shard-000000.tar'} is not a readable tar shard (empty file)" in result.stderr
+    assert not (tmp_path / "run" / "ckpt").exists() and "stage 'vision'" not in result.stdout
+
+
 def test_samples_a_stage_cannot_train_on_are_listed_with_their_id_and_counted(tmp_path):
     """At max_length 105 some of the tiny smoke run's samples keep no answer token: the stage
     trains on the others and lists the ones it left out, per rank, with the reason."""

@@ -252,6 +252,8 @@ def _run(
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    # indexed now, so that a bad test shard is refused before training, not after it
+    test = split_shards(recipe.data, "test") if is_zero and recipe.eval.after_training else None
     built = build_from_recipe(recipe)
     if recipe.model.init:
         loaded = load_trainables(built.model, recipe.model.init)
@@ -286,7 +288,6 @@ def _run(
         write_json_atomic(run_dir / "metrics.json", metrics)
         return metrics
     size = built.hf.config.vision_config.image_size
-    test = split_shards(recipe.data, "test")
     metrics = evaluate_accuracy(
         built.model,
         built.tokenizer,
