@@ -120,6 +120,9 @@ class ShardIndex:
         return {**self.__dict__, "_handles": {}}
 
 
+_REPORTED_CUTS: set[Path] = set()  # shards said to end early, said once per process
+
+
 def index_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """{sample key: {extension: (data offset, size)}} of one uncompressed tar shard.
 
@@ -162,9 +165,6 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
     with open(path, "rb") as file:
         file.seek(offset)
         return file.read(size)
-
-
-_REPORTED_CUTS: set[Path] = set()
 
 
 def list_shards(shards: str | Path | list) -> list[Path]:
