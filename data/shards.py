@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -101,10 +102,11 @@ class ShardIndex:
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         handle = self._handles.get(shard)
-        if handle is None:  # one handle per shard per process (DataLoader workers fork)
+        if handle is None:  # opened once per shard, and kept
             handle = self._handles[shard] = open(self.paths[shard], "rb")
-        handle.seek(offset)
-        return handle.read(size)
+        # a positioned read: DataLoader workers forked from a process that had the file open
+        # share its file position, so seek-then-read would read at another worker's offset
+        return os.pread(handle.fileno(), size, offset)
 
     def record(self, index: int) -> dict:
         """The sample's JSON record, without decoding its image."""

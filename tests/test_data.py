@@ -171,6 +171,32 @@ def test_shard_round_trip(synth_dirs):
         assert image.tobytes() == expected["image"].tobytes()
 
 
+class _Samples(torch.utils.data.Dataset):
+    """Each sample's raw JSON and image bytes, read through one ShardIndex."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.index.record(i), self.index.image_bytes(i)
+
+
+def test_loader_workers_read_the_same_bytes_as_one_process(synth_dirs):
+    """Forked loader workers inherit the shard files the training process opened (it reads
+    samples before the loader starts): reads must not share one file position, or a worker
+    reads another's bytes (a JSON cut at a block boundary, a JPEG with another's data)."""
+    index = ShardIndex(synth_dirs / "train")
+    expected = [_Samples(index)[i] for i in range(len(index))]  # opens the file in this process
+    loader = torch.utils.data.DataLoader(
+        _Samples(index), batch_size=None, num_workers=3, multiprocessing_context="fork"
+    )
+    for _ in range(10):  # the old shared position garbled a read in most passes
+        assert [tuple(sample) for sample in loader] == expected
+
+
 def test_unreadable_shards_are_refused_by_name(synth_dirs, tmp_path):
     import gzip
 
