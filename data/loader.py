@@ -53,12 +53,17 @@ class ResumableLoader(DataLoader):
         sampler = EpochSampler(len(dataset), seed, rank, world)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
         self.batches_taken = 0  # in the current epoch
-        self._resume_at = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches taken) to go on from
 
     def __iter__(self):
-        self.batches_taken = self._resume_at
-        self.sampler.skip = self._resume_at * self.batch_size
-        self._resume_at = 0
+        epoch, taken = self._resume or (self.sampler.epoch, 0)
+        self._resume = None
+        # A position saved at an epoch's last batch is the start of the next epoch, and a
+        # trainer may set the sampler there before iterating (Lightning does): the saved
+        # position belongs to the epoch it was taken in, and only resumes that one.
+        taken = taken if self.sampler.epoch == epoch else 0
+        self.batches_taken = taken
+        self.sampler.skip = taken * self.batch_size
         for batch in super().__iter__():
             self.batches_taken += 1
             yield batch
@@ -68,4 +73,4 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_epoch(state["epoch"])
-        self._resume_at = state["batches_taken"]
+        self._resume = (state["epoch"], state["batches_taken"])

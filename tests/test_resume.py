@@ -208,6 +208,29 @@ def test_sigterm_is_a_failed_run_that_says_where_to_resume(uninterrupted, tmp_pa
     assert not (run_dir / "trainable.safetensors").exists()
 
 
+def test_a_position_saved_at_an_epochs_end_resumes_at_the_next_epochs_start():
+    """Saved after an epoch's last batch, the position is the next epoch's start. Lightning sets
+    the sampler to that epoch before iterating: the loader must not skip a batch count of it
+    (it used to skip all of it, so a resume trained on another epoch's order)."""
+    data = list(range(48))
+    first = ResumableLoader(data, batch_size=4, seed=3)
+    assert len(list(first)) == 12
+    state = first.state_dict()
+    assert state == {"epoch": 0, "batches_taken": 12}
+    following = ResumableLoader(data, batch_size=4, seed=3)
+    following.sampler.set_epoch(1)
+    expected = [b.tolist() for b in following]
+    resumed = ResumableLoader(data, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # as Lightning's fit loop does at an epoch's start
+    assert [b.tolist() for b in resumed] == expected
+    lingering = ResumableLoader(data, batch_size=4, seed=3)  # a trainer that stays in epoch 0
+    lingering.load_state_dict(state)
+    assert list(lingering) == []
+    lingering.sampler.set_epoch(1)
+    assert [b.tolist() for b in lingering] == expected
+
+
 @pytest.mark.slow
 def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp_path):
     """Lightning writes a step's metrics row after `on_train_batch_end`, where the checkpoint is
