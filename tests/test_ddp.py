@@ -83,3 +83,35 @@ def test_two_process_ddp_trains_dyvte_routers_one_layer_per_step(tmp_path):
     assert drawn == {0.0, 1.0}
     routers = load_file(str(run_dir / "trainable.safetensors"))
     assert {k.split(".")[3] for k in routers} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_on_every_rank_and_stops_them_all(tmp_path):
+    """A SIGTERM that reaches one rank only (here rank 1, which Lightning started): every rank
+    saves the same step and stops with status 143, and the run resumes from that step."""
+    import signal
+    import sys
+    import time
+
+    run_dir = tmp_path / "ddp"
+    cmd = smoke_train_cmd(run_dir, tmp_path / "data", *TWO_PROCESSES, "stages.1.steps=60")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    vision_done = run_dir / "ckpt" / "stage0-vision-step0000004"  # handlers are in place by then
+    deadline = time.time() + 300
+    while not vision_done.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    rank_1 = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert len(rank_1) == 1, rank_1
+    os.kill(int(rank_1[0]), signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
+    saved = sorted((run_dir / "ckpt").glob("stage1-instruct-step*"))
+    assert len(saved) == 1 and "Traceback" not in err
+    step = int(saved[0].name[-7:])
+    assert 0 < step < 60 and f"saved as {saved[0].name}, so nothing is lost" in err
+    resumed = subprocess.run(
+        [sys.executable, "-m", "train.cli", "resume", str(run_dir)], capture_output=True, text=True, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {saved[0]}" in resumed.stdout

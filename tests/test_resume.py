@@ -45,13 +45,20 @@ def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
     return out
 
 
-def train_killed_by(patch: str, run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def train_killed_by(
+    patch: str, run_dir: Path, data_dir: Path, *extra: str, new_session: bool = False
+) -> subprocess.CompletedProcess:
     """Train in a subprocess whose `train` modules `patch` first changed (a script that sees
-    `os`, `signal`, `checkpoint` and `cli`), e.g. to SIGKILL itself at a chosen point."""
+    `os`, `signal`, `checkpoint` and `cli`), e.g. to SIGKILL itself at a chosen point; in a
+    process group of its own with `new_session` (one it may signal whole, as a scheduler does)."""
     script = f"import os, signal, sys\nfrom train import checkpoint, cli\n{patch}sys.exit(cli.main(sys.argv[1:]))\n"
     cmd = train_cmd(run_dir, data_dir, *extra)
     return subprocess.run(
-        [sys.executable, "-c", script, *cmd[3:]], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script, *cmd[3:]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=new_session,
     )
 
 
@@ -185,11 +192,11 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
     assert "Traceback" not in out.stderr
 
 
-def test_sigterm_is_a_failed_run_that_says_where_to_resume(uninterrupted, tmp_path):
-    """SIGTERM (a scheduler's time limit or preemption) mid-stage: Lightning ends the stage with
-    a SystemExit that carries no status, which would report success; vtc exits 143 and names
-    the newest checkpoint, and the run's final weights are not written."""
-    _, data_dir = uninterrupted
+def test_sigterm_saves_the_step_under_way_then_stops_as_a_failed_run(uninterrupted, tmp_path):
+    """SIGTERM (a scheduler's time limit or preemption) mid-stage: the step under way is saved,
+    the run exits 143 without its final weights (Lightning's stop is a SystemExit with no
+    status, which would report success), and the resume ends as the uninterrupted run did."""
+    reference, data_dir = uninterrupted
     run_dir = tmp_path / "terminated"
     patch = (
         "end = checkpoint.PeriodicCheckpoint.on_train_batch_end\n"
@@ -199,13 +206,77 @@ def test_sigterm_is_a_failed_run_that_says_where_to_resume(uninterrupted, tmp_pa
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "checkpoint.PeriodicCheckpoint.on_train_batch_end = sigterm_at_17\n"
     )
-    out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=5")
+    out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=5", "checkpoint.keep_last=2")
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
     assert (
-        "[vtc] terminated (SIGTERM) at step 17 of stage 'instruct'; the newest checkpoint is "
-        f"stage1-instruct-step0000015 (stage 'instruct', step 15); `vtc resume {run_dir}` goes on"
+        "[vtc] terminated (SIGTERM) at step 18 of stage 'instruct'; saved as "
+        f"stage1-instruct-step0000018, so nothing is lost; `vtc resume {run_dir}` goes on"
     ) in out.stderr
+    assert [c.step for c in list_checkpoints(run_dir)] == [15, 18]
     assert not (run_dir / "trainable.safetensors").exists()
+    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    assert weights_bytes(run_dir) == weights_bytes(reference)
+    assert logged_steps(run_dir) == list(range(30))
+
+
+def test_sigterm_as_the_last_step_is_saved_stops_before_the_final_weights(tmp_path, monkeypatch, capsys):
+    """A SIGTERM that comes while the last step's checkpoint is written is not dropped: the run
+    stops (143) before its final weights and evaluation, and the resume finishes it. Outside
+    the run, the handler that was there before is back."""
+    from train import checkpoint
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    saving = checkpoint.PeriodicCheckpoint.save
+
+    def save_then_sigterm(self, trainer, step, stage_done):
+        final = saving(self, trainer, step, stage_done)
+        if self.stage_name == "instruct" and stage_done:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return final
+
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
+    run_dir = tmp_path / "run"
+    overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "stages.1.steps=4"]
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(load_recipe("tiny/smoke", overrides))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert f"terminated (SIGTERM) as training ended; `vtc resume {run_dir}`" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (run_dir / "trainable.safetensors").exists()
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
+    run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
+    assert (run_dir / "trainable.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_inside_an_accumulation_window(uninterrupted, tmp_path):
+    """A scheduler signals every process of the job, loader workers too, and most often inside
+    a gradient-accumulation window: the workers live on, the window is finished and saved, and
+    the resume ends as the uninterrupted run did. (Step 18 is also an epoch's last: 96 samples
+    are 6 steps of 2 × 8.)"""
+    _, data_dir = uninterrupted
+    window = ("stages.1.global_batch_size=16", "data.num_workers=2")  # 2 micro-batches a step
+    reference = tmp_path / "reference"
+    run_ok(train_cmd(reference, data_dir, *window))
+    run_dir = tmp_path / "terminated"
+    patch = (
+        "end, seen = checkpoint.PeriodicCheckpoint.on_train_batch_end, []\n"
+        "def sigterm_mid_window(self, trainer, *args):\n"
+        "    end(self, trainer, *args)\n"
+        "    if self.stage_name == 'instruct' and trainer.global_step == 17:\n"
+        "        seen.append(1)\n"
+        "        if len(seen) == 2:  # the first micro-batch of step 18's window\n"
+        "            os.killpg(os.getpgid(0), signal.SIGTERM)\n"
+        "checkpoint.PeriodicCheckpoint.on_train_batch_end = sigterm_mid_window\n"
+    )
+    out = train_killed_by(patch, run_dir, data_dir, *window, new_session=True)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    assert "saved as stage1-instruct-step0000018, so nothing is lost" in out.stderr
+    assert "Traceback" not in out.stderr
+    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    assert weights_bytes(run_dir) == weights_bytes(reference)
 
 
 def test_a_position_saved_at_an_epochs_end_resumes_at_the_next_epochs_start():

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,9 +153,39 @@ class TrainablesCheckpointIO(CheckpointIO):
         shutil.rmtree(path, ignore_errors=True)
 
 
+class Termination:
+    """SIGTERM (a scheduler's time limit, a preemption, `kill`) noted rather than obeyed at once:
+    `PeriodicCheckpoint` saves at the end of the optimizer step under way, then ends the stage
+    as Lightning ends it on SIGTERM, so a resume loses no step. It is the process's handler for
+    the whole run (`handling`), and each stage puts it back in place of the one Lightning
+    registers when fitting starts, which ends a stage after the current micro-batch unsaved."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def note(self, signum, frame) -> None:
+        self.requested = True
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            signal.signal(signal.SIGTERM, self.note)
+
+    @contextmanager
+    def handling(self):
+        """Noted for the block; after it, the handler that was there before is back."""
+        before = signal.getsignal(signal.SIGTERM)
+        self.install()
+        try:
+            yield self
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
 class PeriodicCheckpoint(L.Callback):
-    """Save every `every` optimizer steps and at the stage's last step; keep the newest `keep_last`
-    checkpoints of the run (all stages together; every checkpoint holds all weights trained so far)."""
+    """Save every `every` optimizer steps, at the stage's last step, and at the step under way
+    when SIGTERM comes (then stop); keep the newest `keep_last` checkpoints of the run (all
+    stages together; every checkpoint holds all weights trained so far)."""
 
     def __init__(
         self,
@@ -163,28 +196,47 @@ class PeriodicCheckpoint(L.Callback):
         keep_last: int,
         clock,
         records: list[dict] = (),
+        termination: Termination | None = None,
     ):
         self.root = Path(run_dir) / CKPT_DIR
         self.stage_index, self.stage_name = stage_index, stage_name
         self.records = list(records)  # meta.json records of the stages before this one
         self.every, self.keep_last = every, keep_last
-        self.last_saved = -1
+        self.step_seen = 0
         self.clock = clock  # the stage's StepClock, whose timing a resume carries on
+        self.termination = termination
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step_seen = trainer.global_step  # a resumed stage starts at its checkpoint's step
+        if self.termination is not None:
+            self.termination.install()  # over Lightning's, registered as fitting started
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # global_step only moves when the optimizer steps: micro-batches of a gradient
-        # accumulation window that follow a save see the same step and are not saved again.
-        if step == 0 or step == self.last_saved:
+        # global_step only moves when the optimizer steps: the micro-batches of a gradient
+        # accumulation window before that see the step before, which is saved already.
+        if step == self.step_seen:
             return
-        if step % self.every == 0 or step >= trainer.max_steps:
+        self.step_seen = step
+        terminating = self.terminating(trainer)
+        if terminating or step % self.every == 0 or step >= trainer.max_steps:
             check_finite(pl_module, step)
             self.save(trainer, step, stage_done=step >= trainer.max_steps)
+        if terminating:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException  # what Lightning raises on SIGTERM, now after the save
+
+    def terminating(self, trainer: L.Trainer) -> bool:
+        """Whether SIGTERM reached any rank; every rank asks after the same steps, so all agree
+        to save and stop at the same one (a single process asks no one)."""
+        requested = self.termination is not None and self.termination.requested
+        return trainer.strategy.reduce_boolean_decision(requested, all=False)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """After Ctrl-C or a SIGTERM (a scheduler's time limit, preemption), which Lightning ends
-        the stage on: say what is kept and how to go on, since the steps after the newest
-        checkpoint are lost."""
+        """After Ctrl-C or a SIGTERM (a scheduler's time limit, preemption), which end the stage:
+        say what is kept and how to go on (Ctrl-C loses the steps after the newest checkpoint;
+        SIGTERM saved the step it came in)."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, KeyboardInterrupt):
@@ -197,11 +249,12 @@ class PeriodicCheckpoint(L.Callback):
             return
         run_dir = self.root.parent
         newest = latest_checkpoint(run_dir)
-        kept = (
-            f"the newest checkpoint is {newest.path.name} (stage {newest.stage!r}, step {newest.step})"
-            if newest
-            else "no checkpoint was saved yet"
-        )
+        if newest is None:
+            kept = "no checkpoint was saved yet"
+        elif (newest.stage_index, newest.step) == (self.stage_index, trainer.global_step):
+            kept = f"saved as {newest.path.name}, so nothing is lost"
+        else:
+            kept = f"the newest checkpoint is {newest.path.name} (stage {newest.stage!r}, step {newest.step})"
         print(
             f"[vtc] {how} at step {trainer.global_step} of stage {self.stage_name!r}; {kept}; "
             f"`vtc resume {run_dir}` goes on from there",
@@ -235,7 +288,6 @@ class PeriodicCheckpoint(L.Callback):
             replace_dir(tmp, final, aside=final.with_name(f".tmp-old-{final.name}"))
             self.prune()
         trainer.strategy.barrier("vtc-checkpoint-done")
-        self.last_saved = step
         return final
 
     def prune(self) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 
 from data.dataset import ConversationDataset, collate
 from data.loader import ResumableLoader
@@ -68,6 +70,15 @@ def split_shards(data: DataRecipe, split: str) -> ShardIndex:
     return ShardIndex(data.train_shards if split == "train" else data.test_shards)
 
 
+def init_worker(worker_id: int, rank: int) -> None:
+    """A loader worker leaves SIGTERM to the training process, which saves a checkpoint before
+    it stops: a scheduler signals every process of a job, and a worker that died of it would end
+    the run with a DataLoader error first. Then Lightning's seeding of the worker, which Lightning
+    adds itself only to a loader without a `worker_init_fn`."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pl_worker_init_function(worker_id, rank=rank)
+
+
 class VtcDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -119,5 +130,6 @@ class VtcDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.data.num_workers,
             persistent_workers=self.data.num_workers > 0,
+            worker_init_fn=partial(init_worker, rank=self.trainer.global_rank),
             collate_fn=partial(collate, pad_token_id=self.pad_token_id),
         )

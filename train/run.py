@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ from train.checkpoint import (
     CKPT_DIR,
     CheckpointInfo,
     PeriodicCheckpoint,
+    Termination,
     TrainablesCheckpointIO,
     latest_checkpoint,
     list_checkpoints,
@@ -261,15 +263,25 @@ def _run(
     started = time.time()
     saved: set[str] = set()  # names of every weight some stage trained so far
     records = list(start.records) if start else []
-    for index, stage in enumerate(recipe.stages):
-        if start is not None and index < start.stage_index:
-            apply_stage(built.model, stage)  # LoRA structure as it was; weights come from the checkpoint
-            saved |= trainable_names(built.model)
-            continue
-        resume_from = start if start is not None and index == start.stage_index else None
-        records.append(
-            train_stage(recipe, index, stage, built, run_dir, is_zero, saved, records, resume_from)
+    with Termination().handling() as termination:
+        for index, stage in enumerate(recipe.stages):
+            if start is not None and index < start.stage_index:
+                apply_stage(built.model, stage)  # LoRA structure as it was; weights come from the checkpoint
+                saved |= trainable_names(built.model)
+                continue
+            resume_from = start if start is not None and index == start.stage_index else None
+            records.append(
+                train_stage(
+                    recipe, index, stage, built, run_dir, is_zero, saved, records, resume_from, termination
+                )
+            )
+    if termination.requested:  # it came as the last step was being saved: that checkpoint is the end
+        print(
+            f"[vtc] terminated (SIGTERM) as training ended; `vtc resume {run_dir}` writes the "
+            "final weights and evaluates them",
+            file=sys.stderr,
         )
+        raise SystemExit(128 + signal.SIGTERM)
     train_seconds = time.time() - started
     save_trainables(built.model, saved, run_dir, write=is_zero)
     if not is_zero:
@@ -384,9 +396,11 @@ def train_stage(
     saved: set[str],
     records: list[dict],
     resume_from: CheckpointInfo | None = None,
+    termination: Termination | None = None,
 ) -> dict:
-    """Train one stage (from `resume_from`, a checkpoint of this stage, if given); adds what it
-    trains to `saved` and returns its record for meta.json."""
+    """Train one stage (from `resume_from`, a checkpoint of this stage, if given; saving and
+    stopping when `termination` notes SIGTERM); adds what it trains to `saved` and returns its
+    record for meta.json."""
     model = built.model
     rows = apply_stage(model, stage)
     checkpointing = recipe.trainer.gradient_checkpointing
@@ -436,7 +450,14 @@ def train_stage(
         seconds_before=resume_from.stage_seconds if resume_from else 0.0,
     )
     checkpoints = PeriodicCheckpoint(
-        run_dir, index, stage.name, recipe.checkpoint.every, recipe.checkpoint.keep_last, clock, records
+        run_dir,
+        index,
+        stage.name,
+        recipe.checkpoint.every,
+        recipe.checkpoint.keep_last,
+        clock,
+        records,
+        termination,
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
