@@ -35,3 +35,33 @@ def test_failed_folder_write_keeps_the_previous_folder(tmp_path):
     write_dir_atomic(target, lambda tmp: (tmp / "new.json").write_text("{}"))
     assert sorted(p.name for p in target.iterdir()) == ["new.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_full_disk_is_one_line_and_other_errors_stay_bugs(tmp_path, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    from data.errors import UserError
+    from train import outputs
+
+    target = tmp_path / "hf"
+    write_dir_atomic(target, lambda tmp: (tmp / "config.json").write_text("{}"))
+
+    def fills_the_disk(tmp):
+        (tmp / "model.safetensors").write_bytes(b"\x00" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match=f"no space left in {tmp_path} to write hf"):
+        write_dir_atomic(target, fills_the_disk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+
+    def comes_up_short(tmp):  # torch.save on a full disk says only this
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 29440 vs 29332")
+
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room left: a bug, traceback kept
+        write_atomic(tmp_path / "state.pt", comes_up_short)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(2**30, 2**30, 0))
+    with pytest.raises(UserError, match="to write state.pt"):
+        write_atomic(tmp_path / "state.pt", comes_up_short)

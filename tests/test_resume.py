@@ -250,6 +250,44 @@ def test_sigterm_as_the_last_step_is_saved_stops_before_the_final_weights(tmp_pa
     assert (run_dir / "trainable.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
 
+def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, monkeypatch):
+    """The third save runs out of space half-way: it is removed at once (it holds the space a
+    user has to free), the error names the newest complete checkpoint, and the resume, once
+    there is room, goes on from it."""
+    import errno
+
+    from train import checkpoint
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    writing, calls = checkpoint.TrainablesCheckpointIO.save_checkpoint, []
+
+    def disk_fills(self, ckpt, path, storage_options=None):
+        calls.append(path)
+        if len(calls) == 3:
+            os.makedirs(path, exist_ok=True)
+            Path(path, "trainable.safetensors").write_bytes(b"\x00" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return writing(self, ckpt, path, storage_options)
+
+    monkeypatch.setattr(checkpoint.TrainablesCheckpointIO, "save_checkpoint", disk_fills)
+    run_dir = tmp_path / "run"
+    overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "checkpoint.every=3"]
+    with pytest.raises(UserError) as full:
+        run_recipe(load_recipe("tiny/smoke", overrides))
+    assert str(full.value).startswith(
+        f"no space left in {run_dir / 'ckpt'} for checkpoint stage1-instruct-step0000003, so it was "
+        "removed (the newest complete one is stage0-vision-step0000004)"
+    )
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == [
+        "stage0-vision-step0000003",
+        "stage0-vision-step0000004",
+    ]
+    monkeypatch.setattr(checkpoint.TrainablesCheckpointIO, "save_checkpoint", writing)
+    run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
+    assert (run_dir / "trainable.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_whole_job_inside_an_accumulation_window(uninterrupted, tmp_path):
     """A scheduler signals every process of the job, loader workers too, and most often inside

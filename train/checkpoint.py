@@ -33,7 +33,7 @@ from lightning.fabric.plugins import CheckpointIO
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
-from train.outputs import replace_dir
+from train.outputs import out_of_room, replace_dir
 
 CKPT_DIR = "ckpt"
 
@@ -269,7 +269,8 @@ class PeriodicCheckpoint(L.Callback):
             self.root.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("vtc-checkpoint-prepare")
         # every rank takes part (DeepSpeed writes one shard per rank; DDP writes from rank 0)
-        trainer.save_checkpoint(tmp, weights_only=False)
+        with self.room_for(tmp):
+            trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("vtc-checkpoint-written")
         if trainer.is_global_zero:
             self.clock.reread(trainer)
@@ -283,12 +284,31 @@ class PeriodicCheckpoint(L.Callback):
                 "stage_seconds": round(self.clock.stage_seconds(), 1),
                 "timed": list(self.clock.timed()),
             }
-            (tmp / "info.json").write_text(json.dumps(info, indent=1))
+            with self.room_for(tmp):
+                (tmp / "info.json").write_text(json.dumps(info, indent=1))
             # the aside name starts with .tmp- too, so a resume clears it if a kill strands it
             replace_dir(tmp, final, aside=final.with_name(f".tmp-old-{final.name}"))
             self.prune()
         trainer.strategy.barrier("vtc-checkpoint-done")
         return final
+
+    @contextmanager
+    def room_for(self, tmp: Path):
+        """A save that fills the disk is removed at once (it holds the space a user must free,
+        tens of GB for a 7B's optimizer states) and said in one line; other errors are bugs."""
+        try:
+            yield
+        except Exception as err:
+            if not out_of_room(self.root, err):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            newest = latest_checkpoint(self.root.parent)
+            kept = f"the newest complete one is {newest.path.name}" if newest else "none is complete yet"
+            raise UserError(
+                f"no space left in {self.root} for checkpoint {tmp.name.removeprefix('.tmp-')}, so it "
+                f"was removed ({kept}): free some (older checkpoints there can go; a save needs room "
+                f"for one more than checkpoint.keep_last), then `vtc resume {self.root.parent}`"
+            ) from err
 
     def prune(self) -> None:
         for old in list_checkpoints(self.root.parent)[: -self.keep_last]:

@@ -7,6 +7,7 @@ version intact instead of a truncated file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from data.errors import UserError
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
@@ -24,8 +27,9 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        raise_if_out_of_room(path, err)
         raise
     return path
 
@@ -41,10 +45,38 @@ def write_dir_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         replace_dir(tmp, path, aside=path.with_name(f".{path.name}.old"))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_out_of_room(path, err)
         raise
     return path
+
+
+def out_of_room(folder: Path, err: BaseException) -> bool:
+    """Whether `err` came from a full disk or quota: an OSError that says so in its chain or,
+    for writers that only find a write came up short (torch.save: "unexpected pos"), less
+    than 1 MiB left where it wrote."""
+    if not isinstance(err, Exception):  # Ctrl-C, SystemExit
+        return False
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def raise_if_out_of_room(path: Path, err: BaseException) -> None:
+    """A full disk is said in one line (the partial write is gone already); anything else is not
+    handled here."""
+    if out_of_room(path.parent, err):
+        raise UserError(
+            f"no space left in {path.parent} to write {path.name} (nothing of it was kept): free "
+            "some, then run the command again (`vtc resume RUN` goes on with a run)"
+        ) from err
 
 
 def replace_dir(tmp: Path, final: Path, aside: Path) -> None:
