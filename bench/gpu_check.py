@@ -5,7 +5,8 @@ names: LLaVolta's K = 16, CoViPAL's guidance layer 16), random weights, the tiny
 (with a Llama-3-shaped chat template, for recipes with `template: chat`) — through Lightning's
 DeepSpeedStrategy at ZeRO-2 and ZeRO-3, a few steps each, stage 2 started from stage 1's run
 as the shipped recipes chain them. For each recipe: train until the first
-checkpoint, kill the process (SIGKILL), resume to the end, export, load the export back,
+checkpoint, SIGTERM every process of the job as a scheduler does (the run saves the step under
+way and exits 143), resume to the end, export, load the export back,
 evaluate a few questions (`vtc evaluate --device cuda --dtype bfloat16`, timed once; with
 `--cpu` on cpu, untimed), checking the report says where they ran. One line per check; exit
 status 1 if any failed.
@@ -45,7 +46,7 @@ FAMILIES = {
     "covipal": ["llava-1.5-7b/covipal/scorer", "llava-1.5-7b/covipal/end-to-end"],
     "dyvte": ["llava-1.5-7b/dyvte/routers"],
 }
-STEPS, EVERY = 4, 2  # optimizer steps per stage; a checkpoint every 2 (the kill comes after the first)
+STEPS, EVERY = 4, 2  # optimizer steps per stage; a checkpoint every 2 (the signal comes after the first)
 CPU_WIDTHS = {"text": (64, 128, 4), "vision": (32, 64, 2)}  # hidden, MLP, heads
 
 
@@ -147,8 +148,10 @@ def tail(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def train_kill_resume(name: str, args: list[str], run: Path, checks: Checks, what: str) -> bool:
-    """Train until the first checkpoint exists, SIGKILL, then `--resume auto` to the end."""
+def train_stop_resume(name: str, args: list[str], run: Path, checks: Checks, what: str) -> bool:
+    """Train until the first checkpoint exists, then SIGTERM the job's every process as a
+    scheduler does: the run must save the step under way and exit 143; then `--resume auto`
+    to the end."""
     started = time.time()
     log = run.parent / f"{run.name}-train.log"  # a file, not a pipe: nobody reads it while it runs
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -158,20 +161,30 @@ def train_kill_resume(name: str, args: list[str], run: Path, checks: Checks, wha
             cwd=ROOT,
             stdout=output,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the kill reaches the DDP children
+            start_new_session=True,  # its own process group: the signal reaches the DDP children
         )
-        killed = False
+        stopped = False
         while process.poll() is None:
             if any((run / "ckpt").glob("*/info.json")):
-                os.killpg(process.pid, signal.SIGKILL)
-                killed = True
+                os.killpg(process.pid, signal.SIGTERM)
+                stopped = True
                 break
             time.sleep(0.2)
         process.wait()
-    if not killed and process.returncode != 0:
-        return checks.line(False, f"{what} train", f"{tail(log.read_text())} (log: {log})")
-    done = "train to the first checkpoint, then SIGKILL" if killed else "train (ended before the kill)"
-    checks.line(True, f"{what} {done}", f"{time.time() - started:.0f} s")
+    said = log.read_text()
+    if stopped:
+        told = [line for line in said.splitlines() if "terminated (SIGTERM)" in line]
+        saved = bool(told) and ("so nothing is lost" in told[-1] or "as training ended" in told[-1])
+        if not checks.line(
+            process.returncode == 128 + signal.SIGTERM and saved,
+            f"{what} train to the first checkpoint, then SIGTERM",
+            f"exit {process.returncode}: {(told or [tail(said)])[-1]} ({time.time() - started:.0f} s)",
+        ):
+            return False
+    elif process.returncode != 0:
+        return checks.line(False, f"{what} train", f"{tail(said)} (log: {log})")
+    else:
+        checks.line(True, f"{what} train (ended before the signal)", f"{time.time() - started:.0f} s")
     started = time.time()
     resumed = vtc("train", name, *args, "--resume", "auto")
     if resumed.returncode != 0:
@@ -257,7 +270,7 @@ def main() -> int:
                 run = work / f"z{zero}" / name.replace("/", "-")
                 what = f"{name} {'CPU DDP×2' if args.cpu else f'ZeRO-{zero}'} ({llm_layers} decoder layers)"
                 recipe_args = overrides(recipe, base, init, run, work / "data", zero, args.cpu)
-                if not train_kill_resume(name, recipe_args, run, checks, what):
+                if not train_stop_resume(name, recipe_args, run, checks, what):
                     break
                 export_and_evaluate(
                     run, work / f"z{zero}" / f"{name.replace('/', '-')}-export", checks, what, args.cpu

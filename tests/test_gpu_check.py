@@ -1,5 +1,6 @@
 """bench/gpu_check.py — the check a user runs first on a GPU node — on CPU: recipe families
-under 2-process DDP (gloo) with small widths: train, SIGKILL, resume, export, load, evaluate.
+under 2-process DDP (gloo) with small widths: train, SIGTERM (the step saved, exit 143), resume,
+export, load, evaluate.
 DyVTE's runs by default; the other families with `--families` (`.ci/run` passes it)."""
 
 import subprocess
@@ -48,5 +49,5 @@ def test_gpu_check_wiring_on_cpu(tmp_path):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dyvte"])
 def test_every_recipe_family_under_two_process_ddp(family, tmp_path):
     """Each family's shipped recipes, chained, with small widths under 2-process DDP (gloo):
-    train, SIGKILL, resume, export, load, evaluate. ~2 min a family, so only with --families."""
+    train, SIGTERM, resume, export, load, evaluate. ~2 min a family, so only with --families."""
     check_family_on_cpu(family, tmp_path)
