@@ -86,9 +86,12 @@ def test_two_process_ddp_trains_dyvte_routers_one_layer_per_step(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.families
 def test_sigterm_to_one_rank_saves_on_every_rank_and_stops_them_all(tmp_path):
     """A SIGTERM that reaches one rank only (here rank 1, which Lightning started): every rank
-    saves the same step and stops with status 143, and the run resumes from that step."""
+    saves the same step and stops with status 143, and the run resumes from that step. Half a
+    minute of DDP, so with `--families` (as `.ci/run` runs it); `bench/gpu_check.py --cpu`, in
+    the default run, signals both ranks."""
     import signal
     import sys
     import time
