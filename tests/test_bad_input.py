@@ -315,6 +315,47 @@ def test_cli_misuse_is_one_clear_line(argv, message, capsys):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_a_full_disk_or_gpu_memory_is_one_line_with_what_to_do(monkeypatch, capsys):
+    """Out of disk or GPU memory is the machine's state, not a bug: one line, exit 2, and for
+    GPU memory what to lower, by command. Any other OSError or RuntimeError keeps its traceback."""
+    import errno
+
+    import torch
+
+    from train import cli
+
+    def raising(error):
+        def command(args):
+            raise error
+
+        return command
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/logs/instruct/metrics.csv")
+    monkeypatch.setattr(cli, "cmd_train", raising(full))
+    assert main(["train", "tiny/smoke"]) == 2
+    assert "no space left on the device writing /runs/x/logs/instruct/metrics.csv" in capsys.readouterr().err
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+    for command, argv, hint in (
+        ("cmd_train", ["train", "tiny/smoke"], "stages.N.batch_size"),
+        ("cmd_resume", ["resume", "runs/x"], "stages.N.batch_size"),
+        ("cmd_evaluate", ["evaluate", "runs/x"], "--batch-size"),
+    ):
+        monkeypatch.setattr(cli, command, raising(oom))
+        assert main(argv) == 2
+        said = capsys.readouterr().err
+        assert said.startswith(
+            "vtc: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.)"
+        )
+        assert hint in said and "Traceback" not in said
+    for error in (OSError(errno.EACCES, "Permission denied"), RuntimeError("shape mismatch")):
+        monkeypatch.setattr(cli, "cmd_train", raising(error))
+        with pytest.raises(type(error)):
+            main(["train", "tiny/smoke"])
+    monkeypatch.setattr(cli, "cmd_export", raising(oom))  # no hint for it: a bug until one is known
+    with pytest.raises(torch.OutOfMemoryError):
+        main(["export", "runs/x", "out"])
+
+
 def test_relative_outputs_and_the_data_cache_follow_the_working_directory(tmp_path, monkeypatch):
     from train.datamodule import synthetic_shards
     from train.recipe import load_recipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -641,6 +642,21 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+OUT_OF_MEMORY_HINTS = {
+    "train": "lower the micro-batch (stages.N.batch_size; stages.N.global_batch_size keeps the "
+    "optimizer's batch by accumulating), turn on trainer.gradient_checkpointing.llm=true, or shard "
+    "the model states with trainer.strategy=deepspeed_stage_2 or _3; `vtc plan RECIPE --gpu-mem "
+    "80GB` sizes a recipe before it runs",
+    "evaluate": "lower --batch-size and --latency-batch, or evaluate in --dtype float16",
+}
+OUT_OF_MEMORY_HINTS["resume"] = OUT_OF_MEMORY_HINTS["train"]
+
+
+def out_of_gpu_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # an error from torch means torch is imported
+    return torch is not None and isinstance(err, torch.OutOfMemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(argv)
     from data.errors import UserError
@@ -652,6 +668,22 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, FileNotFoundError) as err:  # anything else is a bug: keep its traceback
         print(f"vtc: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk is the machine's state, not a bug
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"vtc: error: no space left on the device{where}: free some, then run the command "
+            "again (`vtc resume RUN` goes on with a run)",
+            file=sys.stderr,
+        )
+        return 2
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        hint = OUT_OF_MEMORY_HINTS.get(args.command)
+        if hint is None or not out_of_gpu_memory(err):
+            raise
+        print(f"vtc: error: out of GPU memory ({str(err).splitlines()[0]})\n  {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C is no bug: no traceback (training says how to resume)
         print("vtc: interrupted", file=sys.stderr)
