@@ -473,8 +473,9 @@ def train_stage(
         gradient_clip_val=stage.optim.grad_clip,
         log_every_n_steps=min(recipe.trainer.log_every, steps),  # a short stage still logs its last step
         logger=logs,
-        # the clock reads a step's end before the checkpoint of that step saves its timing
-        callbacks=[clock, checkpoints, StageProgressBar(stage.name)],
+        # the clock reads a step's end before the checkpoint of that step saves its timing, and
+        # the bar shows the step before it is saved (and before a SIGTERM stops after that save)
+        callbacks=[clock, StageProgressBar(stage.name), checkpoints],
         plugins=[TrainablesCheckpointIO(), *cluster_plugins()],
         use_distributed_sampler=False,  # the datamodule's loader shards by rank and resumes
         enable_checkpointing=False,  # vtc's PeriodicCheckpoint saves (atomically, trainables only)
