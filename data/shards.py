@@ -206,19 +206,46 @@ def staged(out_dir: Path, mode: str):
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder for shards")
-    others = sorted(p.name for p in out_dir.iterdir() if not is_shard_output(p)) if out_dir.is_dir() else []
-    if mode == "overwrite" and others:  # it is replaced whole: those would go with it
-        raise UserError(
-            f"--overwrite replaces {out_dir} whole, and it holds more than shards "
-            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): give the shards a folder of their own"
-        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        yield tmp
-        publish(tmp, out_dir, mode)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with only_writer(out_dir):
+        others = (
+            sorted(p.name for p in out_dir.iterdir() if not is_shard_output(p)) if out_dir.is_dir() else []
+        )
+        if mode == "overwrite" and others:  # it is replaced whole: those would go with it
+            raise UserError(
+                f"--overwrite replaces {out_dir} whole, and it holds more than shards "
+                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): give the shards a folder of their own"
+            )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        try:
+            yield tmp
+            publish(tmp, out_dir, mode)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def only_writer(out_dir: Path):
+    """One vtc command writes a shard folder at a time: a second one (the same conversion
+    started twice, an `--append` beside another) is refused before it writes, since both would
+    give their shards the same names. A kernel lock (flock) on a hidden file beside the folder,
+    which goes with the writer; on a filesystem without flock the writer goes on unlocked."""
+    import fcntl
+
+    path = out_dir.parent / f".{out_dir.name}.vtc-lock"
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another vtc command is writing {out_dir} now (it holds {path}); wait for it to end"
+            ) from None
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def publish(tmp: Path, out_dir: Path, mode: str) -> None:

@@ -209,6 +209,25 @@ def test_appending_after_a_deleted_shard_replaces_none(tmp_path, image_dir, caps
     assert sorted(p.name for p in out.glob("*.tar"))[-1] == "shard-000005.tar"
 
 
+def test_a_second_writer_of_a_shard_folder_is_refused_before_it_writes(tmp_path, image_dir, capsys):
+    """Two conversions into one folder at once would name their shards alike (two new ones each
+    publish shard-000000.tar; two appends number after the same highest): while one writes,
+    the other is refused; afterwards nothing of the lock is left beside the folder."""
+    import fcntl
+
+    rows = [{"id": f"a{i}", "image": "good.png", "conversations": CONV} for i in range(2)]
+    source = write_entries(tmp_path / "a.json", rows)
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.vtc-lock", "a") as held:  # what a running conversion holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = convert_cli(source, image_dir, out, capsys=capsys)
+    assert code == 2 and f"another vtc command is writing {out} now" in err
+    assert not out.exists()
+    assert convert_cli(source, image_dir, out, capsys=capsys)[0] == 0
+    assert len(ShardIndex(out)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "images", "out", "secret.png"]
+
+
 def test_overwrite_never_takes_the_source_data_with_the_old_shards(tmp_path, image_dir, capsys):
     """Shards written beside their own JSON and images: `--overwrite` replaces the folder whole,
     so it is refused there, before and after shards exist, and nothing is lost."""
