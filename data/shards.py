@@ -26,6 +26,7 @@ import webdataset as wds
 from PIL import Image
 
 from data.errors import UserError
+from data.locks import held_alone
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -228,20 +229,12 @@ def staged(out_dir: Path, mode: str):
 def only_writer(out_dir: Path):
     """One vtc command writes a shard folder at a time: a second one (the same conversion
     started twice, an `--append` beside another) is refused before it writes, since both would
-    give their shards the same names. A kernel lock (flock) on a hidden file beside the folder,
-    which goes with the writer; on a filesystem without flock the writer goes on unlocked."""
-    import fcntl
-
+    give their shards the same names (`held_alone`, on a hidden file beside the folder, which
+    goes with the writer)."""
     path = out_dir.parent / f".{out_dir.name}.vtc-lock"
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another vtc command is writing {out_dir} now (it holds {path}); wait for it to end"
-            ) from None
-        except OSError:
-            pass
+    with held_alone(
+        path, f"another vtc command is writing {out_dir} now (it holds {path}); wait for it to end"
+    ):
         try:
             yield
         finally:

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
+from data.locks import held_alone
 from data.synth import region_classes
 from models.build import DTYPES, build, save_as_llava_hf
 from models.lora import has_lora
@@ -215,24 +216,17 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
 def run_lock(run_dir: Path):
     """Held by the process that writes a run while it runs: a second `vtc train` or `vtc resume`
     on the same output (the same command started twice, a requeued job while the first still
-    runs) is refused instead of writing the same checkpoints and logs at once. A kernel lock
-    (flock), never a lock file's existence: a killed run leaves no stale lock, and on a
-    filesystem without flock the run goes on unlocked."""
-    import fcntl
-
+    runs) is refused instead of writing the same checkpoints and logs at once (`held_alone`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".vtc-lock"
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another vtc process is training {run_dir} now (it holds {path}); wait for it to "
-                "end, or give this run another output"
-            ) from None
-        except OSError as err:  # e.g. ENOSYS: a shared filesystem mounted without flock
-            print(f"[vtc] {run_dir} cannot be locked ({err}); nothing stops a second run writing it")
-        yield  # closing the file releases the lock
+    busy = (
+        f"another vtc process is training {run_dir} now (it holds {path}); wait for it to end, "
+        "or give this run another output"
+    )
+    with held_alone(path, busy) as held:
+        if not held:
+            print(f"[vtc] {run_dir} cannot be locked (no flock there); nothing stops a second run writing it")
+        yield
 
 
 def _run(
