@@ -132,18 +132,18 @@ def index_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     A file that is not such a tar is refused by name. A shard that ends early (a copy cut short, a
     damaged block) keeps the samples before the cut, and says so once per process: tarfile stops
     without a word at a cut header, so the missing end-of-archive marker is what tells."""
-    if read_at(path, 0, 2) == b"\x1f\x8b":  # samples are read at offsets a compressed stream has not
-        raise UserError(f"{path} is a gzip-compressed tar; vtc reads shards uncompressed (gunzip it)")
-    try:
-        tar = tarfile.open(path, "r:")
-    except tarfile.ReadError as err:
-        raise UserError(
-            f"{path} is not a readable tar shard ({err}); remove it, or write it again with "
-            "`vtc data convert`"
-        ) from None
     size = path.stat().st_size
     grouped: dict[str, dict] = {}
-    with tar:
+    with open(path, "rb") as file:
+        if os.pread(file.fileno(), 2, 0) == b"\x1f\x8b":  # samples are read at offsets a stream has not
+            raise UserError(f"{path} is a gzip-compressed tar; vtc reads shards uncompressed (gunzip it)")
+        try:
+            tar = tarfile.open(fileobj=file, mode="r:")
+        except tarfile.ReadError as err:
+            raise UserError(
+                f"{path} is not a readable tar shard ({err}); remove it, or write it again with "
+                "`vtc data convert`"
+            ) from None
         try:
             for member in tar:
                 if member.isfile() and member.offset_data + member.size <= size:
@@ -152,7 +152,7 @@ def index_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
             end = tar.offset  # where the end-of-archive marker (a zero block) must begin
         except tarfile.ReadError:  # the cut is inside a member's data
             end = size
-    marker = read_at(path, end, tarfile.BLOCKSIZE)
+        marker = os.pread(file.fileno(), tarfile.BLOCKSIZE, end)
     if marker != bytes(tarfile.BLOCKSIZE) and path not in _REPORTED_CUTS:
         _REPORTED_CUTS.add(path)
         print(
@@ -162,12 +162,6 @@ def index_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
             file=sys.stderr,
         )
     return grouped
-
-
-def read_at(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as file:
-        file.seek(offset)
-        return file.read(size)
 
 
 def list_shards(shards: str | Path | list) -> list[Path]:
