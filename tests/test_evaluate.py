@@ -531,3 +531,70 @@ def test_the_baseline_row_is_another_source_or_none(tmp_path, capsys):
     save_as_llava_hf(build("tiny", tiny=replace(TEST_TINY, image_size=96)), tmp_path / "96px")
     assert main([*common, "--baseline", str(tmp_path / "96px"), "--out", str(tmp_path / "x")]) == 2
     assert "its tower takes 96 px images" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_evaluation_measures_only_the_rows_it_had_not(tmp_path, monkeypatch, capsys):
+    """Rows are saved as they are measured: after Ctrl-C the same command measures only the rest
+    and writes the report a whole evaluation writes; saved rows go once the report is written.
+    A model file changed, not just written again, or --fresh, measures every row again."""
+    from safetensors.torch import load_file, save_file
+
+    import train.evaluate as evaluation
+    from data.locks import held_alone
+    from models.export import export
+    from models.pretrained import shipped_path
+    from train.cli import main
+    from train.evaluation.saved_rows import FOLDER
+
+    base = str(shipped_path("tiny-llava"))
+    spec = ComponentSpec("avgpool2d", {"stride": 2})
+    model = export(
+        build(base, compressors=[spec]), tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], base
+    )
+    measured, stop_after, real = [], [None], evaluation.measure
+
+    def measure(method, *args):
+        if len(measured) == stop_after[0]:
+            raise KeyboardInterrupt
+        measured.append((method.label, method.budget))
+        return real(method, *args)
+
+    monkeypatch.setattr(evaluation, "measure", measure)
+    out = tmp_path / "report"
+    common = [
+        "evaluate",
+        str(model),
+        "--limit",
+        "2",
+        "--no-timing",
+        "--tokens",
+        "16",
+        "--baselines",
+        "pooling,fastv",
+    ]
+    every = [("baseline", None), ("model", None), ("pooling", 16), ("fastv", 16)]
+
+    def run(*flags: str, stop: int | None = None) -> int:
+        measured.clear()
+        stop_after[0] = stop
+        return main([*common, "--out", str(out), *flags])
+
+    assert run(stop=2) == 130 and measured == every[:2] and not (out / "eval.json").exists()
+    assert "evaluate stopped; the 2 rows measured so far are kept" in capsys.readouterr().out
+    with held_alone(out / f"{FOLDER}.lock", "held"):  # another evaluation into the folder
+        assert run() == 2 and measured == [] and "another vtc evaluate is writing" in capsys.readouterr().err
+    assert run() == 0 and measured == every[2:]
+    assert "2 of 4 rows were measured by an interrupted evaluation" in capsys.readouterr().out
+    resumed = json.loads((out / "eval.json").read_text())
+    assert not (out / FOLDER).exists() and not (out / f"{FOLDER}.lock").exists()
+    assert run("--fresh") == 0 and measured == every
+    assert json.loads((out / "eval.json").read_text())["rows"] == resumed["rows"]
+
+    assert run(stop=3) == 130 and run("--fresh", stop=1) == 130 and measured == every[:1]  # --fresh drops 3
+    weights = model / "components.safetensors"  # the projector
+    weights.write_bytes(weights.read_bytes())  # written again unchanged (as `vtc resume` does)
+    assert run(stop=2) == 130 and measured == every[1:3]
+    projector = load_file(weights)
+    projector["projector.linear_2.bias"][0] += 1e-3
+    save_file(projector, weights)
+    assert run() == 0 and measured == every  # the model changed: no saved row is its row

@@ -42,6 +42,7 @@ class QuestionSet:
     name: str = "synthetic test split"
     # the scored part of a generated answer (synthetic answers first name cells: `b3 . yes`)
     answer_of: Callable[[str], str] = lambda text: text
+    files: tuple[Path, ...] = ()  # what the questions and images are read from (shards, question file)
 
 
 def normalize_answer(text: str) -> str:
@@ -67,7 +68,9 @@ def synthetic_questions(shards: ShardIndex, limit: int | None = None) -> Questio
     for index in range(min(len(shards), limit or len(shards))):
         for turn, (family, question, answer) in enumerate(questions_of(shards.record(index))):
             out.append(Question(f"{index}-{turn}", str(index), family, question, (final_answer(answer),)))
-    return QuestionSet(out, lambda key: shards.image_bytes(int(key)), answer_of=final_answer)
+    return QuestionSet(
+        out, lambda key: shards.image_bytes(int(key)), answer_of=final_answer, files=tuple(shards.paths)
+    )
 
 
 def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
@@ -97,7 +100,7 @@ def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{path}:{number}: not a question line ({type(err).__name__}: {err})") from None
     root = Path(image_dir)
-    return QuestionSet(out, lambda key: (root / key).read_bytes(), name=str(path))
+    return QuestionSet(out, lambda key: (root / key).read_bytes(), name=str(path), files=(Path(path),))
 
 
 @torch.no_grad()

@@ -143,6 +143,7 @@ def cmd_evaluate(args) -> int:
         args.setting or [],
         chosen_template(args.template, args.system_prompt, args.chat_template),
         args.baseline,
+        args.fresh,
     )
     from train.evaluation.report import markdown
 
@@ -537,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(exact McNemar p); repeatable",
     )
     add_template_options(p, "prompt every row so, not as the source records (a llava-hf folder records none)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="measure every row, even those an interrupted evaluation into the same folder measured "
+        "(by default they are kept when the model files, questions and settings are unchanged)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="make or convert training data").add_subparsers(

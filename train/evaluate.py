@@ -40,6 +40,7 @@ from train.accuracy import (
 )
 from train.evaluation.measure import Settings, cost
 from train.evaluation.report import add_hard_subsets, add_relative, write_answers, write_report
+from train.evaluation.saved_rows import SavedRows, file_stamps, model_files, questions_digest
 from train.evaluation.sources import SettingAtTest, baseline_row, methods_for, resolve_source
 
 
@@ -56,6 +57,7 @@ def evaluate(
     test_settings: list[str] = (),
     template: Template | None = None,
     baseline: str | None = None,
+    fresh: bool = False,
 ) -> dict:
     """Evaluate `target` and the baselines (and the `compare` sources, `target` without its
     compressors, and `target` with each of `test_settings`, "NAME.KEY=VALUE", compared with it
@@ -64,11 +66,13 @@ def evaluate(
     template the source records (e.g. a llava-hf folder of a chat LLaVA, which records none).
     `baseline`: the row every other is measured against: by default the target's base; another
     source (its model, as this function measures it; the training-free baselines then go on
-    its base); or NO_BASELINE, no such row (the first row, the model, is the reference)."""
+    its base); or NO_BASELINE, no such row (the first row, the model, is the reference).
+    Rows an interrupted evaluation into the same folder measured are kept (`SavedRows`) unless
+    `fresh`."""
     from train.datamodule import split_shards
 
     settings = (settings or Settings()).resolved()
-    device, dtype = settings.placement()  # before any weights load
+    device, _ = settings.placement()  # before any weights load
     changed = [SettingAtTest.parse(text) for text in test_settings]
     source = resolve_source(target, settings.dtype)
     if template is not None:
@@ -93,70 +97,124 @@ def evaluate(
     for setting in changed:
         setting.check(dims)
     methods = methods_for(source, baselines, budgets, make_baseline, compare, uncompressed, changed, against)
+    identity = evaluation_identity(source, against, baseline, compare, questions, settings)
+    with SavedRows(out, identity, fresh) as saved:
+        answers_dir = out if questions_file else None  # LLaVA-style answer files beside the report
+        rows, right = measured_rows(methods, saved, questions, size, source.template, settings, answers_dir)
+        add_relative(rows)
+        add_hard_subsets(rows, right)
+        if changed:
+            add_vs_model(rows, right)
+        report = {
+            "source": source.description,
+            "baseline": "none" if make_baseline is None else against.description,
+            "template": source.template.to_dict(),
+            "questions": questions.name,
+            "question_count": len(questions.questions),
+            "settings": settings.__dict__,
+            "machine": {
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "device": str(device),
+            },
+            "rows": rows,
+            "answer_prior": answer_prior(questions),
+        }
+        write_report(report, out)
+    return report
+
+
+def measured_rows(
+    methods, saved: SavedRows, questions, size: int, template: Template, settings: Settings, answers_dir
+) -> tuple[list[dict], list[dict[str, bool]]]:
+    """(a row per method, {question id: answered right} per method): each method measured, or
+    taken from `saved` where an interrupted evaluation measured it, and saved as soon as measured;
+    with `answers_dir`, each method's answers written there as a LLaVA answer file."""
+    keys = method_keys(methods)
+    earlier = saved.earlier(keys)
     rows, right, reference_answers = [], [], None
-    for method in tqdm(methods, desc="methods", unit="method"):
-        built = method.make()
-        to_precision(built.model, dtype, device)  # LoRA and components too; buffers kept
-        built.template = source.template  # every row prompted as the model under test was tuned
-        for component in built.model.components():
-            component.reset_statistics()
-        answers = answer_questions(
-            built.model,
-            built.tokenizer,
-            questions,
-            size,
-            built.template,
-            batch_size=settings.batch_size,
-            max_new_tokens=settings.max_new_tokens,
-            desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
-        )
-        row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
-        if method.training:
-            row["training"] = method.training
+    for method, key, measured in tqdm(
+        zip(methods, keys, earlier, strict=True), total=len(methods), desc="methods", unit="method"
+    ):
+        if measured is None:
+            measured = measure(method, questions, size, template, settings)
+            saved.put(key, *measured)
+        row, answers = dict(measured[0]), measured[1]
         reference_answers = reference_answers or answers  # the first row: the baseline, or the model
         row["agreement"] = agreement(questions, answers, reference_answers)
         right.append(right_answers(questions, answers))
-        counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
-        if counted:  # e.g. where a dynamic method exited, over the questions just answered
-            row["statistics"] = counted
-        row.update(cost(built, questions, size, settings))
         rows.append(row)
-        if questions_file:
+        if answers_dir is not None:
+            suffix = "" if method.budget is None else f"-{method.budget}"
             write_answers(
-                out / f"answers-{method.label}{'' if method.budget is None else f'-{method.budget}'}.jsonl",
-                questions,
-                answers,
-                method.label,
+                answers_dir / f"answers-{method.label}{suffix}.jsonl", questions, answers, method.label
             )
-        del built  # before the next row's model is built: one model in memory at a time
-    add_relative(rows)
-    add_hard_subsets(rows, right)
-    if changed:  # each setting against the model as trained, question by question
-        model = right[[r["method"] for r in rows].index("model")]
-        for row, judged in zip(rows, right, strict=True):
-            if row["method"].startswith("model["):
-                pair = paired(model, judged)
-                row["vs_model"] = {
-                    "questions": pair["questions"],
-                    "right_by_model_only": pair["only_a"],
-                    "right_by_this_only": pair["only_b"],
-                    "p": pair["p"],
-                }
-    report = {
-        "source": source.description,
-        "baseline": "none" if make_baseline is None else against.description,
+    return rows, right
+
+
+def add_vs_model(rows: list[dict], right: list[dict[str, bool]]) -> None:
+    """Each test-time setting's row (`model[NAME.KEY=VALUE]`) against the model as trained,
+    question by question (exact McNemar p)."""
+    model = right[[r["method"] for r in rows].index("model")]
+    for row, judged in zip(rows, right, strict=True):
+        if row["method"].startswith("model["):
+            pair = paired(model, judged)
+            row["vs_model"] = {
+                "questions": pair["questions"],
+                "right_by_model_only": pair["only_a"],
+                "right_by_this_only": pair["only_b"],
+                "p": pair["p"],
+            }
+
+
+def measure(method, questions, size: int, template: Template, settings: Settings):
+    """(row, answers) of one method: its accuracy, tokens and component statistics over
+    `questions`, and its cost; one model in memory at a time."""
+    device, dtype = settings.placement()
+    built = method.make()
+    to_precision(built.model, dtype, device)  # LoRA and components too; buffers kept
+    built.template = template  # every row prompted as the model under test was tuned
+    for component in built.model.components():
+        component.reset_statistics()
+    answers = answer_questions(
+        built.model,
+        built.tokenizer,
+        questions,
+        size,
+        built.template,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
+    )
+    row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
+    if method.training:
+        row["training"] = method.training
+    counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
+    if counted:  # e.g. where a dynamic method exited, over the questions just answered
+        row["statistics"] = counted
+    row.update(cost(built, questions, size, settings))
+    return row, answers
+
+
+def method_keys(methods) -> list[tuple[str, int | None, int]]:
+    """(label, budget, how many rows before it have both): what a saved row is looked up by."""
+    seen: dict[tuple, int] = {}
+    keys = []
+    for method in methods:
+        pair = (method.label, method.budget)
+        keys.append((*pair, seen.get(pair, 0)))
+        seen[pair] = seen.get(pair, 0) + 1
+    return keys
+
+
+def evaluation_identity(source, against, baseline, compare, questions, settings: Settings) -> dict:
+    """Everything besides a row's method that decides what it measures (see SavedRows)."""
+    roots = [source.location, source.base_dir, against.location, against.base_dir, *compare]
+    return {
+        "model_files": file_stamps(model_files([r for r in roots if r])),
+        "sources": [source.description, against.description, baseline],
         "template": source.template.to_dict(),
-        "questions": questions.name,
-        "question_count": len(questions.questions),
+        "questions": questions_digest(questions),
         "settings": settings.__dict__,
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-        },
-        "rows": rows,
-        "answer_prior": answer_prior(questions),
     }
-    write_report(report, out)
-    return report

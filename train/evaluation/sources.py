@@ -58,6 +58,7 @@ class Source:
     dtype: str = "float32"  # the precision (a DTYPES name) every model of this source is built in
     # a run's stages as training recorded them (`training_stages`); None for anything else
     training: list[dict] | None = None
+    location: Path | None = None  # the folder the model under test is loaded from, if any
 
     def base(self, compressors: list[ComponentSpec] = ()) -> Built:
         """The baseline, the base's llava-hf model, with `compressors` (e.g. a training-free one)."""
@@ -165,6 +166,7 @@ def _resolve_source(target: str, dtype: str) -> Source:
                 template=template,
                 dtype=dtype,
                 training=None if checkpoint else training_stages(path),
+                location=path,
             )
         base = resolve_base(recipe.model.base)
         if not (Path(base) / "config.json").is_file():
@@ -189,6 +191,7 @@ def _resolve_source(target: str, dtype: str) -> Source:
             template,
             dtype,
             None if checkpoint else training_stages(path),  # a checkpoint's run trained on after it
+            path,
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -197,7 +200,9 @@ def _resolve_source(target: str, dtype: str) -> Source:
         base = meta["base"] or str(path)  # an export's llava-hf part holds the base weights
         model = None if plain else (lambda: load_pretrained(path, dtype=DTYPES[dtype]))
         template = template_from_dict(meta.get("template"))
-        return Source(model, base, path, DataRecipe(), f"export {path}", template=template, dtype=dtype)
+        return Source(
+            model, base, path, DataRecipe(), f"export {path}", template=template, dtype=dtype, location=path
+        )
     if (path / "config.json").is_file():
         return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}", dtype=dtype)
     unfinished = unfinished_run(path, "evaluate {}")
