@@ -118,3 +118,35 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_stops_them_all(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {saved[0]}" in resumed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.families
+@pytest.mark.parametrize("phase", ["write", "complete"])
+def test_a_save_only_rank_0_fails_stops_every_rank_at_once(tmp_path, phase):
+    """Under DDP rank 0 alone writes a checkpoint: when its write fails (here a full disk, on the
+    weights or on info.json) every rank stops at once with one line, rather than the others
+    waiting at the next barrier for the process group's timeout (on NCCL; on gloo they died with
+    a traceback of the broken connection); the partial save is gone and the run resumes from the
+    newest complete checkpoint. `--families`, as each is 15 s of DDP."""
+    import sys
+
+    run_dir = tmp_path / "ddp"
+    cmd = smoke_train_cmd(run_dir, tmp_path / "data", *TWO_PROCESSES, "checkpoint.every=2")
+    cmd[1:3] = ["tests/fail_save.py"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd(), "VTC_TEST_FAIL": f"{phase}:2"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("vtc: error: ")]
+    assert run.returncode == 2 and len(lines) == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert sorted(lines) == [
+        "vtc: error: another process of this run failed to "
+        f"{phase} checkpoint stage0-vision-step0000004 (its error is in its output); stopping too",
+        f"vtc: error: no space left in {run_dir / 'ckpt'} for checkpoint stage0-vision-step0000004, so it "
+        "was removed (the newest complete one is stage0-vision-step0000002): free some (older checkpoints "
+        f"there can go; a save needs room for one more than checkpoint.keep_last), then `vtc resume {run_dir}`",
+    ]
+    assert [p.name for p in (run_dir / "ckpt").iterdir()] == ["stage0-vision-step0000002"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "train.cli", "resume", str(run_dir)], capture_output=True, text=True, env=env
+    )
+    assert resumed.returncode == 0 and (run_dir / "trainable.safetensors").is_file(), resumed.stderr[-3000:]

@@ -233,17 +233,17 @@ def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, mo
     from train.recipe import load_recipe
     from train.run import run_recipe
 
-    writing, calls = checkpoint.TrainablesCheckpointIO.save_checkpoint, []
+    writing, calls = checkpoint.TrainablesCheckpointIO._write, []
 
-    def disk_fills(self, ckpt, path, storage_options=None):
-        calls.append(path)
+    def disk_fills(self, ckpt, folder):
+        calls.append(folder)
         if len(calls) == 3:
-            os.makedirs(path, exist_ok=True)
-            Path(path, "trainable.safetensors").write_bytes(b"\x00" * 100)
+            os.makedirs(folder, exist_ok=True)
+            Path(folder, "trainable.safetensors").write_bytes(b"\x00" * 100)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return writing(self, ckpt, path, storage_options)
+        return writing(self, ckpt, folder)
 
-    monkeypatch.setattr(checkpoint.TrainablesCheckpointIO, "save_checkpoint", disk_fills)
+    monkeypatch.setattr(checkpoint.TrainablesCheckpointIO, "_write", disk_fills)
     run_dir = tmp_path / "run"
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "checkpoint.every=3"]
     with pytest.raises(UserError) as full:
@@ -256,7 +256,7 @@ def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, mo
         "stage0-vision-step0000003",
         "stage0-vision-step0000004",
     ]
-    monkeypatch.setattr(checkpoint.TrainablesCheckpointIO, "save_checkpoint", writing)
+    monkeypatch.setattr(checkpoint.TrainablesCheckpointIO, "_write", writing)
     run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
     assert (run_dir / "trainable.safetensors").is_file()
 

@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,8 +134,31 @@ def remove_partial_saves(run_dir: Path) -> list[Path]:
 class TrainablesCheckpointIO(CheckpointIO):
     """Lightning's checkpoint dict → a folder of safetensors (weights) + state.pt (the rest)."""
 
+    def __init__(self) -> None:
+        self.held: Exception | None = None  # see `holding_errors`
+        self._holding = False
+
+    @contextmanager
+    def holding_errors(self):
+        """Keep an error of a save in the block in `held` instead of raising it. Under DDP only
+        rank 0 writes, and Lightning's `save_checkpoint` then waits at a barrier: rank 0 must
+        reach it too, so that every rank can learn of the failure (`all_did`) rather than the
+        others waiting there for the process group's timeout."""
+        self.held, self._holding = None, True
+        try:
+            yield
+        finally:
+            self._holding = False
+
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        folder = Path(path)
+        try:
+            self._write(checkpoint, Path(path))
+        except Exception as err:
+            if not self._holding:
+                raise
+            self.held = err
+
+    def _write(self, checkpoint: dict, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in checkpoint["state_dict"].items()}
         save_file(weights, str(folder / "trainable.safetensors"))
@@ -269,28 +292,39 @@ class PeriodicCheckpoint(L.Callback):
             self.root.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("vtc-checkpoint-prepare")
         # every rank takes part (DeepSpeed writes one shard per rank; DDP writes from rank 0)
+        io = trainer.strategy.checkpoint_io
+        ours = isinstance(io, TrainablesCheckpointIO)  # DeepSpeed writes through its engine instead
         with self.room_for(tmp):
-            trainer.save_checkpoint(tmp, weights_only=False)
-        trainer.strategy.barrier("vtc-checkpoint-written")
-        if trainer.is_global_zero:
-            self.clock.reread(trainer)
-            info = {
-                "stage_index": self.stage_index,
-                "stage": self.stage_name,
-                "step": step,
-                "stage_done": stage_done,
-                "records": self.records,
-                "log_row": pending_log_row(trainer, step),
-                "stage_seconds": round(self.clock.stage_seconds(), 1),
-                "timed": list(self.clock.timed()),
-            }
-            with self.room_for(tmp):
-                (tmp / "info.json").write_text(json.dumps(info, indent=1))
-            # the aside name starts with .tmp- too, so a resume clears it if a kill strands it
-            replace_dir(tmp, final, aside=final.with_name(f".tmp-old-{final.name}"))
-            self.prune()
-        trainer.strategy.barrier("vtc-checkpoint-done")
+            with io.holding_errors() if ours else nullcontext():
+                trainer.save_checkpoint(tmp, weights_only=False)
+            all_did(trainer, f"write checkpoint {final.name}", io.held if ours else None)
+        error = None
+        try:
+            if trainer.is_global_zero:
+                self._complete(trainer, tmp, final, step, stage_done)
+        except Exception as err:
+            error = err
+        all_did(trainer, f"complete checkpoint {final.name}", error)
         return final
+
+    def _complete(self, trainer: L.Trainer, tmp: Path, final: Path, step: int, stage_done: bool) -> None:
+        """Rank 0, once every rank has written: info.json, then the folder renamed into place."""
+        self.clock.reread(trainer)
+        info = {
+            "stage_index": self.stage_index,
+            "stage": self.stage_name,
+            "step": step,
+            "stage_done": stage_done,
+            "records": self.records,
+            "log_row": pending_log_row(trainer, step),
+            "stage_seconds": round(self.clock.stage_seconds(), 1),
+            "timed": list(self.clock.timed()),
+        }
+        with self.room_for(tmp):
+            (tmp / "info.json").write_text(json.dumps(info, indent=1))
+        # the aside name starts with .tmp- too, so a resume clears it if a kill strands it
+        replace_dir(tmp, final, aside=final.with_name(f".tmp-old-{final.name}"))
+        self.prune()
 
     @contextmanager
     def room_for(self, tmp: Path):
@@ -313,6 +347,19 @@ class PeriodicCheckpoint(L.Callback):
     def prune(self) -> None:
         for old in list_checkpoints(self.root.parent)[: -self.keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
+
+
+def all_did(trainer: L.Trainer, what: str, error: Exception | None) -> None:
+    """Every rank learns whether any failed to `what` (one all-reduce of a flag, in place of a
+    barrier; a single process asks no one): the one that failed raises its error, the others stop
+    with a line that points to it, instead of waiting at the next barrier for the timeout."""
+    failed = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(
+            f"another process of this run failed to {what} (its error is in its output); stopping too"
+        )
 
 
 def pending_log_row(trainer: L.Trainer, step: int) -> dict | None:
