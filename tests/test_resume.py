@@ -192,35 +192,67 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
     assert "Traceback" not in out.stderr
 
 
-def test_sigterm_as_the_last_step_is_saved_stops_before_the_final_weights(tmp_path, monkeypatch, capsys):
-    """A SIGTERM that comes while the last step's checkpoint is written is not dropped: the run
-    stops (143) before its final weights and evaluation, and the resume finishes it. Outside
-    the run, the handler that was there before is back."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_as_the_last_step_is_saved_stops_before_the_final_weights(
+    tmp_path, monkeypatch, capsys, signum
+):
+    """A stop signal (SIGTERM, or SLURM's early warning SIGUSR1) that comes while the last
+    step's checkpoint is written is not dropped: the run stops (128 + the signal) before its
+    final weights and evaluation, and the resume finishes it. Outside the run, the handlers that
+    were there before are back."""
     from train import checkpoint
     from train.recipe import load_recipe
     from train.run import run_recipe
 
     saving = checkpoint.PeriodicCheckpoint.save
 
-    def save_then_sigterm(self, trainer, step, stage_done):
+    def save_then_signal(self, trainer, step, stage_done):
         final = saving(self, trainer, step, stage_done)
         if self.stage_name == "instruct" and stage_done:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return final
 
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_signal)
     run_dir = tmp_path / "run"
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "stages.1.steps=4"]
-    before = signal.getsignal(signal.SIGTERM)
+    before = [signal.getsignal(s) for s in checkpoint.STOP_SIGNALS]
     with pytest.raises(SystemExit) as stopped:
         run_recipe(load_recipe("tiny/smoke", overrides))
-    assert stopped.value.code == 128 + signal.SIGTERM
-    assert f"terminated (SIGTERM) as training ended; `vtc resume {run_dir}`" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert stopped.value.code == 128 + signum
+    name = signal.Signals(signum).name
+    assert f"terminated ({name}) as training ended; `vtc resume {run_dir}`" in capsys.readouterr().err
+    assert [signal.getsignal(s) for s in checkpoint.STOP_SIGNALS] == before
     assert not (run_dir / "trainable.safetensors").exists()
     monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
     run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
     assert (run_dir / "trainable.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+
+
+class _WorkerHandlers(torch.utils.data.Dataset):
+    """What a loader worker does on each stop signal."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        from train.checkpoint import STOP_SIGNALS
+
+        return [signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS]
+
+
+def test_loader_workers_leave_the_stop_signals_to_the_training_process():
+    """A scheduler signals every process of a job (SIGUSR1 as SLURM's early warning, then
+    SIGTERM): vtc's loader workers ignore both, so the training process saves first rather than
+    the run dying of a DataLoader error; the run's own handlers are untouched."""
+    from functools import partial
+
+    from train.datamodule import init_worker
+
+    loader = torch.utils.data.DataLoader(
+        _WorkerHandlers(), batch_size=None, num_workers=2, worker_init_fn=partial(init_worker, rank=0)
+    )
+    assert list(loader) == [[True, True], [True, True]]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, monkeypatch):

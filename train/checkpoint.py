@@ -176,38 +176,60 @@ class TrainablesCheckpointIO(CheckpointIO):
         shutil.rmtree(path, ignore_errors=True)
 
 
+# What a scheduler sends before it stops a job: SIGTERM at a time limit, a preemption or `kill`,
+# and SIGUSR1 as SLURM's early warning (`sbatch --signal=USR1@SECONDS`), which leaves a save
+# larger than the grace time after SIGTERM the seconds it needs.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class Termination:
-    """SIGTERM (a scheduler's time limit, a preemption, `kill`) noted rather than obeyed at once:
-    `PeriodicCheckpoint` saves at the end of the optimizer step under way, then ends the stage
-    as Lightning ends it on SIGTERM, so a resume loses no step. It is the process's handler for
-    the whole run (`handling`), and each stage puts it back in place of the one Lightning
-    registers when fitting starts, which ends a stage after the current micro-batch unsaved."""
+    """A stop signal (STOP_SIGNALS) noted rather than obeyed at once: `PeriodicCheckpoint` saves
+    at the end of the optimizer step under way, then ends the stage as Lightning ends it on
+    SIGTERM, so a resume loses no step. It is the process's handler for the whole run
+    (`handling`), and each stage puts it back in place of the one Lightning registers when
+    fitting starts, which ends a stage after the current micro-batch unsaved."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None  # the first stop signal this process got
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        """e.g. "SIGTERM"; for a process that got none (another rank did), what stopped it."""
+        return signal.Signals(self.signum).name if self.signum else "a stop signal to another process"
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal, as a shell reports a process the signal ended (SIGTERM's when none)."""
+        return 128 + (self.signum or signal.SIGTERM)
 
     def note(self, signum, frame) -> None:
-        self.requested = True
+        self.signum = self.signum or signum
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            signal.signal(signal.SIGTERM, self.note)
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self.note)
 
     @contextmanager
     def handling(self):
-        """Noted for the block; after it, the handler that was there before is back."""
-        before = signal.getsignal(signal.SIGTERM)
+        """Noted for the block; after it, the handlers that were there before are back."""
+        before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         self.install()
         try:
             yield self
         finally:
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+                for signum, handler in before.items():
+                    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class PeriodicCheckpoint(L.Callback):
     """Save every `every` optimizer steps, at the stage's last step, and at the step under way
-    when SIGTERM comes (then stop); keep the newest `keep_last` checkpoints of the run (all
+    when a stop signal comes (then stop); keep the newest `keep_last` checkpoints of the run (all
     stages together; every checkpoint holds all weights trained so far)."""
 
     def __init__(
@@ -251,21 +273,21 @@ class PeriodicCheckpoint(L.Callback):
             raise SIGTERMException  # what Lightning raises on SIGTERM, now after the save
 
     def terminating(self, trainer: L.Trainer) -> bool:
-        """Whether SIGTERM reached any rank; every rank asks after the same steps, so all agree
+        """Whether a stop signal reached any rank; every rank asks after the same steps, so all agree
         to save and stop at the same one (a single process asks no one)."""
         requested = self.termination is not None and self.termination.requested
         return trainer.strategy.reduce_boolean_decision(requested, all=False)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """After Ctrl-C or a SIGTERM (a scheduler's time limit, preemption), which end the stage:
-        say what is kept and how to go on (Ctrl-C loses the steps after the newest checkpoint;
-        SIGTERM saved the step it came in)."""
+        """After Ctrl-C or a stop signal (a scheduler's time limit or early warning, preemption),
+        which end the stage: say what is kept and how to go on (Ctrl-C loses the steps after the
+        newest checkpoint; a stop signal saved the step it came in)."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, KeyboardInterrupt):
             how = "interrupted"
         elif isinstance(exception, SIGTERMException):
-            how = "terminated (SIGTERM)"
+            how = f"terminated ({self.termination.name if self.termination else 'SIGTERM'})"
         else:
             return
         if not trainer.is_global_zero:

@@ -19,6 +19,7 @@ from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import ASKED, OBJECTS, VERSION, write_synthetic
 from data.templates import Template
+from train.checkpoint import STOP_SIGNALS
 from train.objectives import OBJECTIVES
 from train.recipe import DataRecipe, Stage
 
@@ -71,11 +72,13 @@ def split_shards(data: DataRecipe, split: str) -> ShardIndex:
 
 
 def init_worker(worker_id: int, rank: int) -> None:
-    """A loader worker leaves SIGTERM to the training process, which saves a checkpoint before
-    it stops: a scheduler signals every process of a job, and a worker that died of it would end
-    the run with a DataLoader error first. Then Lightning's seeding of the worker, which Lightning
-    adds itself only to a loader without a `worker_init_fn`."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A loader worker leaves the stop signals (SIGTERM, SLURM's SIGUSR1) to the training
+    process, which saves a checkpoint before it stops: a scheduler signals every process of a
+    job, and a worker that died of one would end the run with a DataLoader error first. Then
+    Lightning's seeding of the worker, which Lightning adds itself only to a loader without a
+    `worker_init_fn`."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     pl_worker_init_function(worker_id, rank=rank)
 
 

@@ -271,11 +271,11 @@ def _run(
             )
     if termination.requested:  # it came as the last step was being saved: that checkpoint is the end
         print(
-            f"[vtc] terminated (SIGTERM) as training ended; `vtc resume {run_dir}` writes the "
+            f"[vtc] terminated ({termination.name}) as training ended; `vtc resume {run_dir}` writes the "
             "final weights and evaluates them",
             file=sys.stderr,
         )
-        raise SystemExit(128 + signal.SIGTERM)
+        raise SystemExit(termination.exit_status)
     train_seconds = time.time() - started
     save_trainables(built.model, saved, run_dir, write=is_zero)
     if not is_zero:
@@ -393,7 +393,7 @@ def train_stage(
     termination: Termination | None = None,
 ) -> dict:
     """Train one stage (from `resume_from`, a checkpoint of this stage, if given; saving and
-    stopping when `termination` notes SIGTERM); adds what it trains to `saved` and returns its
+    stopping when `termination` notes a stop signal); adds what it trains to `saved` and returns its
     record for meta.json."""
     model = built.model
     rows = apply_stage(model, stage)
@@ -481,7 +481,7 @@ def train_stage(
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from.path if resume_from else None)
     except SIGTERMException:  # Lightning's SystemExit carries no status: a terminated run must not exit 0
-        raise SystemExit(128 + signal.SIGTERM) from None
+        raise SystemExit(termination.exit_status if termination else 128 + signal.SIGTERM) from None
     if recipe.wandb.enabled and is_zero:  # one wandb run per stage: the next stage starts its own
         import wandb
 
