@@ -255,6 +255,45 @@ def test_loader_workers_leave_the_stop_signals_to_the_training_process():
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
+def test_a_resume_over_changed_training_shards_is_refused(tmp_path, monkeypatch):
+    """A checkpoint records the shards its stage trains on (names and sizes): resumed over other
+    shards, its loader position would be a place in another order of samples, so the resume is
+    refused, naming both, unless --force."""
+    import shutil
+
+    from train import checkpoint
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    saving = checkpoint.PeriodicCheckpoint.save
+
+    def save_then_sigterm(self, trainer, step, stage_done):
+        final = saving(self, trainer, step, stage_done)
+        if self.stage_name == "instruct" and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return final
+
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
+    run_dir, data_dir = tmp_path / "run", tmp_path / "data"
+    overrides = [f"output={run_dir}", f"data.cache_dir={data_dir}", "stages.1.steps=6", "checkpoint.every=2"]
+    with pytest.raises(SystemExit):
+        run_recipe(load_recipe("tiny/smoke", overrides))
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
+    assert latest_checkpoint(run_dir).step == 3  # the step under way when SIGTERM came
+    (shard,) = data_dir.rglob("train-*/*.tar")  # the synthetic training split, one shard
+    shutil.copy(shard, shard.with_name("shard-000001.tar"))  # as `vtc data convert --append` adds one
+    size = shard.stat().st_size
+    with pytest.raises(UserError) as refused:
+        run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
+    assert str(refused.value) == (
+        f"refusing to resume {run_dir}: its training data changed since stage1-instruct-step0000003 "
+        f"(1 shard of {size:,} bytes then, 2 shards of {2 * size:,} bytes now), so the resumed stage would not see the samples the interrupted one would have "
+        "(pass --force to resume anyway, at the same position in the new data's order)"
+    )
+    run_recipe(load_recipe("tiny/smoke", overrides), resume="auto", force=True)
+    assert (run_dir / "trainable.safetensors").is_file()
+
+
 def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, monkeypatch):
     """The third save runs out of space half-way: it is removed at once (it holds the space a
     user has to free), the error names the newest complete checkpoint, and the resume, once

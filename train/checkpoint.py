@@ -51,6 +51,8 @@ class CheckpointInfo:
     stage_seconds: float = field(default=0.0, compare=False)
     # (optimizer steps, seconds) its throughput clock had timed (see train.progress.StepClock)
     timed: tuple[int, float] = field(default=(0, 0.0), compare=False)
+    # the stage's training shards as saved (data.shards.shards_identity); None before vtc kept it
+    train_data: dict | None = field(default=None, compare=False)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -82,6 +84,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
                 info.get("log_row"),
                 info.get("stage_seconds", 0.0),  # 0 in checkpoints saved before vtc kept it
                 tuple(info.get("timed", (0, 0.0))),
+                info.get("train_data"),
             )
         )
     return sorted(found, key=lambda c: c.order)
@@ -242,6 +245,7 @@ class PeriodicCheckpoint(L.Callback):
         clock,
         records: list[dict] = (),
         termination: Termination | None = None,
+        train_data: dict | None = None,
     ):
         self.root = Path(run_dir) / CKPT_DIR
         self.stage_index, self.stage_name = stage_index, stage_name
@@ -250,6 +254,7 @@ class PeriodicCheckpoint(L.Callback):
         self.step_seen = 0
         self.clock = clock  # the stage's StepClock, whose timing a resume carries on
         self.termination = termination
+        self.train_data = train_data  # recorded, so that a resume can tell the shards changed
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.step_seen = trainer.global_step  # a resumed stage starts at its checkpoint's step
@@ -341,6 +346,7 @@ class PeriodicCheckpoint(L.Callback):
             "log_row": pending_log_row(trainer, step),
             "stage_seconds": round(self.clock.stage_seconds(), 1),
             "timed": list(self.clock.timed()),
+            "train_data": self.train_data,
         }
         with self.room_for(tmp):
             (tmp / "info.json").write_text(json.dumps(info, indent=1))

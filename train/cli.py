@@ -403,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run from its newest complete checkpoint (auto) or from RUN_DIR/ckpt/<one>",
     )
     p.add_argument(
-        "--force", action="store_true", help="resume even though the recipe changed in a way that matters"
+        "--force",
+        action="store_true",
+        help="resume even though the recipe, or the shards the stage trains on, changed in a way that matters",
     )
     p.add_argument(
         "--restart",
@@ -416,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory (holds recipe.yaml and ckpt/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. trainer.log_every=1")
     p.add_argument(
-        "--force", action="store_true", help="resume even though the recipe changed in a way that matters"
+        "--force",
+        action="store_true",
+        help="resume even though the recipe, or the shards the stage trains on, changed in a way that matters",
     )
     p.set_defaults(func=cmd_resume)
 

@@ -100,7 +100,7 @@ class VtcDataModule(L.LightningDataModule):
         every sample once per template."""
         super().__init__()
         self.data, self.stage, self.seed = data, stage, seed
-        shards = split_shards(data, "train")
+        self.shards = shards = split_shards(data, "train")
         regions = patch_grid if OBJECTIVES[stage.objective].region_targets else None
         parts = [
             ConversationDataset(

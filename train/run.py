@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
 from data.locks import held_alone
+from data.shards import shards_identity
 from data.synth import region_classes
 from models.build import DTYPES, build, save_as_llava_hf
 from models.lora import has_lora
@@ -189,6 +191,8 @@ def resume_point(
         start = next((c for c in existing if c.path.resolve() == Path(resume).resolve()), None)
         if start is None:
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint of {run_dir}")
+    if force:  # what the shards were is not held against the resume either (`check_same_data`)
+        start = dataclasses.replace(start, train_data=None)
     saved_recipe = run_dir / "recipe.yaml"
     if saved_recipe.is_file() and not force:
         drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
@@ -199,6 +203,25 @@ def resume_point(
                 + "\n(pass --force to resume anyway)"
             )
     return start
+
+
+def check_same_data(start: CheckpointInfo, train_data: dict) -> None:
+    """Refuse to resume a stage whose training shards changed since `start` was saved (`--force`
+    clears what it recorded): the loader's position is a place in an order of the old samples,
+    so the resumed run would see others than the interrupted one would have."""
+    then = start.train_data
+    if then is None or then["digest"] == train_data["digest"]:
+        return
+    raise UserError(
+        f"refusing to resume {start.run_dir}: its training data changed since {start.path.name} "
+        f"({shards_summary(then)} then, {shards_summary(train_data)} now), so the resumed stage "
+        "would not see the samples the interrupted one would have (pass --force to resume anyway, "
+        "at the same position in the new data's order)"
+    )
+
+
+def shards_summary(identity: dict) -> str:
+    return f"{identity['shards']} shard{'s' * (identity['shards'] != 1)} of {identity['bytes']:,} bytes"
 
 
 def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, restart: bool = False) -> dict:
@@ -424,6 +447,9 @@ def train_stage(
         tiling=tiling,
     )
     check_stage_data(data.dataset, stage, index, world)
+    train_data = shards_identity(data.shards.paths)
+    if resume_from is not None and not resume_from.stage_done:
+        check_same_data(resume_from, train_data)
     steps = stage_steps_for(stage, len(data.dataset), world)
     module = VtcModule(
         model,
@@ -452,6 +478,7 @@ def train_stage(
         clock,
         records,
         termination,
+        train_data,
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:
