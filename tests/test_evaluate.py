@@ -98,6 +98,10 @@ def test_question_file_answers_and_skips_unreadable_images(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question_id": 1, "image": "x.png"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:1: not a question line"):
         file_questions(tmp_path / "bad.jsonl", tmp_path)
+    line = '{"question_id": 7, "image": "x.png", "text": "q"}\n'
+    (tmp_path / "twice.jsonl").write_text(line + "\n" + line.replace("7", "8") + line)
+    with pytest.raises(UserError, match=r"twice.jsonl:4: question_id 7 again \(first on line 1\)"):
+        file_questions(tmp_path / "twice.jsonl", tmp_path)
     with pytest.raises(UserError, match=r"none.jsonl: no such question file"):
         file_questions(tmp_path / "none.jsonl", tmp_path)
     with pytest.raises(UserError, match=r"nowhere: no such image folder \(for .*q.jsonl\)"):

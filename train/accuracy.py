@@ -75,12 +75,13 @@ def synthetic_questions(shards: ShardIndex, limit: int | None = None) -> Questio
 
 def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
     """A LLaVA question file (JSON lines) with images relative to `image_dir`. A line that is
-    not a question is an error naming the file and line."""
+    not a question, or whose question_id an earlier line has (answers are kept by id, so one
+    of the two would be scored with the other's answer), is an error naming the file and line."""
     if not Path(path).is_file():
         raise UserError(f"{path}: no such question file")
     if not Path(image_dir).is_dir():  # else every question would be skipped, one by one
         raise UserError(f"{image_dir}: no such image folder (for {path})")
-    out = []
+    out, lines = [], {}  # question id → the line it is on
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -99,6 +100,9 @@ def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{path}:{number}: not a question line ({type(err).__name__}: {err})") from None
+        first = lines.setdefault(out[-1].id, number)
+        if first != number:
+            raise UserError(f"{path}:{number}: question_id {out[-1].id} again (first on line {first})")
     root = Path(image_dir)
     return QuestionSet(out, lambda key: (root / key).read_bytes(), name=str(path), files=(Path(path),))
 
