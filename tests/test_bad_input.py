@@ -320,6 +320,10 @@ def test_cli_options_are_checked_by_name(argv, message, capsys):
         (["evaluate", "/nonexistent", "--baselines", "pooling,divprun"], "--baselines: unknown 'divprun'"),
         (["evaluate", "/nonexistent"], "/nonexistent: no such run directory, vtc export or llava-hf folder"),
         (["export", "/nonexistent", "/tmp/vtc-never"], "/nonexistent: no such folder"),
+        (
+            ["train", "tiny/smoke", "output=/proc/vtc-never"],
+            "output /proc/vtc-never: cannot create the run folder there (No such file or directory)",
+        ),
         (["validate", "tiny/smoke", "stages.0.steps=[10"], "not valid YAML"),
         (["validate", "tiny/smoke", "stages.0.batch_size=0"], "stages[0].batch_size: must be ≥ 1"),
         (["data", "synth", "--out", "/tmp/vtc-never", "--samples", "1", "--objects", "3", "16"], "17 cells"),

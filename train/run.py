@@ -240,7 +240,12 @@ def run_lock(run_dir: Path):
     """Held by the process that writes a run while it runs: a second `vtc train` or `vtc resume`
     on the same output (the same command started twice, a requeued job while the first still
     runs) is refused instead of writing the same checkpoints and logs at once (`held_alone`)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a read-only or missing mount: before anything is trained
+        raise UserError(
+            f"output {run_dir}: cannot create the run folder there ({err.strerror}); give output=PATH"
+        ) from None
     path = run_dir / ".vtc-lock"
     busy = (
         f"another vtc process is training {run_dir} now (it holds {path}); wait for it to end, "
