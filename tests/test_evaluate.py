@@ -602,3 +602,15 @@ def test_an_interrupted_evaluation_measures_only_the_rows_it_had_not(tmp_path, m
     projector["projector.linear_2.bias"][0] += 1e-3
     save_file(projector, weights)
     assert run() == 0 and measured == every  # the model changed: no saved row is its row
+
+
+def test_compare_rows_are_told_apart_by_the_folders_above_them(tmp_path):
+    """Two runs' `final/` are two rows (and two answer files), named by as many folders above
+    them as tell them apart and from the other rows; one source given twice is refused."""
+    from train.evaluation.sources import compare_labels
+
+    a, b, c = (str(tmp_path / p) for p in ("a/x/final", "b/x/final", "c/other"))
+    assert compare_labels([a, b, c], {"baseline", "model"}) == ["a/x/final", "b/x/final", "other"]
+    assert compare_labels([str(tmp_path / "runs/model")], {"baseline", "model"}) == ["runs/model"]
+    with pytest.raises(UserError, match="--compare: .*a/x/final/ given twice"):
+        compare_labels([a, a + "/"])

@@ -147,9 +147,8 @@ def measured_rows(
         rows.append(row)
         if answers_dir is not None:
             suffix = "" if method.budget is None else f"-{method.budget}"
-            write_answers(
-                answers_dir / f"answers-{method.label}{suffix}.jsonl", questions, answers, method.label
-            )
+            name = method.label.replace("/", "-")  # a --compare label may name folders above its own
+            write_answers(answers_dir / f"answers-{name}{suffix}.jsonl", questions, answers, method.label)
     return rows, right
 
 

@@ -301,6 +301,25 @@ def baseline_at(name: str, budget: int, visual: int, dims) -> ComponentSpec | No
     return None if params is None else ComponentSpec(name, params)
 
 
+def compare_labels(compare: list[str], taken: set[str] = frozenset()) -> list[str]:
+    """A row label per `--compare` source: its folder's name, with as many folders above it as
+    tell it from the others and from the labels `taken` (rows, and their answer files, are
+    named by label: two runs' `final/` would otherwise be one row name and one file)."""
+    parts = [Path(other).resolve().parts[1:] for other in compare]  # the root is no name
+    twice = next((other for i, other in enumerate(compare) if parts[i] in parts[:i]), None)
+    if twice is not None:
+        raise UserError(f"--compare: {twice} given twice")
+    depth = [1] * len(compare)
+    while True:
+        labels = ["/".join(p[-d:]) or other for p, d, other in zip(parts, depth, compare, strict=True)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1 or label in taken]
+        growing = [i for i in clashing if depth[i] < len(parts[i])]
+        if not growing:
+            return labels
+        for i in growing:
+            depth[i] += 1
+
+
 def methods_for(
     source: Source,
     baselines: list[str],
@@ -312,7 +331,8 @@ def methods_for(
     baseline_source: Source | None = None,
 ) -> list[Method]:
     """The rows to measure; `baseline` makes the baseline row's model (None: no baseline row);
-    `compare`: other runs or exports measured beside it (labelled by their folder names);
+    `compare`: other runs or exports measured beside it (labelled by their folder names,
+    `compare_labels`);
     `uncompressed`: the model under test also with its compressors left out; `test_settings`:
     the model under test again with each setting (a row `model[NAME.KEY=VALUE]`);
     `baseline_source`: the source whose base the training-free baselines go on (default `source`)."""
@@ -335,10 +355,10 @@ def methods_for(
         if source.model is None:
             raise UserError(f"--setting {setting.text}: {source.description} has no components to set")
         methods.append(Method(f"model[{setting.text}]", None, setting.applied(source.model)))
-    for other in compare:
+    for other, label in zip(compare, compare_labels(compare, {m.label for m in methods}), strict=True):
         found = resolve_source(other, source.dtype)
         make = found.model or found.base
-        methods.append(Method(Path(other).name or other, None, make, found.training))
+        methods.append(Method(label, None, make, found.training))
     known = registered_baselines()
     dims, visual, _ = baseline_source.shape
     for label in baselines:
