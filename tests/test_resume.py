@@ -294,6 +294,34 @@ def test_a_resume_over_changed_training_shards_is_refused(tmp_path, monkeypatch)
     assert (run_dir / "trainable.safetensors").is_file()
 
 
+def test_a_loader_worker_killed_for_memory_ends_the_run_in_one_line(tmp_path):
+    """The kernel's out-of-memory killer takes a loader worker (here SIGKILL after step 3 of
+    the stage, saved): one line says what happened and what to lower, exit 2, and the resume
+    goes on from the newest checkpoint."""
+    patch = (
+        "import multiprocessing\n"
+        "end = checkpoint.PeriodicCheckpoint.on_train_batch_end\n"
+        "def kill_a_worker(self, trainer, *args):\n"
+        "    end(self, trainer, *args)\n"
+        "    if self.stage_name == 'instruct' and trainer.global_step == 3:\n"
+        "        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)\n"
+        "checkpoint.PeriodicCheckpoint.on_train_batch_end = kill_a_worker\n"
+    )
+    run_dir = tmp_path / "run"
+    extra = ("data.num_workers=2", "checkpoint.every=3", "stages.1.steps=8")
+    out = train_killed_by(patch, run_dir, tmp_path / "data", *extra)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    said = out.stderr.strip().splitlines()[-2:]
+    assert said[0].startswith(
+        "vtc: error: DataLoader worker (pid"
+    )  # "... exited unexpectedly" or "is killed"
+    assert said[1].startswith(
+        "  a data loader worker died, most often killed by the kernel when memory ran out"
+    )
+    assert latest_checkpoint(run_dir).step == 3
+    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+
+
 def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, monkeypatch):
     """The third save runs out of space half-way: it is removed at once (it holds the space a
     user has to free), the error names the newest complete checkpoint, and the resume, once

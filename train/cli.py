@@ -663,6 +663,16 @@ OUT_OF_MEMORY_HINTS = {
 OUT_OF_MEMORY_HINTS["resume"] = OUT_OF_MEMORY_HINTS["train"]
 
 
+# torch's two messages for a loader worker that died (a signal seen by its SIGCHLD handler, or a
+# worker found dead), most often killed by the kernel for memory: the machine's state, not a bug
+WORKER_DIED = "DataLoader worker (pid"
+WORKER_DIED_HINT = (
+    "a data loader worker died, most often killed by the kernel when memory ran out: lower "
+    "data.num_workers (each worker holds decoded images), or give the job more memory; "
+    "`vtc resume RUN_DIR` goes on from the newest checkpoint"
+)
+
+
 def out_of_gpu_memory(err: BaseException) -> bool:
     torch = sys.modules.get("torch")  # an error from torch means torch is imported
     return torch is not None and isinstance(err, torch.OutOfMemoryError)
@@ -692,9 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         hint = OUT_OF_MEMORY_HINTS.get(args.command)
-        if hint is None or not out_of_gpu_memory(err):
+        if hint is not None and out_of_gpu_memory(err):
+            print(f"vtc: error: out of GPU memory ({str(err).splitlines()[0]})\n  {hint}", file=sys.stderr)
+        elif str(err).startswith(WORKER_DIED):
+            print(f"vtc: error: {str(err).splitlines()[0]}\n  {WORKER_DIED_HINT}", file=sys.stderr)
+        else:
             raise
-        print(f"vtc: error: out of GPU memory ({str(err).splitlines()[0]})\n  {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C is no bug: no traceback (training says how to resume)
         print("vtc: interrupted", file=sys.stderr)
