@@ -10,7 +10,6 @@ DistributedSampler.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -175,15 +174,6 @@ def list_shards(shards: str | Path | list) -> list[Path]:
     if not paths or missing:
         raise FileNotFoundError(f"no shards at {shards}" + (f" (missing: {missing[:3]})" if missing else ""))
     return paths
-
-
-def shards_identity(paths: list[Path]) -> dict:
-    """What a checkpoint records of the shards a stage trains on, to tell at a resume whether
-    they changed: their count, total bytes and a digest of their names and sizes (cheap: no
-    shard is read)."""
-    named = [[Path(p).name, Path(p).stat().st_size] for p in paths]
-    digest = hashlib.sha256(json.dumps(named).encode()).hexdigest()
-    return {"shards": len(named), "bytes": sum(size for _, size in named), "digest": digest}
 
 
 def existing_shards(out_dir: Path) -> list[Path]:

@@ -29,6 +29,16 @@ from models.vision import VisionTower, prefix_tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The files a model is loaded from (weights, configs, tokenizer), as opposed to what else a model
+# or run folder holds (reports, logs, metrics): what tells whether the model changed.
+MODEL_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model"}
+MODEL_NAMES = {"config.json", "vtc.json", "recipe.yaml", "tokenizer.json", "tokenizer_config.json"}
+
+
+def is_model_file(path: Path) -> bool:
+    return path.suffix in MODEL_SUFFIXES or path.name in MODEL_NAMES
+
+
 def floating_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's floating-point buffers by name (e.g. a Llama's rotary `inv_freq`)."""
     return {

@@ -255,12 +255,14 @@ def test_loader_workers_leave_the_stop_signals_to_the_training_process():
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
-def test_a_resume_over_changed_training_shards_is_refused(tmp_path, monkeypatch):
-    """A checkpoint records the shards its stage trains on (names and sizes): resumed over other
-    shards, its loader position would be a place in another order of samples, so the resume is
-    refused, naming both, unless --force."""
+def test_a_resume_over_changed_training_shards_or_base_is_refused(tmp_path, monkeypatch):
+    """A checkpoint records what its stage trains on besides the recipe: the training shards and
+    the base model's files (names and sizes, configs by content; no weights are read). Resumed
+    over others, the loader's position would be a place in another order of samples, and the
+    trained weights would sit on other frozen ones: refused, naming what changed, unless --force."""
     import shutil
 
+    from models.pretrained import shipped_path
     from train import checkpoint
     from train.recipe import load_recipe
     from train.run import run_recipe
@@ -274,8 +276,16 @@ def test_a_resume_over_changed_training_shards_is_refused(tmp_path, monkeypatch)
         return final
 
     monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
-    run_dir, data_dir = tmp_path / "run", tmp_path / "data"
-    overrides = [f"output={run_dir}", f"data.cache_dir={data_dir}", "stages.1.steps=6", "checkpoint.every=2"]
+    run_dir, data_dir, base = tmp_path / "run", tmp_path / "data", tmp_path / "base"
+    shutil.copytree(shipped_path("tiny-llava"), base)  # a base read from a folder, as a 7B's is
+    (base / "provenance.json").unlink()  # not a shipped base, whose files vtc checks itself
+    overrides = [
+        f"output={run_dir}",
+        f"data.cache_dir={data_dir}",
+        f"model.base={base}",
+        "stages.1.steps=6",
+        "checkpoint.every=2",
+    ]
     with pytest.raises(SystemExit):
         run_recipe(load_recipe("tiny/smoke", overrides))
     monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
@@ -283,13 +293,22 @@ def test_a_resume_over_changed_training_shards_is_refused(tmp_path, monkeypatch)
     (shard,) = data_dir.rglob("train-*/*.tar")  # the synthetic training split, one shard
     shutil.copy(shard, shard.with_name("shard-000001.tar"))  # as `vtc data convert --append` adds one
     size = shard.stat().st_size
+    config = (base / "config.json").read_text()
+    assert '"rms_norm_eps": 1e-06' in config  # changed to one as long: only its content tells
+    (base / "config.json").write_text(config.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 2e-06'))
     with pytest.raises(UserError) as refused:
         run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
-    assert str(refused.value) == (
-        f"refusing to resume {run_dir}: its training data changed since stage1-instruct-step0000003 "
-        f"(1 shard of {size:,} bytes then, 2 shards of {2 * size:,} bytes now), so the resumed stage would not see the samples the interrupted one would have "
-        "(pass --force to resume anyway, at the same position in the new data's order)"
+    lines = str(refused.value).splitlines()
+    assert (
+        lines[0]
+        == f"refusing to resume {run_dir}: what it trains on changed since stage1-instruct-step0000003"
     )
+    assert lines[1] == f"  training data: 1 file of {size:,} bytes then, 2 files of {2 * size:,} bytes now"
+    assert lines[2].startswith("  base model: 6 files of ") and "pass --force to resume anyway" in lines[-1]
+    then, now = (
+        int(side.split(" of ")[1].split(" bytes")[0].replace(",", "")) for side in lines[2].split(", ")
+    )
+    assert then == now
     run_recipe(load_recipe("tiny/smoke", overrides), resume="auto", force=True)
     assert (run_dir / "trainable.safetensors").is_file()
 

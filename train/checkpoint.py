@@ -16,6 +16,7 @@ picked. `latest_checkpoint` orders by (stage, step) from info.json, not by folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -33,6 +34,7 @@ from lightning.fabric.plugins import CheckpointIO
 from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
+from models.build import is_model_file
 from train.outputs import out_of_room, replace_dir
 
 CKPT_DIR = "ckpt"
@@ -51,8 +53,8 @@ class CheckpointInfo:
     stage_seconds: float = field(default=0.0, compare=False)
     # (optimizer steps, seconds) its throughput clock had timed (see train.progress.StepClock)
     timed: tuple[int, float] = field(default=(0, 0.0), compare=False)
-    # the stage's training shards as saved (data.shards.shards_identity); None before vtc kept it
-    train_data: dict | None = field(default=None, compare=False)
+    # what the stage trained on when this was saved (`inputs_identity`); None before vtc kept it
+    inputs: dict | None = field(default=None, compare=False)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -84,7 +86,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
                 info.get("log_row"),
                 info.get("stage_seconds", 0.0),  # 0 in checkpoints saved before vtc kept it
                 tuple(info.get("timed", (0, 0.0))),
-                info.get("train_data"),
+                info.get("inputs"),
             )
         )
     return sorted(found, key=lambda c: c.order)
@@ -245,7 +247,7 @@ class PeriodicCheckpoint(L.Callback):
         clock,
         records: list[dict] = (),
         termination: Termination | None = None,
-        train_data: dict | None = None,
+        inputs: dict | None = None,
     ):
         self.root = Path(run_dir) / CKPT_DIR
         self.stage_index, self.stage_name = stage_index, stage_name
@@ -254,7 +256,7 @@ class PeriodicCheckpoint(L.Callback):
         self.step_seen = 0
         self.clock = clock  # the stage's StepClock, whose timing a resume carries on
         self.termination = termination
-        self.train_data = train_data  # recorded, so that a resume can tell the shards changed
+        self.inputs = inputs  # recorded, so that a resume can tell they changed (`changed_inputs`)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.step_seen = trainer.global_step  # a resumed stage starts at its checkpoint's step
@@ -346,7 +348,7 @@ class PeriodicCheckpoint(L.Callback):
             "log_row": pending_log_row(trainer, step),
             "stage_seconds": round(self.clock.stage_seconds(), 1),
             "timed": list(self.clock.timed()),
-            "train_data": self.train_data,
+            "inputs": self.inputs,
         }
         with self.room_for(tmp):
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
@@ -388,6 +390,49 @@ def all_did(trainer: L.Trainer, what: str, error: Exception | None) -> None:
         raise UserError(
             f"another process of this run failed to {what} (its error is in its output); stopping too"
         )
+
+
+def files_identity(paths: list[Path]) -> dict:
+    """Enough of some files to tell at a resume whether they changed, cheaply (no weights are
+    read): their count, total bytes and a digest of their names, sizes and, for small JSON
+    files (configs), content."""
+    digest = hashlib.sha256()
+    total = 0
+    for path in sorted(map(Path, paths)):
+        size = path.stat().st_size
+        total += size
+        digest.update(json.dumps([path.name, size]).encode())
+        if path.suffix == ".json" and size < 2**20:
+            digest.update(path.read_bytes())
+    return {"files": len(paths), "bytes": total, "digest": digest.hexdigest()}
+
+
+def inputs_identity(shards: list[Path], base_dir: str | None) -> dict:
+    """What a stage trains on besides its recipe, as a checkpoint records it: the training
+    shards and, for a base read from a folder, the files it is loaded from (`is_model_file`:
+    configs, weights, tokenizer; a base built from configs has none)."""
+    inputs = {"training data": files_identity(shards)}
+    if base_dir is not None and Path(base_dir).is_dir():
+        loaded = [p for p in Path(base_dir).iterdir() if p.is_file() and is_model_file(p)]
+        inputs["base model"] = files_identity(loaded)
+    return inputs
+
+
+def changed_inputs(then: dict | None, now: dict) -> list[str]:
+    """What changed between two `inputs_identity` records, one line each ("training data: 1
+    file of N bytes then, 2 files of M bytes now"); nothing when `then` is None (a checkpoint
+    saved before vtc kept them, or `--force`)."""
+    changed = []
+    for name, was in (then or {}).items():
+        is_ = now.get(name)
+        if is_ is None or was["digest"] != is_["digest"]:
+            changed.append(f"{name}: {_files(was)} then, {_files(is_) if is_ else 'none'} now")
+    return changed
+
+
+def _files(identity: dict) -> str:
+    count = identity["files"]
+    return f"{count} file{'s' * (count != 1)} of {identity['bytes']:,} bytes"
 
 
 def pending_log_row(trainer: L.Trainer, step: int) -> dict | None:

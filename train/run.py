@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 
 from data.errors import UserError
 from data.locks import held_alone
-from data.shards import shards_identity
 from data.synth import region_classes
 from models.build import DTYPES, build, save_as_llava_hf
 from models.lora import has_lora
@@ -42,6 +41,8 @@ from train.checkpoint import (
     PeriodicCheckpoint,
     Termination,
     TrainablesCheckpointIO,
+    changed_inputs,
+    inputs_identity,
     latest_checkpoint,
     list_checkpoints,
     recipe_drift,
@@ -191,8 +192,8 @@ def resume_point(
         start = next((c for c in existing if c.path.resolve() == Path(resume).resolve()), None)
         if start is None:
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint of {run_dir}")
-    if force:  # what the shards were is not held against the resume either (`check_same_data`)
-        start = dataclasses.replace(start, train_data=None)
+    if force:  # what the stage trained on is not held against the resume either (`check_same_inputs`)
+        start = dataclasses.replace(start, inputs=None)
     saved_recipe = run_dir / "recipe.yaml"
     if saved_recipe.is_file() and not force:
         drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
@@ -205,23 +206,19 @@ def resume_point(
     return start
 
 
-def check_same_data(start: CheckpointInfo, train_data: dict) -> None:
-    """Refuse to resume a stage whose training shards changed since `start` was saved (`--force`
-    clears what it recorded): the loader's position is a place in an order of the old samples,
-    so the resumed run would see others than the interrupted one would have."""
-    then = start.train_data
-    if then is None or then["digest"] == train_data["digest"]:
-        return
-    raise UserError(
-        f"refusing to resume {start.run_dir}: its training data changed since {start.path.name} "
-        f"({shards_summary(then)} then, {shards_summary(train_data)} now), so the resumed stage "
-        "would not see the samples the interrupted one would have (pass --force to resume anyway, "
-        "at the same position in the new data's order)"
-    )
-
-
-def shards_summary(identity: dict) -> str:
-    return f"{identity['shards']} shard{'s' * (identity['shards'] != 1)} of {identity['bytes']:,} bytes"
+def check_same_inputs(start: CheckpointInfo, inputs: dict) -> None:
+    """Refuse to resume a stage whose training shards or base model changed since `start` was
+    saved (`--force` clears what it recorded): the loader's position is a place in an order of
+    the old samples, and the checkpoint holds only the trained weights, the rest coming from the
+    base, so the resumed stage would not go on as the interrupted one would have."""
+    changed = changed_inputs(start.inputs, inputs)
+    if changed:
+        raise UserError(
+            f"refusing to resume {start.run_dir}: what it trains on changed since {start.path.name}\n  "
+            + "\n  ".join(changed)
+            + "\n(the resumed stage would not go on as the interrupted one would have; pass --force "
+            "to resume anyway)"
+        )
 
 
 def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, restart: bool = False) -> dict:
@@ -452,9 +449,9 @@ def train_stage(
         tiling=tiling,
     )
     check_stage_data(data.dataset, stage, index, world)
-    train_data = shards_identity(data.shards.paths)
+    inputs = inputs_identity(data.shards.paths, resolve_base(recipe.model.base))
     if resume_from is not None and not resume_from.stage_done:
-        check_same_data(resume_from, train_data)
+        check_same_inputs(resume_from, inputs)
     steps = stage_steps_for(stage, len(data.dataset), world)
     module = VtcModule(
         model,
@@ -483,7 +480,7 @@ def train_stage(
         clock,
         records,
         termination,
-        train_data,
+        inputs,
     )
     logs = loggers(recipe, run_dir, stage.name, is_zero)
     if resume_from is not None and is_zero:

@@ -20,13 +20,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from data.locks import held_alone
+from models.build import is_model_file
 from train.accuracy import QuestionSet
 
 FOLDER = ".vtc-eval-rows"
 
-# what loads a model: weights, configs, a run's recipe, tokenizer files; not reports or logs
-MODEL_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".model"}
-MODEL_NAMES = {"config.json", "vtc.json", "recipe.yaml", "tokenizer.json", "tokenizer_config.json"}
 # a run's folders that a finished run's model is not loaded from (its checkpoints are sources of
 # their own), walked past
 NOT_THE_MODEL = {"ckpt", "logs", "eval", "wandb"}
@@ -45,11 +43,7 @@ def model_files(roots: list[str | Path]) -> list[Path]:
             found.add(root.resolve())
         for folder, subfolders, names in os.walk(root):
             subfolders[:] = [d for d in subfolders if d not in NOT_THE_MODEL and not d.startswith(".")]
-            found |= {
-                (Path(folder) / n).resolve()
-                for n in names
-                if Path(n).suffix in MODEL_SUFFIXES or n in MODEL_NAMES
-            }
+            found |= {(Path(folder) / n).resolve() for n in names if is_model_file(Path(n))}
     return sorted(found)
 
 
