@@ -313,6 +313,45 @@ def test_a_resume_over_changed_training_shards_or_base_is_refused(tmp_path, monk
     assert (run_dir / "trainable.safetensors").is_file()
 
 
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "state.pt"])
+def test_a_checkpoint_damaged_after_its_save_is_named_with_the_one_before(tmp_path, monkeypatch, damaged):
+    """Saves are atomic, so a checkpoint that cannot be read back was damaged afterwards (a
+    partial copy, a disk error): the resume says which, and how to go on from the one before."""
+    from train import checkpoint
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    saving = checkpoint.PeriodicCheckpoint.save
+
+    def save_then_sigterm(self, trainer, step, stage_done):
+        final = saving(self, trainer, step, stage_done)
+        if self.stage_name == "instruct" and step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return final
+
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
+    run_dir = tmp_path / "run"
+    overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "checkpoint.every=2"]
+    with pytest.raises(SystemExit):
+        run_recipe(load_recipe("tiny/smoke", overrides))
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
+    *_, before, newest = list_checkpoints(run_dir)
+    assert (before.step, newest.step) == (4, 5)
+    with (newest.path / damaged).open("r+b") as file:
+        file.truncate(100)
+    with pytest.raises(UserError) as unreadable:
+        run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
+    said = str(unreadable.value)
+    assert said.startswith(f"checkpoint {newest.path} cannot be read (") and "Traceback" not in said
+    assert said.endswith(
+        "it was damaged after it was saved (a partial copy, a disk error); "
+        f"`vtc train {run_dir / 'recipe.yaml'} --resume {before.path}` resumes from the one before it, "
+        "or delete it"
+    )
+    run_recipe(load_recipe(run_dir / "recipe.yaml"), resume=str(before.path))
+    assert (run_dir / "trainable.safetensors").is_file()
+
+
 def test_a_loader_worker_killed_for_memory_ends_the_run_in_one_line(tmp_path):
     """The kernel's out-of-memory killer takes a loader worker (here SIGKILL after step 3 of
     the stage, saved): one line says what happened and what to lower, exit 2, and the resume

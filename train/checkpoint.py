@@ -172,9 +172,12 @@ class TrainablesCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         folder = Path(path)
-        # vtc never unpickles arbitrary objects, whatever the caller asks for
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        state["state_dict"] = load_file(str(folder / "trainable.safetensors"))
+        try:
+            # vtc never unpickles arbitrary objects, whatever the caller asks for
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            state["state_dict"] = load_file(str(folder / "trainable.safetensors"))
+        except Exception as err:  # what a damaged file raises depends on its format and the damage
+            raise UserError(unreadable_checkpoint(folder, err)) from err
         return state
 
     def remove_checkpoint(self, path) -> None:
@@ -185,6 +188,25 @@ class TrainablesCheckpointIO(CheckpointIO):
 # and SIGUSR1 as SLURM's early warning (`sbatch --signal=USR1@SECONDS`), which leaves a save
 # larger than the grace time after SIGTERM the seconds it needs.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def unreadable_checkpoint(folder: Path, err: Exception) -> str:
+    """What to say of a checkpoint whose files cannot be read back. vtc's saves are atomic, so
+    it was damaged afterwards (a partial copy between machines, a disk error): name it, and the
+    complete checkpoint before it to resume from instead."""
+    run = folder.parent.parent
+    this = checkpoint_at(folder)
+    before = [c for c in list_checkpoints(run) if this is not None and c.order < this.order]
+    instead = (
+        f"`vtc train {run / 'recipe.yaml'} --resume {before[-1].path}` resumes from the one before it"
+        if before
+        else "no other checkpoint of the run is complete"
+    )
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    return (
+        f"checkpoint {folder} cannot be read ({type(err).__name__}: {first}): it was damaged after it "
+        f"was saved (a partial copy, a disk error); {instead}, or delete it"
+    )
 
 
 class Termination:

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="resume even though the recipe, or the shards the stage trains on, changed in a way that matters",
+        help="resume even though the recipe, the shards the stage trains on or its base model changed in a way that matters",
     )
     p.add_argument(
         "--restart",
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="resume even though the recipe, or the shards the stage trains on, changed in a way that matters",
+        help="resume even though the recipe, the shards the stage trains on or its base model changed in a way that matters",
     )
     p.set_defaults(func=cmd_resume)
 
