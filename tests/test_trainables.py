@@ -41,6 +41,12 @@ def test_init_errors_are_clear(tmp_path):
     save_file({"projector.nonexistent.weight": torch.zeros(1)}, str(tmp_path / "trainable.safetensors"))
     with pytest.raises(UserError, match="does not fit this model: weights this model lacks"):
         load_trainables(model, str(tmp_path))
+    with (tmp_path / "trainable.safetensors").open("r+b") as file:
+        file.truncate(20)  # cut short, as a partial copy leaves it
+    with pytest.raises(
+        UserError, match=r"trainable.safetensors cannot be read \(SafetensorError: .*cut short\?"
+    ):
+        load_trainables(model, str(tmp_path))
 
 
 def test_tokenpacker_weights_round_trip(tmp_path):

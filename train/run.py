@@ -629,7 +629,13 @@ def load_trainables(model, source: str, skip: tuple[str, ...] = (), prefix: str 
     path = path / "trainable.safetensors" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"model.init: no trainable weights at {path}")
-    saved = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    try:
+        weights = load_file(str(path))
+    except Exception as err:  # safetensors' error for a damaged file names neither file nor cause
+        raise UserError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); was it damaged or cut short?"
+        ) from err
+    saved = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
     tensors = {k: v for k, v in saved.items() if not k.startswith(skip)}
     try:
         load_state(model, tensors)  # gathers ZeRO-3 partitions, if the model has them
