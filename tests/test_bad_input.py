@@ -228,6 +228,31 @@ def test_a_second_writer_of_a_shard_folder_is_refused_before_it_writes(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "images", "out", "secret.png"]
 
 
+def test_a_writer_stopped_by_a_signal_leaves_no_partial_shards(tmp_path):
+    """A conversion's partial shards take as much disk as the data: SIGTERM removes them on the
+    way out (exit 143), and what SIGKILL left is removed by the next writer of that folder,
+    which alone holds its lock."""
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "train.cli", "data", "synth", "--out", str(out), "--samples", "100000"]
+    writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.vtc-tmp-*/*.tar")) and time.time() < deadline:
+        time.sleep(0.1)
+    writer.send_signal(signal.SIGTERM)
+    _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert "vtc: terminated (SIGTERM); what was written so far is removed" in err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".out.vtc-tmp-killed").mkdir()  # as SIGKILL leaves it
+    (tmp_path / ".out-v2.vtc-tmp-writing").mkdir()  # another folder's writer: not touched
+    subprocess.run([*cmd[:-1], "20"], check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out-v2.vtc-tmp-writing", "out"]
+
+
 def test_overwrite_never_takes_the_source_data_with_the_old_shards(tmp_path, image_dir, capsys):
     """Shards written beside their own JSON and images: `--overwrite` replaces the folder whole,
     so it is refused there, before and after shards exist, and nothing is lost."""
