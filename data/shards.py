@@ -15,11 +15,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 import tarfile
 import tempfile
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +197,8 @@ def is_shard_output(path: Path) -> bool:
 def staged(out_dir: Path, mode: str):
     """A temporary folder beside `out_dir` to write shards into; when the block finishes it is
     published into `out_dir` (`publish`), and whatever happens it is removed, so an interrupted
-    write (Ctrl-C, SIGTERM) leaves nothing behind; one that SIGKILL left is removed by the next
-    writer. `out_dir` must not be a file."""
+    write (Ctrl-C; SIGTERM, which `vtc` turns into an exit through exceptions) leaves nothing
+    behind; one that SIGKILL left is removed by the next writer. `out_dir` must not be a file."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder for shards")
@@ -219,31 +217,10 @@ def staged(out_dir: Path, mode: str):
             shutil.rmtree(stale, ignore_errors=True)  # under the lock: no writer is using it
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
         try:
-            with sigterm_exits():
-                yield tmp
-                publish(tmp, out_dir, mode)
+            yield tmp
+            publish(tmp, out_dir, mode)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def sigterm_exits():
-    """SIGTERM (a scheduler's time limit, `kill`) ends the block as Ctrl-C would, through
-    exceptions, so that cleanup runs: a conversion's partial shards take as much disk as the
-    data. Exit status 143, as the signal's own."""
-
-    def stop(signum, frame):
-        print("vtc: terminated (SIGTERM); what was written so far is removed", file=sys.stderr)
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
-        yield
-        return
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 @contextmanager

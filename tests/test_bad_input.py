@@ -230,8 +230,8 @@ def test_a_second_writer_of_a_shard_folder_is_refused_before_it_writes(tmp_path,
 
 def test_a_writer_stopped_by_a_signal_leaves_no_partial_shards(tmp_path):
     """A conversion's partial shards take as much disk as the data: SIGTERM removes them on the
-    way out (exit 143), and what SIGKILL left is removed by the next writer of that folder,
-    which alone holds its lock."""
+    way out (exit 143, `train.signals`), and what SIGKILL left is removed by the next writer of
+    that folder, which alone holds its lock."""
     import signal
     import sys
     import time
@@ -245,7 +245,7 @@ def test_a_writer_stopped_by_a_signal_leaves_no_partial_shards(tmp_path):
     writer.send_signal(signal.SIGTERM)
     _, err = writer.communicate(timeout=120)
     assert writer.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
-    assert "vtc: terminated (SIGTERM); what was written so far is removed" in err
+    assert "vtc: terminated (SIGTERM); what was being written is removed" in err
     assert list(tmp_path.iterdir()) == []
     (tmp_path / ".out.vtc-tmp-killed").mkdir()  # as SIGKILL leaves it
     (tmp_path / ".out-v2.vtc-tmp-writing").mkdir()  # another folder's writer: not touched

@@ -614,3 +614,29 @@ def test_compare_rows_are_told_apart_by_the_folders_above_them(tmp_path):
     assert compare_labels([str(tmp_path / "runs/model")], {"baseline", "model"}) == ["runs/model"]
     with pytest.raises(UserError, match="--compare: .*a/x/final/ given twice"):
         compare_labels([a, a + "/"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_evaluation_keeps_its_measured_rows(tmp_path):
+    """A scheduler's SIGTERM ends `vtc evaluate` as Ctrl-C does (exit 143): the rows measured so
+    far stay for the same command to take back; its lock goes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from models.pretrained import shipped_path
+    from train.evaluation.saved_rows import FOLDER
+
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "train.cli", "evaluate", str(shipped_path("tiny-llava")), "--out", str(out)]
+    cmd += ["--limit", "40", "--no-timing", "--baselines", "pooling,random,divprune", "--tokens", "16,4"]
+    evaluation = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / FOLDER).glob("*.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    evaluation.send_signal(signal.SIGTERM)
+    said, err = evaluation.communicate(timeout=120)
+    assert evaluation.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert "vtc: terminated (SIGTERM)" in err and "rows measured so far are kept" in said
+    assert list((out / FOLDER).glob("*.json")) and not (out / f"{FOLDER}.lock").exists()

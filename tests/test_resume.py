@@ -18,6 +18,7 @@ from data.errors import UserError
 from data.loader import ResumableLoader
 from tests.conftest import smoke_train_cmd
 from train.checkpoint import TrainablesCheckpointIO, latest_checkpoint, list_checkpoints, recipe_drift
+from train.signals import STOP_SIGNALS
 
 # Stage "instruct": 96 samples / batch 8 = 12 batches per epoch, 30 steps = 2.5 epochs, so a
 # kill after step 12 lands in the second epoch, past the point where a naive resume re-reads data.
@@ -215,13 +216,13 @@ def test_a_stop_signal_as_the_last_step_is_saved_stops_before_the_final_weights(
     monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_signal)
     run_dir = tmp_path / "run"
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "stages.1.steps=4"]
-    before = [signal.getsignal(s) for s in checkpoint.STOP_SIGNALS]
+    before = [signal.getsignal(s) for s in STOP_SIGNALS]
     with pytest.raises(SystemExit) as stopped:
         run_recipe(load_recipe("tiny/smoke", overrides))
     assert stopped.value.code == 128 + signum
     name = signal.Signals(signum).name
     assert f"terminated ({name}) as training ended; `vtc resume {run_dir}`" in capsys.readouterr().err
-    assert [signal.getsignal(s) for s in checkpoint.STOP_SIGNALS] == before
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == before
     assert not (run_dir / "trainable.safetensors").exists()
     monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
     run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
@@ -235,8 +236,6 @@ class _WorkerHandlers(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, index):
-        from train.checkpoint import STOP_SIGNALS
-
         return [signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS]
 
 

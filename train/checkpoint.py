@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from data.errors import UserError
 from models.build import is_model_file
 from train.outputs import out_of_room, replace_dir
+from train.signals import STOP_SIGNALS
 
 CKPT_DIR = "ckpt"
 
@@ -182,12 +183,6 @@ class TrainablesCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path) -> None:
         shutil.rmtree(path, ignore_errors=True)
-
-
-# What a scheduler sends before it stops a job: SIGTERM at a time limit, a preemption or `kill`,
-# and SIGUSR1 as SLURM's early warning (`sbatch --signal=USR1@SECONDS`), which leaves a save
-# larger than the grace time after SIGTERM the seconds it needs.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def unreadable_checkpoint(folder: Path, err: Exception) -> str:

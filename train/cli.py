@@ -10,6 +10,7 @@ from pathlib import Path
 
 from data.synth import ASKED, EXTRA_FAMILIES
 from train.schema import Range
+from train.signals import stop_signals_exit
 
 EPILOG = """examples:
   vtc train                                   the main job: TokenPacker on the shipped tiny base,
@@ -686,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         tell_deepspeed_without_cuda()
 
     try:
-        return args.func(args)
+        with stop_signals_exit():
+            return args.func(args)
     except (UserError, FileNotFoundError) as err:  # anything else is a bug: keep its traceback
         print(f"vtc: error: {err}", file=sys.stderr)
         return 2

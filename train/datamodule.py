@@ -19,9 +19,9 @@ from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import ASKED, OBJECTS, VERSION, write_synthetic
 from data.templates import Template
-from train.checkpoint import STOP_SIGNALS
 from train.objectives import OBJECTIVES
 from train.recipe import DataRecipe, Stage
+from train.signals import STOP_SIGNALS
 
 
 def synthetic_shards(data: DataRecipe, split: str) -> Path:
