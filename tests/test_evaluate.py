@@ -640,3 +640,21 @@ def test_sigterm_to_an_evaluation_keeps_its_measured_rows(tmp_path):
     assert evaluation.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
     assert "vtc: terminated (SIGTERM)" in err and "rows measured so far are kept" in said
     assert list((out / FOLDER).glob("*.json")) and not (out / f"{FOLDER}.lock").exists()
+
+
+def test_saved_rows_know_a_question_files_images(tmp_path):
+    """Rows saved for a question file are taken back only while its images are the same: one
+    replaced changes the digest; a missing one (its questions skipped) is part of it too."""
+    from train.evaluation.saved_rows import questions_digest
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "img" / "a.png")
+    lines = [
+        {"question_id": 1, "image": "a.png", "text": "q"},
+        {"question_id": 2, "image": "gone.png", "text": "q"},
+    ]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    before = questions_digest(file_questions(tmp_path / "q.jsonl", tmp_path / "img"))
+    assert questions_digest(file_questions(tmp_path / "q.jsonl", tmp_path / "img")) == before
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "img" / "a.png")
+    assert questions_digest(file_questions(tmp_path / "q.jsonl", tmp_path / "img")) != before

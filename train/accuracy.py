@@ -42,7 +42,9 @@ class QuestionSet:
     name: str = "synthetic test split"
     # the scored part of a generated answer (synthetic answers first name cells: `b3 . yes`)
     answer_of: Callable[[str], str] = lambda text: text
-    files: tuple[Path, ...] = ()  # what the questions and images are read from (shards, question file)
+    files: tuple[
+        Path, ...
+    ] = ()  # what the questions and images are read from (shards; a question file, images)
 
 
 def normalize_answer(text: str) -> str:
@@ -104,7 +106,10 @@ def file_questions(path: str | Path, image_dir: str | Path) -> QuestionSet:
         if first != number:
             raise UserError(f"{path}:{number}: question_id {out[-1].id} again (first on line {first})")
     root = Path(image_dir)
-    return QuestionSet(out, lambda key: (root / key).read_bytes(), name=str(path), files=(Path(path),))
+    images = sorted({root / q.image for q in out})  # a replaced image changes what is measured
+    return QuestionSet(
+        out, lambda key: (root / key).read_bytes(), name=str(path), files=(Path(path), *images)
+    )
 
 
 @torch.no_grad()

@@ -48,11 +48,15 @@ def model_files(roots: list[str | Path]) -> list[Path]:
 
 
 def file_stamps(paths: list[Path]) -> list[list]:
-    """[path, content digest] of each file, or [path, size, modification time in ns] for one
-    over CONTENT_LIMIT."""
+    """[path, content digest] of each file, [path, size, modification time in ns] for one over
+    CONTENT_LIMIT, or [path, None] for one that is not there (a question's missing image)."""
     stamps = []
-    for path in paths:
-        stat = path.stat()
+    for path in map(Path, paths):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            stamps.append([str(path), None])
+            continue
         if stat.st_size > CONTENT_LIMIT:
             stamps.append([str(path), stat.st_size, stat.st_mtime_ns])
         else:
