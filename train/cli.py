@@ -668,8 +668,9 @@ OUT_OF_MEMORY_HINTS["resume"] = OUT_OF_MEMORY_HINTS["train"]
 # worker found dead), most often killed by the kernel for memory: the machine's state, not a bug
 WORKER_DIED = "DataLoader worker (pid"
 WORKER_DIED_HINT = (
-    "a data loader worker died, most often killed by the kernel when memory ran out: lower "
-    "data.num_workers (each worker holds decoded images), or give the job more memory; "
+    "a data loader worker died, most often killed by the kernel when memory ran out (or, as a "
+    "Bus error, when shared memory did: /dev/shm in a container): lower data.num_workers (each "
+    "worker holds decoded images), or give the job more memory; "
     "`vtc resume RUN_DIR` goes on from the newest checkpoint"
 )
 
