@@ -87,7 +87,9 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     path = Path(path)
     meta_path = path / "vtc.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} has no vtc.json: not a vtc export")
+        run = (path / "recipe.yaml").is_file()  # a training run's folder, not yet exported
+        hint = f"; it is a training run: `vtc export {path} OUT` writes one" if run else ""
+        raise FileNotFoundError(f"{path} has no vtc.json: not a vtc export{hint}")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: format {meta.get('format')!r}, this vtc reads {FORMAT!r}")

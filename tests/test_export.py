@@ -93,7 +93,10 @@ def test_export_with_unmerged_lora_loads_back_with_identical_logits(lora_run):
 
 
 def test_load_pretrained_refuses_other_folders(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a vtc export"):
+    with pytest.raises(FileNotFoundError, match="not a vtc export$"):
+        load_pretrained(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("seed: 0\n")  # a training run's folder
+    with pytest.raises(FileNotFoundError, match="it is a training run: `vtc export .* OUT` writes one"):
         load_pretrained(tmp_path)
     (tmp_path / "vtc.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(UserError, match="format"):
