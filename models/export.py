@@ -82,6 +82,18 @@ def export(
     return out
 
 
+def export_base(path: Path, meta: dict) -> str:
+    """The llava-hf model an export's components go on: its own folder, or the base that a
+    `--compressor-only` export names in vtc.json, which must still be where it was."""
+    base = meta["base"]
+    if base and "/" in base and not (Path(base) / "config.json").is_file():  # a folder that moved
+        raise UserError(
+            f"{path} holds the trained parts only; the base it goes on, {base}, is not there any "
+            f'more: put that model back there, or set "base" in {Path(path) / "vtc.json"} to where it is now'
+        )
+    return base or str(path)
+
+
 def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> Built:
     """Load a folder written by `export` (or `vtc export`)."""
     path = Path(path)
@@ -97,7 +109,7 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
     views = meta.get("views")
     views = MultiViewConfig.from_dict(views) if views else None
-    built = build(meta["base"] or str(path), projector, compressors, device=device, dtype=dtype, views=views)
+    built = build(export_base(path, meta), projector, compressors, device=device, dtype=dtype, views=views)
     built.template = template_from_dict(meta.get("template"))  # vicuna_v1 in exports made before
     tensors = load_file(str(path / "components.safetensors"))
     model = built.model

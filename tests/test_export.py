@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data.errors import UserError
+from models.build import ComponentSpec, build
 from models.export import load_pretrained
 from train.accuracy import evaluate_accuracy
 from train.datamodule import split_shards
@@ -352,3 +353,33 @@ def test_compressor_only_on_a_tiny_config_run_is_refused_before_the_model_is_reb
     with pytest.raises(UserError, match="--compressor-only needs a base on disk"):
         export_run(run, tmp_path / "out", compressor_only=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_compressor_only_export_whose_base_moved_says_how_to_point_it_there(tmp_path):
+    """A `--compressor-only` export names its base's folder in vtc.json: moved, loading and
+    evaluating say so in one line, and setting "base" to the new place loads it."""
+    import shutil
+
+    from models.export import export
+    from models.pretrained import shipped_path
+    from train.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(shipped_path("tiny-llava"), base)
+    (base / "provenance.json").unlink()  # a base of the user's own
+    spec = ComponentSpec("avgpool2d", {"stride": 2})
+    out = export(
+        build(str(base), compressors=[spec]),
+        tmp_path / "exp",
+        ComponentSpec("mlp2x_gelu"),
+        [spec],
+        str(base),
+        compressor_only=True,
+    )
+    base.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=f"the base it goes on, {base}, is not there any more"):
+        load_pretrained(out)
+    assert main(["evaluate", str(out), "--limit", "1", "--out", str(tmp_path / "report")]) == 2
+    meta = json.loads((out / "vtc.json").read_text())
+    (out / "vtc.json").write_text(json.dumps({**meta, "base": str(tmp_path / "moved")}))
+    assert load_pretrained(out).model.visual_tokens() == 16

@@ -18,7 +18,7 @@ from models.build import DTYPES, Built, ComponentSpec, build
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
 from models.compressors.base import ModelDims
-from models.export import FORMAT, load_pretrained
+from models.export import FORMAT, export_base, load_pretrained
 
 
 class BaseShape(NamedTuple):
@@ -197,7 +197,7 @@ def _resolve_source(target: str, dtype: str) -> Source:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("format") == FORMAT:
         plain = meta["projector"]["name"] == "mlp2x_gelu" and not meta["compressors"] and not meta.get("lora")
-        base = meta["base"] or str(path)  # an export's llava-hf part holds the base weights
+        base = export_base(path, meta)  # an export's llava-hf part holds the base weights
         model = None if plain else (lambda: load_pretrained(path, dtype=DTYPES[dtype]))
         template = template_from_dict(meta.get("template"))
         return Source(
