@@ -363,6 +363,14 @@ def test_cli_misuse_is_one_clear_line(argv, message, capsys):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_a_synthetic_cache_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(
+        "train", "tiny/smoke", f"output={tmp_path / 'run'}", "data.cache_dir=/proc/vtc-never", capsys=capsys
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "data.cache_dir /proc/vtc-never: cannot write the synthetic test split there" in err
+
+
 def test_a_full_disk_or_gpu_memory_is_one_line_with_what_to_do(monkeypatch, capsys):
     """Out of disk or GPU memory is the machine's state, not a bug: one line, exit 2, and for
     GPU memory what to lower, by command. Any other OSError or RuntimeError keeps its traceback."""

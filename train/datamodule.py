@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 
 from data.dataset import ConversationDataset, collate
+from data.errors import UserError
 from data.loader import ResumableLoader
 from data.shards import ShardIndex
 from data.synth import ASKED, OBJECTS, VERSION, write_synthetic
@@ -36,8 +37,14 @@ def synthetic_shards(data: DataRecipe, split: str) -> Path:
     name = f"synth-v{VERSION}-s{syn.seed}-{syn.image_size}px-g{syn.grid}{crowd}{asked}"
     target = root / name / f"{split}-{count}"
     if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
+        except OSError as err:  # e.g. a read-only shared cache that lacks this split
+            raise UserError(
+                f"data.cache_dir {root}: cannot write the synthetic {split} split there ({err.strerror}); "
+                "give data.cache_dir=PATH"
+            ) from None
         show = os.environ.get("LOCAL_RANK", "0") == "0"
         try:
             write_synthetic(
