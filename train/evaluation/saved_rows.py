@@ -22,6 +22,7 @@ from pathlib import Path
 from data.locks import held_alone
 from models.build import is_model_file
 from train.accuracy import QuestionSet
+from train.outputs import write_json_atomic
 
 FOLDER = ".vtc-eval-rows"
 
@@ -67,7 +68,7 @@ def file_stamps(paths: list[Path]) -> list[list]:
 
 def questions_digest(questions: QuestionSet) -> str:
     """A digest of every question (id, image key, family, text, references) and of the files
-    they come from (sizes and modification times)."""
+    they come from (`file_stamps`: shards, a question file and its images)."""
     digest = hashlib.sha256()
     for q in questions.questions:
         digest.update(json.dumps([q.id, q.image, q.family, q.text, list(q.answers)]).encode())
@@ -91,7 +92,10 @@ class SavedRows:
         """One evaluation writes a report folder at a time (`held_alone`): a second would take
         rows the first is still measuring and then lose them when the first ends."""
         lock = self.folder.with_name(f"{FOLDER}.lock")
-        busy = f"another vtc evaluate is writing a report in {lock.parent} now (it holds {lock}); wait for it to end or give --out another folder"
+        busy = (
+            f"another vtc evaluate is writing a report in {lock.parent} now (it holds {lock}); wait "
+            "for it to end or give --out another folder"
+        )
         self._lock.enter_context(held_alone(lock, busy))
         self._lock.callback(lock.unlink, missing_ok=True)
         if self.fresh:
@@ -136,8 +140,6 @@ class SavedRows:
         return found
 
     def put(self, key: tuple, row: dict, answers: dict[str, dict]) -> None:
-        from train.outputs import write_json_atomic
-
         write_json_atomic(
             self._path(key), {"identity": self.identity, "method": list(key), "row": row, "answers": answers}
         )
