@@ -84,7 +84,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in safetensors or bins:
         if path.suffix == ".safetensors":
-            tensors.update(load_file(str(path)))
+            try:
+                tensors.update(load_file(str(path)))
+            except Exception as error:  # noqa: BLE001  (a damaged or cut-short download: say which)
+                raise UserError(f"{path}: cannot be read ({type(error).__name__}: {error})") from None
             continue
         try:
             shard = torch.load(path, map_location="cpu", weights_only=True)

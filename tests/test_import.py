@@ -184,6 +184,9 @@ def test_refuses_what_it_cannot_read_safely(tmp_path):
     (tmp_path / "llava" / "pytorch_model.bin").rename(tmp_path / "llava" / "model.pt")
     with pytest.raises(UserError, match="model.pt: not read"):
         import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower)
+    (tmp_path / "llava" / "model.safetensors").write_bytes(b"\x10\x00")  # a download cut short
+    with pytest.raises(UserError, match=r"model.safetensors: cannot be read \(SafetensorError"):
+        import_llava(tmp_path / "llava", tmp_path / "export", vision_tower=tower)
     hf_dir = tmp_path / "hf"
     built.hf.save_pretrained(hf_dir)
     with pytest.raises(UserError, match="already llava-hf"):
