@@ -193,6 +193,32 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
     assert "Traceback" not in out.stderr
 
 
+def train_stopped_by_a_signal(
+    monkeypatch, overrides: list[str], step: int | None, signum=signal.SIGTERM
+) -> int:
+    """Train tiny/smoke with `overrides` in this process, sending it `signum` once stage
+    'instruct' has saved `step` (None: its last step); the exit status it stopped with."""
+    from train import checkpoint
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    saving = checkpoint.PeriodicCheckpoint.save
+
+    def save_then_signal(self, trainer, saved_step, stage_done):
+        final = saving(self, trainer, saved_step, stage_done)
+        if self.stage_name == "instruct" and (stage_done if step is None else saved_step == step):
+            os.kill(os.getpid(), signum)
+        return final
+
+    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_signal)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_recipe(load_recipe("tiny/smoke", overrides))
+    finally:
+        monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
+    return stopped.value.code
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_stop_signal_as_the_last_step_is_saved_stops_before_the_final_weights(
     tmp_path, monkeypatch, capsys, signum
@@ -201,30 +227,17 @@ def test_a_stop_signal_as_the_last_step_is_saved_stops_before_the_final_weights(
     step's checkpoint is written is not dropped: the run stops (128 + the signal) before its
     final weights and evaluation, and the resume finishes it. Outside the run, the handlers that
     were there before are back."""
-    from train import checkpoint
     from train.recipe import load_recipe
     from train.run import run_recipe
 
-    saving = checkpoint.PeriodicCheckpoint.save
-
-    def save_then_signal(self, trainer, step, stage_done):
-        final = saving(self, trainer, step, stage_done)
-        if self.stage_name == "instruct" and stage_done:
-            os.kill(os.getpid(), signum)
-        return final
-
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_signal)
     run_dir = tmp_path / "run"
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "stages.1.steps=4"]
     before = [signal.getsignal(s) for s in STOP_SIGNALS]
-    with pytest.raises(SystemExit) as stopped:
-        run_recipe(load_recipe("tiny/smoke", overrides))
-    assert stopped.value.code == 128 + signum
+    assert train_stopped_by_a_signal(monkeypatch, overrides, None, signum) == 128 + signum
     name = signal.Signals(signum).name
     assert f"terminated ({name}) as training ended; `vtc resume {run_dir}`" in capsys.readouterr().err
     assert [signal.getsignal(s) for s in STOP_SIGNALS] == before
     assert not (run_dir / "trainable.safetensors").exists()
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
     run_recipe(load_recipe("tiny/smoke", overrides), resume="auto")
     assert (run_dir / "trainable.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
@@ -262,19 +275,9 @@ def test_a_resume_over_changed_training_shards_or_base_is_refused(tmp_path, monk
     import shutil
 
     from models.pretrained import shipped_path
-    from train import checkpoint
     from train.recipe import load_recipe
     from train.run import run_recipe
 
-    saving = checkpoint.PeriodicCheckpoint.save
-
-    def save_then_sigterm(self, trainer, step, stage_done):
-        final = saving(self, trainer, step, stage_done)
-        if self.stage_name == "instruct" and step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return final
-
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
     run_dir, data_dir, base = tmp_path / "run", tmp_path / "data", tmp_path / "base"
     shutil.copytree(shipped_path("tiny-llava"), base)  # a base read from a folder, as a 7B's is
     (base / "provenance.json").unlink()  # not a shipped base, whose files vtc checks itself
@@ -285,9 +288,7 @@ def test_a_resume_over_changed_training_shards_or_base_is_refused(tmp_path, monk
         "stages.1.steps=6",
         "checkpoint.every=2",
     ]
-    with pytest.raises(SystemExit):
-        run_recipe(load_recipe("tiny/smoke", overrides))
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
+    train_stopped_by_a_signal(monkeypatch, overrides, 2)
     assert latest_checkpoint(run_dir).step == 3  # the step under way when SIGTERM came
     (shard,) = data_dir.rglob("train-*/*.tar")  # the synthetic training split, one shard
     shutil.copy(shard, shard.with_name("shard-000001.tar"))  # as `vtc data convert --append` adds one
@@ -316,24 +317,12 @@ def test_a_resume_over_changed_training_shards_or_base_is_refused(tmp_path, monk
 def test_a_checkpoint_damaged_after_its_save_is_named_with_the_one_before(tmp_path, monkeypatch, damaged):
     """Saves are atomic, so a checkpoint that cannot be read back was damaged afterwards (a
     partial copy, a disk error): the resume says which, and how to go on from the one before."""
-    from train import checkpoint
     from train.recipe import load_recipe
     from train.run import run_recipe
 
-    saving = checkpoint.PeriodicCheckpoint.save
-
-    def save_then_sigterm(self, trainer, step, stage_done):
-        final = saving(self, trainer, step, stage_done)
-        if self.stage_name == "instruct" and step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return final
-
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", save_then_sigterm)
     run_dir = tmp_path / "run"
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "checkpoint.every=2"]
-    with pytest.raises(SystemExit):
-        run_recipe(load_recipe("tiny/smoke", overrides))
-    monkeypatch.setattr(checkpoint.PeriodicCheckpoint, "save", saving)
+    train_stopped_by_a_signal(monkeypatch, overrides, 4)
     *_, before, newest = list_checkpoints(run_dir)
     assert (before.step, newest.step) == (4, 5)
     with (newest.path / damaged).open("r+b") as file:
