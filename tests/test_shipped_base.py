@@ -50,6 +50,11 @@ def test_a_changed_weight_file_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match="model.safetensors is not the file its training run wrote"):
         verify(copy)
+    from train.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError) as refused:  # a recipe on it: one problem, said once
+        load_recipe("tiny/smoke", [f"model.base={copy}"])
+    assert "1 problem(s)" in str(refused.value) and str(refused.value).count("is not the file") == 1
 
 
 def test_recipes_name_the_shipped_base():

@@ -627,6 +627,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         for sub, msg in model.views.problems():
             add(f"model.views.{sub}", msg)
     base = model.base
+    found = False
     try:
         found = (
             base == "tiny" or base.startswith("run:") or (Path(resolve_base(base)) / "config.json").is_file()
@@ -642,7 +643,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         add("model.base", str(err))
     dims = None
     try:
-        dims = base_dims(recipe)
+        dims = base_dims(recipe) if found else None  # a base already refused: one line says why
     except Exception as err:  # a malformed config.json
         add("model.base", f"cannot read the base's config: {err}")
     if dims is not None:
