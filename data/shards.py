@@ -230,13 +230,9 @@ def only_writer(out_dir: Path):
     give their shards the same names (`held_alone`, on a hidden file beside the folder, which
     goes with the writer)."""
     path = out_dir.parent / f".{out_dir.name}.vtc-lock"
-    with held_alone(
-        path, f"another vtc command is writing {out_dir} now (it holds {path}); wait for it to end"
-    ):
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
+    busy = f"another vtc command is writing {out_dir} now (it holds {path}); wait for it to end"
+    with held_alone(path, busy, remove=True):
+        yield
 
 
 def publish(tmp: Path, out_dir: Path, mode: str) -> None:

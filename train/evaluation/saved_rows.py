@@ -96,8 +96,7 @@ class SavedRows:
             f"another vtc evaluate is writing a report in {lock.parent} now (it holds {lock}); wait "
             "for it to end or give --out another folder"
         )
-        self._lock.enter_context(held_alone(lock, busy))
-        self._lock.callback(lock.unlink, missing_ok=True)
+        self._lock.enter_context(held_alone(lock, busy, remove=True))
         if self.fresh:
             shutil.rmtree(self.folder, ignore_errors=True)
         return self
