@@ -22,7 +22,6 @@ import random
 import shutil
 import signal
 import sys
-import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from data.errors import UserError
 from models.build import is_model_file
 from train.outputs import out_of_room, replace_dir
-from train.signals import STOP_SIGNALS
+from train.signals import handle_stop_signals, stop_signals_handled_by
 
 CKPT_DIR = "ckpt"
 
@@ -205,7 +204,7 @@ def unreadable_checkpoint(folder: Path, err: Exception) -> str:
 
 
 class Termination:
-    """A stop signal (STOP_SIGNALS) noted rather than obeyed at once: `PeriodicCheckpoint` saves
+    """A stop signal (`train.signals.STOP_SIGNALS`) noted rather than obeyed at once: `PeriodicCheckpoint` saves
     at the end of the optimizer step under way, then ends the stage as Lightning ends it on
     SIGTERM, so a resume loses no step. It is the process's handler for the whole run
     (`handling`), and each stage puts it back in place of the one Lightning registers when
@@ -232,21 +231,13 @@ class Termination:
         self.signum = self.signum or signum
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, self.note)
+        handle_stop_signals(self.note)
 
     @contextmanager
     def handling(self):
         """Noted for the block; after it, the handlers that were there before are back."""
-        before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        self.install()
-        try:
+        with stop_signals_handled_by(self.note):
             yield self
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                for signum, handler in before.items():
-                    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class PeriodicCheckpoint(L.Callback):

@@ -24,16 +24,30 @@ def exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def handle_stop_signals(handler) -> None:
+    """`handler` for every stop signal, in the main thread (the only one that may set handlers;
+    elsewhere nothing changes)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
+
+
 @contextmanager
-def stop_signals_exit():
-    """`exit_on_signal` for the stop signals while the block runs (in the main thread, the
-    only one that may set handlers; elsewhere the block runs as it is)."""
+def stop_signals_handled_by(handler):
+    """`handle_stop_signals(handler)` for the block; after it, the handlers that were there
+    before are back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {signum: signal.signal(signum, exit_on_signal) for signum in STOP_SIGNALS}
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    handle_stop_signals(handler)
     try:
         yield
     finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+        for signum, was in before.items():
+            signal.signal(signum, signal.SIG_DFL if was is None else was)
+
+
+def stop_signals_exit():
+    """`exit_on_signal` for the stop signals while the block runs."""
+    return stop_signals_handled_by(exit_on_signal)
