@@ -34,6 +34,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def pil_defaults(monkeypatch):
+    """Importing lmms-eval's tasks (tests/test_lmms.py) sets PIL's LOAD_TRUNCATED_IMAGES for the
+    whole process; every test starts from PIL's default, so that what vtc does with an image cut
+    short does not depend on the order the tests run in."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+
+
 # Smaller than the default tiny model: the same classes, quicker tests.
 TEST_TINY = TinyConfig(
     vision_width=32, vision_layers=2, vision_heads=2, llm_width=64, llm_layers=3, llm_heads=4

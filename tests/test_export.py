@@ -93,6 +93,35 @@ def test_export_with_unmerged_lora_loads_back_with_identical_logits(lora_run):
     torch.testing.assert_close(logits(loaded), trained, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_vtc_ask_answers_alike_from_the_run_its_export_and_python(lora_run, capsys):
+    """A run on a base built from configs (no trained LLaVA to compare against, so `vtc
+    evaluate` refuses it) is still asked, with its LoRA, as its export is."""
+    from train.ask import answers
+    from train.cli import main
+
+    tmp, recipe, _ = lora_run
+    out = export_run(tmp / "run", tmp / "asked")  # unmerged LoRA: the same weights exactly
+    test = split_shards(recipe.data, "test")
+    image = tmp / "asked.png"
+    image.write_bytes(test.image_bytes(0))
+    questions = [
+        q
+        for q, *_ in [
+            (c["value"].replace("<image>", "").strip(),) for c in test.record(0)["conversations"][::2]
+        ]
+    ]
+    replies = {}
+    for source in (tmp / "run", out):
+        assert main(["ask", str(source), str(image), *questions, "--json"]) == 0
+        printed = capsys.readouterr().out.splitlines()  # and DeepSpeed's import-time log line
+        replies[source] = [json.loads(line) for line in printed if line.startswith("{")]
+    assert replies[tmp / "run"] == replies[out]
+    assert [r["visual_tokens"] for r in replies[out]] == [16] * len(questions)  # TokenPacker s=2
+    python = answers(load_pretrained(out), image.read_bytes(), questions)
+    assert python == replies[out]
+
+
 def test_load_pretrained_refuses_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vtc export$"):
         load_pretrained(tmp_path)

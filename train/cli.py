@@ -216,6 +216,19 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+def add_placement_options(parser, what: str) -> None:
+    parser.add_argument(
+        "--device", help=f"where {what} runs: cpu, cuda, cuda:1 ... (default: cuda when there is one)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help=f"precision of {what} (default auto: float16 on a GPU, LLaVA's own evaluation "
+        "precision; float32 on a CPU)",
+    )
+
+
 def add_template_options(parser, what: str) -> None:
     parser.add_argument(
         "--template",
@@ -258,6 +271,58 @@ def cmd_export(args) -> int:
     out = export_run(args.run_dir, args.out, merge=args.merge_lora, compressor_only=args.compressor_only)
     print(f"exported to {out}; load it with models.export.load_pretrained({str(out)!r})")
     return 0
+
+
+def cmd_ask(args) -> int:
+    import json
+
+    from data.errors import UserError
+    from data.templates import chosen_template
+    from train.ask import answers, check_questions, read_image
+    from train.evaluation.sources import placed_model
+
+    image = read_image(args.image)  # before any weights load
+    questions = args.questions
+    interactive = not questions and sys.stdin.isatty()
+    if not questions and not interactive:  # piped: one question per line
+        questions = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        if not questions:
+            raise UserError("no question: give one after the image, or one per line on stdin")
+    check_questions(questions)
+    template = chosen_template(args.template, args.system_prompt, args.chat_template)
+    built, _ = placed_model(args.source, args.compressor, args.tokens, args.device, args.dtype, template)
+    counts = set()
+
+    def answer(batch: list[str]) -> None:
+        for row in answers(built, image, batch, args.max_new_tokens, args.batch_size, label=args.image):
+            counts.add(row["visual_tokens"])
+            if args.json:
+                print(json.dumps(row), flush=True)
+            elif len(questions) > 1:
+                print(f"Q: {row['question']}\nA: {row['answer']}", flush=True)
+            else:
+                print(row["answer"], flush=True)
+
+    if interactive:
+        print("[vtc] one question per line; an empty line or Ctrl-D ends", file=sys.stderr)
+        while line := read_question():
+            answer([line])
+    else:
+        answer(questions)
+    if counts:
+        low, high = min(counts), max(counts)
+        spread = str(low) if low == high else f"{low}-{high}"
+        print(f"[vtc] {spread} visual tokens of the image went into the LLM", file=sys.stderr)
+    return 0
+
+
+def read_question() -> str:
+    """The next line typed at the `vtc ask` prompt; "" at an empty line or end of input."""
+    try:
+        return input("question> ").strip()
+    except EOFError:
+        print(file=sys.stderr)
+        return ""
 
 
 def positive_int(text: str) -> int:
@@ -514,16 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=positive_int, default=5, help="timed repeats per figure (median reported)"
     )
     p.add_argument("--no-timing", action="store_true", help="accuracy, tokens and FLOPs only")
-    p.add_argument(
-        "--device", help="where every row runs: cpu, cuda, cuda:1 ... (default: cuda when there is one)"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="precision of every row (default auto: float16 on a GPU, LLaVA's own evaluation "
-        "precision; float32 on a CPU)",
-    )
+    add_placement_options(p, "every row")
     p.add_argument(
         "--compare",
         help="other runs or exports to measure beside it, comma-separated (e.g. the same recipe "
@@ -550,6 +606,55 @@ def build_parser() -> argparse.ArgumentParser:
         "(by default they are kept when the model files, questions and settings are unchanged)",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "ask",
+        help="a model answers questions about one image, as vtc evaluate asks them",
+        description="Ask a trained run, a vtc export, a llava-hf folder or a shipped base about one\n"
+        "image. Each question is a single-turn prompt in the model's template, answered by greedy\n"
+        "decoding, as vtc evaluate asks its questions (no conversation history). Questions come\n"
+        "after the image, or one per line on stdin; at a terminal with none given, it asks for them.",
+        epilog="examples:\n"
+        "  vtc ask checkpoints/tiny-tokenpacker image.png 'What colour is the circle?'\n"
+        "  vtc ask tiny-llava image.png 'How many circles are there?' --compressor pooling --tokens 16\n"
+        "  vtc ask EXPORT_DIR photo.jpg --json < questions.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "source",
+        help="a run directory or step checkpoint, a recipe, a vtc export, a llava-hf folder or shipped base",
+    )
+    p.add_argument("image", help="the image file (PNG, JPEG, ...)")
+    p.add_argument(
+        "questions", nargs="*", metavar="QUESTION", help="questions about it, each answered on its own"
+    )
+    p.add_argument(
+        "--compressor",
+        metavar="NAME",
+        help="a training-free baseline put on the source's base (e.g. pooling, divprune; with --tokens)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=positive_int,
+        metavar="N",
+        help="visual tokens to keep: with --compressor, or for a run whose trained pruner takes a budget",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=128, metavar="N", help="longest answer (default 128)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="questions per forward pass (default 8)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON line per answer: question, answer, visual_tokens"
+    )
+    add_placement_options(p, "the model")
+    add_template_options(p, "prompt so, not as the source records (a llava-hf folder records none)")
+    p.set_defaults(func=cmd_ask)
 
     data = sub.add_parser("data", help="make or convert training data").add_subparsers(
         dest="data_command", required=True
@@ -629,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # the commands that build, save or load models (transformers' save_pretrained goes through
 # accelerate, which imports DeepSpeed)
-MODEL_COMMANDS = ("train", "resume", "evaluate", "export", "import")
+MODEL_COMMANDS = ("train", "resume", "evaluate", "export", "import", "ask")
 
 
 def tell_deepspeed_without_cuda() -> None:
@@ -643,12 +748,15 @@ def tell_deepspeed_without_cuda() -> None:
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
-    """argparse gives `key=value` overrides to the positional list only before the first flag;
-    `vtc train RECIPE --restart key=value` puts them after one, so those join the list too."""
+    """argparse gives `key=value` overrides (and `vtc ask`'s questions) to the positional list
+    only before the first flag; `vtc train RECIPE --restart key=value` puts them after one, so
+    those join the list too."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
+    elif extra and hasattr(args, "questions") and not any(a.startswith("-") for a in extra):
+        args.questions = [*args.questions, *extra]  # `vtc ask SOURCE IMAGE --json QUESTION`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
@@ -662,6 +770,7 @@ OUT_OF_MEMORY_HINTS = {
     "evaluate": "lower --batch-size and --latency-batch, or evaluate in --dtype float16",
 }
 OUT_OF_MEMORY_HINTS["resume"] = OUT_OF_MEMORY_HINTS["train"]
+OUT_OF_MEMORY_HINTS["ask"] = "lower --batch-size, or ask in --dtype float16"
 
 
 # torch's two messages for a loader worker that died (a signal seen by its SIGCHLD handler, or a

@@ -35,10 +35,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from data.templates import chosen_template
-from models.build import to_precision
 from train.accuracy import Question, QuestionSet, answer_questions
-from train.evaluation.measure import dtype_for, placement
-from train.evaluation.sources import model_for
+from train.evaluation.sources import placed_model
 
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -88,14 +86,10 @@ class VtcLmms(lmms):
                 f"vtc: unknown model_args {', '.join(sorted(unknown))}; known: pretrained, compressor, "
                 "tokens, batch_size, device, dtype, template, system_prompt, chat_template"
             )
-        self._device, torch_dtype = placement(device, dtype)  # before any weights load
-        dtype = dtype_for(dtype, self._device)
         budget = int(tokens) if tokens not in (None, "") else None
-        self.built = model_for(pretrained, compressor, budget, dtype)
         # as `vtc evaluate --template`: e.g. a llava-hf folder of a chat LLaVA
-        if template or system_prompt or chat_template:
-            self.built.template = chosen_template(template, system_prompt, chat_template)
-        to_precision(self.built.model, torch_dtype, self._device).eval()
+        prompt = chosen_template(template, system_prompt, chat_template)
+        self.built, self._device = placed_model(pretrained, compressor, budget, device, dtype, prompt)
         self.image_size = self.built.hf.config.vision_config.image_size
         # lmms-eval's `--batch_size` (default 1) overrides model_args; "auto" → vtc's default 16
         self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)

@@ -12,9 +12,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from data.errors import UserError
 from data.templates import Template, get_template, template_from_dict
-from models.build import DTYPES, Built, ComponentSpec, build
+from models.build import DTYPES, Built, ComponentSpec, build, to_precision
 from models.compressors import baselines as registered_baselines
 from models.compressors import component_class
 from models.compressors.base import ModelDims
@@ -107,14 +109,16 @@ def shipped_base_named(target: str) -> str | None:
     return name
 
 
-def resolve_source(target: str, dtype: str = "float32") -> Source:
+def resolve_source(target: str, dtype: str = "float32", base_used: bool = True) -> Source:
     """A run directory or one of its step checkpoints, a recipe (its run), a `vtc export` folder,
     a llava-hf folder or a shipped base (by name or folder), whose models are built in `dtype` (a
     DTYPES name): loaded straight in half precision, a 7B model never takes its float32 size in
-    memory."""
+    memory. `base_used`: its base is measured or carries a training-free method, so a run on a
+    base built from configs (e.g. `tiny`, untrained) is refused; without, such a run's own model
+    is all that is asked for."""
     name = shipped_base_named(target)
     if name is None:
-        return _resolve_source(target, dtype)
+        return _resolve_source(target, dtype, base_used)
     from models.pretrained import shipped_path, verify
 
     folder = shipped_path(name)
@@ -126,7 +130,7 @@ def resolve_source(target: str, dtype: str = "float32") -> Source:
     )
 
 
-def _resolve_source(target: str, dtype: str) -> Source:
+def _resolve_source(target: str, dtype: str, base_used: bool = True) -> Source:
     from train.checkpoint import checkpoint_at, unfinished_run
     from train.recipe import DataRecipe, load_recipe, model_template, resolve_base
     from train.run import is_run_dir, run_dir_of
@@ -169,7 +173,7 @@ def _resolve_source(target: str, dtype: str) -> Source:
                 location=path,
             )
         base = resolve_base(recipe.model.base)
-        if not (Path(base) / "config.json").is_file():
+        if base_used and not (Path(base) / "config.json").is_file():
             hint = f"; export the checkpoint (vtc export {path} OUT) and evaluate OUT" if checkpoint else ""
             raise UserError(
                 f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against{hint}"
@@ -383,10 +387,32 @@ def model_for(
     base); with `tokens`, a trained pruner set to keep that many; with `compressor` (a
     `--baselines` label or a component name), the uncompressed baseline with that training-free
     method at `tokens`; built in `dtype` (a DTYPES name)."""
-    source = resolve_source(target, dtype)
+    source = resolve_source(target, dtype, base_used=compressor is not None)
     built = _model_of(source, target, compressor, tokens)
     built.template = source.template  # prompted as `vtc evaluate` prompts every row of this source
     return built
+
+
+def placed_model(
+    target: str,
+    compressor: str | None = None,
+    tokens: int | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    template: Template | None = None,
+) -> tuple[Built, torch.device]:
+    """`model_for` ready to answer: on `device` (None: cuda when there is one, else cpu) in `dtype`
+    (a DTYPES name, or "auto": float16 on a GPU, float32 on a CPU), both checked before any
+    weights load, in eval mode; `template` replaces the prompt format the source records (e.g.
+    for a llava-hf folder of a chat LLaVA). Returns the model and its device."""
+    from train.evaluation.measure import dtype_for, placement
+
+    place, torch_dtype = placement(device, dtype)
+    built = model_for(target, compressor, tokens, dtype_for(dtype, place))
+    if template is not None:
+        built.template = template
+    to_precision(built.model, torch_dtype, place).eval()
+    return built, place
 
 
 def _model_of(source: Source, target: str, compressor: str | None, tokens: int | None) -> Built:
@@ -394,24 +420,25 @@ def _model_of(source: Source, target: str, compressor: str | None, tokens: int |
         return (source.model or source.base)()
     dims, visual, _ = source.shape
     if tokens is None:
-        raise UserError(f"compressor={compressor} needs tokens=N (the visual tokens to keep)")
+        raise UserError(f"compressor {compressor!r} needs a count of visual tokens to keep (tokens)")
     if compressor is None:
         make = source.model_at(tokens, visual, dims) if source.model_at is not None else None
         if make is None:
             raise UserError(
-                f"{target}: its visual-token count is fixed; tokens= needs a trained pruner or a compressor="
+                f"{target}: its visual-token count is fixed; a count to keep (tokens) needs a trained "
+                "pruner, or a training-free compressor put on it"
             )
         return make()
     name = registered_baselines().get(compressor, compressor)
     try:
         cls = component_class(name)
     except KeyError as err:
-        raise UserError(f"compressor={compressor}: {err.args[0]}") from None
+        raise UserError(f"compressor {compressor!r}: {err.args[0]}") from None
     if not cls.baseline:
         raise UserError(
-            f"compressor={compressor}: not a training-free baseline (vtc evaluate --baselines lists them)"
+            f"compressor {compressor!r}: not a training-free baseline (vtc evaluate --baselines lists them)"
         )
     spec = baseline_at(name, tokens, visual, dims)
     if spec is None:
-        raise UserError(f"compressor={compressor}: cannot keep exactly {tokens} of {visual} visual tokens")
+        raise UserError(f"compressor {compressor!r}: cannot keep exactly {tokens} of {visual} visual tokens")
     return source.base([spec])

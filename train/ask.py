@@ -1,0 +1,72 @@
+"""`vtc ask`: a model answers questions about one image, each asked as `vtc evaluate` asks its
+questions (a single-turn `<image>\\n{question}` prompt in the model's template, greedy decoding,
+the image through the model's own views), so what a user sees here is what the evaluation
+scored. Questions are independent: no conversation history is kept between them."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from data.errors import UserError
+from models.build import Built
+from train.accuracy import Question, QuestionSet, answer_questions
+
+
+def answers(
+    built: Built,
+    image: bytes,
+    questions: list[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    label: str = "image",
+) -> list[dict]:
+    """The model's answer to each of `questions` about `image` (the file's bytes: PNG, JPEG, ...),
+    in order: {"question", "answer", "visual_tokens"} (the visual tokens that entered the LLM).
+    An image that does not decode is a UserError naming `label`, before any question is asked."""
+    check_questions(questions)
+    asked = [Question(str(index), label, "asked", text.strip()) for index, text in enumerate(questions)]
+    replies = answer_questions(
+        built.model,
+        built.tokenizer,
+        QuestionSet(asked, lambda _key: image, name=label),
+        built.hf.config.vision_config.image_size,
+        built.template,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=False,
+    )
+    out = []
+    for q in asked:
+        reply = replies[q.id]
+        if "skipped" in reply:  # the same reason for every question: the image
+            raise UserError(f"{reply['skipped']}: not an image vtc can read")
+        out.append({"question": q.text, "answer": reply["text"], "visual_tokens": reply["visual_tokens"]})
+    return out
+
+
+def check_questions(questions: list[str]) -> None:
+    """Refuse an empty question (a model would answer the image alone)."""
+    empty = next((index for index, text in enumerate(questions) if not text.strip()), None)
+    if empty is not None:
+        raise UserError(f"question {empty + 1} is empty")
+
+
+def read_image(path: str) -> bytes:
+    """The bytes of the image file at `path`, checked to decode (before a model loads for it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, not an image file") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise UserError(f"{path}: not an image vtc can read (PIL knows no image format in it)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: not an image vtc can read ({type(err).__name__}: {err})") from None
+    return data
