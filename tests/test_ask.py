@@ -51,9 +51,9 @@ def test_ask_answers_as_evaluate_does(tmp_path, capsys):
 
     questions = write_images(tmp_path)
     settings = Settings(timing=False)
-    evaluate(
+    report = evaluate(
         str(shipped_path(BASE)),
-        ["pooling"],
+        ["pooling", "fastv"],
         [16],
         out_dir=tmp_path / "report",
         questions_file=str(tmp_path / "questions.jsonl"),
@@ -67,9 +67,12 @@ def test_ask_answers_as_evaluate_does(tmp_path, capsys):
         return {line["question_id"]: line["text"] for line in map(json.loads, lines)}
 
     limit = str(settings.max_new_tokens)
-    for row, flags, tokens in (
-        ("baseline", [], 64),
-        ("pooling-16", ["--compressor", "pooling", "--tokens", "16"], 16),
+    # FastV prunes inside the LLM: all 64 enter it, its later layers see 16
+    layer_means = {(r["method"], r["budget"]): r["visual_tokens_layer_mean"] for r in report["rows"]}
+    for row, method, flags, tokens in (
+        ("baseline", "baseline", [], 64),
+        ("pooling-16", "pooling", ["--compressor", "pooling", "--tokens", "16"], 16),
+        ("fastv-16", "fastv", ["--compressor", "fastv", "--tokens", "16"], 64),
     ):
         expected = evaluated(row)
         for name, rows in questions.items():
@@ -78,6 +81,10 @@ def test_ask_answers_as_evaluate_does(tmp_path, capsys):
             assert [g["question"] for g in got] == [r["text"] for r in rows]  # in the order asked
             assert [g["answer"] for g in got] == [expected[r["question_id"]] for r in rows], (row, name)
             assert {g["visual_tokens"] for g in got} == {tokens}
+            if name == "0.png":  # `vtc evaluate` measures the layer mean on the first question
+                budget = None if method == "baseline" else 16
+                assert got[0]["visual_tokens_layer_mean"] == pytest.approx(layer_means[method, budget])
+    assert layer_means["fastv", 16] < 64 == layer_means["baseline", None]
     # the base sees what it is asked about (most answers right), so a wrong prompt would show
     base = evaluated("baseline")
     rows = [r for rows in questions.values() for r in rows]
@@ -97,7 +104,7 @@ def test_questions_from_stdin_and_after_flags(tmp_path, capsys, monkeypatch):
     assert main(["ask", BASE, image, "--max-new-tokens", "8", texts[0]]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == piped[0]["answer"]  # one question: the answer alone
-    assert "64 visual tokens" in out.err
+    assert "64 visual tokens of the image entered the LLM\n" in out.err
 
 
 @pytest.mark.parametrize(
@@ -155,3 +162,12 @@ def test_at_a_terminal_it_asks_until_an_empty_line(tmp_path, capsys, monkeypatch
 
 def refused(*args, **kwargs):
     raise AssertionError("built a model for what should have been refused first")
+
+
+def test_the_visual_token_line_says_what_the_layers_saw_where_fewer():
+    from train.cli import visual_tokens_line
+
+    assert visual_tokens_line([(16, 16.0)]) == "16 visual tokens of the image entered the LLM"
+    assert visual_tokens_line([(64, 52.0), (64, 16.0)]) == (
+        "64 visual tokens of the image entered the LLM; its layers saw 16.0-52.0 on average"
+    )

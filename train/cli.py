@@ -291,11 +291,11 @@ def cmd_ask(args) -> int:
     check_questions(questions)
     template = chosen_template(args.template, args.system_prompt, args.chat_template)
     built, _ = placed_model(args.source, args.compressor, args.tokens, args.device, args.dtype, template)
-    counts = set()
+    counts = []  # (visual tokens into the LLM, a layer's on average) per answer
 
     def answer(batch: list[str]) -> None:
         for row in answers(built, image, batch, args.max_new_tokens, args.batch_size, label=args.image):
-            counts.add(row["visual_tokens"])
+            counts.append((row["visual_tokens"], row["visual_tokens_layer_mean"]))
             if args.json:
                 print(json.dumps(row), flush=True)
             elif len(questions) > 1:
@@ -310,10 +310,23 @@ def cmd_ask(args) -> int:
     else:
         answer(questions)
     if counts:
-        low, high = min(counts), max(counts)
-        spread = str(low) if low == high else f"{low}-{high}"
-        print(f"[vtc] {spread} visual tokens of the image went into the LLM", file=sys.stderr)
+        print(f"[vtc] {visual_tokens_line(counts)}", file=sys.stderr)
     return 0
+
+
+def visual_tokens_line(counts: list[tuple[int, float]]) -> str:
+    """What `vtc ask` says of the visual tokens its answers took: how many entered the LLM, and
+    how many a layer saw on average where that is fewer (a component pruned inside the LLM)."""
+
+    def spread(values, form) -> str:
+        low, high = min(values), max(values)
+        return form(low) if low == high else f"{form(low)}-{form(high)}"
+
+    entered = [c for c, _ in counts]
+    line = f"{spread(entered, str)} visual tokens of the image entered the LLM"
+    if any(mean < c for c, mean in counts):
+        line += f"; its layers saw {spread([m for _, m in counts], lambda m: f'{m:.1f}')} on average"
+    return line
 
 
 def read_question() -> str:

@@ -154,6 +154,12 @@ def layer_tokens(built: Built, batch: dict) -> tuple[list[int], int]:
     return seen[: len(built.model.llm.body.layers)], int(visual[0])
 
 
+def visual_layer_mean(per_layer: list[int], text: int) -> float:
+    """Visual tokens per decoder layer, on average, from the sequence lengths entering each layer
+    (`layer_tokens`) and the prompt's text tokens, which every layer keeps."""
+    return sum(per_layer) / len(per_layer) - text
+
+
 def text_tokens(model, batch: dict) -> int:
     """Text tokens of a 1-sample batch: its real tokens but the <image> placeholders, and the
     crop indicators its images bring (models/views.py)."""
@@ -189,7 +195,7 @@ def cost(built: Built, questions: QuestionSet, size: int, settings: Settings) ->
     )
     row = {
         "layer_tokens": per_layer,
-        "visual_tokens_layer_mean": sum(per_layer) / len(per_layer) - text,
+        "visual_tokens_layer_mean": visual_layer_mean(per_layer, text),
         "flops": flops.as_dict(),
     }
     if not settings.timing:
