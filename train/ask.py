@@ -23,11 +23,13 @@ def answers(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     label: str = "image",
+    progress: bool = False,
 ) -> list[dict]:
     """The model's answer to each of `questions` about `image` (the file's bytes: PNG, JPEG, ...),
     in order: {"question", "answer", "visual_tokens" (that entered the LLM),
     "visual_tokens_layer_mean" (that its layers saw, on average: `layer_mean`)}.
-    An image that does not decode is a UserError naming `label`, before any question is asked."""
+    An image that does not decode is a UserError naming `label`, before any question is asked.
+    `progress`: a bar over the batches on stderr."""
     check_questions(questions)
     asked = [Question(str(index), label, "asked", text.strip()) for index, text in enumerate(questions)]
     replies = answer_questions(
@@ -38,7 +40,8 @@ def answers(
         built.template,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        progress=False,
+        progress=progress,
+        desc="ask",
     )
     out = []
     for q in asked:

@@ -294,7 +294,8 @@ def cmd_ask(args) -> int:
     counts = []  # (visual tokens into the LLM, a layer's on average) per answer
 
     def answer(batch: list[str]) -> None:
-        for row in answers(built, image, batch, args.max_new_tokens, args.batch_size, label=args.image):
+        many = len(batch) > args.batch_size  # a bar where there is more than one batch to wait for
+        for row in answers(built, image, batch, args.max_new_tokens, args.batch_size, args.image, many):
             counts.append((row["visual_tokens"], row["visual_tokens_layer_mean"]))
             if args.json:
                 print(json.dumps(row), flush=True)
