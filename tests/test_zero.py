@@ -51,3 +51,24 @@ def test_zero_1_2_and_3_gather_save_and_load_trainables(tmp_path):
         # loaded into a fresh (partitioned) model: the same weights and the same logits
         assert result["reloaded_equal"] and result["same_logits_after_load"]
         assert result["deepspeed_checkpoint_equal"]
+
+
+@pytest.mark.slow
+@pytest.mark.families
+def test_a_deepspeed_save_failing_on_one_rank_reaches_every_rank(tmp_path):
+    """vtc's hold on DeepSpeed's save (`train/checkpoint.py DeepSpeedSaveHold`): rank 1's writes
+    fail as a full disk fails them, rank 0's succeed, and both come back from the save (without
+    the hold, rank 1 raised inside it and rank 0 was left at its last barrier: over gloo the
+    peer's exit ends it, over NCCL the process group's timeout would), each knowing its own
+    error; a save that works is loaded by DeepSpeed from the `latest` vtc writes. Lightning's
+    DeepSpeed strategy, which calls it, needs CUDA (`bench/gpu_check.py`); `--families`, 12 s."""
+    worker = Path(__file__).with_name("deepspeed_save_worker.py")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["held"] == [None, "OSError: [Errno 28] No space left on device"]
+    assert not result["second_save_held"] and result["restored"]
+    assert not result["deepspeed_wrote_latest"] and result["latest"] == "checkpoint"
+    assert result["client_step"] == 7 and result["loaded_equal"]

@@ -7,7 +7,8 @@ Layout: RUN_DIR/ckpt/stage{i}-{name}-step{NNNNNNN}/ with
                            the data loader's position) + vtc's (RNG states, skipped samples);
                            plain tensors and containers, read back with torch.load(weights_only=True)
     info.json              stage index/name, step, whether the stage was finished; written last
-(DeepSpeed writes its own sharded layout in place of the first two; info.json is the same.)
+(DeepSpeed writes its own sharded layout in place of the first two, and vtc its `latest`, see
+`DeepSpeedSaveHold`; info.json is the same.)
 
 A save goes to a hidden `.tmp-…` folder that is renamed into place only when complete, so a
 kill during a save leaves every earlier checkpoint intact, and a half-written folder is never
@@ -22,7 +23,7 @@ import random
 import shutil
 import signal
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,6 +185,82 @@ class TrainablesCheckpointIO(CheckpointIO):
         shutil.rmtree(path, ignore_errors=True)
 
 
+class DeepSpeedSaveHold:
+    """`TrainablesCheckpointIO.holding_errors` for DeepSpeed, which writes a checkpoint through
+    its engine on every rank (each its optimizer shard; rank 0 the weights) and ends the save at
+    a barrier. A write that fails on some ranks alone (a shared disk filling as the shards are
+    written, one node's disk) would leave the others at that barrier until the process group's
+    timeout. In `holding_errors` the first error of a write is kept in `held` and that save's
+    later writes on that rank are skipped, so every rank reaches the barrier and can learn of it
+    (`all_did`). DeepSpeed's `latest` file, which rank 0 alone writes outside its checkpoint
+    engine, is left to vtc (`write_latest`, after every rank has written); its loader reads it."""
+
+    # the engine's writes in its save: (attribute of the engine or None for itself, method)
+    WRITES = (
+        ("checkpoint_engine", "save"),
+        ("checkpoint_engine", "makedirs"),
+        (None, "_copy_recovery_script"),
+    )
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.held: Exception | None = None
+        self.tag: str | None = None  # the tag of the save in the block
+
+    @contextmanager
+    def holding_errors(self):
+        self.held, self.tag = None, None
+        owners = {None: self.engine, "checkpoint_engine": self.engine.checkpoint_engine}
+        patches = [
+            (owners[owner], name, self._held(getattr(owners[owner], name))) for owner, name in self.WRITES
+        ]
+        patches.append((self.engine, "save_checkpoint", self._without_latest(self.engine.save_checkpoint)))
+        with patched_attributes(patches):
+            yield
+
+    def _held(self, write):
+        def call(*args, **kwargs):
+            if self.held is not None:  # this save already failed on this rank: none of the rest
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as err:
+                self.held = err
+                return None
+
+        return call
+
+    def _without_latest(self, save):
+        def call(save_dir, tag=None, **kwargs):
+            self.tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
+            return save(save_dir, tag=tag, **{**kwargs, "save_latest": False})
+
+        return call
+
+    def write_latest(self, folder: Path) -> None:
+        """Rank 0, once every rank has written: what DeepSpeed's `latest` would have held."""
+        if self.tag is not None:
+            (folder / "latest").write_text(self.tag)
+
+
+@contextmanager
+def patched_attributes(patches: list[tuple[object, str, object]]):
+    """Set each (object, name, value) on that instance for the block, then put back what it had
+    (its class's attribute again where it had none of its own)."""
+    missing = object()
+    former = [(owner, name, vars(owner).get(name, missing)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(former):
+            if value is missing:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
 def unreadable_checkpoint(folder: Path, err: Exception) -> str:
     """What to say of a checkpoint whose files cannot be read back. vtc's saves are atomic, so
     it was damaged afterwards (a partial copy between machines, a disk error): name it, and the
@@ -329,23 +406,26 @@ class PeriodicCheckpoint(L.Callback):
             self.root.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("vtc-checkpoint-prepare")
         # every rank takes part (DeepSpeed writes one shard per rank; DDP writes from rank 0)
-        io = trainer.strategy.checkpoint_io
-        ours = isinstance(io, TrainablesCheckpointIO)  # DeepSpeed writes through its engine instead
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)  # it writes, not checkpoint_io
+        hold = trainer.strategy.checkpoint_io if engine is None else DeepSpeedSaveHold(engine)
         with self.room_for(tmp):
-            with io.holding_errors() if ours else nullcontext():
+            with hold.holding_errors():
                 trainer.save_checkpoint(tmp, weights_only=False)
-            all_did(trainer, f"write checkpoint {final.name}", io.held if ours else None)
+            all_did(trainer, f"write checkpoint {final.name}", hold.held)
         error = None
         try:
             if trainer.is_global_zero:
-                self._complete(trainer, tmp, final, step, stage_done)
+                self._complete(trainer, tmp, final, step, stage_done, hold)
         except Exception as err:
             error = err
         all_did(trainer, f"complete checkpoint {final.name}", error)
         return final
 
-    def _complete(self, trainer: L.Trainer, tmp: Path, final: Path, step: int, stage_done: bool) -> None:
-        """Rank 0, once every rank has written: info.json, then the folder renamed into place."""
+    def _complete(
+        self, trainer: L.Trainer, tmp: Path, final: Path, step: int, stage_done: bool, hold
+    ) -> None:
+        """Rank 0, once every rank has written: DeepSpeed's `latest` (`hold` a DeepSpeedSaveHold),
+        info.json, then the folder renamed into place."""
         self.clock.reread(trainer)
         info = {
             "stage_index": self.stage_index,
@@ -359,6 +439,8 @@ class PeriodicCheckpoint(L.Callback):
             "inputs": self.inputs,
         }
         with self.room_for(tmp):
+            if isinstance(hold, DeepSpeedSaveHold):
+                hold.write_latest(tmp)
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
         # the aside name starts with .tmp- too, so a resume clears it if a kill strands it
         replace_dir(tmp, final, aside=final.with_name(f".tmp-old-{final.name}"))
