@@ -9,11 +9,13 @@ downloaded: a base is a directory on disk (or "tiny"). With device="meta" only c
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 from data.errors import UserError
 from data.templates import Template, get_template
@@ -128,8 +130,28 @@ def load_base(
             f"model base {base!r} has a config but no weights: point model.base at a "
             "directory holding the checkpoint (config.json + *.safetensors)"
         )
-    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    with progress_bar_for(path):
+        hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     return (hf.to(device) if device else hf), tokenizer
+
+
+# weights under this size load in well under a second, so transformers' "Loading weights" bar
+# for them is noise (once per row of an evaluation); a 7B's keeps it
+QUIET_LOAD_BYTES = 2**30
+
+
+@contextmanager
+def progress_bar_for(path: Path):
+    """transformers' loading bar off for the block when `path`'s weights are small."""
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    quiet = sum(f.stat().st_size for f in weights) < QUIET_LOAD_BYTES and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -328,3 +328,17 @@ def test_bf16_true_training_keeps_float32_buffers_through_lightnings_cast():
     assert before and after.keys() == before.keys()
     for name, buffer in before.items():
         torch.testing.assert_close(after[name], buffer, rtol=0, atol=0)
+
+
+def test_loading_a_small_model_shows_no_loading_bar_and_a_large_one_does(capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    import models.build
+    from models.pretrained import shipped_path
+
+    build(str(shipped_path("tiny-llava")))
+    assert "Loading weights" not in capfd.readouterr().err  # 7 MB: instant, so no bar per load
+    assert hf_logging.is_progress_bar_enabled()  # the setting is left as it was
+    monkeypatch.setattr(models.build, "QUIET_LOAD_BYTES", 0)  # as if it were a 7B's 14 GB
+    build(str(shipped_path("tiny-llava")))
+    assert "Loading weights" in capfd.readouterr().err
