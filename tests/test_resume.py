@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from data.errors import UserError
 from data.loader import ResumableLoader
+from data.synth import FAMILIES
 from tests.conftest import smoke_train_cmd
 from train.checkpoint import TrainablesCheckpointIO, latest_checkpoint, list_checkpoints, recipe_drift
 from train.signals import STOP_SIGNALS
@@ -175,10 +176,21 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
     resumed = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
     assert "resuming from" in resumed.stdout and "stage1-instruct-step0000015" in resumed.stdout
     assert weights_bytes(run_dir) == weights_bytes(reference)
-    again = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])  # a finished run
+    # a finished run: nothing to do, nothing written (a job script may resume whatever it finds)
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    assert (
+        "finished training at stage1-instruct-step0000030 and was evaluated with these eval settings; nothing to do"
+        in again.stdout
+    )
+    assert "held-out accuracy" in again.stdout  # what it recorded
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == written
+    # with other eval settings it evaluates again, and trains nothing
+    again = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir), "eval.limit=2"])
     assert (
         "finished training at stage1-instruct-step0000030: nothing left to train; evaluating" in again.stdout
     )
+    assert json.loads((run_dir / "metrics.json").read_text())["count"] == 2 * len(FAMILIES)
     assert weights_bytes(run_dir) == weights_bytes(reference)
 
     patch = "from train import evaluate\nevaluate.evaluate = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"

@@ -259,6 +259,14 @@ def _run(
 ) -> dict:
     """`run_recipe` once the run's folder is checked (and locked by the process that writes it)."""
     start = resume_point(recipe, run_dir, resume, force, restart)
+    done = finished_metrics(recipe, run_dir, start)
+    if done is not None:  # e.g. a job script that resumes whatever state the run is in
+        print(
+            f"[vtc] {run_dir} finished training at {start.path.name} and was evaluated with these eval "
+            f"settings; nothing to do (`vtc evaluate {run_dir}` measures it again, and so does a resume "
+            "with other eval.* settings)"
+        )
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
         remove_partial_saves(run_dir)
@@ -334,6 +342,23 @@ def _run(
     if recipe.eval.baselines:
         compare(run_dir, recipe, built.model.visual_tokens())
     return metrics
+
+
+def finished_metrics(recipe: Recipe, run_dir: Path, start: CheckpointInfo | None) -> dict | None:
+    """The metrics of a run whose resume would do nothing new, else None: `start` ends its last
+    stage, and its final outputs were written (metrics.json last but for the comparison,
+    eval.json, where the recipe asks for one) under the same `eval` settings as `recipe`'s.
+    Every rank reads the same files, so all of them take the same way."""
+    if start is None or not start.stage_done or start.stage_index != len(recipe.stages) - 1:
+        return None
+    metrics, saved = run_dir / "metrics.json", run_dir / "recipe.yaml"
+    compared = recipe.eval.after_training and recipe.eval.baselines
+    if not metrics.is_file() or not saved.is_file() or (compared and not (run_dir / "eval.json").is_file()):
+        return None
+    before = yaml.safe_load(saved.read_text()).get("eval")
+    if before != yaml.safe_load(recipe_to_yaml(recipe)).get("eval"):
+        return None
+    return json.loads(metrics.read_text())
 
 
 def discard_former_history(run_dir: Path, start: CheckpointInfo | None) -> None:
