@@ -110,9 +110,10 @@ def test_questions_from_stdin_and_after_flags(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("write", "expected"),
     [
-        (lambda path: path.write_text("not an image"), "knows no image format"),
+        (lambda path: path.write_text("not an image"), "cannot decode (UnidentifiedImageError"),
         (lambda path: path.write_bytes(png_bytes()[:150]), "image file is truncated"),
-        (lambda path: None, "no such image file"),
+        (lambda path: None, "no such file"),
+        (lambda path: path.mkdir(), "Is a directory"),
     ],
 )
 def test_an_unreadable_image_is_one_line_before_the_model_loads(
@@ -127,6 +128,16 @@ def test_an_unreadable_image_is_one_line_before_the_model_loads(
     err = capsys.readouterr().err
     assert err.startswith(f"vtc: error: {image}: ") and expected in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_decompression_bomb_is_refused_as_the_converter_refuses_it(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    image.write_bytes(png_bytes())  # 64 × 64 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # PIL refuses over twice this
+    assert main(["ask", BASE, str(image), "What colour is the circle?"]) == 2
+    assert "decompression bomb" in capsys.readouterr().err
 
 
 def test_empty_question_or_compressor_without_count_is_refused(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,6 @@ scored. Questions are independent: no conversation history is kept between them.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -79,20 +78,13 @@ def check_questions(questions: list[str]) -> None:
 
 
 def read_image(path: str) -> bytes:
-    """The bytes of the image file at `path`, checked to decode (before a model loads for it)."""
-    from PIL import Image, UnidentifiedImageError
+    """The bytes of the image file at `path`, checked to decode as the data converter checks
+    an image (`data.convert.read_image`: truncated files and decompression bombs refused, exotic
+    formats re-encoded as PNG), before a model loads for it."""
+    from data.convert import BadEntry
+    from data.convert import read_image as decodable_image
 
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: a folder, not an image file") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
-        raise UserError(f"{path}: not an image vtc can read (PIL knows no image format in it)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path}: not an image vtc can read ({type(err).__name__}: {err})") from None
-    return data
+        return decodable_image(Path(path))[0]
+    except BadEntry as err:
+        raise UserError(str(err)) from None
