@@ -164,3 +164,21 @@ def test_plugin_builds_in_the_precision_given_and_keeps_float32_buffers():
     assert {p.dtype for p in plugin.built.hf.parameters()} == {torch.bfloat16}
     buffers = floating_buffers(model)
     assert buffers and {b.dtype for b in buffers.values()} == {torch.float32}
+
+
+def test_each_process_of_a_multi_gpu_launch_takes_its_own_gpu(monkeypatch):
+    """`accelerate launch -m lmms_eval` starts one process per GPU and splits the questions
+    between them: each must load the model onto its own GPU, not all onto cuda:0."""
+    from train.evaluation.lmms import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert [process_device(d) for d in (None, "cuda", "cuda:1", "cpu")] == [
+        "cuda:3",
+        "cuda:3",
+        "cuda:1",
+        "cpu",
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: as given (None: cuda when there is one)
+    assert process_device(None) is None and process_device("cuda") == "cuda"

@@ -28,6 +28,7 @@ lmms-eval finds the model through the `lmms_eval.models` entry point in pyprojec
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import torch
@@ -46,6 +47,18 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id="vtc", simple_class_path="train.evaluation.lmms.VtcLmms")
+
+
+def process_device(device: str | None) -> str | None:
+    """The device this process answers on. Under a multi-process launch (`accelerate launch
+    -m lmms_eval`, `torchrun`: WORLD_SIZE > 1, LOCAL_RANK set), where lmms-eval splits the
+    questions between the processes, each takes its own GPU, cuda:LOCAL_RANK, for no device
+    or plain "cuda" (else every process would load the model onto cuda:0); a named GPU or the
+    CPU stays as given."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_RANK")
+    if world > 1 and local is not None and device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(local)}"
+    return device
 
 
 def png_bytes(image) -> bytes:
@@ -89,7 +102,9 @@ class VtcLmms(lmms):
         budget = int(tokens) if tokens not in (None, "") else None
         # as `vtc evaluate --template`: e.g. a llava-hf folder of a chat LLaVA
         prompt = chosen_template(template, system_prompt, chat_template)
-        self.built, self._device = placed_model(pretrained, compressor, budget, device, dtype, prompt)
+        self.built, self._device = placed_model(
+            pretrained, compressor, budget, process_device(device), dtype, prompt
+        )
         self.image_size = self.built.hf.config.vision_config.image_size
         # lmms-eval's `--batch_size` (default 1) overrides model_args; "auto" → vtc's default 16
         self.batch_size_per_gpu = 16 if str(batch_size).startswith("auto") else int(batch_size)
