@@ -658,3 +658,52 @@ def test_saved_rows_know_a_question_files_images(tmp_path):
     assert questions_digest(file_questions(tmp_path / "q.jsonl", tmp_path / "img")) == before
     Image.new("RGB", (8, 8), "blue").save(tmp_path / "img" / "a.png")
     assert questions_digest(file_questions(tmp_path / "q.jsonl", tmp_path / "img")) != before
+
+
+def test_a_row_stopped_half_way_goes_on_from_the_questions_it_had_not_answered(tmp_path, monkeypatch, capsys):
+    """The row under way records its answers batch by batch: stopped half-way, the same command
+    asks only the questions it had not answered, and the report is the one a whole evaluation
+    writes. A row with a component counting statistics over its answers starts over."""
+    import train.evaluate as evaluation
+    from models.compressors import component_class
+    from models.pretrained import shipped_path
+    from train.cli import main
+
+    calls, batches, stop_at, real = [], [], [None], evaluation.answer_questions
+
+    def answer_questions(*args, known=None, on_answers=None, desc="", **kwargs):
+        calls.append((desc, len(known or {})))
+
+        def answered(batch):
+            if on_answers is not None:
+                on_answers(batch)
+            batches.append((desc, set(batch)))
+            if len(batches) == stop_at[0]:
+                raise KeyboardInterrupt
+
+        return real(*args, known=known, on_answers=answered, desc=desc, **kwargs)
+
+    monkeypatch.setattr(evaluation, "answer_questions", answer_questions)
+    out = tmp_path / "report"
+    args = ["evaluate", str(shipped_path("tiny-llava")), "--limit", "4", "--batch-size", "4", "--no-timing"]
+    args += ["--tokens", "16", "--baselines", "pooling", "--out", str(out)]
+
+    def run(*flags: str, stop: int | None = None) -> int:
+        calls.clear(), batches.clear()
+        stop_at[0] = stop
+        return main([*args, *flags])
+
+    # 20 questions, 5 batches a row: stopped in the pooling row's second batch
+    assert run(stop=7) == 130
+    before = set().union(*(ids for desc, ids in batches if desc == "pooling @16"))
+    assert len(before) == 8 and "with 8 answers of the row under way" in capsys.readouterr().out
+    assert run() == 0 and calls == [("pooling @16", 8)]  # the baseline row was kept whole
+    again = set().union(*(ids for _, ids in batches))
+    assert not again & before and len(again | before) == 20
+    assert "pooling: 8 of 20 questions were answered before; kept" in capsys.readouterr().out
+    resumed = json.loads((out / "eval.json").read_text())["rows"]
+    assert run("--fresh") == 0 and [n for _, n in calls] == [0, 0]
+    assert json.loads((out / "eval.json").read_text())["rows"] == resumed
+
+    monkeypatch.setattr(component_class("avgpool2d"), "counts_while_answering", True)
+    assert run(stop=7) == 130 and run() == 0 and calls == [("pooling @16", 0)]

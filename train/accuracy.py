@@ -124,10 +124,14 @@ def answer_questions(
     progress: bool = True,
     image_first: bool = True,
     desc: str = "evaluate",
+    known: dict[str, dict] | None = None,
+    on_answers: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:
     """Greedy answers: {question id: {"text", "visual_tokens"}}; a question whose image cannot be
     read gets {"skipped": reason} instead (never a crash half way). `template`: the format the
-    model was instruction-tuned with (a name or a Template, e.g. a `chat` one)."""
+    model was instruction-tuned with (a name or a Template, e.g. a `chat` one). `known`: answers
+    given before (a resumed evaluation), taken as they are; `on_answers` is called with each
+    batch's new answers (and the skipped questions') as they come."""
     tmpl = get_template(template) if isinstance(template, str) else template
     tmpl.check(tokenizer)
     stops = tmpl.stop_ids(tokenizer)
@@ -135,21 +139,27 @@ def answer_questions(
     model.eval()
     views: dict[str, tuple | str] = {}
     prompts: dict[str, list[int]] = {}  # question sets repeat question texts: tokenize each once
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = dict(known or {})
+    skipped: dict[str, dict] = {}
     jobs = []
     for q in questions.questions:
+        if q.id in out:
+            continue
         if q.image not in views:
             try:
                 views[q.image] = load_views(questions.read_image(q.image), image_size, model.view_tiling)
             except Exception as err:  # missing or corrupt image: skip its questions, say why
                 views[q.image] = f"image {q.image!r}: {type(err).__name__}: {err}"
         if isinstance(views[q.image], str):
-            out[q.id] = {"skipped": views[q.image]}
+            skipped[q.id] = {"skipped": views[q.image]}
             continue
         text = "<image>\n" + q.text if image_first else q.text + "\n<image>"
         if text not in prompts:
             prompts[text] = tmpl.prompt(text, tokenizer, model.image_token_id)
         jobs.append((q, prompts[text]))
+    out |= skipped
+    if skipped and on_answers is not None:
+        on_answers(skipped)
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = jobs[start : start + batch_size]
@@ -164,12 +174,16 @@ def answer_questions(
             eos_token_id=stops,
             image_grids=batch.get("image_grids"),
         )
+        answered = {}
         for (q, _), ids, visual in zip(chunk, tokens.tolist(), visual_in.tolist(), strict=True):
             ids = ids[: next((i for i, token in enumerate(ids) if token in stops), len(ids))]
-            out[q.id] = {
+            answered[q.id] = {
                 "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 "visual_tokens": visual,
             }
+        out |= answered
+        if on_answers is not None:
+            on_answers(answered)
     model.train(was_training)
     return out
 

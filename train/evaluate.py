@@ -138,7 +138,7 @@ def measured_rows(
         zip(methods, keys, earlier, strict=True), total=len(methods), desc="methods", unit="method"
     ):
         if measured is None:
-            measured = measure(method, questions, size, template, settings)
+            measured = measure(method, questions, size, template, settings, saved.partial(key))
             saved.put(key, *measured)
         row, answers = dict(measured[0]), measured[1]
         reference_answers = reference_answers or answers  # the first row: the baseline, or the model
@@ -167,15 +167,26 @@ def add_vs_model(rows: list[dict], right: list[dict[str, bool]]) -> None:
             }
 
 
-def measure(method, questions, size: int, template: Template, settings: Settings):
+def measure(method, questions, size: int, template: Template, settings: Settings, partial=None):
     """(row, answers) of one method: its accuracy, tokens and component statistics over
-    `questions`, and its cost; one model in memory at a time."""
+    `questions`, and its cost; one model in memory at a time. `partial` (a PartialRow): where
+    the answers are recorded as they come, and those a stopped measurement recorded taken back,
+    unless a component counts statistics over the questions it answers."""
     device, dtype = settings.placement()
     built = method.make()
     to_precision(built.model, dtype, device)  # LoRA and components too; buffers kept
     built.template = template  # every row prompted as the model under test was tuned
     for component in built.model.components():
         component.reset_statistics()
+    if any(c.counts_while_answering for c in built.model.components()):
+        partial = None  # its counts would cover only the questions answered after the stop
+    known = partial.answered() if partial is not None else {}
+    if partial is not None:
+        partial.start(known)
+    if known:
+        print(
+            f"[vtc] {method.label}: {len(known)} of {len(questions.questions)} questions were answered before; kept"
+        )
     answers = answer_questions(
         built.model,
         built.tokenizer,
@@ -185,6 +196,8 @@ def measure(method, questions, size: int, template: Template, settings: Settings
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
         desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
+        known=known,
+        on_answers=None if partial is None else partial.record,
     )
     row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
     if method.training:

@@ -166,6 +166,11 @@ class Compressor(nn.Module):
     def reset_statistics(self) -> None:
         """Start counting anew (before an evaluation)."""
 
+    # True where `statistics` count over the questions answered: those counts are not saved with
+    # the answers of an evaluation row stopped half-way, so such a row is measured from its
+    # first question again, where other rows go on from the questions they had not answered
+    counts_while_answering: ClassVar[bool] = False
+
     # config fields a training stage may set for its own duration (`stages[i].components`):
     # behaviour only, never the shape of a weight
     stage_settings: ClassVar[tuple[str, ...]] = ()

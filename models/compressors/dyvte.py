@@ -96,6 +96,7 @@ class DyVTE(Compressor):
     """Per-layer routers that drop all of a sample's visual tokens once they are not needed."""
 
     stage = "in_llm"
+    counts_while_answering = True  # its exit layers (`statistics`)
     Config = DyVTEConfig
     aux_losses = ("router_ce",)
     sparse_gradients = True  # one router learns per step

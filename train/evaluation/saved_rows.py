@@ -2,7 +2,8 @@
 again measures only the rest: on a 7B with several baselines and budgets a row is many minutes.
 
 Each measured row is written, with its answers, to REPORT_DIR/.vtc-eval-rows/ as soon as it is
-measured. A later evaluation into the same folder takes a saved row only when everything that
+measured, and the row under way appends its answers there batch by batch (`PartialRow`), so a
+row stopped half-way goes on from the questions it had not answered. A later evaluation into the same folder takes a saved row only when everything that
 decides it is unchanged: the model files it loads (their content; a large one's size and
 modification time), the questions (their text, references and the files they come from), the
 template and the settings.
@@ -22,7 +23,7 @@ from pathlib import Path
 from data.locks import held_alone
 from models.build import is_model_file
 from train.accuracy import QuestionSet
-from train.outputs import write_json_atomic
+from train.outputs import write_json_atomic, write_text_atomic
 
 FOLDER = ".vtc-eval-rows"
 
@@ -86,6 +87,7 @@ class SavedRows:
         self.identity = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         self.fresh = fresh
         self.count = 0  # rows saved in the folder for this identity, kept or measured now
+        self.underway: PartialRow | None = None  # the row being measured
         self._lock = ExitStack()
 
     def __enter__(self) -> SavedRows:
@@ -107,9 +109,11 @@ class SavedRows:
         with self._lock:
             if kind is None:
                 shutil.rmtree(self.folder, ignore_errors=True)
-            elif self.count:
+            elif self.count or (self.underway and self.underway.count):
+                underway = self.underway.count if self.underway else 0
+                also = f", with {underway} answers of the row under way," if underway else ""
                 print(
-                    f"[vtc] evaluate stopped; the {self.count} rows measured so far are kept in "
+                    f"[vtc] evaluate stopped; the {self.count} rows measured so far{also} are kept in "
                     f"{self.folder}: the same command measures only the rest"
                 )
 
@@ -143,3 +147,54 @@ class SavedRows:
             self._path(key), {"identity": self.identity, "method": list(key), "row": row, "answers": answers}
         )
         self.count += 1
+        self.partial(key).path.unlink(missing_ok=True)
+        self.underway = None
+
+    def partial(self, key: tuple) -> PartialRow:
+        """The answers of the row `key` as it is measured (see `PartialRow`)."""
+        if self.underway is None or self.underway.key != list(key):
+            self.underway = PartialRow(self._path(key).with_suffix(".partial.jsonl"), self.identity, key)
+        return self.underway
+
+
+class PartialRow:
+    """The answers of one row measured so far: a header line naming the evaluation's identity
+    and the row, then one line per answer, appended batch by batch."""
+
+    def __init__(self, path: Path, identity: str, key: tuple):
+        self.path, self.key = path, list(key)
+        self.header = json.dumps({"identity": identity, "method": self.key})
+        self.count = 0  # answers in the file
+
+    def answered(self) -> dict[str, dict]:
+        """{question id: answer} a stopped measurement of this row recorded; none where the file
+        is another evaluation's. The line being written when it stopped is left out."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return {}
+        if not lines or lines[0] != self.header:
+            return {}
+        found = {}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # cut short by the stop
+                break
+            found[entry["question_id"]] = entry["answer"]
+        return found
+
+    def start(self, kept: dict[str, dict]) -> None:
+        """Begin the file anew with the answers `kept` (what `answered` returned)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, "".join([self.header + "\n", *map(self._line, kept.items())]))
+        self.count = len(kept)
+
+    def record(self, answers: dict[str, dict]) -> None:
+        with self.path.open("a") as handle:
+            handle.write("".join(map(self._line, answers.items())))
+        self.count += len(answers)
+
+    @staticmethod
+    def _line(item: tuple[str, dict]) -> str:
+        return json.dumps({"question_id": item[0], "answer": item[1]}) + "\n"
