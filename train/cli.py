@@ -305,6 +305,10 @@ def cmd_ask(args) -> int:
                 print(row["answer"], flush=True)
 
     if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history at the prompt, where there is one)
+        except ImportError:
+            pass
         print("[vtc] one question per line; an empty line or Ctrl-D ends", file=sys.stderr)
         while line := read_question():
             answer([line])
