@@ -8,7 +8,8 @@ as the shipped recipes chain them. For each recipe: train until the first
 checkpoint, SIGTERM every process of the job as a scheduler does (the run saves the step under
 way and exits 143), resume to the end, export, load the export back,
 evaluate a few questions (`vtc evaluate --device cuda --dtype bfloat16`, timed once; with
-`--cpu` on cpu, untimed), checking the report says where they ran. One line per check; exit
+`--cpu` on cpu, untimed), checking the report says where they ran, and ask the export one
+question (`vtc ask`, on the same device and precision). One line per check; exit
 status 1 if any failed.
 
     python bench/gpu_check.py [--only tokenpacker,falcon] [--zero 2,3] [--out DIR] [--cpu]
@@ -217,11 +218,10 @@ def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str, cpu: bo
     )
     # on the GPU in the precision the GPU recipes train in, with one timed repeat (latency and
     # CUDA peak memory); on CPU accuracy only
-    options = ["--device", "cpu", "--no-timing"]
-    if not cpu:
-        options = ["--device", "cuda", "--dtype", "bfloat16", "--repeats", "1", "--latency-batch", "2"]
+    placement = ["--device", "cpu"] if cpu else ["--device", "cuda", "--dtype", "bfloat16"]
+    options = placement + (["--no-timing"] if cpu else ["--repeats", "1", "--latency-batch", "2"])
     evaluated = vtc("evaluate", str(run), "--limit", "4", "--baselines", "", "--batch-size", "4", *options)
-    device = options[1]
+    device = placement[1]
     report = run / "eval.json"
     ran_on = (
         json.loads(report.read_text())["machine"]["device"]
@@ -230,6 +230,21 @@ def export_and_evaluate(run: Path, out: Path, checks: Checks, what: str, cpu: bo
     )
     detail = tail(evaluated.stderr) if evaluated.returncode else f"4 test images on {ran_on}"
     checks.line(ran_on is not None and ran_on.startswith(device), f"{what} evaluate", detail)
+    ask(out, placement, checks, what)
+
+
+def ask(export: Path, placement: list[str], checks: Checks, what: str) -> None:
+    """`vtc ask` of the export about one synthetic test image, on the evaluation's device."""
+    from data.synth import make_sample
+
+    size = json.loads((export / "config.json").read_text())["vision_config"]["image_size"]
+    image = export.parent / f"{export.name}-ask.png"
+    make_sample("test", 0, 0, size, 4)["image"].save(image)
+    asked = vtc("ask", str(export), str(image), "What colour is the dot?", "--json", *placement)
+    rows = [json.loads(line) for line in asked.stdout.splitlines() if line.startswith("{")]
+    ok = asked.returncode == 0 and len(rows) == 1 and rows[0]["visual_tokens"] > 0
+    detail = f"{rows[0]['answer']!r}, {rows[0]['visual_tokens']} visual tokens" if ok else tail(asked.stderr)
+    checks.line(ok, f"{what} ask the export", detail)
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """bench/gpu_check.py — the check a user runs first on a GPU node — on CPU: recipe families
 under 2-process DDP (gloo) with small widths: train, SIGTERM (the step saved, exit 143), resume,
-export, load, evaluate.
+export, load, evaluate, ask.
 DyVTE's runs by default; the other families with `--families` (`.ci/run` passes it)."""
 
 import subprocess
@@ -25,7 +25,7 @@ def test_deepest_layer_of_component_settings():
 
 
 def check_family_on_cpu(family: str, out_dir) -> None:
-    """`bench/gpu_check.py --cpu --only FAMILY`: 5 checks per recipe of the family, all [ok]."""
+    """`bench/gpu_check.py --cpu --only FAMILY`: 6 checks per recipe of the family, all [ok]."""
     out = subprocess.run(
         [sys.executable, "bench/gpu_check.py", "--cpu", "--only", family, "--out", str(out_dir)],
         capture_output=True,
@@ -34,7 +34,7 @@ def check_family_on_cpu(family: str, out_dir) -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith(("[ok]", "[FAIL]"))]
-    assert len(lines) == 5 * len(FAMILIES[family]), out.stdout
+    assert len(lines) == 6 * len(FAMILIES[family]), out.stdout
     assert all(line.startswith("[ok]") for line in lines), out.stdout
     assert "0 check(s) failed" in out.stdout
 
