@@ -109,13 +109,16 @@ class SavedRows:
         with self._lock:
             if kind is None:
                 shutil.rmtree(self.folder, ignore_errors=True)
-            elif self.count or (self.underway and self.underway.count):
+            else:
                 underway = self.underway.count if self.underway else 0
-                also = f", with {underway} answers of the row under way," if underway else ""
-                print(
-                    f"[vtc] evaluate stopped; the {self.count} rows measured so far{also} are kept in "
-                    f"{self.folder}: the same command measures only the rest"
-                )
+                rows = f"the {self.count} row{'s' if self.count > 1 else ''} measured so far"
+                kept = [rows] if self.count else []
+                kept += [f"{underway} answers of the row under way"] if underway else []
+                if kept:
+                    print(
+                        f"[vtc] evaluate stopped; {' and '.join(kept)} are kept in {self.folder}: the "
+                        "same command measures only the rest"
+                    )
 
     def _path(self, key: tuple) -> Path:
         return self.folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
