@@ -584,7 +584,7 @@ def test_an_interrupted_evaluation_measures_only_the_rows_it_had_not(tmp_path, m
         return main([*common, "--out", str(out), *flags])
 
     assert run(stop=2) == 130 and measured == every[:2] and not (out / "eval.json").exists()
-    assert "evaluate stopped; the 2 rows measured so far are kept" in capsys.readouterr().out
+    assert f"evaluate stopped; kept in {out / FOLDER}: the 2 rows measured so far;" in capsys.readouterr().out
     with held_alone(out / f"{FOLDER}.lock", "held"):  # another evaluation into the folder
         assert run() == 2 and measured == [] and "another vtc evaluate is writing" in capsys.readouterr().err
     assert run() == 0 and measured == every[2:]
@@ -638,7 +638,11 @@ def test_sigterm_to_an_evaluation_keeps_its_measured_rows(tmp_path):
     evaluation.send_signal(signal.SIGTERM)
     said, err = evaluation.communicate(timeout=120)
     assert evaluation.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
-    assert "vtc: terminated (SIGTERM)" in err and "rows measured so far are kept" in said
+    assert (
+        "vtc: terminated (SIGTERM)" in err
+        and "evaluate stopped; kept in" in said
+        and "measured so far" in said
+    )
     assert list((out / FOLDER).glob("*.json")) and not (out / f"{FOLDER}.lock").exists()
 
 
@@ -697,7 +701,7 @@ def test_a_row_stopped_half_way_goes_on_from_the_questions_it_had_not_answered(t
     assert run(stop=7) == 130
     before = set().union(*(ids for desc, ids in batches if desc == "pooling @16"))
     assert len(before) == 8
-    assert "the 1 row measured so far and 8 answers of the row under way are kept" in capsys.readouterr().out
+    assert ": the 1 row measured so far and 8 answers of the row under way;" in capsys.readouterr().out
     assert run() == 0 and calls == [("pooling @16", 8)]  # the baseline row was kept whole
     again = set().union(*(ids for _, ids in batches))
     assert not again & before and len(again | before) == 20

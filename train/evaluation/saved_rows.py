@@ -116,8 +116,8 @@ class SavedRows:
                 kept += [f"{underway} answers of the row under way"] if underway else []
                 if kept:
                     print(
-                        f"[vtc] evaluate stopped; {' and '.join(kept)} are kept in {self.folder}: the "
-                        "same command measures only the rest"
+                        f"[vtc] evaluate stopped; kept in {self.folder}: {' and '.join(kept)}; the same "
+                        "command measures only the rest"
                     )
 
     def _path(self, key: tuple) -> Path:
