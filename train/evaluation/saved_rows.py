@@ -3,11 +3,11 @@ again measures only the rest: on a 7B with several baselines and budgets a row i
 
 Each measured row is written, with its answers, to REPORT_DIR/.vtc-eval-rows/ as soon as it is
 measured, and the row under way appends its answers there batch by batch (`PartialRow`), so a
-row stopped half-way goes on from the questions it had not answered. A later evaluation into the same folder takes a saved row only when everything that
-decides it is unchanged: the model files it loads (their content; a large one's size and
-modification time), the questions (their text, references and the files they come from), the
-template and the settings.
-Anything else is measured again. The folder is removed once the report is written, and a
+row stopped half-way goes on from the questions it had not answered. A later evaluation into
+the same folder takes a saved row (or a row's answers) only when everything that decides it is
+unchanged: the model files it loads (their content; a large one's size and modification time),
+the questions (their text, references and the files they come from), the template and the
+settings. Anything else is measured again. The folder is removed once the report is written, and a
 second evaluation into the folder meanwhile is refused.
 """
 
