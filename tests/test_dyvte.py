@@ -1,6 +1,7 @@
 """DyVTE: per-layer routers that drop a sample's visual tokens, trained by the authors' rule."""
 
 import csv
+import json
 from dataclasses import replace
 
 import pytest
@@ -132,7 +133,14 @@ def test_samples_exiting_at_different_layers_answer_as_one_by_one(monkeypatch):
         assert_generation_matches_forwards(
             model, prompt[0], pixels[b : b + 1], generated[b], 3
         )  # after an exit
-    assert model.compressors[0].statistics()["exit_layers"]["0"] >= 1
+    counted = model.compressors[0]
+    assert counted.statistics()["exit_layers"]["0"] >= 1
+    # what a stopped evaluation row saves, loaded into another instance, is the same report
+    other = dyvte(seed=2).model.compressors[0]
+    other.load_statistics_state(json.loads(json.dumps(counted.statistics_state())))
+    assert (
+        other.statistics() == counted.statistics() and other.statistics_state() == counted.statistics_state()
+    )
 
 
 def test_gradients_reach_only_the_drawn_router():

@@ -667,9 +667,11 @@ def test_saved_rows_know_a_question_files_images(tmp_path):
 def test_a_row_stopped_half_way_goes_on_from_the_questions_it_had_not_answered(tmp_path, monkeypatch, capsys):
     """The row under way records its answers batch by batch: stopped half-way, the same command
     asks only the questions it had not answered, and the report is the one a whole evaluation
-    writes. A row with a component counting statistics over its answers starts over."""
+    writes, its components' counts (`statistics`) too. A row with a component that counts but
+    cannot save its counts starts over."""
     import train.evaluate as evaluation
     from models.compressors import component_class
+    from models.compressors.base import Compressor
     from models.pretrained import shipped_path
     from train.cli import main
 
@@ -688,6 +690,19 @@ def test_a_row_stopped_half_way_goes_on_from_the_questions_it_had_not_answered(t
         return real(*args, known=known, on_answers=answered, desc=desc, **kwargs)
 
     monkeypatch.setattr(evaluation, "answer_questions", answer_questions)
+    pooling, forward = component_class("avgpool2d"), component_class("avgpool2d").forward
+
+    def counting_forward(self, state):  # the pooling row counts the images it pools, as DyVTE its exits
+        self.pooled += len(state.num_visual)
+        return forward(self, state)
+
+    monkeypatch.setattr(pooling, "forward", counting_forward)
+    monkeypatch.setattr(pooling, "reset_statistics", lambda self: setattr(self, "pooled", 0))
+    monkeypatch.setattr(pooling, "statistics", lambda self: {"pooled": self.pooled})
+    monkeypatch.setattr(pooling, "statistics_state", lambda self: {"pooled": self.pooled})
+    monkeypatch.setattr(
+        pooling, "load_statistics_state", lambda self, state: setattr(self, "pooled", state["pooled"])
+    )
     out = tmp_path / "report"
     args = ["evaluate", str(shipped_path("tiny-llava")), "--limit", "4", "--batch-size", "4", "--no-timing"]
     args += ["--tokens", "16", "--baselines", "pooling", "--out", str(out)]
@@ -707,8 +722,11 @@ def test_a_row_stopped_half_way_goes_on_from_the_questions_it_had_not_answered(t
     assert not again & before and len(again | before) == 20
     assert "pooling: 8 of 20 questions were answered before; kept" in capsys.readouterr().out
     resumed = json.loads((out / "eval.json").read_text())["rows"]
+    assert resumed[1]["statistics"] == {"avgpool2d": {"pooled": 20}}  # 8 counted before the stop, 12 after
     assert run("--fresh") == 0 and [n for _, n in calls] == [0, 0]
     assert json.loads((out / "eval.json").read_text())["rows"] == resumed
 
-    monkeypatch.setattr(component_class("avgpool2d"), "counts_while_answering", True)
+    # a component whose counts cannot be saved has its row measured again from the first question
+    monkeypatch.setattr(pooling, "statistics_state", Compressor.statistics_state)
     assert run(stop=7) == 130 and run() == 0 and calls == [("pooling @16", 0)]
+    assert json.loads((out / "eval.json").read_text())["rows"] == resumed

@@ -1,6 +1,7 @@
 """One contract test over every registered component, plus registry errors."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,14 @@ def test_component_contract(name, tokenizer):
             assert differ()
         fresh_component.load_state_dict(component.state_dict())
         assert torch.equal(fresh(ids, mask, pixels, return_logits=True).logits, reference)
+
+    # What it counted over those forwards survives a stopped evaluation row (saved as JSON with
+    # the row's answers, loaded into the model that goes on): no shipped row starts over.
+    state = component.statistics_state()
+    assert state is not None, f"{name} counts (`statistics`) but cannot save its counts"
+    fresh_component.reset_statistics()
+    fresh_component.load_statistics_state(json.loads(json.dumps(state)))
+    assert fresh_component.statistics() == component.statistics()
 
 
 @pytest.mark.parametrize("name", available())

@@ -170,23 +170,30 @@ def add_vs_model(rows: list[dict], right: list[dict[str, bool]]) -> None:
 def measure(method, questions, size: int, template: Template, settings: Settings, partial=None):
     """(row, answers) of one method: its accuracy, tokens and component statistics over
     `questions`, and its cost; one model in memory at a time. `partial` (a PartialRow): where
-    the answers are recorded as they come, and those a stopped measurement recorded taken back,
-    unless a component counts statistics over the questions it answers."""
+    the answers are recorded as they come, with the components' counts, and those a stopped
+    measurement recorded taken back, unless a component cannot save its counts."""
     device, dtype = settings.placement()
     built = method.make()
     to_precision(built.model, dtype, device)  # LoRA and components too; buffers kept
     built.template = template  # every row prompted as the model under test was tuned
-    for component in built.model.components():
+    components = built.model.components()
+    for component in components:
         component.reset_statistics()
-    if any(c.counts_while_answering for c in built.model.components()):
+    if any(c.statistics_state() is None for c in components):
         partial = None  # its counts would cover only the questions answered after the stop
-    known = partial.answered() if partial is not None else {}
+    known, counts = partial.answered() if partial is not None else ({}, [])
+    for component, state in zip(components, counts, strict=True) if known else ():
+        component.load_statistics_state(state)  # the counts over the `known` answers
     if partial is not None:
-        partial.start(known)
+        partial.start(known, counts)
     if known:
         print(
             f"[vtc] {method.label}: {len(known)} of {len(questions.questions)} questions were answered before; kept"
         )
+
+    def record(batch: dict[str, dict]) -> None:
+        partial.record(batch, [c.statistics_state() for c in components])
+
     answers = answer_questions(
         built.model,
         built.tokenizer,
@@ -197,13 +204,13 @@ def measure(method, questions, size: int, template: Template, settings: Settings
         max_new_tokens=settings.max_new_tokens,
         desc=f"{method.label}{'' if method.budget is None else f' @{method.budget}'}",
         known=known,
-        on_answers=None if partial is None else partial.record,
+        on_answers=None if partial is None else record,
     )
     row = {"method": method.label, "budget": method.budget, **score(questions, answers)}
     if method.training:
         row["training"] = method.training
-    counted = {c.registry_name: c.statistics() for c in built.model.components() if c.statistics()}
-    if counted:  # e.g. where a dynamic method exited, over the questions just answered
+    counted = {c.registry_name: c.statistics() for c in components if c.statistics()}
+    if counted:  # e.g. where a dynamic method exited, over every question
         row["statistics"] = counted
     row.update(cost(built, questions, size, settings))
     return row, answers

@@ -166,10 +166,17 @@ class Compressor(nn.Module):
     def reset_statistics(self) -> None:
         """Start counting anew (before an evaluation)."""
 
-    # True where `statistics` count over the questions answered: those counts are not saved with
-    # the answers of an evaluation row stopped half-way, so such a row is measured from its
-    # first question again, where other rows go on from the questions they had not answered
-    counts_while_answering: ClassVar[bool] = False
+    def statistics_state(self) -> dict | None:
+        """The counts behind `statistics`, as JSON: saved with each batch of answers of an
+        evaluation row under way, so that a row stopped half-way goes on counting from them
+        (`load_statistics_state`) over the questions it had not answered. {} where nothing is
+        counted; None, the default for a component that overrides `statistics` without this,
+        has such a row measured again from its first question."""
+        counts = type(self).statistics is not Compressor.statistics
+        return None if counts else {}
+
+    def load_statistics_state(self, state: dict) -> None:
+        """Go on counting from `state`, what `statistics_state` returned."""
 
     # config fields a training stage may set for its own duration (`stages[i].components`):
     # behaviour only, never the shape of a weight

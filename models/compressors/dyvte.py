@@ -96,7 +96,6 @@ class DyVTE(Compressor):
     """Per-layer routers that drop all of a sample's visual tokens once they are not needed."""
 
     stage = "in_llm"
-    counts_while_answering = True  # its exit layers (`statistics`)
     Config = DyVTEConfig
     aux_losses = ("router_ce",)
     sparse_gradients = True  # one router learns per step
@@ -226,3 +225,9 @@ class DyVTE(Compressor):
 
     def reset_statistics(self) -> None:
         self.exits = [0] * self.dims.llm_layers  # routers' layers 0..N−2, then "none"
+
+    def statistics_state(self) -> dict:
+        return {"exits": list(self.exits)}
+
+    def load_statistics_state(self, state: dict) -> None:
+        self.exits = list(state["exits"])

@@ -162,42 +162,47 @@ class SavedRows:
 
 class PartialRow:
     """The answers of one row measured so far: a header line naming the evaluation's identity
-    and the row, then one line per answer, appended batch by batch."""
+    and the row, then a line per batch, appended as each is answered: its answers, and the
+    counts of the model's components after it (`Compressor.statistics_state`)."""
 
     def __init__(self, path: Path, identity: str, key: tuple):
         self.path, self.key = path, list(key)
-        self.header = json.dumps({"identity": identity, "method": self.key})
+        self.header = json.dumps({"identity": identity, "method": self.key, "lines": "batches"})
         self.count = 0  # answers in the file
 
-    def answered(self) -> dict[str, dict]:
-        """{question id: answer} a stopped measurement of this row recorded; none where the file
-        is another evaluation's. The line being written when it stopped is left out."""
+    def answered(self) -> tuple[dict[str, dict], list[dict]]:
+        """({question id: answer}, the components' counts after the last of them) a stopped
+        measurement of this row recorded; none where the file is another evaluation's. The
+        line being written when it stopped is left out."""
         try:
             lines = self.path.read_text().splitlines()
         except OSError:
-            return {}
+            return {}, []
         if not lines or lines[0] != self.header:
-            return {}
-        found = {}
+            return {}, []
+        found, counts = {}, []
         for line in lines[1:]:
             try:
-                entry = json.loads(line)
+                batch = json.loads(line)
             except ValueError:  # cut short by the stop
                 break
-            found[entry["question_id"]] = entry["answer"]
-        return found
+            found.update(batch["answers"])
+            counts = batch["statistics"]
+        return found, counts
 
-    def start(self, kept: dict[str, dict]) -> None:
-        """Begin the file anew with the answers `kept` (what `answered` returned)."""
+    def start(self, kept: dict[str, dict], counts: list[dict]) -> None:
+        """Begin the file anew with the answers `kept` and `counts` (what `answered` returned)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, "".join([self.header + "\n", *map(self._line, kept.items())]))
+        lines = [self.header + "\n", *([self._line(kept, counts)] if kept else [])]
+        write_text_atomic(self.path, "".join(lines))
         self.count = len(kept)
 
-    def record(self, answers: dict[str, dict]) -> None:
+    def record(self, answers: dict[str, dict], counts: list[dict]) -> None:
+        """Append a batch's `answers` and the components' `counts` after it."""
         with self.path.open("a") as handle:
-            handle.write("".join(map(self._line, answers.items())))
+            handle.write(self._line(answers, counts))
         self.count += len(answers)
 
     @staticmethod
-    def _line(item: tuple[str, dict]) -> str:
-        return json.dumps({"question_id": item[0], "answer": item[1]}) + "\n"
+    def _line(answers: dict[str, dict], counts: list[dict]) -> str:
+        return json.dumps({"answers": answers, "statistics": counts}) + "\n"
