@@ -182,3 +182,54 @@ def test_the_visual_token_line_says_what_the_layers_saw_where_fewer():
     assert visual_tokens_line([(64, 52.0), (64, 16.0)]) == (
         "64 visual tokens of the image entered the LLM; its layers saw 16.0-52.0 on average"
     )
+
+
+def test_a_setting_changed_at_test_time_answers_as_its_evaluation_row(tmp_path, capsys):
+    """`--setting falcon.reatten=false`: answers as `vtc evaluate --setting` scores that row."""
+    import torch
+
+    from models.build import ComponentSpec, build
+    from models.export import export
+    from models.views import MultiViewConfig
+    from train.evaluate import evaluate
+
+    questions = write_images(tmp_path, 3)
+    spec = ComponentSpec("falcon", {"registers": 4})
+    base = str(shipped_path(BASE))
+    torch.manual_seed(0)
+    built = build(base, compressors=[spec], views=MultiViewConfig(((1, 1), (2, 2)), newline=False))
+    with torch.no_grad():  # a ReAtten far from its layer's copy, so that switching it off shows
+        for p in built.model.compressors[0].reatten.parameters():
+            p.add_(torch.randn_like(p))
+    out = export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    evaluate(
+        str(out),
+        [],
+        [16],
+        out_dir=tmp_path / "report",
+        questions_file=str(tmp_path / "questions.jsonl"),
+        images_dir=str(tmp_path / "images"),
+        settings=Settings(timing=False, max_new_tokens=8),
+        test_settings=["falcon.reatten=false"],
+        baseline="none",
+    )
+    rows = {}
+    for label in ("model", "model[falcon.reatten=false]"):
+        lines = (tmp_path / "report" / f"answers-{label}.jsonl").read_text().splitlines()
+        rows[label] = {a["question_id"]: a["text"] for a in map(json.loads, lines)}
+    got = {"model": {}, "model[falcon.reatten=false]": {}}
+    for name, asked_here in questions.items():
+        texts = [q["text"] for q in asked_here]
+        image = str(tmp_path / "images" / name)
+        for label, flags in (
+            ("model", []),
+            ("model[falcon.reatten=false]", ["--setting", "falcon.reatten=false"]),
+        ):
+            answers = asked(capsys, str(out), image, *texts, "--max-new-tokens", "8", *flags)
+            got[label].update(
+                {q["question_id"]: a["answer"] for q, a in zip(asked_here, answers, strict=True)}
+            )
+    assert got == rows
+    assert rows["model"] != rows["model[falcon.reatten=false]"]  # the setting changed answers
+    assert main(["ask", str(out), image, "q", "--setting", "falcon.registers=8"]) == 2
+    assert "can change at test time: reatten" in capsys.readouterr().err

@@ -279,7 +279,7 @@ def cmd_ask(args) -> int:
     from data.errors import UserError
     from data.templates import chosen_template
     from train.ask import answers, check_questions, read_image
-    from train.evaluation.sources import placed_model
+    from train.evaluation.sources import SettingAtTest, placed_model
 
     image = read_image(args.image)  # before any weights load
     questions = args.questions
@@ -289,8 +289,12 @@ def cmd_ask(args) -> int:
         if not questions:
             raise UserError("no question: give one after the image, or one per line on stdin")
     check_questions(questions)
+    changed = [SettingAtTest.parse(text) for text in args.setting or ()]
     template = chosen_template(args.template, args.system_prompt, args.chat_template)
     built, _ = placed_model(args.source, args.compressor, args.tokens, args.device, args.dtype, template)
+    for setting in changed:
+        setting.check(built.model.dims)
+        built = setting.applied(lambda built=built: built)()
     counts = []  # (visual tokens into the LLM, a layer's on average) per answer
 
     def answer(batch: list[str]) -> None:
@@ -656,6 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="N",
         help="visual tokens to keep: with --compressor, or for a run whose trained pruner takes a budget",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        metavar="COMPONENT.KEY=VALUE",
+        help="a component's behaviour changed at test time (a key it may set per stage, e.g. "
+        "falcon.reatten=false); repeatable",
     )
     p.add_argument(
         "--max-new-tokens", type=positive_int, default=128, metavar="N", help="longest answer (default 128)"
