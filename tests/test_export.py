@@ -95,8 +95,8 @@ def test_export_with_unmerged_lora_loads_back_with_identical_logits(lora_run):
 
 @pytest.mark.slow
 def test_vtc_ask_answers_alike_from_the_run_its_export_and_python(lora_run, capsys):
-    """A run on a base built from configs (no trained LLaVA to compare against, so `vtc
-    evaluate` refuses it) is still asked, with its LoRA, as its export is."""
+    """A run on a base built from configs (no trained LLaVA to compare against) is asked, with
+    its LoRA, as its export is."""
     from train.ask import answers
     from train.cli import main
 
@@ -134,6 +134,23 @@ def test_load_pretrained_refuses_other_folders(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_on_a_base_built_from_configs_is_evaluated_alone(lora_run, tmp_path):
+    """With no baseline row and no training-free baselines, nothing needs its (untrained) base:
+    `vtc evaluate` scores its model as training's own evaluation did."""
+    from train.evaluate import evaluate
+    from train.evaluation.measure import Settings
+
+    tmp, recipe, metrics = lora_run
+    settings = Settings(limit=recipe.eval.limit, timing=False)
+    report = evaluate(str(tmp / "run"), [], out_dir=tmp_path / "report", settings=settings, baseline="none")
+    (row,) = report["rows"]
+    assert row["method"] == "model" and row["per_family"] == metrics["per_family"]
+    assert row["visual_tokens"] == 16  # TokenPacker at scale 2 on the smoke tower's 8 × 8 patches
+    with pytest.raises(UserError, match="not a trained LLaVA to compare against"):
+        evaluate(str(tmp / "run"), ["pooling"], out_dir=tmp_path / "report", settings=settings, baseline="none")
+
+
+@pytest.mark.slow
 def test_a_step_checkpoint_rebuilds_and_exports_the_model_at_that_step(lora_run):
     from safetensors.torch import load_file
 
@@ -167,7 +184,7 @@ def test_a_checkpoint_without_its_weights_file_is_refused_by_name(lora_run, tmp_
     tmp, _, _ = lora_run
     last = list_checkpoints(tmp / "run")[-1]
     # evaluating a checkpoint compares it with its base, which this run builds from configs
-    with pytest.raises(UserError, match=f"vtc export {last.path}"):
+    with pytest.raises(UserError, match="not a trained LLaVA to compare against .* --baselines ''"):
         resolve_source(str(last.path))
     # DeepSpeed writes its own sharded layout in place of trainable.safetensors
     sharded = tmp_path / "run" / "ckpt" / last.path.name

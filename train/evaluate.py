@@ -41,7 +41,13 @@ from train.accuracy import (
 from train.evaluation.measure import Settings, cost
 from train.evaluation.report import add_hard_subsets, add_relative, write_answers, write_report
 from train.evaluation.saved_rows import SavedRows, file_stamps, model_files, questions_digest
-from train.evaluation.sources import SettingAtTest, baseline_row, methods_for, resolve_source
+from train.evaluation.sources import (
+    NO_BASELINE,
+    SettingAtTest,
+    baseline_row,
+    methods_for,
+    resolve_source,
+)
 
 
 def evaluate(
@@ -74,7 +80,9 @@ def evaluate(
     settings = (settings or Settings()).resolved()
     device, _ = settings.placement()  # before any weights load
     changed = [SettingAtTest.parse(text) for text in test_settings]
-    source = resolve_source(target, settings.dtype)
+    # a run on a base built from configs (untrained) is measured only where nothing needs its base
+    base_used = baseline is None or (baseline == NO_BASELINE and bool(baselines))
+    source = resolve_source(target, settings.dtype, base_used)
     if template is not None:
         source.template = template
     against, make_baseline = baseline_row(source, baseline)

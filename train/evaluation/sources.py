@@ -61,15 +61,16 @@ class Source:
     # a run's stages as training recorded them (`training_stages`); None for anything else
     training: list[dict] | None = None
     location: Path | None = None  # the folder the model under test is loaded from, if any
+    tiny: object = None  # a TinyConfig: the sizes of a base built from configs (base_dir "tiny")
 
     def base(self, compressors: list[ComponentSpec] = ()) -> Built:
         """The baseline, the base's llava-hf model, with `compressors` (e.g. a training-free one)."""
-        return build(self.base_dir, compressors=list(compressors), dtype=DTYPES[self.dtype])
+        return build(self.base_dir, compressors=list(compressors), dtype=DTYPES[self.dtype], tiny=self.tiny)
 
     @cached_property
     def shape(self) -> BaseShape:
         """The base's shape, from a meta-device build: its config only, no weights read."""
-        built = build(self.base_dir, device="meta")
+        built = build(self.base_dir, device="meta", tiny=self.tiny)
         return BaseShape(
             built.model.dims, built.model.visual_tokens(), built.hf.config.vision_config.image_size
         )
@@ -174,9 +175,9 @@ def _resolve_source(target: str, dtype: str, base_used: bool = True) -> Source:
             )
         base = resolve_base(recipe.model.base)
         if base_used and not (Path(base) / "config.json").is_file():
-            hint = f"; export the checkpoint (vtc export {path} OUT) and evaluate OUT" if checkpoint else ""
             raise UserError(
-                f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against{hint}"
+                f"{path}: its base {recipe.model.base!r} is not a trained LLaVA to compare against or "
+                "put a training-free method on; `--baseline none --baselines ''` measures its model alone"
             )
 
         def model_at(budget: int, visual: int, dims) -> Callable[[], Built] | None:
@@ -196,6 +197,7 @@ def _resolve_source(target: str, dtype: str, base_used: bool = True) -> Source:
             dtype,
             None if checkpoint else training_stages(path),  # a checkpoint's run trained on after it
             path,
+            recipe.model.tiny,
         )
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
