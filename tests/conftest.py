@@ -106,3 +106,21 @@ def assert_generation_matches_forwards(model, prompt, pixels, generated, steps: 
         logits[0, -1, model.image_token_id] = float("-inf")  # generate never emits <image>
         assert int(logits[0, -1].argmax()) == int(generated[t]), f"step {t}"
         seq.append(int(generated[t]))
+
+
+def falcon_export(out_dir: Path, scale: float = 0.1) -> Path:
+    """A vtc export of FALCON (4 registers, a thumbnail + 2 × 2 crops) on the shipped tiny base,
+    its ReAtten moved `scale` × N(0, 1) away from its layer's copy, as after training (a copy
+    alone adds the same update twice, which switching it off would only halve)."""
+    from models.build import ComponentSpec, build
+    from models.export import export
+    from models.pretrained import shipped_path
+    from models.views import MultiViewConfig
+
+    base = str(shipped_path("tiny-llava"))
+    spec = ComponentSpec("falcon", {"registers": 4})
+    built = build(base, compressors=[spec], views=MultiViewConfig(((1, 1), (2, 2)), newline=False))
+    with torch.no_grad():
+        for p in built.model.compressors[0].reatten.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return export(built, out_dir, ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)

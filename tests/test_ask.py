@@ -188,20 +188,12 @@ def test_a_setting_changed_at_test_time_answers_as_its_evaluation_row(tmp_path, 
     """`--setting falcon.reatten=false`: answers as `vtc evaluate --setting` scores that row."""
     import torch
 
-    from models.build import ComponentSpec, build
-    from models.export import export
-    from models.views import MultiViewConfig
+    from tests.conftest import falcon_export
     from train.evaluate import evaluate
 
     questions = write_images(tmp_path, 3)
-    spec = ComponentSpec("falcon", {"registers": 4})
-    base = str(shipped_path(BASE))
     torch.manual_seed(0)
-    built = build(base, compressors=[spec], views=MultiViewConfig(((1, 1), (2, 2)), newline=False))
-    with torch.no_grad():  # a ReAtten far from its layer's copy, so that switching it off shows
-        for p in built.model.compressors[0].reatten.parameters():
-            p.add_(torch.randn_like(p))
-    out = export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    out = falcon_export(tmp_path / "export", scale=1.0)  # far from its copy: switching it off shows
     evaluate(
         str(out),
         [],

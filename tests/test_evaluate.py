@@ -292,19 +292,12 @@ def test_hard_subset_is_what_the_downsampled_image_gets_wrong():
 def test_a_setting_changed_at_test_time_is_a_row_compared_question_by_question(tmp_path):
     """`--setting falcon.reatten=false`: the model under test again with ReAtten switched off
     (its weights kept), scored beside it and compared with it question by question."""
-    from models.export import export, load_pretrained
-    from models.pretrained import shipped_path
-    from models.views import MultiViewConfig
+    from models.export import load_pretrained
+    from tests.conftest import falcon_export
     from train.evaluate import Settings, evaluate
     from train.evaluation.sources import SettingAtTest
 
-    base = str(shipped_path("tiny-llava"))
-    spec = ComponentSpec("falcon", {"registers": 4})
-    built = build(base, compressors=[spec], views=MultiViewConfig(((1, 1), (2, 2)), newline=False))
-    with torch.no_grad():  # a ReAtten that is not its layer's copy, as after training
-        for p in built.model.compressors[0].reatten.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    out = export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    out = falcon_export(tmp_path / "export")
     off = SettingAtTest.parse("falcon.reatten=false").applied(lambda: load_pretrained(out))()
     assert off.model.compressors[0].config.reatten is False
     report = evaluate(

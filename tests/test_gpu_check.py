@@ -1,7 +1,7 @@
 """bench/gpu_check.py — the check a user runs first on a GPU node — on CPU: recipe families
 under 2-process DDP (gloo) with small widths: train, SIGTERM (the step saved, exit 143), resume,
-export, load, evaluate, ask.
-DyVTE's runs by default; the other families with `--families` (`.ci/run` passes it)."""
+export, load, evaluate, ask. About a minute or two a family, so only with `--families`
+(`.ci/run` passes it)."""
 
 import subprocess
 import sys
@@ -40,14 +40,9 @@ def check_family_on_cpu(family: str, out_dir) -> None:
 
 
 @pytest.mark.slow
-def test_gpu_check_wiring_on_cpu(tmp_path):
-    check_family_on_cpu("dyvte", tmp_path)
-
-
-@pytest.mark.slow
 @pytest.mark.families
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "dyvte"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_recipe_family_under_two_process_ddp(family, tmp_path):
     """Each family's shipped recipes, chained, with small widths under 2-process DDP (gloo):
-    train, SIGTERM, resume, export, load, evaluate. ~2 min a family, so only with --families."""
+    train, SIGTERM, resume, export, load, evaluate, ask."""
     check_family_on_cpu(family, tmp_path)

@@ -148,6 +148,23 @@ def test_plugin_refuses_what_it_cannot_answer():
         VtcLmms(pretrained=base, template="chat", chat_template="/no/such.jinja")
 
 
+def test_a_setting_in_model_args_reaches_the_component(tmp_path):
+    """`setting=falcon.reatten=false`, through lmms-eval's own model_args parser (which splits
+    each argument at its first `=`), as `vtc evaluate --setting` changes it."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from data.errors import UserError
+    from tests.conftest import falcon_export
+    from train.evaluation.lmms import VtcLmms
+
+    out = falcon_export(tmp_path / "falcon")
+    args = simple_parse_args_string(f"pretrained={out},setting=falcon.reatten=false")
+    assert VtcLmms(**args).built.model.compressors[0].config.reatten is False
+    assert VtcLmms(pretrained=str(out)).built.model.compressors[0].config.reatten is True
+    with pytest.raises(UserError, match="has no falcon"):
+        VtcLmms(pretrained=str(shipped_path("tiny-llava")), setting="falcon.reatten=false")
+
+
 def test_plugin_builds_in_the_precision_given_and_keeps_float32_buffers():
     """`dtype=bfloat16`: the model is built in bfloat16 (the base is never read in at float32)
     and placed, its floating buffers (the rotary `inv_freq`) left in float32 as

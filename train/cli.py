@@ -279,7 +279,7 @@ def cmd_ask(args) -> int:
     from data.errors import UserError
     from data.templates import chosen_template
     from train.ask import answers, check_questions, read_image
-    from train.evaluation.sources import SettingAtTest, placed_model
+    from train.evaluation.sources import placed_model
 
     image = read_image(args.image)  # before any weights load
     questions = args.questions
@@ -289,12 +289,10 @@ def cmd_ask(args) -> int:
         if not questions:
             raise UserError("no question: give one after the image, or one per line on stdin")
     check_questions(questions)
-    changed = [SettingAtTest.parse(text) for text in args.setting or ()]
     template = chosen_template(args.template, args.system_prompt, args.chat_template)
-    built, _ = placed_model(args.source, args.compressor, args.tokens, args.device, args.dtype, template)
-    for setting in changed:
-        setting.check(built.model.dims)
-        built = setting.applied(lambda built=built: built)()
+    built, _ = placed_model(
+        args.source, args.compressor, args.tokens, args.device, args.dtype, template, args.setting or ()
+    )
     counts = []  # (visual tokens into the LLM, a layer's on average) per answer
 
     def answer(batch: list[str]) -> None:

@@ -10,8 +10,9 @@ budget. Other model_args: `device` (default cuda when there is one), `dtype` (fl
 bfloat16, float16 or auto, the default: float16 on a GPU, as LLaVA evaluates, float32 on a
 CPU), `template`, `system_prompt` and `chat_template` (a Jinja file), as `vtc evaluate
 --template` (e.g. `template=chat` for a llava-hf folder of a chat LLaVA; lmms-eval splits
-model_args at commas, so the system prompt can hold none); the batch is lmms-eval's
-`--batch_size` (its default 1 is slow: pass 16).
+model_args at commas, so the system prompt can hold none); `setting` as `vtc evaluate --setting`
+(one, e.g. `setting=falcon.reatten=false`); the batch is lmms-eval's `--batch_size` (its
+default 1 is slow: pass 16).
 
 Questions are answered by `train.accuracy.answer_questions`, the function `vtc evaluate` uses:
 the same image preprocessing, the model's prompt template (`vicuna_v1`, or the `chat` template
@@ -90,6 +91,7 @@ class VtcLmms(lmms):
         template: str | None = None,
         system_prompt: str | None = None,
         chat_template: str | None = None,
+        setting: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval's `--max_batch_size` (for "auto"); unused
         **unknown,
     ) -> None:
@@ -97,13 +99,19 @@ class VtcLmms(lmms):
         if unknown:
             raise ValueError(
                 f"vtc: unknown model_args {', '.join(sorted(unknown))}; known: pretrained, compressor, "
-                "tokens, batch_size, device, dtype, template, system_prompt, chat_template"
+                "tokens, batch_size, device, dtype, template, system_prompt, chat_template, setting"
             )
         budget = int(tokens) if tokens not in (None, "") else None
         # as `vtc evaluate --template`: e.g. a llava-hf folder of a chat LLaVA
         prompt = chosen_template(template, system_prompt, chat_template)
         self.built, self._device = placed_model(
-            pretrained, compressor, budget, process_device(device), dtype, prompt
+            pretrained,
+            compressor,
+            budget,
+            process_device(device),
+            dtype,
+            prompt,
+            [setting] if setting else [],
         )
         self.image_size = self.built.hf.config.vision_config.image_size
         # lmms-eval's `--batch_size` (default 1) overrides model_args; "auto" → vtc's default 16

@@ -402,15 +402,21 @@ def placed_model(
     device: str | None = None,
     dtype: str = "auto",
     template: Template | None = None,
+    settings: list[str] = (),
 ) -> tuple[Built, torch.device]:
     """`model_for` ready to answer: on `device` (None: cuda when there is one, else cpu) in `dtype`
     (a DTYPES name, or "auto": float16 on a GPU, float32 on a CPU), both checked before any
     weights load, in eval mode; `template` replaces the prompt format the source records (e.g.
-    for a llava-hf folder of a chat LLaVA). Returns the model and its device."""
+    for a llava-hf folder of a chat LLaVA); `settings` ("NAME.KEY=VALUE", `SettingAtTest`)
+    change its components' behaviour. Returns the model and its device."""
     from train.evaluation.measure import dtype_for, placement
 
     place, torch_dtype = placement(device, dtype)
+    changed = [SettingAtTest.parse(text) for text in settings]  # refused before any weights load
     built = model_for(target, compressor, tokens, dtype_for(dtype, place))
+    for setting in changed:
+        setting.check(built.model.dims)
+        built = setting.applied(lambda built=built: built)()
     if template is not None:
         built.template = template
     to_precision(built.model, torch_dtype, place).eval()
