@@ -477,7 +477,7 @@ def compare_answer(label: str, model, case: dict, ids: list[int], eos: int, thei
     vocab = answer["logits"].shape[-1]
     their_tokens = until_stop(answer["tokens"].tolist(), eos)
     with torch.no_grad():
-        mine, _ = model.generate(
+        mine, _, _ = model.generate(
             torch.tensor([ids]),
             torch.ones(1, len(ids), dtype=torch.bool),
             case_pixels(case),

@@ -31,7 +31,7 @@ from models.compressors.llavolta import Phase, compression_ratio
 from models.flops import prefill_flops
 from train.accuracy import evaluate_accuracy, synthetic_questions
 from train.datamodule import split_shards
-from train.evaluation.measure import layer_tokens, prompt_batch, text_tokens
+from train.evaluation.measure import generate, prompt_batch, text_tokens
 from train.export import rebuild_run
 from train.recipe import load_recipe
 from train.run import build_from_recipe, run_recipe
@@ -52,9 +52,10 @@ def measure(run_dir: Path, recipe, limit: int) -> dict:
     out = {}
     for label, phase in INFERENCE.items():
         component.config = dataclasses.replace(component.config, inference=phase)
-        per_layer, visual = layer_tokens(built, one)
+        _, visual, visual_layers = generate(built, one, 1)
         text = text_tokens(model, one)
-        flops = prefill_flops(built.hf.config, text, visual, per_layer, 0.0, images=1)
+        per_layer = [text + n for n in visual_layers[0].tolist()]
+        flops = prefill_flops(built.hf.config, text, int(visual[0]), per_layer, 0.0, images=1)
         if phase == own and limit == recipe.eval.limit:
             accuracy = json.loads((run_dir / "metrics.json").read_text())
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -305,11 +306,12 @@ class VtcLlava(nn.Module):
         max_new_tokens: int = 8,
         eos_token_id: int | Sequence[int] | None = None,
         image_grids=None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Generated:
         """Greedy decoding with KV cache. Prompts may be right- or left-padded (they are re-padded
         on the left). `eos_token_id`: the id, or ids (e.g. eos and a chat template's end of turn),
         that end an answer. Returns (B, max_new_tokens) new token ids (after a stop, the first
-        stop id) and the (B,) number of visual tokens that entered the LLM."""
+        stop id), the (B,) number of visual tokens that entered the LLM and the (B, L) number
+        in each decoder layer's sequence in the prefill (`Generated`)."""
         stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         state = self.prepare(
             input_ids, attention_mask, pixel_values, padding_side="left", image_grids=image_grids
@@ -318,6 +320,7 @@ class VtcLlava(nn.Module):
         kv = self.llm.new_kv(state)
         in_llm = self._stage("in_llm")
         state = self.llm.run(state, in_llm, kv)
+        visual_layers = kv.visual_tokens()  # before decoding, whose steps add no visual token
         kv.next_position = next_positions(state)  # as the last layer saw them (a component may renumber)
         batch = input_ids.shape[0]
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
@@ -346,7 +349,15 @@ class VtcLlava(nn.Module):
         if out.shape[1] < max_new_tokens:
             fill = stops[0] if stops else 0
             out = F.pad(out, (0, max_new_tokens - out.shape[1]), value=fill)
-        return out, visual_in
+        return Generated(out, visual_in, visual_layers)
+
+
+class Generated(NamedTuple):
+    """What `VtcLlava.generate` returns."""
+
+    tokens: torch.Tensor  # (B, max_new_tokens) new token ids
+    visual_in: torch.Tensor  # (B,) visual tokens that entered the LLM
+    visual_layers: torch.Tensor  # (B, L) visual tokens in each decoder layer's sequence in the prefill
 
 
 def next_token_loss(state: SequenceState, lm_head: nn.Module, per_sample: bool = False):

@@ -41,6 +41,13 @@ class KVState:
                 hide = hide & samples[:, None]
             self.key_masks[layer] = self.key_masks[layer] & ~hide
 
+    def visual_tokens(self) -> torch.Tensor:
+        """(B, L): the visual tokens in each sample's sequence at decoder layer l (after the
+        prefill: those that reached that layer, fewer than entered the LLM where a component
+        removes some inside it; a key only masked from attention still counts, as it is still
+        computed)."""
+        return torch.stack([visual.sum(1) for visual in self.visual_masks], 1)
+
 
 class LanguageModel(nn.Module):
     """Wraps an HF decoder (`LlamaModel`-like: embed_tokens, layers, norm, rotary_emb) + lm_head."""

@@ -108,10 +108,10 @@ def test_pruning_a_ragged_batch_equals_one_by_one():
     model = built.model.eval()
     ids, mask = ragged_prompts(model, built.tokenizer)
     pixels = torch.randn(2, 3, 64, 64)
-    generated, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
+    generated, _, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
     for b in range(2):
         prompt = ids[b, mask[b]][None]
-        alone, _ = model.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b : b + 1], 4)
+        alone, _, _ = model.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b : b + 1], 4)
         assert torch.equal(alone[0], generated[b])
     state = model.prepare(ids, mask, pixels)
     kept = model.compressors[0].before_layer(0, state)

@@ -120,7 +120,7 @@ def test_samples_exiting_at_different_layers_answer_as_one_by_one(monkeypatch):
             hook.remove()
     longest = int(mask.sum(1).max()) + 63  # 64 visual tokens for the <image> id
     assert [n for _, n in layer_sizes] == [longest, longest - 64, longest - 64]  # both gone by layer 2
-    generated, _ = model.generate(*prompts, pixels, max_new_tokens=3)
+    generated, _, visual_layers = model.generate(*prompts, pixels, max_new_tokens=3)
     for b in range(2):
         real = mask[b]
         with torch.no_grad():
@@ -128,8 +128,11 @@ def test_samples_exiting_at_different_layers_answer_as_one_by_one(monkeypatch):
         got = batch.logits[b][batch.state.attention_mask[b]]
         torch.testing.assert_close(got, alone.logits[0], rtol=1e-5, atol=1e-5)
         prompt = prompts[0][b][prompts[1][b]][None]
-        one, _ = model.generate(prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b : b + 1], 3)
+        one, _, layers_alone = model.generate(
+            prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b : b + 1], 3
+        )
         assert torch.equal(one[0], generated[b])
+        assert torch.equal(layers_alone[0], visual_layers[b])  # its own exit, as the layer mean counts it
         assert_generation_matches_forwards(
             model, prompt[0], pixels[b : b + 1], generated[b], 3
         )  # after an exit
@@ -266,3 +269,39 @@ def test_the_exit_confidence_is_the_argmax_at_one_half_and_exits_fewer_above():
     assert int((p_exit > 0.95).sum()) < int(argmax.sum())  # the same routers exit fewer samples
     problems = DyVTE.check_config(replace(component.config, exit_confidence=1.0), component.dims)
     assert [key for key, _ in problems] == ["exit_confidence"]
+
+
+def test_evaluate_counts_every_questions_exit_in_the_layer_mean_and_flops(tmp_path, monkeypatch):
+    """A row of a dynamic method: its per-layer tokens, layer mean and LLM FLOPs are means over
+    the questions answered (each at its own exit), not the first question's; they agree with
+    the exit layers DyVTE counted itself."""
+    from models.export import export
+    from models.flops import llm_flops
+    from models.pretrained import shipped_path
+    from train.evaluate import Settings, evaluate
+
+    def exit_by_prompt_parity(self, layer, state):  # questions of both parities: mixed exits
+        even = state.prompt_mask.sum(1) % 2 == 0
+        return torch.where(even, torch.tensor(layer == 0), torch.tensor(layer == 2))
+
+    monkeypatch.setattr(DyVTE, "wants_exit", exit_by_prompt_parity)
+    base = str(shipped_path("tiny-llava"))
+    spec = ComponentSpec("dyvte", {"hidden": 16})
+    built = build(base, compressors=[spec])
+    out = export(built, tmp_path / "dyvte", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    report = evaluate(str(out), [], settings=Settings(limit=8, timing=False), baseline="none")
+    (row,) = report["rows"]
+    exits = row["statistics"]["dyvte"]["exit_layers"]
+    assert exits["0"] > 0 and exits["2"] > 0  # both kinds of question were asked
+    layers, visual = len(built.model.llm.body.layers), 64
+    seen = {"0": 1, "1": 2, "2": 3, "none": layers}  # layers that hold the visual tokens
+    count = sum(exits.values())
+    by_layer = [sum(n for k, n in exits.items() if seen[k] > i) * visual / count for i in range(layers)]
+    text = row["layer_tokens"][0] - visual  # every question enters layer 0 with all 64
+    assert row["layer_tokens"] == pytest.approx([text + v for v in by_layer], abs=0.01)
+    assert row["visual_tokens_layer_mean"] == pytest.approx(
+        row["statistics"]["dyvte"]["visual_layer_share"] * visual
+    )
+    config = built.hf.config.text_config
+    per_exit = {k: llm_flops(config, [text + visual] * seen[k] + [text] * (layers - seen[k])) for k in exits}
+    assert row["flops"]["llm"] == pytest.approx(sum(per_exit[k] * n for k, n in exits.items()) / count)

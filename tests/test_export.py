@@ -147,7 +147,9 @@ def test_a_run_on_a_base_built_from_configs_is_evaluated_alone(lora_run, tmp_pat
     assert row["method"] == "model" and row["per_family"] == metrics["per_family"]
     assert row["visual_tokens"] == 16  # TokenPacker at scale 2 on the smoke tower's 8 × 8 patches
     with pytest.raises(UserError, match="not a trained LLaVA to compare against"):
-        evaluate(str(tmp / "run"), ["pooling"], out_dir=tmp_path / "report", settings=settings, baseline="none")
+        evaluate(
+            str(tmp / "run"), ["pooling"], out_dir=tmp_path / "report", settings=settings, baseline="none"
+        )
 
 
 @pytest.mark.slow

@@ -107,10 +107,10 @@ def test_float16_positions_follow_the_authors_rounding():
 def test_cached_generation_equals_full_forwards_and_ragged_batches_answer_as_one(layer, side, tokenizer):
     model = volta(layer, 4, seed=1).model.eval()
     ids, mask, pixels = batch(model, tokenizer, side)
-    generated, visual_in = model.generate(ids, mask, pixels, max_new_tokens=4)
+    generated, visual_in, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
     for b in range(2):
         prompt = ids[b, mask[b]]
-        alone, _ = model.generate(
+        alone, _, _ = model.generate(
             prompt[None], torch.ones(1, len(prompt), dtype=torch.bool), pixels[b : b + 1], 4
         )
         assert torch.equal(alone[0], generated[b])  # a ragged batch answers as one by one
@@ -280,11 +280,11 @@ def test_images_of_different_token_counts_pool_and_answer_as_one_by_one(tokenize
     )
     ids, mask = ragged_prompts(model, tokenizer)
     grids = torch.tensor(grids)
-    generated, visual = model.generate(ids, mask, torch.cat(pixels), max_new_tokens=3, image_grids=grids)
+    generated, visual, _ = model.generate(ids, mask, torch.cat(pixels), max_new_tokens=3, image_grids=grids)
     assert visual.tolist() == [model.visual_tokens((2, 2)), model.visual_tokens((1, 2))]
     for b in range(2):
         prompt = ids[b, mask[b]][None]
-        alone, _ = model.generate(
+        alone, _, _ = model.generate(
             prompt, torch.ones_like(prompt, dtype=torch.bool), pixels[b], 3, image_grids=grids[b : b + 1]
         )
         assert torch.equal(alone[0], generated[b])

@@ -117,7 +117,7 @@ def test_hook_points_generation_matches_full_forward(tiny, name, components, vis
     rows = [prompt(tok, img, "What colour is the dot ?"), prompt(tok, img, "Is there a red circle ?")[:5]]
     ids, mask = pad(rows)
     pixels = torch.randn(2, 3, 64, 64)
-    generated, visual = model.generate(ids, mask, pixels, max_new_tokens=4)
+    generated, visual, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
     assert visual.tolist() == [visual_in, visual_in]
     for b, row in enumerate(rows):
         assert_generation_matches_forwards(
@@ -133,10 +133,10 @@ def test_generation_stops_at_any_of_several_stop_ids(tiny):
     rows = [prompt(tok, img, "What colour is the dot ?"), prompt(tok, img, "Is there a red circle ?")]
     ids, mask = pad(rows)
     pixels = torch.randn(2, 3, 64, 64)
-    free, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
+    free, _, _ = model.generate(ids, mask, pixels, max_new_tokens=4)
     second = int(free[0, 1])  # row 0's second token becomes a stop id: row 0 stops there
     stops = [tok.eos_token_id, second]
-    stopped, _ = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=stops)
+    stopped, _, _ = model.generate(ids, mask, pixels, max_new_tokens=4, eos_token_id=stops)
     for row in range(2):
         cut = next((i for i, t in enumerate(free[row].tolist()) if t in stops), 3)
         assert stopped[row, : cut + 1].tolist() == free[row, : cut + 1].tolist()

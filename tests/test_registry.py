@@ -148,6 +148,39 @@ def test_component_contract(name, tokenizer):
 
 
 @pytest.mark.parametrize("name", available())
+def test_generate_counts_the_visual_tokens_each_layer_holds(name, tokenizer):
+    """`generate`'s per-layer visual-token count (what `vtc evaluate`'s layer mean and FLOPs are
+    made of) is, for each sample of a ragged batch, the sequence entering each decoder layer of
+    its own prefill less its text: what its layers computed, as if it were alone."""
+    model = model_with(name).eval()
+    ids, mask = ragged_batch(model, tokenizer)
+    pixels = torch.randn(2, 3, 64, 64)
+    layers = model.llm.body.layers
+    with torch.no_grad():
+        _, visual_in, visual_layers = model.generate(ids, mask, pixels, max_new_tokens=2)
+    assert visual_layers.shape == (2, len(layers))
+    for b in range(2):
+        real = mask[b]
+        lengths = []
+
+        def length(_module, args, kwargs, lengths=lengths):
+            lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+        hooks = [layer.register_forward_pre_hook(length, with_kwargs=True) for layer in layers]
+        try:
+            with torch.no_grad():
+                model.generate(
+                    ids[b : b + 1, real], mask[b : b + 1, real], pixels[b : b + 1], max_new_tokens=1
+                )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        text = int(real.sum()) - 1  # all but the <image> placeholder
+        assert visual_layers[b].tolist() == [n - text for n in lengths[: len(layers)]]
+        assert int(visual_layers[b].max()) <= int(visual_in[b])
+
+
+@pytest.mark.parametrize("name", available())
 def test_component_config_is_a_frozen_dataclass(name):
     config_cls = component_class(name).Config
     assert dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen

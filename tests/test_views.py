@@ -252,7 +252,7 @@ def test_ragged_multi_view_batch_forward_and_cached_generation(projector, compre
     )
     assert out.visual_tokens_in.tolist() == [model.visual_tokens((2, 2)), model.visual_tokens((1, 2))]
     assert torch.isfinite(out.loss)
-    generated, _ = model.generate(
+    generated, _, _ = model.generate(
         batch["input_ids"],
         batch["attention_mask"],
         batch["pixel_values"],

@@ -127,7 +127,8 @@ def answer_questions(
     known: dict[str, dict] | None = None,
     on_answers: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:
-    """Greedy answers: {question id: {"text", "visual_tokens"}}; a question whose image cannot be
+    """Greedy answers: {question id: {"text", "visual_tokens" (that entered the LLM),
+    "visual_tokens_layers" (in each decoder layer's sequence)}}; a question whose image cannot be
     read gets {"skipped": reason} instead (never a crash half way). `template`: the format the
     model was instruction-tuned with (a name or a Template, e.g. a `chat` one). `known`: answers
     given before (a resumed evaluation), taken as they are; `on_answers` is called with each
@@ -166,7 +167,7 @@ def answer_questions(
         batch = collate(
             [_prompt_item(q, prompt, views[q.image]) for q, prompt in chunk], tokenizer.pad_token_id
         )
-        tokens, visual_in = model.generate(
+        tokens, visual_in, visual_layers = model.generate(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             batch["pixel_values"].to(device),
@@ -175,11 +176,13 @@ def answer_questions(
             image_grids=batch.get("image_grids"),
         )
         answered = {}
-        for (q, _), ids, visual in zip(chunk, tokens.tolist(), visual_in.tolist(), strict=True):
+        rows = zip(chunk, tokens.tolist(), visual_in.tolist(), visual_layers.tolist(), strict=True)
+        for (q, _), ids, visual, layers in rows:
             ids = ids[: next((i for i, token in enumerate(ids) if token in stops), len(ids))]
             answered[q.id] = {
                 "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 "visual_tokens": visual,
+                "visual_tokens_layers": layers,
             }
         out |= answered
         if on_answers is not None:

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from data.errors import UserError
 from models.build import Built
 from train.accuracy import Question, QuestionSet, answer_questions
-from train.evaluation.measure import layer_tokens, prompt_batch, text_tokens, visual_layer_mean
+from train.evaluation.measure import visual_layer_mean
 
 
 def answers(
@@ -26,7 +24,7 @@ def answers(
 ) -> list[dict]:
     """The model's answer to each of `questions` about `image` (the file's bytes: PNG, JPEG, ...),
     in order: {"question", "answer", "visual_tokens" (that entered the LLM),
-    "visual_tokens_layer_mean" (that its layers saw, on average: `layer_mean`)}.
+    "visual_tokens_layer_mean" (in its decoder layers' sequences, on average)}.
     An image that does not decode is a UserError naming `label`, before any question is asked.
     `progress`: a bar over the batches on stderr."""
     check_questions(questions)
@@ -47,27 +45,15 @@ def answers(
         reply = replies[q.id]
         if "skipped" in reply:  # the same reason for every question: the image
             raise UserError(f"{reply['skipped']}: not an image vtc can read")
-        one = QuestionSet([q], lambda _key: image, name=label)
         out.append(
             {
                 "question": q.text,
                 "answer": reply["text"],
                 "visual_tokens": reply["visual_tokens"],
-                "visual_tokens_layer_mean": round(layer_mean(built, one), 2),
+                "visual_tokens_layer_mean": round(visual_layer_mean(reply["visual_tokens_layers"]), 2),
             }
         )
     return out
-
-
-def layer_mean(built: Built, question: QuestionSet) -> float:
-    """Visual tokens each decoder layer saw, on average, in the prefill of a one-question set:
-    what `vtc evaluate` reports as the layer mean, fewer than entered the LLM where a component
-    prunes inside it (FastV, CoViPAL, DyVTE, LLaVolta)."""
-    size = built.hf.config.vision_config.image_size
-    batch = prompt_batch(built, question, size, 1)
-    with torch.no_grad():
-        per_layer, _ = layer_tokens(built, batch)
-    return visual_layer_mean(per_layer, text_tokens(built.model, batch))
 
 
 def check_questions(questions: list[str]) -> None:

@@ -220,7 +220,7 @@ def measure(method, questions, size: int, template: Template, settings: Settings
     counted = {c.registry_name: c.statistics() for c in components if c.statistics()}
     if counted:  # e.g. where a dynamic method exited, over every question
         row["statistics"] = counted
-    row.update(cost(built, questions, size, settings))
+    row.update(cost(built, questions, size, settings, answers))
     return row, answers
 
 

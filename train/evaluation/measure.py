@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -16,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from data.dataset import collate
 from data.errors import UserError
 from models.build import DTYPES, Built
-from models.flops import counted_run, module_flops, prefill_flops
+from models.flops import counted_run, llm_flops, module_flops, prefill_flops
 from train.accuracy import QuestionSet, _prompt_item
 
 
@@ -135,29 +136,11 @@ def prompt_batch(built: Built, questions: QuestionSet, size: int, count: int) ->
     return batch
 
 
-def layer_tokens(built: Built, batch: dict) -> tuple[list[int], int]:
-    """Sequence length entering each decoder layer during the prefill of a 1-sample batch, and the
-    number of visual tokens that entered the LLM."""
-    seen: list[int] = []
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
-            with_kwargs=True,
-        )
-        for layer in built.model.llm.body.layers
-    ]
-    try:
-        _, visual = generate(built, batch, 1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen[: len(built.model.llm.body.layers)], int(visual[0])
-
-
-def visual_layer_mean(per_layer: list[int], text: int) -> float:
-    """Visual tokens per decoder layer, on average, from the sequence lengths entering each layer
-    (`layer_tokens`) and the prompt's text tokens, which every layer keeps."""
-    return sum(per_layer) / len(per_layer) - text
+def visual_layer_mean(visual_layers: list[float]) -> float:
+    """Visual tokens per decoder layer, on average over the layers: what `vtc evaluate` reports
+    as the layer mean, fewer than entered the LLM where a component prunes inside it (FastV,
+    CoViPAL, DyVTE, LLaVolta)."""
+    return sum(visual_layers) / len(visual_layers)
 
 
 def text_tokens(model, batch: dict) -> int:
@@ -167,6 +150,11 @@ def text_tokens(model, batch: dict) -> int:
     grids = batch.get("image_grids")
     indicators = sum(model.views.text_tokens(tuple(g)) for g in grids.tolist()) if grids is not None else 0
     return int((ids != model.image_token_id).sum()) + indicators
+
+
+def tidy(value: float) -> float | int:
+    """`value` as an int where it is one (a static method's token counts), else to 2 decimals."""
+    return int(value) if value == int(value) else round(value, 2)
 
 
 def generate(built: Built, batch: dict, new_tokens: int):
@@ -181,22 +169,35 @@ def generate(built: Built, batch: dict, new_tokens: int):
         )
 
 
-def cost(built: Built, questions: QuestionSet, size: int, settings: Settings) -> dict:
-    """FLOPs, per-layer tokens, latency, decode speed and peak memory of one method."""
+def cost(
+    built: Built, questions: QuestionSet, size: int, settings: Settings, answers: dict[str, dict]
+) -> dict:
+    """FLOPs, per-layer tokens, latency, decode speed and peak memory of one method, whose
+    `answers` to `questions` (`answer_questions`) say how many visual tokens each question's
+    layers' sequences held: a dynamic method (DyVTE's exits) differs from question to question, so
+    the per-layer tokens and the LLM's FLOPs are means over the answered questions, at the
+    first question's text length (the one prompt the tower and projector are counted on)."""
     model = built.model.eval()
     one = prompt_batch(built, questions, size, 1)
-    per_layer, visual = layer_tokens(built, one)
-    text = text_tokens(model, one)  # not per_layer[0] - visual: a pruner may act before layer 0
+    text = text_tokens(model, one)
+    rows = [a["visual_tokens_layers"] for a in answers.values() if "visual_tokens_layers" in a]
+    if not rows:  # every question skipped: the first prompt's own prefill
+        rows = [generate(built, one, 1).visual_layers[0].tolist()]
     # counted on the tower as it runs, so an encoder component's own work (FALCON's registers and
     # ReAtten) and savings count; the projector on every view's features
     vision, (features, _) = counted_run(model.vision_features, one["pixel_values"], one.get("image_grids"))
-    flops = prefill_flops(
-        built.hf.config, text, visual, per_layer, module_flops(model.projector, features), vision=vision
+    projector = module_flops(model.projector, features)
+    config = built.hf.config
+    llm = sum(  # each distinct count of visual tokens per layer once (a static method has one)
+        count * llm_flops(config.text_config, [text + v for v in layers])
+        for layers, count in Counter(map(tuple, rows)).items()
     )
+    mean_layers = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+    flops = prefill_flops(config, text, 0, [text] * len(mean_layers), projector, vision=vision)
     row = {
-        "layer_tokens": per_layer,
-        "visual_tokens_layer_mean": visual_layer_mean(per_layer, text),
-        "flops": flops.as_dict(),
+        "layer_tokens": [tidy(text + v) for v in mean_layers],
+        "visual_tokens_layer_mean": tidy(visual_layer_mean(mean_layers)),
+        "flops": replace(flops, llm=llm / len(rows)).as_dict(),
     }
     if not settings.timing:
         return row

@@ -151,8 +151,9 @@ def markdown(report: dict) -> str:
         + (f"Baseline: {report['baseline']}. " if report.get("baseline") else "")
         + f"Accuracy = mean over question families; kept = vs. {reference}; same answers = share of "
         "answers identical to that row's; hard @b = share right of the questions the image "
-        "down-sampled to b tokens gets wrong; GFLOPs = analytic prefill "
-        "(models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
+        "down-sampled to b tokens gets wrong; layer mean = visual tokens per LLM layer, mean over the "
+        "questions; GFLOPs = analytic prefill at the first question's text length, mean over the "
+        "questions' visual tokens per layer (models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
