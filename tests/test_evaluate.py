@@ -108,6 +108,34 @@ def test_question_file_answers_and_skips_unreadable_images(tmp_path):
         file_questions(path, tmp_path / "nowhere")
 
 
+def test_a_question_file_whose_first_image_is_missing_is_measured_on_the_others(tmp_path):
+    """The costs are measured on questions that were asked: before, the first question's image
+    was read for them, and a missing one ended the evaluation with a bare file error."""
+    from models.pretrained import shipped_path
+    from train.evaluate import Settings, evaluate
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "red.png").write_bytes(png_bytes("red"))
+    lines = [
+        {"question_id": 1, "image": "missing.png", "text": "What colour is the dot?", "answer": "red"},
+        {"question_id": 2, "image": "red.png", "text": "What colour is the dot?", "answer": "red"},
+    ]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    settings = Settings(timing=True, repeats=1, latency_batch=2)
+    args = dict(questions_file=str(tmp_path / "q.jsonl"), images_dir=str(tmp_path / "img"), settings=settings)
+    base = str(shipped_path("tiny-llava"))
+    report = evaluate(base, ["pooling"], [16], out_dir=tmp_path / "out", **args)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["baseline"]["skipped"] == rows["pooling"]["skipped"] == ["1"]
+    assert rows["pooling"]["visual_tokens_layer_mean"] == 16 and rows["pooling"]["prefill_ms_batch1"] > 0
+    assert rows["pooling"]["batch_n"] == 1  # the one question asked
+    (tmp_path / "img" / "red.png").unlink()
+    with pytest.raises(
+        UserError, match=r"none of the 2 questions could be asked: image 'missing.png'.*\(and 1 more\)"
+    ):
+        evaluate(base, [], out_dir=tmp_path / "out2", **args)
+
+
 @pytest.mark.parametrize(
     "compressor",
     [

@@ -176,13 +176,19 @@ def cost(
     `answers` to `questions` (`answer_questions`) say how many visual tokens each question's
     layers' sequences held: a dynamic method (DyVTE's exits) differs from question to question, so
     the per-layer tokens and the LLM's FLOPs are means over the answered questions, at the
-    first question's text length (the one prompt the tower and projector are counted on)."""
+    first one's text length (the one prompt the tower and projector are counted on). Latency
+    and memory are timed on the first answered questions (a skipped one's image cannot be read)."""
     model = built.model.eval()
+    asked = [q for q in questions.questions if "visual_tokens_layers" in answers.get(q.id, {})]
+    if not asked:
+        skipped = [a["skipped"] for a in answers.values() if "skipped" in a]
+        why = f": {skipped[0]}" if skipped else ""
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise UserError(f"none of the {len(questions.questions)} questions could be asked{why}{more}")
+    questions = replace(questions, questions=asked)  # the costs are measured on questions asked
     one = prompt_batch(built, questions, size, 1)
     text = text_tokens(model, one)
-    rows = [a["visual_tokens_layers"] for a in answers.values() if "visual_tokens_layers" in a]
-    if not rows:  # every question skipped: the first prompt's own prefill
-        rows = [generate(built, one, 1).visual_layers[0].tolist()]
+    rows = [answers[q.id]["visual_tokens_layers"] for q in asked]
     # counted on the tower as it runs, so an encoder component's own work (FALCON's registers and
     # ReAtten) and savings count; the projector on every view's features
     vision, (features, _) = counted_run(model.vision_features, one["pixel_values"], one.get("image_grids"))
