@@ -24,7 +24,8 @@ def answers(
 ) -> list[dict]:
     """The model's answer to each of `questions` about `image` (the file's bytes: PNG, JPEG, ...),
     in order: {"question", "answer", "visual_tokens" (that entered the LLM),
-    "visual_tokens_layer_mean" (in its decoder layers' sequences, on average)}.
+    "visual_tokens_layer_mean" (in its decoder layers' sequences, on average),
+    "visual_tokens_layers" (in each layer's: where a DyVTE exit or a pruner cut them)}.
     An image that does not decode is a UserError naming `label`, before any question is asked.
     `progress`: a bar over the batches on stderr."""
     check_questions(questions)
@@ -51,6 +52,7 @@ def answers(
                 "answer": reply["text"],
                 "visual_tokens": reply["visual_tokens"],
                 "visual_tokens_layer_mean": round(visual_layer_mean(reply["visual_tokens_layers"]), 2),
+                "visual_tokens_layers": reply["visual_tokens_layers"],
             }
         )
     return out

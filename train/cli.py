@@ -677,7 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions per forward pass (default 8)",
     )
     p.add_argument(
-        "--json", action="store_true", help="one JSON line per answer: question, answer, visual_tokens"
+        "--json",
+        action="store_true",
+        help="one JSON line per answer: question, answer, visual_tokens (into the LLM), "
+        "visual_tokens_layer_mean and visual_tokens_layers (in each decoder layer)",
     )
     add_placement_options(p, "the model")
     add_template_options(p, "prompt so, not as the source records (a llava-hf folder records none)")
