@@ -431,3 +431,32 @@ def test_a_compressor_only_export_whose_base_moved_says_how_to_point_it_there(tm
     meta = json.loads((out / "vtc.json").read_text())
     (out / "vtc.json").write_text(json.dumps({**meta, "base": str(tmp_path / "moved")}))
     assert load_pretrained(out).model.visual_tokens() == 16
+
+
+@pytest.mark.parametrize("views", [None, ((1, 1), (2, 2))], ids=["one-view", "views"])
+@pytest.mark.parametrize("compressor_only", [False, True], ids=["whole", "compressor-only"])
+def test_an_export_of_a_trained_mlp_is_evaluated_and_asked_as_trained(tmp_path, views, compressor_only):
+    """An MLP-only export is its trained projector, whether its llava-hf part holds it (a whole
+    export of one view: evaluated as a base) or it goes on the base it names (`--compressor-only`,
+    which `vtc evaluate` and `vtc ask` took for that base before) or on views."""
+    from models.export import export
+    from models.pretrained import shipped_path
+    from models.views import MultiViewConfig
+    from train.evaluation.sources import model_for, resolve_source
+
+    base = str(shipped_path("tiny-llava"))
+    config = None if views is None else MultiViewConfig(views, newline=False)
+    built = build(base, views=config)
+    with torch.no_grad():  # as after training: not the base's projector any more
+        for p in built.model.projector.parameters():
+            p.add_(torch.randn_like(p))
+    out = export(built, tmp_path / "export", ComponentSpec("mlp2x_gelu"), [], base, compressor_only)
+    source = resolve_source(str(out))
+    assert (source.model is None) == (views is None and not compressor_only)  # only then a base
+    trained = built.model.projector.state_dict()
+    for got in (model_for(str(out)), load_pretrained(out)):
+        assert all(torch.equal(v, trained[k]) for k, v in got.model.projector.state_dict().items())
+        assert (got.model.views is None) == (views is None)
+    if compressor_only:  # its baseline is the base it went on, untrained
+        baseline = source.base().model.projector.state_dict()
+        assert not all(torch.equal(v, trained[k]) for k, v in baseline.items())

@@ -202,8 +202,12 @@ def _resolve_source(target: str, dtype: str, base_used: bool = True) -> Source:
     meta_path = path / "vtc.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("format") == FORMAT:
-        plain = meta["projector"]["name"] == "mlp2x_gelu" and not meta["compressors"] and not meta.get("lora")
-        base = export_base(path, meta)  # an export's llava-hf part holds the base weights
+        # a whole export of a plain LLaVA (its MLP, no component, LoRA or views) is its llava-hf
+        # part, a base like any other; a `--compressor-only` one is its trained projector on the
+        # base it names, which is its baseline
+        plain = not meta["base"] and meta["projector"]["name"] == "mlp2x_gelu"
+        plain = plain and not (meta["compressors"] or meta.get("lora") or meta.get("views"))
+        base = export_base(path, meta)
         model = None if plain else (lambda: load_pretrained(path, dtype=DTYPES[dtype]))
         template = template_from_dict(meta.get("template"))
         return Source(
