@@ -136,6 +136,48 @@ def test_a_question_file_whose_first_image_is_missing_is_measured_on_the_others(
         evaluate(base, [], out_dir=tmp_path / "out2", **args)
 
 
+def test_the_flops_of_images_cut_into_different_grids_are_their_mean(tmp_path):
+    """Each question's image counts with its own views: a wide image (1 × 2 crops) and a square
+    one (2 × 2) asked together cost the mean of what each costs alone, the tower, the projector
+    and the LLM; before, every question was counted as the first one's image."""
+    from models.export import export
+    from models.pretrained import shipped_path
+    from models.views import MultiViewConfig
+    from train.evaluate import Settings, evaluate
+
+    base = str(shipped_path("tiny-llava"))
+    built = build(base, views=MultiViewConfig(((1, 1), (1, 2), (2, 2)), newline=False))
+    out = export(built, tmp_path / "views", ComponentSpec("mlp2x_gelu"), [], base, compressor_only=True)
+    (tmp_path / "img").mkdir()
+    for name, size in (("wide.png", (128, 64)), ("square.png", (128, 128))):
+        Image.new("RGB", size, "red").save(tmp_path / "img" / name)
+
+    def row(*images: str) -> dict:
+        lines = [
+            {"question_id": i, "image": n, "text": "What colour is the dot?"} for i, n in enumerate(images)
+        ]
+        (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        report = evaluate(
+            str(out),
+            [],
+            out_dir=tmp_path / "-".join(images),
+            questions_file=str(tmp_path / "q.jsonl"),
+            images_dir=str(tmp_path / "img"),
+            settings=Settings(timing=False),
+            baseline="none",
+        )
+        return report["rows"][0]
+
+    wide, square, both = row("wide.png"), row("square.png"), row("wide.png", "square.png")
+    assert wide["visual_tokens"] == 3 * 64 and square["visual_tokens"] == 5 * 64
+    assert wide["flops"]["vision"] < square["flops"]["vision"]
+    for part in ("vision", "projector", "llm", "total"):
+        assert both["flops"][part] == pytest.approx((wide["flops"][part] + square["flops"][part]) / 2)
+    assert both["layer_tokens"] == [
+        (w + s) / 2 for w, s in zip(wide["layer_tokens"], square["layer_tokens"], strict=True)
+    ]
+
+
 @pytest.mark.parametrize(
     "compressor",
     [

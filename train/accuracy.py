@@ -128,9 +128,9 @@ def answer_questions(
     on_answers: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:
     """Greedy answers: {question id: {"text", "visual_tokens" (that entered the LLM),
-    "visual_tokens_layers" (in each decoder layer's sequence)}}; a question whose image cannot be
-    read gets {"skipped": reason} instead (never a crash half way). `template`: the format the
-    model was instruction-tuned with (a name or a Template, e.g. a `chat` one). `known`: answers
+    "visual_tokens_layers" (in each decoder layer's sequence), and with crops "grid" (rows,
+    cols)}}; a question whose image cannot be read gets {"skipped": reason} instead (never a
+    crash half way). `template`: the format the model was instruction-tuned with (a name or a Template, e.g. a `chat` one). `known`: answers
     given before (a resumed evaluation), taken as they are; `on_answers` is called with each
     batch's new answers (and the skipped questions') as they come."""
     tmpl = get_template(template) if isinstance(template, str) else template
@@ -184,6 +184,9 @@ def answer_questions(
                 "visual_tokens": visual,
                 "visual_tokens_layers": layers,
             }
+            grid = views[q.image][1]
+            if grid is not None:  # the crops its image was cut into (what its tower computed)
+                answered[q.id]["grid"] = list(grid)
         out |= answered
         if on_answers is not None:
             on_answers(answered)

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from data.dataset import collate
 from data.errors import UserError
 from models.build import DTYPES, Built
-from models.flops import counted_run, llm_flops, module_flops, prefill_flops
+from models.flops import PrefillFlops, counted_run, llm_flops, module_flops
 from train.accuracy import QuestionSet, _prompt_item
 
 
@@ -148,7 +148,7 @@ def text_tokens(model, batch: dict) -> int:
     crop indicators its images bring (models/views.py)."""
     ids = batch["input_ids"][batch["attention_mask"].bool()]
     grids = batch.get("image_grids")
-    indicators = sum(model.views.text_tokens(tuple(g)) for g in grids.tolist()) if grids is not None else 0
+    indicators = sum(indicator_tokens(model, tuple(g)) for g in grids.tolist()) if grids is not None else 0
     return int((ids != model.image_token_id).sum()) + indicators
 
 
@@ -172,41 +172,21 @@ def generate(built: Built, batch: dict, new_tokens: int):
 def cost(
     built: Built, questions: QuestionSet, size: int, settings: Settings, answers: dict[str, dict]
 ) -> dict:
-    """FLOPs, per-layer tokens, latency, decode speed and peak memory of one method, whose
-    `answers` to `questions` (`answer_questions`) say how many visual tokens each question's
-    layers' sequences held: a dynamic method (DyVTE's exits) differs from question to question, so
-    the per-layer tokens and the LLM's FLOPs are means over the answered questions, at the
-    first one's text length (the one prompt the tower and projector are counted on). Latency
-    and memory are timed on the first answered questions (a skipped one's image cannot be read)."""
-    model = built.model.eval()
+    """FLOPs, per-layer tokens, latency, decode speed and peak memory of one method, from its
+    `answers` to `questions` (`answer_questions`); latency and memory are timed on the first
+    questions asked (a skipped one's image cannot be read)."""
+    built.model.eval()
     asked = [q for q in questions.questions if "visual_tokens_layers" in answers.get(q.id, {})]
     if not asked:
         skipped = [a["skipped"] for a in answers.values() if "skipped" in a]
         why = f": {skipped[0]}" if skipped else ""
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         raise UserError(f"none of the {len(questions.questions)} questions could be asked{why}{more}")
-    questions = replace(questions, questions=asked)  # the costs are measured on questions asked
-    one = prompt_batch(built, questions, size, 1)
-    text = text_tokens(model, one)
-    rows = [answers[q.id]["visual_tokens_layers"] for q in asked]
-    # counted on the tower as it runs, so an encoder component's own work (FALCON's registers and
-    # ReAtten) and savings count; the projector on every view's features
-    vision, (features, _) = counted_run(model.vision_features, one["pixel_values"], one.get("image_grids"))
-    projector = module_flops(model.projector, features)
-    config = built.hf.config
-    llm = sum(  # each distinct count of visual tokens per layer once (a static method has one)
-        count * llm_flops(config.text_config, [text + v for v in layers])
-        for layers, count in Counter(map(tuple, rows)).items()
-    )
-    mean_layers = [sum(column) / len(rows) for column in zip(*rows, strict=True)]
-    flops = prefill_flops(config, text, 0, [text] * len(mean_layers), projector, vision=vision)
-    row = {
-        "layer_tokens": [tidy(text + v) for v in mean_layers],
-        "visual_tokens_layer_mean": tidy(visual_layer_mean(mean_layers)),
-        "flops": replace(flops, llm=llm / len(rows)).as_dict(),
-    }
+    questions = replace(questions, questions=asked)
+    row = prefill_cost(built, questions, size, answers)
     if not settings.timing:
         return row
+    one = prompt_batch(built, questions, size, 1)
     batch = prompt_batch(built, questions, size, settings.latency_batch)
     for name, inputs in (("batch1", one), ("batchN", batch)):
         prefill = timed(lambda inputs=inputs: generate(built, inputs, 1), settings.repeats)
@@ -221,6 +201,54 @@ def cost(
     row["batch_n"] = batch["input_ids"].shape[0]
     row.update(peak_memory(built, batch))
     return row
+
+
+def prefill_cost(built: Built, questions: QuestionSet, size: int, answers: dict[str, dict]) -> dict:
+    """The prefill's FLOPs and tokens per decoder layer, each a mean over `questions` (all
+    answered): every question at the first one's words, with its own image's views (its grid:
+    the tower's and projector's FLOPs, counted once per grid on the tower as it runs, so an
+    encoder component's own work and savings count; crop indicators) and its own visual tokens
+    per layer as its prefill held them (a dynamic method, DyVTE, exits at each question's own
+    layer)."""
+    model, config = built.model, built.hf.config
+    first = prompt_batch(built, questions, size, 1)
+    words = text_tokens(model, first) - indicator_tokens(model, grid_of(answers[questions.questions[0].id]))
+    towers: dict = {}  # grid → (tower FLOPs, projector FLOPs) of one image with that grid
+    asked = Counter()  # (grid, text tokens, visual tokens per layer) → questions
+    for q in questions.questions:
+        grid = grid_of(answers[q.id])
+        if grid not in towers:
+            batch = prompt_batch(built, replace(questions, questions=[q]), size, 1)
+            vision, (features, _) = counted_run(
+                model.vision_features, batch["pixel_values"], batch.get("image_grids")
+            )
+            towers[grid] = (vision, module_flops(model.projector, features))
+        asked[grid, words + indicator_tokens(model, grid), tuple(answers[q.id]["visual_tokens_layers"])] += 1
+    count = len(questions.questions)
+    vision = projector = llm = 0.0
+    layer_tokens = [0.0] * len(model.llm.body.layers)
+    for (grid, text, visual_layers), n in asked.items():  # sums over the questions
+        vision += n * towers[grid][0]
+        projector += n * towers[grid][1]
+        llm += n * llm_flops(config.text_config, [text + v for v in visual_layers])
+        layer_tokens = [total + n * (text + v) for total, v in zip(layer_tokens, visual_layers, strict=True)]
+    visual = sum(n * visual_layer_mean(visual_layers) for (_, _, visual_layers), n in asked.items())
+    return {
+        "layer_tokens": [tidy(total / count) for total in layer_tokens],
+        "visual_tokens_layer_mean": tidy(visual / count),
+        "flops": PrefillFlops(vision / count, projector / count, llm / count).as_dict(),
+    }
+
+
+def grid_of(answer: dict) -> tuple[int, int] | None:
+    """The (rows, cols) of crops the answered question's image was cut into (None: one view)."""
+    grid = answer.get("grid")
+    return None if grid is None else tuple(grid)
+
+
+def indicator_tokens(model, grid: tuple[int, int] | None) -> int:
+    """Crop-indicator text tokens an image of `grid` adds (models/views.py); 0 for one view."""
+    return 0 if grid is None else model.views.text_tokens(grid)
 
 
 def peak_memory(built: Built, batch: dict) -> dict:
