@@ -310,16 +310,11 @@ def test_views_newline_trains_with_the_projector():
     assert not model.views.image_newline.requires_grad
 
 
-@pytest.mark.parametrize("indicators", [False, True])
-def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path, indicators):
+def views_recipe(tmp_path, projector: dict, views: dict):
+    """A seconds-long run of a small tiny model on 128 px scenes through `views`."""
     from train.recipe import recipe_from_dict
-    from train.run import run_recipe
 
-    views = {"grids": [[1, 1], [2, 2]]}
-    if indicators:
-        views["indicators"] = {"whole": TINY_INDICATORS.whole, "crop": TINY_INDICATORS.crop}
-
-    recipe = recipe_from_dict(
+    return recipe_from_dict(
         {
             "description": "hd",
             "output": str(tmp_path / "run"),
@@ -333,7 +328,7 @@ def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path, indicators)
                     "llm_layers": 2,
                     "llm_heads": 2,
                 },
-                "projector": {"name": "tokenpacker", "scale": 2},
+                "projector": projector,
                 "views": views,
             },
             "data": {
@@ -346,11 +341,40 @@ def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path, indicators)
             "eval": {"limit": 4},
         }
     )
+
+
+@pytest.mark.parametrize("indicators", [False, True])
+def test_multi_view_recipe_trains_and_evaluates_end_to_end(tmp_path, indicators):
+    from train.run import run_recipe
+
+    views = {"grids": [[1, 1], [2, 2]]}
+    if indicators:
+        views["indicators"] = {"whole": TINY_INDICATORS.whole, "crop": TINY_INDICATORS.crop}
+    recipe = views_recipe(tmp_path, {"name": "tokenpacker", "scale": 2}, views)
     metrics = run_recipe(recipe)
     # thumbnail + 2×2 crops as 8 lines of 8 + newline; with indicators crop by crop, a newline
     # after each row of crops
     assert metrics["visual_tokens"] == (16 + 4 * 16 + 2 if indicators else 16 + 8 * 9)
     assert metrics["count"] == 4 * len(FAMILIES)
+
+
+def test_a_run_of_the_mlp_on_views_is_evaluated_with_its_views(tmp_path):
+    """The MLP projector with views is no plain LLaVA: its run writes no RUN/hf, which would
+    hold the model without its views, and `vtc evaluate RUN` measures it as training did (it
+    measured RUN/hf, the model on one view, until 2026-12-07)."""
+    from train.evaluate import Settings, evaluate
+    from train.run import run_recipe
+
+    recipe = views_recipe(tmp_path, {"name": "mlp2x_gelu"}, {"grids": [[1, 1], [2, 2]]})
+    metrics = run_recipe(recipe)
+    assert not (tmp_path / "run" / "hf").exists()
+    settings = Settings(limit=recipe.eval.limit, timing=False)
+    report = evaluate(
+        str(tmp_path / "run"), [], out_dir=tmp_path / "report", settings=settings, baseline="none"
+    )
+    (row,) = report["rows"]
+    assert row["visual_tokens"] == metrics["visual_tokens"] == 64 + 16 * 17  # 2 × 2 crops: 16 lines + newlines
+    assert row["per_family"] == metrics["per_family"]
 
 
 def test_recipe_errors_name_the_views_keys():

@@ -81,6 +81,12 @@ class ModelRecipe:
     system_prompt: str | None = None
     chat_template: str | None = None
 
+    @property
+    def plain_llava(self) -> bool:
+        """The model is a LLaVA as llava-hf writes one (its MLP projector on one view, no
+        component): a run of it saves RUN/hf, which is then the model `vtc evaluate` measures."""
+        return self.projector.name == "mlp2x_gelu" and not self.compressors and self.views is None
+
 
 @dataclass(frozen=True)
 class SyntheticData:

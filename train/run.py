@@ -314,7 +314,7 @@ def _run(
     if not is_zero:
         return {}
     write_json_atomic(run_dir / "meta.json", run_metadata(recipe.source, records))
-    if recipe.model.projector.name == "mlp2x_gelu" and not recipe.model.compressors:
+    if recipe.model.plain_llava:
         if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
             print(
                 "[vtc] LoRA adapters are in trainable.safetensors; `vtc export RUN_DIR OUT --merge-lora` "

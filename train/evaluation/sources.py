@@ -160,7 +160,9 @@ def _resolve_source(target: str, dtype: str, base_used: bool = True) -> Source:
         report_dir = root / "eval" / path.name if checkpoint else path
         own_base = path / "hf"
         template = model_template(recipe)
-        if (own_base / "config.json").is_file():  # the run is itself a LLaVA base (e.g. tiny-base)
+        # the run is itself a LLaVA base (e.g. tiny-base); a run with views wrote one too until
+        # 2026-12-07, without them, so it is measured as rebuilt
+        if recipe.model.plain_llava and (own_base / "config.json").is_file():
             description = f"run {path} (its llava-hf model)"
             return Source(
                 None,
