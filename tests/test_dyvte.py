@@ -293,6 +293,8 @@ def test_evaluate_counts_every_questions_exit_in_the_layer_mean_and_flops(tmp_pa
     (row,) = report["rows"]
     exits = row["statistics"]["dyvte"]["exit_layers"]
     assert exits["0"] > 0 and exits["2"] > 0  # both kinds of question were asked
+    counts = ", ".join(f"{k}: {n}" for k, n in exits.items())
+    assert f"- model, dyvte: exit_layers {counts}; visual_layer_share " in (out / "eval.md").read_text()
     layers, visual = len(built.model.llm.body.layers), 64
     seen = {"0": 1, "1": 2, "2": 3, "none": layers}  # layers that hold the visual tokens
     count = sum(exits.values())

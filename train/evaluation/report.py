@@ -199,6 +199,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"Batch N = {rows[0]['batch_n']}. Peak memory: {rows[0]['memory_measure']}."]
     lines += training_lines(rows)
     lines += paired_lines(rows)
+    lines += statistics_lines(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +234,27 @@ def training_lines(rows: list[dict]) -> list[str]:
             cells = [r["method"], stage["name"], str(stage["steps"]), f"{stage['seconds']:.1f}"]
             lines.append("| " + " | ".join([*cells, _samples_per_second(stage)]) + " |")
     return lines
+
+
+def statistics_lines(rows: list[dict]) -> list[str]:
+    """What each row's components counted over its questions (`Compressor.statistics`, e.g.
+    DyVTE's exit layers), one line per row and component (markdown)."""
+    counted = [(r, name, stats) for r in rows for name, stats in r.get("statistics", {}).items()]
+    if not counted:
+        return []
+    lines = ["", "What the components counted over the questions each row answered:", ""]
+    for r, name, stats in counted:
+        budget = "" if r["budget"] is None else f" @{r['budget']}"
+        lines.append(
+            f"- {r['method']}{budget}, {name}: " + "; ".join(f"{k} {_stat(v)}" for k, v in stats.items())
+        )
+    return lines
+
+
+def _stat(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_stat(v)}" for k, v in value.items())
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def paired_lines(rows: list[dict]) -> list[str]:
