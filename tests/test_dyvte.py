@@ -307,3 +307,27 @@ def test_evaluate_counts_every_questions_exit_in_the_layer_mean_and_flops(tmp_pa
     config = built.hf.config.text_config
     per_exit = {k: llm_flops(config, [text + visual] * seen[k] + [text] * (layers - seen[k])) for k in exits}
     assert row["flops"]["llm"] == pytest.approx(sum(per_exit[k] * n for k, n in exits.items()) / count)
+
+
+def test_the_exit_confidence_is_set_at_test_time_as_a_row_beside_the_model(tmp_path):
+    """`vtc evaluate --setting dyvte.exit_confidence=0.9`: the same routers, asked for more
+    confidence, exit fewer questions; the row sits beside the model's, compared with it
+    question by question, and its layer mean and FLOPs follow its own exits."""
+    from models.export import export
+    from models.pretrained import shipped_path
+    from train.evaluate import Settings, evaluate
+
+    base = str(shipped_path("tiny-llava"))
+    spec = ComponentSpec("dyvte", {"hidden": 16})
+    built = build(base, compressors=[spec], seed=0)
+    out = export(built, tmp_path / "dyvte", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
+    settings = Settings(limit=8, timing=False)
+    report = evaluate(
+        str(out), [], settings=settings, baseline="none", test_settings=["dyvte.exit_confidence=0.9"]
+    )
+    model, sure = report["rows"]
+    assert sure["method"] == "model[dyvte.exit_confidence=0.9]" and "vs_model" in sure
+    never = lambda row: row["statistics"]["dyvte"]["exit_layers"]["none"]  # noqa: E731
+    assert never(model) < never(sure)
+    assert model["visual_tokens_layer_mean"] < sure["visual_tokens_layer_mean"]
+    assert model["flops"]["llm"] < sure["flops"]["llm"]

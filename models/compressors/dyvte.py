@@ -99,6 +99,8 @@ class DyVTE(Compressor):
     Config = DyVTEConfig
     aux_losses = ("router_ce",)
     sparse_gradients = True  # one router learns per step
+    # an inference knob: the same routers exit more or less (`vtc evaluate --setting`)
+    stage_settings = ("exit_confidence",)
 
     def __init__(self, config: DyVTEConfig, dims: ModelDims):
         super().__init__(config, dims)
@@ -184,7 +186,7 @@ class DyVTE(Compressor):
         with torch.no_grad():
             logits = self.routers[layer](self.feature(state)).float()
         # P(exit) > c  ⇔  logit margin > log(c / (1 − c)); at c = 0.5 exactly the argmax (ties stay)
-        confidence = self.config.exit_confidence
+        confidence = self.setting("exit_confidence")
         return logits[:, 1] - logits[:, 0] > math.log(confidence / (1 - confidence))
 
     def after_llm(self, state: SequenceState) -> None:
