@@ -226,14 +226,27 @@ def test_vtc_evaluate_sets_a_run_beside_its_uncompressed_twin(tmp_path):
     for scheme in ("heavy", "none"):
         run_recipe(load_recipe(f"tiny/llavolta-{scheme}", [f"output={tmp_path / scheme}", *common]))
     args = ["evaluate", str(tmp_path / "heavy"), "--baselines", "", "--limit", "2", "--no-timing"]
-    assert (
-        main([*args, "--compare", str(tmp_path / "none"), "--uncompressed", "--out", str(tmp_path / "r")])
-        == 0
-    )
+    args += ["--compare", str(tmp_path / "none"), "--uncompressed", "--out", str(tmp_path / "r")]
+    args += ["--setting", "llavolta.inference=null", "--setting", "llavolta.inference={layer: 16, stride: 2}"]
+    assert main(args) == 0
     import json
 
     rows = {r["method"]: r for r in json.loads((tmp_path / "r" / "eval.json").read_text())["rows"]}
-    assert set(rows) == {"baseline", "model", "model-uncompressed", "none"}
+    assert set(rows) == {
+        "baseline",
+        "model",
+        "model-uncompressed",
+        "none",
+        "model[llavolta.inference=null]",
+        "model[llavolta.inference={layer: 16, stride: 2}]",
+    }
+    # another inference phase at test time: none is the weights without compression; the
+    # light phase (K=16 of 32 → before layer 2, S=2) pools 64 → 32 tokens from layer 2 on
+    assert (
+        rows["model[llavolta.inference=null]"]["layer_tokens"] == rows["model-uncompressed"]["layer_tokens"]
+    )
+    light = rows["model[llavolta.inference={layer: 16, stride: 2}]"]["layer_tokens"]
+    assert light == [n if i < 2 else n - 32 for i, n in enumerate(rows["none"]["layer_tokens"])]
     # heavy: 4 LLM layers, K=2 of 32 → pooled before layer 1, 64 → 8 tokens in layers 1..3
     assert rows["model"]["layer_tokens"] == [
         n if i == 0 else n - 56 for i, n in enumerate(rows["none"]["layer_tokens"])

@@ -71,6 +71,9 @@ class LLaVolta(Compressor):
 
     stage = "in_llm"
     Config = LLaVoltaConfig
+    # the phase outside training, which no weight depends on: `vtc evaluate --setting
+    # llavolta.inference={layer: 2, stride: 8}` measures a trained model under another one
+    stage_settings = ("inference",)
 
     def __init__(self, config: LLaVoltaConfig, dims: ModelDims):
         super().__init__(config, dims)
@@ -109,7 +112,7 @@ class LLaVolta(Compressor):
         """The phase in force: the training phase while training, else the inference one."""
         if self.training and self.phase_index is not None:
             return self.config.schedule[self.phase_index]
-        return self.config.inference
+        return self.setting("inference")
 
     def set_progress(self, progress: Progress | None) -> dict[str, float]:
         super().set_progress(progress)
