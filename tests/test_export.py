@@ -460,3 +460,43 @@ def test_an_export_of_a_trained_mlp_is_evaluated_and_asked_as_trained(tmp_path, 
     if compressor_only:  # its baseline is the base it went on, untrained
         baseline = source.base().model.projector.state_dict()
         assert not all(torch.equal(v, trained[k]) for k, v in baseline.items())
+
+
+@pytest.mark.slow
+def test_weights_model_init_gave_a_run_are_its_own_in_its_export(tmp_path):
+    """Routers trained on an initialised model (`tiny/tokenpacker-dyvte`'s shape; here run A
+    trains the MLP and the LLM, then run B the LLM through LoRA alone): B's trainable.safetensors
+    holds what A gave it (the LLM's under LoRA's `base_layer` names), so B's export has it even
+    once A is gone; a run saved before that (only what its stages trained) gets it from A, where
+    A still is."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    common = [f"data.cache_dir={tmp_path / 'data'}", "data.synthetic.train=64", "data.synthetic.test=4"]
+    common += ["eval.limit=2", "eval.baselines=[]", "stages.0.steps=2", "stages.0.batch_size=4"]
+    run_recipe(load_recipe("tiny/mlp", [f"output={tmp_path / 'a'}", *common]))
+    second = [f"output={tmp_path / 'b'}", f"model.init={tmp_path / 'a'}", *common]
+    run_recipe(
+        load_recipe("tiny/mlp", [*second, "stages.0.train.projector=frozen", "stages.0.train.llm=lora"])
+    )
+    given = load_file(str(tmp_path / "a" / "trainable.safetensors"))
+    assert any(k.startswith("projector.") for k in given) and any(k.startswith("llm.") for k in given)
+
+    def named_in(state: dict, name: str) -> torch.Tensor:  # under LoRA, a Linear's weight moved
+        parent, _, leaf = name.rpartition(".")
+        return state[name] if name in state else state[f"{parent}.base_layer.{leaf}"]
+
+    def has_what_a_gave(export_name: str) -> bool:
+        state = load_pretrained(export_run(tmp_path / "b", tmp_path / export_name)).model.state_dict()
+        return all(torch.equal(named_in(state, k), v) for k, v in given.items())
+
+    held = load_file(str(tmp_path / "b" / "trainable.safetensors"))
+    assert all(torch.equal(named_in(held, k), v) for k, v in given.items())  # B's own now
+    shutil.move(tmp_path / "a", tmp_path / "a-moved")  # A gone: B's file is enough
+    assert has_what_a_gave("x1")
+    # as a run trained before 2026-12-07 saved it: its LoRA adapters alone, A's weights in A
+    adapters = {k: v for k, v in held.items() if "lora_" in k}
+    save_file(adapters, str(tmp_path / "b" / "trainable.safetensors"))
+    shutil.move(tmp_path / "a-moved", tmp_path / "a")
+    assert has_what_a_gave("x2")

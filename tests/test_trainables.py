@@ -22,7 +22,7 @@ def test_save_then_init_restores_exactly_the_trained_parts(tmp_path):
         "llm",
     }
     fresh = build("tiny", tiny=TEST_TINY, seed=2).model
-    assert load_trainables(fresh, str(tmp_path)) > 0
+    assert load_trainables(fresh, str(tmp_path))  # the names it loaded
     for part in ("projector", "llm"):
         for (name, a), (_, b) in zip(
             getattr(trained, part).named_parameters(),

@@ -373,7 +373,8 @@ def test_a_run_of_the_mlp_on_views_is_evaluated_with_its_views(tmp_path):
         str(tmp_path / "run"), [], out_dir=tmp_path / "report", settings=settings, baseline="none"
     )
     (row,) = report["rows"]
-    assert row["visual_tokens"] == metrics["visual_tokens"] == 64 + 16 * 17  # 2 × 2 crops: 16 lines + newlines
+    # 2 × 2 crops as 16 lines of 16 tokens, each with its newline, after the thumbnail's 64
+    assert row["visual_tokens"] == metrics["visual_tokens"] == 64 + 16 * 17
     assert row["per_family"] == metrics["per_family"]
 
 

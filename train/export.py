@@ -50,12 +50,34 @@ def rebuild_run(run_dir: Path, compressors: list[ComponentSpec] | None = None, d
     if dtype is not None:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype))
     built = build_from_recipe(recipe)
+    prefix = "model." if checkpoint else ""  # a checkpoint keys weights as the LightningModule does
+    if recipe.model.init:
+        restore_init(built.model, recipe.model.init, weights, prefix)
     for stage in recipe.stages[: checkpoint.stage_index + 1] if checkpoint else recipe.stages:
         apply_stage(built.model, stage)  # injects LoRA where a stage trained with it
     skip = ("compressors.",) if compressors == [] else ()
-    # a checkpoint keys weights as the LightningModule does (`model.` + the model's names)
-    load_trainables(built.model, str(weights), skip=skip, prefix="model." if checkpoint else "")
+    load_trainables(built.model, str(weights), skip=skip, prefix=prefix)
     return built, recipe.model.projector, recipe.model.compressors, resolve_base(recipe.model.base)
+
+
+def restore_init(model, init: str, weights: Path, prefix: str = "") -> None:
+    """Load what `model.init` gave the run that its `weights` file lacks: a run trained before
+    2026-12-07 saved only what its stages trained, so routers trained on an initialised
+    TokenPacker were exported without it. Nothing where the file holds it all (newer runs) or
+    the init file is gone."""
+    from safetensors import safe_open
+
+    from train.zero import load_state
+
+    source = Path(init) / "trainable.safetensors" if Path(init).is_dir() else Path(init)
+    if not source.is_file():
+        return
+    with safe_open(str(weights), "pt") as held_file:
+        held = {k.removeprefix(prefix).replace(".base_layer.", ".") for k in held_file.keys()}
+    with safe_open(str(source), "pt") as init_file:
+        missing = {k: init_file.get_tensor(k) for k in init_file.keys() if k not in held}
+    if missing:
+        load_state(model, missing)
 
 
 def run_base(run_dir: Path) -> str | None:

@@ -284,17 +284,20 @@ def _run(
     # indexed now, so that a bad test shard is refused before training, not after it
     test = split_shards(recipe.data, "test") if is_zero and recipe.eval.after_training else None
     built = build_from_recipe(recipe)
+    # names of every weight the run's trainable.safetensors holds: what some stage trained so
+    # far, and what `model.init` loaded, which is the run's too even where no stage trains it
+    # (routers trained on an initialised TokenPacker: its export needs that TokenPacker)
+    saved: set[str] = set()
     if recipe.model.init:
-        loaded = load_trainables(built.model, recipe.model.init)
-        print(f"[vtc] initialised {loaded} tensors from {recipe.model.init}")
+        saved = load_trainables(built.model, recipe.model.init)
+        print(f"[vtc] initialised {len(saved)} tensors from {recipe.model.init}")
     started = time.time()
-    saved: set[str] = set()  # names of every weight some stage trained so far
     records = list(start.records) if start else []
     with Termination().handling() as termination:
         for index, stage in enumerate(recipe.stages):
             if start is not None and index < start.stage_index:
                 apply_stage(built.model, stage)  # LoRA structure as it was; weights come from the checkpoint
-                saved |= trainable_names(built.model)
+                add_trained(built.model, saved)
                 continue
             resume_from = start if start is not None and index == start.stage_index else None
             records.append(
@@ -449,7 +452,7 @@ def train_stage(
     rows = apply_stage(model, stage)
     checkpointing = recipe.trainer.gradient_checkpointing
     model.set_gradient_checkpointing(llm=checkpointing.llm, vision=checkpointing.vision)
-    saved |= trainable_names(model)
+    add_trained(model, saved)
     if is_zero:
         print(format_table(stage.name, rows), flush=True)
     world = recipe.trainer.devices * recipe.trainer.num_nodes
@@ -568,6 +571,19 @@ def trainable_names(model) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
+def add_trained(model, saved: set[str]) -> None:
+    """Add to `saved` the weights the stage just applied trains, and rename those LoRA has
+    wrapped since they were added (`x.weight` is then `x.base_layer.weight`: a weight
+    `model.init` loaded that a LoRA stage now trains through adapters)."""
+    params = dict(model.named_parameters())
+    for name in [n for n in saved if n not in params]:
+        parent, _, leaf = name.rpartition(".")
+        if f"{parent}.base_layer.{leaf}" in params:
+            saved.discard(name)
+            saved.add(f"{parent}.base_layer.{leaf}")
+    saved |= trainable_names(model)
+
+
 def loggers(recipe: Recipe, run_dir: Path, stage_name: str, is_zero: bool = True) -> list:
     out = [CSVLogger(run_dir, name="logs", version=stage_name)]
     if recipe.wandb.enabled:
@@ -645,11 +661,11 @@ def continue_csv_log(logger: CSVLogger, up_to_step: int, pending_row: dict | Non
     writer.save()
 
 
-def load_trainables(model, source: str, skip: tuple[str, ...] = (), prefix: str = "") -> int:
+def load_trainables(model, source: str, skip: tuple[str, ...] = (), prefix: str = "") -> set[str]:
     """Load `part.name` tensors saved by `save_trainables` (a run dir or the file itself), but
-    those whose names start with one of `skip`. `prefix`: the saved names carry it and only those
-    are read (a step checkpoint keys them as the LightningModule does, `model.part.name`, beside
-    training-only heads)."""
+    those whose names start with one of `skip`; returns the names loaded. `prefix`: the saved
+    names carry it and only those are read (a step checkpoint keys them as the LightningModule
+    does, `model.part.name`, beside training-only heads)."""
     path = Path(source)
     path = path / "trainable.safetensors" if path.is_dir() else path
     if not path.is_file():
@@ -666,7 +682,7 @@ def load_trainables(model, source: str, skip: tuple[str, ...] = (), prefix: str 
         load_state(model, tensors)  # gathers ZeRO-3 partitions, if the model has them
     except ValueError as err:
         raise UserError(f"model.init: {path} does not fit this model: {err}") from None
-    return len(tensors)
+    return set(tensors)
 
 
 def save_trainables(model, names: set[str], run_dir: Path, write: bool = True) -> Path:
