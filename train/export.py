@@ -74,8 +74,9 @@ def restore_init(model, init: str, weights: Path, prefix: str = "") -> None:
         return
     with safe_open(str(weights), "pt") as held_file:
         held = {k.removeprefix(prefix).replace(".base_layer.", ".") for k in held_file.keys()}
+    wanted = {name for name, _ in model.named_parameters()} - held  # not the compressors left out
     with safe_open(str(source), "pt") as init_file:
-        missing = {k: init_file.get_tensor(k) for k in init_file.keys() if k not in held}
+        missing = {k: init_file.get_tensor(k) for k in init_file.keys() if k in wanted}
     if missing:
         load_state(model, missing)
 
