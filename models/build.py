@@ -23,6 +23,7 @@ from models.compressors import build_component
 from models.compressors.base import ModelDims
 from models.llava import VtcLlava
 from models.llm import LanguageModel
+from models.lora import unwrapped_name
 from models.tiny import TinyConfig, tiny_llava_config, tiny_tokenizer
 from models.views import MultiViewConfig
 from models.vision import VisionTower, prefix_tokens
@@ -225,11 +226,7 @@ def save_hf(built: Built, out_dir: str | Path) -> None:
         built.hf.model.multi_modal_projector.load_state_dict(built.model.projector.state_dict())
     # Linears wrapped by LoRA keep their weight under `.base_layer.`: save it under the plain HF
     # name; the adapters are not part of the HF model (models/export.py saves them apart).
-    state = {
-        key.replace(".base_layer.", "."): value
-        for key, value in built.hf.state_dict().items()
-        if "lora_" not in key
-    }
+    state = {unwrapped_name(key): value for key, value in built.hf.state_dict().items() if "lora_" not in key}
     built.hf.save_pretrained(out_dir, state_dict=state)
     if built.tokenizer is not None:
         built.tokenizer.save_pretrained(out_dir)

@@ -20,6 +20,12 @@ LORA_TARGETS = {
 ADAPTER = "default"  # peft's adapter name
 
 
+def unwrapped_name(name: str) -> str:
+    """A weight's name as it was before LoRA wrapped its Linear, which keeps the weight under
+    `.base_layer.` (`x.base_layer.weight` → `x.weight`; other names unchanged)."""
+    return name.replace(".base_layer.", ".")
+
+
 def has_lora(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
 

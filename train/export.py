@@ -11,6 +11,7 @@ from data.errors import UserError
 from models.build import ComponentSpec
 from models.compressors import component_class
 from models.export import FORMAT, export, merge_lora
+from models.lora import unwrapped_name
 from train.checkpoint import checkpoint_at, unfinished_run
 from train.freeze import apply_stage
 from train.outputs import write_dir_atomic
@@ -73,7 +74,7 @@ def restore_init(model, init: str, weights: Path, prefix: str = "") -> None:
     if not source.is_file():
         return
     with safe_open(str(weights), "pt") as held_file:
-        held = {k.removeprefix(prefix).replace(".base_layer.", ".") for k in held_file.keys()}
+        held = {unwrapped_name(k.removeprefix(prefix)) for k in held_file.keys()}
     wanted = {name for name, _ in model.named_parameters()} - held  # not the compressors left out
     with safe_open(str(source), "pt") as init_file:
         missing = {k: init_file.get_tensor(k) for k in init_file.keys() if k in wanted}

@@ -32,7 +32,7 @@ from data.errors import UserError
 from data.locks import held_alone
 from data.synth import region_classes
 from models.build import DTYPES, build, save_as_llava_hf
-from models.lora import has_lora
+from models.lora import has_lora, unwrapped_name
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
 from train.checkpoint import (
@@ -575,13 +575,10 @@ def add_trained(model, saved: set[str]) -> None:
     """Add to `saved` the weights the stage just applied trains, and rename those LoRA has
     wrapped since they were added (`x.weight` is then `x.base_layer.weight`: a weight
     `model.init` loaded that a LoRA stage now trains through adapters)."""
-    params = dict(model.named_parameters())
-    for name in [n for n in saved if n not in params]:
-        parent, _, leaf = name.rpartition(".")
-        if f"{parent}.base_layer.{leaf}" in params:
-            saved.discard(name)
-            saved.add(f"{parent}.base_layer.{leaf}")
-    saved |= trainable_names(model)
+    now = {unwrapped_name(name): name for name, _ in model.named_parameters()}
+    renamed = {now.get(unwrapped_name(name), name) for name in saved}
+    saved.clear()
+    saved |= renamed | trainable_names(model)
 
 
 def loggers(recipe: Recipe, run_dir: Path, stage_name: str, is_zero: bool = True) -> list:
