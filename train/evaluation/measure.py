@@ -215,10 +215,10 @@ def prefill_cost(built: Built, questions: QuestionSet, size: int, answers: dict[
     words = text_tokens(model, first) - indicator_tokens(model, grid_of(answers[questions.questions[0].id]))
     towers: dict = {}  # grid → (tower FLOPs, projector FLOPs) of one image with that grid
     asked = Counter()  # (grid, text tokens, visual tokens per layer) → questions
-    for q in questions.questions:
+    for index, q in enumerate(questions.questions):
         grid = grid_of(answers[q.id])
         if grid not in towers:
-            batch = prompt_batch(built, replace(questions, questions=[q]), size, 1)
+            batch = first if index == 0 else prompt_batch(built, replace(questions, questions=[q]), size, 1)
             vision, (features, _) = counted_run(
                 model.vision_features, batch["pixel_values"], batch.get("image_grids")
             )

@@ -291,19 +291,18 @@ class SettingAtTest:
         if problems:
             raise UserError(f"--setting {self.text}: {problems[0]}")
 
+    def apply(self, built: Built) -> Built:
+        """`built` with this setting applied to each of its components of that name."""
+        found = [c for c in built.model.compressors if c.registry_name == self.component]
+        if not found:
+            raise UserError(f"--setting {self.text}: the model under test has no {self.component}")
+        for component in found:
+            component.config = dataclasses.replace(component.config, **{self.key: self.value})
+        return built
+
     def applied(self, make: Callable[[], Built]) -> Callable[[], Built]:
-        """`make` with this setting applied to each of its components of that name."""
-
-        def build_with() -> Built:
-            built = make()
-            found = [c for c in built.model.compressors if c.registry_name == self.component]
-            if not found:
-                raise UserError(f"--setting {self.text}: the model under test has no {self.component}")
-            for component in found:
-                component.config = dataclasses.replace(component.config, **{self.key: self.value})
-            return built
-
-        return build_with
+        """`make` with this setting applied (`apply`) to what it builds."""
+        return lambda: self.apply(make())
 
 
 def baseline_at(name: str, budget: int, visual: int, dims) -> ComponentSpec | None:
@@ -422,7 +421,7 @@ def placed_model(
     built = model_for(target, compressor, tokens, dtype_for(dtype, place))
     for setting in changed:
         setting.check(built.model.dims)
-        built = setting.applied(lambda built=built: built)()
+        setting.apply(built)
     if template is not None:
         built.template = template
     to_precision(built.model, torch_dtype, place).eval()
