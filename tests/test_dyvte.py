@@ -273,14 +273,17 @@ def test_the_exit_confidence_is_the_argmax_at_one_half_and_exits_fewer_above():
 
 def test_evaluate_counts_every_questions_exit_in_the_layer_mean_and_flops(tmp_path, monkeypatch):
     """A row of a dynamic method: its per-layer tokens, layer mean and LLM FLOPs are means over
-    the questions answered (each at its own exit), not the first question's; they agree with
-    the exit layers DyVTE counted itself."""
+    the questions answered (each at its own exit and with its own words), not the first
+    question's; they agree with the exit layers DyVTE counted itself."""
+    from PIL import Image
+
     from models.export import export
     from models.flops import llm_flops
     from models.pretrained import shipped_path
     from train.evaluate import Settings, evaluate
+    from train.evaluation.measure import prompt_words
 
-    def exit_by_prompt_parity(self, layer, state):  # questions of both parities: mixed exits
+    def exit_by_prompt_parity(self, layer, state):  # questions one word apart: mixed exits
         even = state.prompt_mask.sum(1) % 2 == 0
         return torch.where(even, torch.tensor(layer == 0), torch.tensor(layer == 2))
 
@@ -289,24 +292,41 @@ def test_evaluate_counts_every_questions_exit_in_the_layer_mean_and_flops(tmp_pa
     spec = ComponentSpec("dyvte", {"hidden": 16})
     built = build(base, compressors=[spec])
     out = export(built, tmp_path / "dyvte", ComponentSpec("mlp2x_gelu"), [spec], base, compressor_only=True)
-    report = evaluate(str(out), [], settings=Settings(limit=8, timing=False), baseline="none")
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "img" / "red.png")
+    texts = ["What colour is the dot?"] * 3 + ["What colour is the small dot?"]
+    lines = [{"question_id": i, "image": "red.png", "text": t} for i, t in enumerate(texts)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = evaluate(
+        str(out),
+        [],
+        questions_file=str(tmp_path / "q.jsonl"),
+        images_dir=str(tmp_path / "img"),
+        settings=Settings(timing=False),
+        baseline="none",
+    )
     (row,) = report["rows"]
     exits = row["statistics"]["dyvte"]["exit_layers"]
-    assert exits["0"] > 0 and exits["2"] > 0  # both kinds of question were asked
+    taken = {k: n for k, n in exits.items() if n}
+    assert sorted(taken.values()) == [1, 3] and set(taken) == {"0", "2"}  # each text at its own exit
     counts = ", ".join(f"{k}: {n}" for k, n in exits.items())
     assert f"- model, dyvte: exit_layers {counts}; visual_layer_share " in (out / "eval.md").read_text()
+    exit_of = {t: next(k for k, n in taken.items() if n == texts.count(t)) for t in texts}
     layers, visual = len(built.model.llm.body.layers), 64
     seen = {"0": 1, "1": 2, "2": 3, "none": layers}  # layers that hold the visual tokens
-    count = sum(exits.values())
-    by_layer = [sum(n for k, n in exits.items() if seen[k] > i) * visual / count for i in range(layers)]
-    text = row["layer_tokens"][0] - visual  # every question enters layer 0 with all 64
-    assert row["layer_tokens"] == pytest.approx([text + v for v in by_layer], abs=0.01)
+    words = {t: prompt_words(built, t) for t in texts}
+    assert words[texts[-1]] == words[texts[0]] + 1
+    per_question = [
+        [words[t] + (visual if seen[exit_of[t]] > i else 0) for i in range(layers)] for t in texts
+    ]
+    assert row["layer_tokens"] == pytest.approx(
+        [sum(q[i] for q in per_question) / 4 for i in range(layers)], abs=0.01
+    )
     assert row["visual_tokens_layer_mean"] == pytest.approx(
         row["statistics"]["dyvte"]["visual_layer_share"] * visual
     )
     config = built.hf.config.text_config
-    per_exit = {k: llm_flops(config, [text + visual] * seen[k] + [text] * (layers - seen[k])) for k in exits}
-    assert row["flops"]["llm"] == pytest.approx(sum(per_exit[k] * n for k, n in exits.items()) / count)
+    assert row["flops"]["llm"] == pytest.approx(sum(llm_flops(config, q) for q in per_question) / 4)
 
 
 def test_the_exit_confidence_is_set_at_test_time_as_a_row_beside_the_model(tmp_path):

@@ -136,6 +136,25 @@ def test_a_question_file_whose_first_image_is_missing_is_measured_on_the_others(
         evaluate(base, [], out_dir=tmp_path / "out2", **args)
 
 
+def _one_row(tmp_path, source, asked: list[tuple[str, str]], baseline: str | None = "none") -> dict:
+    """The first row of `vtc evaluate SOURCE --baseline BASELINE --no-timing` on a question file
+    holding `asked`, (image file under tmp_path/img, question) pairs."""
+    from train.evaluate import Settings, evaluate
+
+    lines = [{"question_id": i, "image": image, "text": text} for i, (image, text) in enumerate(asked)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = evaluate(
+        str(source),
+        [],
+        out_dir=tmp_path / f"out{len(list(tmp_path.glob('out*')))}",
+        questions_file=str(tmp_path / "q.jsonl"),
+        images_dir=str(tmp_path / "img"),
+        settings=Settings(timing=False),
+        baseline=baseline,
+    )
+    return report["rows"][0]
+
+
 def test_the_flops_of_images_cut_into_different_grids_are_their_mean(tmp_path):
     """Each question's image counts with its own views: a wide image (1 × 2 crops) and a square
     one (2 × 2) asked together cost the mean of what each costs alone, the tower, the projector
@@ -143,7 +162,6 @@ def test_the_flops_of_images_cut_into_different_grids_are_their_mean(tmp_path):
     from models.export import export
     from models.pretrained import shipped_path
     from models.views import MultiViewConfig
-    from train.evaluate import Settings, evaluate
 
     base = str(shipped_path("tiny-llava"))
     built = build(base, views=MultiViewConfig(((1, 1), (1, 2), (2, 2)), newline=False))
@@ -151,30 +169,39 @@ def test_the_flops_of_images_cut_into_different_grids_are_their_mean(tmp_path):
     (tmp_path / "img").mkdir()
     for name, size in (("wide.png", (128, 64)), ("square.png", (128, 128))):
         Image.new("RGB", size, "red").save(tmp_path / "img" / name)
-
-    def row(*images: str) -> dict:
-        lines = [
-            {"question_id": i, "image": n, "text": "What colour is the dot?"} for i, n in enumerate(images)
-        ]
-        (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        report = evaluate(
-            str(out),
-            [],
-            out_dir=tmp_path / "-".join(images),
-            questions_file=str(tmp_path / "q.jsonl"),
-            images_dir=str(tmp_path / "img"),
-            settings=Settings(timing=False),
-            baseline="none",
-        )
-        return report["rows"][0]
-
-    wide, square, both = row("wide.png"), row("square.png"), row("wide.png", "square.png")
+    question = "What colour is the dot?"
+    wide, square = (
+        _one_row(tmp_path, out, [("wide.png", question)]),
+        _one_row(tmp_path, out, [("square.png", question)]),
+    )
+    both = _one_row(tmp_path, out, [("wide.png", question), ("square.png", question)])
     assert wide["visual_tokens"] == 3 * 64 and square["visual_tokens"] == 5 * 64
     assert wide["flops"]["vision"] < square["flops"]["vision"]
     for part in ("vision", "projector", "llm", "total"):
         assert both["flops"][part] == pytest.approx((wide["flops"][part] + square["flops"][part]) / 2)
     assert both["layer_tokens"] == [
         (w + s) / 2 for w, s in zip(wide["layer_tokens"], square["layer_tokens"], strict=True)
+    ]
+
+
+def test_each_question_costs_its_own_words(tmp_path):
+    """A short question and a long one asked together cost the mean of each alone: the LLM's
+    FLOPs and its sequence per layer follow each question's prompt, not the first one's."""
+    from models.pretrained import shipped_path
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "img" / "red.png")
+    base = shipped_path("tiny-llava")
+    short, long = "What colour is the dot?", "How many objects are there and what colour is the dot?"
+    one = _one_row(tmp_path, base, [("red.png", short)], baseline=None)  # the base's own row
+    other = _one_row(tmp_path, base, [("red.png", long)], baseline=None)
+    both = _one_row(tmp_path, base, [("red.png", short), ("red.png", long)], baseline=None)
+    assert other["layer_tokens"][0] > one["layer_tokens"][0]  # the longer prompt
+    assert other["flops"]["vision"] == one["flops"]["vision"]  # the same image
+    for part in ("llm", "total"):
+        assert both["flops"][part] == pytest.approx((one["flops"][part] + other["flops"][part]) / 2)
+    assert both["layer_tokens"] == [
+        (a + b) / 2 for a, b in zip(one["layer_tokens"], other["layer_tokens"], strict=True)
     ]
 
 

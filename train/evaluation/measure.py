@@ -205,14 +205,14 @@ def cost(
 
 def prefill_cost(built: Built, questions: QuestionSet, size: int, answers: dict[str, dict]) -> dict:
     """The prefill's FLOPs and tokens per decoder layer, each a mean over `questions` (all
-    answered): every question at the first one's words, with its own image's views (its grid:
-    the tower's and projector's FLOPs, counted once per grid on the tower as it runs, so an
-    encoder component's own work and savings count; crop indicators) and its own visual tokens
-    per layer as its prefill held them (a dynamic method, DyVTE, exits at each question's own
-    layer)."""
+    answered): every question with its own words (its prompt in the model's template), its own
+    image's views (its grid: the tower's and projector's FLOPs, counted once per grid on the
+    tower as it runs, so an encoder component's own work and savings count; crop indicators)
+    and its own visual tokens per layer as its prefill held them (a dynamic method, DyVTE,
+    exits at each question's own layer)."""
     model, config = built.model, built.hf.config
     first = prompt_batch(built, questions, size, 1)
-    words = text_tokens(model, first) - indicator_tokens(model, grid_of(answers[questions.questions[0].id]))
+    words: dict[str, int] = {}  # question text → text tokens of its prompt (question sets repeat texts)
     towers: dict = {}  # grid → (tower FLOPs, projector FLOPs) of one image with that grid
     asked = Counter()  # (grid, text tokens, visual tokens per layer) → questions
     for index, q in enumerate(questions.questions):
@@ -223,7 +223,10 @@ def prefill_cost(built: Built, questions: QuestionSet, size: int, answers: dict[
                 model.vision_features, batch["pixel_values"], batch.get("image_grids")
             )
             towers[grid] = (vision, module_flops(model.projector, features))
-        asked[grid, words + indicator_tokens(model, grid), tuple(answers[q.id]["visual_tokens_layers"])] += 1
+        if q.text not in words:
+            words[q.text] = prompt_words(built, q.text)
+        text = words[q.text] + indicator_tokens(model, grid)
+        asked[grid, text, tuple(answers[q.id]["visual_tokens_layers"])] += 1
     count = len(questions.questions)
     vision = projector = llm = 0.0
     layer_tokens = [0.0] * len(model.llm.body.layers)
@@ -238,6 +241,14 @@ def prefill_cost(built: Built, questions: QuestionSet, size: int, answers: dict[
         "visual_tokens_layer_mean": tidy(visual / count),
         "flops": PrefillFlops(vision / count, projector / count, llm / count).as_dict(),
     }
+
+
+def prompt_words(built: Built, question: str) -> int:
+    """Text tokens of `question`'s prompt in the model's template, as `prompt_batch` writes it:
+    every token but the <image> placeholders (crop indicators, which depend on the image's
+    grid, not counted)."""
+    ids = built.template.prompt("<image>\n" + question, built.tokenizer, built.model.image_token_id)
+    return sum(token != built.model.image_token_id for token in ids)
 
 
 def grid_of(answer: dict) -> tuple[int, int] | None:

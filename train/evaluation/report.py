@@ -152,8 +152,8 @@ def markdown(report: dict) -> str:
         + f"Accuracy = mean over question families; kept = vs. {reference}; same answers = share of "
         "answers identical to that row's; hard @b = share right of the questions the image "
         "down-sampled to b tokens gets wrong; layer mean = visual tokens per LLM layer, mean over the "
-        "questions; GFLOPs = analytic prefill, mean over the questions (each with its image's views "
-        "and its visual tokens per layer) at the first question's words (models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
+        "questions; GFLOPs = analytic prefill, mean over the questions (each with its own words, its "
+        "image's views and its visual tokens per layer; models/flops.py); ceiling × = the speed-up those FLOPs allow; × = measured prefill speed-up.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
