@@ -8,8 +8,10 @@
     OUT/vtc.json                                          format, projector/compressor specs,
                                                           multi-view settings, prompt template,
                                                           LoRA settings per part, base (for
-                                                          compressor_only), versions, tensor
-                                                          names and shapes
+                                                          compressor_only), the run it came
+                                                          from (its base and test data, what
+                                                          `vtc evaluate` measures it on),
+                                                          versions, tensor names and shapes
 
 `load_pretrained(OUT)` rebuilds the same model: the llava-hf part through transformers, the
 components through the registry, LoRA adapters re-injected with peft, weights from safetensors
@@ -46,9 +48,12 @@ def export(
     compressors: list[ComponentSpec],
     base: str,
     compressor_only: bool = False,
+    run: dict | None = None,
 ) -> Path:
     """Write `built` to `out_dir`. Unmerged LoRA adapters go to lora.safetensors (the HF part gets
-    the base weights); `merge_lora` first to fold them in instead."""
+    the base weights); `merge_lora` first to fold them in instead. `run`: what the training run
+    it comes from was measured on ({"base": the LLaVA it was attached to, "data": its test
+    data}), kept so that `vtc evaluate` of the export measures what it measured of the run."""
     model = built.model
     lora = {part: s for part, m in model.parts().items() if (s := lora_settings(m)) is not None}
     out = Path(out_dir)
@@ -75,6 +80,7 @@ def export(
         "views": model.views.config.to_dict() if model.views is not None else None,
         "template": built.template.to_dict(),
         "lora": lora,
+        "run": run,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "tensors": {k: list(v.shape) for k, v in components.items()},
     }
@@ -94,8 +100,15 @@ def export_base(path: Path, meta: dict) -> str:
     return base or str(path)
 
 
-def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> Built:
-    """Load a folder written by `export` (or `vtc export`)."""
+def load_pretrained(
+    path: str | Path,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    compressors: list[ComponentSpec] | None = None,
+) -> Built:
+    """Load a folder written by `export` (or `vtc export`). `compressors`: the export's own with
+    other settings (e.g. another token budget: the same names, so the same weights), or [] to
+    leave them out (the trained model without compression)."""
     path = Path(path)
     meta_path = path / "vtc.json"
     if not meta_path.is_file():
@@ -106,22 +119,28 @@ def load_pretrained(path: str | Path, device: str | None = None, dtype: torch.dt
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: format {meta.get('format')!r}, this vtc reads {FORMAT!r}")
     projector = ComponentSpec(meta["projector"]["name"], meta["projector"]["params"])
-    compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
+    if compressors is None:
+        compressors = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
     views = meta.get("views")
     views = MultiViewConfig.from_dict(views) if views else None
     built = build(export_base(path, meta), projector, compressors, device=device, dtype=dtype, views=views)
     built.template = template_from_dict(meta.get("template"))  # vicuna_v1 in exports made before
     tensors = load_file(str(path / "components.safetensors"))
     model = built.model
-    parts = [("projector.", model.projector), ("compressors.", model.compressors)]
+    parts = [("projector.", model.projector)] + ([("compressors.", model.compressors)] if compressors else [])
     for prefix, module in parts + ([("views.", model.views)] if views else []):
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=True)
-    lora = meta.get("lora") or {}
+    lora = {
+        part: settings
+        for part, settings in (meta.get("lora") or {}).items()
+        if compressors or part != "compressors"
+    }
     if lora:
         for part, settings in lora.items():
             inject_lora(model.parts()[part], part, **settings)
         adapters = load_file(str(path / "lora.safetensors"))
+        adapters = {k: v for k, v in adapters.items() if compressors or not k.startswith("compressors.")}
         missing = {k for k, _ in model.named_parameters() if "lora_" in k} ^ set(adapters)
         if missing:
             raise UserError(

@@ -403,6 +403,79 @@ def test_compressor_only_on_a_tiny_config_run_is_refused_before_the_model_is_reb
     assert not (tmp_path / "out").exists()
 
 
+def test_compressor_only_refuses_to_leave_out_what_the_run_trained(tmp_path):
+    """`--compressor-only` writes the components and LoRA adapters, and names the base for the
+    rest: a run that trained its LLM in full is refused (its export would be another model),
+    and so are LoRA adapters it would be asked to merge into weights it does not write; nothing
+    is written.
+    Adapters kept unmerged go with it and load back."""
+    common = [f"data.cache_dir={tmp_path / 'data'}", "data.synthetic.train=64", "data.synthetic.test=4"]
+    common += ["eval.limit=2", "eval.baselines=[]", "stages.0.steps=2", "stages.0.batch_size=4"]
+    run_recipe(load_recipe("tiny/mlp", [f"output={tmp_path / 'full'}", *common]))
+    with pytest.raises(
+        UserError, match=r"trained weights outside its projector and compressors \(in its llm, e\.g\."
+    ):
+        export_run(tmp_path / "full", tmp_path / "out", compressor_only=True)
+    run_recipe(load_recipe("tiny/mlp", [f"output={tmp_path / 'lora'}", "stages.0.train.llm=lora", *common]))
+    with pytest.raises(UserError, match="--merge-lora folds the run's LoRA adapters"):
+        export_run(tmp_path / "lora", tmp_path / "out", merge=True, compressor_only=True)
+    assert not (tmp_path / "out").exists()
+    whole = load_pretrained(export_run(tmp_path / "lora", tmp_path / "whole"))
+    alone = load_pretrained(export_run(tmp_path / "lora", tmp_path / "out", compressor_only=True))
+    assert (
+        not (tmp_path / "out" / "model.safetensors").exists()
+        and (tmp_path / "out" / "lora.safetensors").exists()
+    )
+    assert torch.equal(logits(alone), logits(whole))
+
+
+def test_an_export_is_evaluated_as_its_run_is(tmp_path, capsys, monkeypatch):
+    """`vtc evaluate EXPORT` measures what `vtc evaluate RUN` does: against the LLaVA the run was
+    attached to (not the export's own LLM, trained, without its compressors), on the run's test
+    data, with the model at each budget its compressors can keep, and with them left out."""
+    from models.pretrained import shipped_path
+    from train.evaluate import Settings, evaluate
+    from train.evaluation.sources import resolve_source
+
+    monkeypatch.chdir(tmp_path)  # where the export's evaluation writes the synthetic test split
+    overrides = [f"output={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}", "eval.limit=2"]
+    overrides += ["data.synthetic.train=64", "data.synthetic.test=4", "data.synthetic.seed=7"]
+    overrides += ["eval.baselines=[]", "stages.0.steps=2", "stages.0.batch_size=4", "stages.0.optim.lr=0.05"]
+    recipe = load_recipe("tiny/avgpool", overrides)
+    run_recipe(recipe)
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    source = resolve_source(str(out))
+    assert source.base_dir == str(shipped_path("tiny-llava"))
+    assert source.data.synthetic == recipe.data.synthetic  # seed 7, not the default
+    report = {}
+    for name, target in (("run", tmp_path / "run"), ("export", out)):
+        settings = Settings(limit=2, timing=False)
+        report[name] = evaluate(
+            str(target), [], out_dir=tmp_path / f"ev-{name}", settings=settings, uncompressed=True
+        )
+    rows = {
+        name: [
+            (r["method"], r["budget"], r["accuracy"], r["accuracy_kept"], r["agreement"], r["flops"])
+            for r in report[name]["rows"]
+        ]
+        for name in report
+    }
+    assert [m for m, *_ in rows["run"]] == [
+        "baseline",
+        "model",
+        "model",
+        "model-uncompressed",
+    ]
+    assert rows["export"] == rows["run"]
+
+    meta = json.loads((out / "vtc.json").read_text())  # the base it was trained on is gone
+    (out / "vtc.json").write_text(
+        json.dumps({**meta, "run": {**meta["run"], "base": str(tmp_path / "gone")}})
+    )
+    assert resolve_source(str(out)).base_dir == str(out)
+    assert "the base its run was trained on" in capsys.readouterr().out
+
+
 def test_a_compressor_only_export_whose_base_moved_says_how_to_point_it_there(tmp_path):
     """A `--compressor-only` export names its base's folder in vtc.json: moved, loading and
     evaluating say so in one line, and setting "base" to the new place loads it."""

@@ -142,10 +142,68 @@ def export_run(
         raise UserError(
             "--compressor-only needs a base on disk; this run's base is built from the tiny configs"
         )
+    if compressor_only:
+        refuse_left_out(Path(run_dir), merge)
     built, projector, compressors, base = rebuild_run(Path(run_dir))
     if merge:
         merged = merge_lora(built.model)
         print(f"[vtc] merged {merged} LoRA adapters into the base weights")
+    run = measured_on(Path(run_dir))
     return write_dir_atomic(
-        out, lambda tmp: export(built, tmp, projector, compressors, base, compressor_only=compressor_only)
+        out, lambda tmp: export(built, tmp, projector, compressors, base, compressor_only, run)
     )
+
+
+def measured_on(run_dir: Path) -> dict:
+    """What `vtc evaluate` measures a run (or step checkpoint) on, for its export to be measured
+    alike: {"base": the LLaVA it was attached to (a shipped base by its name, which another
+    clone finds; "tiny" for one built from configs; else an absolute path), "data": its test
+    data (synthetic settings, test shards as an absolute path)}."""
+    from models.pretrained import shipped_path
+    from train.schema import to_plain
+
+    checkpoint = checkpoint_at(run_dir)
+    recipe = load_recipe((checkpoint.run_dir if checkpoint else run_dir) / "recipe.yaml", check_machine=False)
+    base = recipe.model.base
+    if base != "tiny" and shipped_path(base) is None:
+        base = str(Path(resolve_base(base)).absolute())
+    shards = recipe.data.test_shards
+    return {
+        "base": base,
+        "data": {
+            "synthetic": to_plain(recipe.data.synthetic),
+            "test_shards": None if shards is None else str(Path(shards).absolute()),
+        },
+    }
+
+
+COMPONENT_PREFIXES = ("projector.", "compressors.", "views.")  # what a `--compressor-only` export writes
+
+
+def refuse_left_out(run_dir: Path, merge: bool) -> None:
+    """Refuse a `--compressor-only` export that would leave out trained weights: it writes the
+    components (and LoRA adapters, unmerged) and names the base for the rest, so a run that
+    trained its LLM or tower in full, or whose adapters `--merge-lora` would fold into the LLM,
+    would come back as another model."""
+    from safetensors import safe_open
+
+    file = run_dir / "trainable.safetensors"
+    if not file.is_file():
+        return  # not a finished run, or a DeepSpeed checkpoint: rebuild_run says which
+    prefix = "model." if checkpoint_at(run_dir) else ""  # a checkpoint keys weights as the LightningModule
+    with safe_open(str(file), "pt") as weights:
+        names = [unwrapped_name(name.removeprefix(prefix)) for name in weights.keys()]
+    adapters = [name for name in names if "lora_" in name]
+    if merge and adapters:
+        raise UserError(
+            f"{run_dir}: --merge-lora folds the run's LoRA adapters into the LLM and tower weights, "
+            "which --compressor-only does not write; leave out one of the two"
+        )
+    left_out = [n for n in names if "lora_" not in n and not n.startswith(COMPONENT_PREFIXES)]
+    if left_out:
+        parts = sorted({name.split(".")[0] for name in left_out})
+        raise UserError(
+            f"{run_dir}: the run holds {len(left_out)} trained weights outside its projector and "
+            f"compressors (in its {' and '.join(parts)}, e.g. {left_out[0]}), which --compressor-only "
+            "would leave out; export the whole model (without --compressor-only)"
+        )

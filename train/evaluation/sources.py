@@ -209,18 +209,77 @@ def _resolve_source(target: str, dtype: str, base_used: bool = True) -> Source:
         # base it names, which is its baseline
         plain = not meta["base"] and meta["projector"]["name"] == "mlp2x_gelu"
         plain = plain and not (meta["compressors"] or meta.get("lora") or meta.get("views"))
-        base = export_base(path, meta)
-        model = None if plain else (lambda: load_pretrained(path, dtype=DTYPES[dtype]))
-        template = template_from_dict(meta.get("template"))
-        return Source(
-            model, base, path, DataRecipe(), f"export {path}", template=template, dtype=dtype, location=path
-        )
+        if plain:
+            template = template_from_dict(meta.get("template"))
+            data = export_data(path, meta)
+            return Source(
+                None, str(path), path, data, f"export {path}", template=template, dtype=dtype, location=path
+            )
+        return export_source(path, meta, dtype)
     if (path / "config.json").is_file():
         return Source(None, str(path), path, DataRecipe(), f"llava-hf model {path}", dtype=dtype)
     unfinished = unfinished_run(path, "evaluate {}")
     if unfinished:
         raise UserError(unfinished)
     raise FileNotFoundError(f"{target}: not a run directory, recipe, vtc export or llava-hf folder")
+
+
+def export_source(path: Path, meta: dict, dtype: str) -> Source:
+    """An export with a trained part beyond a llava-hf model, measured as its run was: against
+    the LLaVA that run was attached to, when the export records it and it is there (else the
+    export's own llava-hf part, or the base a `--compressor-only` one names), on its run's test
+    data, and at every budget its compressors can keep, as `vtc evaluate RUN` measures it."""
+    from train.export import at_budget
+    from train.recipe import resolve_base
+
+    def loaded(compressors=None) -> Callable[[], Built]:
+        return lambda: load_pretrained(path, dtype=DTYPES[dtype], compressors=compressors)
+
+    specs = [ComponentSpec(c["name"], c["params"]) for c in meta["compressors"]]
+
+    def model_at(budget: int, visual: int, dims) -> Callable[[], Built] | None:
+        compressors = at_budget(specs, budget, visual, dims)
+        return None if compressors is None else loaded(compressors)
+
+    base = export_base(path, meta)
+    attached = (meta.get("run") or {}).get("base")
+    if not meta["base"] and attached not in (None, "tiny"):
+        origin = resolve_base(attached)
+        if (Path(origin) / "config.json").is_file():
+            base = origin
+        else:
+            print(
+                f"[vtc] {path}: the base its run was trained on, {attached}, is not there; "
+                "its baseline is the export's own LLaVA without its compressors"
+            )
+    return Source(
+        loaded(),
+        base,
+        path,
+        export_data(path, meta),
+        f"export {path}",
+        model_at,
+        loaded([]) if specs else None,
+        template_from_dict(meta.get("template")),
+        dtype,
+        location=path,
+    )
+
+
+def export_data(path: Path, meta: dict):
+    """The test data the export's run was measured on (a DataRecipe), or vtc's default synthetic
+    split for an export that records none (imported, or written before 2026-12-07)."""
+    from train.recipe import DataRecipe
+    from train.schema import parse_dataclass
+
+    recorded = (meta.get("run") or {}).get("data")
+    if recorded is None:
+        return DataRecipe()
+    problems = []
+    data = parse_dataclass(DataRecipe, recorded, "run.data", problems)
+    if problems:
+        raise UserError(f"{path / 'vtc.json'}: {problems[0].key}: {problems[0].message}")
+    return data
 
 
 NO_BASELINE = "none"  # `--baseline none`: the model under test is the reference row
