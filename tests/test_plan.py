@@ -119,6 +119,53 @@ def test_checkpointed_llm_keeps_its_layer_inputs(tiny_batch):
     assert abs((kept.total - one_layer) - checkpointed) <= 0.25 * checkpointed
 
 
+def test_a_frozen_llm_forward_is_counted_where_nothing_is_kept():
+    """A DyVTE router stage (`aux`, LLM frozen) keeps no LLM activation for backward, but its
+    forward computes every layer's intermediates, one layer at a time, and its exit labels
+    score the answers through the LM head: the plan's bytes bound the peak of the tensors a real
+    training step of the tiny model makes (forward and backward; on CPU, whose attention also
+    materialises the S×S scores the GPU's fused kernel does not), within 2×. Until 2026-12-07
+    the plan counted 0 bytes for it."""
+    from models.build import ComponentSpec
+    from models.compressors.base import Progress
+    from train.evaluation.measure import LiveTensorBytes
+
+    built = build("tiny", tiny=TEST_TINY, seed=0, compressors=[ComponentSpec("dyvte", {"hidden": 16})])
+    model, tokenizer = built.model.train(), built.tokenizer
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("compressors."))
+    model.set_progress(Progress(0, 10, ("router_ce",)))
+    torch.manual_seed(0)
+    for length in (160, 320):
+        ids = torch.randint(10, 100, (4, length - model.visual_tokens() + 1))
+        ids[:, 0], ids[:, 1] = tokenizer.bos_token_id, model.image_token_id
+        labels = ids.clone()
+        labels[:, : ids.shape[1] // 2] = -100
+        with LiveTensorBytes() as made:
+            out = model(
+                ids, torch.ones_like(ids, dtype=torch.bool), torch.randn(4, 3, 64, 64), labels, lm_loss=False
+            )
+            out.aux_losses["router_ce"].backward()
+        estimate = activations(
+            built.hf.config, 4, length, 1, 4, False, False, False, False, lm_loss=False, scores_answers=True
+        )
+        assert estimate.llm == 0 and estimate.forward > 0 and estimate.loss > 0
+        assert made.peak <= estimate.total <= 2 * made.peak, (length, made.peak, estimate)
+
+
+@pytest.mark.parametrize(
+    "name, scores, forward",
+    [
+        ("llava-1.5-7b/dyvte/routers", True, True),  # exit labels: the answers scored
+        ("llava-1.5-7b/covipal/scorer", False, True),  # the guidance layer's attention only
+        ("llava-1.5-7b/tokenpacker/finetune", True, False),  # the LLM's own kept for backward
+    ],
+)
+def test_the_plan_counts_the_forward_and_scores_of_each_stage(name, scores, forward):
+    (plan,) = plan_recipe(load_recipe(name, check_machine=False), samples=665_298)
+    assert (plan.activations.loss > 0) == scores and (plan.activations.forward > 0) == forward
+
+
 def test_steps_per_epoch_of_the_published_data():
     """558K captions at 256 and 665K instructions at 128 per step: vtc drops the last partial
     batch, the HF Trainer LLaVA used takes it (2,181 and 5,198 steps)."""

@@ -26,7 +26,13 @@ Memory per device is model states + activations, in bytes:
     gradient checkpointing a layer keeps its input (a·h) and one layer at a time is rebuilt in
     full during backward.
   - the loss: fp32 log-probabilities of every text token (an upper bound: only answers are
-    labelled), 4·V per token; the S×S float attention mask, a·S² per sequence, once.
+    labelled), 4·V per token; the S×S float attention mask, a·S² per sequence, once. The same
+    scores where no next-token loss is trained but a trained component scores the answers
+    itself (`Compressor.scores_answers`: DyVTE's exit labels).
+  - the forward, where the LLM runs but nothing back-propagates through it (a frozen LLM under
+    an `aux` stage's routers or scorer): nothing is kept, but one layer at a time computes its
+    intermediates, counted as what that layer would keep (an upper bound: the forward frees
+    some before the next is made), and the attention mask.
   - vision tower, when it is trained or holds a trained component (FALCON's registers), per patch token
     (of the image the tower sees: after down-sampling) per layer (width d, MLP width e): two
     LayerNorms (4d), query, key, value, output (4d), fc1 output, its activation's two saved
@@ -115,10 +121,11 @@ class Activations:
     llm: float
     loss: float
     vision: float
+    forward: float = 0.0  # one LLM layer's working set, where nothing is kept for backward
 
     @property
     def total(self) -> float:
-        return self.llm + self.loss + self.vision
+        return self.llm + self.loss + self.vision + self.forward
 
 
 def activations(
@@ -133,16 +140,21 @@ def activations(
     checkpoint_vision: bool,
     lm_loss: bool = True,
     vision_patches: int | None = None,
+    runs_llm: bool = True,
+    scores_answers: bool = False,
 ) -> Activations:
     """Activation bytes of one micro-batch: `sequence` tokens per sample in the LLM, `images`
     vision-tower passes per sample (views count), `backprop_llm`: the loss back-propagates
     through the LLM (the LLM is trained, or the LM loss reaches a trained part before it: a
     projector behind a frozen LLM still needs the LLM's activations); `lm_loss`: the stage
     minimises the next-token loss (an `aux` stage only its components' own losses);
-    `vision_patches`: patches per view of a tower fed a smaller image (default: its own)."""
+    `vision_patches`: patches per view of a tower fed a smaller image (default: its own);
+    `runs_llm`: the stage runs the LLM at all (not the tower-only `region` objective);
+    `scores_answers`: a trained component scores the answers through the LM head itself."""
     text, vision = llava_config.text_config, llava_config.vision_config
     tokens = micro_batch * sequence
-    llm = 0.0
+    llm = forward = 0.0
+    mask = element_bytes * micro_batch * sequence**2  # the float attention mask, shared
     if backprop_llm:
         layers = text.num_hidden_layers
         full = llm_layer_activations(text, tokens, element_bytes)
@@ -150,8 +162,10 @@ def activations(
             llm = layers * element_bytes * tokens * text.hidden_size + full
         else:
             llm = layers * full
-        llm += element_bytes * micro_batch * sequence**2  # the float attention mask, shared
-    loss = 4.0 * tokens * text.vocab_size if lm_loss else 0.0
+        llm += mask
+    elif runs_llm:  # a layer's intermediates at a time, nothing kept
+        forward = llm_layer_activations(text, tokens, element_bytes) + mask
+    loss = 4.0 * tokens * text.vocab_size if lm_loss or scores_answers else 0.0
     vision_bytes = 0.0
     if trains_vision:
         per_view = vision_patches or (vision.image_size // vision.patch_size) ** 2
@@ -162,7 +176,7 @@ def activations(
             vision_bytes = layers * element_bytes * patches * vision.hidden_size + full
         else:
             vision_bytes = layers * full
-    return Activations(llm, loss, vision_bytes)
+    return Activations(llm, loss, vision_bytes, forward)
 
 
 def training_flops(prefill, trainable: dict[str, bool], checkpointed: dict[str, bool]) -> float:
@@ -293,8 +307,12 @@ def _plan_stage(
     visual = max(model.visual_tokens(g) for g in grids) if grids else model.visual_tokens()
     sequence = recipe.data.max_length
     patches = model.vision_patches()  # per view, after any down-sampling
-    lm = OBJECTIVES[stage.objective].lm  # an `aux` stage back-propagates no LM loss
+    objective = OBJECTIVES[stage.objective]
+    lm = objective.lm  # an `aux` stage back-propagates no LM loss
     backprop_llm = trained["llm"] or lm and any(trained.values())
+    scores_answers = objective.aux and any(
+        c.scores_answers and any(p.requires_grad for p in c.parameters()) for c in model.components()
+    )
     activations_with = functools.partial(
         activations,
         config,
@@ -306,6 +324,8 @@ def _plan_stage(
         backprop_llm,
         lm_loss=lm,
         vision_patches=patches,
+        runs_llm=objective.lm or objective.aux,
+        scores_answers=scores_answers,
     )
     gc = trainer.gradient_checkpointing
     prefill = prefill_flops(
@@ -405,7 +425,8 @@ def format_plan(
         lines.append(
             f"  memory      {_gib(plan.memory)} per device: model states {_gib(s.total)} (weights "
             f"{_gib(s.weights)}, gradients {_gib(s.gradients)}, optimizer {_gib(s.optimizer)}) + "
-            f"activations {_gib(a.total)} (LLM {_gib(a.llm)}, loss {_gib(a.loss)}, vision {_gib(a.vision)})"
+            f"activations {_gib(a.total)} (LLM {_gib(a.llm)}, loss {_gib(a.loss)}, vision {_gib(a.vision)}"
+            + (f", forward {_gib(a.forward)})" if a.forward else ")")
         )
         lines.append(
             f"              activations without gradient checkpointing {_gib(plan.plain.total)}, "

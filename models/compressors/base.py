@@ -122,6 +122,9 @@ class Compressor(nn.Module):
     # True if some of its parameters get no gradient in some steps (e.g. one router per layer,
     # only one of which learns per step): DDP then looks for unused parameters every step
     sparse_gradients: ClassVar[bool] = False
+    # True if, in training, it scores the answer tokens through the LM head itself (DyVTE's exit
+    # labels): `vtc plan` then counts those scores' memory in a stage without the next-token loss
+    scores_answers: ClassVar[bool] = False
 
     def __init__(self, config, dims: ModelDims):
         super().__init__()

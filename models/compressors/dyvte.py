@@ -98,6 +98,7 @@ class DyVTE(Compressor):
     stage = "in_llm"
     Config = DyVTEConfig
     aux_losses = ("router_ce",)
+    scores_answers = True  # the two continuations' answer scores of its exit labels
     sparse_gradients = True  # one router learns per step
     # an inference knob: the same routers exit more or less (`vtc evaluate --setting`)
     stage_settings = ("exit_confidence",)
