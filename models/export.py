@@ -131,16 +131,11 @@ def load_pretrained(
     for prefix, module in parts + ([("views.", model.views)] if views else []):
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=True)
-    lora = {
-        part: settings
-        for part, settings in (meta.get("lora") or {}).items()
-        if compressors or part != "compressors"
-    }
+    lora = meta.get("lora") or {}  # vision and LLM only (a recipe refuses LoRA on the components)
     if lora:
         for part, settings in lora.items():
             inject_lora(model.parts()[part], part, **settings)
         adapters = load_file(str(path / "lora.safetensors"))
-        adapters = {k: v for k, v in adapters.items() if compressors or not k.startswith("compressors.")}
         missing = {k for k, _ in model.named_parameters() if "lora_" in k} ^ set(adapters)
         if missing:
             raise UserError(
