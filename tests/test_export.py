@@ -474,6 +474,10 @@ def test_an_export_is_evaluated_as_its_run_is(tmp_path, capsys, monkeypatch):
     )
     assert resolve_source(str(out)).base_dir == str(out)
     assert "the base its run was trained on" in capsys.readouterr().out
+    gone = {**meta["run"]["data"], "test_shards": str(tmp_path / "shards")}  # a run on shards, moved
+    (out / "vtc.json").write_text(json.dumps({**meta, "run": {**meta["run"], "data": gone}}))
+    with pytest.raises(UserError, match="its run's test shards, .*shards, which are not there.*--questions"):
+        evaluate(str(out), [], out_dir=tmp_path / "ev-gone", settings=Settings(limit=2, timing=False))
 
 
 def test_a_compressor_only_export_whose_base_moved_says_how_to_point_it_there(tmp_path):

@@ -101,6 +101,12 @@ def evaluate(
             raise UserError("--questions needs --images (the folder its image paths are relative to)")
         questions = file_questions(questions_file, images_dir)
     else:
+        shards = source.data.test_shards
+        if shards and not Path(shards).exists():  # e.g. an export measured on another machine
+            raise UserError(
+                f"{source.description} is measured on its run's test shards, {shards}, which are not "
+                "there: put them back, or give a question file (--questions FILE --images DIR)"
+            )
         questions = synthetic_questions(split_shards(source.data, "test"), settings.limit)
     for setting in changed:
         setting.check(dims)
