@@ -174,6 +174,8 @@ def test_tiny_recipe_trains_and_evaluates_at_every_budget(tmp_path):
     ]
     metrics = run_recipe(load_recipe("tiny/covipal", overrides))
     assert metrics["count"] == 2 * len(FAMILIES)  # every question of the 2 test images
+    # all 64 enter the LLM; from layer 0 on each of its layers holds the 16 kept (reserve 25 %)
+    assert metrics["visual_tokens"] == 64 and metrics["visual_tokens_layer_mean"] == 16
     report = evaluate(str(tmp_path / "run"), [], [32, 8], settings=Settings(limit=2, timing=False))
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
     assert set(rows) == {("baseline", None), ("model", None), ("model", 32), ("model", 8)}

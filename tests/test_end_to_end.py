@@ -36,6 +36,7 @@ def test_vtc_train_smoke_recipe(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "[TRAINABLE]" in out and "[Frozen]" in out and "held-out accuracy" in out
+    assert "questions; 64 visual tokens into the LLM)" in out  # no pruning inside it: no layer mean
     losses = stage_losses(run_dir, "instruct")
     assert len(losses) >= 20
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -44,6 +45,7 @@ def test_vtc_train_smoke_recipe(tmp_path, capsys):
     assert set(metrics["per_family"]) == set(FAMILIES)
     # the evaluation ran every question of the 8 test images, the mean is over families
     assert metrics["count"] == 8 * len(FAMILIES) and metrics["visual_tokens"] == 64
+    assert metrics["visual_tokens_layer_mean"] == 64
     assert metrics["accuracy"] == pytest.approx(sum(metrics["per_family"].values()) / len(FAMILIES))
     assert set(metrics["answer_prior"]) == set(metrics["per_family"])
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "trainable.safetensors").is_file()

@@ -230,12 +230,24 @@ def right_answers(questions: QuestionSet, answers: dict[str, dict]) -> dict[str,
     return out
 
 
+def visual_layer_mean(visual_layers: list[float]) -> float:
+    """Visual tokens per decoder layer, on average over the layers: what `vtc evaluate` reports
+    as the layer mean, fewer than entered the LLM where a component prunes inside it (FastV,
+    CoViPAL, DyVTE, LLaVolta)."""
+    return sum(visual_layers) / len(visual_layers)
+
+
 def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
     """{"accuracy" (mean over families, so no family dominates), "per_family", "per_question"
-    (mean over questions), "count", "skipped", "visual_tokens" (mean into the LLM)}; with several
-    reference answers per question also "vqa_accuracy" (min(1, matching answers / 3))."""
+    (mean over questions), "count", "skipped", "visual_tokens" (mean into the LLM),
+    "visual_tokens_layer_mean" (mean over the LLM's layers and the questions: fewer where a
+    component prunes inside the LLM)}; with several reference answers per question also
+    "vqa_accuracy" (min(1, matching answers / 3))."""
     correct, total, vqa = defaultdict(float), defaultdict(int), []
-    visual = [a["visual_tokens"] for a in answers.values() if "text" in a]
+    asked = [a for a in answers.values() if "text" in a]
+    visual = [a["visual_tokens"] for a in asked]
+    # (answers recorded without the per-layer counts: as many in every layer as entered)
+    layers = [visual_layer_mean(a.get("visual_tokens_layers") or [a["visual_tokens"]]) for a in asked]
     for q in questions.questions:
         judged = _judge(questions, q, answers)
         if judged is None:
@@ -253,6 +265,7 @@ def score(questions: QuestionSet, answers: dict[str, dict]) -> dict:
         "count": count,
         "skipped": sorted(qid for qid, a in answers.items() if "skipped" in a),
         "visual_tokens": sum(visual) / max(len(visual), 1),
+        "visual_tokens_layer_mean": sum(layers) / max(len(layers), 1),
     }
     if any(len(q.answers) > 1 for q in questions.questions):
         result["vqa_accuracy"] = sum(vqa) / max(len(vqa), 1)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from data.errors import UserError
 from models.build import Built
-from train.accuracy import Question, QuestionSet, answer_questions
-from train.evaluation.measure import visual_layer_mean
+from train.accuracy import Question, QuestionSet, answer_questions, visual_layer_mean
 
 
 def answers(

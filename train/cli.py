@@ -100,9 +100,13 @@ def report(recipe, metrics: dict) -> None:
             f"{k} {v:.1%}" + (f" (prior {prior[k]:.0%})" if k in prior else "")
             for k, v in metrics["per_family"].items()
         )
+        tokens = f"{metrics['visual_tokens']:g} visual tokens into the LLM"
+        layer_mean = metrics.get("visual_tokens_layer_mean", metrics["visual_tokens"])
+        if round(layer_mean, 1) != round(metrics["visual_tokens"], 1):  # pruned inside the LLM
+            tokens += f", {layer_mean:.1f} a layer on mean"
         print(
             f"[vtc] held-out accuracy {metrics['accuracy']:.1%} (mean over question families; "
-            f"{metrics['count']} questions)\n[vtc]   {families}\n"
+            f"{metrics['count']} questions; {tokens})\n[vtc]   {families}\n"
             f"[vtc] trained in {metrics['train_seconds']:.0f} s; results in {run_dir_of(recipe) / 'metrics.json'}"
         )
 

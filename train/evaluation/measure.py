@@ -18,7 +18,7 @@ from data.dataset import collate
 from data.errors import UserError
 from models.build import DTYPES, Built
 from models.flops import PrefillFlops, counted_run, llm_flops, module_flops
-from train.accuracy import QuestionSet, _prompt_item
+from train.accuracy import QuestionSet, _prompt_item, visual_layer_mean
 
 
 @dataclass
@@ -134,13 +134,6 @@ def prompt_batch(built: Built, questions: QuestionSet, size: int, count: int) ->
     for key in ("input_ids", "attention_mask", "pixel_values"):  # image_grids stay: read as lists
         batch[key] = batch[key].to(device)
     return batch
-
-
-def visual_layer_mean(visual_layers: list[float]) -> float:
-    """Visual tokens per decoder layer, on average over the layers: what `vtc evaluate` reports
-    as the layer mean, fewer than entered the LLM where a component prunes inside it (FastV,
-    CoViPAL, DyVTE, LLaVolta)."""
-    return sum(visual_layers) / len(visual_layers)
 
 
 def text_tokens(model, batch: dict) -> int:
