@@ -264,6 +264,30 @@ class _WorkerHandlers(torch.utils.data.Dataset):
         return [signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS]
 
 
+def test_a_stage_starts_with_vtcs_stop_signal_handler_never_lightnings(tmp_path, monkeypatch):
+    """From the moment each stage's Trainer starts fitting, a stop signal goes to the run's
+    Termination, not to Lightning's handler: that one broadcasts from inside itself under DDP,
+    so a rank signalled alone between its registration and the stage's first hook (a stop as a
+    stage starts) waited for the others forever (`tests/test_ddp.py -k one_rank` hung so once)."""
+    import lightning as L
+
+    from train.checkpoint import Termination
+    from train.recipe import load_recipe
+    from train.run import run_recipe
+
+    seen = []
+    run_stage = L.Trainer._run_stage
+
+    def spy(self):  # Lightning registers its handlers just before this
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return run_stage(self)
+
+    monkeypatch.setattr(L.Trainer, "_run_stage", spy)
+    overrides = [f"output={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'data'}", "eval.limit=1"]
+    run_recipe(load_recipe("tiny/smoke", [*overrides, "stages.0.steps=1", "stages.1.steps=1"]))
+    assert len(seen) == 2 and all(getattr(handler, "__func__", None) is Termination.note for handler in seen)
+
+
 def test_loader_workers_leave_the_stop_signals_to_the_training_process():
     """A scheduler signals every process of a job (SIGUSR1 as SLURM's early warning, then
     SIGTERM): vtc's loader workers ignore both, so the training process saves first rather than

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from data.errors import UserError
 from models.build import is_model_file
 from train.outputs import out_of_room, replace_dir
-from train.signals import handle_stop_signals, stop_signals_handled_by
+from train.signals import stop_signals_handled_by
 
 CKPT_DIR = "ckpt"
 
@@ -284,8 +284,9 @@ class Termination:
     """A stop signal (`train.signals.STOP_SIGNALS`) noted rather than obeyed at once: `PeriodicCheckpoint` saves
     at the end of the optimizer step under way, then ends the stage as Lightning ends it on
     SIGTERM, so a resume loses no step. It is the process's handler for the whole run
-    (`handling`), and each stage puts it back in place of the one Lightning registers when
-    fitting starts, which ends a stage after the current micro-batch unsaved."""
+    (`handling`); a stage's Trainer registers none of its own (`train.run.train_stage`), which
+    would end the stage after the current micro-batch unsaved and, under DDP, broadcast from
+    inside the handler."""
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the first stop signal this process got
@@ -306,9 +307,6 @@ class Termination:
 
     def note(self, signum, frame) -> None:
         self.signum = self.signum or signum
-
-    def install(self) -> None:
-        handle_stop_signals(self.note)
 
     @contextmanager
     def handling(self):
@@ -345,8 +343,6 @@ class PeriodicCheckpoint(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.step_seen = trainer.global_step  # a resumed stage starts at its checkpoint's step
-        if self.termination is not None:
-            self.termination.install()  # over Lightning's, registered as fitting started
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

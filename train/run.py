@@ -535,6 +535,12 @@ def train_stage(
         limit_val_batches=0,
         default_root_dir=run_dir,
     )
+    if termination is not None:
+        # The run's Termination handles the stop signals from start to end. Lightning would put
+        # its own handler in as fitting starts, until the stage's first hook put vtc's back; its
+        # handler broadcasts from inside itself under DDP, so a rank signalled alone in that
+        # window (a stop as a stage starts) waited for the others forever.
+        trainer._signal_connector.register_signal_handlers = lambda: None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume_from.path if resume_from else None)
     except SIGTERMException:  # Lightning's SystemExit carries no status: a terminated run must not exit 0
