@@ -82,14 +82,19 @@ def restore_init(model, init: str, weights: Path, prefix: str = "") -> None:
         load_state(model, missing)
 
 
-def run_base(run_dir: Path) -> str | None:
-    """The `model.base` a run (or one of its checkpoints) was trained on, as `rebuild_run`
-    resolves it; None where `run_dir` holds no run's recipe (rebuild_run then says why)."""
+def recipe_of(run_dir: Path):
+    """The recipe of a run (or of the run one of its checkpoints belongs to); None where
+    `run_dir` holds no run's recipe (rebuild_run then says why)."""
     checkpoint = checkpoint_at(run_dir)
     recipe_file = (checkpoint.run_dir if checkpoint else run_dir) / "recipe.yaml"
-    if not recipe_file.is_file():
-        return None
-    return resolve_base(load_recipe(recipe_file, check_machine=False).model.base)
+    return load_recipe(recipe_file, check_machine=False) if recipe_file.is_file() else None
+
+
+def run_base(run_dir: Path) -> str | None:
+    """The `model.base` a run (or one of its checkpoints) was trained on, as `rebuild_run`
+    resolves it; None where `run_dir` holds no run's recipe."""
+    recipe = recipe_of(run_dir)
+    return None if recipe is None else resolve_base(recipe.model.base)
 
 
 def at_budget(compressors: list[ComponentSpec], budget: int, visual: int, dims) -> list[ComponentSpec] | None:
@@ -162,8 +167,7 @@ def measured_on(run_dir: Path) -> dict:
     from models.pretrained import shipped_path
     from train.schema import to_plain
 
-    checkpoint = checkpoint_at(run_dir)
-    recipe = load_recipe((checkpoint.run_dir if checkpoint else run_dir) / "recipe.yaml", check_machine=False)
+    recipe = recipe_of(run_dir)  # there: the run was rebuilt from it
     base = recipe.model.base
     if base != "tiny" and shipped_path(base) is None:
         base = str(Path(resolve_base(base)).absolute())

@@ -204,14 +204,13 @@ def prefill_cost(built: Built, questions: QuestionSet, size: int, answers: dict[
     and its own visual tokens per layer as its prefill held them (a dynamic method, DyVTE,
     exits at each question's own layer)."""
     model, config = built.model, built.hf.config
-    first = prompt_batch(built, questions, size, 1)
     words: dict[str, int] = {}  # question text → text tokens of its prompt (question sets repeat texts)
     towers: dict = {}  # grid → (tower FLOPs, projector FLOPs) of one image with that grid
     asked = Counter()  # (grid, text tokens, visual tokens per layer) → questions
-    for index, q in enumerate(questions.questions):
+    for q in questions.questions:
         grid = grid_of(answers[q.id])
-        if grid not in towers:
-            batch = first if index == 0 else prompt_batch(built, replace(questions, questions=[q]), size, 1)
+        if grid not in towers:  # one image of each grid through the tower
+            batch = prompt_batch(built, replace(questions, questions=[q]), size, 1)
             vision, (features, _) = counted_run(
                 model.vision_features, batch["pixel_values"], batch.get("image_grids")
             )
