@@ -3,8 +3,9 @@ lent): every family of shipped GPU recipes, with its real component settings, on
 of the real widths — 2 vision layers, 2 decoder layers (or as many as a component's setting
 names: LLaVolta's K = 16, CoViPAL's guidance layer 16), random weights, the tiny tokenizer
 (with a Llama-3-shaped chat template, for recipes with `template: chat`) — through Lightning's
-DeepSpeedStrategy at ZeRO-2 and ZeRO-3, a few steps each, stage 2 started from stage 1's run
-as the shipped recipes chain them. For each recipe: train until the first
+DeepSpeedStrategy at ZeRO-2 and ZeRO-3 (DyVTE, which vtc refuses under DeepSpeed, under its
+recipe's DDP), a few steps each, stage 2 started from stage 1's run as the shipped recipes chain
+them. For each recipe: train until the first
 checkpoint, SIGTERM every process of the job as a scheduler does (the run saves the step under
 way and exits 143), resume to the end, export, load the export back,
 evaluate a few questions (`vtc evaluate --device cuda --dtype bfloat16`, timed once; with
@@ -97,6 +98,24 @@ def reduced_base(config_dir: Path, out: Path, llm_layers: int, cpu: bool) -> Pat
     return out
 
 
+def deepspeed_refused(recipe: dict) -> bool:
+    """Whether a component of the recipe trains one part of itself per step (DyVTE's routers),
+    which `vtc validate` refuses under DeepSpeed (`Compressor.trains_one_part_per_step`)."""
+    from models.compressors import component_class
+
+    return any(
+        component_class(c["name"]).trains_one_part_per_step for c in recipe["model"].get("compressors") or []
+    )
+
+
+def family_zeros(chained: list[dict], zeros: list[int], cpu: bool) -> list[int]:
+    """The ZeRO stages a family's chained recipes run under; 0: DDP (always with --cpu; on a GPU
+    once, for a family vtc refuses under DeepSpeed)."""
+    if cpu or any(deepspeed_refused(recipe) for recipe in chained):
+        return [0]
+    return zeros
+
+
 def overrides(
     recipe: dict, base: Path, init: Path | None, run: Path, data: Path, zero: int, cpu: bool
 ) -> list[str]:
@@ -118,8 +137,10 @@ def overrides(
     if cpu:  # 2 DDP processes over gloo, fp32
         out += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1"]
         out += ["trainer.precision=32-true", "model.dtype=float32"]
-    else:
+    elif zero:
         out += [f"trainer.strategy=deepspeed_stage_{zero}", "trainer.devices=1"]
+    else:  # a recipe vtc refuses under DeepSpeed: its own DDP, on the one GPU
+        out += ["trainer.strategy=ddp", "trainer.devices=1"]
     devices = 2 if cpu else 1
     for i, _ in enumerate(recipe["stages"]):
         out += [f"stages.{i}.steps={STEPS}", f"stages.{i}.epochs=null", f"stages.{i}.batch_size=1"]
@@ -267,23 +288,24 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             parser.error("no CUDA GPU visible: run with --cpu to check the wiring on CPU")
-    zeros = [0] if args.cpu else [int(z) for z in args.zero.split(",")]
+    zeros = [int(z) for z in args.zero.split(",")]
     work = Path(args.out or tempfile.mkdtemp(prefix="vtc-gpu-check-"))
     checks, started = Checks(), time.time()
     from train.recipe import RECIPES_DIR
 
     for family in families:
-        for zero in zeros:
+        chained = [yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) for name in FAMILIES[family]]
+        for zero in family_zeros(chained, zeros, args.cpu):
             init = None
-            for name in FAMILIES[family]:
-                recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+            for name, recipe in zip(FAMILIES[family], chained, strict=True):
                 llm_layers = max(2, 1 + deepest_layer(recipe["model"].get("compressors") or []))
                 config_dir = ROOT / recipe["model"]["base"]
                 base = reduced_base(
                     config_dir, work / f"base-{config_dir.name}-{llm_layers}", llm_layers, args.cpu
                 )
                 run = work / f"z{zero}" / name.replace("/", "-")
-                what = f"{name} {'CPU DDP×2' if args.cpu else f'ZeRO-{zero}'} ({llm_layers} decoder layers)"
+                where = "CPU DDP×2" if args.cpu else f"ZeRO-{zero}" if zero else "DDP×1"
+                what = f"{name} {where} ({llm_layers} decoder layers)"
                 recipe_args = overrides(recipe, base, init, run, work / "data", zero, args.cpu)
                 if not train_stop_resume(name, recipe_args, run, checks, what):
                     break

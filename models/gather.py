@@ -9,9 +9,14 @@ gather is a collective).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+from torch import nn
+
+T = TypeVar("T")
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -30,3 +35,25 @@ def gathered(params: list[torch.Tensor], modify: bool):
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         yield
+
+
+def as_call(module: nn.Module, fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` run as a call of `module`: the hooks registered on `module` run around it.
+
+    ZeRO-3 gathers a module's own parameters (not its sub-modules') in hooks around its calls:
+    before its forward, and, through the tensors the call returns, before its backward. A
+    component that reads its own parameters in a method the host calls instead of `forward`
+    (FALCON's registers in `extend_embeddings`, CoViPAL's null key in `before_layer`) runs that
+    part through here, returning tensors (or tuples of them) so that the backward gather finds
+    them. DeepSpeed otherwise gathers such a parameter for the forward only, on behalf of the
+    module running then, and backward meets it partitioned (an empty tensor). Without ZeRO-3
+    this is `fn(*args)` with the module's hooks, if any, around it."""
+    shadowed = module.__dict__.get("forward")
+    module.forward = fn  # an instance attribute: `nn.Module.__call__` runs it in place of the class's
+    try:
+        return module(*args)
+    finally:
+        if shadowed is None:
+            del module.forward
+        else:
+            module.forward = shadowed

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, "bench")
-from gpu_check import FAMILIES, deepest_layer  # noqa: E402
+from gpu_check import FAMILIES, ROOT, deepest_layer, family_zeros, overrides  # noqa: E402
 
 
 def test_deepest_layer_of_component_settings():
@@ -22,6 +22,25 @@ def test_deepest_layer_of_component_settings():
     assert deepest_layer(llavolta) == 16
     assert deepest_layer([{"name": "covipal", "layer": 0, "guidance_layer": 16}]) == 16
     assert deepest_layer([{"name": "falcon", "registers": 64}]) == -1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_gpu_run_of_the_check_is_a_valid_recipe(family, tmp_path):
+    """What the check trains on a GPU (ZeRO-2 and ZeRO-3; DDP for DyVTE, which vtc refuses
+    under DeepSpeed) passes `vtc validate --anywhere`, so no family fails the check by recipe."""
+    import yaml
+
+    from train.recipe import RECIPES_DIR, load_recipe
+
+    chained = [yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) for name in FAMILIES[family]]
+    zeros = family_zeros(chained, [2, 3], cpu=False)
+    assert zeros == ([0] if family == "dyvte" else [2, 3])
+    for zero in zeros:
+        for name, recipe in zip(FAMILIES[family], chained, strict=True):
+            base = ROOT / recipe["model"]["base"]  # the architecture's config.json, as the reduced base has
+            args = overrides(recipe, base, None, tmp_path / "run", tmp_path / "data", zero, cpu=False)
+            strategy = load_recipe(name, args, check_machine=False).trainer.strategy
+            assert strategy == (f"deepspeed_stage_{zero}" if zero else "ddp")
 
 
 def check_family_on_cpu(family: str, out_dir) -> None:

@@ -99,6 +99,28 @@ BAD = [
         "trainer.strategy",
         "needs CUDA",
     ),
+    (
+        # DeepSpeed would move the routers a step did not draw (tests/test_zero.py -k every_method)
+        "one router per step under deepspeed",
+        {
+            **with_change("trainer", {"strategy": "deepspeed_stage_2", "accelerator": "gpu"}),
+            "model": {
+                "base": "tiny",
+                "projector": {"name": "mlp2x_gelu"},
+                "compressors": [{"name": "dyvte"}],
+            },
+            "stages": [
+                {
+                    "name": "r",
+                    "steps": 2,
+                    "objective": "aux",
+                    "train": {"projector": "frozen", "compressors": "full"},
+                }
+            ],
+        },
+        "stages[0].train.compressors",
+        "use trainer.strategy: ddp",
+    ),
     ("missing base dir", with_change("model.base", "/nonexistent/llava"), "model.base", "llava-hf directory"),
     ("no stages", with_change("stages", []), "stages", "at least one stage"),
     (

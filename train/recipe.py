@@ -744,12 +744,40 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
             f"{recipe.trainer.strategy} cannot run with accelerator 'cpu': Lightning's "
             "DeepSpeedStrategy needs CUDA GPUs",
         )
+    if recipe.trainer.strategy.startswith("deepspeed"):
+        problems += part_per_step_problems(recipe)
     problems += template_problems(recipe)
     known = baselines()  # the names `vtc evaluate --baselines` takes
 
     for i, name in enumerate(recipe.eval.baselines):
         if name not in known:
             add(f"eval.baselines.{i}", f"unknown baseline {name!r}; choose from {', '.join(known)}")
+    return problems
+
+
+def part_per_step_problems(recipe: Recipe) -> list[Problem]:
+    """Stages that train a component learning one part of itself per step, which DeepSpeed's
+    optimizer would move as a whole every step (`Compressor.trains_one_part_per_step`;
+    tests/test_zero.py -k methods measures it)."""
+    problems = []
+    slots = [("projector", recipe.model.projector)] + [("compressors", c) for c in recipe.model.compressors]
+    for i, stage in enumerate(recipe.stages):
+        for part, spec in slots:
+            if (
+                getattr(stage.train, part) == "frozen"
+                or not component_class(spec.name).trains_one_part_per_step
+            ):
+                continue
+            problems.append(
+                Problem(
+                    f"stages[{i}].train.{part}",
+                    f"{spec.name} trains one part of itself per step; {recipe.trainer.strategy}'s "
+                    "optimizer steps every trainable parameter every step, with a zero gradient "
+                    "where a step gave none, so momentum and weight decay would move the parts the "
+                    "step did not train (torch's optimizers, on one device or under DDP, leave them): "
+                    "use trainer.strategy: ddp",
+                )
+            )
     return problems
 
 

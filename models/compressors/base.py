@@ -122,6 +122,12 @@ class Compressor(nn.Module):
     # True if some of its parameters get no gradient in some steps (e.g. one router per layer,
     # only one of which learns per step): DDP then looks for unused parameters every step
     sparse_gradients: ClassVar[bool] = False
+    # True if each training step gives gradients to a different part of it (DyVTE: the drawn
+    # layer's router). torch's optimizers leave a part without a gradient where it is, on one
+    # device or under DDP; DeepSpeed's steps every trainable parameter every step, with a zero
+    # gradient where there is none, so momentum and weight decay would move the parts the step
+    # did not train: a stage training it is refused under DeepSpeed (`check_recipe`)
+    trains_one_part_per_step: ClassVar[bool] = False
     # True if, in training, it scores the answer tokens through the LM head itself (DyVTE's exit
     # labels): `vtc plan` then counts those scores' memory in a stage without the next-token loss
     scores_answers: ClassVar[bool] = False

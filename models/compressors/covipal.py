@@ -52,6 +52,7 @@ from torch import nn
 
 from models.compressors import register
 from models.compressors.base import Compressor, ModelDims
+from models.gather import as_call
 from models.sequence import SequenceState, positions_of
 
 
@@ -210,7 +211,7 @@ class CoViPAL(Compressor):
     def before_layer(self, layer_idx: int, state: SequenceState) -> SequenceState:
         if layer_idx != self.config.layer or not bool(state.visual_mask.any()):
             return state
-        scores, columns, valid = self.score(state)
+        scores, columns, valid = as_call(self, self.score, state)  # gathers `null` under ZeRO-3
         terms = self.training_terms()
         if "scorer_mse" in terms:
             target, has_text = self.guidance_targets(state, columns)

@@ -100,6 +100,7 @@ class DyVTE(Compressor):
     aux_losses = ("router_ce",)
     scores_answers = True  # the two continuations' answer scores of its exit labels
     sparse_gradients = True  # one router learns per step
+    trains_one_part_per_step = True
     # an inference knob: the same routers exit more or less (`vtc evaluate --setting`)
     stage_settings = ("exit_confidence",)
 

@@ -62,7 +62,7 @@ from torch import nn
 
 from models.compressors import register
 from models.compressors.base import Compressor, ModelDims, Progress
-from models.gather import gathered
+from models.gather import as_call, gathered
 from models.views import ViewLayout
 
 
@@ -243,8 +243,12 @@ class Falcon(Compressor):
     def extend_embeddings(self, embeddings: torch.Tensor, views: ViewLayout) -> torch.Tensor:
         """(V, P+N, Dv) after the tower's position embeddings → (V, P+N+M, Dv)."""
         self._groups = self.group_views(views)  # once per forward, for every layer's ReAtten
-        registers = self.registers + self.crop_embedding(views)[:, None]  # (V, M, Dv)
+        registers = as_call(self, self.view_registers, views)  # the tower's hook is no call of ours
         return torch.cat([embeddings, registers.to(embeddings.dtype)], dim=1)
+
+    def view_registers(self, views: ViewLayout) -> torch.Tensor:
+        """Each view's registers with its crop embedding added: (V, M, Dv)."""
+        return self.registers + self.crop_embedding(views)[:, None]
 
     def group_views(self, views: ViewLayout) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """Where each view's registers go in a padded (images, most views, M) layout: (image (V,),
