@@ -132,9 +132,75 @@ def check(name: str, stage_index: int, data_dir: Path) -> dict:
     return {"losses": losses, "tensors": tensors}
 
 
+def after_training(out: Path, data_dir: Path) -> None:
+    """A run's end under ZeRO-3: every rank saves the trainables as `vtc train` does, the other
+    ranks end, and rank 0 alone takes the model it writes `hf/` from and evaluates
+    (`train.run.whole_model`) and scores the batch with it."""
+    from train.outputs import write_text_atomic
+    from train.recipe import recipe_to_yaml
+    from train.run import save_trainables, whole_model
+
+    run_dir = out / "run"
+    recipe = load_recipe(
+        "tiny/tokenpacker", [f"data.cache_dir={data_dir}", f"output={run_dir}"], check_machine=False
+    )
+    torch.manual_seed(0)
+    built = build_from_recipe(recipe)
+    stage = recipe.stages[0]
+    apply_stage(built.model, stage)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True)
+        write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        batch = stage_batch(recipe, built, stage)
+    dist.barrier()
+    if dist.get_rank() != 0:
+        batch = stage_batch(recipe, built, stage)
+    loss_fn = StageLoss(built.model, stage, None)
+    config = deepspeed_config(3)
+    config.update(gradient_clipping=0.0, train_micro_batch_size_per_gpu=BATCH, gradient_accumulation_steps=1)
+    config["zero_optimization"].update(
+        stage3_param_persistence_threshold=0,
+        reduce_bucket_size=1e6,
+        allgather_bucket_size=1e6,
+        stage3_prefetch_bucket_size=1e6,
+    )
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=loss_fn, optimizer=torch.optim.SGD(params, lr=LR), config=config)
+    for _ in range(2):
+        engine.backward(engine(batch))
+        engine.step()
+    names = trainable_names(built.model)
+    trained = trainable_state(built.model, names)  # gathered, on every rank
+    save_trainables(built.model, names, run_dir, write=dist.get_rank() == 0)
+    partitioned = any(hasattr(p, "ds_id") for p in built.model.parameters())
+    loss_fn.eval()
+    with torch.no_grad():
+        engine_loss = engine(batch).item()  # the partitioned model, every rank taking part
+    dist.barrier()
+    if dist.get_rank() != 0:
+        return  # this rank's process ends, as `vtc train`'s other ranks do after the save
+    whole = whole_model(built, run_dir)
+    whole.model.eval()
+    with torch.no_grad():
+        loss = StageLoss(whole.model, stage, None)(batch).item()
+        weights = dict(whole.model.named_parameters())
+        same = all(torch.equal(weights[k].detach(), v) for k, v in trained.items())
+    result = {
+        "partitioned": partitioned,
+        "loss": loss,
+        "engine_loss": engine_loss,
+        "same_weights": same,
+        "trained": len(trained),
+    }
+    (out / "after_training.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     out, data_dir, specs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     deepspeed.init_distributed(dist_backend="gloo")
+    if specs == ["after_training"]:
+        after_training(out, data_dir)
+        return
     for spec in specs:
         name, stage_index = spec.rsplit(":", 1)
         result = check(name, int(stage_index), data_dir)

@@ -32,6 +32,7 @@ from data.errors import UserError
 from data.locks import held_alone
 from data.synth import region_classes
 from models.build import DTYPES, build, save_as_llava_hf
+from models.gather import is_partitioned
 from models.lora import has_lora, unwrapped_name
 from models.region_head import RegionHead
 from train.accuracy import evaluate_accuracy
@@ -316,6 +317,7 @@ def _run(
     save_trainables(built.model, saved, run_dir, write=is_zero)
     if not is_zero:
         return {}
+    built = whole_model(built, run_dir)
     write_json_atomic(run_dir / "meta.json", run_metadata(recipe.source, records))
     if recipe.model.plain_llava:
         if has_lora(built.model):  # adapter-wrapped modules do not load as plain llava-hf
@@ -345,6 +347,24 @@ def _run(
     if recipe.eval.baselines:
         compare(run_dir, recipe, built.model.visual_tokens())
     return metrics
+
+
+def whole_model(built, run_dir: Path):
+    """The trained model rank 0 writes `hf/` from and evaluates: `built` itself, or, where
+    DeepSpeed ZeRO-3 left its weights partitioned across the ranks, the run rebuilt from what it
+    wrote (`trainable.safetensors`, as `vtc evaluate RUN` rebuilds it), on the same device. The
+    other ranks have ended by then, so a partitioned model's forward, which gathers every
+    weight from every rank, would fail or wait forever on rank 0, and its `state_dict` holds
+    empty tensors (tests/test_zero.py -k after_training)."""
+    params = list(built.model.parameters())
+    if not any(is_partitioned(p) for p in params):
+        return built
+    from train.export import rebuild_run
+
+    device = params[0].device  # a partitioned parameter keeps an empty tensor where its shard is
+    rebuilt = rebuild_run(run_dir)[0]
+    rebuilt.model.to(device)
+    return rebuilt
 
 
 def finished_metrics(recipe: Recipe, run_dir: Path, start: CheckpointInfo | None) -> dict | None:
