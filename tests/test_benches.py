@@ -255,3 +255,11 @@ def test_evaluate_memory_bench():
     (half_weights, half_peak, _), (full_weights, full_peak, _) = rows["bfloat16"], rows["float32"]
     assert full_weights == pytest.approx(2 * half_weights, rel=0.02) and half_peak > half_weights
     assert full_peak - half_peak > 0.5 * (full_weights - half_weights)
+
+
+def test_master_weights_bench():
+    """`python bench/master_weights.py` at a small shape: the bfloat16 weights lose updates the
+    float32 ones keep."""
+    result = last_json(run_bench("master_weights.py", "--steps", "60", "--rows", "128", "--cols", "512"))
+    assert result["float32_never_moved"] == 0.0
+    assert result["bfloat16_never_moved"] > 0.1 and result["bfloat16_update_error"] > 0.2

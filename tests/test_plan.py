@@ -58,6 +58,11 @@ def test_frozen_parameters_hold_only_their_weights():
     assert zero3.weights == pytest.approx(2 * total / world + 2 * 10)
     single = model_states("auto", 100, 40, 1, False, 10)
     assert (single.weights, single.gradients, single.optimizer) == (400, 160, 320)
+    # bfloat16 weights under bf16-mixed, DDP: float32 master copies, their gradients, Adam's
+    mixed = model_states("ddp", 100, 40, 1, True, 10, dtype_bytes=2, mixed=True)
+    assert (mixed.weights, mixed.gradients, mixed.optimizer) == (2 * 100 + 4 * 40, 6 * 40, 8 * 40)
+    true = model_states("ddp", 100, 40, 1, True, 10, dtype_bytes=2, mixed=False)  # bf16-true
+    assert (true.weights, true.gradients, true.optimizer) == (200, 80, 160)
 
 
 def saved_bytes(model, batch, checkpoint_llm=False) -> int:

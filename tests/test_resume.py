@@ -511,6 +511,37 @@ def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp
 
 
 @pytest.mark.slow
+def test_a_bf16_mixed_run_resumes_exactly_with_its_float32_master_weights(tmp_path):
+    """A bfloat16 model under `bf16-mixed` steps float32 master weights (`train/precision.py`);
+    they are in each checkpoint, so a run killed after a save goes on to the weights of the run
+    that was never killed (from the rounded bfloat16 weights alone it would not)."""
+    half = ["model.dtype=bfloat16", "trainer.precision=bf16-mixed", "stages.1.optim.lr=2e-4"]
+    half += ["checkpoint.every=4", "checkpoint.keep_last=2", "eval.after_training=false"]
+    data_dir = tmp_path / "data"
+    reference = tmp_path / "reference"
+    run_ok(train_cmd(reference, data_dir, *half))
+    patch = (
+        "original = checkpoint.PeriodicCheckpoint.save\n"
+        "def dying(self, trainer, step, stage_done):\n"
+        "    final = original(self, trainer, step, stage_done)\n"
+        "    if self.stage_name == 'instruct' and step == 12:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return final\n"
+        "checkpoint.PeriodicCheckpoint.save = dying\n"
+    )
+    run_dir = tmp_path / "killed"
+    out = train_killed_by(patch, run_dir, data_dir, *half)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    state = torch.load(latest_checkpoint(run_dir).path / "state.pt", weights_only=True)
+    assert "masters" in state["optimizer_states"][0]
+    run_ok(train_cmd(run_dir, data_dir, *half, "--resume", "auto"))
+    weights = load_file(str(run_dir / "trainable.safetensors"))
+    expected = load_file(str(reference / "trainable.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+
+
+@pytest.mark.slow
 def test_kill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path):
     reference, data_dir = uninterrupted
     run_dir = tmp_path / "killed-in-save"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from data.errors import UserError
 from models.build import floating_buffers, restore_buffers
@@ -19,6 +20,7 @@ from models.region_head import RegionHead
 from train.checkpoint import restore_rng, rng_state
 from train.objectives import OBJECTIVES, loss_terms, weighted_total
 from train.outputs import write_text_atomic
+from train.precision import MasterWeightsAdamW, needs_master_weights
 from train.recipe import Stage
 
 NONFINITE_RUN = 10  # with nonfinite_loss: skip, this many non-finite losses in a row stop the run
@@ -133,7 +135,15 @@ class VtcModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.stage.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+        deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if needs_master_weights(params, str(self.trainer.precision), deepspeed):
+            optimizer = MasterWeightsAdamW(
+                params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
+            )
         factor = warmup_schedule(self.total_steps, optim.warmup, optim.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -11,7 +11,10 @@ Memory per device is model states + activations, in bytes:
   - ZeRO-2: 2P + 18T/W (the 16-bit gradients are partitioned too).
   - ZeRO-3: 4L + (2P + 16T)/W, L the largest single module's parameters (gathered, with its
     gradients, while it runs).
-  - DDP / one device: bP + 3bT (weights, gradients, Adam m and v in the model's dtype, b bytes).
+  - DDP / one device: bP + 3bT (weights, gradients, Adam m and v in the model's dtype, b bytes);
+    with 16-bit weights under a `-mixed` precision, bP + bT + 16T: the optimizer steps float32
+    master copies (4T), their float32 gradients while it steps (4T) and Adam m and v (8T)
+    (`train/precision.py`).
   With every parameter trainable, ZeRO-2 and ZeRO-3 are exactly DeepSpeed's
   `estimate_zero{2,3}_model_states_mem_needs` (no offload); frozen parameters hold only their
   weights. In fp32 DeepSpeed keeps no master copy: weights and gradients take 4 bytes each
@@ -85,10 +88,14 @@ def model_states(
     half: bool,
     largest_layer: int,
     dtype_bytes: int = 4,
+    mixed: bool = False,
 ) -> ModelStates:
-    """Model-state memory per device (the module docstring gives the formulas)."""
+    """Model-state memory per device (the module docstring gives the formulas); `mixed`: the
+    precision is a `-mixed` one."""
     if not strategy.startswith("deepspeed"):
         b = dtype_bytes
+        if mixed and b < 4:  # float32 master weights (train/precision.py)
+            return ModelStates(b * total + 4 * trainable, (b + 4) * trainable, 8 * trainable)
         return ModelStates(b * total, b * trainable, 2 * b * trainable)
     stage = int(strategy[-1])
     low = 2 if half else 4  # bytes of a weight and of a gradient as the model holds them
@@ -354,7 +361,16 @@ def _plan_stage(
         world,
         steps,
         note,
-        model_states(trainer.strategy, total, trainable, world, half, largest_module(model), dtype_bytes),
+        model_states(
+            trainer.strategy,
+            total,
+            trainable,
+            world,
+            half,
+            largest_module(model),
+            dtype_bytes,
+            mixed=trainer.precision.endswith("-mixed"),
+        ),
         activations_with(checkpoint_llm=gc.llm, checkpoint_vision=gc.vision),
         per_sample * stage.batch_size * accumulate * world,
         plain=activations_with(checkpoint_llm=False, checkpoint_vision=False),
