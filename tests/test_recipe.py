@@ -121,6 +121,15 @@ BAD = [
         "stages[0].train.compressors",
         "use trainer.strategy: ddp",
     ),
+    (
+        "float16 weights under 16-mixed off deepspeed",
+        {
+            **with_change("trainer", {"precision": "16-mixed", "accelerator": "gpu"}),
+            "model": {**GOOD["model"], "dtype": "float16"},
+        },
+        "model.dtype",
+        "Attempting to unscale FP16 gradients",
+    ),
     ("missing base dir", with_change("model.base", "/nonexistent/llava"), "model.base", "llava-hf directory"),
     ("no stages", with_change("stages", []), "stages", "at least one stage"),
     (

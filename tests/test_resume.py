@@ -515,7 +515,12 @@ def test_a_bf16_mixed_run_resumes_exactly_with_its_float32_master_weights(tmp_pa
     """A bfloat16 model under `bf16-mixed` steps float32 master weights (`train/precision.py`);
     they are in each checkpoint, so a run killed after a save goes on to the weights of the run
     that was never killed (from the rounded bfloat16 weights alone it would not)."""
-    half = ["model.dtype=bfloat16", "trainer.precision=bf16-mixed", "stages.1.optim.lr=2e-4"]
+    half = [
+        "model.dtype=bfloat16",
+        "trainer.precision=bf16-mixed",
+        "stages.1.optim.lr=2e-4",
+        "stages.1.steps=16",
+    ]
     half += ["checkpoint.every=4", "checkpoint.keep_last=2", "eval.after_training=false"]
     data_dir = tmp_path / "data"
     reference = tmp_path / "reference"

@@ -746,6 +746,14 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         )
     if recipe.trainer.strategy.startswith("deepspeed"):
         problems += part_per_step_problems(recipe)
+    elif recipe.trainer.precision == "16-mixed" and model.dtype == "float16":
+        add(
+            "model.dtype",
+            "float16 weights cannot train under 16-mixed without DeepSpeed: torch's gradient "
+            "scaler refuses float16 gradients ('Attempting to unscale FP16 gradients'); use "
+            "model.dtype float32 (16-bit compute, float32 weights), bfloat16 with bf16-mixed, or a "
+            "deepspeed_stage_N strategy, which keeps float32 master weights",
+        )
     problems += template_problems(recipe)
     known = baselines()  # the names `vtc evaluate --baselines` takes
 
