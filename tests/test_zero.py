@@ -53,6 +53,16 @@ def test_zero_1_2_and_3_gather_save_and_load_trainables(tmp_path):
         assert result["deepspeed_checkpoint_equal"]
 
 
+def run_methods_worker(out_dir: Path, data_dir: Path, *specs: str) -> None:
+    """tests/zero_methods_worker.py on 2 gloo processes (DS_ACCELERATOR=cpu)."""
+    worker = Path(__file__).with_name("zero_methods_worker.py")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launch, str(worker), str(out_dir), str(data_dir), *specs]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 # Each method's stage as its tiny recipe trains it: the component's place (tower hooks, views,
 # in-LLM hooks, the projector slot) and its objective (lm, aux, region).
 METHOD_STAGES = (
@@ -75,27 +85,9 @@ def test_every_method_trains_under_zero_3_as_on_one_device(tmp_path):
     (`models.gather.as_call`; before it, FALCON's registers and CoViPAL's null key reached backward
     as empty tensors and the step failed). DyVTE is the exception `vtc validate` refuses:
     DeepSpeed's optimizer moves the routers a step did not draw. 2 processes, ~35 s."""
-    worker = Path(__file__).with_name("zero_methods_worker.py")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(worker),
-    ]
-    out_dir, data_dir = tmp_path / "out", tmp_path / "data"
+    out_dir = tmp_path / "out"
     out_dir.mkdir()
-    out = subprocess.run(
-        [*cmd, str(out_dir), str(data_dir), *METHOD_STAGES],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_methods_worker(out_dir, tmp_path / "data", *METHOD_STAGES)
     for spec in METHOD_STAGES:
         name, stage = spec.rsplit(":", 1)
         result = json.loads((out_dir / f"{name.replace('/', '-')}-{stage}.json").read_text())
@@ -121,25 +113,7 @@ def test_after_training_rank_0_alone_evaluates_a_zero_3_run(tmp_path):
     (gloo: `Connection closed by peer`; NCCL would wait) and its state dict held empty tensors.
     `train.run.whole_model` rebuilds the run from its `trainable.safetensors`: the same weights and
     the same loss as the engine's. 2 processes, ~15 s."""
-    worker = Path(__file__).with_name("zero_methods_worker.py")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(worker),
-    ]
-    out = subprocess.run(
-        [*cmd, str(tmp_path), str(tmp_path / "data"), "after_training"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_methods_worker(tmp_path, tmp_path / "data", "after_training")
     result = json.loads((tmp_path / "after_training.json").read_text())
     assert result["partitioned"] and result["trained"] > 0 and result["same_weights"]
     assert result["loss"] == pytest.approx(result["engine_loss"], rel=1e-5)

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.synth import region_classes  # noqa: E402
 from models.compressors.base import Progress  # noqa: E402
 from models.region_head import RegionHead  # noqa: E402
-from train.datamodule import VtcDataModule, collate  # noqa: E402
+from train.datamodule import collate  # noqa: E402
 from train.freeze import apply_stage  # noqa: E402
 from train.objectives import OBJECTIVES, loss_terms, weighted_total  # noqa: E402
-from train.recipe import load_recipe, stage_templates  # noqa: E402
-from train.run import build_from_recipe, trainable_names  # noqa: E402
+from train.recipe import load_recipe  # noqa: E402
+from train.run import build_from_recipe, stage_data, trainable_names  # noqa: E402
 from train.strategy import deepspeed_config  # noqa: E402
 from train.zero import trainable_state  # noqa: E402
 
@@ -54,23 +54,22 @@ class StageLoss(torch.nn.Module):
 
 def stage_batch(recipe, built, stage):
     """The stage's first BATCH training samples, encoded as its run encodes them."""
-    model = built.model
-    tiling = model.view_tiling
-    if tiling is not None and not stage.views:
-        tiling = tiling.whole_images()
-    data = VtcDataModule(
-        recipe.data,
-        stage,
-        built.tokenizer,
-        built.hf.config.vision_config.image_size,
-        model.image_token_id,
-        model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
-        model.vision.grid,
-        recipe.seed,
-        stage_templates(stage, recipe.model),
-        tiling=tiling,
-    )
+    data = stage_data(recipe, stage, built)
     return collate([data.dataset[i] for i in range(BATCH)], pad_token_id=data.pad_token_id)
+
+
+def zero_3_config() -> dict:
+    """vtc's ZeRO-3 settings with every parameter partitioned, however small, and small buckets
+    (LLaVA's 5e8-element ones are slow to set up on CPU); no clipping, a fixed micro-batch."""
+    config = deepspeed_config(3)
+    config.update(gradient_clipping=0.0, train_micro_batch_size_per_gpu=BATCH, gradient_accumulation_steps=1)
+    config["zero_optimization"].update(
+        stage3_param_persistence_threshold=0,
+        reduce_bucket_size=1e6,
+        allgather_bucket_size=1e6,
+        stage3_prefetch_bucket_size=1e6,
+    )
+    return config
 
 
 def check(name: str, stage_index: int, data_dir: Path) -> dict:
@@ -95,15 +94,9 @@ def check(name: str, stage_index: int, data_dir: Path) -> dict:
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     ref_optimizer = torch.optim.SGD(ref_params, lr=LR, momentum=0.9)
 
-    config = deepspeed_config(3)
-    config.update(gradient_clipping=0.0, train_micro_batch_size_per_gpu=BATCH, gradient_accumulation_steps=1)
-    zero = config["zero_optimization"]
-    zero["stage3_param_persistence_threshold"] = 0  # partition every parameter, however small
-    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
-        zero[key] = 1e6  # LLaVA's 5e8-element buckets: slow to set up on CPU
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
-        model=loss_fn, optimizer=torch.optim.SGD(params, lr=LR, momentum=0.9), config=config
+        model=loss_fn, optimizer=torch.optim.SGD(params, lr=LR, momentum=0.9), config=zero_3_config()
     )
     losses = []
     for step in range(STEPS):
@@ -156,16 +149,10 @@ def after_training(out: Path, data_dir: Path) -> None:
     if dist.get_rank() != 0:
         batch = stage_batch(recipe, built, stage)
     loss_fn = StageLoss(built.model, stage, None)
-    config = deepspeed_config(3)
-    config.update(gradient_clipping=0.0, train_micro_batch_size_per_gpu=BATCH, gradient_accumulation_steps=1)
-    config["zero_optimization"].update(
-        stage3_param_persistence_threshold=0,
-        reduce_bucket_size=1e6,
-        allgather_bucket_size=1e6,
-        stage3_prefetch_bucket_size=1e6,
-    )
     params = [p for p in loss_fn.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=loss_fn, optimizer=torch.optim.SGD(params, lr=LR), config=config)
+    engine, *_ = deepspeed.initialize(
+        model=loss_fn, optimizer=torch.optim.SGD(params, lr=LR), config=zero_3_config()
+    )
     for _ in range(2):
         engine.backward(engine(batch))
         engine.step()

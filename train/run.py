@@ -481,21 +481,7 @@ def train_stage(
     if OBJECTIVES[stage.objective].region_targets:
         region_head = RegionHead(model.dims.vision_width, region_classes(recipe.data.synthetic.grid))
         region_head.to(next(model.vision.parameters()).dtype)  # the features' dtype (model.dtype)
-    tiling = model.view_tiling
-    if tiling is not None and not stage.views:  # each image its thumbnail alone, fitted the same way
-        tiling = tiling.whole_images()
-    data = VtcDataModule(
-        recipe.data,
-        stage,
-        built.tokenizer,
-        built.hf.config.vision_config.image_size,
-        model.image_token_id,
-        model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
-        model.vision.grid,
-        recipe.seed,
-        stage_templates(stage, recipe.model),
-        tiling=tiling,
-    )
+    data = stage_data(recipe, stage, built)
     check_stage_data(data.dataset, stage, index, world)
     inputs = inputs_identity(data.shards.paths, resolve_base(recipe.model.base))
     if resume_from is not None and not resume_from.stage_done:
@@ -585,6 +571,26 @@ def train_stage(
         speed = "" if rate is None else f", {rate:.1f} samples/s after the first step"
         print(f"[vtc] stage {stage.name!r}: {record['steps']} steps in {record['seconds']:.0f} s{speed}")
     return record
+
+
+def stage_data(recipe: Recipe, stage, built) -> VtcDataModule:
+    """The stage's training data, encoded for the model `built` as the stage trains it."""
+    model = built.model
+    tiling = model.view_tiling
+    if tiling is not None and not stage.views:  # each image its thumbnail alone, fitted the same way
+        tiling = tiling.whole_images()
+    return VtcDataModule(
+        recipe.data,
+        stage,
+        built.tokenizer,
+        built.hf.config.vision_config.image_size,
+        model.image_token_id,
+        model.image_sequence_tokens if model.view_grids and stage.views else model.visual_tokens(),
+        model.vision.grid,
+        recipe.seed,
+        stage_templates(stage, recipe.model),
+        tiling=tiling,
+    )
 
 
 def throughput(clock: StepClock, samples_per_step: int) -> float | None:
