@@ -766,7 +766,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
 def part_per_step_problems(recipe: Recipe) -> list[Problem]:
     """Stages that train a component learning one part of itself per step, which DeepSpeed's
     optimizer would move as a whole every step (`Compressor.trains_one_part_per_step`;
-    tests/test_zero.py -k methods measures it)."""
+    tests/test_zero.py -k every_method measures it)."""
     problems = []
     slots = [("projector", recipe.model.projector)] + [("compressors", c) for c in recipe.model.compressors]
     for i, stage in enumerate(recipe.stages):
