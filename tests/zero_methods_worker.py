@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.synth import region_classes  # noqa: E402
 from models.compressors.base import Progress  # noqa: E402
+from models.gather import is_partitioned  # noqa: E402
 from models.region_head import RegionHead  # noqa: E402
 from train.datamodule import collate  # noqa: E402
 from train.freeze import apply_stage  # noqa: E402
@@ -53,9 +54,16 @@ class StageLoss(torch.nn.Module):
 
 
 def stage_batch(recipe, built, stage):
-    """The stage's first BATCH training samples, encoded as its run encodes them."""
-    data = stage_data(recipe, stage, built)
-    return collate([data.dataset[i] for i in range(BATCH)], pad_token_id=data.pad_token_id)
+    """The stage's first BATCH training samples, encoded as its run encodes them; rank 0 first
+    (it writes the data cache), the other rank then reads them."""
+
+    def encoded():
+        data = stage_data(recipe, stage, built)
+        return collate([data.dataset[i] for i in range(BATCH)], pad_token_id=data.pad_token_id)
+
+    batch = encoded() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return batch if batch is not None else encoded()
 
 
 def zero_3_config() -> dict:
@@ -83,11 +91,7 @@ def check(name: str, stage_index: int, data_dir: Path) -> dict:
     head = None
     if OBJECTIVES[stage.objective].region_targets:
         head = RegionHead(built.model.dims.vision_width, region_classes(recipe.data.synthetic.grid))
-    if dist.get_rank() == 0:  # one process writes the data cache, the other then reads it
-        batch = stage_batch(recipe, built, stage)
-    dist.barrier()
-    if dist.get_rank() != 0:
-        batch = stage_batch(recipe, built, stage)
+    batch = stage_batch(recipe, built, stage)
     loss_fn = StageLoss(built.model, stage, head)
     reference = copy.deepcopy(loss_fn)
     initial = {k: v.detach().clone() for k, v in reference.model.named_parameters() if v.requires_grad}
@@ -144,10 +148,7 @@ def after_training(out: Path, data_dir: Path) -> None:
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True)
         write_text_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
-        batch = stage_batch(recipe, built, stage)
-    dist.barrier()
-    if dist.get_rank() != 0:
-        batch = stage_batch(recipe, built, stage)
+    batch = stage_batch(recipe, built, stage)
     loss_fn = StageLoss(built.model, stage, None)
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
@@ -159,7 +160,7 @@ def after_training(out: Path, data_dir: Path) -> None:
     names = trainable_names(built.model)
     trained = trainable_state(built.model, names)  # gathered, on every rank
     save_trainables(built.model, names, run_dir, write=dist.get_rank() == 0)
-    partitioned = any(hasattr(p, "ds_id") for p in built.model.parameters())
+    partitioned = any(is_partitioned(p) for p in built.model.parameters())
     loss_fn.eval()
     with torch.no_grad():
         engine_loss = engine(batch).item()  # the partitioned model, every rank taking part

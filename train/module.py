@@ -136,14 +136,9 @@ class VtcModule(L.LightningModule):
         optim = self.stage.optim
         params = [p for p in self.parameters() if p.requires_grad]
         deepspeed = isinstance(self.trainer.strategy, DeepSpeedStrategy)
-        if needs_master_weights(params, str(self.trainer.precision), deepspeed):
-            optimizer = MasterWeightsAdamW(
-                params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
-            )
-        else:
-            optimizer = torch.optim.AdamW(
-                params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
-            )
+        master = needs_master_weights(params, str(self.trainer.precision), deepspeed)
+        adamw = MasterWeightsAdamW if master else torch.optim.AdamW
+        optimizer = adamw(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
         factor = warmup_schedule(self.total_steps, optim.warmup, optim.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
