@@ -39,7 +39,7 @@ def engine_for(zero_stage: int, seed: int):
     built = build("tiny", tiny=TEST_TINY, seed=seed)
     apply_stage(built.model, STAGE)
     config = deepspeed_config(zero_stage)
-    config["gradient_clipping"] = 1.0  # "auto" is filled in by Lightning, not by raw DeepSpeed
+    config["gradient_clipping"] = 1.0  # Lightning fills it from the Trainer; raw DeepSpeed needs it here
     config["train_micro_batch_size_per_gpu"] = 2
     config["gradient_accumulation_steps"] = 1
     # vtc's ZeRO-3 settings keep parameters under 1e6 elements whole; every tiny parameter is

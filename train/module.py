@@ -22,6 +22,7 @@ from train.objectives import OBJECTIVES, loss_terms, weighted_total
 from train.outputs import write_text_atomic
 from train.precision import MasterWeightsAdamW, needs_master_weights
 from train.recipe import Stage
+from train.zero import load_state, trainable_state
 
 NONFINITE_RUN = 10  # with nonfinite_loss: skip, this many non-finite losses in a row stop the run
 
@@ -150,9 +151,15 @@ class VtcModule(L.LightningModule):
             "skipped_by_rank": gather_from_ranks(dict(self.skipped)),
             "nonfinite_skipped": list(self.nonfinite_skipped),
         }
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            # DeepSpeed's shards hold the weights this stage trains only (exclude_frozen_parameters,
+            # and Lightning drops the state_dict): those an earlier stage trained travel here.
+            checkpoint["vtc"]["trained_before"] = trainable_state(self.model, self._trained_before())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        unknown = sorted(set(checkpoint["state_dict"]) - set(self.state_dict()))
+        # Under DeepSpeed the engine has restored the weights from its own shards, and Lightning
+        # hands over the rest of the checkpoint without a state_dict.
+        unknown = sorted(set(checkpoint.get("state_dict", {})) - set(self.state_dict()))
         if unknown:  # not strict about missing (frozen) weights, but never ignore a saved one
             raise ValueError(f"checkpoint has {len(unknown)} weight(s) this model lacks, e.g. {unknown[:3]}")
         state = checkpoint["vtc"]
@@ -160,6 +167,14 @@ class VtcModule(L.LightningModule):
         by_rank = state["skipped_by_rank"]
         self.skipped = dict(by_rank[self.global_rank]) if self.global_rank < len(by_rank) else {}
         self.nonfinite_skipped = list(state["nonfinite_skipped"])
+        if state.get("trained_before"):  # a DeepSpeed checkpoint of a later stage
+            load_state(self.model, state["trained_before"])
+
+    def _trained_before(self) -> set[str]:
+        """Parameters an earlier stage trained (or `model.init` set) that this stage keeps frozen."""
+        return {
+            n for n, p in self.model.named_parameters() if n in self.saved_weights and not p.requires_grad
+        }
 
     def _saved(self, key: str) -> bool:
         if key.startswith("region_head."):

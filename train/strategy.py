@@ -26,7 +26,10 @@ def deepspeed_config(zero_stage: int) -> dict:
             stage3_max_reuse_distance=1e9,
             stage3_gather_16bit_weights_on_model_save=True,
         )
-    return {"zero_optimization": zero, "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
+    # No "gradient_clipping" key: Lightning fills it from the Trainer's gradient_clip_val (the
+    # stage's optim.grad_clip) only when the key is absent; HF's "auto" is not Lightning's, and
+    # DeepSpeed met it at the first step ('>' between 'str' and 'float').
+    return {"zero_optimization": zero, "zero_allow_untested_optimizer": True}
 
 
 def build_strategy(trainer: TrainerRecipe, sparse_gradients: bool = False):
