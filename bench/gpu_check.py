@@ -15,9 +15,10 @@ status 1 if any failed.
 
     python bench/gpu_check.py [--only tokenpacker,falcon] [--zero 2,3] [--out DIR] [--cpu]
 
-`--cpu` runs the same checks on CPU with small widths under 2-process DDP over gloo (fp32): it
-checks this script, the recipes' wiring and each family's multi-process path, not DeepSpeed;
-`tests/test_gpu_check.py` runs it for one family.
+`--cpu` runs the same checks on CPU with small widths, 2 processes over gloo (fp32): under DDP,
+or with `--zero N` through Lightning's DeepSpeedStrategy on DeepSpeed's CPU accelerator
+(`tests/deepspeed_on_cpu.py` lifts Lightning's CUDA-only checks). `tests/test_gpu_check.py` runs
+each family under DDP, and FALCON's at ZeRO-3.
 On one H200 the whole check is meant to take a few minutes; the LLaVolta and CoViPAL checks
 (17 decoder layers of width 4096) need a GPU with 80 GB.
 """
@@ -108,10 +109,10 @@ def deepspeed_refused(recipe: dict) -> bool:
     )
 
 
-def family_zeros(chained: list[dict], zeros: list[int], cpu: bool) -> list[int]:
-    """The ZeRO stages a family's chained recipes run under; 0: DDP (always with --cpu; on a GPU
-    once, for a family vtc refuses under DeepSpeed)."""
-    if cpu or any(deepspeed_refused(recipe) for recipe in chained):
+def family_zeros(chained: list[dict], zeros: list[int]) -> list[int]:
+    """The ZeRO stages a family's chained recipes run under; 0: DDP (once, for a family vtc
+    refuses under DeepSpeed)."""
+    if any(deepspeed_refused(recipe) for recipe in chained):
         return [0]
     return zeros
 
@@ -134,9 +135,11 @@ def overrides(
         "eval.after_training=false",
         "wandb.enabled=false",
     ]
-    if cpu:  # 2 DDP processes over gloo, fp32
-        out += ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1"]
-        out += ["trainer.precision=32-true", "model.dtype=float32"]
+    if cpu:  # 2 processes over gloo, fp32: DDP, or DeepSpeed through tests/deepspeed_on_cpu.py
+        strategy = f"deepspeed_stage_{zero}" if zero else "ddp"
+        accelerator = "auto" if zero else "cpu"  # vtc refuses DeepSpeed with accelerator 'cpu'
+        out += [f"trainer.strategy={strategy}", "trainer.devices=2", f"trainer.accelerator={accelerator}"]
+        out += ["trainer.threads=1", "trainer.precision=32-true", "model.dtype=float32"]
     elif zero:
         out += [f"trainer.strategy=deepspeed_stage_{zero}", "trainer.devices=1"]
     else:  # a recipe vtc refuses under DeepSpeed: its own DDP, on the one GPU
@@ -158,10 +161,13 @@ class Checks:
         return ok
 
 
-def vtc(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "train.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+VTC = [sys.executable, "-m", "train.cli"]
+# `vtc` through Lightning's DeepSpeedStrategy on CPU (--cpu --zero N)
+VTC_DEEPSPEED_ON_CPU = [sys.executable, str(ROOT / "tests" / "deepspeed_on_cpu.py")]
+
+
+def vtc(*args: str, timeout: float = 900, launcher: list[str] = VTC) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def tail(text: str) -> str:
@@ -170,7 +176,9 @@ def tail(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def train_stop_resume(name: str, args: list[str], run: Path, checks: Checks, what: str) -> bool:
+def train_stop_resume(
+    name: str, args: list[str], run: Path, checks: Checks, what: str, launcher: list[str] = VTC
+) -> bool:
     """Train until the first checkpoint exists, then SIGTERM the job's every process as a
     scheduler does: the run must save the step under way and exit 143; then `--resume auto`
     to the end."""
@@ -179,7 +187,7 @@ def train_stop_resume(name: str, args: list[str], run: Path, checks: Checks, wha
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "train.cli", "train", name, *args],
+            [*launcher, "train", name, *args],
             cwd=ROOT,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -208,7 +216,7 @@ def train_stop_resume(name: str, args: list[str], run: Path, checks: Checks, wha
     else:
         checks.line(True, f"{what} train (ended before the signal)", f"{time.time() - started:.0f} s")
     started = time.time()
-    resumed = vtc("train", name, *args, "--resume", "auto")
+    resumed = vtc("train", name, *args, "--resume", "auto", launcher=launcher)
     if resumed.returncode != 0:
         return checks.line(False, f"{what} resume", tail(resumed.stdout + resumed.stderr))
     meta = json.loads((run / "meta.json").read_text())
@@ -273,10 +281,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", help=f"comma-separated families (default all: {', '.join(FAMILIES)})")
-    parser.add_argument("--zero", default="2,3", help="ZeRO stages to run each recipe under (default 2,3)")
+    parser.add_argument(
+        "--zero",
+        help="ZeRO stages to run each recipe under (default 2,3; with --cpu, DDP unless given: then "
+        "Lightning's DeepSpeedStrategy on CPU through tests/deepspeed_on_cpu.py)",
+    )
     parser.add_argument("--out", help="work folder (default: a temporary one)")
     parser.add_argument(
-        "--cpu", action="store_true", help="2 DDP processes on CPU, small widths (no DeepSpeed)"
+        "--cpu", action="store_true", help="2 processes on CPU, small widths (DDP unless --zero is given)"
     )
     args = parser.parse_args()
     families = args.only.split(",") if args.only else list(FAMILIES)
@@ -288,14 +300,15 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             parser.error("no CUDA GPU visible: run with --cpu to check the wiring on CPU")
-    zeros = [int(z) for z in args.zero.split(",")]
+    zeros = [int(z) for z in args.zero.split(",")] if args.zero else [0] if args.cpu else [2, 3]
+    launcher = VTC_DEEPSPEED_ON_CPU if args.cpu and args.zero else VTC
     work = Path(args.out or tempfile.mkdtemp(prefix="vtc-gpu-check-"))
     checks, started = Checks(), time.time()
     from train.recipe import RECIPES_DIR
 
     for family in families:
         chained = [yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) for name in FAMILIES[family]]
-        for zero in family_zeros(chained, zeros, args.cpu):
+        for zero in family_zeros(chained, zeros):
             init = None
             for name, recipe in zip(FAMILIES[family], chained, strict=True):
                 llm_layers = max(2, 1 + deepest_layer(recipe["model"].get("compressors") or []))
@@ -304,10 +317,11 @@ def main() -> int:
                     config_dir, work / f"base-{config_dir.name}-{llm_layers}", llm_layers, args.cpu
                 )
                 run = work / f"z{zero}" / name.replace("/", "-")
-                where = "CPU DDP×2" if args.cpu else f"ZeRO-{zero}" if zero else "DDP×1"
+                strategy = f"ZeRO-{zero}" if zero else "DDP"
+                where = f"CPU {strategy}×2" if args.cpu else strategy if zero else "DDP×1"
                 what = f"{name} {where} ({llm_layers} decoder layers)"
                 recipe_args = overrides(recipe, base, init, run, work / "data", zero, args.cpu)
-                if not train_stop_resume(name, recipe_args, run, checks, what):
+                if not train_stop_resume(name, recipe_args, run, checks, what, launcher):
                     break
                 export_and_evaluate(
                     run, work / f"z{zero}" / f"{name.replace('/', '-')}-export", checks, what, args.cpu

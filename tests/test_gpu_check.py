@@ -1,5 +1,5 @@
 """bench/gpu_check.py — the check a user runs first on a GPU node — on CPU: recipe families
-under 2-process DDP (gloo) with small widths: train, SIGTERM (the step saved, exit 143), resume,
+under 2-process DDP (gloo) with small widths, and FALCON's through Lightning's DeepSpeed: train, SIGTERM (the step saved, exit 143), resume,
 export, load, evaluate, ask. About a minute or two a family, so only with `--families`
 (`.ci/run` passes it)."""
 
@@ -33,7 +33,7 @@ def test_every_gpu_run_of_the_check_is_a_valid_recipe(family, tmp_path):
     from train.recipe import RECIPES_DIR, load_recipe
 
     chained = [yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) for name in FAMILIES[family]]
-    zeros = family_zeros(chained, [2, 3], cpu=False)
+    zeros = family_zeros(chained, [2, 3])
     assert zeros == ([0] if family == "dyvte" else [2, 3])
     for zero in zeros:
         for name, recipe in zip(FAMILIES[family], chained, strict=True):
@@ -43,10 +43,10 @@ def test_every_gpu_run_of_the_check_is_a_valid_recipe(family, tmp_path):
             assert strategy == (f"deepspeed_stage_{zero}" if zero else "ddp")
 
 
-def check_family_on_cpu(family: str, out_dir) -> None:
+def check_family_on_cpu(family: str, out_dir, *options: str) -> None:
     """`bench/gpu_check.py --cpu --only FAMILY`: 6 checks per recipe of the family, all [ok]."""
     out = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--cpu", "--only", family, "--out", str(out_dir)],
+        [sys.executable, "bench/gpu_check.py", "--cpu", "--only", family, "--out", str(out_dir), *options],
         capture_output=True,
         text=True,
         timeout=900,
@@ -65,3 +65,12 @@ def test_every_recipe_family_under_two_process_ddp(family, tmp_path):
     """Each family's shipped recipes, chained, with small widths under 2-process DDP (gloo):
     train, SIGTERM, resume, export, load, evaluate, ask."""
     check_family_on_cpu(family, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.families
+def test_falcon_under_lightnings_deepspeed_zero_3_on_cpu(tmp_path):
+    """The FALCON family (views, ReAtten, LLM LoRA) through Lightning's DeepSpeedStrategy at
+    ZeRO-3, as on a GPU, run on CPU by tests/deepspeed_on_cpu.py: `--cpu --zero 3`, ~2 min.
+    Before 2026-12-08 it failed at the first optimizer step of any DeepSpeed run."""
+    check_family_on_cpu("falcon", tmp_path, "--zero", "3")
