@@ -150,3 +150,43 @@ def test_a_save_only_rank_0_fails_stops_every_rank_at_once(tmp_path, phase):
         [sys.executable, "-m", "train.cli", "resume", str(run_dir)], capture_output=True, text=True, env=env
     )
     assert resumed.returncode == 0 and (run_dir / "trainable.safetensors").is_file(), resumed.stderr[-3000:]
+
+
+NONFINITE_ON_RANK_1 = """
+import os, sys
+import train.module
+total, calls = train.module.weighted_total, []
+
+def weighted_total(*args, **kwargs):  # rank 1's 8th loss (stage 'instruct', step 3) is NaN
+    calls.append(1)
+    loss = total(*args, **kwargs)
+    return loss * float("nan") if os.environ.get("LOCAL_RANK") == "1" and len(calls) == 8 else loss
+
+train.module.weighted_total = weighted_total
+from train.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.families
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """One rank's batch gives a NaN loss: that rank stops as on one device, and the others stop
+    with it, each with one line. Before, they went on into the gradient all-reduce: over gloo they
+    died with a traceback of the closed connection (seen), over NCCL they would wait for the
+    process group's timeout. `--families`, ~10 s."""
+    script = tmp_path / "nonfinite_on_rank_1.py"  # a file: Lightning runs it again for rank 1
+    script.write_text(NONFINITE_ON_RANK_1)
+    cmd = smoke_train_cmd(tmp_path / "ddp", tmp_path / "data", *TWO_PROCESSES)
+    cmd[1:3] = [str(script)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd()}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("vtc: error: ")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert sorted(lines) == [
+        "vtc: error: another process of this run met a non-finite loss at step 3 of stage 'instruct'; "
+        "stopping too",
+        "vtc: error: non-finite loss nan at step 3 of stage 'instruct'; stopped before it reached the "
+        "weights (the last checkpoint is the last good one): lower the stage's optim.lr, or set "
+        "trainer.nonfinite_loss: skip",
+    ]

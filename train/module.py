@@ -95,6 +95,7 @@ class VtcModule(L.LightningModule):
         if self.record_samples:
             self.seen_ids.extend(batch["ids"])
         if "input_ids" not in batch:  # every sample skipped: a zero loss keeps DDP ranks in step
+            self._stop_with_the_other_ranks(nonfinite_here=False)
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         terms = self.objective.terms(self.model, batch, self.region_head)
         loss = weighted_total(terms, self.stage.loss_weights, list(self.terms))
@@ -105,7 +106,9 @@ class VtcModule(L.LightningModule):
             )
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach().float(), prog_bar=name in ("region_acc",))
-        if not torch.isfinite(loss):
+        nonfinite = not torch.isfinite(loss)
+        self._stop_with_the_other_ranks(nonfinite)
+        if nonfinite:
             # None: Lightning runs no backward, so no weight moves (the step number and the LR
             # schedule still advance)
             if self.nonfinite_loss == "skip":
@@ -132,6 +135,21 @@ class VtcModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/skipped", float(len(self.skipped)))
         return loss
+
+    def _stop_with_the_other_ranks(self, nonfinite_here: bool) -> None:
+        """Every micro-batch, the ranks learn together whether any of them met a non-finite loss,
+        and then all stop (a rank that stopped alone left the others in the gradient all-reduce:
+        over gloo they died of the closed connection, over NCCL they would wait for the process
+        group's timeout). One all-reduce of a flag; nothing on a single device."""
+        if self.trainer.world_size == 1:
+            return
+        anywhere = self.trainer.strategy.reduce_boolean_decision(nonfinite_here, all=False)
+        if not anywhere or nonfinite_here:  # this rank's own non-finite loss is said below
+            return
+        raise UserError(
+            f"another process of this run met a non-finite loss at step {self.global_step} of "
+            f"stage {self.stage.name!r}; stopping too"
+        )
 
     def configure_optimizers(self):
         optim = self.stage.optim
