@@ -12,7 +12,8 @@ torch.set_num_threads(2)
 
 # Opt-in groups of long checks: each runs only with its flag (`.ci/run` passes both).
 OPT_IN = {
-    "families": "each GPU recipe family under 2-process DDP on CPU, ~2 min each, and DDP signals",
+    "families": "each GPU recipe family under 2-process DDP on CPU, ~2 min each, FALCON's through "
+    "Lightning's DeepSpeed on CPU, and multi-process failure tests",
     "benches": "the README's bench scripts end to end at two steps a stage, ~1 min each",
 }
 
