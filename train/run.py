@@ -193,9 +193,11 @@ def resume_point(
         start = next((c for c in existing if c.path.resolve() == Path(resume).resolve()), None)
         if start is None:
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint of {run_dir}")
+    saved_recipe = run_dir / "recipe.yaml"
+    if saved_recipe.is_file():
+        check_same_processes(start, yaml.safe_load(saved_recipe.read_text()), recipe)
     if force:  # what the stage trained on is not held against the resume either (`check_same_inputs`)
         start = dataclasses.replace(start, inputs=None)
-    saved_recipe = run_dir / "recipe.yaml"
     if saved_recipe.is_file() and not force:
         drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
         if drift:
@@ -205,6 +207,24 @@ def resume_point(
                 + "\n(pass --force to resume anyway)"
             )
     return start
+
+
+def check_same_processes(start: CheckpointInfo, saved: dict, recipe: Recipe) -> None:
+    """Refuse, even with --force, to resume a DeepSpeed checkpoint on another number of processes:
+    its optimizer states are partitioned over the processes that wrote it, and DeepSpeed cannot
+    partition them again (it fails with its own traceback once the model is built)."""
+    if (start.path / "trainable.safetensors").is_file():  # not DeepSpeed's sharded layout
+        return
+    trainer = saved.get("trainer") or {}
+    before = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
+    now = recipe.trainer.devices * recipe.trainer.num_nodes
+    if before != now:
+        raise UserError(
+            f"cannot resume {start.run_dir} on {now} process(es): DeepSpeed's checkpoint "
+            f"{start.path.name} holds optimizer states partitioned over {before}, which DeepSpeed "
+            "cannot partition again; resume with trainer.devices × trainer.num_nodes = "
+            f"{before}"
+        )
 
 
 def check_same_inputs(start: CheckpointInfo, inputs: dict) -> None:
