@@ -66,6 +66,11 @@ class CheckpointInfo:
         """The run this checkpoint belongs to (`RUN_DIR/ckpt/<this>`)."""
         return self.path.parent.parent
 
+    @property
+    def sharded(self) -> bool:
+        """DeepSpeed's layout: one shard per rank in place of trainable.safetensors and state.pt."""
+        return not (self.path / "trainable.safetensors").is_file()
+
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints of a run, oldest first by (stage, step)."""
@@ -120,7 +125,7 @@ def unfinished_run(run_dir: Path, command: str) -> str | None:
     finish = f"`vtc resume {run_dir}` finishes it"
     if newest is None:
         return f"{run_dir} is a run that has not finished and has no checkpoint yet; {finish}"
-    if not (newest.path / "trainable.safetensors").is_file():  # DeepSpeed's sharded layout
+    if newest.sharded:
         return f"{run_dir} is a run that has not finished; {finish}"
     return (
         f"{run_dir} is a run that has not finished; `vtc {command.format(newest.path)}` takes its newest "

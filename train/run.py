@@ -194,12 +194,14 @@ def resume_point(
         if start is None:
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint of {run_dir}")
     saved_recipe = run_dir / "recipe.yaml"
-    if saved_recipe.is_file():
-        check_same_processes(start, yaml.safe_load(saved_recipe.read_text()), recipe)
+    kept = saved_recipe.is_file()
+    saved = yaml.safe_load(saved_recipe.read_text()) if kept else None
+    if kept:
+        check_same_processes(start, saved, recipe)
     if force:  # what the stage trained on is not held against the resume either (`check_same_inputs`)
         start = dataclasses.replace(start, inputs=None)
-    if saved_recipe.is_file() and not force:
-        drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
+    if kept and not force:
+        drift = recipe_drift(saved, yaml.safe_load(recipe_to_yaml(recipe)))
         if drift:
             raise UserError(
                 f"refusing to resume {run_dir}: the recipe changed since the run started\n  "
@@ -209,13 +211,13 @@ def resume_point(
     return start
 
 
-def check_same_processes(start: CheckpointInfo, saved: dict, recipe: Recipe) -> None:
+def check_same_processes(start: CheckpointInfo, saved: dict | None, recipe: Recipe) -> None:
     """Refuse, even with --force, to resume a DeepSpeed checkpoint on another number of processes:
     its optimizer states are partitioned over the processes that wrote it, and DeepSpeed cannot
     partition them again (it fails with its own traceback once the model is built)."""
-    if (start.path / "trainable.safetensors").is_file():  # not DeepSpeed's sharded layout
+    if not start.sharded:
         return
-    trainer = saved.get("trainer") or {}
+    trainer = (saved or {}).get("trainer") or {}
     before = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
     now = recipe.trainer.devices * recipe.trainer.num_nodes
     if before != now:
