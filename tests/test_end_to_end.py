@@ -75,20 +75,19 @@ def test_vtc_train_smoke_recipe(tmp_path, capsys):
     assert rebuilt.model.visual_tokens() == 64 and rebuilt.tokenizer is not None
 
 
-def test_cli_help_and_recipes():
+def test_cli_help_and_recipes(capsys):
     out = subprocess.run([sys.executable, "-m", "train.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "validate" in out.stdout and "examples:" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "train.cli", "recipes"], capture_output=True, text=True)
-    assert "tiny/base" in out.stdout and "tiny/smoke" in out.stdout
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert "tiny/base" in listed and "tiny/smoke" in listed
     # one column of descriptions, however long the longest name
-    lines = out.stdout.splitlines()
+    lines = listed.splitlines()
     assert len({len(line) - len(line.split(maxsplit=1)[1]) for line in lines}) == 1
-    out = subprocess.run([sys.executable, "-m", "train.cli", "--version"], capture_output=True, text=True)
-    import torch
-
-    assert (
-        out.returncode == 0 and out.stdout.startswith("vtc ") and f"torch {torch.__version__}" in out.stdout
-    )
+    with pytest.raises(SystemExit) as version:  # argparse's version action exits
+        main(["--version"])
+    said = capsys.readouterr().out
+    assert version.value.code == 0 and said.startswith("vtc ") and f"torch {torch.__version__}" in said
 
 
 def test_every_cli_argument_has_help():
@@ -112,13 +111,12 @@ def test_every_cli_argument_has_help():
     assert not bare, f"arguments without help: {bare}"
 
 
-def test_cli_validate_reports_bad_key(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "train.cli", "validate", "tiny/smoke", "stages.0.stepz=2"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 2 and "stages[0].stepz" in out.stderr and "smoke.yaml" in out.stderr
+def test_cli_validate_reports_bad_key(capsys):
+    from train.cli import main
+
+    assert main(["validate", "tiny/smoke", "stages.0.stepz=2"]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].stepz" in err and "smoke.yaml" in err
 
 
 def test_overrides_may_follow_a_flag(capsys):

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tests.conftest import smoke_train_cmd
+from train.cli import main
 from train.launch import global_rank, launch_problems, launcher
 from train.recipe import RecipeError, load_recipe
 
@@ -146,9 +147,9 @@ def test_two_nodes_under_torchrun(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     for name in LAUNCH_VARIABLES:
         env.pop(name, None)
-    # make the data first, so that the two nodes do not race to write it
-    prepare = [*smoke_train_cmd(tmp_path / "prep", tmp_path / "data", "stages.0.steps=1", "stages.1.steps=1")]
-    assert subprocess.run(prepare, capture_output=True, text=True, timeout=300, env=env).returncode == 0
+    # make the data first (in this process), so that the two nodes do not race to write it
+    prepare = smoke_train_cmd(tmp_path / "prep", tmp_path / "data", "stages.0.steps=1", "stages.1.steps=1")
+    assert main(prepare[3:]) == 0
     nodes = [
         subprocess.Popen(
             [

@@ -1,9 +1,12 @@
 """Resume after a crash: exact data position, bit-identical weights, atomic saves, drift refusal."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from data.loader import ResumableLoader
 from data.synth import FAMILIES
 from tests.conftest import smoke_train_cmd
 from train.checkpoint import TrainablesCheckpointIO, latest_checkpoint, list_checkpoints, recipe_drift
+from train.cli import main
 from train.signals import STOP_SIGNALS
 
 # Stage "instruct": 96 samples / batch 8 = 12 batches per epoch, 30 steps = 2.5 epochs, so a
@@ -45,6 +49,21 @@ def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=own_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def vtc_here(cmd: list[str]) -> str:
+    """`vtc` run in this process as `run_ok` runs `cmd` in a new one, for what trains or resumes
+    after a run killed in its own process (a new process costs ~7 s of imports, most of these
+    tests' time): its stdout; it must succeed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(cmd[3:])  # [python, -m, train.cli, COMMAND, ...]
+    assert code == 0, out.getvalue()[-3000:]
+    return out.getvalue()
+
+
+def resume_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train.cli", "resume", str(run_dir), *extra]
 
 
 def train_killed_by(
@@ -79,7 +98,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
     """The reference: the same recipe trained without interruption (keeping 2 checkpoints)."""
     root = tmp_path_factory.mktemp("resume")
     run_dir, data_dir = root / "reference", root / "data"
-    run_ok(train_cmd(run_dir, data_dir, "checkpoint.every=5", "checkpoint.keep_last=2"))
+    vtc_here(train_cmd(run_dir, data_dir, "checkpoint.every=5", "checkpoint.keep_last=2"))
     return run_dir, data_dir
 
 
@@ -173,23 +192,21 @@ def test_ctrl_c_says_where_to_resume_and_the_resume_is_exact(uninterrupted, tmp_
         f"stage1-instruct-step0000015 (stage 'instruct', step 15); `vtc resume {run_dir}` goes on"
     ) in out.stderr
     assert not (run_dir / "trainable.safetensors").exists()
-    resumed = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
-    assert "resuming from" in resumed.stdout and "stage1-instruct-step0000015" in resumed.stdout
+    resumed = vtc_here(resume_cmd(run_dir))
+    assert "resuming from" in resumed and "stage1-instruct-step0000015" in resumed
     assert weights_bytes(run_dir) == weights_bytes(reference)
     # a finished run: nothing to do, nothing written (a job script may resume whatever it finds)
     written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    again = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    again = vtc_here(resume_cmd(run_dir))
     assert (
         "finished training at stage1-instruct-step0000030 and was evaluated with these eval settings; nothing to do"
-        in again.stdout
+        in again
     )
-    assert "held-out accuracy" in again.stdout  # what it recorded
+    assert "held-out accuracy" in again  # what it recorded
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == written
     # with other eval settings it evaluates again, and trains nothing
-    again = run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir), "eval.limit=2"])
-    assert (
-        "finished training at stage1-instruct-step0000030: nothing left to train; evaluating" in again.stdout
-    )
+    again = vtc_here(resume_cmd(run_dir, "eval.limit=2"))
+    assert "finished training at stage1-instruct-step0000030: nothing left to train; evaluating" in again
     assert json.loads((run_dir / "metrics.json").read_text())["count"] == 2 * len(FAMILIES)
     assert weights_bytes(run_dir) == weights_bytes(reference)
 
@@ -401,7 +418,7 @@ def test_a_loader_worker_killed_for_memory_ends_the_run_in_one_line(tmp_path):
         "  a data loader worker died, most often killed by the kernel when memory ran out"
     )
     assert latest_checkpoint(run_dir).step == 3
-    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    vtc_here(resume_cmd(run_dir))
 
 
 def test_a_save_that_fills_the_disk_is_removed_and_said_in_one_line(tmp_path, monkeypatch):
@@ -456,7 +473,7 @@ def test_sigterm_to_the_whole_job_saves_the_step_under_way_then_stops(uninterrup
         "checkpoint.every=5",
     )
     reference = tmp_path / "reference"
-    run_ok(train_cmd(reference, data_dir, *window))
+    vtc_here(train_cmd(reference, data_dir, *window))
     run_dir = tmp_path / "terminated"
     patch = (
         "end, seen = checkpoint.PeriodicCheckpoint.on_train_batch_end, []\n"
@@ -477,7 +494,7 @@ def test_sigterm_to_the_whole_job_saves_the_step_under_way_then_stops(uninterrup
     assert "Traceback" not in out.stderr
     assert [c.step for c in list_checkpoints(run_dir)] == [10, 12]
     assert not (run_dir / "trainable.safetensors").exists()
-    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    vtc_here(resume_cmd(run_dir))
     assert weights_bytes(run_dir) == weights_bytes(reference)
     assert logged_steps(run_dir) == list(range(14))
 
@@ -500,7 +517,7 @@ def test_kill_right_after_a_save_keeps_that_steps_metrics_row(uninterrupted, tmp
     out = train_killed_by(patch, run_dir, data_dir, "checkpoint.every=2", "checkpoint.keep_last=2")
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     assert logged_steps(run_dir) == list(range(15)), "the kill should come before step 15's row is written"
-    run_ok(train_cmd(run_dir, data_dir, "--resume", "auto"))
+    vtc_here(train_cmd(run_dir, data_dir, "--resume", "auto"))
     assert logged_steps(run_dir) == list(range(30))
     assert weights_bytes(run_dir) == weights_bytes(reference)
     # the filled-in row holds what the uninterrupted run logged at that step
@@ -524,7 +541,7 @@ def test_a_bf16_mixed_run_resumes_exactly_with_its_float32_master_weights(tmp_pa
     half += ["checkpoint.every=4", "checkpoint.keep_last=2", "eval.after_training=false"]
     data_dir = tmp_path / "data"
     reference = tmp_path / "reference"
-    run_ok(train_cmd(reference, data_dir, *half))
+    vtc_here(train_cmd(reference, data_dir, *half))
     patch = (
         "original = checkpoint.PeriodicCheckpoint.save\n"
         "def dying(self, trainer, step, stage_done):\n"
@@ -539,7 +556,7 @@ def test_a_bf16_mixed_run_resumes_exactly_with_its_float32_master_weights(tmp_pa
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     state = torch.load(latest_checkpoint(run_dir).path / "state.pt", weights_only=True)
     assert "masters" in state["optimizer_states"][0]
-    run_ok(train_cmd(run_dir, data_dir, *half, "--resume", "auto"))
+    vtc_here(train_cmd(run_dir, data_dir, *half, "--resume", "auto"))
     weights = load_file(str(run_dir / "trainable.safetensors"))
     expected = load_file(str(reference / "trainable.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
@@ -571,7 +588,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_pat
     assert list((run_dir / "ckpt").glob(".tmp-*")), "the partial save should be left where it died"
     state = TrainablesCheckpointIO().load_checkpoint(found[-1].path)
     assert state["global_step"] == 4 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
-    run_ok([sys.executable, "-m", "train.cli", "resume", str(run_dir)])
+    vtc_here(resume_cmd(run_dir))
     assert not list((run_dir / "ckpt").glob(".tmp-*"))
     assert weights_bytes(run_dir) == weights_bytes(reference)
 
@@ -769,10 +786,11 @@ def test_two_process_ddp_resume_matches_the_uninterrupted_run(tmp_path):
     ddp += ["stages.1.global_batch_size=32"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for run_dir in (reference, resumed):
-        out = subprocess.run(train_cmd(run_dir, data_dir, *ddp), capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    # make `resumed` look like a run that died after its step-4 checkpoint of stage "instruct"
+    out = subprocess.run(train_cmd(reference, data_dir, *ddp), capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # a copy of it made to look like a run that died after its step-4 checkpoint of stage
+    # "instruct" (training it again for that would take as long as the reference did)
+    shutil.copytree(reference, resumed)
     for ckpt in list_checkpoints(resumed):
         if ckpt.stage == "instruct" and ckpt.step > 4:
             subprocess.run(["rm", "-rf", str(ckpt.path)], check=True)
@@ -786,14 +804,26 @@ def test_two_process_ddp_resume_matches_the_uninterrupted_run(tmp_path):
     assert weights_bytes(resumed) == weights_bytes(reference)
 
 
-def test_a_stage_shorter_than_log_every_still_logs(tmp_path):
-    """trainer.log_every above a stage's steps used to leave that stage without a metrics.csv."""
+def test_a_stage_shorter_than_log_every_still_logs(tmp_path, monkeypatch):
+    """trainer.log_every above a stage's steps used to leave that stage without a metrics.csv.
+    (And `trainer.threads` holds for the run only: a run started from Python used to leave its
+    caller's process on the recipe's thread count.)"""
+    from train import run
     from train.recipe import load_recipe
     from train.run import run_recipe
 
+    threads, train_stage = [], run.train_stage
+
+    def counting_threads(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return train_stage(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train_stage", counting_threads)
+    torch.set_num_threads(2)
     run_dir = tmp_path / "short"
     overrides = [f"output={run_dir}", f"data.cache_dir={tmp_path / 'data'}", "trainer.log_every=50"]
-    run_recipe(load_recipe("tiny/smoke", [*overrides, *SHORT[:2], "stages.1.steps=3"]))
+    run_recipe(load_recipe("tiny/smoke", [*overrides, *SHORT[:2], "stages.1.steps=3", "trainer.threads=1"]))
+    assert threads == [1, 1] and torch.get_num_threads() == 2
     for stage, last in (("vision", 3), ("instruct", 2)):
         steps = [
             line.split(",")[1] for line in (run_dir / "logs" / stage / "metrics.csv").read_text().splitlines()

@@ -78,19 +78,26 @@ METHOD_STAGES = (
 )
 
 
+@pytest.fixture(scope="module")
+def zero_3_results(tmp_path_factory) -> Path:
+    """One 2-process launch for the ZeRO-3 tests below (each launch costs its imports twice):
+    the folder of tests/zero_methods_worker.py's results for every method's stage and for
+    `after_training`."""
+    out_dir = tmp_path_factory.mktemp("zero3")
+    run_methods_worker(out_dir, out_dir / "data", *METHOD_STAGES, "after_training")
+    return out_dir
+
+
 @pytest.mark.slow
-def test_every_method_trains_under_zero_3_as_on_one_device(tmp_path):
+def test_every_method_trains_under_zero_3_as_on_one_device(zero_3_results):
     """ZeRO-3 with every parameter partitioned trains each method's stage as plain torch does,
     to float precision: DeepSpeed gathers the parameters a component reads in the host's hooks
     (`models.gather.as_call`; before it, FALCON's registers and CoViPAL's null key reached backward
     as empty tensors and the step failed). DyVTE is the exception `vtc validate` refuses:
     DeepSpeed's optimizer moves the routers a step did not draw. 2 processes, ~35 s."""
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    run_methods_worker(out_dir, tmp_path / "data", *METHOD_STAGES)
     for spec in METHOD_STAGES:
         name, stage = spec.rsplit(":", 1)
-        result = json.loads((out_dir / f"{name.replace('/', '-')}-{stage}.json").read_text())
+        result = json.loads((zero_3_results / f"{name.replace('/', '-')}-{stage}.json").read_text())
         losses, tensors = result["losses"], result["tensors"]
         assert tensors and max(t["trained_by"] for t in tensors.values()) > 1e-3, spec  # it trained
         if name == "tiny/dyvte":
@@ -107,14 +114,13 @@ def test_every_method_trains_under_zero_3_as_on_one_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_after_training_rank_0_alone_evaluates_a_zero_3_run(tmp_path):
+def test_after_training_rank_0_alone_evaluates_a_zero_3_run(zero_3_results):
     """After a ZeRO-3 run the other ranks end and rank 0 writes `hf/` and evaluates. The trained
     model's weights are partitioned across all of them then: its forward on rank 0 alone failed
     (gloo: `Connection closed by peer`; NCCL would wait) and its state dict held empty tensors.
     `train.run.whole_model` rebuilds the run from its `trainable.safetensors`: the same weights and
-    the same loss as the engine's. 2 processes, ~15 s."""
-    run_methods_worker(tmp_path, tmp_path / "data", "after_training")
-    result = json.loads((tmp_path / "after_training.json").read_text())
+    the same loss as the engine's. 2 processes, ~15 s on its own."""
+    result = json.loads((zero_3_results / "after_training.json").read_text())
     assert result["partitioned"] and result["trained"] > 0 and result["same_weights"]
     assert result["loss"] == pytest.approx(result["engine_loss"], rel=1e-5)
 

@@ -9,7 +9,8 @@ on that batch in this process. SGD with momentum, so that the weights differ onl
 gradients differ by (Adam would turn a gradient of 1e-8 into a step of the learning rate).
 Rank 0 writes OUT/<recipe>-<stage>.json: the losses both ways, and per trainable tensor the
 largest weight difference and whether the reference's last step gave it a gradient; and prints
-one line per stage with the largest differences.
+one line per stage with the largest differences. The spec `after_training`, run after the
+stages whatever its place, is a run's end under ZeRO-3 (OUT/after_training.json).
 """
 
 import copy
@@ -186,16 +187,15 @@ def after_training(out: Path, data_dir: Path) -> None:
 def main() -> None:
     out, data_dir, specs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     deepspeed.init_distributed(dist_backend="gloo")
-    if specs == ["after_training"]:
+    for spec in (s for s in specs if s != "after_training"):
+        name, stage_index = spec.rsplit(":", 1)
+        result = check(name, int(stage_index), data_dir)
+        if dist.get_rank() == 0:
+            (out / f"{name.replace('/', '-')}-{stage_index}.json").write_text(json.dumps(result))
+            print(summary(spec, result), flush=True)
+    dist.barrier()  # a rank that left while the other still talked to it aborted now and then
+    if "after_training" in specs:  # last: the other ranks end in it, as `vtc train`'s do
         after_training(out, data_dir)
-    else:
-        for spec in specs:
-            name, stage_index = spec.rsplit(":", 1)
-            result = check(name, int(stage_index), data_dir)
-            if dist.get_rank() == 0:
-                (out / f"{name.replace('/', '-')}-{stage_index}.json").write_text(json.dumps(result))
-                print(summary(spec, result), flush=True)
-        dist.barrier()  # a rank that left while the other still talked to it aborted now and then
     dist.destroy_process_group()
 
 

@@ -251,8 +251,22 @@ def run_recipe(recipe: Recipe, resume: str | None = None, force: bool = False, r
     run_dir = run_dir_of(recipe)
     is_zero = global_rank(recipe.trainer.devices) == 0  # the one process that writes the run directory
     refuse_foreign_output(run_dir)  # before the lock file goes in
-    with run_lock(run_dir) if is_zero else contextlib.nullcontext():
+    with run_lock(run_dir) if is_zero else contextlib.nullcontext(), torch_threads(recipe.trainer.threads):
         return _run(recipe, run_dir, is_zero, resume, force, restart)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` (None: left as they are) while the block runs,
+    then as they were: a run started from Python (a notebook, a test) leaves its caller's
+    setting alone."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -301,8 +315,6 @@ def _run(
         print(f"[vtc] {run_dir} finished training at {start.path.name}: nothing left to train{again}")
     elif start is not None:
         print(f"[vtc] resuming from {start.path} (stage {start.stage!r}, step {start.step})")
-    if recipe.trainer.threads:
-        torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     # indexed now, so that a bad test shard is refused before training, not after it
     test = split_shards(recipe.data, "test") if is_zero and recipe.eval.after_training else None
