@@ -81,9 +81,16 @@ def test_a_zero_3_run_stopped_in_its_second_stage_resumes_to_the_same_weights(tm
     # model is built (it was DeepSpeed's traceback after the model was built); checked in this
     # process, where only vtc's own refusal of DeepSpeed without CUDA needs lifting
     monkeypatch.setattr(train.recipe, "torch_cuda_available", lambda: True)
+    saved_recipe = (run_dir / "recipe.yaml").read_text()
     assert main([*cmd[2:], "trainer.devices=1", "--resume", "auto", "--force"]) == 2
     refused = capsys.readouterr().err
     assert "on 1 process(es): DeepSpeed's checkpoint" in refused and "partitioned over 2" in refused
+    # nor can another strategy read it (ZeRO-2 failed with DeepSpeed's AssertionError, DDP
+    # called the checkpoint damaged), and the run's recipe stays as it was
+    for strategy in ("deepspeed_stage_2", "ddp"):
+        assert main([*cmd[2:], f"trainer.strategy={strategy}", "--resume", "auto", "--force"]) == 2
+        assert "was written by DeepSpeed ZeRO-3" in capsys.readouterr().err
+    assert (run_dir / "recipe.yaml").read_text() == saved_recipe
     monkeypatch.undo()
     resumed = run_ok([*cmd, "--resume", "auto"])
     assert "resuming from" in resumed.stdout

@@ -829,3 +829,59 @@ def test_a_stage_shorter_than_log_every_still_logs(tmp_path, monkeypatch):
             line.split(",")[1] for line in (run_dir / "logs" / stage / "metrics.csv").read_text().splitlines()
         ]
         assert steps[-1] == str(last), (stage, steps)
+
+
+def fake_checkpoint(folder: Path, files: list[str]):
+    """A checkpoint folder holding empty files of these names (relative paths)."""
+    from train.checkpoint import CheckpointInfo
+
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return CheckpointInfo(folder, 1, "instruct", 4, False)
+
+
+ZERO_2_FILES = [f"checkpoint/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+ZERO_2_FILES += ["checkpoint/mp_rank_00_model_states.pt"]
+ZERO_3_FILES = [
+    f"checkpoint/zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")
+]
+
+
+@pytest.mark.parametrize(
+    "files,strategy,devices,refused",
+    [
+        (["trainable.safetensors", "state.pt"], "ddp", 4, None),  # any number of processes
+        (["trainable.safetensors", "state.pt"], "deepspeed_stage_2", 2, "written by vtc in its own layout"),
+        (ZERO_2_FILES, "deepspeed_stage_1", 2, None),  # ZeRO-1 and ZeRO-2 read each other's
+        (ZERO_2_FILES, "deepspeed_stage_3", 2, "written by DeepSpeed ZeRO-1/2, which deepspeed_stage_3"),
+        (ZERO_2_FILES, "ddp", 2, "resume it with trainer.strategy deepspeed_stage_1 or deepspeed_stage_2"),
+        (ZERO_3_FILES, "deepspeed_stage_2", 2, "resume it with trainer.strategy deepspeed_stage_3"),
+        (ZERO_3_FILES, "deepspeed_stage_3", 1, "partitioned over 2"),
+        (
+            [f"checkpoint/bf16_{name.split('/')[1]}" for name in ZERO_2_FILES[:2]],
+            "deepspeed_stage_1",
+            1,
+            "over 2",
+        ),
+    ],
+)
+def test_a_checkpoint_another_strategy_cannot_read_is_refused_before_anything_is_built(
+    tmp_path, files, strategy, devices, refused
+):
+    """What a strategy cannot read back is refused, --force or not: switched from DDP to ZeRO-2
+    it failed once the model was built with Lightning's 'not a valid DeepSpeed checkpoint', from
+    ZeRO-2 to ZeRO-3 with DeepSpeed's AssertionError, from ZeRO-2 to DDP calling the checkpoint
+    damaged, each after the forced recipe had replaced the run's recipe.yaml."""
+    from train.recipe import load_recipe
+    from train.run import check_resumable
+
+    start = fake_checkpoint(tmp_path / "run" / "ckpt" / "stage1-instruct-step0000004", files)
+    recipe = load_recipe(
+        "tiny/smoke", [f"trainer.strategy={strategy}", f"trainer.devices={devices}"], check_machine=False
+    )
+    if refused is None:
+        check_resumable(start, recipe)
+    else:
+        with pytest.raises(UserError, match=refused):
+            check_resumable(start, recipe)

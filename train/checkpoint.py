@@ -39,6 +39,10 @@ from train.outputs import out_of_room, replace_dir
 from train.signals import stop_signals_handled_by
 
 CKPT_DIR = "ckpt"
+# DeepSpeed's files, under its tag folder in a checkpoint (`<tag>/`; bf16 ZeRO-1 prefixes the
+# optimizer's with `bf16_`)
+ZERO_3_WEIGHT_SHARDS = "zero_pp_rank_*_mp_rank_*_model_states.pt"
+OPTIMIZER_SHARDS = "*zero_pp_rank_*_mp_rank_*_optim_states.pt"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,21 @@ class CheckpointInfo:
     def sharded(self) -> bool:
         """DeepSpeed's layout: one shard per rank in place of trainable.safetensors and state.pt."""
         return not (self.path / "trainable.safetensors").is_file()
+
+    @property
+    def layout(self) -> str:
+        """Which strategies read it back: "vtc" (vtc's own files: any strategy but DeepSpeed's),
+        "ZeRO-1/2" or "ZeRO-3" (DeepSpeed's, told apart by its file names: ZeRO-3 writes the
+        weights one file per rank, ZeRO-1/2 in one)."""
+        if not self.sharded:
+            return "vtc"
+        return "ZeRO-3" if any(self.path.rglob(ZERO_3_WEIGHT_SHARDS)) else "ZeRO-1/2"
+
+    @property
+    def processes(self) -> int | None:
+        """The processes a DeepSpeed checkpoint's optimizer states are partitioned over (one file
+        each); None for vtc's layout, which any number of processes reads."""
+        return len(list(self.path.rglob(OPTIMIZER_SHARDS))) if self.sharded else None
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:

@@ -193,15 +193,12 @@ def resume_point(
         start = next((c for c in existing if c.path.resolve() == Path(resume).resolve()), None)
         if start is None:
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint of {run_dir}")
-    saved_recipe = run_dir / "recipe.yaml"
-    kept = saved_recipe.is_file()
-    saved = yaml.safe_load(saved_recipe.read_text()) if kept else None
-    if kept:
-        check_same_processes(start, saved, recipe)
+    check_resumable(start, recipe)
     if force:  # what the stage trained on is not held against the resume either (`check_same_inputs`)
         start = dataclasses.replace(start, inputs=None)
-    if kept and not force:
-        drift = recipe_drift(saved, yaml.safe_load(recipe_to_yaml(recipe)))
+    saved_recipe = run_dir / "recipe.yaml"
+    if saved_recipe.is_file() and not force:
+        drift = recipe_drift(yaml.safe_load(saved_recipe.read_text()), yaml.safe_load(recipe_to_yaml(recipe)))
         if drift:
             raise UserError(
                 f"refusing to resume {run_dir}: the recipe changed since the run started\n  "
@@ -211,21 +208,42 @@ def resume_point(
     return start
 
 
-def check_same_processes(start: CheckpointInfo, saved: dict | None, recipe: Recipe) -> None:
-    """Refuse, even with --force, to resume a DeepSpeed checkpoint on another number of processes:
-    its optimizer states are partitioned over the processes that wrote it, and DeepSpeed cannot
-    partition them again (it fails with its own traceback once the model is built)."""
-    if not start.sharded:
-        return
-    trainer = (saved or {}).get("trainer") or {}
-    before = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
+# the checkpoint layout each strategy reads (`CheckpointInfo.layout`)
+LAYOUT_OF_STRATEGY = {
+    "deepspeed_stage_1": "ZeRO-1/2",
+    "deepspeed_stage_2": "ZeRO-1/2",
+    "deepspeed_stage_3": "ZeRO-3",
+}
+STRATEGIES_OF_LAYOUT = {
+    "vtc": "trainer.strategy ddp or auto",
+    "ZeRO-1/2": "trainer.strategy deepspeed_stage_1 or deepspeed_stage_2",
+    "ZeRO-3": "trainer.strategy deepspeed_stage_3",
+}
+
+
+def check_resumable(start: CheckpointInfo, recipe: Recipe) -> None:
+    """Refuse, even with --force and before anything is built or written, to resume a checkpoint
+    the recipe's strategy cannot read (it failed once the model was built, with DeepSpeed's
+    traceback or a message calling the checkpoint damaged, after the forced recipe had replaced
+    the run's): DeepSpeed reads only its own layout, written by the same ZeRO stage (1 and 2
+    alike), with the optimizer states partitioned over as many processes as now (it cannot
+    partition them again); the other strategies read only vtc's."""
+    strategy = recipe.trainer.strategy
+    wrote, reads = start.layout, LAYOUT_OF_STRATEGY.get(strategy, "vtc")
+    if wrote != reads:
+        written_by = "vtc in its own layout" if wrote == "vtc" else f"DeepSpeed {wrote}"
+        raise UserError(
+            f"cannot resume {start.run_dir} under trainer.strategy {strategy}: its checkpoint "
+            f"{start.path.name} was written by {written_by}, which {strategy} cannot read; resume "
+            f"it with {STRATEGIES_OF_LAYOUT[wrote]}"
+        )
     now = recipe.trainer.devices * recipe.trainer.num_nodes
-    if before != now:
+    if start.processes is not None and start.processes != now:
         raise UserError(
             f"cannot resume {start.run_dir} on {now} process(es): DeepSpeed's checkpoint "
-            f"{start.path.name} holds optimizer states partitioned over {before}, which DeepSpeed "
-            "cannot partition again; resume with trainer.devices × trainer.num_nodes = "
-            f"{before}"
+            f"{start.path.name} holds optimizer states partitioned over {start.processes}, which "
+            f"DeepSpeed cannot partition again; resume with trainer.devices × trainer.num_nodes = "
+            f"{start.processes}"
         )
 
 
