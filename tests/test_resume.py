@@ -855,8 +855,13 @@ ZERO_3_FILES = [
         (["trainable.safetensors", "state.pt"], "deepspeed_stage_2", 2, "written by vtc in its own layout"),
         (ZERO_2_FILES, "deepspeed_stage_1", 2, None),  # ZeRO-1 and ZeRO-2 read each other's
         (ZERO_2_FILES, "deepspeed_stage_3", 2, "written by DeepSpeed ZeRO-1/2, which deepspeed_stage_3"),
-        (ZERO_2_FILES, "ddp", 2, "resume it with trainer.strategy deepspeed_stage_1 or deepspeed_stage_2"),
-        (ZERO_3_FILES, "deepspeed_stage_2", 2, "resume it with trainer.strategy deepspeed_stage_3"),
+        (
+            ZERO_2_FILES,
+            "ddp",
+            2,
+            r"resume it with trainer.strategy=deepspeed_stage_2 \(or deepspeed_stage_1\)",
+        ),
+        (ZERO_3_FILES, "deepspeed_stage_2", 2, "resume it with trainer.strategy=deepspeed_stage_3"),
         (ZERO_3_FILES, "deepspeed_stage_3", 1, "partitioned over 2"),
         (
             [f"checkpoint/bf16_{name.split('/')[1]}" for name in ZERO_2_FILES[:2]],

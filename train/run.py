@@ -215,9 +215,9 @@ LAYOUT_OF_STRATEGY = {
     "deepspeed_stage_3": "ZeRO-3",
 }
 STRATEGIES_OF_LAYOUT = {
-    "vtc": "trainer.strategy ddp or auto",
-    "ZeRO-1/2": "trainer.strategy deepspeed_stage_1 or deepspeed_stage_2",
-    "ZeRO-3": "trainer.strategy deepspeed_stage_3",
+    "vtc": "trainer.strategy=ddp (or auto)",
+    "ZeRO-1/2": "trainer.strategy=deepspeed_stage_2 (or deepspeed_stage_1)",
+    "ZeRO-3": "trainer.strategy=deepspeed_stage_3",
 }
 
 
