@@ -4,6 +4,7 @@ CUDA-only checks lifted): the engine Lightning builds from vtc's ZeRO config, vt
 through it, a SIGTERM save and the resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 import train.recipe
 from tests.conftest import smoke_train_cmd
+from train.checkpoint import latest_checkpoint
 from train.cli import main
 
 LAUNCHER = [sys.executable, str(Path(__file__).with_name("deepspeed_on_cpu.py"))]
@@ -91,6 +93,15 @@ def test_a_zero_3_run_stopped_in_its_second_stage_resumes_to_the_same_weights(tm
         assert main([*cmd[2:], f"trainer.strategy={strategy}", "--resume", "auto", "--force"]) == 2
         assert "was written by DeepSpeed ZeRO-3" in capsys.readouterr().err
     assert (run_dir / "recipe.yaml").read_text() == saved_recipe
+    # a copy of the run whose newest checkpoint lost the end of a shard (a partial copy): named
+    # in one line (rank 1 died in torch.load, rank 0 in the next collective)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    shard = next((latest_checkpoint(damaged).path / "checkpoint").glob("zero_pp_rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert main([*cmd[2:], f"output={damaged}", "--resume", "auto"]) == 2
+    said = capsys.readouterr().err
+    assert f"{latest_checkpoint(damaged).path} cannot be read (BadZipFile: checkpoint/{shard.name}" in said
     monkeypatch.undo()
     resumed = run_ok([*cmd, "--resume", "auto"])
     assert "resuming from" in resumed.stdout

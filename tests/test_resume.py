@@ -831,14 +831,20 @@ def test_a_stage_shorter_than_log_every_still_logs(tmp_path, monkeypatch):
         assert steps[-1] == str(last), (stage, steps)
 
 
-def fake_checkpoint(folder: Path, files: list[str]):
-    """A checkpoint folder holding empty files of these names (relative paths)."""
+def fake_checkpoint(folder: Path, files: list[str], saved_by: int | None = None):
+    """A checkpoint folder holding files of these names (relative paths; `.pt` ones empty zip
+    archives, as torch writes them), saved by `saved_by` processes (None: not recorded)."""
+    import zipfile
+
     from train.checkpoint import CheckpointInfo
 
     for name in files:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).touch()
-    return CheckpointInfo(folder, 1, "instruct", 4, False)
+        if name.endswith(".pt"):
+            zipfile.ZipFile(folder / name, "w").close()
+        else:
+            (folder / name).touch()
+    return CheckpointInfo(folder, 1, "instruct", 4, False, saved_by=saved_by)
 
 
 ZERO_2_FILES = [f"checkpoint/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
@@ -890,3 +896,27 @@ def test_a_checkpoint_another_strategy_cannot_read_is_refused_before_anything_is
     else:
         with pytest.raises(UserError, match=refused):
             check_resumable(start, recipe)
+
+
+def test_a_deepspeed_checkpoint_damaged_after_its_save_is_named_before_any_rank_loads_it(tmp_path):
+    """A shard cut short (a partial copy) or a rank's optimizer states missing: one line naming
+    the checkpoint and the one to resume from instead. Each rank loads its own files, so before
+    the rank that could not raised torch's `PytorchStreamReader failed reading zip archive` alone
+    and the other died in the next collective (gloo: `Connection closed by peer`)."""
+    from train.recipe import load_recipe
+    from train.run import check_resumable
+
+    recipe = load_recipe(
+        "tiny/smoke", ["trainer.strategy=deepspeed_stage_3", "trainer.devices=2"], check_machine=False
+    )
+    ckpt = tmp_path / "run" / "ckpt"
+    check_resumable(fake_checkpoint(ckpt / "stage1-instruct-step0000004", ZERO_3_FILES, saved_by=2), recipe)
+    shard = ckpt / "stage1-instruct-step0000004" / ZERO_3_FILES[-1]
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(
+        UserError, match=r"cannot be read \(BadZipFile: checkpoint/zero_pp_rank_1_mp_rank_00_optim"
+    ):
+        check_resumable(fake_checkpoint(shard.parents[1], [], saved_by=2), recipe)
+    shard.unlink()
+    with pytest.raises(UserError, match="optimizer states of 1 of the 2 processes that saved it"):
+        check_resumable(fake_checkpoint(shard.parents[1], [], saved_by=2), recipe)

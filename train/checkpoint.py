@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import sys
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class CheckpointInfo:
     timed: tuple[int, float] = field(default=(0, 0.0), compare=False)
     # what the stage trained on when this was saved (`inputs_identity`); None before vtc kept it
     inputs: dict | None = field(default=None, compare=False)
+    # the processes that saved it; None before vtc kept it
+    saved_by: int | None = field(default=None, compare=False)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -86,9 +89,31 @@ class CheckpointInfo:
 
     @property
     def processes(self) -> int | None:
-        """The processes a DeepSpeed checkpoint's optimizer states are partitioned over (one file
-        each); None for vtc's layout, which any number of processes reads."""
-        return len(list(self.path.rglob(OPTIMIZER_SHARDS))) if self.sharded else None
+        """The processes a DeepSpeed checkpoint's optimizer states are partitioned over (as
+        recorded, else one file each); None for vtc's layout, which any number of processes reads."""
+        if not self.sharded:
+            return None
+        return self.saved_by or len(list(self.path.rglob(OPTIMIZER_SHARDS)))
+
+
+def deepspeed_damage(checkpoint: CheckpointInfo) -> Exception | None:
+    """What leaves a DeepSpeed checkpoint unreadable, found without loading it (None: nothing): a
+    process's optimizer states missing, or one of DeepSpeed's files cut short (torch writes zip
+    archives, whose directory is at the end: a partial copy lacks it). Every rank loads its own
+    files, so one that could not raised torch's error alone while the others waited for it in a
+    collective (gloo: `Connection closed by peer`; NCCL: until its timeout)."""
+    shards = len(list(checkpoint.path.rglob(OPTIMIZER_SHARDS)))
+    if shards != checkpoint.processes:
+        return FileNotFoundError(
+            f"optimizer states of {shards} of the {checkpoint.processes} processes that saved it"
+        )
+    for path in sorted(checkpoint.path.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError) as err:
+            return zipfile.BadZipFile(f"{path.relative_to(checkpoint.path)}: {err}")
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
@@ -112,6 +137,7 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
                 info.get("stage_seconds", 0.0),  # 0 in checkpoints saved before vtc kept it
                 tuple(info.get("timed", (0, 0.0))),
                 info.get("inputs"),
+                info.get("processes"),
             )
         )
     return sorted(found, key=lambda c: c.order)
@@ -457,6 +483,7 @@ class PeriodicCheckpoint(L.Callback):
             "stage_seconds": round(self.clock.stage_seconds(), 1),
             "timed": list(self.clock.timed()),
             "inputs": self.inputs,
+            "processes": trainer.world_size,
         }
         with self.room_for(tmp):
             if isinstance(hold, DeepSpeedSaveHold):

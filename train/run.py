@@ -43,11 +43,13 @@ from train.checkpoint import (
     Termination,
     TrainablesCheckpointIO,
     changed_inputs,
+    deepspeed_damage,
     inputs_identity,
     latest_checkpoint,
     list_checkpoints,
     recipe_drift,
     remove_partial_saves,
+    unreadable_checkpoint,
 )
 from train.datamodule import VtcDataModule, split_shards
 from train.freeze import apply_stage, format_table
@@ -227,7 +229,11 @@ def check_resumable(start: CheckpointInfo, recipe: Recipe) -> None:
     traceback or a message calling the checkpoint damaged, after the forced recipe had replaced
     the run's): DeepSpeed reads only its own layout, written by the same ZeRO stage (1 and 2
     alike), with the optimizer states partitioned over as many processes as now (it cannot
-    partition them again); the other strategies read only vtc's."""
+    partition them again); the other strategies read only vtc's. A DeepSpeed checkpoint damaged
+    after its save (`deepspeed_damage`) is named, as vtc's own layout's are when they load."""
+    damage = deepspeed_damage(start) if start.sharded else None
+    if damage is not None:
+        raise UserError(unreadable_checkpoint(start.path, damage))
     strategy = recipe.trainer.strategy
     wrote, reads = start.layout, LAYOUT_OF_STRATEGY.get(strategy, "vtc")
     if wrote != reads:
