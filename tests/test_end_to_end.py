@@ -112,8 +112,6 @@ def test_every_cli_argument_has_help():
 
 
 def test_cli_validate_reports_bad_key(capsys):
-    from train.cli import main
-
     assert main(["validate", "tiny/smoke", "stages.0.stepz=2"]) == 2
     err = capsys.readouterr().err
     assert "stages[0].stepz" in err and "smoke.yaml" in err

@@ -69,7 +69,7 @@ def test_a_zero_3_run_stopped_in_its_second_stage_resumes_to_the_same_weights(tm
     as the run never stopped. Before: every DeepSpeed run died at its first optimizer step
     (vtc's config said `gradient_clipping: "auto"`, which Lightning does not fill in), a resume
     failed reading the state_dict DeepSpeed checkpoints lack, and then lost what stage 'vision'
-    had trained (DeepSpeed saves the weights the current stage trains only). ~45 s."""
+    had trained (DeepSpeed saves the weights the current stage trains only). ~55 s."""
     data_dir = tmp_path / "data"
     reference = tmp_path / "reference"
     run_ok(train_cmd("deepspeed_stage_3", reference, data_dir))

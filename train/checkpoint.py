@@ -103,9 +103,9 @@ def deepspeed_damage(checkpoint: CheckpointInfo) -> Exception | None:
     files, so one that could not raised torch's error alone while the others waited for it in a
     collective (gloo: `Connection closed by peer`; NCCL: until its timeout)."""
     shards = len(list(checkpoint.path.rglob(OPTIMIZER_SHARDS)))
-    if shards != checkpoint.processes:
+    if checkpoint.saved_by is not None and shards != checkpoint.saved_by:  # recorded since 2026-12-08
         return FileNotFoundError(
-            f"optimizer states of {shards} of the {checkpoint.processes} processes that saved it"
+            f"optimizer states of {shards} of the {checkpoint.saved_by} processes that saved it"
         )
     for path in sorted(checkpoint.path.rglob("*.pt")):
         try:
